@@ -1,0 +1,247 @@
+// The only file that includes torch: argument checks, allocation, params, dispatch.
+// Python (flash_attn/flash_attn_interface.py) checks arguments first with friendlier
+// messages; these checks are the last line of defence for direct callers.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <optional>
+
+#include "flash.h"
+#include "static_switch.h"
+
+namespace {
+
+using flash::Flash_fwd_params;
+
+#define CHECK_ARG(cond, ...) TORCH_CHECK_VALUE(cond, "flash_attn: ", __VA_ARGS__)
+
+void check_qkv(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, int rank) {
+  const auto dtype = q.scalar_type();
+  CHECK_ARG(dtype == at::kHalf || dtype == at::kBFloat16, "q must be float16 or bfloat16, got ", dtype);
+  CHECK_ARG(k.scalar_type() == dtype, "k must have q's dtype ", dtype, ", got ", k.scalar_type());
+  CHECK_ARG(v.scalar_type() == dtype, "v must have q's dtype ", dtype, ", got ", v.scalar_type());
+  for (const auto *t : {&q, &k, &v}) {
+    CHECK_ARG(t->is_cuda(), "q, k, v must be CUDA tensors");
+    CHECK_ARG(t->device() == q.device(), "q, k, v must be on one device");
+    CHECK_ARG(t->dim() == rank, "q, k, v must have ", rank, " dims, got ", t->dim());
+    CHECK_ARG(t->stride(-1) == 1, "q, k, v must be contiguous in the last dim (stride(-1) == 1)");
+  }
+}
+
+// cp.async moves 16-byte vectors: pointers and all strides (in elements) must allow it.
+bool is_vector_aligned(const at::Tensor &t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) { return false; }
+  for (int i = 0; i < t.dim() - 1; ++i) {
+    if (t.size(i) > 1 && t.stride(i) % 8 != 0) { return false; }
+  }
+  return true;
+}
+
+at::Tensor vector_aligned(const at::Tensor &t) {
+  return is_vector_aligned(t) ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+void set_common_params(Flash_fwd_params &p, const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                       const at::Tensor &out, const at::Tensor &lse, const std::optional<at::Tensor> &alibi_slopes,
+                       int batch, float softmax_scale, int window_left, int window_right, float softcap) {
+  p = {};
+  p.q_ptr = q.data_ptr();
+  p.k_ptr = k.data_ptr();
+  p.v_ptr = v.data_ptr();
+  p.o_ptr = out.data_ptr();
+  p.softmax_lse_ptr = lse.data_ptr<float>();
+  const int rank = q.dim();
+  // Row and head strides are the last two non-unit dims for both layouts.
+  p.q_row_stride = q.stride(rank - 3);
+  p.k_row_stride = k.stride(rank - 3);
+  p.v_row_stride = v.stride(rank - 3);
+  p.o_row_stride = out.stride(rank - 3);
+  p.q_head_stride = q.stride(rank - 2);
+  p.k_head_stride = k.stride(rank - 2);
+  p.v_head_stride = v.stride(rank - 2);
+  p.o_head_stride = out.stride(rank - 2);
+  if (rank == 4) {
+    p.q_batch_stride = q.stride(0);
+    p.k_batch_stride = k.stride(0);
+    p.v_batch_stride = v.stride(0);
+    p.o_batch_stride = out.stride(0);
+  }
+  p.b = batch;
+  p.h = q.size(-2);
+  p.h_k = k.size(-2);
+  p.h_h_k_ratio = p.h / p.h_k;
+  p.d = q.size(-1);
+  p.is_bf16 = q.scalar_type() == at::kBFloat16;
+
+  CHECK_ARG(softcap >= 0.f, "softcap must be >= 0, got ", softcap);
+  if (softcap > 0.f) {
+    p.softcap_prescale = softmax_scale / softcap;
+    p.scale_softmax = softcap;
+  } else {
+    p.softcap_prescale = 0.f;
+    p.scale_softmax = softmax_scale;
+  }
+  p.scale_softmax_log2 = p.scale_softmax * float(M_LOG2E);
+  CHECK_ARG(window_left >= -1 && window_right >= -1, "window_size entries must be >= -1, got (", window_left,
+            ", ", window_right, ")");
+  p.window_size_left = window_left;
+  p.window_size_right = window_right;
+
+  if (alibi_slopes.has_value()) {
+    const auto &a = *alibi_slopes;
+    CHECK_ARG(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
+    CHECK_ARG(a.device() == q.device(), "alibi_slopes must be on q's device");
+    CHECK_ARG(a.stride(-1) == 1, "alibi_slopes must be contiguous in the last dim");
+    const bool per_head = a.dim() == 1 && a.size(0) == p.h;
+    const bool per_batch = a.dim() == 2 && a.size(0) == batch && a.size(1) == p.h;
+    CHECK_ARG(per_head || per_batch, "alibi_slopes must have shape (nheads,) or (batch, nheads) = (", batch,
+              ", ", p.h, "), got ", a.sizes());
+    p.alibi_slopes_ptr = a.data_ptr<float>();
+    p.alibi_slopes_batch_stride = per_batch ? a.stride(0) : 0;
+  }
+}
+
+void run_fwd(Flash_fwd_params &p, cudaStream_t stream) {
+  cudaError_t err;
+  try {
+    err = flash::dtype_switch(p.is_bf16, [&](auto dtype_tag) {
+      using Element = typename decltype(dtype_tag)::type;
+      return flash::headdim_switch(p.d, [&](auto hdim_tag) {
+        return flash::variant_switch(
+            p.alibi_slopes_ptr != nullptr, p.softcap_prescale > 0.f, [&](auto alibi_tag, auto softcap_tag) {
+              return flash::run_mha_fwd_<Element, decltype(hdim_tag)::value, decltype(alibi_tag)::value,
+                                         decltype(softcap_tag)::value>(p, stream);
+            });
+      });
+    });
+  } catch (const std::invalid_argument &e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+  TORCH_CHECK(err == cudaSuccess, "flash_attn forward kernel launch failed: ", cudaGetErrorString(err));
+}
+
+// Output buffer: the caller's `out` when it can be written directly, else a fresh one
+// (copied back into `out` after the kernel).
+at::Tensor output_buffer(const std::optional<at::Tensor> &out_, const at::Tensor &q) {
+  if (!out_.has_value()) { return at::empty_like(q, q.options().memory_format(at::MemoryFormat::Contiguous)); }
+  const auto &out = *out_;
+  CHECK_ARG(out.scalar_type() == q.scalar_type(), "out must have q's dtype");
+  CHECK_ARG(out.device() == q.device(), "out must be on q's device");
+  CHECK_ARG(out.sizes() == q.sizes(), "out must have q's shape ", q.sizes(), ", got ", out.sizes());
+  CHECK_ARG(out.stride(-1) == 1, "out must be contiguous in the last dim");
+  return is_vector_aligned(out) ? out : at::empty_like(q, q.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+void check_heads(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v) {
+  const int h = q.size(-2), h_k = k.size(-2), d = q.size(-1);
+  CHECK_ARG(h_k > 0 && h % h_k == 0, "nheads (", h, ") must be divisible by nheads_k (", h_k, ")");
+  CHECK_ARG(v.size(-2) == h_k, "v must have ", h_k, " heads like k, got ", v.size(-2));
+  CHECK_ARG(k.size(-1) == d && v.size(-1) == d, "q, k, v must share the head dim ", d);
+  CHECK_ARG(d % 8 == 0 && d <= 256, "head dim must be a multiple of 8 and <= 256 (pad in Python), got ", d);
+}
+
+// q: (b, sq, h, d); k, v: (b, sk, h_k, d). Returns {out (b, sq, h, d), lse fp32 (b, h, sq)}.
+std::vector<at::Tensor> fwd(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> out_,
+                            std::optional<at::Tensor> alibi_slopes, double softmax_scale, int64_t window_left,
+                            int64_t window_right, double softcap) {
+  check_qkv(q, k, v, 4);
+  check_heads(q, k, v);
+  const int b = q.size(0), sq = q.size(1), sk = k.size(1);
+  CHECK_ARG(k.size(0) == b && v.size(0) == b, "k and v must have batch size ", b);
+  CHECK_ARG(v.size(1) == sk, "v must have k's seqlen ", sk, ", got ", v.size(1));
+
+  c10::cuda::CUDAGuard guard{q.device()};
+  q = vector_aligned(q);
+  k = vector_aligned(k);
+  v = vector_aligned(v);
+  at::Tensor out = output_buffer(out_, q);
+  at::Tensor lse = at::empty({b, q.size(2), sq}, q.options().dtype(at::kFloat));
+  if (b == 0 || sq == 0) { return {out, lse}; }
+  if (sk == 0) {  // no key at all: flash-attn semantics are zero output, +inf lse
+    out.zero_();
+    lse.fill_(INFINITY);
+  } else {
+    Flash_fwd_params p;
+    set_common_params(p, q, k, v, out, lse, alibi_slopes, b, float(softmax_scale), int(window_left),
+                      int(window_right), float(softcap));
+    p.seqlen_q = sq;
+    p.seqlen_k = sk;
+    p.total_q = b * sq;
+    p.total_k = b * sk;
+    run_fwd(p, c10::cuda::getCurrentCUDAStream().stream());
+  }
+  if (out_.has_value() && !out.is_same(*out_)) { out_->copy_(out); out = *out_; }
+  return {out, lse};
+}
+
+// q: (total_q, h, d); k, v: (total_k, h_k, d); cu_seqlens_*: int32 (b + 1);
+// seqused_k: int32 (b) or None. Returns {out (total_q, h, d), lse fp32 (h, total_q)}.
+std::vector<at::Tensor> varlen_fwd(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> out_,
+                                   at::Tensor cu_seqlens_q, at::Tensor cu_seqlens_k,
+                                   std::optional<at::Tensor> seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                   std::optional<at::Tensor> alibi_slopes, double softmax_scale,
+                                   int64_t window_left, int64_t window_right, double softcap) {
+  check_qkv(q, k, v, 3);
+  check_heads(q, k, v);
+  CHECK_ARG(v.size(0) == k.size(0), "v must have k's total length ", k.size(0), ", got ", v.size(0));
+  for (const auto *c : {&cu_seqlens_q, &cu_seqlens_k}) {
+    CHECK_ARG(c->scalar_type() == at::kInt, "cu_seqlens must be int32, got ", c->scalar_type());
+    CHECK_ARG(c->device() == q.device(), "cu_seqlens must be on q's device");
+    CHECK_ARG(c->dim() == 1 && c->is_contiguous(), "cu_seqlens must be contiguous 1-D tensors");
+  }
+  const int b = cu_seqlens_q.numel() - 1;
+  CHECK_ARG(b >= 0 && cu_seqlens_k.numel() == b + 1, "cu_seqlens_q and cu_seqlens_k must both have batch + 1 = ",
+            b + 1, " entries, got ", cu_seqlens_k.numel());
+  if (seqused_k.has_value()) {
+    CHECK_ARG(seqused_k->scalar_type() == at::kInt, "seqused_k must be int32");
+    CHECK_ARG(seqused_k->device() == q.device(), "seqused_k must be on q's device");
+    CHECK_ARG(seqused_k->dim() == 1 && seqused_k->numel() == b && seqused_k->is_contiguous(),
+              "seqused_k must be a contiguous (batch,) tensor");
+  }
+  CHECK_ARG(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q/k must be >= 0");
+  CHECK_ARG(q.size(0) < (int64_t(1) << 31) && k.size(0) < (int64_t(1) << 31), "total length must fit in int32");
+
+  c10::cuda::CUDAGuard guard{q.device()};
+  q = vector_aligned(q);
+  k = vector_aligned(k);
+  v = vector_aligned(v);
+  at::Tensor out = output_buffer(out_, q);
+  const int total_q = q.size(0);
+  at::Tensor lse = at::empty({q.size(1), total_q}, q.options().dtype(at::kFloat));
+  if (b == 0 || total_q == 0) { return {out, lse}; }
+  if (max_seqlen_k == 0 || k.size(0) == 0) {  // no sequence has a key
+    out.zero_();
+    lse.fill_(INFINITY);
+  } else if (max_seqlen_q > 0) {
+    // Rows past cu_seqlens_q[b] or past a sequence's max_seqlen_q are not written
+    // (as in flash-attn); every row inside a sequence is.
+    Flash_fwd_params p;
+    set_common_params(p, q, k, v, out, lse, alibi_slopes, b, float(softmax_scale), int(window_left),
+                      int(window_right), float(softcap));
+    p.seqlen_q = int(max_seqlen_q);
+    p.seqlen_k = int(max_seqlen_k);
+    p.total_q = total_q;
+    p.total_k = k.size(0);
+    p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
+    p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
+    p.seqused_k = seqused_k.has_value() ? seqused_k->data_ptr<int>() : nullptr;
+    run_fwd(p, c10::cuda::getCurrentCUDAStream().stream());
+  }
+  if (out_.has_value() && !out.is_same(*out_)) { out_->copy_(out); out = *out_; }
+  return {out, lse};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "flash_attn CUDA kernels (FA2-class forward, sm80+)";
+  m.def("fwd", &fwd, "Exact attention forward, batched (b, s, h, d)", py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_size_left"),
+        py::arg("window_size_right"), py::arg("softcap"));
+  m.def("varlen_fwd", &varlen_fwd, "Exact attention forward, varlen (total, h, d)", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("out"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("seqused_k"),
+        py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("alibi_slopes"), py::arg("softmax_scale"),
+        py::arg("window_size_left"), py::arg("window_size_right"), py::arg("softcap"));
+}

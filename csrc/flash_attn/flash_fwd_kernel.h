@@ -1,0 +1,228 @@
+// Forward kernel (FA2 class): one CTA computes a kBlockM x d output tile for one
+// (sequence, head), streaming key/value blocks through shared memory with cp.async
+// and computing S = Q K^T and O += P V with mma.sync, softmax online in registers.
+#pragma once
+
+#include <cmath>
+#include <cute/tensor.hpp>
+#include <cutlass/array.h>
+#include <cutlass/numeric_types.h>
+
+#include "block_info.h"
+#include "flash.h"
+#include "kernel_traits.h"
+#include "score_mod.h"
+#include "softmax.h"
+#include "utils.h"
+
+namespace flash {
+
+using namespace cute;
+
+// Writes zeros to O and +inf to lse for rows [m0, seqlen_q) of a tile that sees no key.
+template <typename Ktraits, typename TensorO>
+__forceinline__ __device__ void write_empty_tile(const Flash_fwd_params &p, TensorO &gO, float *lse,
+                                                 int rows) {
+  using Element = typename Ktraits::Element;
+  constexpr int kHeadDim = Ktraits::kHeadDim;
+  constexpr int kElemsPerLoad = Ktraits::kGmemElemsPerLoad;
+  for (int i = threadIdx.x; i < Ktraits::kBlockM * (kHeadDim / kElemsPerLoad); i += Ktraits::kNThreads) {
+    const int row = i / (kHeadDim / kElemsPerLoad);
+    const int col = (i % (kHeadDim / kElemsPerLoad)) * kElemsPerLoad;
+    if (row < rows) {
+      cutlass::Array<Element, kElemsPerLoad> zeros;
+      zeros.clear();
+      *reinterpret_cast<cutlass::Array<Element, kElemsPerLoad> *>(&gO(row, col)) = zeros;
+    }
+  }
+  for (int row = threadIdx.x; row < rows; row += Ktraits::kNThreads) { lse[row] = INFINITY; }
+}
+
+template <typename Ktraits, bool Has_alibi, bool Is_softcap>
+__forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p, int m_block, int bidb,
+                                                      int bidh) {
+  using Element = typename Ktraits::Element;
+  constexpr int kBlockM = Ktraits::kBlockM;
+  constexpr int kBlockN = Ktraits::kBlockN;
+  constexpr int kHeadDim = Ktraits::kHeadDim;
+  const int tidx = threadIdx.x;
+
+  const SeqInfo seq(p, bidb);
+  const int m0 = m_block * kBlockM;
+  if (m0 >= seq.seqlen_q) { return; }
+  const int m1 = min(m0 + kBlockM, seq.seqlen_q);  // rows [m0, m1) are real
+
+  // Key blocks this tile can see: [n_block_min, n_block_max).
+  const int shift = seq.seqlen_k - seq.seqlen_q;
+  int n_block_min = 0;
+  int n_block_max = (seq.seqlen_k + kBlockN - 1) / kBlockN;
+  if (p.window_size_left >= 0) { n_block_min = max(0, (m0 + shift - p.window_size_left) / kBlockN); }
+  if (p.window_size_right >= 0) {
+    const int last_key = m1 - 1 + shift + p.window_size_right;  // inclusive
+    n_block_max = min(n_block_max, last_key < 0 ? 0 : last_key / kBlockN + 1);
+  }
+
+  // Global tensors of this (sequence, head).
+  Tensor mQ = make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(p.q_ptr) +
+                                        seq.q_offset(p.q_batch_stride, p.q_row_stride, bidb) +
+                                        bidh * p.q_head_stride),
+                          make_shape(seq.seqlen_q, Int<kHeadDim>{}), make_stride(p.q_row_stride, _1{}));
+  Tensor mO = make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(p.o_ptr) +
+                                        seq.q_offset(p.o_batch_stride, p.o_row_stride, bidb) +
+                                        bidh * p.o_head_stride),
+                          make_shape(seq.seqlen_q, Int<kHeadDim>{}), make_stride(p.o_row_stride, _1{}));
+  const int bidh_kv = bidh / p.h_h_k_ratio;
+  Tensor mK = make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(p.k_ptr) +
+                                        seq.k_offset(p.k_batch_stride, p.k_row_stride, bidb) +
+                                        bidh_kv * p.k_head_stride),
+                          make_shape(seq.seqlen_k, Int<kHeadDim>{}), make_stride(p.k_row_stride, _1{}));
+  Tensor mV = make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(p.v_ptr) +
+                                        seq.k_offset(p.v_batch_stride, p.v_row_stride, bidb) +
+                                        bidh_kv * p.v_head_stride),
+                          make_shape(seq.seqlen_k, Int<kHeadDim>{}), make_stride(p.v_row_stride, _1{}));
+  float *lse = p.softmax_lse_ptr + seq.lse_offset(p, bidb, bidh) + m0;
+
+  Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (BM, D)
+  Tensor gO = local_tile(mO, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (BM, D)
+  Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));  // (BN, D, nblocks)
+  Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));  // (BN, D, nblocks)
+
+  if (n_block_max <= n_block_min) {  // no key visible to any row of this tile
+    write_empty_tile<Ktraits>(p, gO, lse, m1 - m0);
+    return;
+  }
+
+  // Shared memory: Q | K | V, single-buffered (V loads overlap S = Q K^T, the next K
+  // load overlaps softmax and P V).
+  extern __shared__ char smem[];
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem)), typename Ktraits::SmemLayoutQ{});
+  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Ktraits::SmemLayoutKV{});
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Ktraits::SmemLayoutKV{});
+  Tensor sVt = make_tensor(sV.data(), typename Ktraits::SmemLayoutVt{});  // (D, BN)
+  Tensor sO = make_tensor(sQ.data(), typename Ktraits::SmemLayoutO{});
+
+  // Global -> shared copies (16 bytes per thread per step).
+  typename Ktraits::GmemTiledCopyQKV gmem_copy;
+  auto gmem_thr = gmem_copy.get_thread_slice(tidx);
+  Tensor tQgQ = gmem_thr.partition_S(gQ);  // (CPY, CPY_M, CPY_D)
+  Tensor tQsQ = gmem_thr.partition_D(sQ);
+  Tensor tKgK = gmem_thr.partition_S(gK);  // (CPY, CPY_N, CPY_D, nblocks)
+  Tensor tKsK = gmem_thr.partition_D(sK);
+  Tensor tVgV = gmem_thr.partition_S(gV);
+  Tensor tVsV = gmem_thr.partition_D(sV);
+  // Row coordinates of each copied element, for guarding rows past the sequence end.
+  Tensor tQcQ = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kBlockM>{}, Int<kHeadDim>{})));
+  Tensor tKVcKV = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kBlockN>{}, Int<kHeadDim>{})));
+
+  // MMA fragments and shared -> register copies (ldmatrix).
+  typename Ktraits::TiledMma tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(tidx);
+  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);  // (MMA, MMA_M, MMA_D)
+  Tensor tSrK = thr_mma.partition_fragment_B(sK);  // (MMA, MMA_N, MMA_D)
+  Tensor tOrVt = thr_mma.partition_fragment_B(
+      make_tensor(sV.data(), make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{})));  // (MMA, MMA_D, MMA_N)
+  Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_D)
+
+  auto smem_copy_Q = make_tiled_copy_A(typename Ktraits::SmemCopyAtom{}, tiled_mma);
+  Tensor tSsQ = smem_copy_Q.get_thread_slice(tidx).partition_S(sQ);
+  auto smem_copy_K = make_tiled_copy_B(typename Ktraits::SmemCopyAtom{}, tiled_mma);
+  Tensor tSsK = smem_copy_K.get_thread_slice(tidx).partition_S(sK);
+  auto smem_copy_V = make_tiled_copy_B(typename Ktraits::SmemCopyAtomTransposed{}, tiled_mma);
+  Tensor tOsVt = smem_copy_V.get_thread_slice(tidx).partition_S(sVt);
+
+  // Prologue: Q and the last K block (the only one that can be partial).
+  copy_rows_guarded(gmem_copy, tQgQ, tQsQ, tQcQ, m1 - m0);
+  int n_block = n_block_max - 1;
+  copy_rows_guarded(gmem_copy, tKgK(_, _, _, n_block), tKsK, tKVcKV, seq.seqlen_k - n_block * kBlockN);
+  cute::cp_async_fence();
+
+  clear(acc_o);
+  Tensor acc_o_rc = make_tensor(acc_o.data(), acc_layout_rowcol(acc_o.layout()));
+  constexpr int kNRows = decltype(size<0>(acc_o_rc))::value;
+  OnlineSoftmax<kNRows> softmax;
+  const ScoreMod<Has_alibi, Is_softcap> score_mod(p, seq.seqlen_q, seq.seqlen_k, bidb, bidh);
+
+  // Key blocks are visited last to first, so the partial block (if any) comes first
+  // and every later K/V load is a full, unguarded tile.
+  for (; n_block >= n_block_min; --n_block) {
+    Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
+    clear(acc_s);
+    cute::cp_async_wait<0>();
+    __syncthreads();  // K(n_block) is in smem; all threads are done reading the previous V
+
+    if (n_block == n_block_max - 1) {
+      copy_rows_guarded(gmem_copy, tVgV(_, _, _, n_block), tVsV, tKVcKV, seq.seqlen_k - n_block * kBlockN);
+    } else {
+      copy(gmem_copy, tVgV(_, _, _, n_block), tVsV);
+    }
+    cute::cp_async_fence();
+
+    gemm_smem_smem(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, smem_copy_Q, smem_copy_K);
+
+    score_mod.transform(acc_s);
+    Tensor scores = make_tensor(acc_s.data(), acc_layout_rowcol(acc_s.layout()));  // (rows, cols)
+    const int n0 = n_block * kBlockN;
+    score_mod.template apply<Ktraits::kNWarps>(scores, m0, n0, score_mod.block_needs_mask(m0, m1, n0, kBlockN));
+
+    cute::cp_async_wait<0>();
+    __syncthreads();  // V(n_block) is in smem; all threads are done reading K(n_block)
+    if (n_block > n_block_min) {
+      copy(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK);
+      cute::cp_async_fence();
+    }
+
+    softmax.step(scores, acc_o_rc, p.scale_softmax_log2);
+
+    // P (fp32 accumulator) -> Element, re-viewed as the A operand of P V.
+    Tensor rP = convert_type<Element>(acc_s);
+    Tensor tOrP = make_tensor(rP.data(), acc_layout_as_A(rP.layout()));
+    gemm_reg_smem(tiled_mma, acc_o, tOrP, tOrVt, tOsVt, smem_copy_V);
+  }
+
+  // Epilogue: normalize, stage O through shared memory (Q's space: every thread
+  // finished its last read of sQ before the loop's final barrier), then store rows
+  // of 16-byte vectors and the lse.
+  float row_lse[kNRows];
+  softmax.finalize(acc_o_rc, p.scale_softmax, row_lse);
+
+  Tensor rO = convert_type<Element>(acc_o);
+  auto smem_copy_O = make_tiled_copy_C(typename Ktraits::SmemCopyAtomO{}, tiled_mma);
+  auto smem_thr_O = smem_copy_O.get_thread_slice(tidx);
+  Tensor taccOrO = smem_thr_O.retile_S(rO);
+  Tensor taccOsO = smem_thr_O.partition_D(sO);
+  copy(smem_copy_O, taccOrO, taccOsO);
+
+  // lse: the thread at quad position 0 owns each of its rows.
+  Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+  Tensor tOcO_rc = make_tensor(tOcO.data(), acc_layout_rowcol(tOcO.layout()));
+  if (tidx % 4 == 0) {
+    CUTE_UNROLL
+    for (int r = 0; r < kNRows; ++r) {
+      const int row = get<0>(tOcO_rc(r, 0));
+      if (row < m1 - m0) { lse[row] = row_lse[r]; }
+    }
+  }
+
+  __syncthreads();
+  typename Ktraits::GmemTiledCopyO gmem_copy_O;
+  auto gmem_thr_O = gmem_copy_O.get_thread_slice(tidx);
+  Tensor tOsO = gmem_thr_O.partition_S(sO);  // (CPY, CPY_M, CPY_D)
+  Tensor tOgO = gmem_thr_O.partition_D(gO);
+  Tensor tOrO = make_tensor<Element>(shape(tOgO));
+  copy(gmem_copy_O, tOsO, tOrO);
+  Tensor tOcO_g = gmem_thr_O.partition_D(make_identity_tensor(make_shape(Int<kBlockM>{}, Int<kHeadDim>{})));
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(tOgO); ++m) {
+    if (get<0>(tOcO_g(0, m, 0)) < m1 - m0) { copy(gmem_copy_O, tOrO(_, m, _), tOgO(_, m, _)); }
+  }
+}
+
+// Grid: (query blocks, batch, heads). Query blocks are visited in reverse so that,
+// under a causal mask, the CTAs with the most key blocks start first.
+template <typename Ktraits, bool Has_alibi, bool Is_softcap>
+__global__ void __launch_bounds__(Ktraits::kNThreads, 1) flash_fwd_kernel(__grid_constant__ const Flash_fwd_params p) {
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  compute_attn_fwd_tile<Ktraits, Has_alibi, Is_softcap>(p, m_block, blockIdx.y, blockIdx.z);
+}
+
+}  // namespace flash

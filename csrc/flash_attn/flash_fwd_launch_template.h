@@ -1,0 +1,28 @@
+// Host launcher of the forward kernel for one (dtype, head dim, variant).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "flash.h"
+#include "flash_fwd_kernel.h"
+#include "kernel_traits.h"
+
+namespace flash {
+
+template <typename Element, int kHeadDim, bool Has_alibi, bool Is_softcap>
+cudaError_t run_mha_fwd_(Flash_fwd_params &params, cudaStream_t stream) {
+  using Ktraits = FwdKernelTraits<kHeadDim, Element>;
+  constexpr int smem_bytes = Ktraits::kSmemBytes;
+  const int num_m_blocks = (params.seqlen_q + Ktraits::kBlockM - 1) / Ktraits::kBlockM;
+  if (num_m_blocks == 0 || params.b == 0 || params.h == 0) { return cudaSuccess; }
+  auto kernel = &flash_fwd_kernel<Ktraits, Has_alibi, Is_softcap>;
+  if (smem_bytes >= 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+    if (err != cudaSuccess) { return err; }
+  }
+  const dim3 grid(num_m_blocks, params.b, params.h);
+  kernel<<<grid, Ktraits::kNThreads, smem_bytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace flash

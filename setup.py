@@ -1,0 +1,211 @@
+"""Build for flash_attn: one CUDA extension (`flash_attn_2_cuda`) plus the Python package.
+
+Environment flags (all optional):
+  MAX_JOBS                         parallel nvcc jobs (default: from cores and RAM)
+  NVCC_THREADS                     nvcc --threads per job (default 2)
+  FLASH_ATTN_CUDA_ARCHS            e.g. "80;90" (default), "90" for an H100-only build
+  FLASH_ATTENTION_SKIP_CUDA_BUILD  TRUE: pure-Python install (also automatic when
+                                   torch has no CUDA or nvcc is missing)
+  FLASH_ATTN_HEADDIMS              trim: e.g. "64,128" (default: all compiled head dims)
+  FLASH_ATTN_DTYPES                trim: "fp16", "bf16" or "fp16,bf16" (default)
+  FLASH_ATTN_DISABLE_ALIBI=1       trim: no ALiBi kernels
+  FLASH_ATTN_DISABLE_SOFTCAP=1     trim: no softcap kernels
+  CUTLASS_HOME                     CUTLASS checkout (else the nvidia-cutlass package)
+
+The built configuration is written to flash_attn/_build_config.json and read at
+run time by flash_attn.build_info; GPU tests skip what was not compiled.
+"""
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+PACKAGE_VERSION = "2.8.3"  # the flash-attn API level this package implements
+ALL_HEADDIMS = (32, 64, 96, 128, 192, 256)
+ALL_DTYPES = ("fp16", "bf16")
+ALL_VARIANTS = ("plain", "alibi", "softcap", "alibi_softcap")
+MIN_TORCH = (2, 4)
+
+
+def _env_flag(name):
+    return os.environ.get(name, "").strip().upper() in ("1", "TRUE", "ON", "YES")
+
+
+def _parse_list(name, default, cast=str):
+    raw = os.environ.get(name, "").replace(";", ",").strip()
+    if not raw:
+        return list(default)
+    return [cast(x.strip()) for x in raw.split(",") if x.strip()]
+
+
+def _cutlass_include():
+    home = os.environ.get("CUTLASS_HOME")
+    if home:
+        inc = Path(home) / "include"
+        if not (inc / "cute" / "tensor.hpp").exists():
+            sys.exit(f"CUTLASS_HOME={home} has no include/cute/tensor.hpp")
+        return str(inc)
+    # Found without importing: cutlass_library's __init__ pulls in heavy modules.
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("CUTLASS headers not found: `pip install nvidia-cutlass==4.2.0.0` "
+                 "or set CUTLASS_HOME to a CUTLASS checkout")
+    inc = Path(spec.submodule_search_locations[0]) / "source" / "include"
+    if not (inc / "cute" / "tensor.hpp").exists():
+        sys.exit(f"nvidia-cutlass is installed but {inc} has no cute/tensor.hpp")
+    return str(inc)
+
+
+def _skip_reason():
+    """Why the CUDA extension is not built, or None when it is."""
+    if _env_flag("FLASH_ATTENTION_SKIP_CUDA_BUILD"):
+        return "FLASH_ATTENTION_SKIP_CUDA_BUILD is set"
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} has no CUDA support"
+    from torch.utils.cpp_extension import CUDA_HOME
+    if CUDA_HOME is None or shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")) is None:
+        return "nvcc was not found (set CUDA_HOME)"
+    return None
+
+
+def _check_torch():
+    try:
+        import torch
+    except ImportError:
+        sys.exit("flash_attn needs torch >= 2.4 installed first "
+                 "(pip install --no-build-isolation expects it in the environment)")
+    ver = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
+    if ver < MIN_TORCH:
+        sys.exit(f"flash_attn needs torch >= 2.4 (for torch.library.custom_op); found {torch.__version__}")
+    return torch
+
+
+def _default_max_jobs():
+    cpus = os.cpu_count() or 1
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem_gb = 8
+    # Each nvcc job of these kernels peaks near 3 GB with two archs.
+    return max(1, min(cpus, int(mem_gb // 3)))
+
+
+def _archs():
+    archs = _parse_list("FLASH_ATTN_CUDA_ARCHS", ("80", "90"))
+    for a in archs:
+        if a not in ("80", "86", "89", "90", "100", "120"):
+            sys.exit(f"FLASH_ATTN_CUDA_ARCHS: unsupported arch {a!r} (expected e.g. '80;90')")
+    return archs
+
+
+def _kernel_selection():
+    hdims = _parse_list("FLASH_ATTN_HEADDIMS", ALL_HEADDIMS, int)
+    dtypes = _parse_list("FLASH_ATTN_DTYPES", ALL_DTYPES)
+    bad = [d for d in hdims if d not in ALL_HEADDIMS]
+    if bad:
+        sys.exit(f"FLASH_ATTN_HEADDIMS: {bad} not among compiled head dims {ALL_HEADDIMS}")
+    bad = [d for d in dtypes if d not in ALL_DTYPES]
+    if bad:
+        sys.exit(f"FLASH_ATTN_DTYPES: {bad} not among {ALL_DTYPES}")
+    variants = [v for v in ALL_VARIANTS
+                if not ("alibi" in v and _env_flag("FLASH_ATTN_DISABLE_ALIBI"))
+                and not ("softcap" in v and _env_flag("FLASH_ATTN_DISABLE_SOFTCAP"))]
+    return sorted(hdims), dtypes, variants
+
+
+def _write_build_config(config):
+    path = ROOT / "flash_attn" / "_build_config.json"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _cuda_extension(torch, archs, hdims, dtypes, variants):
+    from torch.utils.cpp_extension import CUDAExtension
+
+    inst_dir = ROOT / "csrc" / "flash_attn" / "instantiations"
+    sources = ["csrc/flash_attn/flash_api.cpp"]
+    for f in sorted(inst_dir.glob("flash_fwd_*.cu")):
+        m = re.match(r"flash_fwd_hdim(\d+)_(fp16|bf16)_(\w+)_sm80\.cu$", f.name)
+        if m and int(m.group(1)) in hdims and m.group(2) in dtypes and m.group(3) in variants:
+            sources.append(str(f.relative_to(ROOT)))
+    if len(sources) == 1:
+        sys.exit("no kernel instantiations selected: run csrc/flash_attn/generate_kernels.py "
+                 "or widen FLASH_ATTN_HEADDIMS / FLASH_ATTN_DTYPES")
+
+    # One macro per compiled slice, so the dispatch in flash_api.cpp references
+    # only kernels that exist (a trimmed build raises a clear error instead of
+    # failing to load on an undefined symbol).
+    defines = [f"-DFLASH_ATTN_HAS_HDIM{d}" for d in hdims]
+    defines += [f"-DFLASH_ATTN_HAS_{t.upper()}" for t in dtypes]
+    if "alibi" in variants:
+        defines.append("-DFLASH_ATTN_HAS_ALIBI")
+    if "softcap" in variants:
+        defines.append("-DFLASH_ATTN_HAS_SOFTCAP")
+
+    gencode = []
+    for a in archs:
+        gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    nvcc_threads = os.environ.get("NVCC_THREADS", "2")
+    nvcc_flags = [
+        "-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
+        "--expt-relaxed-constexpr", "--expt-extended-lambda",
+        "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_HALF2_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-DCUTLASS_ENABLE_TENSOR_CORE_MMA=1",
+        "--threads", nvcc_threads,
+    ] + gencode + defines
+    include_dirs = [str(ROOT / "csrc" / "flash_attn"), str(ROOT / "csrc" / "common"), _cutlass_include()]
+    return CUDAExtension(
+        name="flash_attn_2_cuda",
+        sources=sources,
+        include_dirs=include_dirs,
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"] + defines, "nvcc": nvcc_flags},
+    )
+
+
+def main():
+    ext_modules, cmdclass = [], {}
+    reason = _skip_reason()
+    config = {"version": PACKAGE_VERSION, "cuda": False, "skip_reason": reason,
+              "archs": [], "head_dims": [], "dtypes": [], "variants": []}
+    if reason is None:
+        torch = _check_torch()
+        from torch.utils.cpp_extension import BuildExtension
+        archs = _archs()
+        hdims, dtypes, variants = _kernel_selection()
+        os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
+        ext_modules.append(_cuda_extension(torch, archs, hdims, dtypes, variants))
+        cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+        config.update(cuda=True, archs=archs, head_dims=hdims, dtypes=dtypes, variants=variants,
+                      torch_version=torch.__version__, cuda_version=torch.version.cuda)
+        print(f"flash_attn: building CUDA kernels for sm{archs}, head dims {hdims}, "
+              f"dtypes {dtypes}, variants {variants}, MAX_JOBS={os.environ['MAX_JOBS']}")
+    else:
+        print(f"flash_attn: skipping the CUDA build ({reason}); installing the pure-Python "
+              "package (CPU tensors run the reference implementation)")
+    _write_build_config(config)
+
+    setup(
+        name="flash_attn",
+        version=PACKAGE_VERSION,
+        description="Exact and linear attention kernels for NVIDIA GPUs (flash-attn 2.x compatible API)",
+        packages=find_packages(include=["flash_attn", "flash_attn.*"]),
+        package_data={"flash_attn": ["_build_config.json"]},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        python_requires=">=3.10",
+        install_requires=["torch>=2.4", "einops", "packaging"],
+    )
+
+
+if __name__ == "__main__":
+    main()
