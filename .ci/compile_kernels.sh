@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Compile-only check of kernel instantiations (nvcc -c, no link, no GPU needed), with the nvcc
+# flags setup.py uses, for sm80 and sm90 by default. CI runs it; run it locally after touching
+# csrc/ to catch template errors without a full build.
+#
+#   .ci/compile_kernels.sh                        # the representative set below, sm80 + sm90
+#   .ci/compile_kernels.sh --archs 90 csrc/flash_attn/instantiations/flash_fwd_hdim96_fp16_plain_sm80.cu
+#   .ci/compile_kernels.sh --all --jobs 2         # every instantiation (slow on 2 cores)
+#   .ci/compile_kernels.sh --ptxas-v              # also print registers / spills per kernel
+#
+# Options: --archs "80 90"  --timeout SECONDS (per file, default 1800)  --jobs N (default 1)
+#          --all  --ptxas-v  --keep (keep the .o files under .ci_build/obj)
+# Environment: NVCC (default: nvcc on PATH, else $CUDA_HOME/bin/nvcc), NVCC_THREADS (default 2),
+#              CUTLASS_HOME (else the nvidia-cutlass package, found without importing it), PYTHON.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python3}
+ARCHS="80 90"
+TIMEOUT=1800
+JOBS=1
+PTXAS_V=0
+KEEP=0
+ALL=0
+FILES=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --archs) ARCHS=${2//[;,]/ }; shift 2 ;;
+    --timeout) TIMEOUT=$2; shift 2 ;;
+    --jobs) JOBS=$2; shift 2 ;;
+    --ptxas-v) PTXAS_V=1; shift ;;
+    --keep) KEEP=1; shift ;;
+    --all) ALL=1; shift ;;
+    -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
+    -*) echo "compile_kernels: unknown option $1" >&2; exit 2 ;;
+    *) FILES+=("$1"); shift ;;
+    esac
+done
+
+INST=$REPO/csrc/flash_attn/instantiations
+if [ "$ALL" = 1 ]; then
+    FILES=("$INST"/flash_fwd_*.cu)
+elif [ ${#FILES[@]} -eq 0 ]; then
+    # one per concern: the main tile (hd128, bf16), the small tile with both score modifiers
+    # (hd64, fp16), the largest tile with softcap (hd256, bf16).
+    FILES=("$INST/flash_fwd_hdim128_bf16_plain_sm80.cu"
+           "$INST/flash_fwd_hdim64_fp16_alibi_softcap_sm80.cu"
+           "$INST/flash_fwd_hdim256_bf16_softcap_sm80.cu")
+fi
+for f in "${FILES[@]}"; do
+    if [ ! -f "$f" ]; then
+        echo "compile_kernels: $f does not exist (run python csrc/flash_attn/generate_kernels.py)" >&2
+        exit 2
+    fi
+done
+
+NVCC=${NVCC:-$(command -v nvcc || echo "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc")}
+if ! "$NVCC" --version >/dev/null 2>&1; then
+    echo "compile_kernels: nvcc not found (set NVCC or CUDA_HOME)" >&2
+    exit 2
+fi
+
+if [ -n "${CUTLASS_HOME:-}" ]; then
+    CUTLASS_INC=$CUTLASS_HOME/include
+else
+    # find_spec, not import: cutlass_library's __init__ pulls in heavy modules.
+    CUTLASS_INC=$("$PY" -c '
+import importlib.util, pathlib, sys
+spec = importlib.util.find_spec("cutlass_library")
+if spec is None or not spec.submodule_search_locations:
+    sys.exit("nvidia-cutlass is not installed (pip install nvidia-cutlass==4.2.0.0) and CUTLASS_HOME is unset")
+print(pathlib.Path(list(spec.submodule_search_locations)[0]) / "source" / "include")
+')
+fi
+if [ ! -f "$CUTLASS_INC/cute/tensor.hpp" ]; then
+    echo "compile_kernels: no cute/tensor.hpp under $CUTLASS_INC" >&2
+    exit 2
+fi
+
+# The flags of setup.py's nvcc_flags (keep in sync), plus what torch's cpp_extension adds
+# for every .cu (-fPIC, and the no-half-operators defines that setup.py's -U flags undo).
+FLAGS=(-O3 -std=c++17 --use_fast_math -lineinfo
+       --expt-relaxed-constexpr --expt-extended-lambda
+       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
+       -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
+       -U__CUDA_NO_HALF_OPERATORS__ -U__CUDA_NO_HALF_CONVERSIONS__
+       -U__CUDA_NO_HALF2_OPERATORS__ -U__CUDA_NO_BFLOAT16_CONVERSIONS__
+       -DCUTLASS_ENABLE_TENSOR_CORE_MMA=1
+       --threads "${NVCC_THREADS:-2}" -Xcompiler -fPIC
+       -I"$REPO/csrc/flash_attn" -I"$REPO/csrc/common" -I"$CUTLASS_INC")
+for a in $ARCHS; do
+    FLAGS+=(-gencode "arch=compute_$a,code=sm_$a")
+done
+[ "$PTXAS_V" = 1 ] && FLAGS+=(-Xptxas -v)
+
+OBJ=$REPO/.ci_build/obj
+mkdir -p "$OBJ"
+echo "compile_kernels: $("$NVCC" --version | tail -n 1)"
+echo "compile_kernels: ${#FILES[@]} file(s), archs [$ARCHS], timeout ${TIMEOUT}s each, $JOBS job(s), cutlass $CUTLASS_INC"
+
+compile_one() {
+    local src=$1 name obj t0 rc
+    name=$(basename "$src" .cu)
+    obj=$OBJ/$name.o
+    t0=$(date +%s)
+    if timeout "$TIMEOUT" "$NVCC" "${FLAGS[@]}" -c "$src" -o "$obj" >"$OBJ/$name.log" 2>&1; then
+        rc=0
+    else
+        rc=$?
+    fi
+    local dt=$(( $(date +%s) - t0 ))
+    if [ "$rc" -eq 0 ]; then
+        echo "  ok      ${dt}s  $name.cu ($(du -k "$obj" | cut -f1) KiB)"
+        [ "$PTXAS_V" = 1 ] && grep -E "registers|spill" "$OBJ/$name.log" | sed 's/^/          /'
+    elif [ "$rc" -eq 124 ]; then
+        echo "  TIMEOUT ${dt}s  $name.cu (over ${TIMEOUT}s)"
+    else
+        echo "  FAILED  ${dt}s  $name.cu (nvcc exit $rc):"
+        grep -v "^$" "$OBJ/$name.log" | head -n 40 | sed 's/^/          /'
+    fi
+    return "$rc"
+}
+
+START=$(date +%s)
+FAIL=0
+if [ "$JOBS" -le 1 ]; then
+    for f in "${FILES[@]}"; do
+        compile_one "$f" || FAIL=$((FAIL + 1))
+    done
+else
+    pids=()
+    for f in "${FILES[@]}"; do
+        while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do sleep 1; done
+        compile_one "$f" &
+        pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || FAIL=$((FAIL + 1)); done
+fi
+[ "$KEEP" = 1 ] || rm -f "$OBJ"/*.o
+echo "compile_kernels: $(( ${#FILES[@]} - FAIL )) of ${#FILES[@]} compiled in $(( $(date +%s) - START ))s"
+[ "$FAIL" -eq 0 ]

@@ -1,0 +1,110 @@
+"""The flash-attn 2.x exact-attention API (same names, signatures, layouts, returns).
+
+Each function checks its arguments (flash_attn._checks), normalizes the options
+as flash-attn does (flash_attn._normalize), then routes by device: CUDA tensors
+to the compiled kernels (flash_attn._cuda, forward only for now), CPU tensors to
+the reference implementation (flash_attn._cpu, differentiable).
+
+Common options:
+    dropout_p: probability of dropping an attention probability, in [0, 1)
+        (CPU only for now; CUDA raises NotImplementedError).
+    softmax_scale: defaults to headdim ** -0.5.
+    causal: mask aligned to the bottom-right corner; same as window (left, 0).
+    window_size: (left, right); query i keeps keys j in
+        [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right], -1 = unbounded.
+    softcap: > 0 turns scores into softcap * tanh(scores / softcap).
+    alibi_slopes: fp32 (nheads,) or (batch, nheads); adds -slope * |i + seqlen_k - seqlen_q - j|.
+    deterministic: concerns the backward only; accepted for compatibility.
+    return_attn_probs: return (out, softmax_lse, S_dmask) instead of out.
+        softmax_lse is fp32 (batch, nheads, seqlen_q), or (nheads, total_q) for
+        varlen; a row that sees no key has lse +inf (and outputs 0).
+        S_dmask is None without dropout; with dropout (CPU) it holds the
+        probabilities before dropout with dropped entries negated
+        (flash_attn._cpu.s_dmask), (batch, nheads, seqlen_q, seqlen_k).
+"""
+from . import _checks, _cpu, _cuda
+from ._normalize import kernel_window, softmax_scale_or_default
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """q (batch, seqlen_q, nheads, headdim); k, v (batch, seqlen_k, nheads_k, headdim).
+
+    Returns out (batch, seqlen_q, nheads, headdim), or (out, softmax_lse, S_dmask).
+    """
+    _checks.check_dense(q, k, v)
+    window = _checks.check_options(q, dropout_p, window_size, softcap, alibi_slopes, q.shape[0])
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
+    window = kernel_window(causal, window, q.shape[1], k.shape[1], alibi_slopes is not None)
+    if q.is_cuda:
+        out, lse = _cuda.dense_forward(q, k, v, dropout_p, scale, window, softcap, alibi_slopes)
+        s_dmask = None
+    else:
+        out, lse, s_dmask = _cpu.dense_forward(q, k, v, dropout_p, scale, window, softcap, alibi_slopes)
+    return (out, lse, s_dmask) if return_attn_probs else out
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False,
+                              window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                              deterministic=False, return_attn_probs=False):
+    """qkv (batch, seqlen, 3, nheads, headdim); otherwise as flash_attn_func."""
+    _checks.check_packed("qkv", qkv, ("batch", "seqlen", "3", "nheads", "headdim"), index=2, count=3)
+    return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal,
+                           window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False,
+                             window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                             deterministic=False, return_attn_probs=False):
+    """q (batch, seqlen_q, nheads, headdim); kv (batch, seqlen_k, 2, nheads_k, headdim)."""
+    _checks.check_packed("kv", kv, ("batch", "seqlen_k", "2", "nheads_k", "headdim"), index=2, count=2)
+    return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal,
+                           window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                           softcap=0.0, alibi_slopes=None, deterministic=False,
+                           return_attn_probs=False, block_table=None):
+    """q (total_q, nheads, headdim); k, v (total_k, nheads_k, headdim);
+    cu_seqlens_q/k int32 (batch + 1,) sequence offsets; max_seqlen_q/k ints.
+
+    Returns out (total_q, nheads, headdim), or (out, softmax_lse, S_dmask).
+    block_table (paged KV) is not supported yet.
+    """
+    _checks.check_block_table(block_table)
+    max_seqlen_q, max_seqlen_k = _checks.check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                      max_seqlen_q, max_seqlen_k)
+    batch = cu_seqlens_q.shape[0] - 1
+    window = _checks.check_options(q, dropout_p, window_size, softcap, alibi_slopes, batch)
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
+    window = kernel_window(causal, window, max_seqlen_q, max_seqlen_k, alibi_slopes is not None)
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, window,
+            softcap, alibi_slopes)
+    if q.is_cuda:
+        out, lse = _cuda.varlen_forward(*args)
+        s_dmask = None
+    else:
+        out, lse, s_dmask = _cpu.varlen_forward(*args)
+    return (out, lse, s_dmask) if return_attn_probs else out
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None,
+                                     causal=False, window_size=(-1, -1), softcap=0.0,
+                                     alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    """qkv (total, 3, nheads, headdim); cu_seqlens int32 (batch + 1,); max_seqlen int."""
+    _checks.check_packed("qkv", qkv, ("total", "3", "nheads", "headdim"), index=1, count=3)
+    return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen,
+                                  max_seqlen, dropout_p, softmax_scale, causal, window_size, softcap,
+                                  alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    dropout_p=0.0, softmax_scale=None, causal=False,
+                                    window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                                    deterministic=False, return_attn_probs=False):
+    """q (total_q, nheads, headdim); kv (total_k, 2, nheads_k, headdim)."""
+    _checks.check_packed("kv", kv, ("total_k", "2", "nheads_k", "headdim"), index=1, count=2)
+    return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, dropout_p, softmax_scale, causal, window_size, softcap,
+                                  alibi_slopes, deterministic, return_attn_probs)

@@ -1,0 +1,220 @@
+#!/usr/bin/env bash
+# The one command for a GPU machine: build, test, benchmark, and collect the results in $OUT.
+#
+#   scripts/device_run.sh [STAGE ...]        (default: build test bench hf memcheck demo)
+#
+# Stages, run in the order given:
+#   build      install the carried wheels (.whl/*.whl, e.g. nvidia-cutlass) into /tmp/site, then
+#              `pip install --no-build-isolation --no-deps --no-index -v .` (log: $OUT/build.log)
+#   test       GPU tests: pytest -m cuda over tests/, HF test excluded (junit: $OUT/tests.xml)
+#   quicktest  the same with FLASH_ATTN_TEST_QUICK=1 (a few hundred cases)
+#   hf         tests/test_hf_transformers_gpu.py (junit: $OUT/hf.xml)
+#   bench      benchmarks/benchmark_attn.py, JSON + PNG named with the commit, into $OUT
+#   quickbench the same with --quick
+#   memcheck   compute-sanitizer --tool memcheck on scripts/memcheck_fwd.py
+#   racecheck  compute-sanitizer --tool racecheck on scripts/memcheck_fwd.py --quick
+#   demo       python -m flash_attn
+#
+# Environment passed through: FLASH_ATTN_CUDA_ARCHS (default 90 here), MAX_JOBS (16), NVCC_THREADS,
+# the trim flags FLASH_ATTN_HEADDIMS / FLASH_ATTN_DTYPES / FLASH_ATTN_DISABLE_ALIBI /
+# FLASH_ATTN_DISABLE_SOFTCAP, FLASH_ATTN_GIT_COMMIT (names the benchmark files; the machine
+# has no .git), PYTEST_WORKERS (pytest-xdist workers for `test`, default 4; 0 = off),
+# PYTEST_ARGS (extra pytest arguments, e.g. "-k d128").
+#
+# Where Python runs from: every Python step runs with the working directory in a fresh empty
+# folder ($RUN_DIR), never the repo root. From the repo root, `import flash_attn` would pick
+# the source tree instead of the installed package; the two only agree when pip built in
+# place (then setup.py wrote flash_attn/_build_config.json into the tree, and the extension
+# is the top-level module flash_attn_2_cuda in site-packages). Running elsewhere makes the
+# installed package win whatever pip did, and the build stage prints which flash_attn and
+# which extension were imported. The GPU tests run with FLASH_ATTN_REQUIRE_CUDA=1, so a
+# broken install fails them instead of skipping them all.
+#
+# Output: $OUT/run.log (everything), build.log, tests.xml, hf.xml, attn_fwd_*.json/png: at
+# most 6 files, under the 8 that come back. Every stage runs even when an earlier one
+# failed (a stage that needs the build is skipped when the build failed); the exit code is
+# the number of failed stages (0 = all passed). A summary table is printed last.
+
+set -u -o pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUT=${OUT:-$REPO/.device_out}
+mkdir -p "$OUT"
+LOG=$OUT/run.log
+RUN_DIR=$(mktemp -d /tmp/flash_attn_run.XXXXXX)
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+export FLASH_ATTN_CUDA_ARCHS=${FLASH_ATTN_CUDA_ARCHS:-90}
+export MAX_JOBS=${MAX_JOBS:-16}
+COMMIT=${FLASH_ATTN_GIT_COMMIT:-$(git -C "$REPO" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
+export FLASH_ATTN_GIT_COMMIT=$COMMIT
+
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build test bench hf memcheck demo)
+
+declare -a SUMMARY=()
+FAILED=0
+BUILD_STATE=unknown   # unknown | ok | failed
+
+log() { echo "$*" | tee -a "$LOG"; }
+
+# Runs "$@" with output appended to run.log; records status and time under a stage name.
+run_stage() {
+    local name=$1; shift
+    local t0=$SECONDS rc
+    log ""
+    log "=== [$name] $(date -u +%H:%M:%S) $*"
+    ( cd "$RUN_DIR" && "$@" ) 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    local dt=$((SECONDS - t0))
+    if [ "$rc" -eq 0 ]; then
+        SUMMARY+=("$(printf '%-11s %-6s %5ss  %s' "$name" ok "$dt" "${STAGE_NOTE:-}")")
+    else
+        SUMMARY+=("$(printf '%-11s %-6s %5ss  exit %s %s' "$name" FAIL "$dt" "$rc" "${STAGE_NOTE:-}")")
+        FAILED=$((FAILED + 1))
+    fi
+    STAGE_NOTE=""
+    return "$rc"
+}
+
+skip_stage() {
+    SUMMARY+=("$(printf '%-11s %-6s %5s   %s' "$1" skip - "$2")")
+    log "=== [$1] skipped: $2"
+}
+
+# Counts from a junit xml file: "N passed, N failed, N errors, N skipped".
+junit_counts() {
+    "$PY" - "$1" <<'EOF' 2>/dev/null || echo "no junit report"
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suites = [root] if root.tag == "testsuite" else list(root)
+t = sum(int(s.get("tests", 0)) for s in suites)
+f = sum(int(s.get("failures", 0)) for s in suites)
+e = sum(int(s.get("errors", 0)) for s in suites)
+s = sum(int(s.get("skipped", 0)) for s in suites)
+print(f"{t - f - e - s} passed, {f} failed, {e} errors, {s} skipped")
+EOF
+}
+
+install_wheels() {
+    shopt -s nullglob
+    local wheels=("$REPO"/.whl/*.whl)
+    shopt -u nullglob
+    if [ ${#wheels[@]} -gt 0 ]; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site "${wheels[@]}" || return 1
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+}
+
+do_build() {
+    local t0=$SECONDS rc
+    echo "building: archs=$FLASH_ATTN_CUDA_ARCHS MAX_JOBS=$MAX_JOBS NVCC_THREADS=${NVCC_THREADS:-default}" \
+         "HEADDIMS=${FLASH_ATTN_HEADDIMS:-all} DTYPES=${FLASH_ATTN_DTYPES:-all}" \
+         "DISABLE_ALIBI=${FLASH_ATTN_DISABLE_ALIBI:-} DISABLE_SOFTCAP=${FLASH_ATTN_DISABLE_SOFTCAP:-}"
+    nvcc --version | tail -n 2
+    # --no-index: this machine has no network, pip must not try; --no-deps: torch, einops,
+    # packaging are already there; --no-build-isolation: build against the installed torch.
+    "$PY" -m pip install --no-build-isolation --no-deps --no-index -v "$REPO" >"$OUT/build.log" 2>&1
+    rc=$?
+    echo "build wall time: $((SECONDS - t0)) s (pip exit $rc; log in build.log)"
+    grep -E "flash_attn: (building|skipping)" "$OUT/build.log" | head -n 3
+    if [ "$rc" -ne 0 ]; then
+        echo "--- last 60 lines of build.log:"
+        tail -n 60 "$OUT/build.log"
+        return "$rc"
+    fi
+    "$PY" - <<'EOF'
+import flash_attn, flash_attn.build_info as bi
+print("imported flash_attn", flash_attn.__version__, "from", flash_attn.__file__)
+cfg = bi.build_config()
+print("build config:", {k: cfg.get(k) for k in ("cuda", "skip_reason", "archs", "head_dims", "dtypes", "variants")})
+ext = bi.cuda_extension()
+print("extension:", getattr(ext, "__file__", ext))
+assert ext is not None, "the CUDA extension is not available after the build"
+EOF
+}
+
+need_build() {  # stages that run our kernels need a successful build (this run or an earlier one)
+    if [ "$BUILD_STATE" = failed ]; then
+        skip_stage "$1" "the build failed"
+        return 1
+    fi
+    return 0
+}
+
+log "flash_attn device run: stages ${STAGES[*]}; commit $COMMIT; $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$LOG"
+"$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cudnn', torch.backends.cudnn.version())" 2>&1 | tee -a "$LOG"
+
+if ! install_wheels >>"$LOG" 2>&1; then
+    log "installing the carried wheels failed"
+    SUMMARY+=("$(printf '%-11s %-6s %5s   %s' wheels FAIL - "pip install .whl/*.whl")")
+    FAILED=$((FAILED + 1))
+fi
+
+XDIST=()
+if [ "${PYTEST_WORKERS:-4}" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
+    XDIST=(-n "${PYTEST_WORKERS:-4}")
+fi
+read -r -a EXTRA_PYTEST <<<"${PYTEST_ARGS:-}"
+
+for stage in "${STAGES[@]}"; do
+    case "$stage" in
+    build)
+        if run_stage build do_build; then BUILD_STATE=ok; else BUILD_STATE=failed; fi
+        ;;
+    test | quicktest)
+        need_build "$stage" || continue
+        quick=0; [ "$stage" = quicktest ] && quick=1
+        rm -f "$OUT/tests.xml"
+        FLASH_ATTN_TEST_QUICK=$quick FLASH_ATTN_REQUIRE_CUDA=1 run_stage "$stage" \
+            "$PY" -m pytest "$REPO/tests" -m cuda -p no:cacheprovider -q -rfEs --tb=short \
+            --ignore="$REPO/tests/test_hf_transformers_gpu.py" --junitxml="$OUT/tests.xml" \
+            "${XDIST[@]}" "${EXTRA_PYTEST[@]}"
+        SUMMARY[-1]="${SUMMARY[-1]} $(junit_counts "$OUT/tests.xml")"
+        ;;
+    hf)
+        need_build hf || continue
+        rm -f "$OUT/hf.xml"
+        FLASH_ATTN_REQUIRE_CUDA=1 run_stage hf "$PY" -m pytest "$REPO/tests/test_hf_transformers_gpu.py" \
+            -p no:cacheprovider -q -rfEs --tb=short --junitxml="$OUT/hf.xml"
+        SUMMARY[-1]="${SUMMARY[-1]} $(junit_counts "$OUT/hf.xml")"
+        ;;
+    bench | quickbench)
+        need_build "$stage" || continue
+        args=(--out-dir "$OUT"); [ "$stage" = quickbench ] && args+=(--quick)
+        run_stage "$stage" "$PY" "$REPO/benchmarks/benchmark_attn.py" "${args[@]}"
+        ;;
+    memcheck)
+        need_build memcheck || continue
+        run_stage memcheck compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check no \
+            "$PY" "$REPO/scripts/memcheck_fwd.py"
+        ;;
+    racecheck)
+        need_build racecheck || continue
+        run_stage racecheck compute-sanitizer --tool racecheck --error-exitcode 1 \
+            "$PY" "$REPO/scripts/memcheck_fwd.py" --quick
+        ;;
+    demo)
+        need_build demo || continue
+        run_stage demo "$PY" -m flash_attn
+        ;;
+    *)
+        log "unknown stage '$stage' (stages: build test quicktest hf bench quickbench memcheck racecheck demo)"
+        SUMMARY+=("$(printf '%-11s %-6s %5s   %s' "$stage" FAIL - unknown stage)")
+        FAILED=$((FAILED + 1))
+        ;;
+    esac
+done
+
+rm -rf "$RUN_DIR"
+{
+    echo ""
+    echo "=== summary (commit $COMMIT, archs $FLASH_ATTN_CUDA_ARCHS)"
+    printf '%-11s %-6s %6s  %s\n' stage status time notes
+    for line in "${SUMMARY[@]}"; do echo "$line"; done
+    echo "files in \$OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+    [ "$FAILED" -eq 0 ] && echo "all stages passed" || echo "$FAILED stage(s) failed"
+} | tee -a "$LOG"
+exit "$FAILED"
