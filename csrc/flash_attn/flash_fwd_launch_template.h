@@ -9,9 +9,8 @@
 
 namespace flash {
 
-template <typename Element, int kHeadDim, bool Has_alibi, bool Is_softcap>
-cudaError_t run_mha_fwd_(Flash_fwd_params &params, cudaStream_t stream) {
-  using Ktraits = FwdKernelTraits<kHeadDim, Element>;
+template <typename Ktraits, bool Has_alibi, bool Is_softcap>
+cudaError_t run_flash_fwd(Flash_fwd_params &params, cudaStream_t stream) {
   constexpr int smem_bytes = Ktraits::kSmemBytes;
   const int num_m_blocks = (params.seqlen_q + Ktraits::kBlockM - 1) / Ktraits::kBlockM;
   if (num_m_blocks == 0 || params.b == 0 || params.h == 0) { return cudaSuccess; }
@@ -23,6 +22,11 @@ cudaError_t run_mha_fwd_(Flash_fwd_params &params, cudaStream_t stream) {
   const dim3 grid(num_m_blocks, params.b, params.h);
   kernel<<<grid, Ktraits::kNThreads, smem_bytes, stream>>>(params);
   return cudaGetLastError();
+}
+
+template <typename Element, int kHeadDim, bool Has_alibi, bool Is_softcap>
+cudaError_t run_mha_fwd_(Flash_fwd_params &params, cudaStream_t stream) {
+  return run_flash_fwd<FwdKernelTraits<kHeadDim, Element>, Has_alibi, Is_softcap>(params, stream);
 }
 
 }  // namespace flash

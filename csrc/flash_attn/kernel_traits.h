@@ -10,14 +10,15 @@ namespace flash {
 
 using namespace cute;
 
-template <int kHeadDim_, typename Element_>
+// kTile_ defaults to the tuned choice of tile_size.h; tuning harnesses pass others.
+template <int kHeadDim_, typename Element_, FwdTile kTile_ = fwd_tile(kHeadDim_)>
 struct FwdKernelTraits {
   using Element = Element_;           // cutlass::half_t or cutlass::bfloat16_t
   using ElementAccum = float;
   using index_t = int64_t;
 
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr FwdTile kTile = fwd_tile(kHeadDim);
+  static constexpr FwdTile kTile = kTile_;
   static constexpr int kBlockM = kTile.block_m;
   static constexpr int kBlockN = kTile.block_n;
   static constexpr int kNWarps = kTile.n_warps;
