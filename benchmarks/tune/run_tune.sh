@@ -12,8 +12,7 @@ for v in $VARIANTS; do
   IFS=: read -r D M N W <<<"$v"
   ( nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -gencode arch=compute_$ARCH,code=sm_$ARCH \
       -Xptxas -v -I csrc/flash_attn -I "$CUT" -DHDIM=$D -DBM=$M -DBN=$N -DWARPS=$W \
-      benchmarks/tune/tune_fwd.cu -o "$DIR/t_$D_$M_$N_$W.bin" >"$DIR/$v.log" 2>&1 \
-      && mv "$DIR/t_$D_$M_$N_$W.bin" "$DIR/$D-$M-$N-$W.bin" ) &
+      benchmarks/tune/tune_fwd.cu -o "$DIR/$D-$M-$N-$W.bin" >"$DIR/$v.log" 2>&1 ) &
 done
 wait
 for v in $VARIANTS; do
