@@ -38,11 +38,16 @@ struct OnlineSoftmax {
       // A row that has seen only masked keys keeps max -inf: use 0 as the offset so
       // exp2(-inf - 0) = 0 instead of exp2(-inf + inf) = NaN.
       const float m_scaled = m == -INFINITY ? 0.f : m * scale_log2;
-      const float correction = exp2f(row_max[r] * scale_log2 - m_scaled);
+      // Rescaling O costs one multiply per output element; once the max has settled it
+      // rarely moves, so skip it (exactly: the factor would be 1) unless some row of
+      // the warp changed. The vote keeps the branch warp-uniform.
+      if (__any_sync(0xffffffff, m != row_max[r])) {
+        const float correction = exp2f(row_max[r] * scale_log2 - m_scaled);
+        row_sum[r] *= correction;
+        CUTE_UNROLL
+        for (int c = 0; c < size<1>(acc_o); ++c) { acc_o(r, c) *= correction; }
+      }
       row_max[r] = m;
-      row_sum[r] *= correction;
-      CUTE_UNROLL
-      for (int c = 0; c < size<1>(acc_o); ++c) { acc_o(r, c) *= correction; }
       float sum = 0.f;
       CUTE_UNROLL
       for (int c = 0; c < size<1>(scores); ++c) {
