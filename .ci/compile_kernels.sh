@@ -77,16 +77,35 @@ if [ ! -f "$CUTLASS_INC/cute/tensor.hpp" ]; then
     exit 2
 fi
 
-# The flags of setup.py's nvcc_flags (keep in sync), plus what torch's cpp_extension adds
-# for every .cu (-fPIC, and the no-half-operators defines that setup.py's -U flags undo).
-FLAGS=(-O3 -std=c++17 --use_fast_math -lineinfo
-       --expt-relaxed-constexpr --expt-extended-lambda
-       -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
+# The nvcc flags of setup.py, read from its source (the list literal assigned to `nvcc_flags`),
+# so this check cannot drift from the real build; gencode and the FLASH_ATTN_HAS_* defines are
+# added below. Plus what torch's cpp_extension adds for every .cu: -fPIC and the
+# no-half-operators defines that setup.py's -U flags undo.
+SETUP_FLAGS=$("$PY" - "$REPO/setup.py" <<'PYEOF'
+import ast, os, sys
+tree = ast.parse(open(sys.argv[1]).read())
+for node in ast.walk(tree):
+    if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "nvcc_flags" for t in node.targets):
+        lit = node.value
+        while isinstance(lit, ast.BinOp):
+            lit = lit.left
+        if not isinstance(lit, ast.List):
+            break
+        for elt in lit.elts:
+            if isinstance(elt, ast.Constant) and isinstance(elt.value, str):
+                print(elt.value)
+            elif isinstance(elt, ast.Name) and elt.id == "nvcc_threads":
+                print(os.environ.get("NVCC_THREADS", "2"))
+            else:
+                sys.exit(f"setup.py: unsupported element in nvcc_flags: {ast.dump(elt)}")
+        sys.exit(0)
+sys.exit("setup.py: no `nvcc_flags = [...]` list found")
+PYEOF
+) || { echo "compile_kernels: could not read the nvcc flags from setup.py" >&2; exit 2; }
+mapfile -t FLAGS <<<"$SETUP_FLAGS"
+FLAGS=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
        -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
-       -U__CUDA_NO_HALF_OPERATORS__ -U__CUDA_NO_HALF_CONVERSIONS__
-       -U__CUDA_NO_HALF2_OPERATORS__ -U__CUDA_NO_BFLOAT16_CONVERSIONS__
-       -DCUTLASS_ENABLE_TENSOR_CORE_MMA=1
-       --threads "${NVCC_THREADS:-2}" -Xcompiler -fPIC
+       "${FLAGS[@]}" -Xcompiler -fPIC
        -I"$REPO/csrc/flash_attn" -I"$REPO/csrc/common" -I"$CUTLASS_INC")
 for a in $ARCHS; do
     FLAGS+=(-gencode "arch=compute_$a,code=sm_$a")
@@ -97,6 +116,7 @@ OBJ=$REPO/.ci_build/obj
 mkdir -p "$OBJ"
 echo "compile_kernels: $("$NVCC" --version | tail -n 1)"
 echo "compile_kernels: ${#FILES[@]} file(s), archs [$ARCHS], timeout ${TIMEOUT}s each, $JOBS job(s), cutlass $CUTLASS_INC"
+echo "compile_kernels: flags from setup.py: $(echo "$SETUP_FLAGS" | tr '\n' ' ')"
 
 compile_one() {
     local src=$1 name obj t0 rc

@@ -229,7 +229,12 @@ def main(argv=None):
         print("benchmark_attn: no CUDA device is visible to torch "
               f"(torch {torch.__version__}, CUDA {torch.version.cuda}); nothing to measure", file=sys.stderr)
         return 2
-    from flash_attn._bench import environment, ours_unavailable_reason
+    try:
+        from flash_attn._bench import environment, ours_unavailable_reason
+    except ImportError as exc:
+        print(f"benchmark_attn: the flash_attn package is not importable ({exc}); "
+              "install it with pip install --no-build-isolation .", file=sys.stderr)
+        return 2
 
     reason = ours_unavailable_reason()
     if reason is not None and not args.peers_only:

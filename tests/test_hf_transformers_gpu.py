@@ -41,7 +41,9 @@ def _unavailable_reason():
 
 
 UNAVAILABLE = _unavailable_reason()
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))]
+# Under FLASH_ATTN_REQUIRE_CUDA=1 nothing is skipped for a missing extension: the tests run and fail.
+pytestmark = [pytest.mark.cuda] + ([] if REQUIRE_CUDA else [
+    pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))])
 
 transformers = pytest.importorskip("transformers")
 
@@ -133,10 +135,12 @@ def _logits(model, ids, mask):
 @pytest.fixture(autouse=True, scope="module")
 def _ieee_fp32_matmul():
     matmul = torch.backends.cuda.matmul
-    old = matmul.allow_tf32
-    matmul.allow_tf32 = False
+    # torch >= 2.9 has fp32_precision; mixing it with the legacy allow_tf32 flag can raise
+    name, value = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
+    old = getattr(matmul, name)
+    setattr(matmul, name, value)
     yield
-    matmul.allow_tf32 = old
+    setattr(matmul, name, old)
 
 
 @pytest.mark.cuda

@@ -22,6 +22,9 @@
 #ifndef BN
 #define BN 64
 #endif
+#ifndef STAGES
+#define STAGES 1
+#endif
 #ifndef WARPS
 #define WARPS 4
 #endif
@@ -36,7 +39,7 @@
   } while (0)
 
 using Element = cutlass::bfloat16_t;
-using Ktraits = flash::FwdKernelTraits<HDIM, Element, flash::FwdTile{BM, BN, WARPS}>;
+using Ktraits = flash::FwdKernelTraits<HDIM, Element, flash::FwdTile{BM, BN, WARPS, STAGES}>;
 
 __global__ void fill_random(Element *x, size_t n, unsigned seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
@@ -92,7 +95,7 @@ int main() {
       std::sort(ms.begin(), ms.end());
       const float med = ms[ms.size() / 2];
       const double flops = 4.0 * b * h * double(s) * s * d / (causal ? 2 : 1);
-      std::printf("hdim %d tile %dx%dx%dw causal %d seqlen %5d  %.3f ms  %.1f TFLOP/s\n", HDIM, BM, BN, WARPS,
+      std::printf("hdim %d tile %dx%dx%dw%ds causal %d seqlen %5d  %.3f ms  %.1f TFLOP/s\n", HDIM, BM, BN, WARPS, STAGES,
                   causal, s, med, flops / med / 1e9);
       cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(o); cudaFree(lse);
     }

@@ -92,13 +92,15 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
     return;
   }
 
-  // Shared memory: Q | K | V, single-buffered (V loads overlap S = Q K^T, the next K
-  // load overlaps softmax and P V).
+  // Shared memory: Q | K stages | V stages. With one stage, the V load overlaps
+  // S = Q K^T and the next K load overlaps softmax and P V (two barriers per step);
+  // with two, K and V of the next step load during the whole current step (one barrier).
+  constexpr int kStages = Ktraits::kStages;
   extern __shared__ char smem[];
   Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem)), typename Ktraits::SmemLayoutQ{});
-  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Ktraits::SmemLayoutKV{});
-  Tensor sV = make_tensor(sK.data() + size(sK), typename Ktraits::SmemLayoutKV{});
-  Tensor sVt = make_tensor(sV.data(), typename Ktraits::SmemLayoutVt{});  // (D, BN)
+  Tensor sK = make_tensor(sQ.data() + size(sQ), typename Ktraits::SmemLayoutKV{});  // (BN, D, stages)
+  Tensor sV = make_tensor(sK.data() + size(sK), typename Ktraits::SmemLayoutKV{});  // (BN, D, stages)
+  Tensor sVt = make_tensor(sV.data(), typename Ktraits::SmemLayoutVt{});            // (D, BN, stages)
   Tensor sO = make_tensor(sQ.data(), typename Ktraits::SmemLayoutO{});
 
   // Global -> shared copies (16 bytes per thread per step).
@@ -107,7 +109,7 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   Tensor tQgQ = gmem_thr.partition_S(gQ);  // (CPY, CPY_M, CPY_D)
   Tensor tQsQ = gmem_thr.partition_D(sQ);
   Tensor tKgK = gmem_thr.partition_S(gK);  // (CPY, CPY_N, CPY_D, nblocks)
-  Tensor tKsK = gmem_thr.partition_D(sK);
+  Tensor tKsK = gmem_thr.partition_D(sK);  // (CPY, CPY_N, CPY_D, stages)
   Tensor tVgV = gmem_thr.partition_S(gV);
   Tensor tVsV = gmem_thr.partition_D(sV);
   // Row coordinates of each copied element, for guarding rows past the sequence end.
@@ -117,8 +119,8 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   // MMA fragments and shared -> register copies (ldmatrix).
   typename Ktraits::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tidx);
-  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);  // (MMA, MMA_M, MMA_D)
-  Tensor tSrK = thr_mma.partition_fragment_B(sK);  // (MMA, MMA_N, MMA_D)
+  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);                 // (MMA, MMA_M, MMA_D)
+  Tensor tSrK = thr_mma.partition_fragment_B(sK(_, _, 0));        // (MMA, MMA_N, MMA_D)
   Tensor tOrVt = thr_mma.partition_fragment_B(
       make_tensor(sV.data(), make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{})));  // (MMA, MMA_D, MMA_N)
   Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kHeadDim>>{});  // (MMA, MMA_M, MMA_D)
@@ -126,14 +128,19 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   auto smem_copy_Q = make_tiled_copy_A(typename Ktraits::SmemCopyAtom{}, tiled_mma);
   Tensor tSsQ = smem_copy_Q.get_thread_slice(tidx).partition_S(sQ);
   auto smem_copy_K = make_tiled_copy_B(typename Ktraits::SmemCopyAtom{}, tiled_mma);
-  Tensor tSsK = smem_copy_K.get_thread_slice(tidx).partition_S(sK);
+  Tensor tSsK = smem_copy_K.get_thread_slice(tidx).partition_S(sK);  // (CPY, CPY_N, CPY_D, stages)
   auto smem_copy_V = make_tiled_copy_B(typename Ktraits::SmemCopyAtomTransposed{}, tiled_mma);
-  Tensor tOsVt = smem_copy_V.get_thread_slice(tidx).partition_S(sVt);
+  Tensor tOsVt = smem_copy_V.get_thread_slice(tidx).partition_S(sVt);  // (CPY, CPY_D, CPY_N, stages)
 
-  // Prologue: Q and the last K block (the only one that can be partial).
+  // Prologue: Q and the last K (and V, with two stages) block: the only one that can
+  // be partial, since key blocks are visited last to first.
   copy_rows_guarded(gmem_copy, tQgQ, tQsQ, tQcQ, m1 - m0);
   int n_block = n_block_max - 1;
-  copy_rows_guarded(gmem_copy, tKgK(_, _, _, n_block), tKsK, tKVcKV, seq.seqlen_k - n_block * kBlockN);
+  const int last_rows = seq.seqlen_k - n_block * kBlockN;
+  copy_rows_guarded(gmem_copy, tKgK(_, _, _, n_block), tKsK(_, _, _, 0), tKVcKV, last_rows);
+  if constexpr (kStages == 2) {
+    copy_rows_guarded(gmem_copy, tVgV(_, _, _, n_block), tVsV(_, _, _, 0), tKVcKV, last_rows);
+  }
   cute::cp_async_fence();
 
   clear(acc_o);
@@ -142,33 +149,43 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   OnlineSoftmax<kNRows> softmax;
   const ScoreMod<Has_alibi, Is_softcap> score_mod(p, seq.seqlen_q, seq.seqlen_k, bidb, bidh);
 
-  // Key blocks are visited last to first, so the partial block (if any) comes first
-  // and every later K/V load is a full, unguarded tile.
-  for (; n_block >= n_block_min; --n_block) {
+  for (int stage = 0; n_block >= n_block_min; --n_block, stage ^= (kStages - 1)) {
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
     clear(acc_s);
     cute::cp_async_wait<0>();
-    __syncthreads();  // K(n_block) is in smem; all threads are done reading the previous V
-
-    if (n_block == n_block_max - 1) {
-      copy_rows_guarded(gmem_copy, tVgV(_, _, _, n_block), tVsV, tKVcKV, seq.seqlen_k - n_block * kBlockN);
+    // Two stages: K and V(n_block) are in smem, and every thread is done with the
+    // other stage (read in the previous step), which is refilled right away.
+    // One stage: K(n_block) is in smem and every thread is done reading V.
+    __syncthreads();
+    if constexpr (kStages == 2) {
+      if (n_block > n_block_min) {
+        copy(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK(_, _, _, stage ^ 1));
+        copy(gmem_copy, tVgV(_, _, _, n_block - 1), tVsV(_, _, _, stage ^ 1));
+        cute::cp_async_fence();
+      }
     } else {
-      copy(gmem_copy, tVgV(_, _, _, n_block), tVsV);
+      if (n_block == n_block_max - 1) {
+        copy_rows_guarded(gmem_copy, tVgV(_, _, _, n_block), tVsV(_, _, _, 0), tKVcKV, last_rows);
+      } else {
+        copy(gmem_copy, tVgV(_, _, _, n_block), tVsV(_, _, _, 0));
+      }
+      cute::cp_async_fence();
     }
-    cute::cp_async_fence();
 
-    gemm_smem_smem(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, smem_copy_Q, smem_copy_K);
+    gemm_smem_smem(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK(_, _, _, stage), smem_copy_Q, smem_copy_K);
 
     score_mod.transform(acc_s);
     Tensor scores = make_tensor(acc_s.data(), acc_layout_rowcol(acc_s.layout()));  // (rows, cols)
     const int n0 = n_block * kBlockN;
     score_mod.template apply<Ktraits::kNWarps>(scores, m0, n0, score_mod.block_needs_mask(m0, m1, n0, kBlockN));
 
-    cute::cp_async_wait<0>();
-    __syncthreads();  // V(n_block) is in smem; all threads are done reading K(n_block)
-    if (n_block > n_block_min) {
-      copy(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK);
-      cute::cp_async_fence();
+    if constexpr (kStages == 1) {
+      cute::cp_async_wait<0>();
+      __syncthreads();  // V(n_block) is in smem; all threads are done reading K(n_block)
+      if (n_block > n_block_min) {
+        copy(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK(_, _, _, 0));
+        cute::cp_async_fence();
+      }
     }
 
     softmax.step(scores, acc_o_rc, p.scale_softmax_log2);
@@ -176,14 +193,16 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
     // P (fp32 accumulator) -> Element, re-viewed as the A operand of P V.
     Tensor rP = convert_type<Element>(acc_s);
     Tensor tOrP = make_tensor(rP.data(), acc_layout_as_A(rP.layout()));
-    gemm_reg_smem(tiled_mma, acc_o, tOrP, tOrVt, tOsVt, smem_copy_V);
+    gemm_reg_smem(tiled_mma, acc_o, tOrP, tOrVt, tOsVt(_, _, _, stage), smem_copy_V);
   }
 
-  // Epilogue: normalize, stage O through shared memory (Q's space: every thread
-  // finished its last read of sQ before the loop's final barrier), then store rows
+  // Epilogue: normalize, stage O through shared memory (Q's space), then store rows
   // of 16-byte vectors and the lse.
   float row_lse[kNRows];
   softmax.finalize(acc_o_rc, p.scale_softmax, row_lse);
+  // With one stage, every thread finished its last read of sQ before the loop's second
+  // barrier; with two, a slower warp may still be in its last Q K^T.
+  if constexpr (kStages == 2) { __syncthreads(); }
 
   Tensor rO = convert_type<Element>(acc_o);
   auto smem_copy_O = make_tiled_copy_C(typename Ktraits::SmemCopyAtomO{}, tiled_mma);

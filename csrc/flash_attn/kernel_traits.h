@@ -41,15 +41,21 @@ struct FwdKernelTraits {
       Swizzle<kSwizzleBits, 3, 3>{},
       Layout<Shape<_8, Int<kBlockKSmem>>, Stride<Int<kBlockKSmem>, _1>>{}));
   using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));
-  // V viewed as (d, n): the same bytes, read with ldmatrix.trans as the B operand of P V.
+  // K and V: kStages buffers each, (BN, D, stages).
+  static constexpr int kStages = kTile.kv_stages;
+  static_assert(kStages == 1 || kStages == 2);
+  using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{},
+                                              Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
+  // V viewed as (d, n, stage): the same bytes, read with ldmatrix.trans as the B operand of P V.
   using SmemLayoutVt = decltype(composition(
-      SmemLayoutKV{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, GenRowMajor{})));
+      SmemLayoutKV{},
+      make_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{},
+                  Stride<Int<kBlockN>, _1, Int<kBlockN * kHeadDim>>{})));
   // O staging tile reuses Q's shared memory.
   using SmemLayoutO = SmemLayoutQ;
 
   static constexpr int kSmemQBytes = int(cosize_v<SmemLayoutQ>) * int(sizeof(Element));
-  static constexpr int kSmemKVBytes = int(cosize_v<SmemLayoutKV>) * int(sizeof(Element));
+  static constexpr int kSmemKVBytes = int(cosize_v<SmemLayoutKV>) * int(sizeof(Element));  // all stages
   static constexpr int kSmemBytes = kSmemQBytes + 2 * kSmemKVBytes;
 
   using SmemCopyAtom = Copy_Atom<SM75_U32x4_LDSM_N, Element>;            // Q, K -> registers

@@ -7,24 +7,26 @@ struct FwdTile {
   int block_m;   // query rows per CTA
   int block_n;   // key rows per main-loop step
   int n_warps;   // warps per CTA, stacked along M (16 rows per warp per MMA tile)
+  int kv_stages = 1;  // K/V shared-memory buffers: 2 lets loads run a whole step ahead
 };
 
 // The S tile (block_m x block_n fp32) and the O accumulator (block_m x d fp32) live in
 // registers; a thread owns block_m * (block_n + d) / (32 * n_warps) of them. The choice
-// is the fastest spill-free shape measured with benchmarks/tune/run_tune.sh on an H100
-// (bf16, 16k tokens, seqlen 2k and 8k, causal and not; 2 CTAs per SM in every case):
-// - d = 32: 128 x 128 (a 64-wide step is 10% slower: too little work per barrier).
-// - d = 64, 96: 128 x 64; 128 x 128 spills at d = 64 and is 3-9% slower.
-// - d = 128: 128 x 32; 128 x 64 needs more than 255 registers (spills) and is 2% slower
-//   at 8k; 64-row tiles or 8 warps are 10-15% slower.
-// - d = 192: 128 x 64 with 8 warps (16 rows per warp halves the per-thread O).
-// - d = 256: 64 x 64 with 4 warps, 1-4% faster than 128 x 64 with 8 warps and spill-free.
+// is the fastest shape measured with benchmarks/tune/run_tune.sh on an H100 (bf16, 16k
+// tokens, seqlen 2k and 8k, causal and not; see benchmarks/tune/NOTES.md):
+// - d = 32: 128 x 128, one stage (a 64-wide step is 10% slower; two stages gain nothing).
+// - d = 64: 128 x 128, two stages: 6-9% faster than 128 x 64 despite a few spills (the
+//   loads of a whole step hide behind the current one, with one barrier per step).
+// - d = 96: 128 x 64, one stage (two stages measured 2% slower).
+// - d = 128: 128 x 64, two stages: 8-11% faster than the best one-stage shape (128 x 32).
+// - d = 192, 256: 64 x 64, one stage; 128-row tiles need 8 warps and were 1-5% slower,
+//   and two stages of 64-wide K/V would leave one CTA per SM.
 constexpr FwdTile fwd_tile(int head_dim) {
-  return head_dim <= 32    ? FwdTile{128, 128, 4}
-         : head_dim <= 96  ? FwdTile{128, 64, 4}
-         : head_dim <= 128 ? FwdTile{128, 32, 4}
-         : head_dim <= 192 ? FwdTile{128, 64, 8}
-                           : FwdTile{64, 64, 4};
+  return head_dim <= 32    ? FwdTile{128, 128, 4, 1}
+         : head_dim <= 64  ? FwdTile{128, 128, 4, 2}
+         : head_dim <= 96  ? FwdTile{128, 64, 4, 1}
+         : head_dim <= 128 ? FwdTile{128, 64, 4, 2}
+                           : FwdTile{64, 64, 4, 1};
 }
 
 }  // namespace flash

@@ -80,7 +80,7 @@ __forceinline__ __device__ void gemm_reg_smem(TiledMma &mma, Acc &acc, FragA con
 // read: they are zero-filled in the destination, so padded keys never inject NaN or
 // garbage into P V. `coord` is the identity tensor partitioned the same way.
 template <typename TiledCopy, typename Src, typename Dst, typename Coord>
-__forceinline__ __device__ void copy_rows_guarded(TiledCopy const &tiled_copy, Src const &src, Dst &dst,
+__forceinline__ __device__ void copy_rows_guarded(TiledCopy const &tiled_copy, Src const &src, Dst &&dst,
                                                   Coord const &coord, int max_rows) {
   CUTE_UNROLL
   for (int m = 0; m < size<1>(src); ++m) {
