@@ -72,8 +72,153 @@ def check_options(q, dropout_p, window_size, softcap, alibi_slopes, batch):
 
 def check_block_table(block_table):
     if block_table is not None:
-        raise NotImplementedError("flash_attn: block_table (paged KV) is not supported yet; "
-                                  "pass block_table=None")
+        raise NotImplementedError("flash_attn: block_table (paged KV) is not supported yet; it arrives "
+                                  "with the paged-KV kernels. Pass block_table=None")
+
+
+def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                  cache_leftpad):
+    """flash_attn_with_kvcache's tensors (block_table is checked apart).
+
+    q (b, sq, hq, d); k_cache, v_cache (b_cache, s_cache, hk, d), last dim
+    contiguous (they are written in place); k, v (b, s_new, hk, d), both or
+    neither; rotary_cos, rotary_sin (seqlen_ro >= s_cache, rotary_dim / 2) in
+    q.dtype, only with k and v; cache_seqlens an int or int32 (b,) (required
+    with k and v); cache_batch_idx, cache_leftpad int32 (b,). b_cache >= b
+    unless cache_batch_idx picks the rows.
+    Values: the capacity cache_seqlens + s_new <= s_cache, 0 <= cache_batch_idx
+    < b_cache and 0 <= cache_leftpad <= cache_seqlens are checked for CPU tensors
+    and for an int cache_seqlens; for CUDA tensors only with FLASH_ATTN_DEBUG=1
+    (they need a device-to-host copy).
+    """
+    _check_qkv(q, k_cache, v_cache, rank=4, layout="(batch, seqlen, nheads, headdim)",
+               names=("q", "k_cache", "v_cache"))
+    b = q.shape[0]
+    b_cache, s_cache, hk, d = k_cache.shape
+    if cache_batch_idx is None and b_cache < b:
+        _fail(ValueError, "k_cache.shape[0] (batch_size_cache)",
+              f">= q.shape[0] = {b} (or pass cache_batch_idx to pick the cache rows)", b_cache)
+    if b_cache == 0 and b > 0:
+        _fail(ValueError, "k_cache.shape[0] (batch_size_cache)", ">= 1 when q has rows", b_cache)
+    if (k is None) != (v is None):
+        _fail(ValueError, "k and v", "both given or both None",
+              f"k {'None' if k is None else 'given'}, v {'None' if v is None else 'given'}")
+    s_new = 0
+    if k is not None:
+        _check_new_kv(q, k, v, (b, hk, d))
+        s_new = k.shape[1]
+    _check_rotary(q, rotary_cos, rotary_sin, k is not None, s_cache, d)
+    _check_cache_seqlens(q, cache_seqlens, b, s_cache, s_new)
+    for name, x in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
+        if x is not None:
+            _check_int32_vector(name, x, b, q.device)
+    if not _reads_values(q.device):
+        return
+    seqlens = [s_cache] * b if cache_seqlens is None else (
+        [int(cache_seqlens)] * b if not isinstance(cache_seqlens, torch.Tensor) else cache_seqlens.tolist())
+    if isinstance(cache_seqlens, torch.Tensor):
+        bad = [(i, n) for i, n in enumerate(seqlens) if not 0 <= n <= s_cache - s_new]
+        if bad:
+            _fail(ValueError, "cache_seqlens",
+                  f"in 0..s_cache - seqlen_new = {s_cache} - {s_new} (the new keys must fit in the cache)",
+                  f"{bad[0][1]} at index {bad[0][0]}")
+    if cache_batch_idx is not None:
+        bad = [(i, r) for i, r in enumerate(cache_batch_idx.tolist()) if not 0 <= r < b_cache]
+        if bad:
+            _fail(ValueError, "cache_batch_idx", f"in 0..{b_cache - 1} (rows of k_cache)",
+                  f"{bad[0][1]} at index {bad[0][0]}")
+    if cache_leftpad is not None:
+        bad = [(i, p, n) for i, (p, n) in enumerate(zip(cache_leftpad.tolist(), seqlens)) if not 0 <= p <= n]
+        if bad:
+            i, p, n = bad[0]
+            _fail(ValueError, "cache_leftpad", f"in 0..cache_seqlens[i] (= {n} at index {i})", p)
+
+
+def check_num_splits(num_splits):
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 0:
+        _fail(ValueError, "num_splits", "an int >= 0 (0 = chosen from the lengths)", repr(num_splits))
+
+
+def _reads_values(device):
+    """Whether content checks may read tensor values: always on CPU, on CUDA with FLASH_ATTN_DEBUG=1."""
+    return device.type == "cpu" or os.environ.get("FLASH_ATTN_DEBUG") == "1"
+
+
+def _check_new_kv(q, k, v, expected):
+    """k, v (b, s_new, hk, d): the keys and values appended to the cache."""
+    b, hk, d = expected
+    for name, x in (("k", k), ("v", v)):
+        _check_tensor(name, x)
+        if x.dim() != 4:
+            _fail(ValueError, f"{name}.dim()", "4 (batch, seqlen_new, nheads_k, headdim)",
+                  f"{x.dim()} (shape {tuple(x.shape)})")
+        if x.device != q.device:
+            _fail(ValueError, f"{name}.device", f"q.device = {q.device}", x.device)
+        if x.dtype != q.dtype:
+            _fail(TypeError, f"{name}.dtype", f"q.dtype = {q.dtype}", x.dtype)
+    want = (b, k.shape[1], hk, d)
+    if tuple(k.shape) != want:
+        _fail(ValueError, "k.shape", f"(batch, seqlen_new, nheads_k, headdim) = {want} (q's batch, k_cache's "
+              f"heads and head dim)", tuple(k.shape))
+    if v.shape != k.shape:
+        _fail(ValueError, "v.shape", f"k.shape = {tuple(k.shape)}", tuple(v.shape))
+
+
+def _check_rotary(q, cos, sin, has_new_kv, s_cache, d):
+    if cos is None and sin is None:
+        return
+    if cos is None or sin is None:
+        _fail(ValueError, "rotary_cos and rotary_sin", "both given or both None",
+              f"rotary_cos {'None' if cos is None else 'given'}, rotary_sin {'None' if sin is None else 'given'}")
+    if not has_new_kv:
+        _fail(ValueError, "k and v", "given when rotary_cos / rotary_sin are (rotary applies to the new keys)",
+              "None")
+    for name, x in (("rotary_cos", cos), ("rotary_sin", sin)):
+        _check_tensor(name, x)
+        if x.dim() != 2:
+            _fail(ValueError, f"{name}.dim()", "2 (seqlen_ro, rotary_dim / 2)", f"{x.dim()} (shape {tuple(x.shape)})")
+        if x.device != q.device:
+            _fail(ValueError, f"{name}.device", f"q.device = {q.device}", x.device)
+        if x.dtype != q.dtype:
+            _fail(TypeError, f"{name}.dtype", f"q.dtype = {q.dtype}", x.dtype)
+    if sin.shape != cos.shape:
+        _fail(ValueError, "rotary_sin.shape", f"rotary_cos.shape = {tuple(cos.shape)}", tuple(sin.shape))
+    seqlen_ro, half = cos.shape
+    if not 0 < 2 * half <= d:
+        _fail(ValueError, "rotary_cos.shape[1] (rotary_dim / 2)", f"in 1..headdim / 2 = {d // 2}", half)
+    if seqlen_ro < s_cache:
+        _fail(ValueError, "rotary_cos.shape[0] (seqlen_ro)", f">= k_cache.shape[1] = {s_cache} (the cache length)",
+              seqlen_ro)
+
+
+def _check_cache_seqlens(q, cache_seqlens, b, s_cache, s_new):
+    """An int, an int32 (b,) tensor, or None (the whole cache, only without new keys)."""
+    if cache_seqlens is None:
+        if s_new > 0:
+            _fail(ValueError, "cache_seqlens", "given when k and v are (it says where they are written)", None)
+        return
+    if isinstance(cache_seqlens, torch.Tensor):
+        _check_int32_vector("cache_seqlens", cache_seqlens, b, q.device)
+        if s_new > s_cache:
+            _fail(ValueError, "k.shape[1] (seqlen_new)", f"<= k_cache.shape[1] = {s_cache} (the cache capacity)",
+                  s_new)
+        return
+    if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, numbers.Integral):
+        _fail(TypeError, "cache_seqlens", "an int or an int32 tensor (batch,)", type(cache_seqlens).__name__)
+    if not 0 <= cache_seqlens <= s_cache - s_new:
+        _fail(ValueError, "cache_seqlens",
+              f"in 0..s_cache - seqlen_new = {s_cache} - {s_new} (the new keys must fit in the cache)",
+              cache_seqlens)
+
+
+def _check_int32_vector(name, x, batch, device):
+    _check_tensor(name, x)
+    if x.dtype != torch.int32:
+        _fail(TypeError, f"{name}.dtype", "torch.int32", x.dtype)
+    if tuple(x.shape) != (batch,):
+        _fail(ValueError, f"{name}.shape", f"(batch,) = ({batch},)", tuple(x.shape))
+    if x.device != device:
+        _fail(ValueError, f"{name}.device", f"q.device = {device}", x.device)
 
 
 def check_cu_seqlens(name, cu_seqlens, device, total):
@@ -88,7 +233,7 @@ def check_cu_seqlens(name, cu_seqlens, device, total):
         _fail(ValueError, f"{name}.device", f"q.device = {device}", cu_seqlens.device)
     if not cu_seqlens.is_contiguous():
         _fail(ValueError, name, "contiguous", f"strides {cu_seqlens.stride()}")
-    if cu_seqlens.device.type == "cpu" or os.environ.get("FLASH_ATTN_DEBUG") == "1":
+    if _reads_values(cu_seqlens.device):
         values = cu_seqlens.tolist()
         if values[0] != 0 or any(b < a for a, b in zip(values, values[1:])) or values[-1] > total:
             _fail(ValueError, name, f"non-decreasing offsets from 0 to at most {total}", values)
@@ -112,46 +257,49 @@ def _check_tensor(name, x):
         _fail(TypeError, name, "a torch.Tensor", type(x).__name__)
 
 
-def _check_qkv(q, k, v, rank, layout):
-    for name, x in (("q", q), ("k", k), ("v", v)):
+def _check_qkv(q, k, v, rank, layout, names=("q", "k", "v")):
+    """names: what q, k, v are called in messages (("q", "k_cache", "v_cache") for the KV cache)."""
+    qn, kn, vn = names
+    tensors = ((qn, q), (kn, k), (vn, v))
+    for name, x in tensors:
         _check_tensor(name, x)
-    for name, x in (("q", q), ("k", k), ("v", v)):
+    for name, x in tensors:
         if x.dim() != rank:
             _fail(ValueError, f"{name}.dim()", f"{rank} {layout}", f"{x.dim()} (shape {tuple(x.shape)})")
-    _check_device(q, k, v)
-    _check_dtype(q, k, v)
+    _check_device(q, k, v, names)
+    _check_dtype(q, k, v, names)
     if v.shape != k.shape:
-        _fail(ValueError, "v.shape", f"k.shape = {tuple(k.shape)}", tuple(v.shape))
+        _fail(ValueError, f"{vn}.shape", f"{kn}.shape = {tuple(k.shape)}", tuple(v.shape))
     head_dim = q.shape[-1]
     if not 0 < head_dim <= MAX_HEAD_DIM:
-        _fail(ValueError, "q.shape[-1] (head dim)", f"in 1..{MAX_HEAD_DIM}", head_dim)
+        _fail(ValueError, f"{qn}.shape[-1] (head dim)", f"in 1..{MAX_HEAD_DIM}", head_dim)
     if k.shape[-1] != head_dim:
-        _fail(ValueError, "k.shape[-1] (head dim)", f"q.shape[-1] = {head_dim}", k.shape[-1])
+        _fail(ValueError, f"{kn}.shape[-1] (head dim)", f"{qn}.shape[-1] = {head_dim}", k.shape[-1])
     nheads, nheads_k = q.shape[-2], k.shape[-2]
     if nheads_k == 0 or nheads % nheads_k != 0:
-        _fail(ValueError, "k.shape[-2] (nheads_k)",
-              f"a divisor of q.shape[-2] = {nheads} (nheads % nheads_k == 0)", nheads_k)
-    for name, x in (("q", q), ("k", k), ("v", v)):
+        _fail(ValueError, f"{kn}.shape[-2] (nheads_k)",
+              f"a divisor of {qn}.shape[-2] = {nheads} (nheads % nheads_k == 0)", nheads_k)
+    for name, x in tensors:
         if x.stride(-1) != 1:
             _fail(ValueError, f"{name}.stride(-1)", "1 (last dim contiguous)", x.stride(-1))
 
 
-def _check_device(q, k, v):
+def _check_device(q, k, v, names=("q", "k", "v")):
     if q.device.type not in ("cpu", "cuda"):
-        _fail(ValueError, "q.device", "a CUDA or CPU device", q.device)
-    for name, x in (("k", k), ("v", v)):
+        _fail(ValueError, f"{names[0]}.device", "a CUDA or CPU device", q.device)
+    for name, x in zip(names[1:], (k, v)):
         if x.device != q.device:
-            _fail(ValueError, f"{name}.device", f"q.device = {q.device}", x.device)
+            _fail(ValueError, f"{name}.device", f"{names[0]}.device = {q.device}", x.device)
 
 
-def _check_dtype(q, k, v):
+def _check_dtype(q, k, v, names=("q", "k", "v")):
     allowed = _CPU_DTYPES if q.device.type == "cpu" else _KERNEL_DTYPES
     if q.dtype not in allowed:
-        names = ", ".join(str(d) for d in allowed)
-        _fail(TypeError, "q.dtype", f"one of {names} for {q.device.type} tensors", q.dtype)
-    for name, x in (("k", k), ("v", v)):
+        dtypes = ", ".join(str(d) for d in allowed)
+        _fail(TypeError, f"{names[0]}.dtype", f"one of {dtypes} for {q.device.type} tensors", q.dtype)
+    for name, x in zip(names[1:], (k, v)):
         if x.dtype != q.dtype:
-            _fail(TypeError, f"{name}.dtype", f"q.dtype = {q.dtype}", x.dtype)
+            _fail(TypeError, f"{name}.dtype", f"{names[0]}.dtype = {q.dtype}", x.dtype)
 
 
 def _check_window(window_size):

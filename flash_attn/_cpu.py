@@ -37,3 +37,13 @@ def s_dmask(probs, keep, dtype):
     if keep is None:
         return None
     return torch.where(keep, probs, -probs).detach().to(dtype)
+
+
+def kvcache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                    cache_leftpad, softmax_scale, window, softcap, rotary_interleaved, alibi_slopes):
+    """flash_attn_with_kvcache on CPU: reference.kvcache_ref, which writes k, v into the
+    caches in place. window: normalized, causal folded in.
+    Returns out (b, sq, hq, d) and lse (b, hq, sq)."""
+    return reference.kvcache_ref(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                                 cache_batch_idx, cache_leftpad, softmax_scale, False, window, softcap,
+                                 rotary_interleaved, alibi_slopes)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from . import build_info
+from .layers.rotary import apply_rotary_emb
 
 
 def dense_forward(q, k, v, dropout_p, softmax_scale, window, softcap, alibi_slopes):
@@ -27,6 +28,120 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
                              softmax_scale=softmax_scale, window=window, softcap=softcap,
                              alibi_slopes=alibi_slopes)
     return _run(call, q, k, v, dropout_p, softcap, alibi_slopes)
+
+
+def kvcache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                    cache_leftpad, softmax_scale, window, softcap, rotary_interleaved, alibi_slopes):
+    """flash_attn_with_kvcache on CUDA: rotary and the cache append in PyTorch, then varlen_fwd.
+
+    q (b, sq, hq, d); k_cache, v_cache (b_cache, s_cache, hk, d), written in place
+    with k, v (b, s_new, hk, d) when given; cache_seqlens int32 (b,) or None (full
+    cache); cache_batch_idx, cache_leftpad int32 (b,) or None; window normalized
+    with causal folded in. Returns out (b, sq, hq, d), lse fp32 (b, hq, sq).
+
+    Fast path (no cache_batch_idx, no cache_leftpad, a compiled head dim, caches
+    whose first two dims flatten into a view): the kernel reads the caches in
+    place, each row a varlen sequence of s_cache keys capped by seqused_k.
+    Otherwise the used keys are gathered into a (b, s_cache, hk, d) temporary,
+    valid keys first (correct, slower; a kernel-side path replaces it later).
+    Nothing here reads device values to the host (no sync). Values that Python
+    did not check (FLASH_ATTN_DEBUG unset) are clamped into the caches' bounds:
+    bad ones give wrong numbers, never an access outside the tensors.
+    num_splits is not used: varlen_fwd has no split-KV yet.
+    """
+    check_supported(0.0, softcap, alibi_slopes)
+    extension()  # fail before touching the caches
+    b, sq, hq, d = q.shape
+    b_cache, s_cache, hk, _ = k_cache.shape
+    dk = kernel_head_dim(d)
+    s_new = 0 if k is None else k.shape[1]
+    device = q.device
+    # cache_seqlens + s_new <= s_cache and 0 <= leftpad <= cache_seqlens by clamping (no-ops when valid)
+    if cache_seqlens is None:
+        seqlens = torch.full((b,), s_cache, dtype=torch.int64, device=device)
+    else:
+        seqlens = cache_seqlens.to(torch.int64).clamp(0, s_cache - s_new)
+    rows = None if cache_batch_idx is None else cache_batch_idx.to(torch.int64).clamp(0, max(b_cache - 1, 0))
+    starts = None if cache_leftpad is None else torch.minimum(cache_leftpad.to(torch.int64).clamp(min=0), seqlens)
+
+    with torch.no_grad():
+        if k is not None:
+            _append_kv(k_cache, v_cache, k, v, seqlens, rows, rotary_cos, rotary_sin, rotary_interleaved)
+    if rotary_cos is not None:
+        q = _rotary_q(q, rotary_cos, rotary_sin, seqlens, rotary_interleaved, per_row=window != (-1, -1))
+    if b == 0 or sq == 0 or s_cache == 0:
+        return _empty_result(q, (b, hq, sq))
+
+    keys, values = None, None
+    if rows is None and starts is None and dk == d:
+        keys, values = _flat_rows(k_cache, b), _flat_rows(v_cache, b)
+    if keys is None or values is None:  # gather [start, seqlen + s_new) of each row, valid keys first
+        starts = torch.zeros(b, dtype=torch.int64, device=device) if starts is None else starts
+        rows = torch.arange(b, device=device) if rows is None else rows
+        index = (starts[:, None] + torch.arange(s_cache, device=device)).clamp(max=s_cache - 1)  # (b, s_cache)
+        keys = pad_head_dim(k_cache[rows[:, None], index], dk).view(b * s_cache, hk, dk)
+        values = pad_head_dim(v_cache[rows[:, None], index], dk).view(b * s_cache, hk, dk)
+        seqused = seqlens + s_new - starts
+    else:
+        seqused = seqlens + s_new
+    call = functools.partial(_kvcache_call, cu_seqlens_k=_arange_cu(b, s_cache, device),
+                             seqused_k=seqused.to(torch.int32), max_seqlen_k=s_cache,
+                             softmax_scale=softmax_scale, window=window, softcap=softcap,
+                             alibi_slopes=alibi_slopes)
+    return _ForwardOnly.apply(q, keys, values, call)
+
+
+def _append_kv(k_cache, v_cache, k, v, seqlens, rows, rotary_cos, rotary_sin, rotary_interleaved):
+    """Writes k, v (b, s_new, hk, d) into cache rows ``rows`` (None = 0..b-1) at positions
+    seqlens[i] + arange(s_new), rotating k at those positions first when rotary is on."""
+    b, s_new = k.shape[:2]
+    if b == 0 or s_new == 0:
+        return
+    if rotary_cos is not None:
+        k = apply_rotary_emb(k, rotary_cos, rotary_sin, rotary_interleaved, seqlen_offsets=seqlens)
+    positions = seqlens[:, None] + torch.arange(s_new, device=k.device)  # (b, s_new)
+    rows = torch.arange(b, device=k.device) if rows is None else rows
+    k_cache[rows[:, None], positions] = k
+    v_cache[rows[:, None], positions] = v
+
+
+def _rotary_q(q, rotary_cos, rotary_sin, seqlens, rotary_interleaved, per_row):
+    """q rotated at positions seqlens + arange(sq) (per_row: causal or local), else every
+    row at position seqlens, as flash-attn does."""
+    if per_row:
+        return apply_rotary_emb(q, rotary_cos, rotary_sin, rotary_interleaved, seqlen_offsets=seqlens)
+    b, sq, hq, d = q.shape
+    flat = q.reshape(b, 1, sq * hq, d)
+    return apply_rotary_emb(flat, rotary_cos, rotary_sin, rotary_interleaved,
+                            seqlen_offsets=seqlens).reshape(b, sq, hq, d)
+
+
+def _flat_rows(cache, b):
+    """cache[:b] (b, s, hk, d) as (b * s, hk, d) without a copy, or None when its strides forbid it."""
+    try:
+        return cache[:b].view(b * cache.shape[1], *cache.shape[2:])
+    except RuntimeError:
+        return None
+
+
+def _arange_cu(b, seqlen, device):
+    """cu_seqlens int32 (b + 1,) of b sequences of ``seqlen`` rows each."""
+    return (torch.arange(b + 1, dtype=torch.int64, device=device) * seqlen).to(torch.int32)
+
+
+def _kvcache_call(q, k, v, cu_seqlens_k, seqused_k, max_seqlen_k, softmax_scale, window, softcap,
+                  alibi_slopes):
+    """q (b, sq, hq, d); k, v (b * max_seqlen_k, hk, dk) rows of b sequences, dk the kernel
+    head dim -> out (b, sq, hq, d), lse (b, hq, sq)."""
+    ext = extension()
+    b, sq, hq, d = q.shape
+    dk = k.shape[-1]
+    alibi = None if alibi_slopes is None else alibi_slopes.contiguous()
+    q_flat = pad_head_dim(q, dk).reshape(b * sq, hq, dk)
+    out, lse = ext.varlen_fwd(q_flat, k, v, None, _arange_cu(b, sq, q.device), cu_seqlens_k, seqused_k, sq,
+                              max_seqlen_k, alibi, softmax_scale, window[0], window[1], softcap)
+    out = out.view(b, sq, hq, dk)[..., :d]
+    return (out if dk == d else out.contiguous()), lse.view(hq, b, sq).transpose(0, 1).contiguous()
 
 
 def extension():

@@ -2,20 +2,29 @@
 
 Hugging Face transformers imports these names; their signatures and return
 values match flash-attn 2.7+. All functions are differentiable.
+
+Indices may be int64 or int32: Hugging Face transformers passes int32 ones
+(``indices_q = cu_seqlens_q[:-1]`` in its decoding step), which torch's
+index_copy rejects, so they are widened to int64 first.
 """
 import torch
 import torch.nn.functional as F
 
 
 def index_first_axis(input, indices):
-    """Rows of ``input`` at ``indices``: input (n, ...), indices int (m,) -> (m, ...)."""
-    return torch.index_select(input, 0, indices)
+    """Rows of ``input`` at ``indices``: input (n, ...), indices int64 or int32 (m,) -> (m, ...)."""
+    return torch.index_select(input, 0, _int64(indices))
 
 
 def index_put_first_axis(values, indices, first_axis_dim):
-    """Scatter rows into zeros: values (m, ...), indices int (m,) -> (first_axis_dim, ...)."""
+    """Scatter rows into zeros: values (m, ...), indices int64 or int32 (m,) -> (first_axis_dim, ...)."""
     out = values.new_zeros((first_axis_dim, *values.shape[1:]))
-    return out.index_copy(0, indices, values)
+    return out.index_copy(0, _int64(indices), values)
+
+
+def _int64(indices):
+    """indices as int64 (index_copy takes nothing else); the tensor itself when already int64."""
+    return indices if indices.dtype == torch.int64 else indices.to(torch.int64)
 
 
 def unpad_input(hidden_states, attention_mask, unused_mask=None):
@@ -39,6 +48,9 @@ def unpad_input(hidden_states, attention_mask, unused_mask=None):
 
 
 def pad_input(hidden_states, indices, batch, seqlen):
-    """Inverse of unpad_input: hidden_states (total, ...) -> (batch, seqlen, ...), zeros at padding."""
+    """Inverse of unpad_input: hidden_states (total, ...) -> (batch, seqlen, ...), zeros at padding.
+
+    indices: int64 or int32 (total,) positions in the flattened (batch * seqlen) tokens.
+    """
     out = index_put_first_axis(hidden_states, indices, batch * seqlen)
     return out.reshape(batch, seqlen, *hidden_states.shape[1:])

@@ -22,6 +22,8 @@ Common options:
         probabilities before dropout with dropped entries negated
         (flash_attn._cpu.s_dmask), (batch, nheads, seqlen_q, seqlen_k).
 """
+import torch
+
 from . import _checks, _cpu, _cuda
 from ._normalize import kernel_window, softmax_scale_or_default
 
@@ -108,3 +110,70 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                   max_seqlen_k, dropout_p, softmax_scale, causal, window_size, softcap,
                                   alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0,
+                            return_softmax_lse=False):
+    """Attention of q against a KV cache, appending new keys and values to it first (decoding).
+
+    q: (batch, seqlen_q, nheads, headdim).
+    k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), last dim
+        contiguous; batch_cache >= batch, or any size with cache_batch_idx.
+    k, v: (batch, seqlen_new, nheads_k, headdim) or None. When given they are
+        written IN PLACE into the caches at positions cache_seqlens[i] ..
+        cache_seqlens[i] + seqlen_new - 1 of cache row cache_batch_idx[i] (default
+        i), before the attention; the caller makes sure they fit.
+    rotary_cos, rotary_sin: (seqlen_ro >= seqlen_cache, rotary_dim / 2) in q.dtype,
+        only with k and v. The new k is rotated at positions cache_seqlens[i] +
+        0, 1, ...; q too when causal or local, otherwise every q row at position
+        cache_seqlens[i]. Positions are cache indices (cache_leftpad is not
+        subtracted), as in flash-attn. rotary_interleaved: pair features 2f and
+        2f + 1 (GPT-J) instead of f and f + rotary_dim / 2 (GPT-NeoX).
+    cache_seqlens: int, or int32 (batch,): keys already in each cache row.
+        None means the whole cache (seqlen_cache), and then k, v cannot be given.
+    cache_batch_idx: int32 (batch,): the cache row of each batch row. With
+        duplicate rows and k, v given, which write lands is unspecified.
+    cache_leftpad: int32 (batch,): the first valid key of each cache row (default 0).
+    block_table: paged KV; not supported yet (NotImplementedError).
+    Batch row i attends to keys [cache_leftpad[i], cache_seqlens[i] + seqlen_new) of
+    its cache row; causal / window_size / alibi_slopes are aligned to that key
+    length as in flash_attn_func, softmax_scale and softcap likewise.
+    num_splits: split-KV hint (0 = chosen from the lengths); accepted and ignored
+        by this implementation, which has no split-KV kernel yet.
+    return_softmax_lse: also return softmax_lse fp32 (batch, nheads, seqlen_q).
+    Forward only (no backward), as in flash-attn.
+
+    Returns out (batch, seqlen_q, nheads, headdim), or (out, softmax_lse).
+    Values that need a device-to-host copy (cache_seqlens + seqlen_new <=
+    seqlen_cache, cache_batch_idx and cache_leftpad in range) are checked for CPU
+    tensors always and for CUDA tensors with FLASH_ATTN_DEBUG=1; on CUDA without it
+    out-of-range values are clamped (wrong results, but no access outside the
+    tensors).
+    """
+    if block_table is not None:
+        raise NotImplementedError("flash_attn: block_table (paged KV cache) is not supported yet in "
+                                  "flash_attn_with_kvcache; it arrives with the paged-KV kernels. Pass "
+                                  "block_table=None with a (batch_cache, seqlen_cache, nheads_k, headdim) cache")
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    _checks.check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                          cache_leftpad)
+    window = _checks.check_options(q, 0.0, window_size, softcap, alibi_slopes, q.shape[0])
+    _checks.check_num_splits(num_splits)
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
+    window = kernel_window(causal, window, q.shape[1], k_cache.shape[1], alibi_slopes is not None)
+    if cache_seqlens is not None and not isinstance(cache_seqlens, torch.Tensor):
+        cache_seqlens = torch.full((q.shape[0],), int(cache_seqlens), dtype=torch.int32, device=q.device)
+    args = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+            scale, window, softcap, rotary_interleaved, alibi_slopes)
+    out, lse = _cuda.kvcache_forward(*args) if q.is_cuda else _cpu.kvcache_forward(*args)
+    return (out, lse) if return_softmax_lse else out
+
+
+def _last_dim_contiguous(x):
+    """x with stride(-1) == 1 (a copy only when needed), as flash-attn does for q, k, v."""
+    if isinstance(x, torch.Tensor) and x.dim() > 0 and x.stride(-1) != 1:
+        return x.contiguous()
+    return x

@@ -20,6 +20,8 @@ inputs).
 import torch
 import torch.nn.functional as F
 
+from .layers.rotary import apply_rotary_emb
+
 
 def attention_ref(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1),
                   softcap=0.0, alibi_slopes=None, dropout_p=0.0, dropout_mask=None,
@@ -217,3 +219,61 @@ def _masked_softmax(scores, visible):
     probs = unnormalized / safe_total.unsqueeze(-1)
     lse = torch.where(nonempty, shift + torch.log(safe_total), torch.full_like(total, float("inf")))
     return probs, lse.to(_lse_dtype(scores.dtype))
+
+
+def kvcache_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, softmax_scale=None,
+                causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
+                alibi_slopes=None, upcast=True):
+    """flash_attn_with_kvcache, one batch row at a time (flash-attn 2.8 semantics).
+
+    q: (b, sq, hq, d); k_cache, v_cache: (b_cache, s_cache, hk, d); k, v:
+    (b, s_new, hk, d) or None; cache_seqlens: int, int (b,) tensor, or None
+    (= s_cache); cache_batch_idx: int (b,) cache row of each batch row (default
+    i); cache_leftpad: int (b,) first valid cache position (default 0);
+    rotary_cos / rotary_sin: (seqlen_ro, rotary_dim / 2).
+
+    For batch row i, with row = cache_batch_idx[i], n = cache_seqlens[i] and
+    start = cache_leftpad[i]:
+    1. with rotary, the new k is rotated at positions n, n + 1, ...; q likewise
+       when causal or the window is local, else every q row at position n
+       (positions are cache indices: the left padding is not subtracted);
+    2. k, v are written into k_cache[row, n:n + s_new], v_cache likewise, in place;
+    3. q attends to the keys k_cache[row, start:n + s_new], with the mask and
+       ALiBi aligned to that key length as in attention_ref (alibi_slopes
+       (b, hq) uses row i of the slopes).
+    Returns out (b, sq, hq, d) in q.dtype and lse (b, hq, sq).
+    """
+    b, sq, hq, d = q.shape
+    s_cache = k_cache.shape[1]
+    s_new = 0 if k is None else k.shape[1]
+    rotate_q_rows = causal or tuple(window_size) != (-1, -1)
+    outs, lses = [], []
+    for i in range(b):
+        row = i if cache_batch_idx is None else int(cache_batch_idx[i])
+        n = s_cache if cache_seqlens is None else int(
+            cache_seqlens[i] if isinstance(cache_seqlens, torch.Tensor) else cache_seqlens)
+        start = 0 if cache_leftpad is None else int(cache_leftpad[i])
+        qi = q[i:i + 1]
+        if k is not None:
+            ki, vi = k[i:i + 1], v[i:i + 1]
+            if rotary_cos is not None:
+                ki = apply_rotary_emb(ki, rotary_cos, rotary_sin, rotary_interleaved, seqlen_offsets=n)
+            k_cache[row, n:n + s_new] = ki[0]
+            v_cache[row, n:n + s_new] = vi[0]
+        if rotary_cos is not None:
+            if rotate_q_rows:
+                qi = apply_rotary_emb(qi, rotary_cos, rotary_sin, rotary_interleaved, seqlen_offsets=n)
+            else:  # every query row at position n: one "token" holding sq * hq heads
+                qi = apply_rotary_emb(qi.reshape(1, 1, sq * hq, d), rotary_cos, rotary_sin,
+                                      rotary_interleaved, seqlen_offsets=n).reshape(1, sq, hq, d)
+        keys = k_cache[row:row + 1, start:n + s_new]
+        values = v_cache[row:row + 1, start:n + s_new]
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[i]
+        o, lse = attention_ref(qi, keys, values, softmax_scale, causal, window_size, softcap, slopes,
+                               upcast=upcast)
+        outs.append(o)
+        lses.append(lse)
+    if not outs:
+        return q.new_zeros(q.shape), torch.zeros(0, hq, sq, dtype=_lse_dtype(q.dtype), device=q.device)
+    return torch.cat(outs), torch.cat(lses)

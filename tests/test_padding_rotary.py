@@ -65,6 +65,28 @@ def test_padding_is_differentiable():
     assert torch.autograd.gradcheck(lambda t: index_put_first_axis(t, indices, 24), (values,))
 
 
+def test_int32_indices():
+    """transformers 5.x passes int32 indices (indices_q = cu_seqlens_q[:-1] when decoding)."""
+    mask = MASKS["scattered"]
+    x = torch.randn(4, 6, 3, 2, dtype=torch.float64, generator=gen())
+    packed, indices, *_ = unpad_input(x, mask)
+    idx32 = indices.to(torch.int32)
+    torch.testing.assert_close(pad_input(packed, idx32, 4, 6), pad_input(packed, indices, 4, 6), rtol=0, atol=0)
+    flat = x.reshape(24, 3, 2)
+    torch.testing.assert_close(index_first_axis(flat, idx32), packed, rtol=0, atol=0)
+    torch.testing.assert_close(index_put_first_axis(packed, idx32, 24), index_put_first_axis(packed, indices, 24),
+                               rtol=0, atol=0)
+    # the decode step: one token per sequence, indices = cu_seqlens_q[:-1]
+    cu_seqlens_q = torch.arange(5, dtype=torch.int32)
+    out = torch.randn(4, 3, 2, generator=gen(2))
+    padded = pad_input(out, cu_seqlens_q[:-1], 4, 1)
+    assert padded.shape == (4, 1, 3, 2)
+    torch.testing.assert_close(padded[:, 0], out, rtol=0, atol=0)
+    values = packed.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: pad_input(t, idx32, 4, 6), (values,))
+    assert torch.autograd.gradcheck(lambda t: index_first_axis(t, idx32), (flat.clone().requires_grad_(True),))
+
+
 def test_unpad_varlen_pad_equals_padded_attention():
     mask = prefix_mask([5, 2, 6], 6)
     q, k, v = (torch.randn(3, 6, 4, 8, generator=gen(s)) for s in range(3))
