@@ -44,6 +44,8 @@ def kvcache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seq
     place, each row a varlen sequence of s_cache keys capped by seqused_k.
     Otherwise the used keys are gathered into a (b, s_cache, hk, d) temporary,
     valid keys first (correct, slower; a kernel-side path replaces it later).
+    Without a mask or ALiBi, query heads that share a kv head are packed as rows of one
+    sequence (GQA packing), so each kv head is read once per sequence, not once per head.
     Nothing here reads device values to the host (no sync). Values that Python
     did not check (FLASH_ATTN_DEBUG unset) are clamped into the caches' bounds:
     bad ones give wrong numbers, never an access outside the tensors.
@@ -84,10 +86,14 @@ def kvcache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seq
         seqused = seqlens + s_new - starts
     else:
         seqused = seqlens + s_new
+    # GQA packing (flash-attn's seqlenq_ngroups_swapped, generalized): without a mask or ALiBi
+    # every query row sees the same keys, so the query heads sharing a kv head can be the
+    # rows of one sequence, and the kernel reads each kv head once instead of once per group.
+    pack_gqa = hq > hk and window == (-1, -1) and alibi_slopes is None
     call = functools.partial(_kvcache_call, cu_seqlens_k=_arange_cu(b, s_cache, device),
                              seqused_k=seqused.to(torch.int32), max_seqlen_k=s_cache,
                              softmax_scale=softmax_scale, window=window, softcap=softcap,
-                             alibi_slopes=alibi_slopes)
+                             alibi_slopes=alibi_slopes, pack_gqa=pack_gqa)
     return _ForwardOnly.apply(q, keys, values, call)
 
 
@@ -130,18 +136,26 @@ def _arange_cu(b, seqlen, device):
 
 
 def _kvcache_call(q, k, v, cu_seqlens_k, seqused_k, max_seqlen_k, softmax_scale, window, softcap,
-                  alibi_slopes):
+                  alibi_slopes, pack_gqa):
     """q (b, sq, hq, d); k, v (b * max_seqlen_k, hk, dk) rows of b sequences, dk the kernel
-    head dim -> out (b, sq, hq, d), lse (b, hq, sq)."""
+    head dim -> out (b, sq, hq, d), lse (b, hq, sq).
+
+    pack_gqa: the g = hq / hk query heads of each kv head become g * sq query rows of
+    that kv head (only valid without mask and ALiBi: rows then differ by nothing but q).
+    """
     ext = extension()
     b, sq, hq, d = q.shape
-    dk = k.shape[-1]
+    hk, dk = k.shape[1], k.shape[-1]
+    g = hq // hk if pack_gqa else 1
+    heads = hq // g
     alibi = None if alibi_slopes is None else alibi_slopes.contiguous()
-    q_flat = pad_head_dim(q, dk).reshape(b * sq, hq, dk)
-    out, lse = ext.varlen_fwd(q_flat, k, v, None, _arange_cu(b, sq, q.device), cu_seqlens_k, seqused_k, sq,
-                              max_seqlen_k, alibi, softmax_scale, window[0], window[1], softcap)
-    out = out.view(b, sq, hq, dk)[..., :d]
-    return (out if dk == d else out.contiguous()), lse.view(hq, b, sq).transpose(0, 1).contiguous()
+    # head h = kv_head * g + j  ->  row (s, j) of kv head kv_head
+    q_rows = pad_head_dim(q, dk).reshape(b, sq, heads, g, dk).transpose(2, 3).reshape(b * sq * g, heads, dk)
+    out, lse = ext.varlen_fwd(q_rows, k, v, None, _arange_cu(b, sq * g, q.device), cu_seqlens_k, seqused_k,
+                              sq * g, max_seqlen_k, alibi, softmax_scale, window[0], window[1], softcap)
+    out = out.view(b, sq, g, heads, dk).transpose(2, 3).reshape(b, sq, hq, dk)[..., :d]
+    lse = lse.view(heads, b, sq, g).permute(1, 0, 3, 2).reshape(b, hq, sq).contiguous()
+    return (out if dk == d else out.contiguous()), lse
 
 
 def extension():

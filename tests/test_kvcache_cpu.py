@@ -481,7 +481,7 @@ class FakeExtension:
         if alibi_slopes is not None:
             assert alibi_slopes.dtype == torch.float32 and alibi_slopes.is_contiguous()
         self.calls.append(dict(k=k, v=v, seqused_k=seqused_k.clone(), head_dim=q.shape[-1],
-                               window=(window_size_left, window_size_right)))
+                               window=(window_size_left, window_size_right), q_shape=tuple(q.shape[:2])))
         lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).minimum(seqused_k).clamp(min=0)
         return list(attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, lens,
                                          softmax_scale, False, (window_size_left, window_size_right), softcap,
@@ -533,6 +533,10 @@ def test_cuda_route_matches_cpu_route(fake, name):
         assert shares_memory(call["k"], kw["k_cache"]) == fast
         assert shares_memory(call["v"], kw["v_cache"]) == fast
         assert call["head_dim"] == min(h for h in fake.head_dims if h >= c.d)
+        # GQA packing: without mask and ALiBi the query heads of a kv head become its rows
+        packed = c.hq > c.hk and call["window"] == (-1, -1) and c.alibi is None
+        g = c.hq // c.hk if packed else 1
+        assert call["q_shape"] == (c.b * c.sq * g, c.hq // g)
 
 
 def test_cuda_route_fast_path_passes_the_cache_itself(fake):
