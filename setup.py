@@ -10,6 +10,7 @@ Environment flags (all optional):
   FLASH_ATTN_DTYPES                trim: "fp16", "bf16" or "fp16,bf16" (default)
   FLASH_ATTN_DISABLE_ALIBI=1       trim: no ALiBi kernels
   FLASH_ATTN_DISABLE_SOFTCAP=1     trim: no softcap kernels
+  FLASH_ATTN_DISABLE_BACKWARD=1    trim: forward kernels only
   CUTLASS_HOME                     CUTLASS checkout (else the nvidia-cutlass package)
 
 The built configuration is written to flash_attn/_build_config.json and read at
@@ -133,9 +134,11 @@ def _cuda_extension(torch, archs, hdims, dtypes, variants):
 
     inst_dir = ROOT / "csrc" / "flash_attn" / "instantiations"
     sources = ["csrc/flash_attn/flash_api.cpp"]
-    for f in sorted(inst_dir.glob("flash_fwd_*.cu")):
-        m = re.match(r"flash_fwd_hdim(\d+)_(fp16|bf16)_(\w+)_sm80\.cu$", f.name)
-        if m and int(m.group(1)) in hdims and m.group(2) in dtypes and m.group(3) in variants:
+    backward = not _env_flag("FLASH_ATTN_DISABLE_BACKWARD")
+    for f in sorted(inst_dir.glob("flash_*.cu")):
+        m = re.match(r"flash_(fwd|bwd)_hdim(\d+)_(fp16|bf16)_(\w+)_sm80\.cu$", f.name)
+        if (m and int(m.group(2)) in hdims and m.group(3) in dtypes and m.group(4) in variants
+                and (m.group(1) == "fwd" or backward)):
             sources.append(str(f.relative_to(ROOT)))
     if len(sources) == 1:
         sys.exit("no kernel instantiations selected: run csrc/flash_attn/generate_kernels.py "
@@ -150,6 +153,8 @@ def _cuda_extension(torch, archs, hdims, dtypes, variants):
         defines.append("-DFLASH_ATTN_HAS_ALIBI")
     if "softcap" in variants:
         defines.append("-DFLASH_ATTN_HAS_SOFTCAP")
+    if backward:
+        defines.append("-DFLASH_ATTN_HAS_BWD")
 
     gencode = []
     for a in archs:
@@ -186,6 +191,8 @@ def main():
         ext_modules.append(_cuda_extension(torch, archs, hdims, dtypes, variants))
         cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
         config.update(cuda=True, archs=archs, head_dims=hdims, dtypes=dtypes, variants=variants,
+                      backward_head_dims=[] if _env_flag("FLASH_ATTN_DISABLE_BACKWARD")
+                      else [d for d in hdims if d <= 128],
                       torch_version=torch.__version__, cuda_version=torch.version.cuda)
         print(f"flash_attn: building CUDA kernels for sm{archs}, head dims {hdims}, "
               f"dtypes {dtypes}, variants {variants}, MAX_JOBS={os.environ['MAX_JOBS']}")

@@ -233,6 +233,189 @@ std::vector<at::Tensor> varlen_fwd(at::Tensor q, at::Tensor k, at::Tensor v, std
   return {out, lse};
 }
 
+#ifdef FLASH_ATTN_HAS_BWD
+void run_bwd(flash::Flash_bwd_params &p, cudaStream_t stream) {
+  CHECK_ARG(p.d <= 128, "the backward is built for head dims <= 128 so far, got ", p.d);
+  cudaError_t err;
+  try {
+    err = flash::dtype_switch(p.is_bf16, [&](auto dtype_tag) {
+      using Element = typename decltype(dtype_tag)::type;
+      return flash::headdim_switch(p.d, [&](auto hdim_tag) {
+        constexpr int kHeadDim = decltype(hdim_tag)::value;
+        if constexpr (kHeadDim <= 128) {
+          return flash::variant_switch(
+              p.alibi_slopes_ptr != nullptr, p.softcap_prescale > 0.f, [&](auto alibi_tag, auto softcap_tag) {
+                return flash::run_mha_bwd_<Element, kHeadDim, decltype(alibi_tag)::value,
+                                           decltype(softcap_tag)::value>(p, stream);
+              });
+        } else {
+          return cudaErrorNotSupported;
+        }
+      });
+    });
+  } catch (const std::invalid_argument &e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+  TORCH_CHECK(err == cudaSuccess, "flash_attn backward kernel launch failed: ", cudaGetErrorString(err));
+}
+
+// Fills the gradient fields of p. dk_exp/dv_exp hold one gradient per query head
+// (reduced over GQA groups by the caller); softmax_d = rowsum(dO * O) in lse's layout.
+void set_bwd_params(flash::Flash_bwd_params &p, const at::Tensor &dout, const at::Tensor &dq,
+                    const at::Tensor &dk_exp, const at::Tensor &dv_exp, const at::Tensor &softmax_d,
+                    float softmax_scale) {
+  const int rank = dout.dim();
+  p.do_ptr = dout.data_ptr();
+  p.dq_ptr = dq.data_ptr();
+  p.dk_ptr = dk_exp.data_ptr();
+  p.dv_ptr = dv_exp.data_ptr();
+  p.do_row_stride = dout.stride(rank - 3);
+  p.dq_row_stride = dq.stride(rank - 3);
+  p.dk_row_stride = dk_exp.stride(rank - 3);
+  p.dv_row_stride = dv_exp.stride(rank - 3);
+  p.do_head_stride = dout.stride(rank - 2);
+  p.dq_head_stride = dq.stride(rank - 2);
+  p.dk_head_stride = dk_exp.stride(rank - 2);
+  p.dv_head_stride = dv_exp.stride(rank - 2);
+  if (rank == 4) {
+    p.do_batch_stride = dout.stride(0);
+    p.dq_batch_stride = dq.stride(0);
+    p.dk_batch_stride = dk_exp.stride(0);
+    p.dv_batch_stride = dv_exp.stride(0);
+  }
+  p.softmax_d_ptr = softmax_d.data_ptr<float>();
+  p.scale_qk = softmax_scale;
+}
+
+void check_bwd_inputs(const at::Tensor &dout, const at::Tensor &q, const at::Tensor &out, const at::Tensor &lse,
+                      at::IntArrayRef lse_shape) {
+  CHECK_ARG(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+            "dout and out must have q's dtype ", q.scalar_type());
+  CHECK_ARG(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "dout and out must have q's shape ", q.sizes());
+  CHECK_ARG(dout.device() == q.device() && out.device() == q.device() && lse.device() == q.device(),
+            "dout, out and softmax_lse must be on q's device");
+  CHECK_ARG(dout.stride(-1) == 1 && out.stride(-1) == 1, "dout and out must be contiguous in the last dim");
+  CHECK_ARG(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.sizes() == lse_shape,
+            "softmax_lse must be a contiguous float32 tensor of shape ", lse_shape, ", got ", lse.sizes());
+}
+
+// Gradient buffers: the caller's when given (dk/dv only when there is one kv head per
+// query head), else fresh ones; per-query-head dk/dv when GQA needs a reduction.
+at::Tensor grad_buffer(const std::optional<at::Tensor> &given, const at::Tensor &like, const char *name) {
+  if (given.has_value()) {
+    CHECK_ARG(given->sizes() == like.sizes() && given->scalar_type() == like.scalar_type() &&
+                  given->device() == like.device() && is_vector_aligned(*given),
+              name, " must match ", like.sizes(), " in shape, dtype and device, 16-byte aligned");
+    return *given;
+  }
+  return at::empty_like(like, like.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+// dout, q, out: (b, sq, h, d); k, v: (b, sk, h_k, d); softmax_lse fp32 (b, h, sq).
+// Returns {dq, dk, dv, softmax_d}; softmax_d fp32 (b, h, sq).
+std::vector<at::Tensor> bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out,
+                            at::Tensor softmax_lse, std::optional<at::Tensor> dq_, std::optional<at::Tensor> dk_,
+                            std::optional<at::Tensor> dv_, std::optional<at::Tensor> alibi_slopes,
+                            double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
+                            bool deterministic) {
+  (void)deterministic;  // both kernels are deterministic (no atomics)
+  check_qkv(q, k, v, 4);
+  check_heads(q, k, v);
+  const int b = q.size(0), sq = q.size(1), h = q.size(2), sk = k.size(1), h_k = k.size(2), d = q.size(3);
+  check_bwd_inputs(dout, q, out, softmax_lse, {b, h, sq});
+  c10::cuda::CUDAGuard guard{q.device()};
+  q = vector_aligned(q);
+  k = vector_aligned(k);
+  v = vector_aligned(v);
+  dout = vector_aligned(dout);
+  out = vector_aligned(out);
+  at::Tensor dq = grad_buffer(dq_, q, "dq");
+  at::Tensor dk = grad_buffer(dk_, k, "dk");
+  at::Tensor dv = grad_buffer(dv_, v, "dv");
+  const bool gqa = h != h_k;
+  at::Tensor dk_exp = gqa ? at::empty({b, sk, h, d}, k.options()) : dk;
+  at::Tensor dv_exp = gqa ? at::empty({b, sk, h, d}, v.options()) : dv;
+  // D = rowsum(dO * O) in fp32, laid out like the lse: (b, h, sq).
+  at::Tensor softmax_d = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).transpose(1, 2).contiguous();
+  if (b > 0 && sq > 0 && sk > 0) {
+    flash::Flash_bwd_params p{};
+    set_common_params(p, q, k, v, out, softmax_lse, alibi_slopes, b, float(softmax_scale), int(window_left),
+                      int(window_right), float(softcap));
+    p.seqlen_q = sq;
+    p.seqlen_k = sk;
+    p.total_q = b * sq;
+    p.total_k = b * sk;
+    set_bwd_params(p, dout, dq, dk_exp, dv_exp, softmax_d, float(softmax_scale));
+    run_bwd(p, c10::cuda::getCurrentCUDAStream().stream());
+  } else {
+    dq.zero_();
+    dk_exp.zero_();
+    dv_exp.zero_();
+  }
+  if (gqa) {
+    at::sum_out(dk, dk_exp.view({b, sk, h_k, h / h_k, d}), {3});
+    at::sum_out(dv, dv_exp.view({b, sk, h_k, h / h_k, d}), {3});
+  }
+  return {dq, dk, dv, softmax_d};
+}
+
+// Varlen: dout, q, out (total_q, h, d); k, v (total_k, h_k, d); softmax_lse (h, total_q).
+std::vector<at::Tensor> varlen_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out,
+                                   at::Tensor softmax_lse, std::optional<at::Tensor> dq_,
+                                   std::optional<at::Tensor> dk_, std::optional<at::Tensor> dv_,
+                                   at::Tensor cu_seqlens_q, at::Tensor cu_seqlens_k, int64_t max_seqlen_q,
+                                   int64_t max_seqlen_k, std::optional<at::Tensor> alibi_slopes,
+                                   double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
+                                   bool deterministic) {
+  (void)deterministic;
+  check_qkv(q, k, v, 3);
+  check_heads(q, k, v);
+  const int total_q = q.size(0), h = q.size(1), total_k = k.size(0), h_k = k.size(1), d = q.size(2);
+  check_bwd_inputs(dout, q, out, softmax_lse, {h, total_q});
+  for (const auto *c : {&cu_seqlens_q, &cu_seqlens_k}) {
+    CHECK_ARG(c->scalar_type() == at::kInt && c->device() == q.device() && c->dim() == 1 && c->is_contiguous(),
+              "cu_seqlens must be contiguous 1-D int32 tensors on q's device");
+  }
+  const int b = cu_seqlens_q.numel() - 1;
+  CHECK_ARG(b >= 0 && cu_seqlens_k.numel() == b + 1, "cu_seqlens_q and cu_seqlens_k must have batch + 1 entries");
+  c10::cuda::CUDAGuard guard{q.device()};
+  q = vector_aligned(q);
+  k = vector_aligned(k);
+  v = vector_aligned(v);
+  dout = vector_aligned(dout);
+  out = vector_aligned(out);
+  at::Tensor dq = grad_buffer(dq_, q, "dq");
+  at::Tensor dk = grad_buffer(dk_, k, "dk");
+  at::Tensor dv = grad_buffer(dv_, v, "dv");
+  const bool gqa = h != h_k;
+  at::Tensor dk_exp = gqa ? at::empty({total_k, h, d}, k.options()) : dk;
+  at::Tensor dv_exp = gqa ? at::empty({total_k, h, d}, v.options()) : dv;
+  at::Tensor softmax_d = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).transpose(0, 1).contiguous();
+  // Rows outside every sequence get no gradient from the kernels: start from zero.
+  dq.zero_();
+  dk_exp.zero_();
+  dv_exp.zero_();
+  if (b > 0 && total_q > 0 && total_k > 0 && max_seqlen_q > 0 && max_seqlen_k > 0) {
+    flash::Flash_bwd_params p{};
+    set_common_params(p, q, k, v, out, softmax_lse, alibi_slopes, b, float(softmax_scale), int(window_left),
+                      int(window_right), float(softcap));
+    p.seqlen_q = int(max_seqlen_q);
+    p.seqlen_k = int(max_seqlen_k);
+    p.total_q = total_q;
+    p.total_k = total_k;
+    p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
+    p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
+    set_bwd_params(p, dout, dq, dk_exp, dv_exp, softmax_d, float(softmax_scale));
+    run_bwd(p, c10::cuda::getCurrentCUDAStream().stream());
+  }
+  if (gqa) {
+    at::sum_out(dk, dk_exp.view({total_k, h_k, h / h_k, d}), {2});
+    at::sum_out(dv, dv_exp.view({total_k, h_k, h / h_k, d}), {2});
+  }
+  return {dq, dk, dv, softmax_d};
+}
+#endif  // FLASH_ATTN_HAS_BWD
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -244,4 +427,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v"), py::arg("out"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("seqused_k"),
         py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("alibi_slopes"), py::arg("softmax_scale"),
         py::arg("window_size_left"), py::arg("window_size_right"), py::arg("softcap"));
+#ifdef FLASH_ATTN_HAS_BWD
+  m.def("bwd", &bwd, "Exact attention backward, batched", py::arg("dout"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("out"), py::arg("softmax_lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
+        py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_size_left"),
+        py::arg("window_size_right"), py::arg("softcap"), py::arg("deterministic"));
+  m.def("varlen_bwd", &varlen_bwd, "Exact attention backward, varlen", py::arg("dout"), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("softmax_lse"), py::arg("dq"), py::arg("dk"),
+        py::arg("dv"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
+        py::arg("max_seqlen_k"), py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_size_left"),
+        py::arg("window_size_right"), py::arg("softcap"), py::arg("deterministic"));
+#endif
 }

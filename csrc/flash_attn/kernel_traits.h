@@ -1,4 +1,4 @@
-// Compile-time layout and copy choices for the forward mma.sync kernel.
+// Compile-time layout and copy choices for the mma.sync kernels (forward and backward).
 #pragma once
 
 #include <cute/tensor.hpp>
@@ -10,18 +10,16 @@ namespace flash {
 
 using namespace cute;
 
-// kTile_ defaults to the tuned choice of tile_size.h; tuning harnesses pass others.
-template <int kHeadDim_, typename Element_, FwdTile kTile_ = fwd_tile(kHeadDim_)>
-struct FwdKernelTraits {
+// What every mma.sync attention kernel shares: the MMA, the swizzled shared-memory
+// atom for (rows, d) tiles, and the copy atoms between the memories.
+template <int kHeadDim_, typename Element_, int kNWarps_>
+struct MmaCopyTraits {
   using Element = Element_;           // cutlass::half_t or cutlass::bfloat16_t
   using ElementAccum = float;
   using index_t = int64_t;
 
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr FwdTile kTile = kTile_;
-  static constexpr int kBlockM = kTile.block_m;
-  static constexpr int kBlockN = kTile.block_n;
-  static constexpr int kNWarps = kTile.n_warps;
+  static constexpr int kNWarps = kNWarps_;
   static constexpr int kNThreads = kNWarps * 32;
   static_assert(kHeadDim % 32 == 0 && kHeadDim <= 256, "compiled head dims are multiples of 32");
 
@@ -40,26 +38,9 @@ struct FwdKernelTraits {
   using SmemLayoutAtom = decltype(composition(
       Swizzle<kSwizzleBits, 3, 3>{},
       Layout<Shape<_8, Int<kBlockKSmem>>, Stride<Int<kBlockKSmem>, _1>>{}));
-  using SmemLayoutQ = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));
-  // K and V: kStages buffers each, (BN, D, stages).
-  static constexpr int kStages = kTile.kv_stages;
-  static_assert(kStages == 1 || kStages == 2);
-  using SmemLayoutKV = decltype(tile_to_shape(SmemLayoutAtom{},
-                                              Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
-  // V viewed as (d, n, stage): the same bytes, read with ldmatrix.trans as the B operand of P V.
-  using SmemLayoutVt = decltype(composition(
-      SmemLayoutKV{},
-      make_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{},
-                  Stride<Int<kBlockN>, _1, Int<kBlockN * kHeadDim>>{})));
-  // O staging tile reuses Q's shared memory.
-  using SmemLayoutO = SmemLayoutQ;
 
-  static constexpr int kSmemQBytes = int(cosize_v<SmemLayoutQ>) * int(sizeof(Element));
-  static constexpr int kSmemKVBytes = int(cosize_v<SmemLayoutKV>) * int(sizeof(Element));  // all stages
-  static constexpr int kSmemBytes = kSmemQBytes + 2 * kSmemKVBytes;
-
-  using SmemCopyAtom = Copy_Atom<SM75_U32x4_LDSM_N, Element>;            // Q, K -> registers
-  using SmemCopyAtomTransposed = Copy_Atom<SM75_U16x8_LDSM_T, Element>;  // V^T -> registers
+  using SmemCopyAtom = Copy_Atom<SM75_U32x4_LDSM_N, Element>;            // row-major operand -> registers
+  using SmemCopyAtomTransposed = Copy_Atom<SM75_U16x8_LDSM_T, Element>;  // (rows, d) tile read as (d, rows)
   using SmemCopyAtomO = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<128>, Element>;
 
   // Global memory: each thread moves 16 bytes (8 elements); a row of kBlockKSmem
@@ -75,6 +56,55 @@ struct FwdKernelTraits {
   using GmemTiledCopyO = decltype(make_tiled_copy(
       Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<128>, Element>{}, GmemLayoutAtom{},
       Layout<Shape<_1, Int<kGmemElemsPerLoad>>>{}));
+
+  // A (rows, d) tile with `stages` buffers, and the same bytes viewed as (d, rows, stages).
+  template <int kRows, int kStages = 1>
+  using SmemLayoutTile = decltype(tile_to_shape(SmemLayoutAtom{}, Shape<Int<kRows>, Int<kHeadDim>, Int<kStages>>{}));
+  template <int kRows, int kStages = 1>
+  using SmemLayoutTileT = decltype(composition(
+      SmemLayoutTile<kRows, kStages>{},
+      make_layout(Shape<Int<kHeadDim>, Int<kRows>, Int<kStages>>{},
+                  Stride<Int<kRows>, _1, Int<kRows * kHeadDim>>{})));
+};
+
+// kTile_ defaults to the tuned choice of tile_size.h; tuning harnesses pass others.
+template <int kHeadDim_, typename Element_, FwdTile kTile_ = fwd_tile(kHeadDim_)>
+struct FwdKernelTraits : MmaCopyTraits<kHeadDim_, Element_, kTile_.n_warps> {
+  using Base = MmaCopyTraits<kHeadDim_, Element_, kTile_.n_warps>;
+  static constexpr FwdTile kTile = kTile_;
+  static constexpr int kBlockM = kTile.block_m;
+  static constexpr int kBlockN = kTile.block_n;
+  static constexpr int kStages = kTile.kv_stages;  // K/V buffers
+  static_assert(kStages == 1 || kStages == 2);
+
+  using SmemLayoutQ = decltype(tile_to_shape(typename Base::SmemLayoutAtom{},
+                                             Shape<Int<kBlockM>, Int<kHeadDim_>>{}));
+  using SmemLayoutKV = typename Base::template SmemLayoutTile<kBlockN, kStages>;   // (BN, D, stages)
+  using SmemLayoutVt = typename Base::template SmemLayoutTileT<kBlockN, kStages>;  // (D, BN, stages)
+  using SmemLayoutO = SmemLayoutQ;  // O staging tile reuses Q's shared memory
+
+  static constexpr int kSmemQBytes = int(cosize_v<SmemLayoutQ>) * int(sizeof(Element_));
+  static constexpr int kSmemKVBytes = int(cosize_v<SmemLayoutKV>) * int(sizeof(Element_));  // all stages
+  static constexpr int kSmemBytes = kSmemQBytes + 2 * kSmemKVBytes;
+};
+
+// Backward: a stationary tile of kBlockRows rows (K, V for dK/dV; Q, dO for dQ) and a
+// streamed tile of kBlockCols rows (the other pair), both (rows, d), plus per-column
+// lse and rowsum(dO * O) of the streamed queries.
+template <int kHeadDim_, typename Element_, BwdTile kTile_ = bwd_tile(kHeadDim_)>
+struct BwdKernelTraits : MmaCopyTraits<kHeadDim_, Element_, kTile_.n_warps> {
+  using Base = MmaCopyTraits<kHeadDim_, Element_, kTile_.n_warps>;
+  static constexpr int kBlockRows = kTile_.block_rows;
+  static constexpr int kBlockCols = kTile_.block_cols;
+  static_assert(kBlockRows % (16 * kTile_.n_warps) == 0 && kBlockCols % 16 == 0);
+
+  using SmemLayoutRows = typename Base::template SmemLayoutTile<kBlockRows>;    // (rows, D, 1)
+  using SmemLayoutCols = typename Base::template SmemLayoutTile<kBlockCols>;    // (cols, D, 1)
+  using SmemLayoutColsT = typename Base::template SmemLayoutTileT<kBlockCols>;  // (D, cols, 1)
+
+  static constexpr int kSmemRowsBytes = int(cosize_v<SmemLayoutRows>) * int(sizeof(Element_));
+  static constexpr int kSmemColsBytes = int(cosize_v<SmemLayoutCols>) * int(sizeof(Element_));
+  static constexpr int kSmemBytes = 2 * kSmemRowsBytes + 2 * kSmemColsBytes + 2 * kBlockCols * int(sizeof(float));
 };
 
 }  // namespace flash

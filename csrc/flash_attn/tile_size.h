@@ -29,4 +29,18 @@ constexpr FwdTile fwd_tile(int head_dim) {
                            : FwdTile{64, 64, 4, 1};
 }
 
+// Backward tiles: block_rows of the stationary operand (keys for dK/dV, queries for
+// dQ), block_cols of the streamed one. The dK/dV kernel keeps two (rows x d) fp32
+// accumulators and two (rows x cols) score tiles in registers, so the streamed step
+// shrinks as d grows. Head dims above 128 need warps split along d (not yet built).
+struct BwdTile {
+  int block_rows;
+  int block_cols;
+  int n_warps;
+};
+
+constexpr BwdTile bwd_tile(int head_dim) {
+  return head_dim <= 64 ? BwdTile{64, 64, 4} : BwdTile{64, 32, 4};
+}
+
 }  // namespace flash

@@ -1,0 +1,363 @@
+// Backward kernels (mma.sync), deterministic by construction (no atomics):
+// - dK/dV: one CTA per (key block, sequence, query head) keeps K, V stationary and
+//   streams query blocks: S^T = K Q^T, P^T = exp(S^T - lse), dP^T = V dO^T,
+//   dS^T = P^T (dP^T - D), dV += P^T dO, dK += dS^T Q.
+// - dQ: one CTA per (query block, sequence, head) keeps Q, dO stationary and streams
+//   key blocks: S = Q K^T, P, dP = dO V^T, dS, dQ += dS K.
+// D = rowsum(dO * O) per query row and the forward's lse come precomputed. The score
+// modifiers match the forward (score_mod.h); with softcap, dS carries the tanh
+// derivative. dQ and dK are scaled by the softmax scale at the end.
+#pragma once
+
+#include <cmath>
+#include <cute/tensor.hpp>
+
+#include "block_info.h"
+#include "epilogue.h"
+#include "flash.h"
+#include "kernel_traits.h"
+#include "score_mod.h"
+#include "utils.h"
+
+namespace flash {
+
+using namespace cute;
+
+// Column (within the tile) of element (r, c) of a (rows, cols) accumulator view:
+// n-atom * 8 + 2 * (lane % 4) + j, with c = j + 2 * n-atom.
+__forceinline__ __device__ int acc_col(int c) { return (c / 2) * 8 + (threadIdx.x % 4) * 2 + c % 2; }
+// Row (within the tile) of row r = i + 2 * m-tile of that view.
+template <int kNWarps>
+__forceinline__ __device__ int acc_row(int r) {
+  return (r / 2) * 16 * kNWarps + (threadIdx.x / 32) * 16 + (threadIdx.x % 32) / 4 + 8 * (r % 2);
+}
+
+// P = exp(score - lse) and dS = P (dP - D) [* (1 - t^2) with softcap, t = tanh value],
+// in place: s becomes P, dp becomes dS. lse_of / d_of give (row, col) -> lse, D.
+template <bool Is_softcap, typename TensorS, typename TensorDP, typename TensorT, typename LseOf, typename DOf>
+__forceinline__ __device__ void probs_and_dscores(TensorS &s, TensorDP &dp, TensorT const &t, float scale_log2,
+                                                  LseOf lse_of, DOf d_of) {
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(s); ++r) {
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(s); ++c) {
+      const float p = exp2f(s(r, c) * scale_log2 - lse_of(r, c) * float(M_LOG2E));
+      float ds = p * (dp(r, c) - d_of(r, c));
+      if constexpr (Is_softcap) { ds *= 1.f - t(r, c) * t(r, c); }
+      s(r, c) = p;
+      dp(r, c) = ds;
+    }
+  }
+}
+
+template <typename Ktraits, bool Has_alibi, bool Is_softcap>
+__forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, int n_block, int bidb, int bidh) {
+  using Element = typename Ktraits::Element;
+  constexpr int kRows = Ktraits::kBlockRows;  // keys
+  constexpr int kCols = Ktraits::kBlockCols;  // queries
+  constexpr int kHeadDim = Ktraits::kHeadDim;
+  constexpr int kNWarps = Ktraits::kNWarps;
+  const int tidx = threadIdx.x;
+
+  const SeqInfo seq(p, bidb);
+  const int n0 = n_block * kRows;
+  if (n0 >= seq.seqlen_k) { return; }
+  const int n1 = min(n0 + kRows, seq.seqlen_k);
+  // Queries that see any key of [n0, n1): key j is visible to query i for
+  // j in [i + shift - left, i + shift + right].
+  const int shift = seq.seqlen_k - seq.seqlen_q;
+  int m_lo = 0, m_hi = seq.seqlen_q;
+  if (p.window_size_right >= 0) { m_lo = max(0, n0 - shift - p.window_size_right); }
+  if (p.window_size_left >= 0) { m_hi = min(m_hi, n1 - 1 - shift + p.window_size_left + 1); }
+  const int m_block_min = m_lo / kCols;
+  const int m_block_max = m_hi > m_lo ? (m_hi + kCols - 1) / kCols : m_block_min;
+
+  const int bidh_kv = bidh / p.h_h_k_ratio;
+  const int64_t q_off = seq.q_offset(p.q_batch_stride, p.q_row_stride, bidb) + bidh * p.q_head_stride;
+  const int64_t do_off = seq.q_offset(p.do_batch_stride, p.do_row_stride, bidb) + bidh * p.do_head_stride;
+  Tensor mQ = make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(p.q_ptr) + q_off),
+                          make_shape(seq.seqlen_q, Int<kHeadDim>{}), make_stride(p.q_row_stride, _1{}));
+  Tensor mdO = make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(p.do_ptr) + do_off),
+                           make_shape(seq.seqlen_q, Int<kHeadDim>{}), make_stride(p.do_row_stride, _1{}));
+  auto kv_tensor = [&](void *ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride, int head) {
+    return make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(ptr) + seq.k_offset(batch_stride, row_stride, bidb) +
+                                     head * head_stride),
+                       make_shape(seq.seqlen_k, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
+  };
+  Tensor mK = kv_tensor(p.k_ptr, p.k_batch_stride, p.k_row_stride, p.k_head_stride, bidh_kv);
+  Tensor mV = kv_tensor(p.v_ptr, p.v_batch_stride, p.v_row_stride, p.v_head_stride, bidh_kv);
+  Tensor mdK = kv_tensor(p.dk_ptr, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, bidh);
+  Tensor mdV = kv_tensor(p.dv_ptr, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, bidh);
+  const int64_t stat_off = seq.lse_offset(p, bidb, bidh);
+  const float *lse = p.softmax_lse_ptr + stat_off;
+  const float *dsum = p.softmax_d_ptr + stat_off;
+
+  Tensor gK = local_tile(mK, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(n_block, 0));   // (R, D)
+  Tensor gV = local_tile(mV, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(n_block, 0));
+  Tensor gdK = local_tile(mdK, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(n_block, 0));
+  Tensor gdV = local_tile(mdV, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(n_block, 0));
+  Tensor gQ = local_tile(mQ, Shape<Int<kCols>, Int<kHeadDim>>{}, make_coord(_, 0));   // (C, D, mblocks)
+  Tensor gdO = local_tile(mdO, Shape<Int<kCols>, Int<kHeadDim>>{}, make_coord(_, 0));
+
+  extern __shared__ char smem[];
+  using SmemRows = typename Ktraits::SmemLayoutRows;
+  using SmemCols = typename Ktraits::SmemLayoutCols;
+  Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem)), SmemRows{})(_, _, 0);  // (R, D)
+  Tensor sV = make_tensor(sK.data() + cosize(SmemRows{}), SmemRows{})(_, _, 0);
+  Tensor sQ = make_tensor(sV.data() + cosize(SmemRows{}), SmemCols{})(_, _, 0);  // (C, D)
+  Tensor sdO = make_tensor(sQ.data() + cosize(SmemCols{}), SmemCols{})(_, _, 0);
+  Tensor sQt = make_tensor(sQ.data(), typename Ktraits::SmemLayoutColsT{})(_, _, 0);    // (D, C)
+  Tensor sdOt = make_tensor(sdO.data(), typename Ktraits::SmemLayoutColsT{})(_, _, 0);  // (D, C)
+  float *s_lse = reinterpret_cast<float *>(smem + 2 * Ktraits::kSmemRowsBytes + 2 * Ktraits::kSmemColsBytes);
+  float *s_d = s_lse + kCols;
+
+  typename Ktraits::GmemTiledCopyQKV gmem_copy;
+  auto gmem_thr = gmem_copy.get_thread_slice(tidx);
+  Tensor tKgK = gmem_thr.partition_S(gK);
+  Tensor tKsK = gmem_thr.partition_D(sK);
+  Tensor tVgV = gmem_thr.partition_S(gV);
+  Tensor tVsV = gmem_thr.partition_D(sV);
+  Tensor tQgQ = gmem_thr.partition_S(gQ);  // (CPY, CPY_C, CPY_D, mblocks)
+  Tensor tQsQ = gmem_thr.partition_D(sQ);
+  Tensor tdOgdO = gmem_thr.partition_S(gdO);
+  Tensor tdOsdO = gmem_thr.partition_D(sdO);
+  Tensor tRc = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kRows>{}, Int<kHeadDim>{})));
+  Tensor tCc = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kCols>{}, Int<kHeadDim>{})));
+
+  typename Ktraits::TiledMma tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(tidx);
+  Tensor tSrK = thr_mma.partition_fragment_A(sK);    // (MMA, MMA_R, MMA_D)
+  Tensor tSrV = thr_mma.partition_fragment_A(sV);
+  Tensor tSrQ = thr_mma.partition_fragment_B(sQ);    // (MMA, MMA_C, MMA_D)
+  Tensor tSrdO = thr_mma.partition_fragment_B(sdO);
+  auto plain_dc = make_layout(Shape<Int<kHeadDim>, Int<kCols>>{});
+  Tensor tdVrdOt = thr_mma.partition_fragment_B(make_tensor(sdO.data(), plain_dc));  // (MMA, MMA_D, MMA_C)
+  Tensor tdKrQt = thr_mma.partition_fragment_B(make_tensor(sQ.data(), plain_dc));
+  Tensor acc_dk = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kHeadDim>>{});  // (MMA, MMA_R, MMA_D)
+  Tensor acc_dv = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kHeadDim>>{});
+  clear(acc_dk);
+  clear(acc_dv);
+
+  auto smem_copy_A = make_tiled_copy_A(typename Ktraits::SmemCopyAtom{}, tiled_mma);
+  auto smem_copy_B = make_tiled_copy_B(typename Ktraits::SmemCopyAtom{}, tiled_mma);
+  auto smem_copy_Bt = make_tiled_copy_B(typename Ktraits::SmemCopyAtomTransposed{}, tiled_mma);
+  Tensor tSsK = smem_copy_A.get_thread_slice(tidx).partition_S(sK);
+  Tensor tSsV = smem_copy_A.get_thread_slice(tidx).partition_S(sV);
+  Tensor tSsQ = smem_copy_B.get_thread_slice(tidx).partition_S(sQ);
+  Tensor tSsdO = smem_copy_B.get_thread_slice(tidx).partition_S(sdO);
+  Tensor tOsQt = smem_copy_Bt.get_thread_slice(tidx).partition_S(sQt);
+  Tensor tOsdOt = smem_copy_Bt.get_thread_slice(tidx).partition_S(sdOt);
+
+  copy_rows_guarded(gmem_copy, tKgK, tKsK, tRc, n1 - n0);
+  copy_rows_guarded(gmem_copy, tVgV, tVsV, tRc, n1 - n0);
+  cute::cp_async_fence();
+
+  const ScoreMod<Has_alibi, Is_softcap> score_mod(p, seq.seqlen_q, seq.seqlen_k, bidb, bidh);
+  for (int m_block = m_block_max - 1; m_block >= m_block_min; --m_block) {
+    const int m0 = m_block * kCols;
+    copy_rows_guarded(gmem_copy, tQgQ(_, _, _, m_block), tQsQ, tCc, seq.seqlen_q - m0);
+    copy_rows_guarded(gmem_copy, tdOgdO(_, _, _, m_block), tdOsdO, tCc, seq.seqlen_q - m0);
+    cute::cp_async_fence();
+    for (int i = tidx; i < kCols; i += Ktraits::kNThreads) {
+      const bool real = m0 + i < seq.seqlen_q;  // padded queries: P = 0, D = 0
+      s_lse[i] = real ? lse[m0 + i] : INFINITY;
+      s_d[i] = real ? dsum[m0 + i] : 0.f;
+    }
+    cute::cp_async_wait<0>();
+    __syncthreads();
+
+    Tensor acc_st = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kCols>>{});  // (MMA, MMA_R, MMA_C)
+    clear(acc_st);
+    gemm_smem_smem(tiled_mma, acc_st, tSrK, tSrQ, tSsK, tSsQ, smem_copy_A, smem_copy_B);
+    score_mod.transform(acc_st);
+    Tensor t_st = make_fragment_like(acc_st);  // tanh values, for the softcap derivative
+    if constexpr (Is_softcap) { copy(acc_st, t_st); }
+    Tensor st = make_tensor(acc_st.data(), acc_layout_rowcol(acc_st.layout()));  // (keys, queries)
+    score_mod.template apply_transposed<kNWarps>(st, n0, m0);
+
+    Tensor acc_dpt = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kCols>>{});
+    clear(acc_dpt);
+    gemm_smem_smem(tiled_mma, acc_dpt, tSrV, tSrdO, tSsV, tSsdO, smem_copy_A, smem_copy_B);
+    Tensor dpt = make_tensor(acc_dpt.data(), acc_layout_rowcol(acc_dpt.layout()));
+    Tensor tt = make_tensor(t_st.data(), acc_layout_rowcol(t_st.layout()));
+    probs_and_dscores<Is_softcap>(st, dpt, tt, p.scale_softmax_log2,
+                                  [&](int, int c) { return s_lse[acc_col(c)]; },
+                                  [&](int, int c) { return s_d[acc_col(c)]; });
+
+    Tensor rPt = convert_type<Element>(acc_st);
+    Tensor tOrPt = make_tensor(rPt.data(), acc_layout_as_A(rPt.layout()));
+    gemm_reg_smem(tiled_mma, acc_dv, tOrPt, tdVrdOt, tOsdOt, smem_copy_Bt);
+    Tensor rdSt = convert_type<Element>(acc_dpt);
+    Tensor tOrdSt = make_tensor(rdSt.data(), acc_layout_as_A(rdSt.layout()));
+    gemm_reg_smem(tiled_mma, acc_dk, tOrdSt, tdKrQt, tOsQt, smem_copy_Bt);
+    __syncthreads();  // every thread is done with sQ, sdO and the stats before the next loads
+  }
+
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_dk); ++i) { acc_dk(i) *= p.scale_qk; }
+  // K and V are no longer read (the loop ended on a barrier; with no step at all, wait
+  // for their loads first): stage dK, dV there.
+  cute::cp_async_wait<0>();
+  __syncthreads();
+  store_acc_tile<Ktraits>(tiled_mma, acc_dk, sK, gdK, n1 - n0);
+  store_acc_tile<Ktraits>(tiled_mma, acc_dv, sV, gdV, n1 - n0);
+}
+
+template <typename Ktraits, bool Has_alibi, bool Is_softcap>
+__forceinline__ __device__ void compute_dq_tile(const Flash_bwd_params &p, int m_block, int bidb, int bidh) {
+  using Element = typename Ktraits::Element;
+  constexpr int kRows = Ktraits::kBlockRows;  // queries
+  constexpr int kCols = Ktraits::kBlockCols;  // keys
+  constexpr int kHeadDim = Ktraits::kHeadDim;
+  constexpr int kNWarps = Ktraits::kNWarps;
+  const int tidx = threadIdx.x;
+
+  const SeqInfo seq(p, bidb);
+  const int m0 = m_block * kRows;
+  if (m0 >= seq.seqlen_q) { return; }
+  const int m1 = min(m0 + kRows, seq.seqlen_q);
+  const int shift = seq.seqlen_k - seq.seqlen_q;
+  int n_block_min = 0;
+  int n_block_max = (seq.seqlen_k + kCols - 1) / kCols;
+  if (p.window_size_left >= 0) { n_block_min = max(0, (m0 + shift - p.window_size_left) / kCols); }
+  if (p.window_size_right >= 0) {
+    const int last_key = m1 - 1 + shift + p.window_size_right;
+    n_block_max = min(n_block_max, last_key < 0 ? 0 : last_key / kCols + 1);
+  }
+
+  const int bidh_kv = bidh / p.h_h_k_ratio;
+  auto q_tensor = [&](void *ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
+    return make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(ptr) + seq.q_offset(batch_stride, row_stride, bidb) +
+                                     bidh * head_stride),
+                       make_shape(seq.seqlen_q, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
+  };
+  auto kv_tensor = [&](void *ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
+    return make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(ptr) + seq.k_offset(batch_stride, row_stride, bidb) +
+                                     bidh_kv * head_stride),
+                       make_shape(seq.seqlen_k, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
+  };
+  Tensor mQ = q_tensor(p.q_ptr, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+  Tensor mdO = q_tensor(p.do_ptr, p.do_batch_stride, p.do_row_stride, p.do_head_stride);
+  Tensor mdQ = q_tensor(p.dq_ptr, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
+  Tensor mK = kv_tensor(p.k_ptr, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  Tensor mV = kv_tensor(p.v_ptr, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  const int64_t stat_off = seq.lse_offset(p, bidb, bidh);
+  const float *lse = p.softmax_lse_ptr + stat_off;
+  const float *dsum = p.softmax_d_ptr + stat_off;
+
+  Tensor gQ = local_tile(mQ, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(m_block, 0));   // (R, D)
+  Tensor gdO = local_tile(mdO, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(m_block, 0));
+  Tensor gdQ = local_tile(mdQ, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(m_block, 0));
+  Tensor gK = local_tile(mK, Shape<Int<kCols>, Int<kHeadDim>>{}, make_coord(_, 0));  // (C, D, nblocks)
+  Tensor gV = local_tile(mV, Shape<Int<kCols>, Int<kHeadDim>>{}, make_coord(_, 0));
+
+  extern __shared__ char smem[];
+  using SmemRows = typename Ktraits::SmemLayoutRows;
+  using SmemCols = typename Ktraits::SmemLayoutCols;
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem)), SmemRows{})(_, _, 0);  // (R, D)
+  Tensor sdO = make_tensor(sQ.data() + cosize(SmemRows{}), SmemRows{})(_, _, 0);
+  Tensor sK = make_tensor(sdO.data() + cosize(SmemRows{}), SmemCols{})(_, _, 0);  // (C, D)
+  Tensor sV = make_tensor(sK.data() + cosize(SmemCols{}), SmemCols{})(_, _, 0);
+  Tensor sKt = make_tensor(sK.data(), typename Ktraits::SmemLayoutColsT{})(_, _, 0);  // (D, C)
+
+  typename Ktraits::GmemTiledCopyQKV gmem_copy;
+  auto gmem_thr = gmem_copy.get_thread_slice(tidx);
+  Tensor tQgQ = gmem_thr.partition_S(gQ);
+  Tensor tQsQ = gmem_thr.partition_D(sQ);
+  Tensor tdOgdO = gmem_thr.partition_S(gdO);
+  Tensor tdOsdO = gmem_thr.partition_D(sdO);
+  Tensor tKgK = gmem_thr.partition_S(gK);  // (CPY, CPY_C, CPY_D, nblocks)
+  Tensor tKsK = gmem_thr.partition_D(sK);
+  Tensor tVgV = gmem_thr.partition_S(gV);
+  Tensor tVsV = gmem_thr.partition_D(sV);
+  Tensor tRc = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kRows>{}, Int<kHeadDim>{})));
+  Tensor tCc = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kCols>{}, Int<kHeadDim>{})));
+
+  typename Ktraits::TiledMma tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(tidx);
+  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);    // (MMA, MMA_R, MMA_D)
+  Tensor tSrdO = thr_mma.partition_fragment_A(sdO);
+  Tensor tSrK = thr_mma.partition_fragment_B(sK);    // (MMA, MMA_C, MMA_D)
+  Tensor tSrV = thr_mma.partition_fragment_B(sV);
+  Tensor tdQrKt = thr_mma.partition_fragment_B(
+      make_tensor(sK.data(), make_layout(Shape<Int<kHeadDim>, Int<kCols>>{})));  // (MMA, MMA_D, MMA_C)
+  Tensor acc_dq = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kHeadDim>>{});
+  clear(acc_dq);
+
+  auto smem_copy_A = make_tiled_copy_A(typename Ktraits::SmemCopyAtom{}, tiled_mma);
+  auto smem_copy_B = make_tiled_copy_B(typename Ktraits::SmemCopyAtom{}, tiled_mma);
+  auto smem_copy_Bt = make_tiled_copy_B(typename Ktraits::SmemCopyAtomTransposed{}, tiled_mma);
+  Tensor tSsQ = smem_copy_A.get_thread_slice(tidx).partition_S(sQ);
+  Tensor tSsdO = smem_copy_A.get_thread_slice(tidx).partition_S(sdO);
+  Tensor tSsK = smem_copy_B.get_thread_slice(tidx).partition_S(sK);
+  Tensor tSsV = smem_copy_B.get_thread_slice(tidx).partition_S(sV);
+  Tensor tOsKt = smem_copy_Bt.get_thread_slice(tidx).partition_S(sKt);
+
+  copy_rows_guarded(gmem_copy, tQgQ, tQsQ, tRc, m1 - m0);
+  copy_rows_guarded(gmem_copy, tdOgdO, tdOsdO, tRc, m1 - m0);
+  cute::cp_async_fence();
+
+  // lse and D of this thread's query rows (rows past seqlen_q: P = 0).
+  Tensor acc_shape = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kCols>>{});
+  constexpr int kNRows = decltype(size<0>(acc_layout_rowcol(acc_shape.layout())))::value;
+  float row_lse[kNRows], row_d[kNRows];
+  CUTE_UNROLL
+  for (int r = 0; r < kNRows; ++r) {
+    const int row = m0 + acc_row<kNWarps>(r);
+    row_lse[r] = row < m1 ? lse[row] : INFINITY;
+    row_d[r] = row < m1 ? dsum[row] : 0.f;
+  }
+
+  const ScoreMod<Has_alibi, Is_softcap> score_mod(p, seq.seqlen_q, seq.seqlen_k, bidb, bidh);
+  for (int n_block = n_block_max - 1; n_block >= n_block_min; --n_block) {
+    const int n0 = n_block * kCols;
+    copy_rows_guarded(gmem_copy, tKgK(_, _, _, n_block), tKsK, tCc, seq.seqlen_k - n0);
+    copy_rows_guarded(gmem_copy, tVgV(_, _, _, n_block), tVsV, tCc, seq.seqlen_k - n0);
+    cute::cp_async_fence();
+    cute::cp_async_wait<0>();
+    __syncthreads();
+
+    Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kCols>>{});  // (MMA, MMA_R, MMA_C)
+    clear(acc_s);
+    gemm_smem_smem(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, smem_copy_A, smem_copy_B);
+    score_mod.transform(acc_s);
+    Tensor t_s = make_fragment_like(acc_s);
+    if constexpr (Is_softcap) { copy(acc_s, t_s); }
+    Tensor s = make_tensor(acc_s.data(), acc_layout_rowcol(acc_s.layout()));  // (queries, keys)
+    score_mod.template apply<kNWarps>(s, m0, n0, true);
+
+    Tensor acc_dp = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kCols>>{});
+    clear(acc_dp);
+    gemm_smem_smem(tiled_mma, acc_dp, tSrdO, tSrV, tSsdO, tSsV, smem_copy_A, smem_copy_B);
+    Tensor dp = make_tensor(acc_dp.data(), acc_layout_rowcol(acc_dp.layout()));
+    Tensor tt = make_tensor(t_s.data(), acc_layout_rowcol(t_s.layout()));
+    probs_and_dscores<Is_softcap>(s, dp, tt, p.scale_softmax_log2, [&](int r, int) { return row_lse[r]; },
+                                  [&](int r, int) { return row_d[r]; });
+
+    Tensor rdS = convert_type<Element>(acc_dp);
+    Tensor tOrdS = make_tensor(rdS.data(), acc_layout_as_A(rdS.layout()));
+    gemm_reg_smem(tiled_mma, acc_dq, tOrdS, tdQrKt, tOsKt, smem_copy_Bt);
+    __syncthreads();  // every thread is done with sK and sV before the next loads
+  }
+
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_dq); ++i) { acc_dq(i) *= p.scale_qk; }
+  cute::cp_async_wait<0>();  // with no key block at all, Q's loads may still be in flight
+  __syncthreads();
+  store_acc_tile<Ktraits>(tiled_mma, acc_dq, sQ, gdQ, m1 - m0);
+}
+
+// Grids: (key blocks, batch, query heads) and (query blocks, batch, query heads).
+template <typename Ktraits, bool Has_alibi, bool Is_softcap>
+__global__ void __launch_bounds__(Ktraits::kNThreads, 1)
+    flash_bwd_dk_dv_kernel(__grid_constant__ const Flash_bwd_params p) {
+  compute_dk_dv_tile<Ktraits, Has_alibi, Is_softcap>(p, blockIdx.x, blockIdx.y, blockIdx.z);
+}
+
+template <typename Ktraits, bool Has_alibi, bool Is_softcap>
+__global__ void __launch_bounds__(Ktraits::kNThreads, 1)
+    flash_bwd_dq_kernel(__grid_constant__ const Flash_bwd_params p) {
+  compute_dq_tile<Ktraits, Has_alibi, Is_softcap>(p, blockIdx.x, blockIdx.y, blockIdx.z);
+}
+
+}  // namespace flash

@@ -1,0 +1,204 @@
+"""GPU backward tests: the extension's bwd / varlen_bwd against autograd through the
+fp32 reference.
+
+Rule (shared/TESTING.md, gradients): max |dx - dx_ref32| <= 3 * max |dx_pt - dx_ref32| + eps,
+where dx_pt is autograd through the same reference run in the input precision. The
+kernels are called directly (forward `fwd`, then `bwd` with the forward's out and lse),
+so this checks the kernels whatever the Python autograd wiring does. Gradient
+buffers handed to the extension are NaN-poisoned.
+
+Environment: FLASH_ATTN_TEST_QUICK=1 (subset), FLASH_ATTN_REQUIRE_CUDA=1 (fail, not skip,
+when the extension or its backward is missing).
+"""
+import itertools
+import os
+
+import pytest
+import torch
+
+from flash_attn import build_info
+from flash_attn.reference import attention_ref, attention_varlen_ref
+
+QUICK = os.environ.get("FLASH_ATTN_TEST_QUICK", "").strip() not in ("", "0")
+REQUIRE_CUDA = os.environ.get("FLASH_ATTN_REQUIRE_CUDA", "").strip() not in ("", "0")
+
+
+def _unavailable_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not build_info.build_config().get("cuda"):
+        return "flash_attn CUDA extension not built"
+    ext = build_info.cuda_extension()
+    if ext is None or not hasattr(ext, "bwd"):
+        return "the extension has no backward (FLASH_ATTN_DISABLE_BACKWARD or an older build)"
+    return None
+
+
+UNAVAILABLE = _unavailable_reason()
+pytestmark = [pytest.mark.cuda] + ([] if REQUIRE_CUDA else [
+    pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))])
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ieee_fp32_matmul():
+    matmul = torch.backends.cuda.matmul
+    name, value = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
+    old = getattr(matmul, name)
+    setattr(matmul, name, value)
+    yield
+    setattr(matmul, name, old)
+
+
+def _kernel_dim(d):
+    built = sorted(x for x in build_info.build_config().get("backward_head_dims", []))
+    for k in built:
+        if k >= d:
+            return k
+    pytest.skip(f"no backward kernel for head dim {d} in this build ({built})")
+
+
+def _skip_unbuilt(dtype_name, alibi, softcap):
+    cfg = build_info.build_config()
+    if dtype_name not in cfg.get("dtypes", []):
+        pytest.skip(f"{dtype_name} not built")
+    if alibi and not build_info.has_feature("alibi"):
+        pytest.skip("alibi not built")
+    if softcap and not build_info.has_feature("softcap"):
+        pytest.skip("softcap not built")
+
+
+def _pad(x, d):
+    return torch.nn.functional.pad(x, (0, d - x.shape[-1])) if x.shape[-1] != d else x
+
+
+def _window(mask, sq, sk):
+    """(window for the reference, window for the kernel: causal folded in, -1 unbounded)."""
+    if mask == "causal":
+        return (-1, 0), (-1, 0)
+    if mask == "window":
+        return (37, 19), (37, 19)
+    return (-1, -1), (-1, -1)
+
+
+def _ref_grads(q, k, v, dout, upcast, **kw):
+    qs, ks, vs = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    out, _ = attention_ref(qs, ks, vs, upcast=upcast, **kw)
+    out.backward(dout)
+    return qs.grad, ks.grad, vs.grad
+
+
+def _check(name, got, ref32, ref_pt):
+    assert torch.isfinite(got).all(), f"{name}: non-finite gradient"
+    err = (got.float() - ref32.float()).abs().max().item()
+    bound = 3 * (ref_pt.float() - ref32.float()).abs().max().item() + 1e-4
+    assert err <= bound, f"{name}: max err {err:.3e} > allowed {bound:.3e}"
+
+
+SEQLENS = [(1, 1), (113, 203), (128, 217), (256, 512), (512, 256), (1023, 1024)]
+CASES = [
+    pytest.param(dt, d, mask, alibi, softcap, ratio, sl,
+                 id=f"{dt}-d{d}-{mask}-{'alibi' if alibi else 'noalibi'}-{'cap' if softcap else 'nocap'}-g{ratio}-{sl[0]}x{sl[1]}")
+    for dt, d, mask, alibi, softcap, ratio, sl in itertools.product(
+        DTYPES, (32, 59, 64, 96, 128), ("full", "causal", "window"), (False, True), (False, True), (1, 4), SEQLENS)
+    if not QUICK or (d in (64, 128) and sl in ((113, 203), (512, 256)) and ratio == (4 if alibi else 1))
+]
+
+
+@pytest.mark.parametrize("dtype_name,d,mask,alibi,softcap,ratio,seqlens", CASES)
+def test_bwd_matches_reference(dtype_name, d, mask, alibi, softcap, ratio, seqlens):
+    _skip_unbuilt(dtype_name, alibi, softcap)
+    dk_ = _kernel_dim(d)
+    ext = build_info.cuda_extension()
+    dtype = DTYPES[dtype_name]
+    sq, sk = seqlens
+    b, hk = 2, 2
+    h = hk * ratio
+    torch.manual_seed(sq * 1000 + sk + d)
+    q = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
+    k = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
+    v = torch.randn(b, sk, hk, d, device="cuda", dtype=dtype)
+    dout = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
+    slopes = torch.rand(h, device="cuda", dtype=torch.float32) * 0.3 if alibi else None
+    cap = 5.0 if softcap else 0.0
+    scale = d ** -0.5
+    ref_window, kernel_window = _window(mask, sq, sk)
+    kw = dict(softmax_scale=scale, window_size=ref_window, softcap=cap, alibi_slopes=slopes)
+
+    qp, kp, vp, dop = (_pad(x, dk_) for x in (q, k, v, dout))
+    out, lse = ext.fwd(qp, kp, vp, None, slopes, scale, kernel_window[0], kernel_window[1], cap)
+    nan = float("nan")
+    dq = torch.full_like(qp, nan)
+    dk = torch.full_like(kp, nan)
+    dv = torch.full_like(vp, nan)
+    dq, dk, dv, _ = ext.bwd(dop, qp, kp, vp, out, lse, dq, dk, dv, slopes, scale,
+                            kernel_window[0], kernel_window[1], cap, False)
+    dq, dk, dv = dq[..., :d], dk[..., :d], dv[..., :d]
+
+    g32 = _ref_grads(q, k, v, dout, True, **kw)
+    gpt = _ref_grads(q, k, v, dout, False, **kw)
+    for name, got, r32, rpt in zip(("dq", "dk", "dv"), (dq, dk, dv), g32, gpt):
+        _check(name, got, r32, rpt)
+
+
+@pytest.mark.parametrize("mask", ["full", "causal", "window"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_varlen_bwd_with_empty_sequences(d, mask):
+    _skip_unbuilt("bf16", False, False)
+    dk_ = _kernel_dim(d)
+    ext = build_info.cuda_extension()
+    dtype = torch.bfloat16
+    lens_q = [17, 0, 130, 1, 64]
+    lens_k = [33, 5, 0, 129, 64]
+    h, hk = 4, 2
+    cu_q = torch.tensor([0] + list(itertools.accumulate(lens_q)), device="cuda", dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(itertools.accumulate(lens_k)), device="cuda", dtype=torch.int32)
+    torch.manual_seed(7)
+    q = torch.randn(sum(lens_q), h, d, device="cuda", dtype=dtype)
+    k = torch.randn(sum(lens_k), hk, d, device="cuda", dtype=dtype)
+    v = torch.randn(sum(lens_k), hk, d, device="cuda", dtype=dtype)
+    dout = torch.randn_like(q)
+    scale = d ** -0.5
+    ref_window, kernel_window = _window(mask, 0, 0)
+    out, lse = ext.varlen_fwd(q, k, v, None, cu_q, cu_k, None, max(lens_q), max(lens_k), None, scale,
+                              kernel_window[0], kernel_window[1], 0.0)
+    dq, dk, dv, _ = ext.varlen_bwd(dout, q, k, v, out, lse, None, None, None, cu_q, cu_k, max(lens_q),
+                                   max(lens_k), None, scale, kernel_window[0], kernel_window[1], 0.0, False)
+
+    def grads(upcast):
+        qs, ks, vs = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+        o, _ = attention_varlen_ref(qs, ks, vs, cu_q, cu_k, max(lens_q), max(lens_k), softmax_scale=scale,
+                                    window_size=ref_window, upcast=upcast)
+        o.backward(dout)
+        return qs.grad, ks.grad, vs.grad
+
+    for name, got, r32, rpt in zip(("dq", "dk", "dv"), (dq, dk, dv), grads(True), grads(False)):
+        _check(name, got, r32, rpt)
+
+
+def test_bwd_is_deterministic():
+    _skip_unbuilt("bf16", False, False)
+    d = _kernel_dim(128)
+    ext = build_info.cuda_extension()
+    torch.manual_seed(3)
+    q, k, v, dout = (torch.randn(2, 1000, 4, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    out, lse = ext.fwd(q, k, v, None, None, d ** -0.5, -1, 0, 0.0)
+    first = ext.bwd(dout, q, k, v, out, lse, None, None, None, None, d ** -0.5, -1, 0, 0.0, False)[:3]
+    for _ in range(10):
+        again = ext.bwd(dout, q, k, v, out, lse, None, None, None, None, d ** -0.5, -1, 0, 0.0, False)[:3]
+        for a, b_ in zip(first, again):
+            assert torch.equal(a, b_)
+
+
+def test_bwd_large_logits_stay_finite():
+    _skip_unbuilt("bf16", False, False)
+    d = _kernel_dim(64)
+    ext = build_info.cuda_extension()
+    torch.manual_seed(5)
+    q, k, v, dout = (torch.randn(1, 777, 4, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    q, k = q * 4, k * 4
+    out, lse = ext.fwd(q, k, v, None, None, d ** -0.5, -1, 0, 0.0)
+    grads = ext.bwd(dout, q, k, v, out, lse, None, None, None, None, d ** -0.5, -1, 0, 0.0, False)[:3]
+    for g in grads:
+        assert torch.isfinite(g).all()
