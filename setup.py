@@ -192,7 +192,7 @@ def main():
         cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
         config.update(cuda=True, archs=archs, head_dims=hdims, dtypes=dtypes, variants=variants,
                       backward_head_dims=[] if _env_flag("FLASH_ATTN_DISABLE_BACKWARD")
-                      else [d for d in hdims if d <= 128],
+                      else [d for d in hdims if d in (64, 128)],
                       torch_version=torch.__version__, cuda_version=torch.version.cuda)
         print(f"flash_attn: building CUDA kernels for sm{archs}, head dims {hdims}, "
               f"dtypes {dtypes}, variants {variants}, MAX_JOBS={os.environ['MAX_JOBS']}")

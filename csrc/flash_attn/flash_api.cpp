@@ -235,14 +235,14 @@ std::vector<at::Tensor> varlen_fwd(at::Tensor q, at::Tensor k, at::Tensor v, std
 
 #ifdef FLASH_ATTN_HAS_BWD
 void run_bwd(flash::Flash_bwd_params &p, cudaStream_t stream) {
-  CHECK_ARG(p.d <= 128, "the backward is built for head dims <= 128 so far, got ", p.d);
+  CHECK_ARG(p.d == 64 || p.d == 128, "backward kernels exist for head dims 64 and 128, got ", p.d);
   cudaError_t err;
   try {
     err = flash::dtype_switch(p.is_bf16, [&](auto dtype_tag) {
       using Element = typename decltype(dtype_tag)::type;
       return flash::headdim_switch(p.d, [&](auto hdim_tag) {
         constexpr int kHeadDim = decltype(hdim_tag)::value;
-        if constexpr (kHeadDim <= 128) {
+        if constexpr (kHeadDim == 64 || kHeadDim == 128) {
           return flash::variant_switch(
               p.alibi_slopes_ptr != nullptr, p.softcap_prescale > 0.f, [&](auto alibi_tag, auto softcap_tag) {
                 return flash::run_mha_bwd_<Element, kHeadDim, decltype(alibi_tag)::value,
@@ -311,6 +311,27 @@ at::Tensor grad_buffer(const std::optional<at::Tensor> &given, const at::Tensor 
   return at::empty_like(like, like.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
+// Backward kernels exist for head dims 64 and 128; others up to 128 run zero-padded
+// (padding q, k, v, out and dout with zeros changes neither the scores nor
+// rowsum(dO * O), and the padded gradient columns are dropped).
+int bwd_kernel_head_dim(int d) {
+  CHECK_ARG(d <= 128, "the backward is built for head dims <= 128 so far, got ", d);
+  return d <= 64 ? 64 : 128;
+}
+
+at::Tensor pad_last_dim(const at::Tensor &t, int to) { return at::constant_pad_nd(t, {0, to - t.size(-1)}); }
+
+// The first d columns of a padded gradient, written into the caller's buffer if given.
+at::Tensor unpad_grad(const at::Tensor &g, int d, const std::optional<at::Tensor> &given, const char *name) {
+  at::Tensor sliced = g.narrow(-1, 0, d);
+  if (!given.has_value()) { return sliced; }
+  CHECK_ARG(given->sizes() == sliced.sizes() && given->scalar_type() == sliced.scalar_type() &&
+                given->device() == sliced.device(),
+            name, " must have shape ", sliced.sizes(), " and the inputs' dtype and device");
+  given->copy_(sliced);
+  return *given;
+}
+
 // dout, q, out: (b, sq, h, d); k, v: (b, sk, h_k, d); softmax_lse fp32 (b, h, sq).
 // Returns {dq, dk, dv, softmax_d}; softmax_d fp32 (b, h, sq).
 std::vector<at::Tensor> bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out,
@@ -323,6 +344,12 @@ std::vector<at::Tensor> bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Ten
   check_heads(q, k, v);
   const int b = q.size(0), sq = q.size(1), h = q.size(2), sk = k.size(1), h_k = k.size(2), d = q.size(3);
   check_bwd_inputs(dout, q, out, softmax_lse, {b, h, sq});
+  if (const int kd = bwd_kernel_head_dim(d); kd != d) {
+    auto g = bwd(pad_last_dim(dout, kd), pad_last_dim(q, kd), pad_last_dim(k, kd), pad_last_dim(v, kd),
+                 pad_last_dim(out, kd), softmax_lse, std::nullopt, std::nullopt, std::nullopt, alibi_slopes,
+                 softmax_scale, window_left, window_right, softcap, deterministic);
+    return {unpad_grad(g[0], d, dq_, "dq"), unpad_grad(g[1], d, dk_, "dk"), unpad_grad(g[2], d, dv_, "dv"), g[3]};
+  }
   c10::cuda::CUDAGuard guard{q.device()};
   q = vector_aligned(q);
   k = vector_aligned(k);
@@ -372,6 +399,13 @@ std::vector<at::Tensor> varlen_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, 
   check_heads(q, k, v);
   const int total_q = q.size(0), h = q.size(1), total_k = k.size(0), h_k = k.size(1), d = q.size(2);
   check_bwd_inputs(dout, q, out, softmax_lse, {h, total_q});
+  if (const int kd = bwd_kernel_head_dim(d); kd != d) {
+    auto g = varlen_bwd(pad_last_dim(dout, kd), pad_last_dim(q, kd), pad_last_dim(k, kd), pad_last_dim(v, kd),
+                        pad_last_dim(out, kd), softmax_lse, std::nullopt, std::nullopt, std::nullopt, cu_seqlens_q,
+                        cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale, window_left,
+                        window_right, softcap, deterministic);
+    return {unpad_grad(g[0], d, dq_, "dq"), unpad_grad(g[1], d, dk_, "dk"), unpad_grad(g[2], d, dv_, "dv"), g[3]};
+  }
   for (const auto *c : {&cu_seqlens_q, &cu_seqlens_k}) {
     CHECK_ARG(c->scalar_type() == at::kInt && c->device() == q.device() && c->dim() == 1 && c->is_contiguous(),
               "cu_seqlens must be contiguous 1-D int32 tensors on q's device");

@@ -32,7 +32,8 @@ constexpr FwdTile fwd_tile(int head_dim) {
 // Backward tiles: block_rows of the stationary operand (keys for dK/dV, queries for
 // dQ), block_cols of the streamed one. The dK/dV kernel keeps two (rows x d) fp32
 // accumulators and two (rows x cols) score tiles in registers, so the streamed step
-// shrinks as d grows. Head dims above 128 need warps split along d (not yet built).
+// shrinks as d grows. Kernels exist for d = 64 and 128 (others up to 128 are padded);
+// head dims above 128 need warps split along d (not yet built).
 struct BwdTile {
   int block_rows;
   int block_cols;
