@@ -39,13 +39,15 @@ done
 
 INST=$REPO/csrc/flash_attn/instantiations
 if [ "$ALL" = 1 ]; then
-    FILES=("$INST"/flash_fwd_*.cu)
+    FILES=("$INST"/flash_*.cu)
 elif [ ${#FILES[@]} -eq 0 ]; then
-    # one per concern: the main tile (hd128, bf16), the small tile with both score modifiers
-    # (hd64, fp16), the largest tile with softcap (hd256, bf16).
+    # one per concern: the main forward tile (hd128, bf16), the small tile with both score
+    # modifiers (hd64, fp16), the largest tile with softcap (hd256, bf16), and the backward
+    # with both score modifiers (hd128, bf16).
     FILES=("$INST/flash_fwd_hdim128_bf16_plain_sm80.cu"
            "$INST/flash_fwd_hdim64_fp16_alibi_softcap_sm80.cu"
-           "$INST/flash_fwd_hdim256_bf16_softcap_sm80.cu")
+           "$INST/flash_fwd_hdim256_bf16_softcap_sm80.cu"
+           "$INST/flash_bwd_hdim128_bf16_alibi_softcap_sm80.cu")
 fi
 for f in "${FILES[@]}"; do
     if [ ! -f "$f" ]; then
