@@ -4,7 +4,8 @@ Every check raises before any kernel runs, with a message naming the
 argument, what was expected and what was given: TypeError for a wrong type
 or dtype, ValueError for a wrong value, shape, stride or device.
 Content checks that read device memory (cu_seqlens values) run for CPU
-tensors always and for CUDA tensors only with FLASH_ATTN_DEBUG=1.
+tensors always and for CUDA tensors only with FLASH_ATTN_DEBUG=1, and are
+skipped while torch.compile traces.
 """
 import numbers
 import operator
@@ -140,7 +141,10 @@ def check_num_splits(num_splits):
 
 
 def _reads_values(device):
-    """Whether content checks may read tensor values: always on CPU, on CUDA with FLASH_ATTN_DEBUG=1."""
+    """Whether content checks may read tensor values: always on CPU, on CUDA with FLASH_ATTN_DEBUG=1;
+    never while torch.compile traces (a value read would break the graph)."""
+    if torch.compiler.is_compiling():
+        return False
     return device.type == "cpu" or os.environ.get("FLASH_ATTN_DEBUG") == "1"
 
 

@@ -1,5 +1,6 @@
-"""CUDA route: check the build, pad the head dim to a compiled one, call
-flash_attn_2_cuda, slice the output back. Forward only for now."""
+"""CUDA route: check the build, pad the head dim to a compiled one, call the flash_attn::
+custom ops (flash_attn._ops), slice the output back; and the ops' CUDA kernels, which
+call flash_attn_2_cuda. The backward needs an extension with bwd / varlen_bwd."""
 import functools
 
 import torch
@@ -9,25 +10,94 @@ from . import build_info
 from .layers.rotary import apply_rotary_emb
 
 
-def dense_forward(q, k, v, dropout_p, softmax_scale, window, softcap, alibi_slopes):
+def dense_forward(q, k, v, dropout_p, softmax_scale, window, softcap, alibi_slopes, deterministic=False):
     """q (b, sq, hq, d), k/v (b, sk, hk, d) -> out (b, sq, hq, d), lse fp32 (b, hq, sq).
 
-    window: normalized (left, right), -1 = unbounded; softcap 0 = off.
+    window: normalized (left, right), -1 = unbounded; softcap 0 = off. Differentiable
+    (through flash_attn::fwd's autograd formula); deterministic concerns the backward.
     """
-    call = functools.partial(_dense_call, softmax_scale=softmax_scale, window=window,
-                             softcap=softcap, alibi_slopes=alibi_slopes)
-    return _run(call, q, k, v, dropout_p, softcap, alibi_slopes)
+    d = q.shape[-1]
+    dk = route_head_dim(d, dropout_p, softcap, alibi_slopes is not None)
+    out, lse = torch.ops.flash_attn.fwd(pad_head_dim(q, dk), pad_head_dim(k, dk), pad_head_dim(v, dk),
+                                        alibi_slopes, softmax_scale, window[0], window[1], softcap, deterministic)
+    return out.narrow(-1, 0, d), lse
 
 
 def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                   softmax_scale, window, softcap, alibi_slopes):
+                   softmax_scale, window, softcap, alibi_slopes, deterministic=False):
     """q (total_q, hq, d), k/v (total_k, hk, d), cu_seqlens int32 (b + 1,)
     -> out (total_q, hq, d), lse fp32 (hq, total_q)."""
-    call = functools.partial(_varlen_call, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                             softmax_scale=softmax_scale, window=window, softcap=softcap,
-                             alibi_slopes=alibi_slopes)
-    return _run(call, q, k, v, dropout_p, softcap, alibi_slopes)
+    d = q.shape[-1]
+    dk = route_head_dim(d, dropout_p, softcap, alibi_slopes is not None)
+    out, lse = torch.ops.flash_attn.varlen_fwd(
+        pad_head_dim(q, dk), pad_head_dim(k, dk), pad_head_dim(v, dk), cu_seqlens_q, cu_seqlens_k, None,
+        max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale, window[0], window[1], softcap, deterministic)
+    return out.narrow(-1, 0, d), lse
+
+
+@torch.compiler.assume_constant_result
+def route_head_dim(head_dim, dropout_p, softcap, has_alibi):
+    """The kernel head dim for head_dim, after checking that this build can run the call.
+
+    (The backward needs no say here: the extension pads head dims without a backward
+    kernel itself.) Depends only on the build and the Python arguments, so torch.compile calls it while
+    tracing and keeps the result (it reads the build configuration file).
+    """
+    extension()
+    check_supported(dropout_p, softcap, has_alibi)
+    return kernel_head_dim(head_dim)
+
+
+# --- the flash_attn:: ops' CUDA kernels (arguments normalized, head dim a compiled one) ---
+
+def fwd(q, k, v, alibi_slopes, softmax_scale, window_left, window_right, softcap, deterministic=False):
+    """flash_attn::fwd: q (b, sq, hq, d), k/v (b, sk, hk, d) -> out (b, sq, hq, d), lse (b, hq, sq)."""
+    ext = extension()
+    b, sq, hq, _ = q.shape
+    if q.numel() == 0 or k.shape[1] == 0:
+        return _empty_result(q, (b, hq, sq))
+    out, lse = ext.fwd(q, k, v, None, _contiguous(alibi_slopes), softmax_scale, window_left, window_right, softcap)
+    return out.contiguous(), lse  # the fake's layout (a no-op: the extension allocates them contiguous)
+
+
+def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+               softmax_scale, window_left, window_right, softcap, deterministic=False):
+    """flash_attn::varlen_fwd: q (total_q, hq, d), k/v (total_k, hk, d) -> out (total_q, hq, d), lse (hq, total_q)."""
+    ext = extension()
+    total_q, hq, _ = q.shape
+    if q.numel() == 0 or k.shape[0] == 0 or cu_seqlens_q.shape[0] == 1:
+        return _empty_result(q, (hq, total_q))
+    out, lse = ext.varlen_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+                              _contiguous(alibi_slopes), softmax_scale, window_left, window_right, softcap)
+    return out.contiguous(), lse
+
+
+def bwd(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, window_left, window_right, softcap,
+        deterministic):
+    """flash_attn::bwd: dq (b, sq, hq, d), dk/dv (b, sk, hk, d) (summed over each kv head's query heads)."""
+    ext = backward_extension("bwd")
+    if q.numel() == 0 or k.numel() == 0:
+        return _zero_grads(q, k, v)
+    dq, dk, dv, _ = ext.bwd(_last_dim_contiguous(dout), q, k, v, out, lse, None, None, None,
+                            _contiguous(alibi_slopes), softmax_scale, window_left, window_right, softcap,
+                            deterministic)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()  # the fake's layout
+
+
+def varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+               alibi_slopes, softmax_scale, window_left, window_right, softcap, deterministic):
+    """flash_attn::varlen_bwd: dq (total_q, hq, d), dk/dv (total_k, hk, d)."""
+    ext = backward_extension("varlen_bwd")
+    if seqused_k is not None:
+        raise NotImplementedError("flash_attn: the CUDA varlen backward has no seqused_k; differentiate "
+                                  "a call without seqused_k, or run it under torch.no_grad()")
+    if q.numel() == 0 or k.numel() == 0 or cu_seqlens_q.shape[0] == 1:
+        return _zero_grads(q, k, v)
+    dq, dk, dv, _ = ext.varlen_bwd(_last_dim_contiguous(dout), q, k, v, out, lse, None, None, None,
+                                   cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                   _contiguous(alibi_slopes), softmax_scale, window_left, window_right,
+                                   softcap, deterministic)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 def kvcache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
@@ -51,7 +121,7 @@ def kvcache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seq
     bad ones give wrong numbers, never an access outside the tensors.
     num_splits is not used: varlen_fwd has no split-KV yet.
     """
-    check_supported(0.0, softcap, alibi_slopes)
+    check_supported(0.0, softcap, alibi_slopes is not None)
     extension()  # fail before touching the caches
     b, sq, hq, d = q.shape
     b_cache, s_cache, hk, _ = k_cache.shape
@@ -169,6 +239,16 @@ def extension():
     return ext
 
 
+def backward_extension(name):
+    """The extension, which must have the backward entry point ``name`` (bwd or varlen_bwd)."""
+    ext = extension()
+    if not hasattr(ext, name):
+        raise NotImplementedError(f"flash_attn backward is not implemented for CUDA tensors in this build "
+                                  f"(flash_attn_2_cuda has no {name}); run the forward under "
+                                  f"torch.no_grad(), or use CPU tensors (reference implementation) for gradients")
+    return ext
+
+
 def kernel_head_dim(head_dim):
     """The smallest compiled head dim >= head_dim."""
     compiled = sorted(build_info.compiled_head_dims())
@@ -184,12 +264,12 @@ def pad_head_dim(x, head_dim):
     return x if x.shape[-1] == head_dim else F.pad(x, (0, head_dim - x.shape[-1]))
 
 
-def check_supported(dropout_p, softcap, alibi_slopes):
+def check_supported(dropout_p, softcap, has_alibi):
     """Features the CUDA route lacks now, or that this build left out."""
     if dropout_p > 0:
-        raise NotImplementedError(f"flash_attn: dropout_p > 0 is not supported on CUDA yet (it arrives "
-                                  f"with the backward); got dropout_p={dropout_p}")
-    for name, used in (("alibi", alibi_slopes is not None), ("softcap", softcap > 0)):
+        raise NotImplementedError(f"flash_attn: dropout_p > 0 is not supported on CUDA yet; "
+                                  f"got dropout_p={dropout_p}")
+    for name, used in (("alibi", has_alibi), ("softcap", softcap > 0)):
         if used and not build_info.has_feature(name):
             raise RuntimeError(f"flash_attn: {name} was requested but this build has no {name} kernels "
                                f"(variants: {build_info.build_config().get('variants')}); rebuild "
@@ -197,7 +277,7 @@ def check_supported(dropout_p, softcap, alibi_slopes):
 
 
 class _ForwardOnly(torch.autograd.Function):
-    """Routes q, k, v through a kernel call; the backward does not exist yet."""
+    """Routes q, k, v through a kernel call that has no backward (flash_attn_with_kvcache)."""
 
     @staticmethod
     def forward(ctx, q, k, v, call):
@@ -207,42 +287,23 @@ class _ForwardOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        raise NotImplementedError("flash_attn backward is not implemented yet for CUDA tensors; "
-                                  "run the forward under torch.no_grad(), or use CPU tensors "
-                                  "(reference implementation) for gradients")
-
-
-def _run(call, q, k, v, dropout_p, softcap, alibi_slopes):
-    check_supported(dropout_p, softcap, alibi_slopes)
-    return _ForwardOnly.apply(q, k, v, call)
+        raise NotImplementedError("flash_attn_with_kvcache has no backward (forward only, as in flash-attn); "
+                                  "run it under torch.no_grad(), or use flash_attn_func for gradients")
 
 
 def _empty_result(q, lse_shape):
-    """What a call with no keys (or no queries) returns: zeros and lse = +inf."""
-    return torch.zeros_like(q), torch.full(lse_shape, float("inf"), dtype=torch.float32, device=q.device)
+    """What a call with no keys (or no queries) returns: zeros and lse = +inf, contiguous."""
+    return q.new_zeros(q.shape), torch.full(lse_shape, float("inf"), dtype=torch.float32, device=q.device)
 
 
-def _dense_call(q, k, v, softmax_scale, window, softcap, alibi_slopes):
-    ext = extension()
-    b, sq, hq, d = q.shape
-    dk = kernel_head_dim(d)
-    if q.numel() == 0 or k.shape[1] == 0:
-        return _empty_result(q, (b, hq, sq))
-    alibi = None if alibi_slopes is None else alibi_slopes.contiguous()
-    out, lse = ext.fwd(pad_head_dim(q, dk), pad_head_dim(k, dk), pad_head_dim(v, dk), None, alibi,
-                       softmax_scale, window[0], window[1], softcap)
-    return out[..., :d], lse
+def _zero_grads(q, k, v):
+    """The gradients of a call with no keys or no queries: zeros, contiguous."""
+    return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
 
 
-def _varlen_call(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                 window, softcap, alibi_slopes):
-    ext = extension()
-    total_q, hq, d = q.shape
-    dk = kernel_head_dim(d)
-    if q.numel() == 0 or k.shape[0] == 0 or cu_seqlens_q.shape[0] == 1:
-        return _empty_result(q, (hq, total_q))
-    alibi = None if alibi_slopes is None else alibi_slopes.contiguous()
-    out, lse = ext.varlen_fwd(pad_head_dim(q, dk), pad_head_dim(k, dk), pad_head_dim(v, dk), None,
-                              cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q, max_seqlen_k, alibi,
-                              softmax_scale, window[0], window[1], softcap)
-    return out[..., :d], lse
+def _contiguous(x):
+    return None if x is None else x.contiguous()
+
+
+def _last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()

@@ -1,9 +1,14 @@
 """The flash-attn 2.x exact-attention API (same names, signatures, layouts, returns).
 
 Each function checks its arguments (flash_attn._checks), normalizes the options
-as flash-attn does (flash_attn._normalize), then routes by device: CUDA tensors
-to the compiled kernels (flash_attn._cuda, forward only for now), CPU tensors to
-the reference implementation (flash_attn._cpu, differentiable).
+as flash-attn does (flash_attn._normalize), then calls the flash_attn:: custom ops
+(flash_attn._ops: forward, backward through their autograd formula, fake
+implementations for torch.compile), whose kernels depend on the device: CUDA
+tensors run the compiled kernels (flash_attn._cuda, which also pads the head dim
+to a compiled one around the op), CPU tensors the reference implementation
+(flash_attn._cpu). Dropout on CPU stays outside the ops: with dropout_p > 0, CPU
+tensors run the reference with its dropout directly, differentiable through
+autograd (and torch.compile traces the reference itself).
 
 Common options:
     dropout_p: probability of dropping an attention probability, in [0, 1)
@@ -14,7 +19,8 @@ Common options:
         [i + seqlen_k - seqlen_q - left, i + seqlen_k - seqlen_q + right], -1 = unbounded.
     softcap: > 0 turns scores into softcap * tanh(scores / softcap).
     alibi_slopes: fp32 (nheads,) or (batch, nheads); adds -slope * |i + seqlen_k - seqlen_q - j|.
-    deterministic: concerns the backward only; accepted for compatibility.
+    deterministic: concerns the backward only: passed to the CUDA backward kernel
+        (bitwise reproducible dq); the CPU reference is deterministic either way.
     return_attn_probs: return (out, softmax_lse, S_dmask) instead of out.
         softmax_lse is fp32 (batch, nheads, seqlen_q), or (nheads, total_q) for
         varlen; a row that sees no key has lse +inf (and outputs 0).
@@ -24,7 +30,7 @@ Common options:
 """
 import torch
 
-from . import _checks, _cpu, _cuda
+from . import _checks, _cpu, _cuda, _ops
 from ._normalize import kernel_window, softmax_scale_or_default
 
 
@@ -38,11 +44,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     window = _checks.check_options(q, dropout_p, window_size, softcap, alibi_slopes, q.shape[0])
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
     window = kernel_window(causal, window, q.shape[1], k.shape[1], alibi_slopes is not None)
+    s_dmask = None
     if q.is_cuda:
-        out, lse = _cuda.dense_forward(q, k, v, dropout_p, scale, window, softcap, alibi_slopes)
-        s_dmask = None
-    else:
+        out, lse = _cuda.dense_forward(q, k, v, dropout_p, scale, window, softcap, alibi_slopes, deterministic)
+    elif dropout_p > 0:
         out, lse, s_dmask = _cpu.dense_forward(q, k, v, dropout_p, scale, window, softcap, alibi_slopes)
+    else:
+        out, lse = _ops.fwd(q, k, v, alibi_slopes, scale, window[0], window[1], softcap, deterministic)
     return (out, lse, s_dmask) if return_attn_probs else out
 
 
@@ -83,11 +91,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     window = kernel_window(causal, window, max_seqlen_q, max_seqlen_k, alibi_slopes is not None)
     args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, scale, window,
             softcap, alibi_slopes)
+    s_dmask = None
     if q.is_cuda:
-        out, lse = _cuda.varlen_forward(*args)
-        s_dmask = None
-    else:
+        out, lse = _cuda.varlen_forward(*args, deterministic)
+    elif dropout_p > 0:
         out, lse, s_dmask = _cpu.varlen_forward(*args)
+    else:
+        out, lse = _ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q, max_seqlen_k,
+                                   alibi_slopes, scale, window[0], window[1], softcap, deterministic)
     return (out, lse, s_dmask) if return_attn_probs else out
 
 

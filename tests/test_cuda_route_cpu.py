@@ -3,12 +3,14 @@
 The fake checks the extension contract (compiled head dim, unit last stride,
 out=None, fp32 contiguous ALiBi, int32 cu_seqlens) and computes with the
 reference, so head-dim padding, slicing, empty inputs, build checks and the
-forward-only autograd wrapper are all exercised without a GPU.
+autograd routing (with and without an extension backward) are all exercised
+without a GPU. While the `fake` fixture is active, the flash_attn:: ops run their
+CUDA kernels (flash_attn._cuda) for CPU tensors.
 """
 import pytest
 import torch
 
-from flash_attn import _cpu, _cuda, build_info
+from flash_attn import _cpu, _cuda, _ops, build_info
 from flash_attn._normalize import kernel_window, softmax_scale_or_default
 from flash_attn.reference import attention_ref, attention_varlen_ref
 
@@ -24,8 +26,9 @@ class FakeExtension:
     def fwd(self, q, k, v, out, alibi_slopes, softmax_scale, window_size_left, window_size_right, softcap):
         self._check(q, k, v, out, alibi_slopes)
         self.calls.append(("fwd", q.shape[-1], softmax_scale, (window_size_left, window_size_right)))
-        return list(attention_ref(q, k, v, softmax_scale, False, (window_size_left, window_size_right),
-                                  softcap, alibi_slopes))
+        out, lse = attention_ref(q, k, v, softmax_scale, False, (window_size_left, window_size_right), softcap,
+                                 alibi_slopes)
+        return [out.contiguous(), lse.contiguous()]  # the extension allocates contiguous outputs
 
     def varlen_fwd(self, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
                    alibi_slopes, softmax_scale, window_size_left, window_size_right, softcap):
@@ -47,13 +50,60 @@ class FakeExtension:
             assert alibi_slopes.dtype == torch.float32 and alibi_slopes.is_contiguous()
 
 
-@pytest.fixture
-def fake(monkeypatch):
-    ext = FakeExtension()
+class FakeExtensionWithBackward(FakeExtension):
+    """FakeExtension with bwd / varlen_bwd: the reference's gradients (dk, dv reduced over
+    each kv head's query heads), after checking the backward's extension contract."""
+
+    def bwd(self, dout, q, k, v, out, softmax_lse, dq, dk, dv, alibi_slopes, softmax_scale, window_size_left,
+            window_size_right, softcap, deterministic):
+        self._check_bwd(dout, q, k, v, out, softmax_lse, (dq, dk, dv), alibi_slopes, deterministic)
+        self.calls.append(("bwd", q.shape[-1], softmax_scale, (window_size_left, window_size_right)))
+        self.deterministic = deterministic
+        grads = _cpu.bwd(dout, q, k, v, out, softmax_lse, alibi_slopes, softmax_scale, window_size_left,
+                         window_size_right, softcap, deterministic)
+        return list(grads) + [torch.zeros_like(softmax_lse)]
+
+    def varlen_bwd(self, dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                   max_seqlen_k, alibi_slopes, softmax_scale, window_size_left, window_size_right, softcap,
+                   deterministic):
+        self._check_bwd(dout, q, k, v, out, softmax_lse, (dq, dk, dv), alibi_slopes, deterministic)
+        assert type(max_seqlen_q) is int and type(max_seqlen_k) is int
+        self.calls.append(("varlen_bwd", q.shape[-1], softmax_scale, (window_size_left, window_size_right)))
+        grads = _cpu.varlen_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q,
+                                max_seqlen_k, alibi_slopes, softmax_scale, window_size_left, window_size_right,
+                                softcap, deterministic)
+        return list(grads) + [torch.zeros_like(softmax_lse)]
+
+    def _check_bwd(self, dout, q, k, v, out, lse, grads, alibi_slopes, deterministic):
+        self._check(q, k, v, None, alibi_slopes)
+        assert grads == (None, None, None) and type(deterministic) is bool
+        assert dout.shape == out.shape == q.shape and dout.stride(-1) == 1 and lse.dtype == torch.float32
+
+
+# What each op runs on CPU tensors while a fake extension stands in: its CUDA kernel.
+_OP_KERNELS = [(_ops.fwd, _cuda.fwd, _cpu.fwd), (_ops.varlen_fwd, _cuda.varlen_fwd, _cpu.varlen_fwd),
+               (_ops.bwd, _cuda.bwd, _cpu.bwd), (_ops.varlen_bwd, _cuda.varlen_bwd, _cpu.varlen_bwd)]
+
+
+def _install(monkeypatch, ext):
     monkeypatch.setattr(build_info, "cuda_extension", lambda: ext)
     monkeypatch.setattr(build_info, "compiled_head_dims", lambda: list(HEAD_DIMS))
     monkeypatch.setattr(build_info, "has_feature", lambda name: True)
-    return ext
+    for op, cuda_kernel, _ in _OP_KERNELS:
+        op.register_kernel("cpu", cuda_kernel)
+    yield ext
+    for op, _, cpu_kernel in _OP_KERNELS:
+        op.register_kernel("cpu", cpu_kernel)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    yield from _install(monkeypatch, FakeExtension())
+
+
+@pytest.fixture
+def fake_bwd(monkeypatch):
+    yield from _install(monkeypatch, FakeExtensionWithBackward())
 
 
 def rand(*shape, seed=0):
@@ -144,13 +194,98 @@ def test_dropout_not_supported_yet(fake):
         _cuda.dense_forward(*qkv(), 0.1, 1.0, (-1, -1), 0.0, None)
 
 
-def test_backward_raises(fake):
+def test_backward_without_extension_bwd_raises(fake):
     q, k, v = qkv(d=32)
     q.requires_grad_(True)
     out, lse = _cuda.dense_forward(q, k, v, 0.0, 1.0, (-1, -1), 0.0, None)
     assert out.requires_grad and not lse.requires_grad
-    with pytest.raises(NotImplementedError, match="flash_attn backward is not implemented yet"):
+    with pytest.raises(NotImplementedError, match="flash_attn_2_cuda has no bwd"):
         out.float().sum().backward()
+
+
+@pytest.mark.parametrize("d,kernel_d", [(20, 32), (64, 64)])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_dense_backward_pads_and_matches_cpu(fake_bwd, d, kernel_d, deterministic):
+    q, k, v = (x.float().requires_grad_(True) for x in qkv(d=d))
+    alibi = torch.rand(2, 4)
+    args = (0.0, d ** -0.5, (2, 0), 3.0, alibi)
+    dout = rand(2, 5, 4, d, seed=3).float()
+    out, lse = _cuda.dense_forward(q, k, v, *args, deterministic)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert fake_bwd.calls == [("fwd", kernel_d, d ** -0.5, (2, 0)), ("bwd", kernel_d, d ** -0.5, (2, 0))]
+    assert fake_bwd.deterministic is deterministic
+    ref, _, _ = _cpu.dense_forward(q, k, v, *args)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    for g, r in zip(grads, ref_grads):
+        assert g.shape == r.shape
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_backward_pads_and_matches_cpu(fake_bwd):
+    cu_q = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
+    cu_k = torch.tensor([0, 4, 6, 6], dtype=torch.int32)
+    q, k, v = (x.float().requires_grad_(True) for x in (rand(8, 4, 40), rand(6, 2, 40, seed=1),
+                                                        rand(6, 2, 40, seed=2)))
+    args = (q, k, v, cu_q, cu_k, 5, 4, 0.0, 40 ** -0.5, (-1, 0), 0.0, None)
+    out, _ = _cuda.varlen_forward(*args)
+    out.sum().backward()
+    grads = [x.grad for x in (q, k, v)]
+    assert [c[0] for c in fake_bwd.calls] == ["varlen_fwd", "varlen_bwd"]
+    q.grad = k.grad = v.grad = None
+    _cpu.varlen_forward(*args)[0].sum().backward()
+    for g, x in zip(grads, (q, k, v)):
+        torch.testing.assert_close(g, x.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_padding_uses_the_forward_kernel_head_dim(fake_bwd, monkeypatch, requires_grad):
+    """Training or not, the forward runs at the smallest compiled head dim (the extension pads
+    the backward to a head dim with a backward kernel itself)."""
+    q, k, v = qkv(d=20)
+    _cuda.dense_forward(q.requires_grad_(requires_grad), k, v, 0.0, 1.0, (-1, -1), 0.0, None)
+    assert fake_bwd.calls == [("fwd", 32, 1.0, (-1, -1))]
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_cuda_route_compiles_without_graph_breaks(fake_bwd, backend):
+    """The route (build checks, padding, op, slicing) traced with fullgraph=True; the op runs
+    its CUDA kernel (fake extension) in the compiled graph, forward and backward."""
+    torch._dynamo.reset()
+
+    def attention(q, k, v, cu_q, cu_k):
+        dense, _ = _cuda.dense_forward(q, k, v, 0.0, 0.3, (-1, 0), 0.0, None)
+        varlen, _ = _cuda.varlen_forward(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, 5, 7,
+                                         0.0, 0.3, (2, -1), 0.0, None)
+        return dense.sum() + varlen.sum()
+
+    cu_q, cu_k = (torch.tensor([0, n, 2 * n], dtype=torch.int32) for n in (5, 7))
+    inputs = [x.float().requires_grad_(True) for x in qkv(d=20)]
+    compiled = torch.compile(attention, fullgraph=True, backend=backend)
+    got = torch.autograd.grad(compiled(*inputs, cu_q, cu_k), inputs)
+    kernels = sorted({c[0] for c in fake_bwd.calls})
+    assert kernels == ["bwd", "fwd", "varlen_bwd", "varlen_fwd"] and {c[1] for c in fake_bwd.calls} == {32}
+    want = torch.autograd.grad(attention(*inputs, cu_q, cu_k), inputs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck_cuda_kernels(fake_bwd):
+    """The ops' CUDA kernels (run here for CPU tensors) agree with the fakes: shapes, dtypes, strides."""
+    q, k, v = (x.float().requires_grad_(True) for x in qkv(d=32))
+    dense = (q, k, v, torch.rand(2, 4), 0.3, 2, 0, 0.0)
+    torch.library.opcheck(_ops.fwd, dense)
+    cu_q, cu_k = (torch.tensor([0, n, 2 * n], dtype=torch.int32) for n in (5, 7))
+    varlen = (q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, None, 5, 7, None, 0.3, -1, 0, 0.0)
+    torch.library.opcheck(_ops.varlen_fwd, varlen)
+    assert {c[0] for c in fake_bwd.calls} == {"fwd", "varlen_fwd", "bwd", "varlen_bwd"}
+
+
+def test_backward_of_empty_inputs_skips_the_kernel(fake_bwd):
+    q, k, v = (x.float().requires_grad_(True) for x in qkv(sk=0, d=32))
+    out, _ = _cuda.dense_forward(q, k, v, 0.0, 1.0, (-1, -1), 0.0, None)
+    out.sum().backward()
+    assert [c[0] for c in fake_bwd.calls] == []
+    assert (q.grad == 0).all() and k.grad.shape == k.shape
 
 
 WINDOWS = [
