@@ -14,3 +14,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def ieee_fp32_matmul():
+    """fp32 references must really be fp32: no TF32 in their matmuls (GPU test modules use it)."""
+    matmul = torch.backends.cuda.matmul
+    # torch >= 2.9 has fp32_precision; mixing it with the legacy allow_tf32 flag can raise
+    name, value = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
+    old = getattr(matmul, name)
+    setattr(matmul, name, value)
+    yield
+    setattr(matmul, name, old)

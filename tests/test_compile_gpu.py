@@ -9,41 +9,15 @@
 Every test is marked `cuda` and skips without a GPU or the compiled extension;
 FLASH_ATTN_REQUIRE_CUDA=1 turns those skips into failures (as in test_flash_attn_gpu.py).
 """
-import os
 
 import pytest
 import torch
+from gpu_env import gpu_marks, unavailable_reason
 
 from flash_attn import _ops, build_info, flash_attn_func, flash_attn_varlen_func
 
-REQUIRE_CUDA = os.environ.get("FLASH_ATTN_REQUIRE_CUDA", "").strip() not in ("", "0")
-
-
-def _unavailable_reason():
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    cfg = build_info.build_config()
-    if not cfg.get("cuda"):
-        return f"flash_attn CUDA extension not built ({cfg.get('skip_reason')})"
-    try:
-        if build_info.cuda_extension() is None:
-            return "flash_attn CUDA extension not available"
-    except Exception as exc:  # a broken build is reported, not raised at collection
-        return f"flash_attn CUDA extension failed to load: {type(exc).__name__}: {exc}"
-    return None
-
-
-UNAVAILABLE = _unavailable_reason()
-pytestmark = [pytest.mark.cuda] + ([] if REQUIRE_CUDA else [
-    pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))])
-
-
-@pytest.mark.cuda
-def test_kernels_present_when_required():
-    """Fails (rather than skips) under FLASH_ATTN_REQUIRE_CUDA=1 when the kernels cannot run."""
-    if not REQUIRE_CUDA:
-        pytest.skip("FLASH_ATTN_REQUIRE_CUDA is not set")
-    assert UNAVAILABLE is None, UNAVAILABLE
+UNAVAILABLE = unavailable_reason()
+pytestmark = gpu_marks(UNAVAILABLE)
 
 
 def _has_backward():

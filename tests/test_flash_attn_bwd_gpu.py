@@ -11,44 +11,18 @@ Environment: FLASH_ATTN_TEST_QUICK=1 (subset), FLASH_ATTN_REQUIRE_CUDA=1 (fail, 
 when the extension or its backward is missing).
 """
 import itertools
-import os
 
 import pytest
 import torch
 
 from flash_attn import build_info
 from flash_attn.reference import attention_ref, attention_varlen_ref
+from gpu_env import QUICK, gpu_marks, unavailable_reason
 
-QUICK = os.environ.get("FLASH_ATTN_TEST_QUICK", "").strip() not in ("", "0")
-REQUIRE_CUDA = os.environ.get("FLASH_ATTN_REQUIRE_CUDA", "").strip() not in ("", "0")
-
-
-def _unavailable_reason():
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    if not build_info.build_config().get("cuda"):
-        return "flash_attn CUDA extension not built"
-    ext = build_info.cuda_extension()
-    if ext is None or not hasattr(ext, "bwd"):
-        return "the extension has no backward (FLASH_ATTN_DISABLE_BACKWARD or an older build)"
-    return None
-
-
-UNAVAILABLE = _unavailable_reason()
-pytestmark = [pytest.mark.cuda] + ([] if REQUIRE_CUDA else [
-    pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))])
+UNAVAILABLE = unavailable_reason(need_backward=True)
+pytestmark = gpu_marks(UNAVAILABLE)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _ieee_fp32_matmul():
-    matmul = torch.backends.cuda.matmul
-    name, value = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
-    old = getattr(matmul, name)
-    setattr(matmul, name, value)
-    yield
-    setattr(matmul, name, old)
 
 
 def _kernel_dim(d):
@@ -146,7 +120,7 @@ def test_bwd_matches_reference(dtype_name, d, mask, alibi, softcap, ratio, seqle
 @pytest.mark.parametrize("d", [64, 128])
 def test_varlen_bwd_with_empty_sequences(d, mask):
     _skip_unbuilt("bf16", False, False)
-    dk_ = _kernel_dim(d)
+    _kernel_dim(d)
     ext = build_info.cuda_extension()
     dtype = torch.bfloat16
     lens_q = [17, 0, 130, 1, 64]

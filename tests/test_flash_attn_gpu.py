@@ -24,7 +24,6 @@ Environment:
 """
 import itertools
 import math
-import os
 import zlib
 from collections import namedtuple
 
@@ -32,29 +31,10 @@ import pytest
 import torch
 
 from flash_attn import build_info
+from gpu_env import QUICK, REQUIRE_CUDA, gpu_marks, unavailable_reason
 
-QUICK = os.environ.get("FLASH_ATTN_TEST_QUICK", "").strip() not in ("", "0")
-REQUIRE_CUDA = os.environ.get("FLASH_ATTN_REQUIRE_CUDA", "").strip() not in ("", "0")
-
-
-def _unavailable_reason():
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    cfg = build_info.build_config()
-    if not cfg.get("cuda"):
-        return f"flash_attn CUDA extension not built ({cfg.get('skip_reason')})"
-    try:
-        if build_info.cuda_extension() is None:
-            return "flash_attn CUDA extension not available"
-    except Exception as exc:  # a broken build is reported, not raised at collection
-        return f"flash_attn CUDA extension failed to load: {type(exc).__name__}: {exc}"
-    return None
-
-
-UNAVAILABLE = _unavailable_reason()
-# Under FLASH_ATTN_REQUIRE_CUDA=1 nothing is skipped for a missing extension: the tests run and fail.
-pytestmark = [pytest.mark.cuda] + ([] if REQUIRE_CUDA else [
-    pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))])
+UNAVAILABLE = unavailable_reason()
+pytestmark = gpu_marks(UNAVAILABLE)
 
 
 @pytest.mark.cuda
@@ -63,18 +43,6 @@ def test_kernels_present_when_required():
     if not REQUIRE_CUDA:
         pytest.skip("FLASH_ATTN_REQUIRE_CUDA is not set")
     assert UNAVAILABLE is None, UNAVAILABLE
-
-
-# The fp32 reference must really be fp32: no TF32 in its matmuls.
-@pytest.fixture(autouse=True, scope="module")
-def _ieee_fp32_matmul():
-    matmul = torch.backends.cuda.matmul
-    # torch >= 2.9 has fp32_precision; mixing it with the legacy allow_tf32 flag can raise
-    name, value = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
-    old = getattr(matmul, name)
-    setattr(matmul, name, value)
-    yield
-    setattr(matmul, name, old)
 
 
 # ----------------------------------------------------------------------------

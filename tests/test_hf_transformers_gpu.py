@@ -16,34 +16,15 @@ Small randomly initialized decoders (no downloads) in fp16/bf16 on the GPU:
 Skips without transformers, without a GPU or without the compiled extension.
 """
 import copy
-import os
 
 import pytest
 import torch
 
 from flash_attn import build_info
+from gpu_env import gpu_marks, unavailable_reason
 
-REQUIRE_CUDA = os.environ.get("FLASH_ATTN_REQUIRE_CUDA", "").strip() not in ("", "0")
-
-
-def _unavailable_reason():
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    cfg = build_info.build_config()
-    if not cfg.get("cuda"):
-        return f"flash_attn CUDA extension not built ({cfg.get('skip_reason')})"
-    try:
-        if build_info.cuda_extension() is None:
-            return "flash_attn CUDA extension not available"
-    except Exception as exc:
-        return f"flash_attn CUDA extension failed to load: {type(exc).__name__}: {exc}"
-    return None
-
-
-UNAVAILABLE = _unavailable_reason()
-# Under FLASH_ATTN_REQUIRE_CUDA=1 nothing is skipped for a missing extension: the tests run and fail.
-pytestmark = [pytest.mark.cuda] + ([] if REQUIRE_CUDA else [
-    pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))])
+UNAVAILABLE = unavailable_reason()
+pytestmark = gpu_marks(UNAVAILABLE)
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,17 +111,6 @@ def _batch():
 @torch.no_grad()
 def _logits(model, ids, mask):
     return model(input_ids=ids, attention_mask=mask).logits.float()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _ieee_fp32_matmul():
-    matmul = torch.backends.cuda.matmul
-    # torch >= 2.9 has fp32_precision; mixing it with the legacy allow_tf32 flag can raise
-    name, value = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
-    old = getattr(matmul, name)
-    setattr(matmul, name, value)
-    yield
-    setattr(matmul, name, old)
 
 
 @pytest.mark.cuda

@@ -18,7 +18,6 @@ turns a missing GPU or extension into a failure (see test_flash_attn_gpu.py).
 """
 import itertools
 import math
-import os
 import zlib
 from collections import namedtuple
 
@@ -26,46 +25,10 @@ import pytest
 import torch
 
 from flash_attn import build_info
+from gpu_env import QUICK, gpu_marks, unavailable_reason
 
-QUICK = os.environ.get("FLASH_ATTN_TEST_QUICK", "").strip() not in ("", "0")
-REQUIRE_CUDA = os.environ.get("FLASH_ATTN_REQUIRE_CUDA", "").strip() not in ("", "0")
-
-
-def _unavailable_reason():
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    cfg = build_info.build_config()
-    if not cfg.get("cuda"):
-        return f"flash_attn CUDA extension not built ({cfg.get('skip_reason')})"
-    try:
-        if build_info.cuda_extension() is None:
-            return "flash_attn CUDA extension not available"
-    except Exception as exc:  # a broken build is reported, not raised at collection
-        return f"flash_attn CUDA extension failed to load: {type(exc).__name__}: {exc}"
-    return None
-
-
-UNAVAILABLE = _unavailable_reason()
-pytestmark = [pytest.mark.cuda] + ([] if REQUIRE_CUDA else [
-    pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))])
-
-
-@pytest.mark.cuda
-def test_kernels_present_when_required():
-    if not REQUIRE_CUDA:
-        pytest.skip("FLASH_ATTN_REQUIRE_CUDA is not set")
-    assert UNAVAILABLE is None, UNAVAILABLE
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _ieee_fp32_matmul():
-    """The fp32 reference must really be fp32: no TF32 in its matmuls."""
-    matmul = torch.backends.cuda.matmul
-    name, value = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
-    old = getattr(matmul, name)
-    setattr(matmul, name, value)
-    yield
-    setattr(matmul, name, old)
+UNAVAILABLE = unavailable_reason()
+pytestmark = gpu_marks(UNAVAILABLE)
 
 
 # ----------------------------------------------------------------------------

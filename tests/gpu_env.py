@@ -1,0 +1,44 @@
+"""What the GPU test files share: environment switches, why the kernels cannot run here
+(if they cannot), and the module marks that skip or, under FLASH_ATTN_REQUIRE_CUDA=1,
+fail instead.
+
+  FLASH_ATTN_TEST_QUICK=1    each file runs a representative subset
+  FLASH_ATTN_REQUIRE_CUDA=1  a missing GPU or extension fails the tests instead of
+                             skipping them (scripts/device_run.sh sets it)
+"""
+import os
+
+import pytest
+import torch
+
+from flash_attn import build_info
+
+QUICK = os.environ.get("FLASH_ATTN_TEST_QUICK", "").strip() not in ("", "0")
+REQUIRE_CUDA = os.environ.get("FLASH_ATTN_REQUIRE_CUDA", "").strip() not in ("", "0")
+
+
+def unavailable_reason(need_backward=False):
+    """Why the CUDA kernels cannot run here, or None when they can."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    cfg = build_info.build_config()
+    if not cfg.get("cuda"):
+        return f"flash_attn CUDA extension not built ({cfg.get('skip_reason')})"
+    try:
+        ext = build_info.cuda_extension()
+    except Exception as exc:  # a broken build is reported, not raised at collection
+        return f"flash_attn CUDA extension failed to load: {type(exc).__name__}: {exc}"
+    if ext is None:
+        return "flash_attn CUDA extension not available"
+    if need_backward and not hasattr(ext, "bwd"):
+        return "the extension has no backward (FLASH_ATTN_DISABLE_BACKWARD or an older build)"
+    return None
+
+
+def gpu_marks(reason):
+    """Module marks: `cuda`, IEEE fp32 matmuls for the reference (the `ieee_fp32_matmul`
+    fixture of conftest.py), and a skip for `reason` unless FLASH_ATTN_REQUIRE_CUDA is set."""
+    marks = [pytest.mark.cuda, pytest.mark.usefixtures("ieee_fp32_matmul")]
+    if not REQUIRE_CUDA:
+        marks.append(pytest.mark.skipif(reason is not None, reason=str(reason)))
+    return marks
