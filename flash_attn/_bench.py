@@ -13,6 +13,20 @@ def attn_fwd_flops(batch, nheads, seqlen_q, seqlen_k, headdim, causal):
     return flops // 2 if causal else flops
 
 
+# Work of each timed pass in units of the forward's FLOPs (flash-attn's convention, as in
+# ../shared/ANCHORS.md): the backward does 5 matmuls to the forward's 2, so 2.5x; a forward
+# plus a backward 3.5x.
+PASS_FLOP_FACTORS = {"fwd": 1.0, "bwd": 2.5, "fwdbwd": 3.5}
+
+
+def attn_flops(batch, nheads, seqlen_q, seqlen_k, headdim, causal, mode="fwd"):
+    """FLOPs of one pass: 'fwd', 'bwd' (2.5x fwd) or 'fwdbwd' (3.5x fwd), halved when causal."""
+    if mode not in PASS_FLOP_FACTORS:
+        raise ValueError(f"mode must be one of {sorted(PASS_FLOP_FACTORS)}, got {mode!r}")
+    # an integer: the factors are halves and the forward count is even
+    return attn_fwd_flops(batch, nheads, seqlen_q, seqlen_k, headdim, causal) * int(2 * PASS_FLOP_FACTORS[mode]) // 2
+
+
 def time_ms(fn, warmup_ms=25, rep_ms=100):
     """Median time of `fn()` in milliseconds, measured with CUDA events.
 
@@ -95,6 +109,99 @@ def time_ours_ms(q, k, v, causal, **timing):
 
     fn()
     return time_ms(fn, **timing)
+
+
+def _grad_pass(forward, inputs, dout, mode):
+    """A zero-argument callable for the timed region of a gradient pass.
+
+    mode 'bwd': `forward()` runs once here, outside the timed region, and the callable is
+    `torch.autograd.grad(out, inputs, dout, retain_graph=True)` (the backward alone).
+    mode 'fwdbwd': the callable runs `forward()` and its backward (a whole training step of
+    the attention).
+    """
+    import torch
+
+    if mode == "bwd":
+        out = forward()
+        return lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True)
+    if mode == "fwdbwd":
+        return lambda: torch.autograd.grad(forward(), inputs, dout)
+    raise ValueError(f"mode must be 'bwd' or 'fwdbwd', got {mode!r}")
+
+
+def _leaves(*tensors):
+    return tuple(t.detach().requires_grad_(True) for t in tensors)
+
+
+def _ours_forward(q, k, v, causal, deterministic):
+    from flash_attn import flash_attn_func
+
+    return lambda: flash_attn_func(q, k, v, causal=causal, deterministic=deterministic)
+
+
+def _sdpa_forward(qt, kt, vt, causal):
+    import torch.nn.functional as F
+
+    kwargs = {"is_causal": causal}
+    if qt.shape[1] != kt.shape[1]:
+        kwargs["enable_gqa"] = True
+    return lambda: F.scaled_dot_product_attention(qt, kt, vt, **kwargs)
+
+
+def time_ours_grad_ms(q, k, v, dout, causal, mode, deterministic=False, **timing):
+    """Median ms of flash_attn_func's backward ('bwd') or forward + backward ('fwdbwd').
+
+    q/k/v/dout (batch, seqlen, nheads, headdim); the public API with requires_grad inputs,
+    so the autograd formula of the flash_attn::fwd custom op is what runs. Raises (before
+    any timing) when the backward cannot run this shape.
+    """
+    q, k, v = _leaves(q, k, v)
+    fn = _grad_pass(_ours_forward(q, k, v, causal, deterministic), (q, k, v), dout, mode)
+    fn()
+    return time_ms(fn, **timing)
+
+
+def time_sdpa_grad_ms(qt, kt, vt, dout_t, causal, backend, mode, **timing):
+    """As time_ours_grad_ms for F.scaled_dot_product_attention restricted to one backend;
+    qt/kt/vt/dout_t in SDPA's layout (`sdpa_inputs`)."""
+    from torch.nn.attention import sdpa_kernel
+
+    qt, kt, vt = _leaves(qt, kt, vt)
+    with sdpa_kernel(backend):
+        fn = _grad_pass(_sdpa_forward(qt, kt, vt, causal), (qt, kt, vt), dout_t, mode)
+        fn()
+        return time_ms(fn, **timing)
+
+
+def _peak_bytes(forward, inputs, dout):
+    """Peak allocated bytes of one forward + backward above what was allocated before it."""
+    import torch
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    grads = torch.autograd.grad(forward(), inputs, dout)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del grads
+    return peak - base
+
+
+def peak_ours_fwdbwd_bytes(q, k, v, dout, causal, deterministic=False):
+    """Bytes that one flash_attn_func forward + backward allocates on top of its inputs
+    (q, k, v, dout): output, saved state, gradients and workspaces at their peak.
+    Call it after a warm-up (timing) so one-time allocations are not counted."""
+    q, k, v = _leaves(q, k, v)
+    return _peak_bytes(_ours_forward(q, k, v, causal, deterministic), (q, k, v), dout)
+
+
+def peak_sdpa_fwdbwd_bytes(qt, kt, vt, dout_t, causal, backend):
+    """peak_ours_fwdbwd_bytes for SDPA restricted to one backend (SDPA's layout)."""
+    from torch.nn.attention import sdpa_kernel
+
+    qt, kt, vt = _leaves(qt, kt, vt)
+    with sdpa_kernel(backend):
+        return _peak_bytes(_sdpa_forward(qt, kt, vt, causal), (qt, kt, vt), dout_t)
 
 
 def ours_unavailable_reason():

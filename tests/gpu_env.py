@@ -42,3 +42,18 @@ def gpu_marks(reason):
     if not REQUIRE_CUDA:
         marks.append(pytest.mark.skipif(reason is not None, reason=str(reason)))
     return marks
+
+
+def poison_allocator(*tensors_like):
+    """Fills freed blocks of torch's caching allocator with NaN, sized like the outputs to
+    come ((shape, dtype) pairs), so an output element a kernel never writes reads as NaN."""
+    blocks = []
+    for shape, dtype in tensors_like:
+        for _ in range(3):
+            blocks.append(torch.full(shape, float("nan"), device="cuda", dtype=dtype))
+    del blocks
+
+
+def max_abs(a, b):
+    """max |a - b| in fp32 (0 for empty tensors)."""
+    return 0.0 if a.numel() == 0 else (a.float() - b.float()).abs().max().item()

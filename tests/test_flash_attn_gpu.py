@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from flash_attn import build_info
-from gpu_env import QUICK, REQUIRE_CUDA, gpu_marks, unavailable_reason
+from gpu_env import QUICK, REQUIRE_CUDA, gpu_marks, max_abs, poison_allocator, unavailable_reason
 
 UNAVAILABLE = unavailable_reason()
 pytestmark = gpu_marks(UNAVAILABLE)
@@ -92,22 +92,6 @@ def _slopes(gen, *shape):
     return torch.rand(*shape, device="cuda", generator=gen) * 0.75 + 2.0 ** -8
 
 
-def _poison_allocator(*tensors_like):
-    """Fills freed blocks of the caching allocator with NaN, sized like the outputs to
-    come, so that an output element a kernel never writes shows up as NaN."""
-    blocks = []
-    for shape, dtype in tensors_like:
-        for _ in range(3):
-            blocks.append(torch.full(shape, float("nan"), device="cuda", dtype=dtype))
-    del blocks
-
-
-def _max_abs(a, b):
-    if a.numel() == 0:
-        return 0.0
-    return (a.float() - b.float()).abs().max().item()
-
-
 def _ref(q, k, v, upcast, **kw):
     from flash_attn.reference import attention_ref
 
@@ -125,7 +109,7 @@ def _check(out, lse, ref, ref_lse, pt, pt_lse, lse_layout="bhs", what=""):
     assert out.dtype == ref.dtype, f"{what}: out dtype {out.dtype} != {ref.dtype}"
     assert not torch.isnan(out).any(), f"{what}: NaN in the output ({int(torch.isnan(out).sum())} elements)"
     assert torch.isfinite(out).all(), f"{what}: inf in the output"
-    err, pt_err = _max_abs(out, ref), _max_abs(pt, ref)
+    err, pt_err = max_abs(out, ref), max_abs(pt, ref)
     assert err <= 2 * pt_err + 1e-5, (
         f"{what}: max |out - ref| = {err:.3e} > 2 * {pt_err:.3e} + 1e-5 (max |out_pt - ref|)")
     if lse is None:
@@ -157,7 +141,7 @@ def _dense_case_check(q, k, v, what, **kw):
     from flash_attn import flash_attn_func
 
     b, sq, hq, d = q.shape
-    _poison_allocator(((b, sq, hq, d), q.dtype), ((b, hq, sq), torch.float32))
+    poison_allocator(((b, sq, hq, d), q.dtype), ((b, hq, sq), torch.float32))
     res = flash_attn_func(q, k, v, return_attn_probs=True, **kw)
     assert isinstance(res, tuple) and len(res) == 3, f"{what}: return_attn_probs=True must give 3 values"
     out, lse = res[0], res[1]
@@ -299,7 +283,7 @@ def test_varlen_matches_per_sequence_reference(dtype, d, batch, mask, mod):
     v = _randn(gen, sum(lens_k), hk, d, dtype=dtype)
     slopes = _slopes(gen, len(lens_q), hq) if alibi else None  # (batch, nheads)
     kw = dict(causal=causal, window_size=window, softcap=softcap)
-    _poison_allocator(((q.shape[0], hq, d), dtype), ((hq, q.shape[0]), torch.float32))
+    poison_allocator(((q.shape[0], hq, d), dtype), ((hq, q.shape[0]), torch.float32))
     out, lse, _ = flash_attn_varlen_func(q, k, v, _cu(lens_q), _cu(lens_k), max(lens_q), max(lens_k),
                                          alibi_slopes=slopes, return_attn_probs=True, **kw)
     ref, ref_lse = _varlen_reference(q, k, v, lens_q, lens_k, True, slopes, **kw)
@@ -488,7 +472,7 @@ def test_alibi_per_batch_slopes(dtype, d, causal):
     v = _randn(gen, b, sk, hk, d, dtype=dtype)
     slopes = _slopes(gen, b, hq)
     slopes[1] *= 0.1  # make the rows clearly different
-    _poison_allocator(((b, sq, hq, d), dtype))
+    poison_allocator(((b, sq, hq, d), dtype))
     out = flash_attn_func(q, k, v, causal=causal, alibi_slopes=slopes)
     for i in range(b):
         kw = dict(causal=causal, alibi_slopes=slopes[i])

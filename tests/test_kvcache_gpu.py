@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from flash_attn import build_info
-from gpu_env import QUICK, gpu_marks, unavailable_reason
+from gpu_env import QUICK, gpu_marks, max_abs, poison_allocator, unavailable_reason
 
 UNAVAILABLE = unavailable_reason()
 pytestmark = gpu_marks(UNAVAILABLE)
@@ -67,18 +67,6 @@ def _randint(gen, low, high, n):
     return torch.randint(low, high + 1, (n,), device="cuda", generator=gen).tolist()
 
 
-def _poison_allocator(*tensors_like):
-    blocks = []
-    for shape, dtype in tensors_like:
-        for _ in range(3):
-            blocks.append(torch.full(shape, float("nan"), device="cuda", dtype=dtype))
-    del blocks
-
-
-def _max_abs(a, b):
-    return 0.0 if a.numel() == 0 else (a.float() - b.float()).abs().max().item()
-
-
 def _i32(values):
     return torch.tensor(values, dtype=torch.int32, device="cuda")
 
@@ -91,7 +79,7 @@ def _check(out, lse, ref, ref_lse, pt, pt_lse, what):
     """The 2x rule on out; lse: +inf exactly where the reference has it (and out 0 there), else close."""
     assert out.shape == ref.shape and out.dtype == ref.dtype, f"{what}: out {tuple(out.shape)} {out.dtype}"
     assert not torch.isnan(out).any(), f"{what}: NaN in the output ({int(torch.isnan(out).sum())} elements)"
-    err, pt_err = _max_abs(out, ref), _max_abs(pt, ref)
+    err, pt_err = max_abs(out, ref), max_abs(pt, ref)
     assert err <= 2 * pt_err + 1e-5, f"{what}: max |out - ref| = {err:.3e} > 2 * {pt_err:.3e} + 1e-5"
     assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape, f"{what}: lse {tuple(lse.shape)} {lse.dtype}"
     assert lse.is_contiguous(), f"{what}: lse must be contiguous (batch, nheads, seqlen_q)"
@@ -124,7 +112,7 @@ def _run_and_check(kw, what, readable):
     v_cache[~keep] = float("nan")
     ref_kw, pt_kw = _clone(kw), _clone(kw)
     b, sq, hq, d = kw["q"].shape
-    _poison_allocator(((b, sq, hq, d), kw["q"].dtype), ((b, hq, sq), torch.float32))
+    poison_allocator(((b, sq, hq, d), kw["q"].dtype), ((b, hq, sq), torch.float32))
     out, lse = flash_attn_with_kvcache(**kw, return_softmax_lse=True)
     ref, ref_lse = kvcache_ref(**ref_kw, upcast=True)
     pt, pt_lse = kvcache_ref(**pt_kw, upcast=False)

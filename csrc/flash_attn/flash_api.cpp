@@ -43,6 +43,15 @@ at::Tensor vector_aligned(const at::Tensor &t) {
   return is_vector_aligned(t) ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
+// Strides of a (b, s, h, d) or varlen (total, h, d) tensor: row and head are the two
+// dims before the last in both layouts; the batch stride exists only for the first.
+void set_strides(const at::Tensor &t, int64_t &batch_stride, int64_t &row_stride, int64_t &head_stride) {
+  const int rank = t.dim();
+  row_stride = t.stride(rank - 3);
+  head_stride = t.stride(rank - 2);
+  batch_stride = rank == 4 ? t.stride(0) : 0;
+}
+
 void set_common_params(Flash_fwd_params &p, const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                        const at::Tensor &out, const at::Tensor &lse, const std::optional<at::Tensor> &alibi_slopes,
                        int batch, float softmax_scale, int window_left, int window_right, float softcap) {
@@ -52,22 +61,10 @@ void set_common_params(Flash_fwd_params &p, const at::Tensor &q, const at::Tenso
   p.v_ptr = v.data_ptr();
   p.o_ptr = out.data_ptr();
   p.softmax_lse_ptr = lse.data_ptr<float>();
-  const int rank = q.dim();
-  // Row and head strides are the last two non-unit dims for both layouts.
-  p.q_row_stride = q.stride(rank - 3);
-  p.k_row_stride = k.stride(rank - 3);
-  p.v_row_stride = v.stride(rank - 3);
-  p.o_row_stride = out.stride(rank - 3);
-  p.q_head_stride = q.stride(rank - 2);
-  p.k_head_stride = k.stride(rank - 2);
-  p.v_head_stride = v.stride(rank - 2);
-  p.o_head_stride = out.stride(rank - 2);
-  if (rank == 4) {
-    p.q_batch_stride = q.stride(0);
-    p.k_batch_stride = k.stride(0);
-    p.v_batch_stride = v.stride(0);
-    p.o_batch_stride = out.stride(0);
-  }
+  set_strides(q, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+  set_strides(k, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  set_strides(v, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  set_strides(out, p.o_batch_stride, p.o_row_stride, p.o_head_stride);
   p.b = batch;
   p.h = q.size(-2);
   p.h_k = k.size(-2);
@@ -264,25 +261,14 @@ void run_bwd(flash::Flash_bwd_params &p, cudaStream_t stream) {
 void set_bwd_params(flash::Flash_bwd_params &p, const at::Tensor &dout, const at::Tensor &dq,
                     const at::Tensor &dk_exp, const at::Tensor &dv_exp, const at::Tensor &softmax_d,
                     float softmax_scale) {
-  const int rank = dout.dim();
   p.do_ptr = dout.data_ptr();
   p.dq_ptr = dq.data_ptr();
   p.dk_ptr = dk_exp.data_ptr();
   p.dv_ptr = dv_exp.data_ptr();
-  p.do_row_stride = dout.stride(rank - 3);
-  p.dq_row_stride = dq.stride(rank - 3);
-  p.dk_row_stride = dk_exp.stride(rank - 3);
-  p.dv_row_stride = dv_exp.stride(rank - 3);
-  p.do_head_stride = dout.stride(rank - 2);
-  p.dq_head_stride = dq.stride(rank - 2);
-  p.dk_head_stride = dk_exp.stride(rank - 2);
-  p.dv_head_stride = dv_exp.stride(rank - 2);
-  if (rank == 4) {
-    p.do_batch_stride = dout.stride(0);
-    p.dq_batch_stride = dq.stride(0);
-    p.dk_batch_stride = dk_exp.stride(0);
-    p.dv_batch_stride = dv_exp.stride(0);
-  }
+  set_strides(dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride);
+  set_strides(dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
+  set_strides(dk_exp, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
+  set_strides(dv_exp, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
   p.softmax_d_ptr = softmax_d.data_ptr<float>();
   p.scale_qk = softmax_scale;
 }
