@@ -20,7 +20,7 @@ def dense_forward(q, k, v, dropout_p, softmax_scale, window, softcap, alibi_slop
     dk = route_head_dim(d, dropout_p, softcap, alibi_slopes is not None)
     out, lse = torch.ops.flash_attn.fwd(pad_head_dim(q, dk), pad_head_dim(k, dk), pad_head_dim(v, dk),
                                         alibi_slopes, softmax_scale, window[0], window[1], softcap, deterministic)
-    return out.narrow(-1, 0, d), lse
+    return _unpad_head_dim(out, d), lse
 
 
 def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
@@ -32,7 +32,13 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     out, lse = torch.ops.flash_attn.varlen_fwd(
         pad_head_dim(q, dk), pad_head_dim(k, dk), pad_head_dim(v, dk), cu_seqlens_q, cu_seqlens_k, None,
         max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale, window[0], window[1], softcap, deterministic)
-    return out.narrow(-1, 0, d), lse
+    return _unpad_head_dim(out, d), lse
+
+
+def _unpad_head_dim(out, d):
+    """out's first d columns; out itself when nothing was padded, so that the backward does
+    not pay for an extra full-size gradient buffer (narrow's backward allocates one)."""
+    return out if out.shape[-1] == d else out.narrow(-1, 0, d)
 
 
 @torch.compiler.assume_constant_result

@@ -9,7 +9,8 @@
 #   test       GPU tests: pytest -m cuda over tests/, HF test excluded (junit: $OUT/tests.xml)
 #   quicktest  the same with FLASH_ATTN_TEST_QUICK=1 (a few hundred cases)
 #   hf         tests/test_hf_transformers_gpu.py (junit: $OUT/hf.xml)
-#   bench      benchmarks/benchmark_attn.py, JSON + PNG named with the commit, into $OUT
+#   bench      benchmarks/benchmark_attn.py (forward, backward, forward+backward, peak memory), one
+#              JSON + one PNG named with the modes and the commit, into $OUT (~1-1.5 min on an H100)
 #   quickbench the same with --quick
 #   memcheck   compute-sanitizer --tool memcheck on scripts/memcheck_fwd.py
 #   racecheck  compute-sanitizer --tool racecheck on scripts/memcheck_fwd.py --quick
@@ -31,7 +32,7 @@
 # which extension were imported. The GPU tests run with FLASH_ATTN_REQUIRE_CUDA=1, so a
 # broken install fails them instead of skipping them all.
 #
-# Output: $OUT/run.log (everything), build.log, tests.xml, hf.xml, attn_fwd_*.json/png: at
+# Output: $OUT/run.log (everything), build.log, tests.xml, hf.xml, attn_*.json/png: at
 # most 6 files, under the 8 that come back. Every stage runs even when an earlier one
 # failed (a stage that needs the build is skipped when the build failed); the exit code is
 # the number of failed stages (0 = all passed). A summary table is printed last.
