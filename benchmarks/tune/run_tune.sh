@@ -1,28 +1,42 @@
 #!/usr/bin/env bash
-# Compile tune_fwd.cu for several (head dim, tile) variants in parallel and time each.
-# Usage (on the GPU machine, repo root): benchmarks/tune/run_tune.sh "128:128:64:4 128:64:64:4 ..."
-# Each variant is HDIM:BM:BN:WARPS[:STAGES]. Prints ptxas registers/spills, local-memory
-# instructions in SASS, and the timings. CUTLASS include from the nvidia-cutlass wheel.
+# Compile tune_fwd.cu / tune_bwd.cu for several (head dim, tile) variants in parallel and time each.
+# Usage (on the GPU machine, repo root):
+#   benchmarks/tune/run_tune.sh "128:128:64:4:2 bwd:128:64:32:4 ..."
+# Forward variants are HDIM:BM:BN:WARPS[:STAGES]; backward variants bwd:HDIM:ROWS:COLS:WARPS.
+# Prints ptxas registers/spills, local-memory instructions in SASS, and the timings.
+# CUTLASS include from the nvidia-cutlass wheel.
 set -u
-VARIANTS=${1:-"128:128:64:4"}
+VARIANTS=${1:-"128:128:64:4:2"}
 ARCH=${ARCH:-90}
 CUT=${CUTLASS_INC:-$(python3 -c "import importlib.util as u; print(u.find_spec('cutlass_library').submodule_search_locations[0])")/source/include}
 DIR=$(mktemp -d /tmp/tune.XXXX)
+
+# The nvcc defines and source for one variant spec.
+variant_args() {
+  if [[ $1 == bwd:* ]]; then
+    IFS=: read -r _ D R C W <<<"$1"
+    echo "-DHDIM=$D -DROWS=$R -DCOLS=$C -DWARPS=$W benchmarks/tune/tune_bwd.cu"
+  else
+    IFS=: read -r D M N W S <<<"$1"
+    echo "-DHDIM=$D -DBM=$M -DBN=$N -DWARPS=$W -DSTAGES=${S:-1} benchmarks/tune/tune_fwd.cu"
+  fi
+}
+
 for v in $VARIANTS; do
-  IFS=: read -r D M N W S <<<"$v"; S=${S:-1}
+  name=${v//:/-}
+  # shellcheck disable=SC2046
   ( nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -gencode arch=compute_$ARCH,code=sm_$ARCH \
-      -Xptxas -v -I csrc/flash_attn -I "$CUT" -DHDIM=$D -DBM=$M -DBN=$N -DWARPS=$W -DSTAGES=$S \
-      benchmarks/tune/tune_fwd.cu -o "$DIR/$D-$M-$N-$W-$S.bin" >"$DIR/$v.log" 2>&1 ) &
+      -Xptxas -v -I csrc/flash_attn -I "$CUT" $(variant_args "$v") -o "$DIR/$name.bin" >"$DIR/$name.log" 2>&1 ) &
 done
 wait
 for v in $VARIANTS; do
-  IFS=: read -r D M N W S <<<"$v"; S=${S:-1}
-  bin="$DIR/$D-$M-$N-$W-$S.bin"
-  echo "--- $v: $(grep -E 'registers|spill' "$DIR/$v.log" | tr -s ' ' | tr '\n' ' ')"
+  name=${v//:/-}
+  bin="$DIR/$name.bin"
+  echo "--- $v: $(grep -E 'registers|spill' "$DIR/$name.log" | tr -s ' ' | tr '\n' ' ')"
   if [ -x "$bin" ]; then
     echo "    SASS: $(cuobjdump -sass "$bin" | grep -cE 'LDL|STL') local-memory ops, $(cuobjdump -sass "$bin" | grep -c HMMA) HMMA"
     "$bin"
   else
-    tail -5 "$DIR/$v.log"
+    tail -5 "$DIR/$name.log"
   fi
 done

@@ -1,0 +1,114 @@
+// Tile tuning harness for the backward kernels (dK/dV and dQ), torch-free like
+// tune_fwd.cu. One binary per variant:
+//   nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -gencode arch=compute_90,code=sm_90 \
+//        -I csrc/flash_attn -I $CUTLASS/include -DHDIM=128 -DROWS=64 -DCOLS=32 -DWARPS=4 tune_bwd.cu
+// Prints one line per shape: hdim, tile, causal, seqlen, ms, TFLOP/s (2.5 x forward FLOPs).
+// Inputs are random bf16; lse and D are set to fixed finite values (timing only, the
+// numbers are not checked: tests/test_flash_attn_bwd_gpu.py does that).
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "flash_bwd_launch_template.h"
+
+#ifndef HDIM
+#define HDIM 128
+#endif
+#ifndef ROWS
+#define ROWS 64
+#endif
+#ifndef COLS
+#define COLS 32
+#endif
+#ifndef WARPS
+#define WARPS 4
+#endif
+
+#define CUDA_OK(x)                                                                  \
+  do {                                                                              \
+    cudaError_t e = (x);                                                            \
+    if (e != cudaSuccess) {                                                         \
+      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
+      std::exit(1);                                                                 \
+    }                                                                               \
+  } while (0)
+
+using Element = cutlass::bfloat16_t;
+using Ktraits = flash::BwdKernelTraits<HDIM, Element, flash::BwdTile{ROWS, COLS, WARPS}>;
+
+__global__ void fill_random(Element *x, size_t n, unsigned seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    unsigned h = unsigned(i) * 2654435761u ^ seed;
+    h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
+    x[i] = Element(float(h & 0xffff) / 32768.f - 1.f);
+  }
+}
+
+__global__ void fill_value(float *x, size_t n, float value) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    x[i] = value;
+  }
+}
+
+int main() {
+  const int seqlens[] = {2048, 8192};
+  for (int causal = 0; causal < 2; ++causal) {
+    for (int s : seqlens) {
+      const int h = 2048 / HDIM, b = 16384 / s, d = HDIM;
+      const size_t n = size_t(b) * s * h * d, rows = size_t(b) * h * s;
+      std::vector<Element *> bufs(8);  // q k v o do dq dk dv
+      for (auto &ptr : bufs) { CUDA_OK(cudaMalloc(&ptr, n * sizeof(Element))); }
+      for (int i = 0; i < 5; ++i) { fill_random<<<1024, 256>>>(bufs[i], n, 7 + i); }
+      float *lse, *dsum;
+      CUDA_OK(cudaMalloc(&lse, rows * sizeof(float)));
+      CUDA_OK(cudaMalloc(&dsum, rows * sizeof(float)));
+      fill_value<<<1024, 256>>>(lse, rows, 6.f);
+      fill_value<<<1024, 256>>>(dsum, rows, 0.1f);
+
+      flash::Flash_bwd_params p = {};
+      p.q_ptr = bufs[0]; p.k_ptr = bufs[1]; p.v_ptr = bufs[2]; p.o_ptr = bufs[3];
+      p.do_ptr = bufs[4]; p.dq_ptr = bufs[5]; p.dk_ptr = bufs[6]; p.dv_ptr = bufs[7];
+      p.softmax_lse_ptr = lse;
+      p.softmax_d_ptr = dsum;
+      const int64_t row = int64_t(h) * d, batch = int64_t(s) * h * d;
+      p.q_row_stride = p.k_row_stride = p.v_row_stride = p.o_row_stride = row;
+      p.do_row_stride = p.dq_row_stride = p.dk_row_stride = p.dv_row_stride = row;
+      p.q_head_stride = p.k_head_stride = p.v_head_stride = p.o_head_stride = d;
+      p.do_head_stride = p.dq_head_stride = p.dk_head_stride = p.dv_head_stride = d;
+      p.q_batch_stride = p.k_batch_stride = p.v_batch_stride = p.o_batch_stride = batch;
+      p.do_batch_stride = p.dq_batch_stride = p.dk_batch_stride = p.dv_batch_stride = batch;
+      p.b = b; p.seqlen_q = p.seqlen_k = s; p.total_q = p.total_k = b * s;
+      p.h = p.h_k = h; p.h_h_k_ratio = 1; p.d = d;
+      p.scale_softmax = p.scale_qk = 1.f / std::sqrt(float(d));
+      p.scale_softmax_log2 = p.scale_softmax * 1.4426950408889634f;
+      p.window_size_left = -1;
+      p.window_size_right = causal ? 0 : -1;
+      p.is_bf16 = true;
+
+      cudaEvent_t e0, e1;
+      CUDA_OK(cudaEventCreate(&e0));
+      CUDA_OK(cudaEventCreate(&e1));
+      std::vector<float> ms;
+      for (int it = 0; it < 25; ++it) {
+        CUDA_OK(cudaEventRecord(e0));
+        CUDA_OK((flash::run_flash_bwd<Ktraits, false, false>(p, 0)));
+        CUDA_OK(cudaEventRecord(e1));
+        CUDA_OK(cudaEventSynchronize(e1));
+        float t;
+        CUDA_OK(cudaEventElapsedTime(&t, e0, e1));
+        if (it >= 5) ms.push_back(t);
+      }
+      std::sort(ms.begin(), ms.end());
+      const float med = ms[ms.size() / 2];
+      const double flops = 2.5 * 4.0 * b * h * double(s) * s * d / (causal ? 2 : 1);
+      std::printf("bwd hdim %d tile %dx%dx%dw causal %d seqlen %5d  %.3f ms  %.1f TFLOP/s\n", HDIM, ROWS, COLS,
+                  WARPS, causal, s, med, flops / med / 1e9);
+      for (auto ptr : bufs) { cudaFree(ptr); }
+      cudaFree(lse);
+      cudaFree(dsum);
+    }
+  }
+  return 0;
+}
