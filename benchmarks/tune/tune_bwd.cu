@@ -1,7 +1,7 @@
 // Tile tuning harness for the backward kernels (dK/dV and dQ), torch-free like
 // tune_fwd.cu. One binary per variant:
 //   nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -gencode arch=compute_90,code=sm_90 \
-//        -I csrc/flash_attn -I $CUTLASS/include -DHDIM=128 -DROWS=64 -DCOLS=32 -DWARPS=4 tune_bwd.cu
+//        -I csrc/flash_attn -I $CUTLASS/include -DHDIM=128 -DROWS=64 -DCOLS=32 -DWARPS=4 -DSTAGES=2 tune_bwd.cu
 // Prints one line per shape: hdim, tile, causal, seqlen, ms, TFLOP/s (2.5 x forward FLOPs).
 // Inputs are random bf16; lse and D are set to fixed finite values (timing only, the
 // numbers are not checked: tests/test_flash_attn_bwd_gpu.py does that).
@@ -22,6 +22,9 @@
 #ifndef COLS
 #define COLS 32
 #endif
+#ifndef STAGES
+#define STAGES 1
+#endif
 #ifndef WARPS
 #define WARPS 4
 #endif
@@ -36,7 +39,7 @@
   } while (0)
 
 using Element = cutlass::bfloat16_t;
-using Ktraits = flash::BwdKernelTraits<HDIM, Element, flash::BwdTile{ROWS, COLS, WARPS}>;
+using Ktraits = flash::BwdKernelTraits<HDIM, Element, flash::BwdTile{ROWS, COLS, WARPS, STAGES}>;
 
 __global__ void fill_random(Element *x, size_t n, unsigned seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
@@ -103,8 +106,8 @@ int main() {
       std::sort(ms.begin(), ms.end());
       const float med = ms[ms.size() / 2];
       const double flops = 2.5 * 4.0 * b * h * double(s) * s * d / (causal ? 2 : 1);
-      std::printf("bwd hdim %d tile %dx%dx%dw causal %d seqlen %5d  %.3f ms  %.1f TFLOP/s\n", HDIM, ROWS, COLS,
-                  WARPS, causal, s, med, flops / med / 1e9);
+      std::printf("bwd hdim %d tile %dx%dx%dw%ds causal %d seqlen %5d  %.3f ms  %.1f TFLOP/s\n", HDIM, ROWS, COLS,
+                  WARPS, STAGES, causal, s, med, flops / med / 1e9);
       for (auto ptr : bufs) { cudaFree(ptr); }
       cudaFree(lse);
       cudaFree(dsum);

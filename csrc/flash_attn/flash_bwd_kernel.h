@@ -104,12 +104,14 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
   using SmemCols = typename Ktraits::SmemLayoutCols;
   Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem)), SmemRows{})(_, _, 0);  // (R, D)
   Tensor sV = make_tensor(sK.data() + cosize(SmemRows{}), SmemRows{})(_, _, 0);
-  Tensor sQ = make_tensor(sV.data() + cosize(SmemRows{}), SmemCols{})(_, _, 0);  // (C, D)
-  Tensor sdO = make_tensor(sQ.data() + cosize(SmemCols{}), SmemCols{})(_, _, 0);
-  Tensor sQt = make_tensor(sQ.data(), typename Ktraits::SmemLayoutColsT{})(_, _, 0);    // (D, C)
-  Tensor sdOt = make_tensor(sdO.data(), typename Ktraits::SmemLayoutColsT{})(_, _, 0);  // (D, C)
+  constexpr int kStages = Ktraits::kStages;
+  Tensor sQ = make_tensor(sV.data() + cosize(SmemRows{}), SmemCols{});  // (C, D, stages)
+  Tensor sdO = make_tensor(sQ.data() + cosize(SmemCols{}), SmemCols{});
+  Tensor sQt = make_tensor(sQ.data(), typename Ktraits::SmemLayoutColsT{});    // (D, C, stages)
+  Tensor sdOt = make_tensor(sdO.data(), typename Ktraits::SmemLayoutColsT{});  // (D, C, stages)
+  // lse and D of the streamed queries: [stages][C] each.
   float *s_lse = reinterpret_cast<float *>(smem + 2 * Ktraits::kSmemRowsBytes + 2 * Ktraits::kSmemColsBytes);
-  float *s_d = s_lse + kCols;
+  float *s_d = s_lse + kStages * kCols;
 
   typename Ktraits::GmemTiledCopyQKV gmem_copy;
   auto gmem_thr = gmem_copy.get_thread_slice(tidx);
@@ -118,7 +120,7 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
   Tensor tVgV = gmem_thr.partition_S(gV);
   Tensor tVsV = gmem_thr.partition_D(sV);
   Tensor tQgQ = gmem_thr.partition_S(gQ);  // (CPY, CPY_C, CPY_D, mblocks)
-  Tensor tQsQ = gmem_thr.partition_D(sQ);
+  Tensor tQsQ = gmem_thr.partition_D(sQ);  // (CPY, CPY_C, CPY_D, stages)
   Tensor tdOgdO = gmem_thr.partition_S(gdO);
   Tensor tdOsdO = gmem_thr.partition_D(sdO);
   Tensor tRc = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kRows>{}, Int<kHeadDim>{})));
@@ -128,8 +130,8 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
   auto thr_mma = tiled_mma.get_thread_slice(tidx);
   Tensor tSrK = thr_mma.partition_fragment_A(sK);    // (MMA, MMA_R, MMA_D)
   Tensor tSrV = thr_mma.partition_fragment_A(sV);
-  Tensor tSrQ = thr_mma.partition_fragment_B(sQ);    // (MMA, MMA_C, MMA_D)
-  Tensor tSrdO = thr_mma.partition_fragment_B(sdO);
+  Tensor tSrQ = thr_mma.partition_fragment_B(sQ(_, _, 0));    // (MMA, MMA_C, MMA_D)
+  Tensor tSrdO = thr_mma.partition_fragment_B(sdO(_, _, 0));
   auto plain_dc = make_layout(Shape<Int<kHeadDim>, Int<kCols>>{});
   Tensor tdVrdOt = thr_mma.partition_fragment_B(make_tensor(sdO.data(), plain_dc));  // (MMA, MMA_D, MMA_C)
   Tensor tdKrQt = thr_mma.partition_fragment_B(make_tensor(sQ.data(), plain_dc));
@@ -143,32 +145,45 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
   auto smem_copy_Bt = make_tiled_copy_B(typename Ktraits::SmemCopyAtomTransposed{}, tiled_mma);
   Tensor tSsK = smem_copy_A.get_thread_slice(tidx).partition_S(sK);
   Tensor tSsV = smem_copy_A.get_thread_slice(tidx).partition_S(sV);
-  Tensor tSsQ = smem_copy_B.get_thread_slice(tidx).partition_S(sQ);
+  Tensor tSsQ = smem_copy_B.get_thread_slice(tidx).partition_S(sQ);  // (CPY, CPY_C, CPY_D, stages)
   Tensor tSsdO = smem_copy_B.get_thread_slice(tidx).partition_S(sdO);
-  Tensor tOsQt = smem_copy_Bt.get_thread_slice(tidx).partition_S(sQt);
+  Tensor tOsQt = smem_copy_Bt.get_thread_slice(tidx).partition_S(sQt);  // (CPY, CPY_D, CPY_C, stages)
   Tensor tOsdOt = smem_copy_Bt.get_thread_slice(tidx).partition_S(sdOt);
 
   copy_rows_guarded(gmem_copy, tKgK, tKsK, tRc, n1 - n0);
   copy_rows_guarded(gmem_copy, tVgV, tVsV, tRc, n1 - n0);
   cute::cp_async_fence();
 
-  const ScoreMod<Has_alibi, Is_softcap> score_mod(p, seq.seqlen_q, seq.seqlen_k, bidb, bidh);
-  for (int m_block = m_block_max - 1; m_block >= m_block_min; --m_block) {
+  // Issues the loads of query block m_block (Q, dO rows guarded against seqlen_q) and
+  // writes its lse and D (padded queries: lse = +inf so P = 0, D = 0) into `stage`.
+  auto load_query_block = [&](int m_block, int stage) {
     const int m0 = m_block * kCols;
-    copy_rows_guarded(gmem_copy, tQgQ(_, _, _, m_block), tQsQ, tCc, seq.seqlen_q - m0);
-    copy_rows_guarded(gmem_copy, tdOgdO(_, _, _, m_block), tdOsdO, tCc, seq.seqlen_q - m0);
+    copy_rows_guarded(gmem_copy, tQgQ(_, _, _, m_block), tQsQ(_, _, _, stage), tCc, seq.seqlen_q - m0);
+    copy_rows_guarded(gmem_copy, tdOgdO(_, _, _, m_block), tdOsdO(_, _, _, stage), tCc, seq.seqlen_q - m0);
     cute::cp_async_fence();
     for (int i = tidx; i < kCols; i += Ktraits::kNThreads) {
-      const bool real = m0 + i < seq.seqlen_q;  // padded queries: P = 0, D = 0
-      s_lse[i] = real ? lse[m0 + i] : INFINITY;
-      s_d[i] = real ? dsum[m0 + i] : 0.f;
+      const bool real = m0 + i < seq.seqlen_q;
+      s_lse[stage * kCols + i] = real ? lse[m0 + i] : INFINITY;
+      s_d[stage * kCols + i] = real ? dsum[m0 + i] : 0.f;
     }
+  };
+
+  const ScoreMod<Has_alibi, Is_softcap> score_mod(p, seq.seqlen_q, seq.seqlen_k, bidb, bidh);
+  if (kStages == 2 && m_block_max > m_block_min) { load_query_block(m_block_max - 1, 0); }
+  for (int m_block = m_block_max - 1, stage = 0; m_block >= m_block_min; --m_block, stage ^= (kStages - 1)) {
+    const int m0 = m_block * kCols;
+    if constexpr (kStages == 1) { load_query_block(m_block, 0); }
     cute::cp_async_wait<0>();
+    // Two stages: this block's tiles and stats are in place, and every thread is done
+    // with the other stage (the previous step), which is refilled right away.
     __syncthreads();
+    if (kStages == 2 && m_block > m_block_min) { load_query_block(m_block - 1, stage ^ 1); }
+    const float *st_lse = s_lse + stage * kCols;
+    const float *st_d = s_d + stage * kCols;
 
     Tensor acc_st = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kCols>>{});  // (MMA, MMA_R, MMA_C)
     clear(acc_st);
-    gemm_smem_smem(tiled_mma, acc_st, tSrK, tSrQ, tSsK, tSsQ, smem_copy_A, smem_copy_B);
+    gemm_smem_smem(tiled_mma, acc_st, tSrK, tSrQ, tSsK, tSsQ(_, _, _, stage), smem_copy_A, smem_copy_B);
     score_mod.transform(acc_st);
     Tensor t_st = make_fragment_like(acc_st);  // tanh values, for the softcap derivative
     if constexpr (Is_softcap) { copy(acc_st, t_st); }
@@ -177,26 +192,27 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
 
     Tensor acc_dpt = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kCols>>{});
     clear(acc_dpt);
-    gemm_smem_smem(tiled_mma, acc_dpt, tSrV, tSrdO, tSsV, tSsdO, smem_copy_A, smem_copy_B);
+    gemm_smem_smem(tiled_mma, acc_dpt, tSrV, tSrdO, tSsV, tSsdO(_, _, _, stage), smem_copy_A, smem_copy_B);
     Tensor dpt = make_tensor(acc_dpt.data(), acc_layout_rowcol(acc_dpt.layout()));
     Tensor tt = make_tensor(t_st.data(), acc_layout_rowcol(t_st.layout()));
     probs_and_dscores<Is_softcap>(st, dpt, tt, p.scale_softmax_log2,
-                                  [&](int, int c) { return s_lse[acc_col(c)]; },
-                                  [&](int, int c) { return s_d[acc_col(c)]; });
+                                  [&](int, int c) { return st_lse[acc_col(c)]; },
+                                  [&](int, int c) { return st_d[acc_col(c)]; });
 
     Tensor rPt = convert_type<Element>(acc_st);
     Tensor tOrPt = make_tensor(rPt.data(), acc_layout_as_A(rPt.layout()));
-    gemm_reg_smem(tiled_mma, acc_dv, tOrPt, tdVrdOt, tOsdOt, smem_copy_Bt);
+    gemm_reg_smem(tiled_mma, acc_dv, tOrPt, tdVrdOt, tOsdOt(_, _, _, stage), smem_copy_Bt);
     Tensor rdSt = convert_type<Element>(acc_dpt);
     Tensor tOrdSt = make_tensor(rdSt.data(), acc_layout_as_A(rdSt.layout()));
-    gemm_reg_smem(tiled_mma, acc_dk, tOrdSt, tdKrQt, tOsQt, smem_copy_Bt);
-    __syncthreads();  // every thread is done with sQ, sdO and the stats before the next loads
+    gemm_reg_smem(tiled_mma, acc_dk, tOrdSt, tdKrQt, tOsQt(_, _, _, stage), smem_copy_Bt);
+    // One stage: every thread is done with sQ, sdO and the stats before the next loads.
+    if constexpr (kStages == 1) { __syncthreads(); }
   }
 
   CUTE_UNROLL
   for (int i = 0; i < size(acc_dk); ++i) { acc_dk(i) *= p.scale_qk; }
-  // K and V are no longer read (the loop ended on a barrier; with no step at all, wait
-  // for their loads first): stage dK, dV there.
+  // Stage dK, dV in K's and V's space once every thread is past its last read of them
+  // (and, with no step at all, once their loads have landed).
   cute::cp_async_wait<0>();
   __syncthreads();
   store_acc_tile<Ktraits>(tiled_mma, acc_dk, sK, gdK, n1 - n0);
@@ -256,9 +272,10 @@ __forceinline__ __device__ void compute_dq_tile(const Flash_bwd_params &p, int m
   using SmemCols = typename Ktraits::SmemLayoutCols;
   Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem)), SmemRows{})(_, _, 0);  // (R, D)
   Tensor sdO = make_tensor(sQ.data() + cosize(SmemRows{}), SmemRows{})(_, _, 0);
-  Tensor sK = make_tensor(sdO.data() + cosize(SmemRows{}), SmemCols{})(_, _, 0);  // (C, D)
-  Tensor sV = make_tensor(sK.data() + cosize(SmemCols{}), SmemCols{})(_, _, 0);
-  Tensor sKt = make_tensor(sK.data(), typename Ktraits::SmemLayoutColsT{})(_, _, 0);  // (D, C)
+  constexpr int kStages = Ktraits::kStages;
+  Tensor sK = make_tensor(sdO.data() + cosize(SmemRows{}), SmemCols{});  // (C, D, stages)
+  Tensor sV = make_tensor(sK.data() + cosize(SmemCols{}), SmemCols{});
+  Tensor sKt = make_tensor(sK.data(), typename Ktraits::SmemLayoutColsT{});  // (D, C, stages)
 
   typename Ktraits::GmemTiledCopyQKV gmem_copy;
   auto gmem_thr = gmem_copy.get_thread_slice(tidx);
@@ -267,7 +284,7 @@ __forceinline__ __device__ void compute_dq_tile(const Flash_bwd_params &p, int m
   Tensor tdOgdO = gmem_thr.partition_S(gdO);
   Tensor tdOsdO = gmem_thr.partition_D(sdO);
   Tensor tKgK = gmem_thr.partition_S(gK);  // (CPY, CPY_C, CPY_D, nblocks)
-  Tensor tKsK = gmem_thr.partition_D(sK);
+  Tensor tKsK = gmem_thr.partition_D(sK);  // (CPY, CPY_C, CPY_D, stages)
   Tensor tVgV = gmem_thr.partition_S(gV);
   Tensor tVsV = gmem_thr.partition_D(sV);
   Tensor tRc = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kRows>{}, Int<kHeadDim>{})));
@@ -277,8 +294,8 @@ __forceinline__ __device__ void compute_dq_tile(const Flash_bwd_params &p, int m
   auto thr_mma = tiled_mma.get_thread_slice(tidx);
   Tensor tSrQ = thr_mma.partition_fragment_A(sQ);    // (MMA, MMA_R, MMA_D)
   Tensor tSrdO = thr_mma.partition_fragment_A(sdO);
-  Tensor tSrK = thr_mma.partition_fragment_B(sK);    // (MMA, MMA_C, MMA_D)
-  Tensor tSrV = thr_mma.partition_fragment_B(sV);
+  Tensor tSrK = thr_mma.partition_fragment_B(sK(_, _, 0));    // (MMA, MMA_C, MMA_D)
+  Tensor tSrV = thr_mma.partition_fragment_B(sV(_, _, 0));
   Tensor tdQrKt = thr_mma.partition_fragment_B(
       make_tensor(sK.data(), make_layout(Shape<Int<kHeadDim>, Int<kCols>>{})));  // (MMA, MMA_D, MMA_C)
   Tensor acc_dq = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kHeadDim>>{});
@@ -289,9 +306,9 @@ __forceinline__ __device__ void compute_dq_tile(const Flash_bwd_params &p, int m
   auto smem_copy_Bt = make_tiled_copy_B(typename Ktraits::SmemCopyAtomTransposed{}, tiled_mma);
   Tensor tSsQ = smem_copy_A.get_thread_slice(tidx).partition_S(sQ);
   Tensor tSsdO = smem_copy_A.get_thread_slice(tidx).partition_S(sdO);
-  Tensor tSsK = smem_copy_B.get_thread_slice(tidx).partition_S(sK);
+  Tensor tSsK = smem_copy_B.get_thread_slice(tidx).partition_S(sK);  // (CPY, CPY_C, CPY_D, stages)
   Tensor tSsV = smem_copy_B.get_thread_slice(tidx).partition_S(sV);
-  Tensor tOsKt = smem_copy_Bt.get_thread_slice(tidx).partition_S(sKt);
+  Tensor tOsKt = smem_copy_Bt.get_thread_slice(tidx).partition_S(sKt);  // (CPY, CPY_D, CPY_C, stages)
 
   copy_rows_guarded(gmem_copy, tQgQ, tQsQ, tRc, m1 - m0);
   copy_rows_guarded(gmem_copy, tdOgdO, tdOsdO, tRc, m1 - m0);
@@ -309,17 +326,24 @@ __forceinline__ __device__ void compute_dq_tile(const Flash_bwd_params &p, int m
   }
 
   const ScoreMod<Has_alibi, Is_softcap> score_mod(p, seq.seqlen_q, seq.seqlen_k, bidb, bidh);
-  for (int n_block = n_block_max - 1; n_block >= n_block_min; --n_block) {
+  // Issues the loads of key block n_block (rows guarded against seqlen_k) into `stage`.
+  auto load_key_block = [&](int n_block, int stage) {
     const int n0 = n_block * kCols;
-    copy_rows_guarded(gmem_copy, tKgK(_, _, _, n_block), tKsK, tCc, seq.seqlen_k - n0);
-    copy_rows_guarded(gmem_copy, tVgV(_, _, _, n_block), tVsV, tCc, seq.seqlen_k - n0);
+    copy_rows_guarded(gmem_copy, tKgK(_, _, _, n_block), tKsK(_, _, _, stage), tCc, seq.seqlen_k - n0);
+    copy_rows_guarded(gmem_copy, tVgV(_, _, _, n_block), tVsV(_, _, _, stage), tCc, seq.seqlen_k - n0);
     cute::cp_async_fence();
+  };
+  if (kStages == 2 && n_block_max > n_block_min) { load_key_block(n_block_max - 1, 0); }
+  for (int n_block = n_block_max - 1, stage = 0; n_block >= n_block_min; --n_block, stage ^= (kStages - 1)) {
+    const int n0 = n_block * kCols;
+    if constexpr (kStages == 1) { load_key_block(n_block, 0); }
     cute::cp_async_wait<0>();
-    __syncthreads();
+    __syncthreads();  // as in the dK/dV kernel
+    if (kStages == 2 && n_block > n_block_min) { load_key_block(n_block - 1, stage ^ 1); }
 
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kCols>>{});  // (MMA, MMA_R, MMA_C)
     clear(acc_s);
-    gemm_smem_smem(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK, smem_copy_A, smem_copy_B);
+    gemm_smem_smem(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK(_, _, _, stage), smem_copy_A, smem_copy_B);
     score_mod.transform(acc_s);
     Tensor t_s = make_fragment_like(acc_s);
     if constexpr (Is_softcap) { copy(acc_s, t_s); }
@@ -328,7 +352,7 @@ __forceinline__ __device__ void compute_dq_tile(const Flash_bwd_params &p, int m
 
     Tensor acc_dp = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kCols>>{});
     clear(acc_dp);
-    gemm_smem_smem(tiled_mma, acc_dp, tSrdO, tSrV, tSsdO, tSsV, smem_copy_A, smem_copy_B);
+    gemm_smem_smem(tiled_mma, acc_dp, tSrdO, tSrV, tSsdO, tSsV(_, _, _, stage), smem_copy_A, smem_copy_B);
     Tensor dp = make_tensor(acc_dp.data(), acc_layout_rowcol(acc_dp.layout()));
     Tensor tt = make_tensor(t_s.data(), acc_layout_rowcol(t_s.layout()));
     probs_and_dscores<Is_softcap>(s, dp, tt, p.scale_softmax_log2, [&](int r, int) { return row_lse[r]; },
@@ -336,13 +360,15 @@ __forceinline__ __device__ void compute_dq_tile(const Flash_bwd_params &p, int m
 
     Tensor rdS = convert_type<Element>(acc_dp);
     Tensor tOrdS = make_tensor(rdS.data(), acc_layout_as_A(rdS.layout()));
-    gemm_reg_smem(tiled_mma, acc_dq, tOrdS, tdQrKt, tOsKt, smem_copy_Bt);
-    __syncthreads();  // every thread is done with sK and sV before the next loads
+    gemm_reg_smem(tiled_mma, acc_dq, tOrdS, tdQrKt, tOsKt(_, _, _, stage), smem_copy_Bt);
+    if constexpr (kStages == 1) { __syncthreads(); }  // every thread is done with sK, sV
   }
 
   CUTE_UNROLL
   for (int i = 0; i < size(acc_dq); ++i) { acc_dq(i) *= p.scale_qk; }
-  cute::cp_async_wait<0>();  // with no key block at all, Q's loads may still be in flight
+  // Stage dQ in Q's space once every thread is past its last read of it (and, with no
+  // key block at all, once Q's loads have landed).
+  cute::cp_async_wait<0>();
   __syncthreads();
   store_acc_tile<Ktraits>(tiled_mma, acc_dq, sQ, gdQ, m1 - m0);
 }

@@ -96,15 +96,18 @@ struct BwdKernelTraits : MmaCopyTraits<kHeadDim_, Element_, kTile_.n_warps> {
   using Base = MmaCopyTraits<kHeadDim_, Element_, kTile_.n_warps>;
   static constexpr int kBlockRows = kTile_.block_rows;
   static constexpr int kBlockCols = kTile_.block_cols;
+  static constexpr int kStages = kTile_.stream_stages;
   static_assert(kBlockRows % (16 * kTile_.n_warps) == 0 && kBlockCols % 16 == 0);
+  static_assert(kStages == 1 || kStages == 2);
 
-  using SmemLayoutRows = typename Base::template SmemLayoutTile<kBlockRows>;    // (rows, D, 1)
-  using SmemLayoutCols = typename Base::template SmemLayoutTile<kBlockCols>;    // (cols, D, 1)
-  using SmemLayoutColsT = typename Base::template SmemLayoutTileT<kBlockCols>;  // (D, cols, 1)
+  using SmemLayoutRows = typename Base::template SmemLayoutTile<kBlockRows>;             // (rows, D, 1)
+  using SmemLayoutCols = typename Base::template SmemLayoutTile<kBlockCols, kStages>;    // (cols, D, stages)
+  using SmemLayoutColsT = typename Base::template SmemLayoutTileT<kBlockCols, kStages>;  // (D, cols, stages)
 
   static constexpr int kSmemRowsBytes = int(cosize_v<SmemLayoutRows>) * int(sizeof(Element_));
-  static constexpr int kSmemColsBytes = int(cosize_v<SmemLayoutCols>) * int(sizeof(Element_));
-  static constexpr int kSmemBytes = 2 * kSmemRowsBytes + 2 * kSmemColsBytes + 2 * kBlockCols * int(sizeof(float));
+  static constexpr int kSmemColsBytes = int(cosize_v<SmemLayoutCols>) * int(sizeof(Element_));  // all stages
+  static constexpr int kSmemBytes =
+      2 * kSmemRowsBytes + 2 * kSmemColsBytes + 2 * kStages * kBlockCols * int(sizeof(float));
 };
 
 }  // namespace flash

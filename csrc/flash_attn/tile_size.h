@@ -38,6 +38,7 @@ struct BwdTile {
   int block_rows;
   int block_cols;
   int n_warps;
+  int stream_stages = 1;  // buffers of the streamed tiles: 2 loads the next block during this one
 };
 
 constexpr BwdTile bwd_tile(int head_dim) {
