@@ -9,7 +9,6 @@
 #include <cutlass/numeric_types.h>
 
 #include "block_info.h"
-#include "epilogue.h"
 #include "flash.h"
 #include "kernel_traits.h"
 #include "score_mod.h"
@@ -205,6 +204,16 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   // barrier; with two, a slower warp may still be in its last Q K^T.
   if constexpr (kStages == 2) { __syncthreads(); }
 
+  // Same steps as epilogue.h's store_acc_tile (which the backward uses), kept inline
+  // here so this kernel stays identical to the one the full GPU suite passed at a8686a2;
+  // switch it to store_acc_tile with the next full GPU run.
+  Tensor rO = convert_type<Element>(acc_o);
+  auto smem_copy_O = make_tiled_copy_C(typename Ktraits::SmemCopyAtomO{}, tiled_mma);
+  auto smem_thr_O = smem_copy_O.get_thread_slice(tidx);
+  Tensor taccOrO = smem_thr_O.retile_S(rO);
+  Tensor taccOsO = smem_thr_O.partition_D(sO);
+  copy(smem_copy_O, taccOrO, taccOsO);
+
   // lse: the thread at quad position 0 owns each of its rows.
   Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
   Tensor tOcO_rc = make_tensor(tOcO.data(), acc_layout_rowcol(tOcO.layout()));
@@ -215,7 +224,19 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
       if (row < m1 - m0) { lse[row] = row_lse[r]; }
     }
   }
-  store_acc_tile<Ktraits>(tiled_mma, acc_o, sO, gO, m1 - m0);
+
+  __syncthreads();
+  typename Ktraits::GmemTiledCopyO gmem_copy_O;
+  auto gmem_thr_O = gmem_copy_O.get_thread_slice(tidx);
+  Tensor tOsO = gmem_thr_O.partition_S(sO);  // (CPY, CPY_M, CPY_D)
+  Tensor tOgO = gmem_thr_O.partition_D(gO);
+  Tensor tOrO = make_tensor<Element>(shape(tOgO));
+  copy(gmem_copy_O, tOsO, tOrO);
+  Tensor tOcO_g = gmem_thr_O.partition_D(make_identity_tensor(make_shape(Int<kBlockM>{}, Int<kHeadDim>{})));
+  CUTE_UNROLL
+  for (int m = 0; m < size<1>(tOgO); ++m) {
+    if (get<0>(tOcO_g(0, m, 0)) < m1 - m0) { copy(gmem_copy_O, tOrO(_, m, _), tOgO(_, m, _)); }
+  }
 }
 
 // Grid: (query blocks, batch, heads). Query blocks are visited in reverse so that,
