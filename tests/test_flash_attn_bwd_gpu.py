@@ -17,7 +17,7 @@ import torch
 
 from flash_attn import build_info
 from flash_attn.reference import attention_ref, attention_varlen_ref
-from gpu_env import QUICK, gpu_marks, unavailable_reason
+from gpu_env import QUICK, gpu_marks, require_compiled, unavailable_reason
 
 UNAVAILABLE = unavailable_reason(need_backward=True)
 pytestmark = gpu_marks(UNAVAILABLE)
@@ -31,16 +31,6 @@ def _kernel_dim(d):
         if k >= d:
             return k
     pytest.skip(f"no backward kernel for head dim {d} in this build ({built})")
-
-
-def _skip_unbuilt(dtype_name, alibi, softcap):
-    cfg = build_info.build_config()
-    if dtype_name not in cfg.get("dtypes", []):
-        pytest.skip(f"{dtype_name} not built")
-    if alibi and not build_info.has_feature("alibi"):
-        pytest.skip("alibi not built")
-    if softcap and not build_info.has_feature("softcap"):
-        pytest.skip("softcap not built")
 
 
 def _pad(x, d):
@@ -82,7 +72,7 @@ CASES = [
 
 @pytest.mark.parametrize("dtype_name,d,mask,alibi,softcap,ratio,seqlens", CASES)
 def test_bwd_matches_reference(dtype_name, d, mask, alibi, softcap, ratio, seqlens):
-    _skip_unbuilt(dtype_name, alibi, softcap)
+    require_compiled(DTYPES[dtype_name], alibi=alibi, softcap=softcap)
     dk_ = _kernel_dim(d)
     ext = build_info.cuda_extension()
     dtype = DTYPES[dtype_name]
@@ -119,7 +109,7 @@ def test_bwd_matches_reference(dtype_name, d, mask, alibi, softcap, ratio, seqle
 @pytest.mark.parametrize("mask", ["full", "causal", "window"])
 @pytest.mark.parametrize("d", [64, 128])
 def test_varlen_bwd_with_empty_sequences(d, mask):
-    _skip_unbuilt("bf16", False, False)
+    require_compiled(torch.bfloat16)
     _kernel_dim(d)
     ext = build_info.cuda_extension()
     dtype = torch.bfloat16
@@ -152,7 +142,7 @@ def test_varlen_bwd_with_empty_sequences(d, mask):
 
 
 def test_bwd_is_deterministic():
-    _skip_unbuilt("bf16", False, False)
+    require_compiled(torch.bfloat16)
     d = _kernel_dim(128)
     ext = build_info.cuda_extension()
     torch.manual_seed(3)
@@ -166,7 +156,7 @@ def test_bwd_is_deterministic():
 
 
 def test_bwd_large_logits_stay_finite():
-    _skip_unbuilt("bf16", False, False)
+    require_compiled(torch.bfloat16)
     d = _kernel_dim(64)
     ext = build_info.cuda_extension()
     torch.manual_seed(5)
@@ -182,7 +172,7 @@ def test_bwd_large_logits_stay_finite():
 def test_bwd_pads_head_dims_without_a_kernel(d):
     """d = 32 / 96 have forward kernels but run the backward zero-padded to 64 / 128 inside
     the extension; the gradients come back with the caller's head dim (and in given buffers)."""
-    _skip_unbuilt("bf16", False, False)
+    require_compiled(torch.bfloat16)
     if d not in build_info.compiled_head_dims():
         pytest.skip(f"forward head dim {d} not built")
     _kernel_dim(d)

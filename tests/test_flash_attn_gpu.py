@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from flash_attn import build_info
-from gpu_env import QUICK, REQUIRE_CUDA, gpu_marks, max_abs, poison_allocator, unavailable_reason
+from gpu_env import DTYPE_NAMES, QUICK, REQUIRE_CUDA, gpu_marks, max_abs, poison_allocator, require_compiled, unavailable_reason
 
 UNAVAILABLE = unavailable_reason()
 pytestmark = gpu_marks(UNAVAILABLE)
@@ -48,7 +48,6 @@ def test_kernels_present_when_required():
 # ----------------------------------------------------------------------------
 # helpers
 
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 DTYPES = [torch.float16, torch.bfloat16]
 
 
@@ -61,20 +60,6 @@ def _pid(value):
     if isinstance(value, bool):
         return "causal" if value else "noncausal"
     return None
-
-
-def _require_compiled(dtype, head_dim, alibi=False, softcap=False):
-    """Skips a case that this build cannot run (trimmed dtypes, head dims or variants)."""
-    cfg = build_info.build_config()
-    name = DTYPE_NAMES[dtype]
-    if name not in cfg.get("dtypes", []):
-        pytest.skip(f"{name} not compiled in this build")
-    if not any(h >= head_dim for h in build_info.compiled_head_dims()):
-        pytest.skip(f"no compiled head dim >= {head_dim}")
-    variant = {(False, False): "plain", (True, False): "alibi", (False, True): "softcap",
-               (True, True): "alibi_softcap"}[(bool(alibi), bool(softcap))]
-    if variant not in cfg.get("variants", []):
-        pytest.skip(f"variant {variant} not compiled in this build")
 
 
 def _generator(key):
@@ -206,7 +191,7 @@ def test_fwd_matches_reference(case):
     hq, hk = HEADS[case.heads]
     sq, sk = case.seqlens
     d, dtype = case.headdim, case.dtype
-    _require_compiled(dtype, d, alibi, softcap)
+    require_compiled(dtype, d, alibi, softcap)
     gen = _generator(_case_id(case))
     q = _randn(gen, BATCH, sq, hq, d, dtype=dtype)
     k = _randn(gen, BATCH, sk, hk, d, dtype=dtype)
@@ -273,7 +258,7 @@ def test_varlen_matches_per_sequence_reference(dtype, d, batch, mask, mod):
 
     causal, window = MASKS[mask]
     alibi, softcap = MODS[mod]
-    _require_compiled(dtype, d, alibi, softcap)
+    require_compiled(dtype, d, alibi, softcap)
     lens_q, lens_k = VARLEN_BATCHES[batch]
     hq, hk = 8, 2
     what = f"varlen-{DTYPE_NAMES[dtype]}-d{d}-{batch}-{mask}-{mod}"
@@ -305,7 +290,7 @@ def _api_variant_cases():
 def test_api_variants(dtype, d, causal):
     import flash_attn as fa
 
-    _require_compiled(dtype, d)
+    require_compiled(dtype, d)
     what = f"api-{DTYPE_NAMES[dtype]}-d{d}-causal{causal}"
     gen = _generator(what)
     b, sq, sk, hq, hk = 2, 113, 203, 8, 2
@@ -384,7 +369,7 @@ def _direct_cases():
 def test_extension_writes_every_output_element(dtype, d, mask):
     if d not in build_info.compiled_head_dims():
         pytest.skip(f"head dim {d} not compiled")
-    _require_compiled(dtype, d)
+    require_compiled(dtype, d)
     ext = build_info.cuda_extension()
     causal, window = MASKS[mask]
     kernel_window = (window[0], 0) if causal else window
@@ -441,7 +426,7 @@ LAYOUTS = ["bhsd-transposed", "sliced-last", "interleaved", "sbhd-transposed"]
 @pytest.mark.parametrize("d", [64, 111, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_pid)
 def test_non_contiguous_inputs(dtype, d, layout):
-    _require_compiled(dtype, d)
+    require_compiled(dtype, d)
     what = f"strided-{DTYPE_NAMES[dtype]}-d{d}-{layout}"
     gen = _generator(what)
     b, sq, sk, hq, hk = 2, 129, 255, 8, 2
@@ -463,7 +448,7 @@ def test_alibi_per_batch_slopes(dtype, d, causal):
     """(batch, nheads) slopes: batch element i must use row i (checked one element at a time)."""
     from flash_attn import flash_attn_func
 
-    _require_compiled(dtype, d, alibi=True)
+    require_compiled(dtype, d, alibi=True)
     what = f"alibi-bh-{DTYPE_NAMES[dtype]}-d{d}-causal{causal}"
     gen = _generator(what)
     b, sq, sk, hq, hk = 3, 200, 317, 8, 4
@@ -490,7 +475,7 @@ def _large_logit_cases():
 @pytest.mark.parametrize("dtype,d,causal,seqlens", _large_logit_cases(), ids=_pid)
 def test_large_logits(dtype, d, causal, seqlens):
     """q and k times 4: logits with a spread of tens, where a sloppy online softmax overflows."""
-    _require_compiled(dtype, d, softcap=False)
+    require_compiled(dtype, d, softcap=False)
     sq, sk = seqlens
     what = f"large-{DTYPE_NAMES[dtype]}-d{d}-causal{causal}-{sq}x{sk}"
     gen = _generator(what)
@@ -511,7 +496,7 @@ SELF_SEQLENS = [1, 17, 113, 127, 129, 1025]
 @pytest.mark.parametrize("d", [40, 64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_pid)
 def test_tile_breaking_seqlens(dtype, d, causal, seqlen):
-    _require_compiled(dtype, d)
+    require_compiled(dtype, d)
     what = f"self-{DTYPE_NAMES[dtype]}-d{d}-causal{causal}-s{seqlen}"
     gen = _generator(what)
     q = _randn(gen, 3, seqlen, 4, d, dtype=dtype)
@@ -527,7 +512,7 @@ def test_grid_shapes(shape):
     """Many batches with one head, one batch with many heads: the launch grid's edges."""
     b, s, h = shape
     dtype = torch.bfloat16 if "bf16" in build_info.build_config().get("dtypes", []) else torch.float16
-    _require_compiled(dtype, 64)
+    require_compiled(dtype, 64)
     what = f"grid-b{b}-s{s}-h{h}"
     gen = _generator(what)
     q = _randn(gen, b, s, h, 64, dtype=dtype)
@@ -544,7 +529,7 @@ def test_repeat_runs_are_bitwise_identical(d, mask):
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     dtype = torch.bfloat16 if "bf16" in build_info.build_config().get("dtypes", []) else torch.float16
-    _require_compiled(dtype, d, alibi=True, softcap=True)
+    require_compiled(dtype, d, alibi=True, softcap=True)
     causal, window = MASKS[mask]
     gen = _generator(f"repeat-{d}-{mask}")
     q = _randn(gen, 2, 1023, 8, d, dtype=dtype)

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from flash_attn import build_info
-from gpu_env import QUICK, gpu_marks, max_abs, poison_allocator, unavailable_reason
+from gpu_env import DTYPE_NAMES, QUICK, gpu_marks, max_abs, poison_allocator, require_compiled, unavailable_reason
 
 UNAVAILABLE = unavailable_reason()
 pytestmark = gpu_marks(UNAVAILABLE)
@@ -34,20 +34,7 @@ pytestmark = gpu_marks(UNAVAILABLE)
 # ----------------------------------------------------------------------------
 # helpers
 
-DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 DTYPES = [torch.float16, torch.bfloat16]
-
-
-def _require_compiled(dtype, head_dim, alibi=False, softcap=False):
-    cfg = build_info.build_config()
-    if DTYPE_NAMES[dtype] not in cfg.get("dtypes", []):
-        pytest.skip(f"{DTYPE_NAMES[dtype]} not compiled in this build")
-    if not any(h >= head_dim for h in build_info.compiled_head_dims()):
-        pytest.skip(f"no compiled head dim >= {head_dim}")
-    variant = {(False, False): "plain", (True, False): "alibi", (False, True): "softcap",
-               (True, True): "alibi_softcap"}[(bool(alibi), bool(softcap))]
-    if variant not in cfg.get("variants", []):
-        pytest.skip(f"variant {variant} not compiled in this build")
 
 
 def _any_dtype():
@@ -198,7 +185,7 @@ def _make_case(gen, dtype, d, batch, sq, s_new, s_cache, heads, rotary=("none", 
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", _main_cases(), ids=_case_id)
 def test_kvcache_matches_reference(case):
-    _require_compiled(case.dtype, case.d)
+    require_compiled(case.dtype, case.d)
     what = _case_id(case)
     gen = _generator(what)
     causal, window = MASKS[case.mask]
@@ -216,7 +203,7 @@ def test_kvcache_matches_reference(case):
 def test_score_modifiers(mod, sq, causal):
     dtype = _any_dtype()
     alibi, softcap = "alibi" in mod, "softcap" in mod
-    _require_compiled(dtype, 128, alibi=alibi, softcap=softcap)
+    require_compiled(dtype, 128, alibi=alibi, softcap=softcap)
     what = f"mod-{mod}-q{sq}-causal{causal}"
     gen = _generator(what)
     kw, readable = _make_case(gen, dtype, 128, 3, sq, sq, 777, (8, 2), leftpad=(sq == 5))
@@ -232,7 +219,7 @@ def test_score_modifiers(mod, sq, causal):
 def test_cache_layouts(layout):
     """Caches that cannot be flattened into a view (gathered), and a cache with more rows than q."""
     dtype = _any_dtype()
-    _require_compiled(dtype, 64)
+    require_compiled(dtype, 64)
     what = f"layout-{layout}"
     gen = _generator(what)
     kw, readable = _make_case(gen, dtype, 64, 3, 2, 2, 500, (8, 2), rotary=("r", 0.5, False))
@@ -253,7 +240,7 @@ def test_cache_layouts(layout):
 def test_long_cache_decode(batch):
     """One new token against a few thousand cached ones, MQA, as a decoding step."""
     dtype = _any_dtype()
-    _require_compiled(dtype, 128)
+    require_compiled(dtype, 128)
     what = f"long-decode-b{batch}"
     gen = _generator(what)
     kw, readable = _make_case(gen, dtype, 128, batch, 1, 1, 4096, (8, 1), rotary=("r", 1.0, False))
@@ -266,7 +253,7 @@ def test_int_and_missing_cache_seqlens():
     from flash_attn.reference import kvcache_ref
 
     dtype = _any_dtype()
-    _require_compiled(dtype, 64)
+    require_compiled(dtype, 64)
     gen = _generator("int-seqlens")
     kw, readable = _make_case(gen, dtype, 64, 3, 4, 4, 300, (8, 2))
     kw["cache_seqlens"] = 100
@@ -284,7 +271,7 @@ def test_int_and_missing_cache_seqlens():
 def test_rows_without_keys():
     """cache_seqlens 0 without new keys, and more queries than keys under causal: zeros, lse +inf."""
     dtype = _any_dtype()
-    _require_compiled(dtype, 64)
+    require_compiled(dtype, 64)
     gen = _generator("rows-without-keys")
     kw, _ = _make_case(gen, dtype, 64, 3, 5, 0, 64, (8, 8))
     kw["cache_seqlens"] = _i32([0, 3, 64])
@@ -297,7 +284,7 @@ def test_empty_inputs():
     from flash_attn import flash_attn_with_kvcache
 
     dtype = _any_dtype()
-    _require_compiled(dtype, 64)
+    require_compiled(dtype, 64)
     gen = _generator("empty")
     k_cache = torch.zeros(2, 16, 2, 64, device="cuda", dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
@@ -322,7 +309,7 @@ def test_capacity_check_is_opt_in(monkeypatch):
     from flash_attn import flash_attn_with_kvcache
 
     dtype = _any_dtype()
-    _require_compiled(dtype, 64)
+    require_compiled(dtype, 64)
     gen = _generator("capacity")
     k_big = torch.zeros(4, 32, 2, 64, device="cuda", dtype=dtype)
     v_big = torch.zeros_like(k_big)
@@ -347,7 +334,7 @@ def test_backward_raises():
     from flash_attn import flash_attn_with_kvcache
 
     dtype = _any_dtype()
-    _require_compiled(dtype, 64)
+    require_compiled(dtype, 64)
     gen = _generator("backward")
     kw, _ = _make_case(gen, dtype, 64, 2, 1, 1, 64, (8, 2))
     kw["q"].requires_grad_(True)

@@ -4,13 +4,10 @@
 //        -I csrc/flash_attn -I $CUTLASS/include -DHDIM=128 -DBM=128 -DBN=64 -DWARPS=4 tune_fwd.cu
 // Run: ./tune_fwd  -> one line per shape: hdim, tile, causal, seqlen, ms, TFLOP/s.
 // Random bf16 inputs; times are medians of 30 launches after 5 warm-ups (CUDA events).
-#include <algorithm>
-#include <cstdio>
-#include <cstdlib>
-#include <vector>
 
 #include <cuda_bf16.h>
 
+#include "tune_common.cuh"
 #include "flash_fwd_launch_template.h"
 
 #ifndef HDIM
@@ -29,25 +26,8 @@
 #define WARPS 4
 #endif
 
-#define CUDA_OK(x)                                                                  \
-  do {                                                                              \
-    cudaError_t e = (x);                                                            \
-    if (e != cudaSuccess) {                                                         \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e)); \
-      std::exit(1);                                                                 \
-    }                                                                               \
-  } while (0)
-
 using Element = cutlass::bfloat16_t;
 using Ktraits = flash::FwdKernelTraits<HDIM, Element, flash::FwdTile{BM, BN, WARPS, STAGES}>;
-
-__global__ void fill_random(Element *x, size_t n, unsigned seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    unsigned h = unsigned(i) * 2654435761u ^ seed;
-    h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
-    x[i] = Element(float(h & 0xffff) / 32768.f - 1.f);
-  }
-}
 
 int main() {
   const int seqlens[] = {2048, 8192};
@@ -79,21 +59,7 @@ int main() {
       p.window_size_right = causal ? 0 : -1;
       p.is_bf16 = true;
 
-      cudaEvent_t e0, e1;
-      CUDA_OK(cudaEventCreate(&e0));
-      CUDA_OK(cudaEventCreate(&e1));
-      std::vector<float> ms;
-      for (int it = 0; it < 35; ++it) {
-        CUDA_OK(cudaEventRecord(e0));
-        CUDA_OK((flash::run_flash_fwd<Ktraits, false, false>(p, 0)));
-        CUDA_OK(cudaEventRecord(e1));
-        CUDA_OK(cudaEventSynchronize(e1));
-        float t;
-        CUDA_OK(cudaEventElapsedTime(&t, e0, e1));
-        if (it >= 5) ms.push_back(t);
-      }
-      std::sort(ms.begin(), ms.end());
-      const float med = ms[ms.size() / 2];
+      const float med = median_ms([&] { return flash::run_flash_fwd<Ktraits, false, false>(p, 0); }, 5, 30);
       const double flops = 4.0 * b * h * double(s) * s * d / (causal ? 2 : 1);
       std::printf("hdim %d tile %dx%dx%dw%ds causal %d seqlen %5d  %.3f ms  %.1f TFLOP/s\n", HDIM, BM, BN, WARPS, STAGES,
                   causal, s, med, flops / med / 1e9);
