@@ -71,15 +71,87 @@ def check_options(q, dropout_p, window_size, softcap, alibi_slopes, batch):
     return window
 
 
-def check_block_table(block_table):
-    if block_table is not None:
-        raise NotImplementedError("flash_attn: block_table (paged KV) is not supported yet; it arrives "
-                                  "with the paged-KV kernels. Pass block_table=None")
+PAGE_MULTIPLE = 16
+
+
+def check_block_table(block_table, k_cache, batch, device, cache_batch_idx=None):
+    """Paged KV: block_table int32 (batch, max_num_blocks_per_seq) on q's device, k_cache
+    (num_blocks, page_block_size, nheads_k, headdim) with page_block_size a positive multiple
+    of 16 (any such size, not only flash-attn's 256); no cache_batch_idx (flash-attn disallows it).
+
+    Returns the logical capacity of a sequence: max_num_blocks_per_seq * page_block_size.
+    Values (block indices, capacity) are checked apart (check_block_table_values).
+    """
+    if cache_batch_idx is not None:
+        _fail(ValueError, "cache_batch_idx", "None when block_table is given (paged KV picks the pages "
+              "of each sequence through block_table; flash-attn disallows both)", "a tensor")
+    _check_tensor("block_table", block_table)
+    if block_table.dtype != torch.int32:
+        _fail(TypeError, "block_table.dtype", "torch.int32", block_table.dtype)
+    if block_table.dim() != 2:
+        _fail(ValueError, "block_table.dim()", "2 (batch, max_num_blocks_per_seq)",
+              f"{block_table.dim()} (shape {tuple(block_table.shape)})")
+    if block_table.shape[0] != batch:
+        _fail(ValueError, "block_table.shape[0] (batch)", f"the batch size {batch}", block_table.shape[0])
+    if block_table.device != device:
+        _fail(ValueError, "block_table.device", f"q.device = {device}", block_table.device)
+    num_blocks, page = k_cache.shape[0], k_cache.shape[1]
+    if page == 0 or page % PAGE_MULTIPLE != 0:
+        _fail(ValueError, "k_cache.shape[1] (page_block_size)",
+              f"a positive multiple of {PAGE_MULTIPLE} with block_table", page)
+    if num_blocks == 0 and block_table.numel() > 0:
+        _fail(ValueError, "k_cache.shape[0] (num_blocks)", ">= 1 when block_table has entries", num_blocks)
+    return block_table.shape[1] * page
+
+
+def check_block_table_values(block_table, num_blocks, page, lengths, length_name):
+    """The block indices each sequence uses (the first ceil(lengths[i] / page) of row i) lie in
+    0..num_blocks - 1, and lengths[i] <= max_num_blocks_per_seq * page. lengths: python ints.
+    Call only where values may be read (_reads_values)."""
+    capacity = block_table.shape[1] * page
+    for i, n in enumerate(lengths):
+        if n > capacity:
+            _fail(ValueError, length_name, f"<= max_num_blocks_per_seq * page_block_size = "
+                  f"{block_table.shape[1]} * {page} = {capacity} (the pages of block_table row {i})",
+                  f"{n} at index {i}")
+    rows = block_table.tolist()
+    for i, n in enumerate(lengths):
+        used = rows[i][:-(-max(n, 0) // page)]
+        bad = [(j, x) for j, x in enumerate(used) if not 0 <= x < num_blocks]
+        if bad:
+            j, x = bad[0]
+            _fail(ValueError, f"block_table[{i}, {j}]", f"in 0..{num_blocks - 1} (k_cache.shape[0] = num_blocks)",
+                  x)
+
+
+def check_varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       block_table):
+    """flash_attn_varlen_func with block_table (paged prefill): q (total_q, hq, d); k_cache,
+    v_cache (num_blocks, page_block_size, hk, d); cu_seqlens_q/k int32 (b + 1,), the k
+    offsets giving each sequence's key count; block_table int32 (b, max_num_blocks_per_seq).
+
+    Returns (max_seqlen_q, max_seqlen_k) as Python ints.
+    """
+    _check_qkv(q, k_cache, v_cache, rank=4, layout="(num_blocks, page_block_size, nheads_k, headdim)",
+               names=("q", "k", "v"), q_rank=3)
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0])
+    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, None)
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        _fail(ValueError, "cu_seqlens_k.shape", f"cu_seqlens_q.shape = {tuple(cu_seqlens_q.shape)}",
+              tuple(cu_seqlens_k.shape))
+    batch = cu_seqlens_q.shape[0] - 1
+    check_block_table(block_table, k_cache, batch, q.device)
+    if _reads_values(q.device):
+        cu = cu_seqlens_k.tolist()
+        lengths = [b - a for a, b in zip(cu, cu[1:])]
+        check_block_table_values(block_table, k_cache.shape[0], k_cache.shape[1], lengths,
+                                 "cu_seqlens_k[i + 1] - cu_seqlens_k[i] (keys of sequence i)")
+    return check_max_seqlen("max_seqlen_q", max_seqlen_q), check_max_seqlen("max_seqlen_k", max_seqlen_k)
 
 
 def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                  cache_leftpad):
-    """flash_attn_with_kvcache's tensors (block_table is checked apart).
+                  cache_leftpad, block_table=None):
+    """flash_attn_with_kvcache's tensors.
 
     q (b, sq, hq, d); k_cache, v_cache (b_cache, s_cache, hk, d), last dim
     contiguous (they are written in place); k, v (b, s_new, hk, d), both or
@@ -91,15 +163,21 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     < b_cache and 0 <= cache_leftpad <= cache_seqlens are checked for CPU tensors
     and for an int cache_seqlens; for CUDA tensors only with FLASH_ATTN_DEBUG=1
     (they need a device-to-host copy).
+    With block_table (paged KV, see check_block_table) the caches are (num_blocks,
+    page_block_size, hk, d), s_cache above is the capacity max_num_blocks_per_seq *
+    page_block_size, and the block indices each row uses are checked like the capacity.
     """
     _check_qkv(q, k_cache, v_cache, rank=4, layout="(batch, seqlen, nheads, headdim)",
                names=("q", "k_cache", "v_cache"))
     b = q.shape[0]
     b_cache, s_cache, hk, d = k_cache.shape
-    if cache_batch_idx is None and b_cache < b:
+    paged = block_table is not None
+    if paged:
+        s_cache = check_block_table(block_table, k_cache, b, q.device, cache_batch_idx)
+    if not paged and cache_batch_idx is None and b_cache < b:
         _fail(ValueError, "k_cache.shape[0] (batch_size_cache)",
               f">= q.shape[0] = {b} (or pass cache_batch_idx to pick the cache rows)", b_cache)
-    if b_cache == 0 and b > 0:
+    if not paged and b_cache == 0 and b > 0:
         _fail(ValueError, "k_cache.shape[0] (batch_size_cache)", ">= 1 when q has rows", b_cache)
     if (k is None) != (v is None):
         _fail(ValueError, "k and v", "both given or both None",
@@ -108,8 +186,9 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
     if k is not None:
         _check_new_kv(q, k, v, (b, hk, d))
         s_new = k.shape[1]
-    _check_rotary(q, rotary_cos, rotary_sin, k is not None, s_cache, d)
-    _check_cache_seqlens(q, cache_seqlens, b, s_cache, s_new)
+    capacity = ("max_num_blocks_per_seq * page_block_size" if paged else "k_cache.shape[1]")
+    _check_rotary(q, rotary_cos, rotary_sin, k is not None, s_cache, d, capacity)
+    _check_cache_seqlens(q, cache_seqlens, b, s_cache, s_new, capacity)
     for name, x in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
         if x is not None:
             _check_int32_vector(name, x, b, q.device)
@@ -121,8 +200,11 @@ def check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqle
         bad = [(i, n) for i, n in enumerate(seqlens) if not 0 <= n <= s_cache - s_new]
         if bad:
             _fail(ValueError, "cache_seqlens",
-                  f"in 0..s_cache - seqlen_new = {s_cache} - {s_new} (the new keys must fit in the cache)",
+                  f"in 0..{capacity} - seqlen_new = {s_cache} - {s_new} (the new keys must fit in the cache)",
                   f"{bad[0][1]} at index {bad[0][0]}")
+    if paged:
+        check_block_table_values(block_table, b_cache, k_cache.shape[1], [n + s_new for n in seqlens],
+                                 "cache_seqlens + seqlen_new")
     if cache_batch_idx is not None:
         bad = [(i, r) for i, r in enumerate(cache_batch_idx.tolist()) if not 0 <= r < b_cache]
         if bad:
@@ -168,7 +250,7 @@ def _check_new_kv(q, k, v, expected):
         _fail(ValueError, "v.shape", f"k.shape = {tuple(k.shape)}", tuple(v.shape))
 
 
-def _check_rotary(q, cos, sin, has_new_kv, s_cache, d):
+def _check_rotary(q, cos, sin, has_new_kv, s_cache, d, capacity="k_cache.shape[1]"):
     if cos is None and sin is None:
         return
     if cos is None or sin is None:
@@ -191,11 +273,11 @@ def _check_rotary(q, cos, sin, has_new_kv, s_cache, d):
     if not 0 < 2 * half <= d:
         _fail(ValueError, "rotary_cos.shape[1] (rotary_dim / 2)", f"in 1..headdim / 2 = {d // 2}", half)
     if seqlen_ro < s_cache:
-        _fail(ValueError, "rotary_cos.shape[0] (seqlen_ro)", f">= k_cache.shape[1] = {s_cache} (the cache length)",
+        _fail(ValueError, "rotary_cos.shape[0] (seqlen_ro)", f">= {capacity} = {s_cache} (the cache length)",
               seqlen_ro)
 
 
-def _check_cache_seqlens(q, cache_seqlens, b, s_cache, s_new):
+def _check_cache_seqlens(q, cache_seqlens, b, s_cache, s_new, capacity="k_cache.shape[1]"):
     """An int, an int32 (b,) tensor, or None (the whole cache, only without new keys)."""
     if cache_seqlens is None:
         if s_new > 0:
@@ -204,14 +286,14 @@ def _check_cache_seqlens(q, cache_seqlens, b, s_cache, s_new):
     if isinstance(cache_seqlens, torch.Tensor):
         _check_int32_vector("cache_seqlens", cache_seqlens, b, q.device)
         if s_new > s_cache:
-            _fail(ValueError, "k.shape[1] (seqlen_new)", f"<= k_cache.shape[1] = {s_cache} (the cache capacity)",
+            _fail(ValueError, "k.shape[1] (seqlen_new)", f"<= {capacity} = {s_cache} (the cache capacity)",
                   s_new)
         return
     if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, numbers.Integral):
         _fail(TypeError, "cache_seqlens", "an int or an int32 tensor (batch,)", type(cache_seqlens).__name__)
     if not 0 <= cache_seqlens <= s_cache - s_new:
         _fail(ValueError, "cache_seqlens",
-              f"in 0..s_cache - seqlen_new = {s_cache} - {s_new} (the new keys must fit in the cache)",
+              f"in 0..{capacity} - seqlen_new = {s_cache} - {s_new} (the new keys must fit in the cache)",
               cache_seqlens)
 
 
@@ -227,7 +309,7 @@ def _check_int32_vector(name, x, batch, device):
 
 def check_cu_seqlens(name, cu_seqlens, device, total):
     """cu_seqlens: int32, 1-D, contiguous, length >= 1, on ``device``; its values
-    (start 0, non-decreasing, last <= total) are checked when that needs no sync."""
+    (start 0, non-decreasing, last <= total unless total is None) are checked when that needs no sync."""
     _check_tensor(name, cu_seqlens)
     if cu_seqlens.dtype != torch.int32:
         _fail(TypeError, f"{name}.dtype", "torch.int32", cu_seqlens.dtype)
@@ -239,8 +321,10 @@ def check_cu_seqlens(name, cu_seqlens, device, total):
         _fail(ValueError, name, "contiguous", f"strides {cu_seqlens.stride()}")
     if _reads_values(cu_seqlens.device):
         values = cu_seqlens.tolist()
-        if values[0] != 0 or any(b < a for a, b in zip(values, values[1:])) or values[-1] > total:
-            _fail(ValueError, name, f"non-decreasing offsets from 0 to at most {total}", values)
+        if (values[0] != 0 or any(b < a for a, b in zip(values, values[1:]))
+                or (total is not None and values[-1] > total)):
+            bound = "" if total is None else f" to at most {total}"
+            _fail(ValueError, name, f"non-decreasing offsets from 0{bound}", values)
 
 
 def check_max_seqlen(name, value):
@@ -261,13 +345,16 @@ def _check_tensor(name, x):
         _fail(TypeError, name, "a torch.Tensor", type(x).__name__)
 
 
-def _check_qkv(q, k, v, rank, layout, names=("q", "k", "v")):
-    """names: what q, k, v are called in messages (("q", "k_cache", "v_cache") for the KV cache)."""
+def _check_qkv(q, k, v, rank, layout, names=("q", "k", "v"), q_rank=None):
+    """names: what q, k, v are called in messages (("q", "k_cache", "v_cache") for the KV cache).
+    q_rank: q's rank when it differs from k's (paged varlen: q (total_q, nheads, headdim))."""
     qn, kn, vn = names
     tensors = ((qn, q), (kn, k), (vn, v))
     for name, x in tensors:
         _check_tensor(name, x)
-    for name, x in tensors:
+    if q_rank is not None and q.dim() != q_rank:
+        _fail(ValueError, f"{qn}.dim()", f"{q_rank} (total, nheads, headdim)", f"{q.dim()} (shape {tuple(q.shape)})")
+    for name, x in tensors[0 if q_rank is None else 1:]:
         if x.dim() != rank:
             _fail(ValueError, f"{name}.dim()", f"{rank} {layout}", f"{x.dim()} (shape {tuple(x.shape)})")
     _check_device(q, k, v, names)

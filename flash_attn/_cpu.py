@@ -113,10 +113,11 @@ def s_dmask(probs, keep, dtype):
 
 
 def kvcache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                    cache_leftpad, softmax_scale, window, softcap, rotary_interleaved, alibi_slopes):
+                    cache_leftpad, softmax_scale, window, softcap, rotary_interleaved, alibi_slopes,
+                    block_table=None):
     """flash_attn_with_kvcache on CPU: reference.kvcache_ref, which writes k, v into the
-    caches in place. window: normalized, causal folded in.
+    caches (paged with block_table) in place. window: normalized, causal folded in.
     Returns out (b, sq, hq, d) and lse (b, hq, sq)."""
     return reference.kvcache_ref(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                                  cache_batch_idx, cache_leftpad, softmax_scale, False, window, softcap,
-                                 rotary_interleaved, alibi_slopes)
+                                 rotary_interleaved, alibi_slopes, block_table=block_table)

@@ -35,6 +35,46 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     return _unpad_head_dim(out, d), lse
 
 
+def varlen_paged_forward(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table, max_seqlen_q, dropout_p,
+                         softmax_scale, window, softcap, alibi_slopes, deterministic=False):
+    """flash_attn_varlen_func with block_table on CUDA: q (total_q, hq, d); k_cache, v_cache
+    (num_blocks, page_block_size, hk, d); block_table int32 (b, max_num_blocks_per_seq); sequence
+    i has cu_seqlens_k[i + 1] - cu_seqlens_k[i] keys -> out (total_q, hq, d), lse fp32 (hq, total_q).
+
+    INTERIM GATHER PATH, not the paged-KV kernel issue 4 asks for: each sequence's pages are
+    copied in logical order into a contiguous (b * capacity, hk, d) temporary by PyTorch
+    indexing on the GPU (capacity = max_num_blocks_per_seq * page_block_size), then our varlen
+    kernel runs on it with seqused_k = each sequence's key count. No host sync: block_table is
+    used as given, clamped into 0..num_blocks - 1 (and the key counts into 0..capacity), so bad
+    values give wrong numbers, never an access outside the caches. No backward (the CUDA varlen
+    backward has no seqused_k).
+    """
+    d = q.shape[-1]
+    dk = route_head_dim(d, dropout_p, softcap, alibi_slopes is not None)
+    b = block_table.shape[0]
+    keys, values = _gather_pages(k_cache, block_table), _gather_pages(v_cache, block_table)
+    capacity = keys.shape[1]
+    lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).clamp(0, capacity).to(torch.int32)
+    keys = pad_head_dim(keys, dk).reshape(b * capacity, *keys.shape[2:-1], dk)
+    values = pad_head_dim(values, dk).reshape(b * capacity, *values.shape[2:-1], dk)
+    out, lse = torch.ops.flash_attn.varlen_fwd(
+        pad_head_dim(q, dk), keys, values, cu_seqlens_q, _arange_cu(b, capacity, q.device), lens, max_seqlen_q,
+        capacity, alibi_slopes, softmax_scale, window[0], window[1], softcap, deterministic)
+    return _unpad_head_dim(out, d), lse
+
+
+def _gather_pages(cache, block_table):
+    """cache (num_blocks, page_block_size, hk, d) -> (b, max_num_blocks_per_seq * page_block_size, hk, d):
+    row i holds the pages block_table[i] in logical order, copied by PyTorch indexing (interim, until the
+    paged-KV kernels read the pages in place). Indices are clamped into 0..num_blocks - 1 first (no sync)."""
+    num_blocks, page = cache.shape[:2]
+    b, max_blocks = block_table.shape
+    table = block_table.to(torch.int64).clamp(0, max(num_blocks - 1, 0))
+    if table.numel() == 0 or num_blocks == 0:
+        return cache.new_zeros(b, max_blocks * page, *cache.shape[2:])
+    return cache[table].reshape(b, max_blocks * page, *cache.shape[2:])
+
+
 def _unpad_head_dim(out, d):
     """out's first d columns; out itself when nothing was padded, so that the backward does
     not pay for an extra full-size gradient buffer (narrow's backward allocates one)."""
@@ -107,7 +147,8 @@ def varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, m
 
 
 def kvcache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                    cache_leftpad, softmax_scale, window, softcap, rotary_interleaved, alibi_slopes):
+                    cache_leftpad, softmax_scale, window, softcap, rotary_interleaved, alibi_slopes,
+                    block_table=None):
     """flash_attn_with_kvcache on CUDA: rotary and the cache append in PyTorch, then varlen_fwd.
 
     q (b, sq, hq, d); k_cache, v_cache (b_cache, s_cache, hk, d), written in place
@@ -126,11 +167,24 @@ def kvcache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seq
     did not check (FLASH_ATTN_DEBUG unset) are clamped into the caches' bounds:
     bad ones give wrong numbers, never an access outside the tensors.
     num_splits is not used: varlen_fwd has no split-KV yet.
+
+    block_table (paged KV: caches (num_blocks, page_block_size, hk, d), block_table int32
+    (b, max_num_blocks_per_seq), no cache_batch_idx): an INTERIM GATHER PATH until the
+    paged-KV kernels of issue 4, not that kernel. The new keys are written into their pages
+    (index_put on the GPU), then PyTorch copies each row's pages in logical order into a
+    contiguous (b, capacity, hk, d) temporary (capacity = max_num_blocks_per_seq *
+    page_block_size) and the unpaged code below runs on it. block_table is used as given,
+    clamped into 0..num_blocks - 1 (no sync).
     """
     check_supported(0.0, softcap, alibi_slopes is not None)
     extension()  # fail before touching the caches
     b, sq, hq, d = q.shape
     b_cache, s_cache, hk, _ = k_cache.shape
+    table = None
+    if block_table is not None:
+        page = k_cache.shape[1]
+        s_cache = block_table.shape[1] * page
+        table = block_table.to(torch.int64).clamp(0, max(b_cache - 1, 0))
     dk = kernel_head_dim(d)
     s_new = 0 if k is None else k.shape[1]
     device = q.device
@@ -144,11 +198,16 @@ def kvcache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seq
 
     with torch.no_grad():
         if k is not None:
-            _append_kv(k_cache, v_cache, k, v, seqlens, rows, rotary_cos, rotary_sin, rotary_interleaved)
+            _append_kv(k_cache, v_cache, k, v, seqlens, rows, rotary_cos, rotary_sin, rotary_interleaved, table)
     if rotary_cos is not None:
         q = _rotary_q(q, rotary_cos, rotary_sin, seqlens, rotary_interleaved, per_row=window != (-1, -1))
     if b == 0 or sq == 0 or s_cache == 0:
         return _empty_result(q, (b, hq, sq))
+    if table is not None:
+        # Interim gather path (PyTorch copy on the GPU, then our kernel), not the paged kernel:
+        # the pages of each row, in logical order, become row i of an unpaged (b, s_cache, hk, d) cache.
+        with torch.no_grad():
+            k_cache, v_cache = _gather_pages(k_cache, table), _gather_pages(v_cache, table)
 
     keys, values = None, None
     if rows is None and starts is None and dk == d:
@@ -173,15 +232,23 @@ def kvcache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seq
     return _ForwardOnly.apply(q, keys, values, call)
 
 
-def _append_kv(k_cache, v_cache, k, v, seqlens, rows, rotary_cos, rotary_sin, rotary_interleaved):
+def _append_kv(k_cache, v_cache, k, v, seqlens, rows, rotary_cos, rotary_sin, rotary_interleaved, table=None):
     """Writes k, v (b, s_new, hk, d) into cache rows ``rows`` (None = 0..b-1) at positions
-    seqlens[i] + arange(s_new), rotating k at those positions first when rotary is on."""
+    seqlens[i] + arange(s_new), rotating k at those positions first when rotary is on.
+    table: int64 (b, max_num_blocks_per_seq), already clamped, for paged caches: position p of
+    row i is slot p % page_block_size of page table[i, p // page_block_size]."""
     b, s_new = k.shape[:2]
     if b == 0 or s_new == 0:
         return
     if rotary_cos is not None:
         k = apply_rotary_emb(k, rotary_cos, rotary_sin, rotary_interleaved, seqlen_offsets=seqlens)
     positions = seqlens[:, None] + torch.arange(s_new, device=k.device)  # (b, s_new)
+    if table is not None:
+        page = k_cache.shape[1]
+        blocks = table.gather(1, (positions // page).clamp(max=max(table.shape[1] - 1, 0)))
+        k_cache[blocks, positions % page] = k
+        v_cache[blocks, positions % page] = v
+        return
     rows = torch.arange(b, device=k.device) if rows is None else rows
     k_cache[rows[:, None], positions] = k
     v_cache[rows[:, None], positions] = v

@@ -80,9 +80,24 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     cu_seqlens_q/k int32 (batch + 1,) sequence offsets; max_seqlen_q/k ints.
 
     Returns out (total_q, nheads, headdim), or (out, softmax_lse, S_dmask).
-    block_table (paged KV) is not supported yet.
+
+    block_table: int32 (batch, max_num_blocks_per_seq) or None (paged prefill). With it,
+        k and v are paged caches (num_blocks, page_block_size, nheads_k, headdim), any
+        page_block_size a multiple of 16; sequence i has cu_seqlens_k[i + 1] -
+        cu_seqlens_k[i] keys, its logical positions 0..len_i - 1, position p in slot
+        p % page_block_size of page block_table[i, p // page_block_size]. Block indices
+        and the capacity (len_i <= max_num_blocks_per_seq * page_block_size) are checked
+        for CPU tensors, for CUDA tensors with FLASH_ATTN_DEBUG=1; otherwise block indices
+        are clamped into 0..num_blocks - 1 (wrong numbers, never an access outside k, v).
+        CPU: the reference gathers each sequence's keys from its pages. CUDA (interim,
+        until the paged-KV kernels): the pages of each sequence are gathered into a
+        contiguous temporary by a PyTorch copy on the GPU, then our varlen kernel runs on
+        it with seqused_k; no backward through that route.
     """
-    _checks.check_block_table(block_table)
+    if block_table is not None:
+        return _varlen_paged(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                             softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                             return_attn_probs, block_table)
     max_seqlen_q, max_seqlen_k = _checks.check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k,
                                                       max_seqlen_q, max_seqlen_k)
     batch = cu_seqlens_q.shape[0] - 1
@@ -99,6 +114,34 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     else:
         out, lse = _ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q, max_seqlen_k,
                                    alibi_slopes, scale, window[0], window[1], softcap, deterministic)
+    return (out, lse, s_dmask) if return_attn_probs else out
+
+
+def _varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                  block_table):
+    """flash_attn_varlen_func with block_table (paged prefill)."""
+    max_seqlen_q, max_seqlen_k = _checks.check_varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k,
+                                                            max_seqlen_q, max_seqlen_k, block_table)
+    batch = cu_seqlens_q.shape[0] - 1
+    window = _checks.check_options(q, dropout_p, window_size, softcap, alibi_slopes, batch)
+    scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
+    window = kernel_window(causal, window, max_seqlen_q, max_seqlen_k, alibi_slopes is not None)
+    s_dmask = None
+    if q.is_cuda:
+        out, lse = _cuda.varlen_paged_forward(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table,
+                                              max_seqlen_q, dropout_p, scale, window, softcap, alibi_slopes,
+                                              deterministic)
+    else:
+        # the reference's gather: each sequence's keys from its pages, packed (differentiable)
+        from .reference import gather_paged_varlen
+        k, v, cu_k = gather_paged_varlen(k_cache, v_cache, cu_seqlens_k, block_table)
+        if dropout_p > 0:
+            out, lse, s_dmask = _cpu.varlen_forward(q, k, v, cu_seqlens_q, cu_k, max_seqlen_q, max_seqlen_k,
+                                                    dropout_p, scale, window, softcap, alibi_slopes)
+        else:
+            out, lse = _ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_k, None, max_seqlen_q, max_seqlen_k,
+                                       alibi_slopes, scale, window[0], window[1], softcap, deterministic)
     return (out, lse, s_dmask) if return_attn_probs else out
 
 
@@ -148,7 +191,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     cache_batch_idx: int32 (batch,): the cache row of each batch row. With
         duplicate rows and k, v given, which write lands is unspecified.
     cache_leftpad: int32 (batch,): the first valid key of each cache row (default 0).
-    block_table: paged KV; not supported yet (NotImplementedError).
+    block_table: int32 (batch, max_num_blocks_per_seq) or None: paged KV. The caches are then
+        (num_blocks, page_block_size, nheads_k, headdim), page_block_size any multiple of 16;
+        batch row i's logical position p (the cache row above) is slot p % page_block_size of
+        page block_table[i, p // page_block_size], and its capacity (seqlen_cache above) is
+        max_num_blocks_per_seq * page_block_size. Not with cache_batch_idx (as in flash-attn).
+        Block indices each row uses are checked like the other values below (clamped into
+        0..num_blocks - 1 on CUDA without FLASH_ATTN_DEBUG=1). On CUDA this is an interim
+        gather path until the paged-KV kernels: the new keys are written into their pages, the
+        used pages are copied into a contiguous temporary by PyTorch on the GPU, and our kernel
+        runs on that.
     Batch row i attends to keys [cache_leftpad[i], cache_seqlens[i] + seqlen_new) of
     its cache row; causal / window_size / alibi_slopes are aligned to that key
     length as in flash_attn_func, softmax_scale and softcap likewise.
@@ -164,21 +216,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     out-of-range values are clamped (wrong results, but no access outside the
     tensors).
     """
-    if block_table is not None:
-        raise NotImplementedError("flash_attn: block_table (paged KV cache) is not supported yet in "
-                                  "flash_attn_with_kvcache; it arrives with the paged-KV kernels. Pass "
-                                  "block_table=None with a (batch_cache, seqlen_cache, nheads_k, headdim) cache")
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     _checks.check_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                          cache_leftpad)
+                          cache_leftpad, block_table)
     window = _checks.check_options(q, 0.0, window_size, softcap, alibi_slopes, q.shape[0])
     _checks.check_num_splits(num_splits)
     scale = softmax_scale_or_default(softmax_scale, q.shape[-1])
-    window = kernel_window(causal, window, q.shape[1], k_cache.shape[1], alibi_slopes is not None)
+    seqlen_cache = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+    window = kernel_window(causal, window, q.shape[1], seqlen_cache, alibi_slopes is not None)
     if cache_seqlens is not None and not isinstance(cache_seqlens, torch.Tensor):
         cache_seqlens = torch.full((q.shape[0],), int(cache_seqlens), dtype=torch.int32, device=q.device)
     args = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
-            scale, window, softcap, rotary_interleaved, alibi_slopes)
+            scale, window, softcap, rotary_interleaved, alibi_slopes, block_table)
     out, lse = _cuda.kvcache_forward(*args) if q.is_cuda else _cpu.kvcache_forward(*args)
     return (out, lse) if return_softmax_lse else out
 

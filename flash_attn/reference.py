@@ -221,10 +221,61 @@ def _masked_softmax(scores, visible):
     return probs, lse.to(_lse_dtype(scores.dtype))
 
 
+def paged_slots(block_table_row, positions, page_block_size):
+    """Where logical positions of one sequence live in a paged cache.
+
+    block_table_row: int (max_num_blocks_per_seq,), logical block -> physical block;
+    positions: int64 (n,) logical key positions. Returns (blocks, offsets), int64 (n,):
+    position p is slot offsets of page blocks, i.e. cache[blocks, offsets].
+    """
+    blocks = block_table_row.to(torch.int64)[positions // page_block_size]
+    return blocks, positions % page_block_size
+
+
+def gather_paged(cache, block_table_row, length):
+    """The first ``length`` keys (or values) of one sequence of a paged cache.
+
+    cache: (num_blocks, page_block_size, hk, d) -> (length, hk, d), a copy in logical order.
+    """
+    positions = torch.arange(length, device=cache.device)
+    blocks, offsets = paged_slots(block_table_row, positions, cache.shape[1])
+    return cache[blocks, offsets]
+
+
+def attention_varlen_paged_ref(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table,
+                               max_seqlen_q=None, max_seqlen_k=None, softmax_scale=None,
+                               causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                               dropout_p=0.0, dropout_mask=None, upcast=True):
+    """attention_varlen_ref on paged keys and values (flash_attn_varlen_func with block_table).
+
+    k_cache, v_cache: (num_blocks, page_block_size, hk, d); block_table: int (b, max_num_blocks_per_seq);
+    sequence i has len_i = cu_seqlens_k[i + 1] - cu_seqlens_k[i] keys, its logical positions
+    0..len_i - 1 in its pages. The keys are gathered per sequence (gather_paged) into a packed
+    (sum len_i, hk, d) tensor, then attention_varlen_ref runs on it.
+    """
+    keys, values, cu_packed = gather_paged_varlen(k_cache, v_cache, cu_seqlens_k, block_table)
+    return attention_varlen_ref(q, keys, values, cu_seqlens_q, cu_packed, max_seqlen_q, max_seqlen_k, None,
+                                softmax_scale, causal, window_size, softcap, alibi_slopes, dropout_p,
+                                dropout_mask, upcast)
+
+
+def gather_paged_varlen(k_cache, v_cache, cu_seqlens_k, block_table):
+    """Each sequence's keys and values gathered from its pages and packed:
+    (keys (total, hk, d), values (total, hk, d), cu_seqlens of the packed keys, int32 (b + 1,))."""
+    starts, ends = _bounds(cu_seqlens_k)
+    lens = [max(e - s, 0) for s, e in zip(starts, ends)]
+    keys = [gather_paged(k_cache, block_table[i], n) for i, n in enumerate(lens)]
+    values = [gather_paged(v_cache, block_table[i], n) for i, n in enumerate(lens)]
+    hk, d = k_cache.shape[2:]
+    empty = k_cache.new_zeros(0, hk, d)
+    cu = torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(torch.int32).to(cu_seqlens_k.device)
+    return torch.cat(keys + [empty]), torch.cat(values + [v_cache.new_zeros(0, hk, d)]), cu
+
+
 def kvcache_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                 cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, softmax_scale=None,
                 causal=False, window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
-                alibi_slopes=None, upcast=True):
+                alibi_slopes=None, upcast=True, block_table=None):
     """flash_attn_with_kvcache, one batch row at a time (flash-attn 2.8 semantics).
 
     q: (b, sq, hq, d); k_cache, v_cache: (b_cache, s_cache, hk, d); k, v:
@@ -242,10 +293,17 @@ def kvcache_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin
     3. q attends to the keys k_cache[row, start:n + s_new], with the mask and
        ALiBi aligned to that key length as in attention_ref (alibi_slopes
        (b, hq) uses row i of the slopes).
+    block_table: int (b, max_num_blocks_per_seq) or None. With it the caches are paged,
+    (num_blocks, page_block_size, hk, d), and cache row i is the sequence whose logical
+    position p sits in slot p % page_block_size of page block_table[i, p // page_block_size]
+    (paged_slots); its capacity s_cache is max_num_blocks_per_seq * page_block_size. Steps 2
+    and 3 then write into and read from those slots (cache_batch_idx must be None).
     Returns out (b, sq, hq, d) in q.dtype and lse (b, hq, sq).
     """
     b, sq, hq, d = q.shape
-    s_cache = k_cache.shape[1]
+    s_cache = k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
+    if block_table is not None and cache_batch_idx is not None:
+        raise ValueError("kvcache_ref: cache_batch_idx cannot be combined with block_table")
     s_new = 0 if k is None else k.shape[1]
     rotate_q_rows = causal or tuple(window_size) != (-1, -1)
     outs, lses = [], []
@@ -259,16 +317,25 @@ def kvcache_ref(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin
             ki, vi = k[i:i + 1], v[i:i + 1]
             if rotary_cos is not None:
                 ki = apply_rotary_emb(ki, rotary_cos, rotary_sin, rotary_interleaved, seqlen_offsets=n)
-            k_cache[row, n:n + s_new] = ki[0]
-            v_cache[row, n:n + s_new] = vi[0]
+            if block_table is None:
+                k_cache[row, n:n + s_new] = ki[0]
+                v_cache[row, n:n + s_new] = vi[0]
+            else:
+                slots = paged_slots(block_table[i], torch.arange(n, n + s_new, device=q.device), k_cache.shape[1])
+                k_cache[slots] = ki[0]
+                v_cache[slots] = vi[0]
         if rotary_cos is not None:
             if rotate_q_rows:
                 qi = apply_rotary_emb(qi, rotary_cos, rotary_sin, rotary_interleaved, seqlen_offsets=n)
             else:  # every query row at position n: one "token" holding sq * hq heads
                 qi = apply_rotary_emb(qi.reshape(1, 1, sq * hq, d), rotary_cos, rotary_sin,
                                       rotary_interleaved, seqlen_offsets=n).reshape(1, sq, hq, d)
-        keys = k_cache[row:row + 1, start:n + s_new]
-        values = v_cache[row:row + 1, start:n + s_new]
+        if block_table is None:
+            keys = k_cache[row:row + 1, start:n + s_new]
+            values = v_cache[row:row + 1, start:n + s_new]
+        else:
+            keys = gather_paged(k_cache, block_table[i], n + s_new)[None, start:]
+            values = gather_paged(v_cache, block_table[i], n + s_new)[None, start:]
         slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[i]
         o, lse = attention_ref(qi, keys, values, softmax_scale, causal, window_size, softcap, slopes,
                                upcast=upcast)

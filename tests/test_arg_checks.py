@@ -105,8 +105,8 @@ CASES = [
     ("max_seqlen_q_negative", varlen(max_seqlen_q=-1), ValueError, "max_seqlen_q"),
     ("varlen_alibi_batch", varlen(alibi_slopes=torch.ones(B + 1, H)), ValueError, "alibi_slopes.shape"),
     ("varlen_window", varlen(window_size=(0, -3)), ValueError, "window_size"),
-    ("block_table", varlen(block_table=torch.zeros(2, 1, dtype=torch.int32)), NotImplementedError,
-     "block_table"),
+    ("block_table_unpaged_k", varlen(block_table=torch.zeros(2, 1, dtype=torch.int32)), ValueError,
+     "k.dim()"),
 ]
 
 

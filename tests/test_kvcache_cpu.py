@@ -408,7 +408,7 @@ ERRORS = [
      ValueError, "rotary_dim"),
     ("rotary_table_short", dict(rotary_cos=rotary_tables(n=S_CACHE - 1)[0],
                                 rotary_sin=rotary_tables(n=S_CACHE - 1)[1]), ValueError, "seqlen_ro"),
-    ("block_table", dict(block_table=i32([[0], [1]])), NotImplementedError, "block_table"),
+    ("block_table_page_size", dict(block_table=i32([[0], [1]])), ValueError, "page_block_size"),
     ("num_splits_negative", dict(num_splits=-1), ValueError, "num_splits"),
     ("num_splits_float", dict(num_splits=1.5), ValueError, "num_splits"),
     ("window", dict(window_size=(-2, 0)), ValueError, "window_size"),
@@ -435,11 +435,6 @@ def test_good_args_pass():
     cos, sin = rotary_tables()
     flash_attn_with_kvcache(**good_args(), rotary_cos=cos, rotary_sin=sin, cache_batch_idx=i32([1, 0]),
                             cache_leftpad=i32([1, 0]))
-
-
-def test_block_table_message():
-    with pytest.raises(NotImplementedError, match="arrives with the paged-KV kernels"):
-        flash_attn_with_kvcache(**good_args(), block_table=i32([[0], [1]]))
 
 
 # ----------------------------------------------------------------------------
