@@ -10,8 +10,7 @@ import torch
 
 from flash_attn import _cpu, _cuda, flash_attn_varlen_func, flash_attn_with_kvcache
 from flash_attn.reference import attention_varlen_paged_ref, kvcache_ref
-from test_kvcache_cpu import FakeExtension, route_args  # noqa: F401  (the fake's fixture is below)
-from flash_attn import build_info
+from test_kvcache_cpu import fake, route_args  # noqa: F401  (fake: the fixture with the stand-in extension)
 
 F64 = torch.float64
 PAGES = [16, 64, 256]
@@ -223,15 +222,6 @@ def test_varlen_paged_gradients_reach_the_pages():
 
 # ----------------------------------------------------------------------------
 # the CUDA route's Python side (interim gather path), on CPU, against a fake extension
-
-@pytest.fixture
-def fake(monkeypatch):
-    ext = FakeExtension([8, 16, 32, 64])
-    monkeypatch.setattr(build_info, "cuda_extension", lambda: ext)
-    monkeypatch.setattr(build_info, "compiled_head_dims", lambda: list(ext.head_dims))
-    monkeypatch.setattr(build_info, "has_feature", lambda name: True)
-    return ext
-
 
 def route_kw(kw):
     """kw of flash_attn_with_kvcache -> the positional arguments of a route (block_table last)."""
