@@ -318,6 +318,31 @@ at::Tensor unpad_grad(const at::Tensor &g, int d, const std::optional<at::Tensor
   return *given;
 }
 
+struct BwdBuffers {
+  at::Tensor dq, dk, dv;
+  // One gradient per query head, k's shape with h heads; dk/dv themselves without GQA.
+  at::Tensor dk_exp, dv_exp;
+};
+
+// Aligns the inputs for cp.async (in place) and allocates the gradient buffers of one
+// backward call, batched or varlen.
+BwdBuffers prepare_bwd(at::Tensor &q, at::Tensor &k, at::Tensor &v, at::Tensor &dout, at::Tensor &out,
+                       const std::optional<at::Tensor> &dq_, const std::optional<at::Tensor> &dk_,
+                       const std::optional<at::Tensor> &dv_) {
+  for (at::Tensor *t : {&q, &k, &v, &dout, &out}) { *t = vector_aligned(*t); }
+  BwdBuffers g{grad_buffer(dq_, q, "dq"), grad_buffer(dk_, k, "dk"), grad_buffer(dv_, v, "dv"), {}, {}};
+  if (k.size(-2) == q.size(-2)) {
+    g.dk_exp = g.dk;
+    g.dv_exp = g.dv;
+  } else {
+    std::vector<int64_t> shape = k.sizes().vec();
+    shape[shape.size() - 2] = q.size(-2);
+    g.dk_exp = at::empty(shape, k.options());
+    g.dv_exp = at::empty(shape, v.options());
+  }
+  return g;
+}
+
 // dout, q, out: (b, sq, h, d); k, v: (b, sk, h_k, d); softmax_lse fp32 (b, h, sq).
 // Returns {dq, dk, dv, softmax_d}; softmax_d fp32 (b, h, sq).
 std::vector<at::Tensor> bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out,
@@ -337,17 +362,8 @@ std::vector<at::Tensor> bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Ten
     return {unpad_grad(g[0], d, dq_, "dq"), unpad_grad(g[1], d, dk_, "dk"), unpad_grad(g[2], d, dv_, "dv"), g[3]};
   }
   c10::cuda::CUDAGuard guard{q.device()};
-  q = vector_aligned(q);
-  k = vector_aligned(k);
-  v = vector_aligned(v);
-  dout = vector_aligned(dout);
-  out = vector_aligned(out);
-  at::Tensor dq = grad_buffer(dq_, q, "dq");
-  at::Tensor dk = grad_buffer(dk_, k, "dk");
-  at::Tensor dv = grad_buffer(dv_, v, "dv");
+  auto [dq, dk, dv, dk_exp, dv_exp] = prepare_bwd(q, k, v, dout, out, dq_, dk_, dv_);
   const bool gqa = h != h_k;
-  at::Tensor dk_exp = gqa ? at::empty({b, sk, h, d}, k.options()) : dk;
-  at::Tensor dv_exp = gqa ? at::empty({b, sk, h, d}, v.options()) : dv;
   // D = rowsum(dO * O) in fp32, laid out like the lse: (b, h, sq).
   at::Tensor softmax_d = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).transpose(1, 2).contiguous();
   if (b > 0 && sq > 0 && sk > 0) {
@@ -399,17 +415,8 @@ std::vector<at::Tensor> varlen_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, 
   const int b = cu_seqlens_q.numel() - 1;
   CHECK_ARG(b >= 0 && cu_seqlens_k.numel() == b + 1, "cu_seqlens_q and cu_seqlens_k must have batch + 1 entries");
   c10::cuda::CUDAGuard guard{q.device()};
-  q = vector_aligned(q);
-  k = vector_aligned(k);
-  v = vector_aligned(v);
-  dout = vector_aligned(dout);
-  out = vector_aligned(out);
-  at::Tensor dq = grad_buffer(dq_, q, "dq");
-  at::Tensor dk = grad_buffer(dk_, k, "dk");
-  at::Tensor dv = grad_buffer(dv_, v, "dv");
+  auto [dq, dk, dv, dk_exp, dv_exp] = prepare_bwd(q, k, v, dout, out, dq_, dk_, dv_);
   const bool gqa = h != h_k;
-  at::Tensor dk_exp = gqa ? at::empty({total_k, h, d}, k.options()) : dk;
-  at::Tensor dv_exp = gqa ? at::empty({total_k, h, d}, v.options()) : dv;
   at::Tensor softmax_d = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).transpose(0, 1).contiguous();
   // Rows outside every sequence get no gradient from the kernels: start from zero.
   dq.zero_();
