@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from flash_attn import build_info
+from flash_attn._bench import ours_unavailable_reason
 
 QUICK = os.environ.get("FLASH_ATTN_TEST_QUICK", "").strip() not in ("", "0")
 REQUIRE_CUDA = os.environ.get("FLASH_ATTN_REQUIRE_CUDA", "").strip() not in ("", "0")
@@ -19,20 +20,10 @@ REQUIRE_CUDA = os.environ.get("FLASH_ATTN_REQUIRE_CUDA", "").strip() not in ("",
 
 def unavailable_reason(need_backward=False):
     """Why the CUDA kernels cannot run here, or None when they can."""
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    cfg = build_info.build_config()
-    if not cfg.get("cuda"):
-        return f"flash_attn CUDA extension not built ({cfg.get('skip_reason')})"
-    try:
-        ext = build_info.cuda_extension()
-    except Exception as exc:  # a broken build is reported, not raised at collection
-        return f"flash_attn CUDA extension failed to load: {type(exc).__name__}: {exc}"
-    if ext is None:
-        return "flash_attn CUDA extension not available"
-    if need_backward and not hasattr(ext, "bwd"):
+    reason = ours_unavailable_reason()
+    if reason is None and need_backward and not hasattr(build_info.cuda_extension(), "bwd"):
         return "the extension has no backward (FLASH_ATTN_DISABLE_BACKWARD or an older build)"
-    return None
+    return reason
 
 
 def gpu_marks(reason):
