@@ -2,7 +2,8 @@
 # Compile tune_fwd.cu / tune_bwd.cu for several (head dim, tile) variants in parallel and time each.
 # Usage (on the GPU machine, repo root):
 #   benchmarks/tune/run_tune.sh "128:128:64:4:2 bwd:128:64:32:4 ..."
-# Forward variants are HDIM:BM:BN:WARPS[:STAGES]; backward variants bwd:HDIM:ROWS:COLS:WARPS[:STAGES].
+# Forward variants are HDIM:BM:BN:WARPS[:STAGES]; backward variants bwd:HDIM:ROWS:COLS:WARPS[:STAGES]
+# (the default path, atomic dQ) or bwddet:... (the deterministic kernel pair).
 # Prints ptxas registers/spills, local-memory instructions in SASS, and the timings.
 # CUTLASS include from the nvidia-cutlass wheel.
 set -u
@@ -13,9 +14,11 @@ DIR=$(mktemp -d /tmp/tune.XXXX)
 
 # The nvcc defines and source for one variant spec.
 variant_args() {
-  if [[ $1 == bwd:* ]]; then
-    IFS=: read -r _ D R C W S <<<"$1"
-    echo "-DHDIM=$D -DROWS=$R -DCOLS=$C -DWARPS=$W -DSTAGES=${S:-1} benchmarks/tune/tune_bwd.cu"
+  if [[ $1 == bwd* ]]; then
+    IFS=: read -r kind D R C W S <<<"$1"
+    local atomic=1
+    [ "$kind" = bwddet ] && atomic=0
+    echo "-DHDIM=$D -DROWS=$R -DCOLS=$C -DWARPS=$W -DSTAGES=${S:-1} -DATOMIC=$atomic benchmarks/tune/tune_bwd.cu"
   else
     IFS=: read -r D M N W S <<<"$1"
     echo "-DHDIM=$D -DBM=$M -DBN=$N -DWARPS=$W -DSTAGES=${S:-1} benchmarks/tune/tune_fwd.cu"

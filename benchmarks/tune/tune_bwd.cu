@@ -2,6 +2,10 @@
 // tune_fwd.cu. One binary per variant:
 //   nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -gencode arch=compute_90,code=sm_90 \
 //        -I csrc/flash_attn -I $CUTLASS/include -DHDIM=128 -DROWS=64 -DCOLS=32 -DWARPS=4 -DSTAGES=2 tune_bwd.cu
+// -DATOMIC=1 (default) times the default path (dK/dV kernel with atomic dQ, the timed
+// call includes zeroing the fp32 accumulator); -DATOMIC=0 the deterministic kernel pair.
+// Both include the D = rowsum(dO * O) pass. The fp32 -> bf16 conversion of dQ (a torch
+// copy on the host side) is not included.
 // Prints one line per shape: hdim, tile, causal, seqlen, ms, TFLOP/s (2.5 x forward FLOPs).
 // Inputs are random bf16; lse and D are set to fixed finite values (timing only, the
 // numbers are not checked: tests/test_flash_attn_bwd_gpu.py does that).
@@ -25,6 +29,9 @@
 #ifndef WARPS
 #define WARPS 4
 #endif
+#ifndef ATOMIC
+#define ATOMIC 1
+#endif
 
 using Element = cutlass::bfloat16_t;
 using Ktraits = flash::BwdKernelTraits<HDIM, Element, flash::BwdTile{ROWS, COLS, WARPS, STAGES}>;
@@ -44,7 +51,8 @@ int main() {
       std::vector<Element *> bufs(8);  // q k v o do dq dk dv
       for (auto &ptr : bufs) { CUDA_OK(cudaMalloc(&ptr, n * sizeof(Element))); }
       for (int i = 0; i < 5; ++i) { fill_random<<<1024, 256>>>(bufs[i], n, 7 + i); }
-      float *lse, *dsum;
+      float *lse, *dsum, *dq_accum;
+      CUDA_OK(cudaMalloc(&dq_accum, n * sizeof(float)));
       CUDA_OK(cudaMalloc(&lse, rows * sizeof(float)));
       CUDA_OK(cudaMalloc(&dsum, rows * sizeof(float)));
       fill_value<<<1024, 256>>>(lse, rows, 6.f);
@@ -69,14 +77,26 @@ int main() {
       p.window_size_left = -1;
       p.window_size_right = causal ? 0 : -1;
       p.is_bf16 = true;
+      if (ATOMIC) {
+        p.dq_accum_ptr = dq_accum;
+        p.dq_accum_row_stride = row;
+        p.dq_accum_head_stride = d;
+        p.dq_accum_batch_stride = batch;
+      }
 
-      const float med = median_ms([&] { return flash::run_flash_bwd<Ktraits, false, false>(p, 0); }, 5, 20);
+      const float med = median_ms(
+          [&] {
+            if (ATOMIC) { cudaMemsetAsync(dq_accum, 0, n * sizeof(float), 0); }
+            return flash::run_flash_bwd<Ktraits, false, false>(p, 0);
+          },
+          5, 20);
       const double flops = 2.5 * 4.0 * b * h * double(s) * s * d / (causal ? 2 : 1);
-      std::printf("bwd hdim %d tile %dx%dx%dw%ds causal %d seqlen %5d  %.3f ms  %.1f TFLOP/s\n", HDIM, ROWS, COLS,
-                  WARPS, STAGES, causal, s, med, flops / med / 1e9);
+      std::printf("bwd%s hdim %d tile %dx%dx%dw%ds causal %d seqlen %5d  %.3f ms  %.1f TFLOP/s\n",
+                  ATOMIC ? "" : "-det", HDIM, ROWS, COLS, WARPS, STAGES, causal, s, med, flops / med / 1e9);
       for (auto ptr : bufs) { cudaFree(ptr); }
       cudaFree(lse);
       cudaFree(dsum);
+      cudaFree(dq_accum);
     }
   }
   return 0;

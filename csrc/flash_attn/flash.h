@@ -71,6 +71,13 @@ struct Flash_bwd_params : public Flash_fwd_params {
   // Same layout as softmax_lse: rowsum(dO * O) per query row, fp32.
   float *__restrict__ softmax_d_ptr;
   float scale_qk;  // the softmax scale applied to q.k (d score / d (q.k) without softcap)
+
+  // Default (non-deterministic) path: an fp32 dQ accumulator in q's layout ([b, sq, h, d]
+  // or [total_q, h, d]), zeroed by the host, into which the dK/dV kernel adds
+  // scale_qk * dS K with atomics (so dQ's summation order varies; dK, dV do not).
+  // nullptr: deterministic path, the separate dQ kernel writes dq_ptr.
+  float *__restrict__ dq_accum_ptr;
+  index_t dq_accum_batch_stride, dq_accum_row_stride, dq_accum_head_stride;
 };
 
 template <typename Element, int kHeadDim, bool Has_alibi, bool Is_softcap>

@@ -258,9 +258,14 @@ void run_bwd(flash::Flash_bwd_params &p, cudaStream_t stream) {
 
 // Fills the gradient fields of p. dk_exp/dv_exp hold one gradient per query head
 // (reduced over GQA groups by the caller); softmax_d = rowsum(dO * O) in lse's layout.
+// dq_accum: the fp32 accumulator of the atomic (non-deterministic) path, or undefined.
 void set_bwd_params(flash::Flash_bwd_params &p, const at::Tensor &dout, const at::Tensor &dq,
                     const at::Tensor &dk_exp, const at::Tensor &dv_exp, const at::Tensor &softmax_d,
-                    float softmax_scale) {
+                    const at::Tensor &dq_accum, float softmax_scale) {
+  if (dq_accum.defined()) {
+    p.dq_accum_ptr = dq_accum.data_ptr<float>();
+    set_strides(dq_accum, p.dq_accum_batch_stride, p.dq_accum_row_stride, p.dq_accum_head_stride);
+  }
   p.do_ptr = dout.data_ptr();
   p.dq_ptr = dq.data_ptr();
   p.dk_ptr = dk_exp.data_ptr();
@@ -322,15 +327,18 @@ struct BwdBuffers {
   at::Tensor dq, dk, dv;
   // One gradient per query head, k's shape with h heads; dk/dv themselves without GQA.
   at::Tensor dk_exp, dv_exp;
+  // Non-deterministic path: zeroed fp32 dQ accumulator in q's shape (undefined otherwise).
+  at::Tensor dq_accum;
 };
 
 // Aligns the inputs for cp.async (in place) and allocates the gradient buffers of one
 // backward call, batched or varlen.
 BwdBuffers prepare_bwd(at::Tensor &q, at::Tensor &k, at::Tensor &v, at::Tensor &dout, at::Tensor &out,
                        const std::optional<at::Tensor> &dq_, const std::optional<at::Tensor> &dk_,
-                       const std::optional<at::Tensor> &dv_) {
+                       const std::optional<at::Tensor> &dv_, bool deterministic) {
   for (at::Tensor *t : {&q, &k, &v, &dout, &out}) { *t = vector_aligned(*t); }
-  BwdBuffers g{grad_buffer(dq_, q, "dq"), grad_buffer(dk_, k, "dk"), grad_buffer(dv_, v, "dv"), {}, {}};
+  BwdBuffers g{grad_buffer(dq_, q, "dq"), grad_buffer(dk_, k, "dk"), grad_buffer(dv_, v, "dv"), {}, {}, {}};
+  if (!deterministic) { g.dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat)); }
   if (k.size(-2) == q.size(-2)) {
     g.dk_exp = g.dk;
     g.dv_exp = g.dv;
@@ -350,7 +358,6 @@ std::vector<at::Tensor> bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Ten
                             std::optional<at::Tensor> dv_, std::optional<at::Tensor> alibi_slopes,
                             double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
                             bool deterministic) {
-  (void)deterministic;  // both kernels are deterministic (no atomics)
   check_qkv(q, k, v, 4);
   check_heads(q, k, v);
   const int b = q.size(0), sq = q.size(1), h = q.size(2), sk = k.size(1), h_k = k.size(2), d = q.size(3);
@@ -362,10 +369,10 @@ std::vector<at::Tensor> bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Ten
     return {unpad_grad(g[0], d, dq_, "dq"), unpad_grad(g[1], d, dk_, "dk"), unpad_grad(g[2], d, dv_, "dv"), g[3]};
   }
   c10::cuda::CUDAGuard guard{q.device()};
-  auto [dq, dk, dv, dk_exp, dv_exp] = prepare_bwd(q, k, v, dout, out, dq_, dk_, dv_);
+  auto [dq, dk, dv, dk_exp, dv_exp, dq_accum] = prepare_bwd(q, k, v, dout, out, dq_, dk_, dv_, deterministic);
   const bool gqa = h != h_k;
-  // D = rowsum(dO * O) in fp32, laid out like the lse: (b, h, sq).
-  at::Tensor softmax_d = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).transpose(1, 2).contiguous();
+  // D = rowsum(dO * O) in fp32, laid out like the lse: (b, h, sq); the kernels fill it.
+  at::Tensor softmax_d = at::zeros({b, h, sq}, q.options().dtype(at::kFloat));
   if (b > 0 && sq > 0 && sk > 0) {
     flash::Flash_bwd_params p{};
     set_common_params(p, q, k, v, out, softmax_lse, alibi_slopes, b, float(softmax_scale), int(window_left),
@@ -374,8 +381,9 @@ std::vector<at::Tensor> bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Ten
     p.seqlen_k = sk;
     p.total_q = b * sq;
     p.total_k = b * sk;
-    set_bwd_params(p, dout, dq, dk_exp, dv_exp, softmax_d, float(softmax_scale));
+    set_bwd_params(p, dout, dq, dk_exp, dv_exp, softmax_d, dq_accum, float(softmax_scale));
     run_bwd(p, c10::cuda::getCurrentCUDAStream().stream());
+    if (dq_accum.defined()) { dq.copy_(dq_accum); }
   } else {
     dq.zero_();
     dk_exp.zero_();
@@ -396,7 +404,6 @@ std::vector<at::Tensor> varlen_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, 
                                    int64_t max_seqlen_k, std::optional<at::Tensor> alibi_slopes,
                                    double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
                                    bool deterministic) {
-  (void)deterministic;
   check_qkv(q, k, v, 3);
   check_heads(q, k, v);
   const int total_q = q.size(0), h = q.size(1), total_k = k.size(0), h_k = k.size(1), d = q.size(2);
@@ -415,9 +422,10 @@ std::vector<at::Tensor> varlen_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, 
   const int b = cu_seqlens_q.numel() - 1;
   CHECK_ARG(b >= 0 && cu_seqlens_k.numel() == b + 1, "cu_seqlens_q and cu_seqlens_k must have batch + 1 entries");
   c10::cuda::CUDAGuard guard{q.device()};
-  auto [dq, dk, dv, dk_exp, dv_exp] = prepare_bwd(q, k, v, dout, out, dq_, dk_, dv_);
+  auto [dq, dk, dv, dk_exp, dv_exp, dq_accum] = prepare_bwd(q, k, v, dout, out, dq_, dk_, dv_, deterministic);
   const bool gqa = h != h_k;
-  at::Tensor softmax_d = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).transpose(0, 1).contiguous();
+  // D in the lse's layout (h, total_q); rows outside every sequence stay 0.
+  at::Tensor softmax_d = at::zeros({h, total_q}, q.options().dtype(at::kFloat));
   // Rows outside every sequence get no gradient from the kernels: start from zero.
   dq.zero_();
   dk_exp.zero_();
@@ -432,8 +440,9 @@ std::vector<at::Tensor> varlen_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, 
     p.total_k = total_k;
     p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
     p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
-    set_bwd_params(p, dout, dq, dk_exp, dv_exp, softmax_d, float(softmax_scale));
+    set_bwd_params(p, dout, dq, dk_exp, dv_exp, softmax_d, dq_accum, float(softmax_scale));
     run_bwd(p, c10::cuda::getCurrentCUDAStream().stream());
+    if (dq_accum.defined()) { dq.copy_(dq_accum); }
   }
   if (gqa) {
     at::sum_out(dk, dk_exp.view({total_k, h_k, h / h_k, d}), {2});

@@ -1,9 +1,12 @@
-// Backward kernels (mma.sync), deterministic by construction (no atomics):
+// Backward kernels (mma.sync):
 // - dK/dV: one CTA per (key block, sequence, query head) keeps K, V stationary and
 //   streams query blocks: S^T = K Q^T, P^T = exp(S^T - lse), dP^T = V dO^T,
-//   dS^T = P^T (dP^T - D), dV += P^T dO, dK += dS^T Q.
-// - dQ: one CTA per (query block, sequence, head) keeps Q, dO stationary and streams
-//   key blocks: S = Q K^T, P, dP = dO V^T, dS, dQ += dS K.
+//   dS^T = P^T (dP^T - D), dV += P^T dO, dK += dS^T Q. With Accum_dq (the default,
+//   non-deterministic path) it also adds dQ += dS K of each step into an fp32
+//   accumulator with atomics: 5 matrix products per tile pair, as in FlashAttention-2.
+// - dQ (deterministic path): one CTA per (query block, sequence, head) keeps Q, dO
+//   stationary and streams key blocks: S = Q K^T, P, dP = dO V^T, dS, dQ += dS K.
+//   With it, no atomics anywhere: every gradient is bitwise reproducible.
 // D = rowsum(dO * O) per query row and the forward's lse come precomputed. The score
 // modifiers match the forward (score_mod.h); with softcap, dS carries the tanh
 // derivative. dQ and dK are scaled by the softmax scale at the end.
@@ -50,7 +53,45 @@ __forceinline__ __device__ void probs_and_dscores(TensorS &s, TensorDP &dp, Tens
   }
 }
 
-template <typename Ktraits, bool Has_alibi, bool Is_softcap>
+// dQ_partial (queries x d) = scale_qk * dS K for one (key block, query block) step,
+// added into the fp32 accumulator. sdSt: dS as (queries, keys) in shared memory; sKt:
+// the stationary K as (d, keys). Query rows at or past `rows` (padding) are skipped.
+template <typename Ktraits, typename SdSt, typename SKt>
+__forceinline__ __device__ void accumulate_dq(SdSt const &sdSt, SKt const &sKt, float *dq_accum,
+                                              int64_t row_stride, int rows, float scale) {
+  constexpr int kCols = Ktraits::kBlockCols;
+  constexpr int kHeadDim = Ktraits::kHeadDim;
+  typename Ktraits::TiledMmaDq mma;
+  auto thr = mma.get_thread_slice(threadIdx.x);
+  Tensor acc = partition_fragment_C(mma, Shape<Int<kCols>, Int<kHeadDim>>{});  // (MMA, MMA_C, MMA_D)
+  clear(acc);
+  Tensor rdS = thr.partition_fragment_A(sdSt);  // (MMA, MMA_C, MMA_R)
+  Tensor rKt = thr.partition_fragment_B(sKt);   // (MMA, MMA_D, MMA_R)
+  auto copy_a = make_tiled_copy_A(typename Ktraits::SmemCopyAtomTransposed{}, mma);
+  auto copy_b = make_tiled_copy_B(typename Ktraits::SmemCopyAtomTransposed{}, mma);
+  Tensor sA = copy_a.get_thread_slice(threadIdx.x).partition_S(sdSt);
+  Tensor sB = copy_b.get_thread_slice(threadIdx.x).partition_S(sKt);
+  gemm_smem_smem(mma, acc, rdS, rKt, sA, sB, copy_a, copy_b);
+  Tensor coord = thr.partition_C(make_identity_tensor(Shape<Int<kCols>, Int<kHeadDim>>{}));
+  // Accumulator elements (i, i + 1), i even, are columns (c, c + 1) of one row: sm90 adds
+  // them with one 8-byte vector atomic (half the atomic operations and L2 sectors).
+  static_assert(decltype(size<0>(acc))::value == 4);
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc); i += 2) {
+    const int row = get<0>(coord(i)), col = get<1>(coord(i));
+    if (row < rows) {
+      float *dst = dq_accum + row * row_stride + col;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      atomicAdd(reinterpret_cast<float2 *>(dst), make_float2(acc(i) * scale, acc(i + 1) * scale));
+#else
+      atomicAdd(dst, acc(i) * scale);
+      atomicAdd(dst + 1, acc(i + 1) * scale);
+#endif
+    }
+  }
+}
+
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Accum_dq>
 __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, int n_block, int bidb, int bidh) {
   using Element = typename Ktraits::Element;
   constexpr int kRows = Ktraits::kBlockRows;  // keys
@@ -91,6 +132,11 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
   const int64_t stat_off = seq.lse_offset(p, bidb, bidh);
   const float *lse = p.softmax_lse_ptr + stat_off;
   const float *dsum = p.softmax_d_ptr + stat_off;
+  float *dq_accum = nullptr;
+  if constexpr (Accum_dq) {
+    dq_accum = p.dq_accum_ptr + seq.q_offset(p.dq_accum_batch_stride, p.dq_accum_row_stride, bidb) +
+               bidh * p.dq_accum_head_stride;
+  }
 
   Tensor gK = local_tile(mK, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(n_block, 0));   // (R, D)
   Tensor gV = local_tile(mV, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(n_block, 0));
@@ -112,6 +158,11 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
   // lse and D of the streamed queries: [stages][C] each.
   float *s_lse = reinterpret_cast<float *>(smem + 2 * Ktraits::kSmemRowsBytes + 2 * Ktraits::kSmemColsBytes);
   float *s_d = s_lse + kStages * kCols;
+  // Atomic dQ: dS^T staged as (R, C), read back as (C, R); K read as (D, R).
+  Tensor sdS = make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem + Ktraits::kSmemDsOffset)),
+                           typename Ktraits::SmemLayoutDs{});
+  Tensor sdSt = make_tensor(sdS.data(), typename Ktraits::SmemLayoutDsT{});
+  Tensor sKt = make_tensor(sK.data(), typename Ktraits::SmemLayoutRowsT{})(_, _, 0);
 
   typename Ktraits::GmemTiledCopyQKV gmem_copy;
   auto gmem_thr = gmem_copy.get_thread_slice(tidx);
@@ -203,8 +254,21 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
     Tensor tOrPt = make_tensor(rPt.data(), acc_layout_as_A(rPt.layout()));
     gemm_reg_smem(tiled_mma, acc_dv, tOrPt, tdVrdOt, tOsdOt(_, _, _, stage), smem_copy_Bt);
     Tensor rdSt = convert_type<Element>(acc_dpt);
+    if constexpr (Accum_dq) {
+      // Every thread is past the previous step's reads of sdS (the barrier at the top).
+      auto ds_copy = make_tiled_copy_C(typename Ktraits::SmemCopyAtomDs{}, tiled_mma);
+      auto ds_thr = ds_copy.get_thread_slice(tidx);
+      Tensor tdSr = ds_thr.retile_S(rdSt);
+      Tensor tdSs = ds_thr.partition_D(sdS);
+      copy(ds_copy, tdSr, tdSs);
+    }
     Tensor tOrdSt = make_tensor(rdSt.data(), acc_layout_as_A(rdSt.layout()));
     gemm_reg_smem(tiled_mma, acc_dk, tOrdSt, tdKrQt, tOsQt(_, _, _, stage), smem_copy_Bt);
+    if constexpr (Accum_dq) {
+      __syncthreads();  // the whole dS tile is in shared memory
+      accumulate_dq<Ktraits>(sdSt, sKt, dq_accum + int64_t(m0) * p.dq_accum_row_stride, p.dq_accum_row_stride,
+                             seq.seqlen_q - m0, p.scale_qk);
+    }
     // One stage: every thread is done with sQ, sdO and the stats before the next loads.
     if constexpr (kStages == 1) { __syncthreads(); }
   }
@@ -374,10 +438,10 @@ __forceinline__ __device__ void compute_dq_tile(const Flash_bwd_params &p, int m
 }
 
 // Grids: (key blocks, batch, query heads) and (query blocks, batch, query heads).
-template <typename Ktraits, bool Has_alibi, bool Is_softcap>
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Accum_dq>
 __global__ void __launch_bounds__(Ktraits::kNThreads, 1)
     flash_bwd_dk_dv_kernel(__grid_constant__ const Flash_bwd_params p) {
-  compute_dk_dv_tile<Ktraits, Has_alibi, Is_softcap>(p, blockIdx.x, blockIdx.y, blockIdx.z);
+  compute_dk_dv_tile<Ktraits, Has_alibi, Is_softcap, Accum_dq>(p, blockIdx.x, blockIdx.y, blockIdx.z);
 }
 
 template <typename Ktraits, bool Has_alibi, bool Is_softcap>

@@ -5,28 +5,50 @@
 
 #include "flash.h"
 #include "flash_bwd_kernel.h"
+#include "flash_bwd_preprocess.h"
 #include "kernel_traits.h"
 
 namespace flash {
 
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, int smem_bytes) {
+  if (smem_bytes < 48 * 1024) { return cudaSuccess; }
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+}
+
+// D = rowsum(dO * O) first; then either the dK/dV kernel with atomic dQ accumulation
+// (params.dq_accum_ptr set: the host converts the accumulator to dq afterwards) or the
+// deterministic pair, dK/dV then dQ.
 template <typename Ktraits, bool Has_alibi, bool Is_softcap>
 cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
-  constexpr int smem_bytes = Ktraits::kSmemBytes;
-  if (params.b == 0 || params.h == 0) { return cudaSuccess; }
-  auto dk_dv_kernel = &flash_bwd_dk_dv_kernel<Ktraits, Has_alibi, Is_softcap>;
-  auto dq_kernel = &flash_bwd_dq_kernel<Ktraits, Has_alibi, Is_softcap>;
-  if (smem_bytes >= 48 * 1024) {
-    for (auto kernel : {dk_dv_kernel, dq_kernel}) {
-      cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
-      if (err != cudaSuccess) { return err; }
-    }
-  }
+  if (params.b == 0 || params.h == 0 || params.seqlen_q == 0) { return cudaSuccess; }
+  using Element = typename Ktraits::Element;
+  constexpr int kHeadDim = Ktraits::kHeadDim;
+  constexpr int kDotRows = dot_rows_per_cta<kHeadDim>();
+  flash_bwd_dot_do_o_kernel<Element, kHeadDim>
+      <<<dim3((params.seqlen_q + kDotRows - 1) / kDotRows, params.b, params.h), kDotThreads, 0, stream>>>(params);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) { return err; }
+
   const int num_n_blocks = (params.seqlen_k + Ktraits::kBlockRows - 1) / Ktraits::kBlockRows;
   const int num_m_blocks = (params.seqlen_q + Ktraits::kBlockRows - 1) / Ktraits::kBlockRows;
+  if (params.dq_accum_ptr != nullptr) {
+    auto kernel = &flash_bwd_dk_dv_kernel<Ktraits, Has_alibi, Is_softcap, true>;
+    constexpr int smem_bytes = Ktraits::kSmemBytesAtomicDq;
+    if ((err = allow_smem(kernel, smem_bytes)) != cudaSuccess) { return err; }
+    if (num_n_blocks > 0) {
+      kernel<<<dim3(num_n_blocks, params.b, params.h), Ktraits::kNThreads, smem_bytes, stream>>>(params);
+    }
+    return cudaGetLastError();
+  }
+  auto dk_dv_kernel = &flash_bwd_dk_dv_kernel<Ktraits, Has_alibi, Is_softcap, false>;
+  auto dq_kernel = &flash_bwd_dq_kernel<Ktraits, Has_alibi, Is_softcap>;
+  constexpr int smem_bytes = Ktraits::kSmemBytes;
+  if ((err = allow_smem(dk_dv_kernel, smem_bytes)) != cudaSuccess) { return err; }
+  if ((err = allow_smem(dq_kernel, smem_bytes)) != cudaSuccess) { return err; }
   if (num_n_blocks > 0) {
     dk_dv_kernel<<<dim3(num_n_blocks, params.b, params.h), Ktraits::kNThreads, smem_bytes, stream>>>(params);
-    cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) { return err; }
+    if ((err = cudaGetLastError()) != cudaSuccess) { return err; }
   }
   if (num_m_blocks > 0) {
     dq_kernel<<<dim3(num_m_blocks, params.b, params.h), Ktraits::kNThreads, smem_bytes, stream>>>(params);

@@ -106,8 +106,37 @@ struct BwdKernelTraits : MmaCopyTraits<kHeadDim_, Element_, kTile_.n_warps> {
 
   static constexpr int kSmemRowsBytes = int(cosize_v<SmemLayoutRows>) * int(sizeof(Element_));
   static constexpr int kSmemColsBytes = int(cosize_v<SmemLayoutCols>) * int(sizeof(Element_));  // all stages
-  static constexpr int kSmemBytes =
-      2 * kSmemRowsBytes + 2 * kSmemColsBytes + 2 * kStages * kBlockCols * int(sizeof(float));
+  static constexpr int kSmemStatsBytes = 2 * kStages * kBlockCols * int(sizeof(float));  // lse, D
+
+  // Atomic-dQ path of the dK/dV kernel: dS^T (rows = keys, cols = queries) goes through
+  // shared memory so that dQ = dS K can read it as the A operand of (queries x keys),
+  // transposed by ldmatrix.trans. Stored cols-contiguous, swizzled like the (rows, d) tiles.
+  static constexpr int kDsAtomCols = kBlockCols >= 64 ? 64 : 32;
+  static_assert(kBlockCols % kDsAtomCols == 0);
+  using SmemLayoutDs = decltype(tile_to_shape(
+      composition(Swizzle<kDsAtomCols == 64 ? 3 : 2, 3, 3>{},
+                  Layout<Shape<_8, Int<kDsAtomCols>>, Stride<Int<kDsAtomCols>, _1>>{}),
+      Shape<Int<kBlockRows>, Int<kBlockCols>>{}));  // (rows, cols)
+  using SmemLayoutDsT = decltype(composition(
+      SmemLayoutDs{}, make_layout(Shape<Int<kBlockCols>, Int<kBlockRows>>{},
+                                  Stride<Int<kBlockRows>, _1>{})));  // (cols, rows)
+  // The stationary K tile read as (d, rows): the B operand of dQ = dS K.
+  using SmemLayoutRowsT = typename Base::template SmemLayoutTileT<kBlockRows>;  // (D, rows, 1)
+  static constexpr int kSmemDsBytes = int(cosize_v<SmemLayoutDs>) * int(sizeof(Element_));
+  // dS^T to shared memory: each thread holds pairs of adjacent columns (4 bytes).
+  using SmemCopyAtomDs = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element_>;
+  // dQ tile (cols x d): warps along the queries as far as the 16-row atoms allow, the
+  // rest along d (16 columns per warp step, so one ldmatrix.x4 feeds two n-atoms).
+  static constexpr int kDqWarpsM = kBlockCols / 16 < kTile_.n_warps ? kBlockCols / 16 : kTile_.n_warps;
+  static constexpr int kDqWarpsN = kTile_.n_warps / kDqWarpsM;
+  static_assert(kDqWarpsM * kDqWarpsN == kTile_.n_warps && kHeadDim_ % (16 * kDqWarpsN) == 0);
+  using TiledMmaDq = TiledMMA<typename Base::MmaAtom, Layout<Shape<Int<kDqWarpsM>, Int<kDqWarpsN>, _1>>,
+                              Tile<Int<16 * kDqWarpsM>, Int<16 * kDqWarpsN>, _16>>;
+
+  // [K, V (rows)] [Q, dO (cols, stages)] [lse, D (stages)] [dS (atomic dQ only)]
+  static constexpr int kSmemDsOffset = (2 * kSmemRowsBytes + 2 * kSmemColsBytes + kSmemStatsBytes + 127) / 128 * 128;
+  static constexpr int kSmemBytes = 2 * kSmemRowsBytes + 2 * kSmemColsBytes + kSmemStatsBytes;
+  static constexpr int kSmemBytesAtomicDq = kSmemDsOffset + kSmemDsBytes;
 };
 
 }  // namespace flash

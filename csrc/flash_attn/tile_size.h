@@ -41,8 +41,11 @@ struct BwdTile {
   int stream_stages = 1;  // buffers of the streamed tiles: 2 loads the next block during this one
 };
 
+// Measured on H100 (benchmarks/tune/NOTES.md, backward section): 128 stationary rows
+// with 8 warps halve the streamed reads and the dQ atomics per FLOP; the second stage
+// of the streamed tiles overlaps their loads with the step before.
 constexpr BwdTile bwd_tile(int head_dim) {
-  return head_dim <= 64 ? BwdTile{64, 64, 4} : BwdTile{64, 32, 4};
+  return head_dim <= 64 ? BwdTile{128, 128, 8, 2} : BwdTile{128, 64, 8, 2};
 }
 
 }  // namespace flash
