@@ -12,8 +12,9 @@
 #   bench      benchmarks/benchmark_attn.py (forward, backward, forward+backward, peak memory), one
 #              JSON + one PNG named with the modes and the commit, into $OUT (~1-1.5 min on an H100)
 #   quickbench the same with --quick
-#   memcheck   compute-sanitizer --tool memcheck on scripts/memcheck_fwd.py
-#   racecheck  compute-sanitizer --tool racecheck on scripts/memcheck_fwd.py --quick
+#   memcheck   compute-sanitizer --tool memcheck on scripts/memcheck.py
+#   bwdmemcheck the same with --backward (forward + both backward paths)
+#   racecheck  compute-sanitizer --tool racecheck on scripts/memcheck.py --quick
 #   demo       python -m flash_attn
 #
 # Environment passed through: FLASH_ATTN_CUDA_ARCHS (default 90 here), MAX_JOBS (16), NVCC_THREADS,
@@ -202,19 +203,24 @@ for stage in "${STAGES[@]}"; do
     memcheck)
         need_build memcheck || continue
         run_stage memcheck compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check no \
-            "$PY" "$REPO/scripts/memcheck_fwd.py"
+            "$PY" "$REPO/scripts/memcheck.py"
+        ;;
+    bwdmemcheck)
+        need_build bwdmemcheck || continue
+        run_stage bwdmemcheck compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check no \
+            "$PY" "$REPO/scripts/memcheck.py" --backward
         ;;
     racecheck)
         need_build racecheck || continue
         run_stage racecheck compute-sanitizer --tool racecheck --error-exitcode 1 \
-            "$PY" "$REPO/scripts/memcheck_fwd.py" --quick
+            "$PY" "$REPO/scripts/memcheck.py" --quick
         ;;
     demo)
         need_build demo || continue
         run_stage demo "$PY" -m flash_attn
         ;;
     *)
-        log "unknown stage '$stage' (stages: build test quicktest hf bench quickbench memcheck racecheck demo)"
+        log "unknown stage '$stage' (stages: build test quicktest hf bench quickbench memcheck bwdmemcheck racecheck demo)"
         SUMMARY+=("$(printf '%-11s %-6s %5s   %s' "$stage" FAIL - "unknown stage")")
         FAILED=$((FAILED + 1))
         ;;
