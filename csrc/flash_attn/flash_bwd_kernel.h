@@ -26,10 +26,8 @@ namespace flash {
 
 using namespace cute;
 
-// Column (within the tile) of element (r, c) of a (rows, cols) accumulator view:
-// n-atom * 8 + 2 * (lane % 4) + j, with c = j + 2 * n-atom.
-__forceinline__ __device__ int acc_col(int c) { return (c / 2) * 8 + (threadIdx.x % 4) * 2 + c % 2; }
-// Row (within the tile) of row r = i + 2 * m-tile of that view.
+// Row (within the tile) of row r = i + 2 * m-tile of a (rows, cols) accumulator view of
+// the 1-D (warps along rows) MMA of the dQ kernel.
 template <int kNWarps>
 __forceinline__ __device__ int acc_row(int r) {
   return (r / 2) * 16 * kNWarps + (threadIdx.x / 32) * 16 + (threadIdx.x % 32) / 4 + 8 * (r % 2);
@@ -91,13 +89,42 @@ __forceinline__ __device__ void accumulate_dq(SdSt const &sdSt, SKt const &sKt, 
   }
 }
 
+// The key-stationary view of the score modifiers for any fragment layout: st and coord
+// are one thread's (keys, queries) accumulator and its coordinates within the tile, whose
+// first key is n0 and first query m0. Adds the ALiBi bias and masks (to -inf) keys past
+// seqlen_k and (key, query) pairs outside the window.
+template <bool Has_alibi, typename ScoreModT, typename TensorS, typename TensorC>
+__forceinline__ __device__ void mask_scores_transposed(const ScoreModT &sm, TensorS &st, TensorC const &coord, int n0,
+                                                       int m0) {
+  const int shift = sm.seqlen_k - sm.seqlen_q;
+  CUTE_UNROLL
+  for (int i = 0; i < size(st); ++i) {
+    const int key = n0 + get<0>(coord(i));
+    const int diag = m0 + get<1>(coord(i)) + shift;  // the key aligned with this query
+    if constexpr (Has_alibi) { st(i) -= sm.alibi_slope * float(abs(diag - key)); }
+    const bool visible = key < sm.seqlen_k && (sm.window_left < 0 || key >= diag - sm.window_left) &&
+                         (sm.window_right < 0 || key <= diag + sm.window_right);
+    if (!visible) { st(i) = -INFINITY; }
+  }
+}
+
+// Stores a (rows, cols) accumulator of `mma`, converted to Element, into a shared tile.
+template <typename Ktraits, typename TiledMma, typename Acc, typename STile>
+__forceinline__ __device__ void acc_to_smem(TiledMma const &mma, Acc const &acc, STile &s_tile) {
+  Tensor r = convert_type<typename Ktraits::Element>(acc);
+  auto copy_c = make_tiled_copy_C(typename Ktraits::SmemCopyAtomP{}, mma);
+  auto thr = copy_c.get_thread_slice(threadIdx.x);
+  Tensor src = thr.retile_S(r);
+  Tensor dst = thr.partition_D(s_tile);
+  copy(copy_c, src, dst);
+}
+
 template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Accum_dq>
 __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, int n_block, int bidb, int bidh) {
   using Element = typename Ktraits::Element;
   constexpr int kRows = Ktraits::kBlockRows;  // keys
   constexpr int kCols = Ktraits::kBlockCols;  // queries
   constexpr int kHeadDim = Ktraits::kHeadDim;
-  constexpr int kNWarps = Ktraits::kNWarps;
   const int tidx = threadIdx.x;
 
   const SeqInfo seq(p, bidb);
@@ -150,6 +177,7 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
   using SmemCols = typename Ktraits::SmemLayoutCols;
   Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem)), SmemRows{})(_, _, 0);  // (R, D)
   Tensor sV = make_tensor(sK.data() + cosize(SmemRows{}), SmemRows{})(_, _, 0);
+  Tensor sKt = make_tensor(sK.data(), typename Ktraits::SmemLayoutRowsT{})(_, _, 0);  // (D, R)
   constexpr int kStages = Ktraits::kStages;
   Tensor sQ = make_tensor(sV.data() + cosize(SmemRows{}), SmemCols{});  // (C, D, stages)
   Tensor sdO = make_tensor(sQ.data() + cosize(SmemCols{}), SmemCols{});
@@ -158,11 +186,10 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
   // lse and D of the streamed queries: [stages][C] each.
   float *s_lse = reinterpret_cast<float *>(smem + 2 * Ktraits::kSmemRowsBytes + 2 * Ktraits::kSmemColsBytes);
   float *s_d = s_lse + kStages * kCols;
-  // Atomic dQ: dS^T staged as (R, C), read back as (C, R); K read as (D, R).
-  Tensor sdS = make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem + Ktraits::kSmemDsOffset)),
-                           typename Ktraits::SmemLayoutDs{});
-  Tensor sdSt = make_tensor(sdS.data(), typename Ktraits::SmemLayoutDsT{});
-  Tensor sKt = make_tensor(sK.data(), typename Ktraits::SmemLayoutRowsT{})(_, _, 0);
+  Tensor sP = make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem + Ktraits::kSmemPOffset)),
+                          typename Ktraits::SmemLayoutP{});  // P^T (R, C)
+  Tensor sdS = make_tensor(sP.data() + cosize(typename Ktraits::SmemLayoutP{}), typename Ktraits::SmemLayoutP{});
+  Tensor sdSt = make_tensor(sdS.data(), typename Ktraits::SmemLayoutPT{});  // dS (C, R)
 
   typename Ktraits::GmemTiledCopyQKV gmem_copy;
   auto gmem_thr = gmem_copy.get_thread_slice(tidx);
@@ -177,29 +204,39 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
   Tensor tRc = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kRows>{}, Int<kHeadDim>{})));
   Tensor tCc = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kCols>{}, Int<kHeadDim>{})));
 
-  typename Ktraits::TiledMma tiled_mma;
-  auto thr_mma = tiled_mma.get_thread_slice(tidx);
-  Tensor tSrK = thr_mma.partition_fragment_A(sK);    // (MMA, MMA_R, MMA_D)
-  Tensor tSrV = thr_mma.partition_fragment_A(sV);
-  Tensor tSrQ = thr_mma.partition_fragment_B(sQ(_, _, 0));    // (MMA, MMA_C, MMA_D)
-  Tensor tSrdO = thr_mma.partition_fragment_B(sdO(_, _, 0));
-  auto plain_dc = make_layout(Shape<Int<kHeadDim>, Int<kCols>>{});
-  Tensor tdVrdOt = thr_mma.partition_fragment_B(make_tensor(sdO.data(), plain_dc));  // (MMA, MMA_D, MMA_C)
-  Tensor tdKrQt = thr_mma.partition_fragment_B(make_tensor(sQ.data(), plain_dc));
-  Tensor acc_dk = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kHeadDim>>{});  // (MMA, MMA_R, MMA_D)
-  Tensor acc_dv = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kHeadDim>>{});
+  // S^T and dP^T: (R, C) with K-dim D, both operands from shared memory.
+  typename Ktraits::TiledMmaSdP mma_sdp;
+  auto thr_sdp = mma_sdp.get_thread_slice(tidx);
+  Tensor tSrK = thr_sdp.partition_fragment_A(sK);            // (MMA, MMA_R, MMA_D)
+  Tensor tSrV = thr_sdp.partition_fragment_A(sV);
+  Tensor tSrQ = thr_sdp.partition_fragment_B(sQ(_, _, 0));   // (MMA, MMA_C, MMA_D)
+  Tensor tSrdO = thr_sdp.partition_fragment_B(sdO(_, _, 0));
+  auto sdp_copy_A = make_tiled_copy_A(typename Ktraits::SmemCopyAtom{}, mma_sdp);
+  auto sdp_copy_B = make_tiled_copy_B(typename Ktraits::SmemCopyAtom{}, mma_sdp);
+  Tensor tSsK = sdp_copy_A.get_thread_slice(tidx).partition_S(sK);
+  Tensor tSsV = sdp_copy_A.get_thread_slice(tidx).partition_S(sV);
+  Tensor tSsQ = sdp_copy_B.get_thread_slice(tidx).partition_S(sQ);  // (CPY, CPY_C, CPY_D, stages)
+  Tensor tSsdO = sdp_copy_B.get_thread_slice(tidx).partition_S(sdO);
+  // This thread's (key, query) coordinates within a (R, C) tile, same shape as acc_st.
+  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kRows>, Int<kCols>>{}));
+
+  // dV += P^T dO, dK += dS^T Q: (R, D) with K-dim C; A from sP / sdS, B transposed.
+  typename Ktraits::TiledMmaDkv mma_dkv;
+  auto thr_dkv = mma_dkv.get_thread_slice(tidx);
+  Tensor tdVrP = thr_dkv.partition_fragment_A(sP);                  // (MMA, MMA_R, MMA_C)
+  Tensor tdKrdS = thr_dkv.partition_fragment_A(sdS);
+  Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt(_, _, 0));    // (MMA, MMA_D, MMA_C)
+  Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt(_, _, 0));
+  auto dkv_copy_A = make_tiled_copy_A(typename Ktraits::SmemCopyAtom{}, mma_dkv);
+  auto dkv_copy_Bt = make_tiled_copy_B(typename Ktraits::SmemCopyAtomTransposed{}, mma_dkv);
+  Tensor tdVsP = dkv_copy_A.get_thread_slice(tidx).partition_S(sP);
+  Tensor tdKsdS = dkv_copy_A.get_thread_slice(tidx).partition_S(sdS);
+  Tensor tdVsdOt = dkv_copy_Bt.get_thread_slice(tidx).partition_S(sdOt);  // (CPY, CPY_D, CPY_C, stages)
+  Tensor tdKsQt = dkv_copy_Bt.get_thread_slice(tidx).partition_S(sQt);
+  Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<Int<kRows>, Int<kHeadDim>>{});  // (MMA, MMA_R, MMA_D)
+  Tensor acc_dv = partition_fragment_C(mma_dkv, Shape<Int<kRows>, Int<kHeadDim>>{});
   clear(acc_dk);
   clear(acc_dv);
-
-  auto smem_copy_A = make_tiled_copy_A(typename Ktraits::SmemCopyAtom{}, tiled_mma);
-  auto smem_copy_B = make_tiled_copy_B(typename Ktraits::SmemCopyAtom{}, tiled_mma);
-  auto smem_copy_Bt = make_tiled_copy_B(typename Ktraits::SmemCopyAtomTransposed{}, tiled_mma);
-  Tensor tSsK = smem_copy_A.get_thread_slice(tidx).partition_S(sK);
-  Tensor tSsV = smem_copy_A.get_thread_slice(tidx).partition_S(sV);
-  Tensor tSsQ = smem_copy_B.get_thread_slice(tidx).partition_S(sQ);  // (CPY, CPY_C, CPY_D, stages)
-  Tensor tSsdO = smem_copy_B.get_thread_slice(tidx).partition_S(sdO);
-  Tensor tOsQt = smem_copy_Bt.get_thread_slice(tidx).partition_S(sQt);  // (CPY, CPY_D, CPY_C, stages)
-  Tensor tOsdOt = smem_copy_Bt.get_thread_slice(tidx).partition_S(sdOt);
 
   copy_rows_guarded(gmem_copy, tKgK, tKsK, tRc, n1 - n0);
   copy_rows_guarded(gmem_copy, tVgV, tVsV, tRc, n1 - n0);
@@ -225,47 +262,41 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
     const int m0 = m_block * kCols;
     if constexpr (kStages == 1) { load_query_block(m_block, 0); }
     cute::cp_async_wait<0>();
-    // Two stages: this block's tiles and stats are in place, and every thread is done
-    // with the other stage (the previous step), which is refilled right away.
+    // This block's tiles and stats are in place; every thread is done with the previous
+    // step's sP / sdS and (two stages) with the other stage, which is refilled right away.
     __syncthreads();
     if (kStages == 2 && m_block > m_block_min) { load_query_block(m_block - 1, stage ^ 1); }
     const float *st_lse = s_lse + stage * kCols;
     const float *st_d = s_d + stage * kCols;
 
-    Tensor acc_st = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kCols>>{});  // (MMA, MMA_R, MMA_C)
+    Tensor acc_st = partition_fragment_C(mma_sdp, Shape<Int<kRows>, Int<kCols>>{});  // (MMA, MMA_R, MMA_C)
     clear(acc_st);
-    gemm_smem_smem(tiled_mma, acc_st, tSrK, tSrQ, tSsK, tSsQ(_, _, _, stage), smem_copy_A, smem_copy_B);
+    gemm_smem_smem(mma_sdp, acc_st, tSrK, tSrQ, tSsK, tSsQ(_, _, _, stage), sdp_copy_A, sdp_copy_B);
     score_mod.transform(acc_st);
     Tensor t_st = make_fragment_like(acc_st);  // tanh values, for the softcap derivative
     if constexpr (Is_softcap) { copy(acc_st, t_st); }
-    Tensor st = make_tensor(acc_st.data(), acc_layout_rowcol(acc_st.layout()));  // (keys, queries)
-    score_mod.template apply_transposed<kNWarps>(st, n0, m0);
+    mask_scores_transposed<Has_alibi>(score_mod, acc_st, tScS, n0, m0);
 
-    Tensor acc_dpt = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kCols>>{});
+    Tensor acc_dpt = partition_fragment_C(mma_sdp, Shape<Int<kRows>, Int<kCols>>{});
     clear(acc_dpt);
-    gemm_smem_smem(tiled_mma, acc_dpt, tSrV, tSrdO, tSsV, tSsdO(_, _, _, stage), smem_copy_A, smem_copy_B);
-    Tensor dpt = make_tensor(acc_dpt.data(), acc_layout_rowcol(acc_dpt.layout()));
-    Tensor tt = make_tensor(t_st.data(), acc_layout_rowcol(t_st.layout()));
-    probs_and_dscores<Is_softcap>(st, dpt, tt, p.scale_softmax_log2,
-                                  [&](int, int c) { return st_lse[acc_col(c)]; },
-                                  [&](int, int c) { return st_d[acc_col(c)]; });
-
-    Tensor rPt = convert_type<Element>(acc_st);
-    Tensor tOrPt = make_tensor(rPt.data(), acc_layout_as_A(rPt.layout()));
-    gemm_reg_smem(tiled_mma, acc_dv, tOrPt, tdVrdOt, tOsdOt(_, _, _, stage), smem_copy_Bt);
-    Tensor rdSt = convert_type<Element>(acc_dpt);
-    if constexpr (Accum_dq) {
-      // Every thread is past the previous step's reads of sdS (the barrier at the top).
-      auto ds_copy = make_tiled_copy_C(typename Ktraits::SmemCopyAtomDs{}, tiled_mma);
-      auto ds_thr = ds_copy.get_thread_slice(tidx);
-      Tensor tdSr = ds_thr.retile_S(rdSt);
-      Tensor tdSs = ds_thr.partition_D(sdS);
-      copy(ds_copy, tdSr, tdSs);
+    gemm_smem_smem(mma_sdp, acc_dpt, tSrV, tSrdO, tSsV, tSsdO(_, _, _, stage), sdp_copy_A, sdp_copy_B);
+    // P^T = exp(S^T - lse), dS^T = P^T (dP^T - D) [* (1 - t^2) with softcap], per query column.
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_st); ++i) {
+      const int col = get<1>(tScS(i));
+      const float pr = exp2f(acc_st(i) * p.scale_softmax_log2 - st_lse[col] * float(M_LOG2E));
+      float ds = pr * (acc_dpt(i) - st_d[col]);
+      if constexpr (Is_softcap) { ds *= 1.f - t_st(i) * t_st(i); }
+      acc_st(i) = pr;
+      acc_dpt(i) = ds;
     }
-    Tensor tOrdSt = make_tensor(rdSt.data(), acc_layout_as_A(rdSt.layout()));
-    gemm_reg_smem(tiled_mma, acc_dk, tOrdSt, tdKrQt, tOsQt(_, _, _, stage), smem_copy_Bt);
+    acc_to_smem<Ktraits>(mma_sdp, acc_st, sP);
+    acc_to_smem<Ktraits>(mma_sdp, acc_dpt, sdS);
+    __syncthreads();  // P^T and dS^T are complete in shared memory
+
+    gemm_smem_smem(mma_dkv, acc_dv, tdVrP, tdVrdOt, tdVsP, tdVsdOt(_, _, _, stage), dkv_copy_A, dkv_copy_Bt);
+    gemm_smem_smem(mma_dkv, acc_dk, tdKrdS, tdKrQt, tdKsdS, tdKsQt(_, _, _, stage), dkv_copy_A, dkv_copy_Bt);
     if constexpr (Accum_dq) {
-      __syncthreads();  // the whole dS tile is in shared memory
       accumulate_dq<Ktraits>(sdSt, sKt, dq_accum + int64_t(m0) * p.dq_accum_row_stride, p.dq_accum_row_stride,
                              seq.seqlen_q - m0, p.scale_qk);
     }
@@ -279,8 +310,8 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
   // (and, with no step at all, once their loads have landed).
   cute::cp_async_wait<0>();
   __syncthreads();
-  store_acc_tile<Ktraits>(tiled_mma, acc_dk, sK, gdK, n1 - n0);
-  store_acc_tile<Ktraits>(tiled_mma, acc_dv, sV, gdV, n1 - n0);
+  store_acc_tile<Ktraits>(mma_dkv, acc_dk, sK, gdK, n1 - n0);
+  store_acc_tile<Ktraits>(mma_dkv, acc_dv, sV, gdV, n1 - n0);
 }
 
 template <typename Ktraits, bool Has_alibi, bool Is_softcap>

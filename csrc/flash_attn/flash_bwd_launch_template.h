@@ -34,7 +34,7 @@ cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
   const int num_m_blocks = (params.seqlen_q + Ktraits::kBlockRows - 1) / Ktraits::kBlockRows;
   if (params.dq_accum_ptr != nullptr) {
     auto kernel = &flash_bwd_dk_dv_kernel<Ktraits, Has_alibi, Is_softcap, true>;
-    constexpr int smem_bytes = Ktraits::kSmemBytesAtomicDq;
+    constexpr int smem_bytes = Ktraits::kSmemBytesDkDv;
     if ((err = allow_smem(kernel, smem_bytes)) != cudaSuccess) { return err; }
     if (num_n_blocks > 0) {
       kernel<<<dim3(num_n_blocks, params.b, params.h), Ktraits::kNThreads, smem_bytes, stream>>>(params);
@@ -43,11 +43,11 @@ cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
   }
   auto dk_dv_kernel = &flash_bwd_dk_dv_kernel<Ktraits, Has_alibi, Is_softcap, false>;
   auto dq_kernel = &flash_bwd_dq_kernel<Ktraits, Has_alibi, Is_softcap>;
-  constexpr int smem_bytes = Ktraits::kSmemBytes;
-  if ((err = allow_smem(dk_dv_kernel, smem_bytes)) != cudaSuccess) { return err; }
+  constexpr int smem_bytes = Ktraits::kSmemBytes, smem_bytes_dk_dv = Ktraits::kSmemBytesDkDv;
+  if ((err = allow_smem(dk_dv_kernel, smem_bytes_dk_dv)) != cudaSuccess) { return err; }
   if ((err = allow_smem(dq_kernel, smem_bytes)) != cudaSuccess) { return err; }
   if (num_n_blocks > 0) {
-    dk_dv_kernel<<<dim3(num_n_blocks, params.b, params.h), Ktraits::kNThreads, smem_bytes, stream>>>(params);
+    dk_dv_kernel<<<dim3(num_n_blocks, params.b, params.h), Ktraits::kNThreads, smem_bytes_dk_dv, stream>>>(params);
     if ((err = cudaGetLastError()) != cudaSuccess) { return err; }
   }
   if (num_m_blocks > 0) {

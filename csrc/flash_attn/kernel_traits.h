@@ -108,35 +108,51 @@ struct BwdKernelTraits : MmaCopyTraits<kHeadDim_, Element_, kTile_.n_warps> {
   static constexpr int kSmemColsBytes = int(cosize_v<SmemLayoutCols>) * int(sizeof(Element_));  // all stages
   static constexpr int kSmemStatsBytes = 2 * kStages * kBlockCols * int(sizeof(float));  // lse, D
 
-  // Atomic-dQ path of the dK/dV kernel: dS^T (rows = keys, cols = queries) goes through
-  // shared memory so that dQ = dS K can read it as the A operand of (queries x keys),
-  // transposed by ldmatrix.trans. Stored cols-contiguous, swizzled like the (rows, d) tiles.
-  static constexpr int kDsAtomCols = kBlockCols >= 64 ? 64 : 32;
-  static_assert(kBlockCols % kDsAtomCols == 0);
-  using SmemLayoutDs = decltype(tile_to_shape(
-      composition(Swizzle<kDsAtomCols == 64 ? 3 : 2, 3, 3>{},
-                  Layout<Shape<_8, Int<kDsAtomCols>>, Stride<Int<kDsAtomCols>, _1>>{}),
-      Shape<Int<kBlockRows>, Int<kBlockCols>>{}));  // (rows, cols)
-  using SmemLayoutDsT = decltype(composition(
-      SmemLayoutDs{}, make_layout(Shape<Int<kBlockCols>, Int<kBlockRows>>{},
-                                  Stride<Int<kBlockRows>, _1>{})));  // (cols, rows)
-  // The stationary K tile read as (d, rows): the B operand of dQ = dS K.
-  using SmemLayoutRowsT = typename Base::template SmemLayoutTileT<kBlockRows>;  // (D, rows, 1)
-  static constexpr int kSmemDsBytes = int(cosize_v<SmemLayoutDs>) * int(sizeof(Element_));
-  // dS^T to shared memory: each thread holds pairs of adjacent columns (4 bytes).
-  using SmemCopyAtomDs = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element_>;
-  // dQ tile (cols x d): warps along the queries as far as the 16-row atoms allow, the
-  // rest along d (16 columns per warp step, so one ldmatrix.x4 feeds two n-atoms).
-  static constexpr int kDqWarpsM = kBlockCols / 16 < kTile_.n_warps ? kBlockCols / 16 : kTile_.n_warps;
-  static constexpr int kDqWarpsN = kTile_.n_warps / kDqWarpsM;
-  static_assert(kDqWarpsM * kDqWarpsN == kTile_.n_warps && kHeadDim_ % (16 * kDqWarpsN) == 0);
-  using TiledMmaDq = TiledMMA<typename Base::MmaAtom, Layout<Shape<Int<kDqWarpsM>, Int<kDqWarpsN>, _1>>,
+  // The dK/dV kernel's products, each with its own warp layout so that no warp reads a
+  // whole streamed operand from shared memory (FlashAttention-2's layouts):
+  //   S^T = K Q^T, dP^T = V dO^T   (rows x cols): warps 4 along rows x 2 along cols
+  //   dV += P^T dO, dK += dS^T Q    (rows x d):    warps 4 along rows x 2 along d
+  //   dQ  = dS K                    (cols x d):    warps 2 along cols x 4 along d
+  // P^T and dS^T go through shared memory between them. Each warp step is 16 wide in N so
+  // one ldmatrix.x4 feeds two n-atoms.
+  static constexpr int kNWarps = kTile_.n_warps;
+  static_assert(kNWarps == 4 || kNWarps == 8);
+  static constexpr int kWarpsRows = kNWarps / 2 < kBlockRows / 16 ? kNWarps / 2 : kBlockRows / 16;
+  static constexpr int kWarpsOther = kNWarps / kWarpsRows;
+  static constexpr int kDqWarpsM = kBlockCols / 16 < 2 ? kBlockCols / 16 : 2;
+  static constexpr int kDqWarpsN = kNWarps / kDqWarpsM;
+  static_assert(kBlockRows % (16 * kWarpsRows) == 0 && kBlockCols % (16 * kWarpsOther) == 0);
+  static_assert(kHeadDim_ % (16 * kWarpsOther) == 0 && kHeadDim_ % (16 * kDqWarpsN) == 0);
+  using MmaAtom = typename Base::MmaAtom;
+  using TiledMmaSdP = TiledMMA<MmaAtom, Layout<Shape<Int<kWarpsRows>, Int<kWarpsOther>, _1>>,
+                               Tile<Int<16 * kWarpsRows>, Int<16 * kWarpsOther>, _16>>;
+  using TiledMmaDkv = TiledMmaSdP;  // same warp grid, N = d instead of cols
+  using TiledMmaDq = TiledMMA<MmaAtom, Layout<Shape<Int<kDqWarpsM>, Int<kDqWarpsN>, _1>>,
                               Tile<Int<16 * kDqWarpsM>, Int<16 * kDqWarpsN>, _16>>;
 
-  // [K, V (rows)] [Q, dO (cols, stages)] [lse, D (stages)] [dS (atomic dQ only)]
-  static constexpr int kSmemDsOffset = (2 * kSmemRowsBytes + 2 * kSmemColsBytes + kSmemStatsBytes + 127) / 128 * 128;
+  // P^T and dS^T (rows = keys, cols = queries), cols contiguous, swizzled like the (rows, d)
+  // tiles: read as the A operand (rows, cols) of dV / dK, and dS^T transposed by
+  // ldmatrix.trans as the A operand (cols, rows) of dQ.
+  static constexpr int kPAtomCols = kBlockCols >= 64 ? 64 : 32;
+  static_assert(kBlockCols % kPAtomCols == 0);
+  using SmemLayoutP = decltype(tile_to_shape(
+      composition(Swizzle<kPAtomCols == 64 ? 3 : 2, 3, 3>{},
+                  Layout<Shape<_8, Int<kPAtomCols>>, Stride<Int<kPAtomCols>, _1>>{}),
+      Shape<Int<kBlockRows>, Int<kBlockCols>>{}));  // (rows, cols)
+  using SmemLayoutPT = decltype(composition(
+      SmemLayoutP{}, make_layout(Shape<Int<kBlockCols>, Int<kBlockRows>>{},
+                                 Stride<Int<kBlockRows>, _1>{})));  // (cols, rows)
+  // The stationary K tile read as (d, rows): the B operand of dQ = dS K.
+  using SmemLayoutRowsT = typename Base::template SmemLayoutTileT<kBlockRows>;  // (D, rows, 1)
+  static constexpr int kSmemPBytes = int(cosize_v<SmemLayoutP>) * int(sizeof(Element_));
+  // Accumulator fragments to shared memory: each thread holds pairs of adjacent columns.
+  using SmemCopyAtomP = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element_>;
+
+  // dK/dV kernel: [K, V (rows)] [Q, dO (cols, stages)] [lse, D (stages)] [P^T] [dS^T];
+  // dQ kernel (deterministic path): the first three.
+  static constexpr int kSmemPOffset = (2 * kSmemRowsBytes + 2 * kSmemColsBytes + kSmemStatsBytes + 127) / 128 * 128;
   static constexpr int kSmemBytes = 2 * kSmemRowsBytes + 2 * kSmemColsBytes + kSmemStatsBytes;
-  static constexpr int kSmemBytesAtomicDq = kSmemDsOffset + kSmemDsBytes;
+  static constexpr int kSmemBytesDkDv = kSmemPOffset + 2 * kSmemPBytes;
 };
 
 }  // namespace flash
