@@ -1,4 +1,5 @@
-"""Build for flash_attn: one CUDA extension (`flash_attn_2_cuda`) plus the Python package.
+"""Build for flash_attn: the CUDA extensions `flash_attn_2_cuda` (exact attention) and
+`flash_attn_linear_cuda` (linear attention, csrc/linear_attn) plus the Python package.
 
 Environment flags (all optional):
   MAX_JOBS                         parallel nvcc jobs (default: from cores and RAM)
@@ -10,7 +11,9 @@ Environment flags (all optional):
   FLASH_ATTN_DTYPES                trim: "fp16", "bf16" or "fp16,bf16" (default)
   FLASH_ATTN_DISABLE_ALIBI=1       trim: no ALiBi kernels
   FLASH_ATTN_DISABLE_SOFTCAP=1     trim: no softcap kernels
+  FLASH_ATTN_DISABLE_DROPOUT=1     trim: no dropout kernels
   FLASH_ATTN_DISABLE_BACKWARD=1    trim: forward kernels only
+  FLASH_ATTN_DISABLE_LINEAR=1      skip the linear-attention extension (flash_attn_linear_cuda)
   CUTLASS_HOME                     CUTLASS checkout (else the nvidia-cutlass package)
 
 The built configuration is written to flash_attn/_build_config.json and read at
@@ -30,7 +33,7 @@ ROOT = Path(__file__).resolve().parent
 PACKAGE_VERSION = "2.8.3"  # the flash-attn API level this package implements
 ALL_HEADDIMS = (32, 64, 96, 128, 192, 256)
 ALL_DTYPES = ("fp16", "bf16")
-ALL_VARIANTS = ("plain", "alibi", "softcap", "alibi_softcap")
+ALL_VARIANTS = ("plain", "alibi", "softcap", "alibi_softcap", "dropout")
 MIN_TORCH = (2, 4)
 
 
@@ -120,7 +123,8 @@ def _kernel_selection():
         sys.exit(f"FLASH_ATTN_DTYPES: {bad} not among {ALL_DTYPES}")
     variants = [v for v in ALL_VARIANTS
                 if not ("alibi" in v and _env_flag("FLASH_ATTN_DISABLE_ALIBI"))
-                and not ("softcap" in v and _env_flag("FLASH_ATTN_DISABLE_SOFTCAP"))]
+                and not ("softcap" in v and _env_flag("FLASH_ATTN_DISABLE_SOFTCAP"))
+                and not (v == "dropout" and _env_flag("FLASH_ATTN_DISABLE_DROPOUT"))]
     return sorted(hdims), dtypes, variants
 
 
@@ -153,6 +157,8 @@ def _cuda_extension(torch, archs, hdims, dtypes, variants):
         defines.append("-DFLASH_ATTN_HAS_ALIBI")
     if "softcap" in variants:
         defines.append("-DFLASH_ATTN_HAS_SOFTCAP")
+    if "dropout" in variants:
+        defines.append("-DFLASH_ATTN_HAS_DROPOUT")
     if backward:
         defines.append("-DFLASH_ATTN_HAS_BWD")
 
@@ -177,11 +183,28 @@ def _cuda_extension(torch, archs, hdims, dtypes, variants):
     )
 
 
+def _linear_extension(flash_ext):
+    """flash_attn_linear_cuda: csrc/linear_attn's kernels (both dtypes, head dims 64/128/256)
+    and its one binding, with the nvcc flags of flash_ext less its FLASH_ATTN_HAS_* defines."""
+    from torch.utils.cpp_extension import CUDAExtension
+
+    src = ROOT / "csrc" / "linear_attn"
+    sources = ["csrc/linear_attn/linear_api.cpp"] + [
+        str(f.relative_to(ROOT)) for f in sorted(src.glob("*.cu")) + sorted((src / "instantiations").glob("*.cu"))]
+    nvcc = [f for f in flash_ext.extra_compile_args["nvcc"] if not f.startswith("-DFLASH_ATTN_HAS_")]
+    return CUDAExtension(
+        name="flash_attn_linear_cuda",
+        sources=sources,
+        include_dirs=[str(src)],
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": nvcc},
+    )
+
+
 def main():
     ext_modules, cmdclass = [], {}
     reason = _skip_reason()
     config = {"version": PACKAGE_VERSION, "cuda": False, "skip_reason": reason,
-              "archs": [], "head_dims": [], "dtypes": [], "variants": []}
+              "archs": [], "head_dims": [], "dtypes": [], "variants": [], "linear_attn": False}
     if reason is None:
         torch = _check_torch()
         from torch.utils.cpp_extension import BuildExtension
@@ -189,13 +212,18 @@ def main():
         hdims, dtypes, variants = _kernel_selection()
         os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
         ext_modules.append(_cuda_extension(torch, archs, hdims, dtypes, variants))
+        linear = not _env_flag("FLASH_ATTN_DISABLE_LINEAR")
+        if linear:
+            ext_modules.append(_linear_extension(ext_modules[0]))
+        config["linear_attn"] = linear
         cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
         config.update(cuda=True, archs=archs, head_dims=hdims, dtypes=dtypes, variants=variants,
                       backward_head_dims=[] if _env_flag("FLASH_ATTN_DISABLE_BACKWARD")
                       else [d for d in hdims if d in (64, 128)],
                       torch_version=torch.__version__, cuda_version=torch.version.cuda)
         print(f"flash_attn: building CUDA kernels for sm{archs}, head dims {hdims}, "
-              f"dtypes {dtypes}, variants {variants}, MAX_JOBS={os.environ['MAX_JOBS']}")
+              f"dtypes {dtypes}, variants {variants}, linear attention {'on' if linear else 'off'}, "
+              f"MAX_JOBS={os.environ['MAX_JOBS']}")
     else:
         print(f"flash_attn: skipping the CUDA build ({reason}); installing the pure-Python "
               "package (CPU tensors run the reference implementation)")

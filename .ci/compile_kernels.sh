@@ -39,15 +39,23 @@ done
 
 INST=$REPO/csrc/flash_attn/instantiations
 if [ "$ALL" = 1 ]; then
-    FILES=("$INST"/flash_*.cu)
+    FILES=("$INST"/flash_*.cu "$REPO"/csrc/linear_attn/*.cu "$REPO"/csrc/linear_attn/instantiations/*.cu)
 elif [ ${#FILES[@]} -eq 0 ]; then
     # one per concern: the main forward tile (hd128, bf16), the small tile with both score
-    # modifiers (hd64, fp16), the largest tile with softcap (hd256, bf16), and the backward
-    # with both score modifiers (hd128, bf16).
+    # modifiers (hd64, fp16), the largest tile with softcap (hd256, bf16), the forward with
+    # dropout (hd128, bf16), and the backward with both score modifiers (hd128, bf16).
     FILES=("$INST/flash_fwd_hdim128_bf16_plain_sm80.cu"
            "$INST/flash_fwd_hdim64_fp16_alibi_softcap_sm80.cu"
            "$INST/flash_fwd_hdim256_bf16_softcap_sm80.cu"
+           "$INST/flash_fwd_hdim128_bf16_dropout_sm80.cu"
            "$INST/flash_bwd_hdim128_bf16_alibi_softcap_sm80.cu")
+    # linear attention (csrc/linear_attn, seconds per file): chunk states, chunk outputs
+    # (R 128 bf16, R 256 fp16), the gate gradient, the token-by-token recurrence
+    FILES+=("$REPO/csrc/linear_attn/instantiations/chunk_state_bf16.cu"
+            "$REPO/csrc/linear_attn/instantiations/chunk_output_bf16_r128.cu"
+            "$REPO/csrc/linear_attn/instantiations/chunk_output_fp16_r256.cu"
+            "$REPO/csrc/linear_attn/gate_grad.cu"
+            "$REPO/csrc/linear_attn/instantiations/recurrent_bf16.cu")
 fi
 for f in "${FILES[@]}"; do
     if [ ! -f "$f" ]; then

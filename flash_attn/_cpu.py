@@ -2,49 +2,112 @@
 
 fwd, varlen_fwd, bwd, varlen_bwd are the CPU kernels of the flash_attn:: custom ops
 (flash_attn._ops): the reference forward, and for the backward the reference forward
-recomputed and differentiated with autograd (the CPU path does not save memory).
+recomputed and differentiated with autograd (the CPU path does not save memory). With
+dropout_p > 0 they use the CUDA kernels' mask (flash_attn.reference_dropout) for an
+rng_state drawn from torch's CPU generator, so the backward rebuilds the forward's mask.
 dense_forward, varlen_forward run the reference with dropout, differentiable through
-autograd; the API uses them outside the ops when dropout_p > 0.
+autograd; the API uses them outside the ops when dropout_p > 0 (torch.rand masks).
 """
 import contextlib
 
 import torch
 
 from . import reference
+from ._normalize import s_dmask_shape
+from .reference_dropout import dropout_keep_mask
 
 
-def fwd(q, k, v, alibi_slopes, softmax_scale, window_left, window_right, softcap, deterministic=False):
-    """flash_attn::fwd on CPU: q (b, sq, hq, d), k/v (b, sk, hk, d) -> out (b, sq, hq, d), lse (b, hq, sq)."""
-    out, lse = reference.attention_ref(q, k, v, softmax_scale, False, (window_left, window_right), softcap,
-                                       alibi_slopes)
-    return out.contiguous(), lse.contiguous()
+def fwd(q, k, v, alibi_slopes, softmax_scale, window_left, window_right, softcap, deterministic=False,
+        dropout_p=0.0, return_softmax=False):
+    """flash_attn::fwd on CPU: q (b, sq, hq, d), k/v (b, sk, hk, d) -> out (b, sq, hq, d), lse (b, hq, sq),
+    S_dmask (b, hq, sq_128, sk_128: normalized P, dropped entries negated) or empty, rng_state."""
+    b, sq, hq, _ = q.shape
+    rng_state = _draw_rng_state(dropout_p)
+    keep = _keep(rng_state, dropout_p, b, hq, sq, k.shape[1])
+    out, lse, probs, _ = reference.attention_ref_with_probs(
+        q, k, v, softmax_scale, False, (window_left, window_right), softcap, alibi_slopes, dropout_p, keep)
+    s_dmask = _s_dmask(probs, keep, q, return_softmax and dropout_p > 0, b, hq, sq, k.shape[1])
+    return out.contiguous(), lse.contiguous(), s_dmask, rng_state
 
 
 def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
-               softmax_scale, window_left, window_right, softcap, deterministic=False):
+               softmax_scale, window_left, window_right, softcap, deterministic=False, dropout_p=0.0,
+               return_softmax=False):
     """flash_attn::varlen_fwd on CPU: q (total_q, hq, d), k/v (total_k, hk, d)
-    -> out (total_q, hq, d), lse (hq, total_q)."""
-    out, lse = reference.attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                              seqused_k, softmax_scale, False, (window_left, window_right),
-                                              softcap, alibi_slopes)
-    return out.contiguous(), lse.contiguous()
+    -> out (total_q, hq, d), lse (hq, total_q), S_dmask (b, hq, max_seqlen_q_128, max_seqlen_k_128)
+    or empty, rng_state."""
+    b, hq = cu_seqlens_q.shape[0] - 1, q.shape[1]
+    rng_state = _draw_rng_state(dropout_p)
+    mq, mk = _varlen_extent(cu_seqlens_q, max_seqlen_q), _varlen_extent(cu_seqlens_k, max_seqlen_k)
+    keep = _keep(rng_state, dropout_p, b, hq, mq, mk)
+    out, lse, probs, _ = reference.attention_varlen_ref_with_probs(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, softmax_scale, False,
+        (window_left, window_right), softcap, alibi_slopes, dropout_p, keep)
+    s_dmask = _s_dmask(probs, keep, q, return_softmax and dropout_p > 0, b, hq, max_seqlen_q, max_seqlen_k)
+    return out.contiguous(), lse.contiguous(), s_dmask, rng_state
 
 
 def bwd(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, window_left, window_right, softcap,
-        deterministic):
-    """flash_attn::bwd on CPU: (dq, dk, dv) of fwd for the output gradient dout (out, lse unused)."""
+        deterministic, dropout_p=0.0, rng_state=None):
+    """flash_attn::bwd on CPU: (dq, dk, dv) of fwd for the output gradient dout (out, lse unused),
+    with the forward's dropout mask rebuilt from rng_state."""
+    b, sq, hq, _ = q.shape
+    keep = _keep(rng_state, dropout_p, b, hq, sq, k.shape[1])
+
     def attention(q, k, v):
-        return fwd(q, k, v, alibi_slopes, softmax_scale, window_left, window_right, softcap)[0]
+        return reference.attention_ref(q, k, v, softmax_scale, False, (window_left, window_right), softcap,
+                                       alibi_slopes, dropout_p, keep)[0]
     return _recompute_grads(attention, dout, q, k, v)
 
 
 def varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-               alibi_slopes, softmax_scale, window_left, window_right, softcap, deterministic):
+               alibi_slopes, softmax_scale, window_left, window_right, softcap, deterministic, dropout_p=0.0,
+               rng_state=None):
     """flash_attn::varlen_bwd on CPU: (dq, dk, dv) of varlen_fwd for dout (out, lse unused)."""
+    mq, mk = _varlen_extent(cu_seqlens_q, max_seqlen_q), _varlen_extent(cu_seqlens_k, max_seqlen_k)
+    keep = _keep(rng_state, dropout_p, cu_seqlens_q.shape[0] - 1, q.shape[1], mq, mk)
+
     def attention(q, k, v):
-        return varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-                          alibi_slopes, softmax_scale, window_left, window_right, softcap)[0]
+        return reference.attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                              seqused_k, softmax_scale, False, (window_left, window_right),
+                                              softcap, alibi_slopes, dropout_p, keep)[0]
     return _recompute_grads(attention, dout, q, k, v)
+
+
+def _draw_rng_state(dropout_p):
+    """int64 (seed, offset) from torch's CPU generator with dropout (reproducible under
+    torch.manual_seed, fresh on every call), empty without."""
+    if dropout_p <= 0:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.randint(0, 2 ** 62, (2,), dtype=torch.int64)
+
+
+def _keep(rng_state, dropout_p, b, hq, sq, sk):
+    """The kernels' keep mask (b, hq, sq, sk) for rng_state, or None without dropout."""
+    if dropout_p <= 0:
+        return None
+    if rng_state is None or rng_state.numel() != 2:
+        raise ValueError(f"flash_attn: rng_state must be the forward's int64 (seed, offset) with dropout_p > 0, "
+                         f"got {None if rng_state is None else tuple(rng_state.shape)}")
+    seed, offset = rng_state.tolist()
+    return dropout_keep_mask(seed, offset, b, hq, sq, sk, dropout_p)
+
+
+def _varlen_extent(cu_seqlens, max_seqlen):
+    """Rows (or keys) the varlen mask must cover: max_seqlen or the longest sequence."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    return max([int(max_seqlen)] + lengths)
+
+
+def _s_dmask(probs, keep, q, wanted, b, hq, sq, sk):
+    """The ops' S_dmask: s_dmask() below, zero-padded to the CUDA layout (multiples of 128), or
+    an empty tensor when not wanted."""
+    if not wanted:
+        return q.new_empty((0,))
+    full = q.new_zeros(s_dmask_shape(b, hq, sq, sk))
+    rows, cols = min(sq, probs.shape[2]), min(sk, probs.shape[3])
+    full[:, :, :rows, :cols] = s_dmask(probs, keep, q.dtype)[:, :, :rows, :cols]
+    return full
 
 
 def _recompute_grads(attention, dout, q, k, v):

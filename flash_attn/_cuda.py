@@ -7,39 +7,49 @@ import torch
 import torch.nn.functional as F
 
 from . import build_info
+from ._normalize import rng_state_shape, s_dmask_shape
 from .layers.rotary import apply_rotary_emb
 
 
-def dense_forward(q, k, v, dropout_p, softmax_scale, window, softcap, alibi_slopes, deterministic=False):
-    """q (b, sq, hq, d), k/v (b, sk, hk, d) -> out (b, sq, hq, d), lse fp32 (b, hq, sq).
+def dense_forward(q, k, v, dropout_p, softmax_scale, window, softcap, alibi_slopes, deterministic=False,
+                  return_softmax=False):
+    """q (b, sq, hq, d), k/v (b, sk, hk, d) -> out (b, sq, hq, d), lse fp32 (b, hq, sq), S_dmask.
 
     window: normalized (left, right), -1 = unbounded; softcap 0 = off. Differentiable
     (through flash_attn::fwd's autograd formula); deterministic concerns the backward.
+    S_dmask: None, or with return_softmax and dropout_p > 0 the kernel's (b, hq, sq_128, sk_128)
+    (flash_attn_func's docstring says what it holds).
     """
     d = q.shape[-1]
     dk = route_head_dim(d, dropout_p, softcap, alibi_slopes is not None)
-    out, lse = torch.ops.flash_attn.fwd(pad_head_dim(q, dk), pad_head_dim(k, dk), pad_head_dim(v, dk),
-                                        alibi_slopes, softmax_scale, window[0], window[1], softcap, deterministic)
-    return _unpad_head_dim(out, d), lse
+    return_softmax = bool(return_softmax and dropout_p > 0)
+    out, lse, s_dmask, _ = torch.ops.flash_attn.fwd(
+        pad_head_dim(q, dk), pad_head_dim(k, dk), pad_head_dim(v, dk), alibi_slopes, softmax_scale, window[0],
+        window[1], softcap, deterministic, dropout_p, return_softmax)
+    return _unpad_head_dim(out, d), lse, (s_dmask if return_softmax else None)
 
 
 def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                   softmax_scale, window, softcap, alibi_slopes, deterministic=False):
+                   softmax_scale, window, softcap, alibi_slopes, deterministic=False, return_softmax=False):
     """q (total_q, hq, d), k/v (total_k, hk, d), cu_seqlens int32 (b + 1,)
-    -> out (total_q, hq, d), lse fp32 (hq, total_q)."""
+    -> out (total_q, hq, d), lse fp32 (hq, total_q), S_dmask (None, or (b, hq, max_seqlen_q_128,
+    max_seqlen_k_128) with sequence i in the top-left corner of S_dmask[i])."""
     d = q.shape[-1]
     dk = route_head_dim(d, dropout_p, softcap, alibi_slopes is not None)
-    out, lse = torch.ops.flash_attn.varlen_fwd(
+    return_softmax = bool(return_softmax and dropout_p > 0)
+    out, lse, s_dmask, _ = torch.ops.flash_attn.varlen_fwd(
         pad_head_dim(q, dk), pad_head_dim(k, dk), pad_head_dim(v, dk), cu_seqlens_q, cu_seqlens_k, None,
-        max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale, window[0], window[1], softcap, deterministic)
-    return _unpad_head_dim(out, d), lse
+        max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale, window[0], window[1], softcap, deterministic,
+        dropout_p, return_softmax)
+    return _unpad_head_dim(out, d), lse, (s_dmask if return_softmax else None)
 
 
 def varlen_paged_forward(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table, max_seqlen_q, dropout_p,
-                         softmax_scale, window, softcap, alibi_slopes, deterministic=False):
+                         softmax_scale, window, softcap, alibi_slopes, deterministic=False, return_softmax=False):
     """flash_attn_varlen_func with block_table on CUDA: q (total_q, hq, d); k_cache, v_cache
     (num_blocks, page_block_size, hk, d); block_table int32 (b, max_num_blocks_per_seq); sequence
-    i has cu_seqlens_k[i + 1] - cu_seqlens_k[i] keys -> out (total_q, hq, d), lse fp32 (hq, total_q).
+    i has cu_seqlens_k[i + 1] - cu_seqlens_k[i] keys -> out (total_q, hq, d), lse fp32 (hq, total_q),
+    S_dmask as in varlen_forward (its key dim from the gathered capacity).
 
     INTERIM GATHER PATH, not the paged-KV kernel issue 4 asks for: each sequence's pages are
     copied in logical order into a contiguous (b * capacity, hk, d) temporary by PyTorch
@@ -57,10 +67,12 @@ def varlen_paged_forward(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_
     lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).clamp(0, capacity).to(torch.int32)
     keys = pad_head_dim(keys, dk).reshape(b * capacity, *keys.shape[2:-1], dk)
     values = pad_head_dim(values, dk).reshape(b * capacity, *values.shape[2:-1], dk)
-    out, lse = torch.ops.flash_attn.varlen_fwd(
+    return_softmax = bool(return_softmax and dropout_p > 0)
+    out, lse, s_dmask, _ = torch.ops.flash_attn.varlen_fwd(
         pad_head_dim(q, dk), keys, values, cu_seqlens_q, _arange_cu(b, capacity, q.device), lens, max_seqlen_q,
-        capacity, alibi_slopes, softmax_scale, window[0], window[1], softcap, deterministic)
-    return _unpad_head_dim(out, d), lse
+        capacity, alibi_slopes, softmax_scale, window[0], window[1], softcap, deterministic, dropout_p,
+        return_softmax)
+    return _unpad_head_dim(out, d), lse, (s_dmask if return_softmax else None)
 
 
 def _gather_pages(cache, block_table):
@@ -96,42 +108,55 @@ def route_head_dim(head_dim, dropout_p, softcap, has_alibi):
 
 # --- the flash_attn:: ops' CUDA kernels (arguments normalized, head dim a compiled one) ---
 
-def fwd(q, k, v, alibi_slopes, softmax_scale, window_left, window_right, softcap, deterministic=False):
-    """flash_attn::fwd: q (b, sq, hq, d), k/v (b, sk, hk, d) -> out (b, sq, hq, d), lse (b, hq, sq)."""
+def fwd(q, k, v, alibi_slopes, softmax_scale, window_left, window_right, softcap, deterministic=False,
+        dropout_p=0.0, return_softmax=False):
+    """flash_attn::fwd: q (b, sq, hq, d), k/v (b, sk, hk, d) -> out (b, sq, hq, d), lse (b, hq, sq),
+    S_dmask (b, hq, sq_128, sk_128) or empty, rng_state int64 (2,) or empty (_ops has the contract)."""
     ext = extension()
     b, sq, hq, _ = q.shape
-    if q.numel() == 0 or k.shape[1] == 0:
-        return _empty_result(q, (b, hq, sq))
-    out, lse = ext.fwd(q, k, v, None, _contiguous(alibi_slopes), softmax_scale, window_left, window_right, softcap)
-    return out.contiguous(), lse  # the fake's layout (a no-op: the extension allocates them contiguous)
+    sk = k.shape[1]
+    return_softmax = bool(return_softmax and dropout_p > 0)
+    if q.numel() == 0 or sk == 0:
+        return _empty_result(q, (b, hq, sq)) + _empty_dropout_outputs(q, dropout_p, return_softmax, b, hq, sq, sk)
+    out, lse, s_dmask, rng_state = ext.fwd(q, k, v, None, _contiguous(alibi_slopes), softmax_scale, window_left,
+                                           window_right, softcap, dropout_p, return_softmax)
+    # the fake's layout (a no-op: the extension allocates them contiguous)
+    return out.contiguous(), lse, _tensor_or_empty(s_dmask, q), rng_state
 
 
 def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
-               softmax_scale, window_left, window_right, softcap, deterministic=False):
-    """flash_attn::varlen_fwd: q (total_q, hq, d), k/v (total_k, hk, d) -> out (total_q, hq, d), lse (hq, total_q)."""
+               softmax_scale, window_left, window_right, softcap, deterministic=False, dropout_p=0.0,
+               return_softmax=False):
+    """flash_attn::varlen_fwd: q (total_q, hq, d), k/v (total_k, hk, d) -> out (total_q, hq, d),
+    lse (hq, total_q), S_dmask (b, hq, max_seqlen_q_128, max_seqlen_k_128) or empty, rng_state."""
     ext = extension()
     total_q, hq, _ = q.shape
-    if q.numel() == 0 or k.shape[0] == 0 or cu_seqlens_q.shape[0] == 1:
-        return _empty_result(q, (hq, total_q))
-    out, lse = ext.varlen_fwd(q, k, v, None, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-                              _contiguous(alibi_slopes), softmax_scale, window_left, window_right, softcap)
-    return out.contiguous(), lse
+    b = cu_seqlens_q.shape[0] - 1
+    return_softmax = bool(return_softmax and dropout_p > 0)
+    if q.numel() == 0 or k.shape[0] == 0 or b == 0:
+        return _empty_result(q, (hq, total_q)) + _empty_dropout_outputs(
+            q, dropout_p, return_softmax, b, hq, max_seqlen_q, max_seqlen_k)
+    out, lse, s_dmask, rng_state = ext.varlen_fwd(
+        q, k, v, None, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, _contiguous(alibi_slopes),
+        softmax_scale, window_left, window_right, softcap, dropout_p, return_softmax)
+    return out.contiguous(), lse, _tensor_or_empty(s_dmask, q), rng_state
 
 
 def bwd(dout, q, k, v, out, lse, alibi_slopes, softmax_scale, window_left, window_right, softcap,
-        deterministic):
+        deterministic, dropout_p=0.0, rng_state=None):
     """flash_attn::bwd: dq (b, sq, hq, d), dk/dv (b, sk, hk, d) (summed over each kv head's query heads)."""
     ext = backward_extension("bwd")
     if q.numel() == 0 or k.numel() == 0:
         return _zero_grads(q, k, v)
     dq, dk, dv, _ = ext.bwd(_last_dim_contiguous(dout), q, k, v, out, lse, None, None, None,
                             _contiguous(alibi_slopes), softmax_scale, window_left, window_right, softcap,
-                            deterministic)
+                            deterministic, dropout_p, rng_state if dropout_p > 0 else None)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()  # the fake's layout
 
 
 def varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-               alibi_slopes, softmax_scale, window_left, window_right, softcap, deterministic):
+               alibi_slopes, softmax_scale, window_left, window_right, softcap, deterministic, dropout_p=0.0,
+               rng_state=None):
     """flash_attn::varlen_bwd: dq (total_q, hq, d), dk/dv (total_k, hk, d)."""
     ext = backward_extension("varlen_bwd")
     if seqused_k is not None:
@@ -142,7 +167,7 @@ def varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, m
     dq, dk, dv, _ = ext.varlen_bwd(_last_dim_contiguous(dout), q, k, v, out, lse, None, None, None,
                                    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                    _contiguous(alibi_slopes), softmax_scale, window_left, window_right,
-                                   softcap, deterministic)
+                                   softcap, deterministic, dropout_p, rng_state if dropout_p > 0 else None)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
@@ -295,7 +320,7 @@ def _kvcache_call(q, k, v, cu_seqlens_k, seqused_k, max_seqlen_k, softmax_scale,
     # head h = kv_head * g + j  ->  row (s, j) of kv head kv_head
     q_rows = pad_head_dim(q, dk).reshape(b, sq, heads, g, dk).transpose(2, 3).reshape(b * sq * g, heads, dk)
     out, lse = ext.varlen_fwd(q_rows, k, v, None, _arange_cu(b, sq * g, q.device), cu_seqlens_k, seqused_k,
-                              sq * g, max_seqlen_k, alibi, softmax_scale, window[0], window[1], softcap)
+                              sq * g, max_seqlen_k, alibi, softmax_scale, window[0], window[1], softcap)[:2]
     out = out.view(b, sq, g, heads, dk).transpose(2, 3).reshape(b, sq, hq, dk)[..., :d]
     lse = lse.view(heads, b, sq, g).permute(1, 0, 3, 2).reshape(b, hq, sq).contiguous()
     return (out if dk == d else out.contiguous()), lse
@@ -338,11 +363,13 @@ def pad_head_dim(x, head_dim):
 
 
 def check_supported(dropout_p, softcap, has_alibi):
-    """Features the CUDA route lacks now, or that this build left out."""
-    if dropout_p > 0:
-        raise NotImplementedError(f"flash_attn: dropout_p > 0 is not supported on CUDA yet; "
-                                  f"got dropout_p={dropout_p}")
-    for name, used in (("alibi", has_alibi), ("softcap", softcap > 0)):
+    """Features the CUDA route lacks, or that this build left out."""
+    if dropout_p > 0 and softcap > 0:
+        raise NotImplementedError(f"flash_attn: softcap with dropout is not supported on CUDA (as in flash-attn); "
+                                  f"got softcap={softcap}, dropout_p={dropout_p}")
+    # With dropout, ALiBi runs inside the dropout kernels (no separate ALiBi variant needed).
+    for name, used in (("alibi", has_alibi and not dropout_p > 0), ("softcap", softcap > 0),
+                       ("dropout", dropout_p > 0)):
         if used and not build_info.has_feature(name):
             raise RuntimeError(f"flash_attn: {name} was requested but this build has no {name} kernels "
                                f"(variants: {build_info.build_config().get('variants')}); rebuild "
@@ -367,6 +394,17 @@ class _ForwardOnly(torch.autograd.Function):
 def _empty_result(q, lse_shape):
     """What a call with no keys (or no queries) returns: zeros and lse = +inf, contiguous."""
     return q.new_zeros(q.shape), torch.full(lse_shape, float("inf"), dtype=torch.float32, device=q.device)
+
+
+def _empty_dropout_outputs(q, dropout_p, return_softmax, b, hq, sq, sk):
+    """(S_dmask, rng_state) of a call that runs no kernel: zeros in the fake's shapes."""
+    s_dmask = q.new_zeros(s_dmask_shape(b, hq, sq, sk) if return_softmax else (0,))
+    return s_dmask, torch.zeros(rng_state_shape(dropout_p), dtype=torch.int64, device=q.device)
+
+
+def _tensor_or_empty(x, q):
+    """x, or an empty tensor like q when the extension returned None (S_dmask not requested)."""
+    return q.new_empty((0,)) if x is None else x
 
 
 def _zero_grads(q, k, v):

@@ -26,3 +26,14 @@ def kernel_window(causal, window_size, seqlen_q, seqlen_k, has_alibi):
     if right >= seqlen_k:
         right = -1
     return left, right
+
+
+def s_dmask_shape(batch, nheads, seqlen_q, seqlen_k):
+    """S_dmask of the CUDA route (return_attn_probs with dropout): (batch, nheads, seqlen_q,
+    seqlen_k) rounded up to multiples of 128 (as flash-attn); varlen uses max_seqlen_q/k."""
+    return (batch, nheads, (seqlen_q + 127) // 128 * 128, (seqlen_k + 127) // 128 * 128)
+
+
+def rng_state_shape(dropout_p):
+    """The ops' rng_state: int64 (seed, offset) with dropout, empty without."""
+    return (2,) if dropout_p > 0 else (0,)

@@ -12,7 +12,7 @@ def build_config() -> dict:
 
     Keys: version, cuda (bool: kernels were compiled), skip_reason (str or None),
     archs (["80", "90"]), head_dims ([32, 64, ...]), dtypes (["fp16", "bf16"]),
-    variants (["plain", "alibi", "softcap", "alibi_softcap"]).
+    variants (["plain", "alibi", "softcap", "alibi_softcap", "dropout"]).
     """
     try:
         return json.loads(_CONFIG_PATH.read_text())
@@ -36,5 +36,5 @@ def compiled_head_dims() -> list:
 
 
 def has_feature(variant: str) -> bool:
-    """variant in {"alibi", "softcap"}: whether kernels with that score modifier were built."""
+    """variant in {"alibi", "softcap", "dropout"}: whether kernels with that feature were built."""
     return any(variant in v for v in build_config().get("variants", []))

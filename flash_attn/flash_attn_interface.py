@@ -7,12 +7,17 @@ implementations for torch.compile), whose kernels depend on the device: CUDA
 tensors run the compiled kernels (flash_attn._cuda, which also pads the head dim
 to a compiled one around the op), CPU tensors the reference implementation
 (flash_attn._cpu). Dropout on CPU stays outside the ops: with dropout_p > 0, CPU
-tensors run the reference with its dropout directly, differentiable through
-autograd (and torch.compile traces the reference itself).
+tensors run the reference with its dropout directly (a torch.rand mask), differentiable
+through autograd (and torch.compile traces the reference itself).
 
 Common options:
-    dropout_p: probability of dropping an attention probability, in [0, 1)
-        (CPU only for now; CUDA raises NotImplementedError).
+    dropout_p: probability of dropping an attention probability, in [0, 1). Kept
+        probabilities are scaled by 1 / (1 - dropout_p); the softmax statistics (lse) are
+        those before dropout. CUDA: the mask comes from torch's default CUDA generator (a
+        fresh mask per call, reproducible under torch.manual_seed, CUDA-graph safe); an
+        element is kept with probability floor((1 - dropout_p) * 256) / 256 (an 8-bit
+        threshold, as flash-attn); not with softcap (NotImplementedError, as flash-attn).
+        The CUDA backward with dropout is not available yet.
     softmax_scale: defaults to headdim ** -0.5.
     causal: mask aligned to the bottom-right corner; same as window (left, 0).
     window_size: (left, right); query i keeps keys j in
@@ -24,9 +29,16 @@ Common options:
     return_attn_probs: return (out, softmax_lse, S_dmask) instead of out.
         softmax_lse is fp32 (batch, nheads, seqlen_q), or (nheads, total_q) for
         varlen; a row that sees no key has lse +inf (and outputs 0).
-        S_dmask is None without dropout; with dropout (CPU) it holds the
-        probabilities before dropout with dropped entries negated
-        (flash_attn._cpu.s_dmask), (batch, nheads, seqlen_q, seqlen_k).
+        S_dmask is None without dropout. With dropout it encodes the mask in its sign:
+        negative (sign bit set, -0.0 included) = dropped, otherwise kept.
+        CPU: (batch, nheads, seqlen_q, seqlen_k), the probabilities before dropout
+        (flash_attn._cpu.s_dmask). CUDA (flash-attn's layout and encoding): (batch,
+        nheads, seqlen_q_rounded, seqlen_k_rounded), lengths rounded up to multiples of
+        128 (varlen: max_seqlen_q/k, sequence i in the top-left corner of S_dmask[i]), in
+        q's dtype, holding the kernel's P before dropout: exp(score - running row max)
+        for each key block the kernel visited, i.e. the probabilities up to a factor per
+        (row, key block) ("possibly with different scaling", as flash-attn says); entries
+        outside the sequence or in key blocks the mask skips entirely are 0.
 """
 import torch
 
@@ -46,11 +58,12 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     window = kernel_window(causal, window, q.shape[1], k.shape[1], alibi_slopes is not None)
     s_dmask = None
     if q.is_cuda:
-        out, lse = _cuda.dense_forward(q, k, v, dropout_p, scale, window, softcap, alibi_slopes, deterministic)
+        out, lse, s_dmask = _cuda.dense_forward(q, k, v, dropout_p, scale, window, softcap, alibi_slopes,
+                                                deterministic, return_attn_probs)
     elif dropout_p > 0:
         out, lse, s_dmask = _cpu.dense_forward(q, k, v, dropout_p, scale, window, softcap, alibi_slopes)
     else:
-        out, lse = _ops.fwd(q, k, v, alibi_slopes, scale, window[0], window[1], softcap, deterministic)
+        out, lse = _ops.fwd(q, k, v, alibi_slopes, scale, window[0], window[1], softcap, deterministic)[:2]
     return (out, lse, s_dmask) if return_attn_probs else out
 
 
@@ -108,12 +121,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             softcap, alibi_slopes)
     s_dmask = None
     if q.is_cuda:
-        out, lse = _cuda.varlen_forward(*args, deterministic)
+        out, lse, s_dmask = _cuda.varlen_forward(*args, deterministic, return_attn_probs)
     elif dropout_p > 0:
         out, lse, s_dmask = _cpu.varlen_forward(*args)
     else:
         out, lse = _ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q, max_seqlen_k,
-                                   alibi_slopes, scale, window[0], window[1], softcap, deterministic)
+                                   alibi_slopes, scale, window[0], window[1], softcap, deterministic)[:2]
     return (out, lse, s_dmask) if return_attn_probs else out
 
 
@@ -129,9 +142,9 @@ def _varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     window = kernel_window(causal, window, max_seqlen_q, max_seqlen_k, alibi_slopes is not None)
     s_dmask = None
     if q.is_cuda:
-        out, lse = _cuda.varlen_paged_forward(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table,
-                                              max_seqlen_q, dropout_p, scale, window, softcap, alibi_slopes,
-                                              deterministic)
+        out, lse, s_dmask = _cuda.varlen_paged_forward(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k,
+                                                       block_table, max_seqlen_q, dropout_p, scale, window, softcap,
+                                                       alibi_slopes, deterministic, return_attn_probs)
     else:
         # the reference's gather: each sequence's keys from its pages, packed (differentiable)
         from .reference import gather_paged_varlen
@@ -141,7 +154,7 @@ def _varlen_paged(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                     dropout_p, scale, window, softcap, alibi_slopes)
         else:
             out, lse = _ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_k, None, max_seqlen_q, max_seqlen_k,
-                                       alibi_slopes, scale, window[0], window[1], softcap, deterministic)
+                                       alibi_slopes, scale, window[0], window[1], softcap, deterministic)[:2]
     return (out, lse, s_dmask) if return_attn_probs else out
 
 

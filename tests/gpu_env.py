@@ -54,14 +54,15 @@ DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 _VARIANTS = {(False, False): "plain", (True, False): "alibi", (False, True): "softcap", (True, True): "alibi_softcap"}
 
 
-def require_compiled(dtype, head_dim=None, alibi=False, softcap=False):
-    """Skips a case that this build cannot run (trimmed dtypes, head dims or variants)."""
+def require_compiled(dtype, head_dim=None, alibi=False, softcap=False, dropout=False):
+    """Skips a case that this build cannot run (trimmed dtypes, head dims or variants).
+    dropout: the `dropout` variant (which also serves ALiBi with dropout)."""
     cfg = build_info.build_config()
     name = DTYPE_NAMES[dtype]
     if name not in cfg.get("dtypes", []):
         pytest.skip(f"{name} not compiled in this build")
     if head_dim is not None and not any(h >= head_dim for h in build_info.compiled_head_dims()):
         pytest.skip(f"no compiled head dim >= {head_dim}")
-    variant = _VARIANTS[(bool(alibi), bool(softcap))]
+    variant = "dropout" if dropout else _VARIANTS[(bool(alibi), bool(softcap))]
     if variant not in cfg.get("variants", []):
         pytest.skip(f"variant {variant} not compiled in this build")

@@ -18,28 +18,45 @@ HEAD_DIMS = [32, 64, 128]
 
 
 class FakeExtension:
-    """Stands in for flash_attn_2_cuda; records every call."""
+    """Stands in for flash_attn_2_cuda; records every call. With dropout it computes with the
+    kernels' mask (the CPU ops' kernels, whose rng_state comes from the CPU generator) and
+    returns [out, lse, S_dmask or None, rng_state] like the extension."""
 
     def __init__(self):
         self.calls = []
 
-    def fwd(self, q, k, v, out, alibi_slopes, softmax_scale, window_size_left, window_size_right, softcap):
+    def fwd(self, q, k, v, out, alibi_slopes, softmax_scale, window_size_left, window_size_right, softcap,
+            p_dropout=0.0, return_softmax=False, gen=None):
         self._check(q, k, v, out, alibi_slopes)
+        self._check_dropout(p_dropout, return_softmax, softcap, gen)
         self.calls.append(("fwd", q.shape[-1], softmax_scale, (window_size_left, window_size_right)))
-        out, lse = attention_ref(q, k, v, softmax_scale, False, (window_size_left, window_size_right), softcap,
-                                 alibi_slopes)
-        return [out.contiguous(), lse.contiguous()]  # the extension allocates contiguous outputs
+        out, lse, s_dmask, rng_state = _cpu.fwd(q, k, v, alibi_slopes, softmax_scale, window_size_left,
+                                                window_size_right, softcap, False, p_dropout, return_softmax)
+        self.rng_state = rng_state
+        return [out, lse, s_dmask if return_softmax else None, rng_state]
 
     def varlen_fwd(self, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-                   alibi_slopes, softmax_scale, window_size_left, window_size_right, softcap):
+                   alibi_slopes, softmax_scale, window_size_left, window_size_right, softcap, p_dropout=0.0,
+                   return_softmax=False, gen=None):
         self._check(q, k, v, out, alibi_slopes)
+        self._check_dropout(p_dropout, return_softmax, softcap, gen)
         for cu in (cu_seqlens_q, cu_seqlens_k):
             assert cu.dtype == torch.int32 and cu.is_contiguous()
         assert seqused_k is None and type(max_seqlen_q) is int and type(max_seqlen_k) is int
         self.calls.append(("varlen_fwd", q.shape[-1], softmax_scale, (window_size_left, window_size_right)))
-        return list(attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                         None, softmax_scale, False, (window_size_left, window_size_right),
-                                         softcap, alibi_slopes))
+        out, lse, s_dmask, rng_state = _cpu.varlen_fwd(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale,
+            window_size_left, window_size_right, softcap, False, p_dropout, return_softmax)
+        self.rng_state = rng_state
+        return [out, lse, s_dmask if return_softmax else None, rng_state]
+
+    @staticmethod
+    def _check_dropout(p_dropout, return_softmax, softcap, gen):
+        """The extension's dropout contract (flash_api.cpp check_dropout_args)."""
+        assert type(p_dropout) is float and 0.0 <= p_dropout < 1.0 and type(return_softmax) is bool
+        assert gen is None and (not return_softmax or p_dropout > 0)
+        if softcap > 0 and p_dropout > 0:
+            raise NotImplementedError("flash_attn: softcap with dropout is not supported (as in flash-attn)")
 
     @staticmethod
     def _check(q, k, v, out, alibi_slopes):
@@ -55,29 +72,36 @@ class FakeExtensionWithBackward(FakeExtension):
     each kv head's query heads), after checking the backward's extension contract."""
 
     def bwd(self, dout, q, k, v, out, softmax_lse, dq, dk, dv, alibi_slopes, softmax_scale, window_size_left,
-            window_size_right, softcap, deterministic):
-        self._check_bwd(dout, q, k, v, out, softmax_lse, (dq, dk, dv), alibi_slopes, deterministic)
+            window_size_right, softcap, deterministic, p_dropout=0.0, rng_state=None):
+        self._check_bwd(dout, q, k, v, out, softmax_lse, (dq, dk, dv), alibi_slopes, deterministic, p_dropout,
+                        rng_state)
         self.calls.append(("bwd", q.shape[-1], softmax_scale, (window_size_left, window_size_right)))
         self.deterministic = deterministic
         grads = _cpu.bwd(dout, q, k, v, out, softmax_lse, alibi_slopes, softmax_scale, window_size_left,
-                         window_size_right, softcap, deterministic)
+                         window_size_right, softcap, deterministic, p_dropout, rng_state)
         return list(grads) + [torch.zeros_like(softmax_lse)]
 
     def varlen_bwd(self, dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                    max_seqlen_k, alibi_slopes, softmax_scale, window_size_left, window_size_right, softcap,
-                   deterministic):
-        self._check_bwd(dout, q, k, v, out, softmax_lse, (dq, dk, dv), alibi_slopes, deterministic)
+                   deterministic, p_dropout=0.0, rng_state=None):
+        self._check_bwd(dout, q, k, v, out, softmax_lse, (dq, dk, dv), alibi_slopes, deterministic, p_dropout,
+                        rng_state)
         assert type(max_seqlen_q) is int and type(max_seqlen_k) is int
         self.calls.append(("varlen_bwd", q.shape[-1], softmax_scale, (window_size_left, window_size_right)))
         grads = _cpu.varlen_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q,
                                 max_seqlen_k, alibi_slopes, softmax_scale, window_size_left, window_size_right,
-                                softcap, deterministic)
+                                softcap, deterministic, p_dropout, rng_state)
         return list(grads) + [torch.zeros_like(softmax_lse)]
 
-    def _check_bwd(self, dout, q, k, v, out, lse, grads, alibi_slopes, deterministic):
+    def _check_bwd(self, dout, q, k, v, out, lse, grads, alibi_slopes, deterministic, p_dropout, rng_state):
         self._check(q, k, v, None, alibi_slopes)
         assert grads == (None, None, None) and type(deterministic) is bool
         assert dout.shape == out.shape == q.shape and dout.stride(-1) == 1 and lse.dtype == torch.float32
+        # with dropout: the forward's rng_state comes back (the real extension reads it on the GPU)
+        assert (rng_state is None) == (p_dropout == 0.0)
+        if rng_state is not None:
+            assert rng_state.dtype == torch.int64 and rng_state.shape == (2,)
+            self.bwd_rng_state = rng_state
 
 
 # What each op runs on CPU tensors while a fake extension stands in: its CUDA kernel.
@@ -120,7 +144,7 @@ def test_dense_pads_head_dim_and_slices_back(fake, d, kernel_d):
     alibi = torch.rand(4, 2).T  # (batch, nheads), not contiguous
     scale = softmax_scale_or_default(None, d)
     args = (q, k, v, 0.0, scale, (3, 0), 2.0, alibi)
-    out, lse = _cuda.dense_forward(*args)
+    out, lse, _ = _cuda.dense_forward(*args)
     ref, ref_lse, _ = _cpu.dense_forward(*args)
     assert fake.calls == [("fwd", kernel_d, d ** -0.5, (3, 0))]
     assert out.shape == q.shape and lse.shape == (2, 4, 5) and lse.dtype == torch.float32
@@ -133,7 +157,7 @@ def test_varlen_pads_head_dim_and_slices_back(fake):
     cu_k = torch.tensor([0, 4, 6, 6], dtype=torch.int32)
     q, k, v = rand(8, 4, 40), rand(6, 1, 40, seed=1), rand(6, 1, 40, seed=2)
     args = (q, k, v, cu_q, cu_k, 5, 4, 0.0, 40 ** -0.5, (-1, 0), 0.0, None)
-    out, lse = _cuda.varlen_forward(*args)
+    out, lse, _ = _cuda.varlen_forward(*args)
     ref, ref_lse, _ = _cpu.varlen_forward(*args)
     assert fake.calls == [("varlen_fwd", 64, 40 ** -0.5, (-1, 0))]
     assert out.shape == q.shape and lse.shape == (4, 8)
@@ -149,7 +173,7 @@ def test_varlen_pads_head_dim_and_slices_back(fake):
 def test_dense_empty_inputs_skip_the_kernel(fake, shape):
     b, sq, sk = shape
     q, k, v = qkv(b=b, sq=sq, sk=sk)
-    out, lse = _cuda.dense_forward(q, k, v, 0.0, 0.5, (-1, -1), 0.0, None)
+    out, lse, _ = _cuda.dense_forward(q, k, v, 0.0, 0.5, (-1, -1), 0.0, None)
     assert fake.calls == []
     assert out.shape == q.shape and (out == 0).all()
     assert lse.shape == (b, 4, sq) and (lse == float("inf")).all()
@@ -158,8 +182,8 @@ def test_dense_empty_inputs_skip_the_kernel(fake, shape):
 def test_varlen_empty_inputs_skip_the_kernel(fake):
     cu = torch.tensor([0, 0], dtype=torch.int32)
     q, k, v = rand(3, 2, 32), rand(0, 2, 32), rand(0, 2, 32)
-    out, lse = _cuda.varlen_forward(q, k, v, torch.tensor([0, 3], dtype=torch.int32), cu, 3, 0, 0.0, 1.0,
-                                    (-1, -1), 0.0, None)
+    out, lse, _ = _cuda.varlen_forward(q, k, v, torch.tensor([0, 3], dtype=torch.int32), cu, 3, 0, 0.0, 1.0,
+                                       (-1, -1), 0.0, None)
     assert fake.calls == []
     assert (out == 0).all() and (lse == float("inf")).all() and lse.shape == (2, 3)
 
@@ -180,6 +204,7 @@ def test_no_extension_names_the_skip_reason(monkeypatch):
 @pytest.mark.parametrize("feature,kwargs", [
     ("alibi", {"alibi_slopes": torch.ones(4)}),
     ("softcap", {"softcap": 1.0}),
+    ("dropout", {"dropout_p": 0.1}),
 ])
 def test_feature_not_built(fake, monkeypatch, feature, kwargs):
     monkeypatch.setattr(build_info, "has_feature", lambda name: name != feature)
@@ -189,15 +214,25 @@ def test_feature_not_built(fake, monkeypatch, feature, kwargs):
         _cuda.dense_forward(*qkv(), **args)
 
 
-def test_dropout_not_supported_yet(fake):
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        _cuda.dense_forward(*qkv(), 0.1, 1.0, (-1, -1), 0.0, None)
+@pytest.mark.parametrize("route", ["dense", "varlen"])
+def test_softcap_with_dropout_is_refused(fake, route):
+    """As flash-attn: a clear NotImplementedError before any kernel runs (dropout kernels have
+    no softcap)."""
+    q, k, v = qkv(d=32)
+    with pytest.raises(NotImplementedError, match="softcap with dropout is not supported"):
+        if route == "dense":
+            _cuda.dense_forward(q, k, v, 0.1, 1.0, (-1, -1), 2.0, None)
+        else:
+            cu_q, cu_k = (torch.tensor([0, n, 2 * n], dtype=torch.int32) for n in (5, 7))
+            _cuda.varlen_forward(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, 5, 7, 0.1, 1.0,
+                                 (-1, -1), 2.0, None)
+    assert fake.calls == []
 
 
 def test_backward_without_extension_bwd_raises(fake):
     q, k, v = qkv(d=32)
     q.requires_grad_(True)
-    out, lse = _cuda.dense_forward(q, k, v, 0.0, 1.0, (-1, -1), 0.0, None)
+    out, lse, _ = _cuda.dense_forward(q, k, v, 0.0, 1.0, (-1, -1), 0.0, None)
     assert out.requires_grad and not lse.requires_grad
     with pytest.raises(NotImplementedError, match="flash_attn_2_cuda has no bwd"):
         out.float().sum().backward()
@@ -210,7 +245,7 @@ def test_dense_backward_pads_and_matches_cpu(fake_bwd, d, kernel_d, deterministi
     alibi = torch.rand(2, 4)
     args = (0.0, d ** -0.5, (2, 0), 3.0, alibi)
     dout = rand(2, 5, 4, d, seed=3).float()
-    out, lse = _cuda.dense_forward(q, k, v, *args, deterministic)
+    out, lse, _ = _cuda.dense_forward(q, k, v, *args, deterministic)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     assert fake_bwd.calls == [("fwd", kernel_d, d ** -0.5, (2, 0)), ("bwd", kernel_d, d ** -0.5, (2, 0))]
     assert fake_bwd.deterministic is deterministic
@@ -227,7 +262,7 @@ def test_varlen_backward_pads_and_matches_cpu(fake_bwd):
     q, k, v = (x.float().requires_grad_(True) for x in (rand(8, 4, 40), rand(6, 2, 40, seed=1),
                                                         rand(6, 2, 40, seed=2)))
     args = (q, k, v, cu_q, cu_k, 5, 4, 0.0, 40 ** -0.5, (-1, 0), 0.0, None)
-    out, _ = _cuda.varlen_forward(*args)
+    out, _, _ = _cuda.varlen_forward(*args)
     out.sum().backward()
     grads = [x.grad for x in (q, k, v)]
     assert [c[0] for c in fake_bwd.calls] == ["varlen_fwd", "varlen_bwd"]
@@ -253,9 +288,9 @@ def test_cuda_route_compiles_without_graph_breaks(fake_bwd, backend):
     torch._dynamo.reset()
 
     def attention(q, k, v, cu_q, cu_k):
-        dense, _ = _cuda.dense_forward(q, k, v, 0.0, 0.3, (-1, 0), 0.0, None)
-        varlen, _ = _cuda.varlen_forward(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, 5, 7,
-                                         0.0, 0.3, (2, -1), 0.0, None)
+        dense = _cuda.dense_forward(q, k, v, 0.0, 0.3, (-1, 0), 0.0, None)[0]
+        varlen = _cuda.varlen_forward(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, 5, 7,
+                                      0.0, 0.3, (2, -1), 0.0, None)[0]
         return dense.sum() + varlen.sum()
 
     cu_q, cu_k = (torch.tensor([0, n, 2 * n], dtype=torch.int32) for n in (5, 7))
@@ -282,7 +317,7 @@ def test_opcheck_cuda_kernels(fake_bwd):
 
 def test_backward_of_empty_inputs_skips_the_kernel(fake_bwd):
     q, k, v = (x.float().requires_grad_(True) for x in qkv(sk=0, d=32))
-    out, _ = _cuda.dense_forward(q, k, v, 0.0, 1.0, (-1, -1), 0.0, None)
+    out = _cuda.dense_forward(q, k, v, 0.0, 1.0, (-1, -1), 0.0, None)[0]
     out.sum().backward()
     assert [c[0] for c in fake_bwd.calls] == []
     assert (q.grad == 0).all() and k.grad.shape == k.shape

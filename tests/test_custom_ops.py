@@ -58,7 +58,7 @@ def varlen_args(case, dtype, requires_grad=False):
 
 def bwd_args(op, fwd_args, deterministic=False):
     """The backward op's arguments for a forward call: (dout, q, k, v, out, lse, rest of fwd_args)."""
-    out, lse = op(*fwd_args)
+    out, lse = op(*fwd_args)[:2]
     dout = rand(*out.shape, dtype=out.dtype, seed=7)
     return (dout,) + tuple(fwd_args[:3]) + (out, lse) + tuple(fwd_args[3:]) + (deterministic,)
 
@@ -75,7 +75,10 @@ def test_ops_are_registered_with_their_schemas():
         assert schema.startswith(f"flash_attn::{name}(")
     assert str(torch.ops.flash_attn.fwd.default._schema) == (
         "flash_attn::fwd(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, float softmax_scale, "
-        "SymInt window_left, SymInt window_right, float softcap, bool deterministic=False) -> (Tensor, Tensor)")
+        "SymInt window_left, SymInt window_right, float softcap, bool deterministic=False, float dropout_p=0., "
+        "bool return_softmax=False) -> (Tensor, Tensor, Tensor, Tensor)")
+    assert str(torch.ops.flash_attn.bwd.default._schema).endswith(
+        "float softcap, bool deterministic, float dropout_p=0., Tensor? rng_state=None) -> (Tensor, Tensor, Tensor)")
 
 
 def _pairs(cases, pairs):
@@ -129,8 +132,9 @@ def test_bwd_op_equals_autograd_through_the_reference():
 def test_lse_and_alibi_get_no_gradient():
     q, k, v, _, *options = dense_args(DENSE_CASES[2], torch.float64, requires_grad=True)
     alibi = torch.rand(1, 4, dtype=torch.float32, requires_grad=True)
-    out, lse = _ops.fwd(q, k, v, alibi, *options)
-    assert out.requires_grad and not lse.requires_grad
+    out, lse, s_dmask, rng_state = _ops.fwd(q, k, v, alibi, *options)
+    assert out.requires_grad and not lse.requires_grad and not s_dmask.requires_grad
+    assert s_dmask.shape == rng_state.shape == (0,)  # no dropout
     out.sum().backward()
     assert alibi.grad is None and q.grad is not None and k.grad.shape == k.shape
 
@@ -138,7 +142,8 @@ def test_lse_and_alibi_get_no_gradient():
 # --- fake tensors ---
 
 def _expect_fwd(q, lse_shape, lse_dtype):
-    return [(tuple(q.shape), q.dtype), (lse_shape, lse_dtype)]
+    """out, lse, and without dropout an empty S_dmask and rng_state."""
+    return [(tuple(q.shape), q.dtype), (lse_shape, lse_dtype), ((0,), q.dtype), ((0,), torch.int64)]
 
 
 def _meta(tensors, device):
@@ -156,7 +161,7 @@ def test_fake_shapes(device, dtype):
         k = v = torch.empty(2, 7, 2, 40, device=device, dtype=dtype)
         fwd = _ops.fwd(q, k, v, None, 0.3, -1, 0, 0.0)
         assert _meta(fwd, device) == _expect_fwd(q, (2, 4, 5), lse_dtype)
-        grads = _ops.bwd(fwd[0], q, k, v, *fwd, None, 0.3, -1, 0, 0.0, True)
+        grads = _ops.bwd(fwd[0], q, k, v, *fwd[:2], None, 0.3, -1, 0, 0.0, True)
         assert _meta(grads, device) == [(tuple(x.shape), dtype) for x in (q, k, v)]
 
         qv, kv = torch.empty(9, 4, 40, device=device, dtype=dtype), torch.empty(6, 2, 40, device=device, dtype=dtype)
@@ -164,7 +169,7 @@ def test_fake_shapes(device, dtype):
         varlen = (qv, kv, kv, cu_q, cu_q, None, 5, 4, None, 0.3, -1, -1, 0.0)
         out = _ops.varlen_fwd(*varlen)
         assert _meta(out, device) == _expect_fwd(qv, (4, 9), lse_dtype)
-        grads = _ops.varlen_bwd(out[0], qv, kv, kv, *out, *varlen[3:], False)
+        grads = _ops.varlen_bwd(out[0], qv, kv, kv, *out[:2], *varlen[3:], False)
         assert _meta(grads, device) == [(tuple(x.shape), dtype) for x in (qv, kv, kv)]
 
 
@@ -291,7 +296,7 @@ def test_gradient_flows_through_padding_and_slicing():
     q = rand(1, 3, 2, 5, dtype=torch.float64).requires_grad_(True)
 
     def padded(q):
-        out, _ = _ops.fwd(F.pad(q, (0, 3)), F.pad(q, (0, 3)), F.pad(q, (0, 3)), None, 5 ** -0.5, -1, -1, 0.0)
+        out = _ops.fwd(F.pad(q, (0, 3)), F.pad(q, (0, 3)), F.pad(q, (0, 3)), None, 5 ** -0.5, -1, -1, 0.0)[0]
         return out[..., :5]
     assert torch.autograd.gradcheck(padded, (q,))
     torch.testing.assert_close(padded(q), flash_attn_func(q, q, q), rtol=1e-12, atol=1e-12)

@@ -94,7 +94,7 @@ def test_bwd_matches_reference(dtype_name, d, mask, alibi, softcap, ratio, seqle
     kw = dict(softmax_scale=scale, window_size=ref_window, softcap=cap, alibi_slopes=slopes)
 
     qp, kp, vp, dop = (_pad(x, dk_) for x in (q, k, v, dout))
-    out, lse = ext.fwd(qp, kp, vp, None, slopes, scale, kernel_window[0], kernel_window[1], cap)
+    out, lse = ext.fwd(qp, kp, vp, None, slopes, scale, kernel_window[0], kernel_window[1], cap)[:2]
     nan = float("nan")
     dq = torch.full_like(qp, nan)
     dk = torch.full_like(kp, nan)
@@ -130,7 +130,7 @@ def test_varlen_bwd_with_empty_sequences(d, mask, deterministic):
     scale = d ** -0.5
     ref_window, kernel_window = _window(mask, 0, 0)
     out, lse = ext.varlen_fwd(q, k, v, None, cu_q, cu_k, None, max(lens_q), max(lens_k), None, scale,
-                              kernel_window[0], kernel_window[1], 0.0)
+                              kernel_window[0], kernel_window[1], 0.0)[:2]
     dq, dk, dv, _ = ext.varlen_bwd(dout, q, k, v, out, lse, None, None, None, cu_q, cu_k, max(lens_q),
                                    max(lens_k), None, scale, kernel_window[0], kernel_window[1], 0.0,
                                    deterministic)
@@ -156,7 +156,7 @@ def test_bwd_is_deterministic(d, deterministic):
     ext = build_info.cuda_extension()
     torch.manual_seed(3)
     q, k, v, dout = (torch.randn(2, 1000, 4, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    out, lse = ext.fwd(q, k, v, None, None, d ** -0.5, -1, 0, 0.0)
+    out, lse = ext.fwd(q, k, v, None, None, d ** -0.5, -1, 0, 0.0)[:2]
 
     def run():
         return ext.bwd(dout, q, k, v, out, lse, None, None, None, None, d ** -0.5, -1, 0, 0.0, deterministic)[:3]
@@ -178,7 +178,7 @@ def test_bwd_large_logits_stay_finite():
     torch.manual_seed(5)
     q, k, v, dout = (torch.randn(1, 777, 4, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     q, k = q * 4, k * 4
-    out, lse = ext.fwd(q, k, v, None, None, d ** -0.5, -1, 0, 0.0)
+    out, lse = ext.fwd(q, k, v, None, None, d ** -0.5, -1, 0, 0.0)[:2]
     grads = ext.bwd(dout, q, k, v, out, lse, None, None, None, None, d ** -0.5, -1, 0, 0.0, False)[:3]
     for g in grads:
         assert torch.isfinite(g).all()
@@ -198,7 +198,7 @@ def test_bwd_pads_head_dims_without_a_kernel(d):
     k = torch.randn(2, 150, 2, d, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     dout = torch.randn_like(q)
-    out, lse = ext.fwd(q, k, v, None, None, d ** -0.5, -1, 0, 0.0)
+    out, lse = ext.fwd(q, k, v, None, None, d ** -0.5, -1, 0, 0.0)[:2]
     dq = torch.full_like(q, float("nan"))
     dq, dk, dv, _ = ext.bwd(dout, q, k, v, out, lse, dq, None, None, None, d ** -0.5, -1, 0, 0.0, False)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape

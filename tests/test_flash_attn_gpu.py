@@ -350,13 +350,13 @@ def test_api_variants(dtype, d, causal):
 
 def _ext_fwd(ext, q, k, v, out, alibi, scale, window, softcap):
     """flash_attn_2_cuda.fwd as flash_attn/_cuda.py calls it -> (out, lse)."""
-    return ext.fwd(q, k, v, out, alibi, scale, window[0], window[1], softcap)
+    return ext.fwd(q, k, v, out, alibi, scale, window[0], window[1], softcap)[:2]
 
 
 def _ext_varlen_fwd(ext, q, k, v, out, cu_q, cu_k, max_q, max_k, alibi, scale, window, softcap):
     """flash_attn_2_cuda.varlen_fwd as flash_attn/_cuda.py calls it -> (out, lse)."""
     return ext.varlen_fwd(q, k, v, out, cu_q, cu_k, None, max_q, max_k, alibi, scale, window[0],
-                          window[1], softcap)
+                          window[1], softcap)[:2]
 
 
 def _direct_cases():

@@ -1,6 +1,6 @@
 """flash_attn.linear_attn on CPU tensors: fla-core 0.6.0's signatures, every op against
 flash_attn.reference_linear, chunk vs recurrent agreement, states, varlen, gradients,
-every argument error, and the CUDA route (NotImplementedError until the kernels exist)."""
+every argument error, and the CUDA route's NotImplementedError where no kernel runs."""
 import inspect
 import math
 
@@ -472,22 +472,26 @@ def test_require_cpu_message():
 
 @pytest.mark.parametrize("name,run", ALL_OPS, ids=[n for n, _ in ALL_OPS])
 def test_every_op_routes_cuda_to_not_implemented(name, run, monkeypatch):
-    """CPU tensors, with the route told they are on CUDA: each op checks its arguments and
-    then stops at the CUDA route, whose message names it."""
+    """CPU tensors, with the route told they are on CUDA and that the linear-attention
+    extension is missing: each op checks its arguments and then stops at the CUDA route,
+    whose message names it (tests/test_linear_kernel_route_cpu.py runs the route itself)."""
     real = _checks.require_cpu
 
     def as_if_cuda(fn, device):
         assert device.type == "cpu"
         real(fn, torch.device("cuda"))
 
-    for module in (la._route, la.linear, la.masked):  # every op's one route call
-        monkeypatch.setattr(module, "require_cpu", as_if_cuda)
+    monkeypatch.setattr(la.masked, "require_cpu", as_if_cuda)  # masked_linear_attention has no kernel yet
+    monkeypatch.setattr(la._kernels, "on_kernel_device", lambda x: True)
+    monkeypatch.setattr(la._kernels, "KERNEL_DTYPES", (torch.float32,))
+    monkeypatch.setattr(la._kernels, "extension", lambda: None)
     with pytest.raises(NotImplementedError, match=f"flash_attn.linear_attn.{name}: the CUDA"):
         run(qkv())
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("name,run", ALL_OPS, ids=[n for n, _ in ALL_OPS])
-def test_cuda_tensors_raise_not_implemented(name, run):
+def test_cuda_tensors_raise_not_implemented():
+    """masked_linear_attention has no CUDA kernel yet (fp16/bf16: fp32 CUDA inputs run the reference)."""
+    name, run = next((n, r) for n, r in ALL_OPS if n == "masked_linear_attention")
     with pytest.raises(NotImplementedError, match=f"flash_attn.linear_attn.{name}: the CUDA"):
-        run([x.cuda() for x in qkv()])
+        run([x.cuda().bfloat16() for x in qkv()])

@@ -264,16 +264,16 @@ def test_cuda_route_paged_clamps_bad_block_table(fake):
 def test_cuda_route_varlen_paged_gather(fake, name):
     """varlen_paged_forward's gather + seqused_k (its op call runs the CPU kernel for CPU tensors)."""
     q, (k, v), (kc, vc, bt), common = varlen_inputs(name, 16)
-    out, lse = _cuda.varlen_paged_forward(q, kc, vc, common["cu_seqlens_q"], common["cu_seqlens_k"], bt,
-                                          common["max_seqlen_q"], 0.0, 8 ** -0.5, common["window_size"]
-                                          if not common["causal"] else (-1, 0), 0.0, None)
+    out, lse, _ = _cuda.varlen_paged_forward(q, kc, vc, common["cu_seqlens_q"], common["cu_seqlens_k"], bt,
+                                             common["max_seqlen_q"], 0.0, 8 ** -0.5, common["window_size"]
+                                             if not common["causal"] else (-1, 0), 0.0, None)
     ref, ref_lse = flash_attn_varlen_func(q, k, v, **common, return_attn_probs=True)[:2]
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     assert_lse_equal(lse, ref_lse)
     bad = bt.clone()
     bad[0, 0], bad[1, -1] = -7, 10 ** 6
-    out, _ = _cuda.varlen_paged_forward(q, kc, vc, common["cu_seqlens_q"], common["cu_seqlens_k"], bad,
-                                        common["max_seqlen_q"], 0.0, 1.0, (-1, -1), 0.0, None)
+    out = _cuda.varlen_paged_forward(q, kc, vc, common["cu_seqlens_q"], common["cu_seqlens_k"], bad,
+                                     common["max_seqlen_q"], 0.0, 1.0, (-1, -1), 0.0, None)[0]
     assert out.shape == q.shape
 
 

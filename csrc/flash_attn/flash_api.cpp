@@ -1,11 +1,14 @@
 // The only file that includes torch: argument checks, allocation, params, dispatch.
 // Python (flash_attn/flash_attn_interface.py) checks arguments first with friendlier
 // messages; these checks are the last line of defence for direct callers.
+#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
+#include <mutex>
 #include <optional>
 
 #include "flash.h"
@@ -100,17 +103,123 @@ void set_common_params(Flash_fwd_params &p, const at::Tensor &q, const at::Tenso
   }
 }
 
-void run_fwd(Flash_fwd_params &p, cudaStream_t stream) {
+// --- dropout (mask: dropout.h; the backward reads the same fields) ---
+
+// p_keep, rp_keep and the 8-bit keep threshold for dropout_p (p_keep = 1: no dropout).
+void set_dropout_params(Flash_fwd_params &p, double p_dropout) {
+  CHECK_ARG(p_dropout >= 0.0 && p_dropout < 1.0, "dropout_p must be in [0, 1), got ", p_dropout);
+  p.p_keep = float(1.0 - p_dropout);
+  p.rp_keep = 1.f / p.p_keep;
+  // An element is kept iff its random byte is below the threshold: keep rate threshold / 256.
+  p.keep_threshold = uint32_t(std::min(255.0, std::floor((1.0 - p_dropout) * 256.0)));
+}
+
+// This call's Philox seed and offset, from gen or the device's default CUDA generator, whose
+// offset advances by b * h: the mask uses subsequences [offset, offset + b * h) (dropout.h),
+// so the next call's are disjoint (torch rounds the increment up to a multiple of 4). Under
+// CUDA-graph capture torch hands out device pointers that each replay refreshes.
+void set_philox_from_generator(Flash_fwd_params &p, const std::optional<at::Generator> &gen_, c10::Device device) {
+  auto *gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+      gen_, at::cuda::detail::getDefaultCUDAGenerator(device.index()));
+  at::PhiloxCudaState state;
+  {
+    std::lock_guard<std::mutex> lock(gen->mutex_);  // torch's rule for using a generator
+    state = gen->philox_cuda_state(uint64_t(p.b) * uint64_t(p.h));
+  }
+  p.philox.from_device = state.captured_;
+  if (state.captured_) {
+    p.philox.seed_ptr = state.seed_.ptr;
+    p.philox.offset_ptr = state.offset_.ptr;
+    p.philox.offset_intragraph = state.offset_intragraph_;
+  } else {
+    p.philox.seed = state.seed_.val;
+    p.philox.offset = state.offset_.val;
+  }
+}
+
+// The backward's Philox state: the forward's (seed, offset), read by the kernel from rng_state.
+void set_philox_from_rng_state(Flash_fwd_params &p, const std::optional<at::Tensor> &rng_state,
+                               const at::Tensor &q) {
+  CHECK_ARG(rng_state.has_value(), "rng_state (returned by the forward) is required with dropout_p > 0");
+  const auto &r = *rng_state;
+  CHECK_ARG(r.scalar_type() == at::kLong && r.numel() == 2 && r.is_contiguous() && r.device() == q.device(),
+            "rng_state must be a contiguous int64 tensor of 2 elements on q's device, got ", r.scalar_type(), " ",
+            r.sizes(), " on ", r.device());
+  p.philox.from_device = true;
+  p.philox.seed_ptr = r.data_ptr<int64_t>();
+  p.philox.offset_ptr = p.philox.seed_ptr + 1;
+  p.philox.offset_intragraph = 0;
+}
+
+// The backward's dropout fields: dropout_p and, with dropout, the forward's rng_state.
+void set_bwd_dropout(Flash_fwd_params &p, double p_dropout, const std::optional<at::Tensor> &rng_state,
+                     const at::Tensor &q) {
+  set_dropout_params(p, p_dropout);
+  if (p_dropout > 0.0) { set_philox_from_rng_state(p, rng_state, q); }
+  p.rng_state = nullptr;  // only the forward writes it
+}
+
+struct DropoutOutputs {
+  at::Tensor s_dmask;    // (b, h, round128(sq), round128(sk)) zeros in q's dtype, or undefined
+  at::Tensor rng_state;  // int64 (2,): (seed, offset) written by the kernel; (0,) without dropout
+};
+
+int64_t round_up_128(int64_t x) { return (x + 127) / 128 * 128; }
+
+// The forward's dropout arguments, checked before anything runs.
+void check_dropout_args(double p_dropout, bool return_softmax, double softcap) {
+  CHECK_ARG(p_dropout >= 0.0 && p_dropout < 1.0, "dropout_p must be in [0, 1), got ", p_dropout);
+  CHECK_ARG(!return_softmax || p_dropout > 0.0, "return_softmax needs dropout_p > 0 (S_dmask is None without dropout)");
+  TORCH_CHECK_NOT_IMPLEMENTED(!(softcap > 0.0 && p_dropout > 0.0),
+                              "flash_attn: softcap with dropout is not supported (as in flash-attn)");
+}
+
+DropoutOutputs dropout_outputs(const at::Tensor &q, double p_dropout, bool return_softmax, int64_t b, int64_t h,
+                               int64_t sq, int64_t sk) {
+  DropoutOutputs o;
+  o.rng_state = at::empty({p_dropout > 0.0 ? 2 : 0}, q.options().dtype(at::kLong));
+  if (return_softmax) { o.s_dmask = at::zeros({b, h, round_up_128(sq), round_up_128(sk)}, q.options()); }
+  return o;
+}
+
+// Dropout fields of a forward that runs the kernel: philox from the generator, outputs.
+void set_fwd_dropout(Flash_fwd_params &p, double p_dropout, const std::optional<at::Generator> &gen,
+                     DropoutOutputs &o, const at::Tensor &q) {
+  set_dropout_params(p, p_dropout);
+  if (p_dropout == 0.0) { return; }
+  set_philox_from_generator(p, gen, q.device());
+  p.rng_state = o.rng_state.data_ptr<int64_t>();
+  if (o.s_dmask.defined()) {
+    p.s_dmask_ptr = o.s_dmask.data_ptr();
+    p.s_dmask_batch_stride = o.s_dmask.stride(0);
+    p.s_dmask_head_stride = o.s_dmask.stride(1);
+    p.s_dmask_row_stride = o.s_dmask.stride(2);
+    p.s_dmask_rows = o.s_dmask.size(2);
+    p.s_dmask_cols = o.s_dmask.size(3);
+  }
+}
+
+void run_fwd(Flash_fwd_params &p, bool is_dropout, cudaStream_t stream) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!(is_dropout && p.softcap_prescale > 0.f),
+                              "flash_attn: softcap with dropout is not supported (as in flash-attn)");
   cudaError_t err;
   try {
     err = flash::dtype_switch(p.is_bf16, [&](auto dtype_tag) {
       using Element = typename decltype(dtype_tag)::type;
       return flash::headdim_switch(p.d, [&](auto hdim_tag) {
-        return flash::variant_switch(
-            p.alibi_slopes_ptr != nullptr, p.softcap_prescale > 0.f, [&](auto alibi_tag, auto softcap_tag) {
-              return flash::run_mha_fwd_<Element, decltype(hdim_tag)::value, decltype(alibi_tag)::value,
-                                         decltype(softcap_tag)::value>(p, stream);
-            });
+        constexpr int kHeadDim = decltype(hdim_tag)::value;
+        return flash::dropout_switch(is_dropout, [&](auto dropout_tag) {
+          if constexpr (decltype(dropout_tag)::value) {
+            // One dropout variant: ALiBi optional at run time (alibi_slopes_ptr), no softcap.
+            return flash::run_mha_fwd_<Element, kHeadDim, true, false, true>(p, stream);
+          } else {
+            return flash::variant_switch(
+                p.alibi_slopes_ptr != nullptr, p.softcap_prescale > 0.f, [&](auto alibi_tag, auto softcap_tag) {
+                  return flash::run_mha_fwd_<Element, kHeadDim, decltype(alibi_tag)::value,
+                                             decltype(softcap_tag)::value, false>(p, stream);
+                });
+          }
+        });
       });
     });
   } catch (const std::invalid_argument &e) {
@@ -139,12 +248,15 @@ void check_heads(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v) 
   CHECK_ARG(d % 8 == 0 && d <= 256, "head dim must be a multiple of 8 and <= 256 (pad in Python), got ", d);
 }
 
-// q: (b, sq, h, d); k, v: (b, sk, h_k, d). Returns {out (b, sq, h, d), lse fp32 (b, h, sq)}.
+// q: (b, sq, h, d); k, v: (b, sk, h_k, d). Returns {out (b, sq, h, d), lse fp32 (b, h, sq),
+// S_dmask (b, h, round128(sq), round128(sk)) or None, rng_state int64 (2,) or (0,) without dropout}.
 std::vector<at::Tensor> fwd(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> out_,
                             std::optional<at::Tensor> alibi_slopes, double softmax_scale, int64_t window_left,
-                            int64_t window_right, double softcap) {
+                            int64_t window_right, double softcap, double p_dropout, bool return_softmax,
+                            std::optional<at::Generator> gen) {
   check_qkv(q, k, v, 4);
   check_heads(q, k, v);
+  check_dropout_args(p_dropout, return_softmax, softcap);
   const int b = q.size(0), sq = q.size(1), sk = k.size(1);
   CHECK_ARG(k.size(0) == b && v.size(0) == b, "k and v must have batch size ", b);
   CHECK_ARG(v.size(1) == sk, "v must have k's seqlen ", sk, ", got ", v.size(1));
@@ -155,10 +267,15 @@ std::vector<at::Tensor> fwd(at::Tensor q, at::Tensor k, at::Tensor v, std::optio
   v = vector_aligned(v);
   at::Tensor out = output_buffer(out_, q);
   at::Tensor lse = at::empty({b, q.size(2), sq}, q.options().dtype(at::kFloat));
-  if (b == 0 || sq == 0) { return {out, lse}; }
+  DropoutOutputs drop = dropout_outputs(q, p_dropout, return_softmax, b, q.size(2), sq, sk);
+  if (b == 0 || sq == 0) {
+    drop.rng_state.zero_();
+    return {out, lse, drop.s_dmask, drop.rng_state};
+  }
   if (sk == 0) {  // no key at all: flash-attn semantics are zero output, +inf lse
     out.zero_();
     lse.fill_(INFINITY);
+    drop.rng_state.zero_();
   } else {
     Flash_fwd_params p;
     set_common_params(p, q, k, v, out, lse, alibi_slopes, b, float(softmax_scale), int(window_left),
@@ -167,21 +284,26 @@ std::vector<at::Tensor> fwd(at::Tensor q, at::Tensor k, at::Tensor v, std::optio
     p.seqlen_k = sk;
     p.total_q = b * sq;
     p.total_k = b * sk;
-    run_fwd(p, c10::cuda::getCurrentCUDAStream().stream());
+    set_fwd_dropout(p, p_dropout, gen, drop, q);
+    run_fwd(p, p_dropout > 0.0, c10::cuda::getCurrentCUDAStream().stream());
   }
   if (out_.has_value() && !out.is_same(*out_)) { out_->copy_(out); out = *out_; }
-  return {out, lse};
+  return {out, lse, drop.s_dmask, drop.rng_state};
 }
 
 // q: (total_q, h, d); k, v: (total_k, h_k, d); cu_seqlens_*: int32 (b + 1);
-// seqused_k: int32 (b) or None. Returns {out (total_q, h, d), lse fp32 (h, total_q)}.
+// seqused_k: int32 (b) or None. Returns {out (total_q, h, d), lse fp32 (h, total_q), S_dmask
+// (b, h, round128(max_seqlen_q), round128(max_seqlen_k)) or None, rng_state} (see fwd);
+// sequence i of S_dmask sits in the top-left corner of S_dmask[i].
 std::vector<at::Tensor> varlen_fwd(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> out_,
                                    at::Tensor cu_seqlens_q, at::Tensor cu_seqlens_k,
                                    std::optional<at::Tensor> seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                                    std::optional<at::Tensor> alibi_slopes, double softmax_scale,
-                                   int64_t window_left, int64_t window_right, double softcap) {
+                                   int64_t window_left, int64_t window_right, double softcap, double p_dropout,
+                                   bool return_softmax, std::optional<at::Generator> gen) {
   check_qkv(q, k, v, 3);
   check_heads(q, k, v);
+  check_dropout_args(p_dropout, return_softmax, softcap);
   CHECK_ARG(v.size(0) == k.size(0), "v must have k's total length ", k.size(0), ", got ", v.size(0));
   for (const auto *c : {&cu_seqlens_q, &cu_seqlens_k}) {
     CHECK_ARG(c->scalar_type() == at::kInt, "cu_seqlens must be int32, got ", c->scalar_type());
@@ -207,7 +329,10 @@ std::vector<at::Tensor> varlen_fwd(at::Tensor q, at::Tensor k, at::Tensor v, std
   at::Tensor out = output_buffer(out_, q);
   const int total_q = q.size(0);
   at::Tensor lse = at::empty({q.size(1), total_q}, q.options().dtype(at::kFloat));
-  if (b == 0 || total_q == 0) { return {out, lse}; }
+  DropoutOutputs drop = dropout_outputs(q, p_dropout, return_softmax, b, q.size(1), max_seqlen_q, max_seqlen_k);
+  const bool launch = b > 0 && total_q > 0 && max_seqlen_k > 0 && k.size(0) > 0 && max_seqlen_q > 0;
+  if (!launch) { drop.rng_state.zero_(); }  // no kernel writes it
+  if (b == 0 || total_q == 0) { return {out, lse, drop.s_dmask, drop.rng_state}; }
   if (max_seqlen_k == 0 || k.size(0) == 0) {  // no sequence has a key
     out.zero_();
     lse.fill_(INFINITY);
@@ -224,15 +349,18 @@ std::vector<at::Tensor> varlen_fwd(at::Tensor q, at::Tensor k, at::Tensor v, std
     p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
     p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
     p.seqused_k = seqused_k.has_value() ? seqused_k->data_ptr<int>() : nullptr;
-    run_fwd(p, c10::cuda::getCurrentCUDAStream().stream());
+    set_fwd_dropout(p, p_dropout, gen, drop, q);
+    run_fwd(p, p_dropout > 0.0, c10::cuda::getCurrentCUDAStream().stream());
   }
   if (out_.has_value() && !out.is_same(*out_)) { out_->copy_(out); out = *out_; }
-  return {out, lse};
+  return {out, lse, drop.s_dmask, drop.rng_state};
 }
 
 #ifdef FLASH_ATTN_HAS_BWD
-void run_bwd(flash::Flash_bwd_params &p, cudaStream_t stream) {
+void run_bwd(flash::Flash_bwd_params &p, bool is_dropout, cudaStream_t stream) {
   CHECK_ARG(p.d == 64 || p.d == 128, "backward kernels exist for head dims 64 and 128, got ", p.d);
+  TORCH_CHECK_NOT_IMPLEMENTED(!(is_dropout && p.softcap_prescale > 0.f),
+                              "flash_attn: softcap with dropout is not supported (as in flash-attn)");
   cudaError_t err;
   try {
     err = flash::dtype_switch(p.is_bf16, [&](auto dtype_tag) {
@@ -240,11 +368,18 @@ void run_bwd(flash::Flash_bwd_params &p, cudaStream_t stream) {
       return flash::headdim_switch(p.d, [&](auto hdim_tag) {
         constexpr int kHeadDim = decltype(hdim_tag)::value;
         if constexpr (kHeadDim == 64 || kHeadDim == 128) {
-          return flash::variant_switch(
-              p.alibi_slopes_ptr != nullptr, p.softcap_prescale > 0.f, [&](auto alibi_tag, auto softcap_tag) {
-                return flash::run_mha_bwd_<Element, kHeadDim, decltype(alibi_tag)::value,
-                                           decltype(softcap_tag)::value>(p, stream);
-              });
+          return flash::dropout_switch(is_dropout, [&](auto dropout_tag) {
+            if constexpr (decltype(dropout_tag)::value) {
+              // As in the forward: one dropout variant, ALiBi optional at run time.
+              return flash::run_mha_bwd_<Element, kHeadDim, true, false, true>(p, stream);
+            } else {
+              return flash::variant_switch(
+                  p.alibi_slopes_ptr != nullptr, p.softcap_prescale > 0.f, [&](auto alibi_tag, auto softcap_tag) {
+                    return flash::run_mha_bwd_<Element, kHeadDim, decltype(alibi_tag)::value,
+                                               decltype(softcap_tag)::value, false>(p, stream);
+                  });
+            }
+          });
         } else {
           return cudaErrorNotSupported;
         }
@@ -357,7 +492,7 @@ std::vector<at::Tensor> bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Ten
                             at::Tensor softmax_lse, std::optional<at::Tensor> dq_, std::optional<at::Tensor> dk_,
                             std::optional<at::Tensor> dv_, std::optional<at::Tensor> alibi_slopes,
                             double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
-                            bool deterministic) {
+                            bool deterministic, double p_dropout, std::optional<at::Tensor> rng_state) {
   check_qkv(q, k, v, 4);
   check_heads(q, k, v);
   const int b = q.size(0), sq = q.size(1), h = q.size(2), sk = k.size(1), h_k = k.size(2), d = q.size(3);
@@ -365,7 +500,7 @@ std::vector<at::Tensor> bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Ten
   if (const int kd = bwd_kernel_head_dim(d); kd != d) {
     auto g = bwd(pad_last_dim(dout, kd), pad_last_dim(q, kd), pad_last_dim(k, kd), pad_last_dim(v, kd),
                  pad_last_dim(out, kd), softmax_lse, std::nullopt, std::nullopt, std::nullopt, alibi_slopes,
-                 softmax_scale, window_left, window_right, softcap, deterministic);
+                 softmax_scale, window_left, window_right, softcap, deterministic, p_dropout, rng_state);
     return {unpad_grad(g[0], d, dq_, "dq"), unpad_grad(g[1], d, dk_, "dk"), unpad_grad(g[2], d, dv_, "dv"), g[3]};
   }
   c10::cuda::CUDAGuard guard{q.device()};
@@ -382,7 +517,8 @@ std::vector<at::Tensor> bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Ten
     p.total_q = b * sq;
     p.total_k = b * sk;
     set_bwd_params(p, dout, dq, dk_exp, dv_exp, softmax_d, dq_accum, float(softmax_scale));
-    run_bwd(p, c10::cuda::getCurrentCUDAStream().stream());
+    set_bwd_dropout(p, p_dropout, rng_state, q);
+    run_bwd(p, p_dropout > 0.0, c10::cuda::getCurrentCUDAStream().stream());
     if (dq_accum.defined()) { dq.copy_(dq_accum); }
   } else {
     dq.zero_();
@@ -403,7 +539,7 @@ std::vector<at::Tensor> varlen_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, 
                                    at::Tensor cu_seqlens_q, at::Tensor cu_seqlens_k, int64_t max_seqlen_q,
                                    int64_t max_seqlen_k, std::optional<at::Tensor> alibi_slopes,
                                    double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
-                                   bool deterministic) {
+                                   bool deterministic, double p_dropout, std::optional<at::Tensor> rng_state) {
   check_qkv(q, k, v, 3);
   check_heads(q, k, v);
   const int total_q = q.size(0), h = q.size(1), total_k = k.size(0), h_k = k.size(1), d = q.size(2);
@@ -412,7 +548,7 @@ std::vector<at::Tensor> varlen_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, 
     auto g = varlen_bwd(pad_last_dim(dout, kd), pad_last_dim(q, kd), pad_last_dim(k, kd), pad_last_dim(v, kd),
                         pad_last_dim(out, kd), softmax_lse, std::nullopt, std::nullopt, std::nullopt, cu_seqlens_q,
                         cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, softmax_scale, window_left,
-                        window_right, softcap, deterministic);
+                        window_right, softcap, deterministic, p_dropout, rng_state);
     return {unpad_grad(g[0], d, dq_, "dq"), unpad_grad(g[1], d, dk_, "dk"), unpad_grad(g[2], d, dv_, "dv"), g[3]};
   }
   for (const auto *c : {&cu_seqlens_q, &cu_seqlens_k}) {
@@ -441,7 +577,8 @@ std::vector<at::Tensor> varlen_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, 
     p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
     p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
     set_bwd_params(p, dout, dq, dk_exp, dv_exp, softmax_d, dq_accum, float(softmax_scale));
-    run_bwd(p, c10::cuda::getCurrentCUDAStream().stream());
+    set_bwd_dropout(p, p_dropout, rng_state, q);
+    run_bwd(p, p_dropout > 0.0, c10::cuda::getCurrentCUDAStream().stream());
     if (dq_accum.defined()) { dq.copy_(dq_accum); }
   }
   if (gqa) {
@@ -458,20 +595,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flash_attn CUDA kernels (FA2-class forward, sm80+)";
   m.def("fwd", &fwd, "Exact attention forward, batched (b, s, h, d)", py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_size_left"),
-        py::arg("window_size_right"), py::arg("softcap"));
+        py::arg("window_size_right"), py::arg("softcap"), py::arg("p_dropout") = 0.0,
+        py::arg("return_softmax") = false, py::arg("gen") = py::none());
   m.def("varlen_fwd", &varlen_fwd, "Exact attention forward, varlen (total, h, d)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("seqused_k"),
         py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("alibi_slopes"), py::arg("softmax_scale"),
-        py::arg("window_size_left"), py::arg("window_size_right"), py::arg("softcap"));
+        py::arg("window_size_left"), py::arg("window_size_right"), py::arg("softcap"), py::arg("p_dropout") = 0.0,
+        py::arg("return_softmax") = false, py::arg("gen") = py::none());
 #ifdef FLASH_ATTN_HAS_BWD
   m.def("bwd", &bwd, "Exact attention backward, batched", py::arg("dout"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("softmax_lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
         py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_size_left"),
-        py::arg("window_size_right"), py::arg("softcap"), py::arg("deterministic"));
+        py::arg("window_size_right"), py::arg("softcap"), py::arg("deterministic"), py::arg("p_dropout") = 0.0,
+        py::arg("rng_state") = py::none());
   m.def("varlen_bwd", &varlen_bwd, "Exact attention backward, varlen", py::arg("dout"), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("softmax_lse"), py::arg("dq"), py::arg("dk"),
         py::arg("dv"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
         py::arg("max_seqlen_k"), py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_size_left"),
-        py::arg("window_size_right"), py::arg("softcap"), py::arg("deterministic"));
+        py::arg("window_size_right"), py::arg("softcap"), py::arg("deterministic"), py::arg("p_dropout") = 0.0,
+        py::arg("rng_state") = py::none());
 #endif
 }

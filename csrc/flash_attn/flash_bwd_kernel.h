@@ -16,6 +16,7 @@
 #include <cute/tensor.hpp>
 
 #include "block_info.h"
+#include "dropout.h"
 #include "epilogue.h"
 #include "flash.h"
 #include "kernel_traits.h"
@@ -26,6 +27,9 @@ namespace flash {
 
 using namespace cute;
 
+// Column (within the tile) of element (r, c) of a (rows, cols) accumulator view of the
+// dQ kernel: n-atom * 8 + 2 * (lane % 4) + j, with c = j + 2 * n-atom.
+__forceinline__ __device__ int acc_col(int c) { return (c / 2) * 8 + (threadIdx.x % 4) * 2 + c % 2; }
 // Row (within the tile) of row r = i + 2 * m-tile of a (rows, cols) accumulator view of
 // the 1-D (warps along rows) MMA of the dQ kernel.
 template <int kNWarps>
@@ -33,17 +37,21 @@ __forceinline__ __device__ int acc_row(int r) {
   return (r / 2) * 16 * kNWarps + (threadIdx.x / 32) * 16 + (threadIdx.x % 32) / 4 + 8 * (r % 2);
 }
 
-// P = exp(score - lse) and dS = P (dP - D) [* (1 - t^2) with softcap, t = tanh value],
-// in place: s becomes P, dp becomes dS. lse_of / d_of give (row, col) -> lse, D.
-template <bool Is_softcap, typename TensorS, typename TensorDP, typename TensorT, typename LseOf, typename DOf>
+// P = exp(score - lse) and dS = P (Z dP - D) [* (1 - t^2) with softcap, t = tanh value],
+// in place: s becomes P, dp becomes dS. lse_of / d_of give (row, col) -> lse, D; with
+// dropout, z_of gives Z = 1 / p_keep for a kept element and 0 for a dropped one.
+template <bool Is_softcap, bool Is_dropout, typename TensorS, typename TensorDP, typename TensorT, typename LseOf,
+          typename DOf, typename ZOf>
 __forceinline__ __device__ void probs_and_dscores(TensorS &s, TensorDP &dp, TensorT const &t, float scale_log2,
-                                                  LseOf lse_of, DOf d_of) {
+                                                  LseOf lse_of, DOf d_of, ZOf z_of) {
   CUTE_UNROLL
   for (int r = 0; r < size<0>(s); ++r) {
     CUTE_UNROLL
     for (int c = 0; c < size<1>(s); ++c) {
       const float p = exp2f(s(r, c) * scale_log2 - lse_of(r, c) * float(M_LOG2E));
-      float ds = p * (dp(r, c) - d_of(r, c));
+      float dpz = dp(r, c);
+      if constexpr (Is_dropout) { dpz *= z_of(r, c); }
+      float ds = p * (dpz - d_of(r, c));
       if constexpr (Is_softcap) { ds *= 1.f - t(r, c) * t(r, c); }
       s(r, c) = p;
       dp(r, c) = ds;
@@ -119,7 +127,7 @@ __forceinline__ __device__ void acc_to_smem(TiledMma const &mma, Acc const &acc,
   copy(copy_c, src, dst);
 }
 
-template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Accum_dq>
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Accum_dq>
 __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, int n_block, int bidb, int bidh) {
   using Element = typename Ktraits::Element;
   constexpr int kRows = Ktraits::kBlockRows;  // keys
@@ -256,7 +264,9 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
     }
   };
 
-  const ScoreMod<Has_alibi, Is_softcap> score_mod(p, seq.seqlen_q, seq.seqlen_k, bidb, bidh);
+  // With dropout, ALiBi is optional at run time (the one dropout variant).
+  const ScoreMod<Has_alibi, Is_softcap, Is_dropout> score_mod(p, seq.seqlen_q, seq.seqlen_k, bidb, bidh);
+  const DropoutOrNone<Is_dropout> dropout(p, bidb, bidh);
   if (kStages == 2 && m_block_max > m_block_min) { load_query_block(m_block_max - 1, 0); }
   for (int m_block = m_block_max - 1, stage = 0; m_block >= m_block_min; --m_block, stage ^= (kStages - 1)) {
     const int m0 = m_block * kCols;
@@ -280,14 +290,22 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
     Tensor acc_dpt = partition_fragment_C(mma_sdp, Shape<Int<kRows>, Int<kCols>>{});
     clear(acc_dpt);
     gemm_smem_smem(mma_sdp, acc_dpt, tSrV, tSrdO, tSsV, tSsdO(_, _, _, stage), sdp_copy_A, sdp_copy_B);
-    // P^T = exp(S^T - lse), dS^T = P^T (dP^T - D) [* (1 - t^2) with softcap], per query column.
+    // P^T = exp(S^T - lse), dS^T = P^T (dP^T - D) [* (1 - t^2) with softcap], per query
+    // column. With dropout (mask Z, 1 / p_keep where kept, 0 where dropped): dV takes
+    // (Z P)^T and dS^T = P^T (Z dP^T - D).
     CUTE_UNROLL
     for (int i = 0; i < size(acc_st); ++i) {
       const int col = get<1>(tScS(i));
       const float pr = exp2f(acc_st(i) * p.scale_softmax_log2 - st_lse[col] * float(M_LOG2E));
-      float ds = pr * (acc_dpt(i) - st_d[col]);
+      float dpz = acc_dpt(i), pz = pr;
+      if constexpr (Is_dropout) {
+        const float z = dropout.keep(m0 + col, n0 + get<0>(tScS(i))) ? p.rp_keep : 0.f;
+        dpz *= z;
+        pz *= z;
+      }
+      float ds = pr * (dpz - st_d[col]);
       if constexpr (Is_softcap) { ds *= 1.f - t_st(i) * t_st(i); }
-      acc_st(i) = pr;
+      acc_st(i) = pz;
       acc_dpt(i) = ds;
     }
     acc_to_smem<Ktraits>(mma_sdp, acc_st, sP);
@@ -314,7 +332,7 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
   store_acc_tile<Ktraits>(mma_dkv, acc_dv, sV, gdV, n1 - n0);
 }
 
-template <typename Ktraits, bool Has_alibi, bool Is_softcap>
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout>
 __forceinline__ __device__ void compute_dq_tile(const Flash_bwd_params &p, int m_block, int bidb, int bidh) {
   using Element = typename Ktraits::Element;
   constexpr int kRows = Ktraits::kBlockRows;  // queries
@@ -420,7 +438,8 @@ __forceinline__ __device__ void compute_dq_tile(const Flash_bwd_params &p, int m
     row_d[r] = row < m1 ? dsum[row] : 0.f;
   }
 
-  const ScoreMod<Has_alibi, Is_softcap> score_mod(p, seq.seqlen_q, seq.seqlen_k, bidb, bidh);
+  const ScoreMod<Has_alibi, Is_softcap, Is_dropout> score_mod(p, seq.seqlen_q, seq.seqlen_k, bidb, bidh);
+  const DropoutOrNone<Is_dropout> dropout(p, bidb, bidh);
   // Issues the loads of key block n_block (rows guarded against seqlen_k) into `stage`.
   auto load_key_block = [&](int n_block, int stage) {
     const int n0 = n_block * kCols;
@@ -450,8 +469,15 @@ __forceinline__ __device__ void compute_dq_tile(const Flash_bwd_params &p, int m
     gemm_smem_smem(tiled_mma, acc_dp, tSrdO, tSrV, tSsdO, tSsV(_, _, _, stage), smem_copy_A, smem_copy_B);
     Tensor dp = make_tensor(acc_dp.data(), acc_layout_rowcol(acc_dp.layout()));
     Tensor tt = make_tensor(t_s.data(), acc_layout_rowcol(t_s.layout()));
-    probs_and_dscores<Is_softcap>(s, dp, tt, p.scale_softmax_log2, [&](int r, int) { return row_lse[r]; },
-                                  [&](int r, int) { return row_d[r]; });
+    probs_and_dscores<Is_softcap, Is_dropout>(
+        s, dp, tt, p.scale_softmax_log2, [&](int r, int) { return row_lse[r]; }, [&](int r, int) { return row_d[r]; },
+        [&](int r, int c) {
+          if constexpr (Is_dropout) {
+            return dropout.keep(m0 + acc_row<kNWarps>(r), n0 + acc_col(c)) ? p.rp_keep : 0.f;
+          } else {
+            return 1.f;
+          }
+        });
 
     Tensor rdS = convert_type<Element>(acc_dp);
     Tensor tOrdS = make_tensor(rdS.data(), acc_layout_as_A(rdS.layout()));
@@ -469,16 +495,16 @@ __forceinline__ __device__ void compute_dq_tile(const Flash_bwd_params &p, int m
 }
 
 // Grids: (key blocks, batch, query heads) and (query blocks, batch, query heads).
-template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Accum_dq>
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Accum_dq>
 __global__ void __launch_bounds__(Ktraits::kNThreads, 1)
     flash_bwd_dk_dv_kernel(__grid_constant__ const Flash_bwd_params p) {
-  compute_dk_dv_tile<Ktraits, Has_alibi, Is_softcap, Accum_dq>(p, blockIdx.x, blockIdx.y, blockIdx.z);
+  compute_dk_dv_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout, Accum_dq>(p, blockIdx.x, blockIdx.y, blockIdx.z);
 }
 
-template <typename Ktraits, bool Has_alibi, bool Is_softcap>
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout>
 __global__ void __launch_bounds__(Ktraits::kNThreads, 1)
     flash_bwd_dq_kernel(__grid_constant__ const Flash_bwd_params p) {
-  compute_dq_tile<Ktraits, Has_alibi, Is_softcap>(p, blockIdx.x, blockIdx.y, blockIdx.z);
+  compute_dq_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout>(p, blockIdx.x, blockIdx.y, blockIdx.z);
 }
 
 }  // namespace flash

@@ -19,7 +19,7 @@ cudaError_t allow_smem(Kernel kernel, int smem_bytes) {
 // D = rowsum(dO * O) first; then either the dK/dV kernel with atomic dQ accumulation
 // (params.dq_accum_ptr set: the host converts the accumulator to dq afterwards) or the
 // deterministic pair, dK/dV then dQ.
-template <typename Ktraits, bool Has_alibi, bool Is_softcap>
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout = false>
 cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
   if (params.b == 0 || params.h == 0 || params.seqlen_q == 0) { return cudaSuccess; }
   using Element = typename Ktraits::Element;
@@ -33,7 +33,7 @@ cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
   const int num_n_blocks = (params.seqlen_k + Ktraits::kBlockRows - 1) / Ktraits::kBlockRows;
   const int num_m_blocks = (params.seqlen_q + Ktraits::kBlockRows - 1) / Ktraits::kBlockRows;
   if (params.dq_accum_ptr != nullptr) {
-    auto kernel = &flash_bwd_dk_dv_kernel<Ktraits, Has_alibi, Is_softcap, true>;
+    auto kernel = &flash_bwd_dk_dv_kernel<Ktraits, Has_alibi, Is_softcap, Is_dropout, true>;
     constexpr int smem_bytes = Ktraits::kSmemBytesDkDv;
     if ((err = allow_smem(kernel, smem_bytes)) != cudaSuccess) { return err; }
     if (num_n_blocks > 0) {
@@ -41,8 +41,8 @@ cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
     }
     return cudaGetLastError();
   }
-  auto dk_dv_kernel = &flash_bwd_dk_dv_kernel<Ktraits, Has_alibi, Is_softcap, false>;
-  auto dq_kernel = &flash_bwd_dq_kernel<Ktraits, Has_alibi, Is_softcap>;
+  auto dk_dv_kernel = &flash_bwd_dk_dv_kernel<Ktraits, Has_alibi, Is_softcap, Is_dropout, false>;
+  auto dq_kernel = &flash_bwd_dq_kernel<Ktraits, Has_alibi, Is_softcap, Is_dropout>;
   constexpr int smem_bytes = Ktraits::kSmemBytes, smem_bytes_dk_dv = Ktraits::kSmemBytesDkDv;
   if ((err = allow_smem(dk_dv_kernel, smem_bytes_dk_dv)) != cudaSuccess) { return err; }
   if ((err = allow_smem(dq_kernel, smem_bytes)) != cudaSuccess) { return err; }
@@ -56,9 +56,9 @@ cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename Element, int kHeadDim, bool Has_alibi, bool Is_softcap>
+template <typename Element, int kHeadDim, bool Has_alibi, bool Is_softcap, bool Is_dropout>
 cudaError_t run_mha_bwd_(Flash_bwd_params &params, cudaStream_t stream) {
-  return run_flash_bwd<BwdKernelTraits<kHeadDim, Element>, Has_alibi, Is_softcap>(params, stream);
+  return run_flash_bwd<BwdKernelTraits<kHeadDim, Element>, Has_alibi, Is_softcap, Is_dropout>(params, stream);
 }
 
 }  // namespace flash

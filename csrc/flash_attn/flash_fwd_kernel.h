@@ -9,6 +9,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "block_info.h"
+#include "dropout.h"
 #include "flash.h"
 #include "kernel_traits.h"
 #include "score_mod.h"
@@ -38,7 +39,7 @@ __forceinline__ __device__ void write_empty_tile(const Flash_fwd_params &p, Tens
   for (int row = threadIdx.x; row < rows; row += Ktraits::kNThreads) { lse[row] = INFINITY; }
 }
 
-template <typename Ktraits, bool Has_alibi, bool Is_softcap>
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout>
 __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p, int m_block, int bidb,
                                                       int bidh) {
   using Element = typename Ktraits::Element;
@@ -147,7 +148,9 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   Tensor acc_o_rc = make_tensor(acc_o.data(), acc_layout_rowcol(acc_o.layout()));
   constexpr int kNRows = decltype(size<0>(acc_o_rc))::value;
   OnlineSoftmax<kNRows> softmax;
-  const ScoreMod<Has_alibi, Is_softcap> score_mod(p, seq.seqlen_q, seq.seqlen_k, bidb, bidh);
+  const ScoreMod<Has_alibi, Is_softcap, /*Alibi_optional=*/Is_dropout> score_mod(p, seq.seqlen_q, seq.seqlen_k,
+                                                                                 bidb, bidh);
+  [[maybe_unused]] const DropoutOrNone<Is_dropout> dropout(p, bidb, bidh);
 
   for (int stage = 0; n_block >= n_block_min; --n_block, stage ^= (kStages - 1)) {
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
@@ -190,6 +193,19 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
 
     softmax.step(scores, acc_o_rc, p.scale_softmax_log2);
 
+    // Dropout on P, after the row max and sum took the undropped P (as in flash-attn);
+    // kept values are scaled by 1 / p_keep once, in the epilogue.
+    if constexpr (Is_dropout) {
+      if (p.s_dmask_ptr != nullptr) {
+        dropout.template apply<Ktraits::kNWarps, /*kEncodeSign=*/true>(scores, m0, n0);
+        write_s_dmask<Ktraits::kNWarps, Element>(p, scores, bidb, bidh, m0, n0, seq.seqlen_q, seq.seqlen_k);
+        CUTE_UNROLL
+        for (int i = 0; i < size(scores); ++i) { scores(i) = fmaxf(scores(i), 0.f); }  // -P (dropped) -> 0
+      } else {
+        dropout.template apply<Ktraits::kNWarps, /*kEncodeSign=*/false>(scores, m0, n0);
+      }
+    }
+
     // P (fp32 accumulator) -> Element, re-viewed as the A operand of P V.
     Tensor rP = convert_type<Element>(acc_s);
     Tensor tOrP = make_tensor(rP.data(), acc_layout_as_A(rP.layout()));
@@ -200,6 +216,10 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   // of 16-byte vectors and the lse.
   float row_lse[kNRows];
   softmax.finalize(acc_o_rc, p.scale_softmax, row_lse);
+  if constexpr (Is_dropout) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_o); ++i) { acc_o(i) *= p.rp_keep; }
+  }
   // With one stage, every thread finished its last read of sQ before the loop's second
   // barrier; with two, a slower warp may still be in its last Q K^T.
   if constexpr (kStages == 2) { __syncthreads(); }
@@ -241,10 +261,11 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
 
 // Grid: (query blocks, batch, heads). Query blocks are visited in reverse so that,
 // under a causal mask, the CTAs with the most key blocks start first.
-template <typename Ktraits, bool Has_alibi, bool Is_softcap>
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout>
 __global__ void __launch_bounds__(Ktraits::kNThreads, 1) flash_fwd_kernel(__grid_constant__ const Flash_fwd_params p) {
+  if constexpr (Is_dropout) { write_rng_state(p); }
   const int m_block = gridDim.x - 1 - blockIdx.x;
-  compute_attn_fwd_tile<Ktraits, Has_alibi, Is_softcap>(p, m_block, blockIdx.y, blockIdx.z);
+  compute_attn_fwd_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout>(p, m_block, blockIdx.y, blockIdx.z);
 }
 
 }  // namespace flash

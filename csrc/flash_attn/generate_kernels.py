@@ -12,13 +12,16 @@ HEAD_DIMS = (32, 64, 96, 128, 192, 256)
 # inside 10 minutes on 16 cores.
 BWD_HEAD_DIMS = (64, 128)
 DTYPES = {"fp16": "cutlass::half_t", "bf16": "cutlass::bfloat16_t"}
-# Score-modifier variants: (has ALiBi, has softcap). Causal and sliding windows are
-# runtime arguments of every variant.
+# Variants: (has ALiBi, has softcap, has dropout). Causal and sliding windows are runtime
+# arguments of every variant. "dropout" is one instantiation in which ALiBi is a runtime
+# choice (alibi_slopes_ptr may be nullptr), so dropout costs one file per (dtype, head dim)
+# instead of two; softcap with dropout is not supported (as in flash-attn).
 VARIANTS = {
-    "plain": (False, False),
-    "alibi": (True, False),
-    "softcap": (False, True),
-    "alibi_softcap": (True, True),
+    "plain": (False, False, False),
+    "alibi": (True, False, False),
+    "softcap": (False, True, False),
+    "alibi_softcap": (True, True, False),
+    "dropout": (True, False, True),
 }
 ARCH_FAMILY = "sm80"  # mma.sync + cp.async kernels, compiled for every arch in FLASH_ATTN_CUDA_ARCHS
 
@@ -27,7 +30,7 @@ TEMPLATE = """\
 #include "flash_{direction}_launch_template.h"
 
 namespace flash {{
-template cudaError_t run_mha_{direction}_<{ctype}, {hdim}, {alibi}, {softcap}>(Flash_{direction}_params &, cudaStream_t);
+template cudaError_t run_mha_{direction}_<{ctype}, {hdim}, {args}>(Flash_{direction}_params &, cudaStream_t);
 }}  // namespace flash
 """
 
@@ -44,9 +47,9 @@ def main():
     for direction, head_dims in (("fwd", HEAD_DIMS), ("bwd", BWD_HEAD_DIMS)):
         for hdim in head_dims:
             for dtype, ctype in DTYPES.items():
-                for variant, (alibi, softcap) in VARIANTS.items():
+                for variant, (alibi, softcap, dropout) in VARIANTS.items():
                     text = TEMPLATE.format(direction=direction, ctype=ctype, hdim=hdim,
-                                           alibi=str(alibi).lower(), softcap=str(softcap).lower())
+                                           args=", ".join(str(f).lower() for f in (alibi, softcap, dropout)))
                     (out_dir / file_name(direction, hdim, dtype, variant)).write_text(text)
 
 

@@ -19,7 +19,10 @@ __forceinline__ __device__ float fast_tanh(float x) {
   return y;
 }
 
-template <bool Has_alibi, bool Is_softcap>
+// Alibi_optional (with Has_alibi): ALiBi is a run-time choice, alibi_slopes_ptr == nullptr
+// meaning none (the dropout kernels, one instantiation with and without ALiBi). Without it
+// the code is exactly that of the plain Has_alibi kernels.
+template <bool Has_alibi, bool Is_softcap, bool Alibi_optional = false>
 struct ScoreMod {
   int seqlen_q, seqlen_k;
   int window_left, window_right;  // -1 = unbounded
@@ -30,7 +33,11 @@ struct ScoreMod {
       : seqlen_q(seqlen_q_), seqlen_k(seqlen_k_),
         window_left(p.window_size_left), window_right(p.window_size_right),
         alibi_slope(0.f), softcap_prescale(p.softcap_prescale) {
-    if constexpr (Has_alibi) {
+    if constexpr (Has_alibi && Alibi_optional) {
+      if (p.alibi_slopes_ptr != nullptr) {
+        alibi_slope = p.alibi_slopes_ptr[bidb * p.alibi_slopes_batch_stride + bidh] / p.scale_softmax;
+      }
+    } else if constexpr (Has_alibi) {
       alibi_slope = p.alibi_slopes_ptr[bidb * p.alibi_slopes_batch_stride + bidh] / p.scale_softmax;
     }
   }
@@ -64,6 +71,8 @@ struct ScoreMod {
   template <int kNWarps, typename TensorS>
   __forceinline__ __device__ void apply(TensorS &s, int m0, int n0, bool mask) const {
     if (!Has_alibi && !mask) { return; }
+    // Optional ALiBi that is off (or a zero slope, which adds nothing): only the mask is left.
+    if (Alibi_optional && alibi_slope == 0.f && !mask) { return; }
     static_assert(decltype(size<0, 0>(s))::value == 2 && decltype(size<1, 0>(s))::value == 2);
     const int lane = threadIdx.x % 32;
     const int row_base = m0 + (threadIdx.x / 32) * 16 + lane / 4;

@@ -86,4 +86,18 @@ cudaError_t variant_switch(bool has_alibi, bool is_softcap, Fn &&fn) {
   return fn(BoolTag<false>{}, BoolTag<false>{});
 }
 
+// Calls fn(BoolTag<Is_dropout>{}). The dropout kernels are one variant (ALiBi optional at
+// run time, no softcap), compiled unless FLASH_ATTN_DISABLE_DROPOUT.
+template <typename Fn>
+cudaError_t dropout_switch(bool is_dropout, Fn &&fn) {
+  if (is_dropout) {
+#ifdef FLASH_ATTN_HAS_DROPOUT
+    return fn(BoolTag<true>{});
+#else
+    throw std::invalid_argument("flash_attn: dropout kernels were not compiled (FLASH_ATTN_DISABLE_DROPOUT)");
+#endif
+  }
+  return fn(BoolTag<false>{});
+}
+
 }  // namespace flash

@@ -1,7 +1,15 @@
-"""Where a checked call runs: CPU tensors run flash_attn.reference_linear (differentiable
-through autograd); CUDA tensors raise until the kernels of csrc/linear_attn exist."""
+"""Where a checked call runs.
+
+CPU tensors run flash_attn.reference_linear (differentiable through autograd). CUDA tensors
+run the kernels of csrc/linear_attn (._kernels) when the inputs are fp16/bf16 with K and
+V <= 256 (other dims padded); fp32 CUDA inputs and larger head dims run the reference on
+the device. GLA (per-key gates) has the token-by-token kernel only: chunk_gla without
+gradients runs it too (interim: correct, not fast), GLA gradients raise NotImplementedError.
+"""
+import torch
+
 from ..reference_linear import linear_attn_chunk_ref, linear_attn_recurrent_ref
-from ._checks import require_cpu
+from . import _kernels
 
 
 def run_gated(fn, mode, q, k, v, g=None, g_gamma=None, gv=None, scale=None, initial_state=None,
@@ -9,12 +17,14 @@ def run_gated(fn, mode, q, k, v, g=None, g_gamma=None, gv=None, scale=None, init
     """mode "chunk" (chunkwise parallel) or "recurrent" (token by token). Arguments are checked.
 
     state_v_first: initial_state and the final state are [N, H, V, K] (transposed
-    here; the references keep [N, H, K, V]). Returns (o, final_state or None).
+    here; the kernels and references keep [N, H, K, V]). Returns (o, final_state or None).
     """
-    require_cpu(fn, q.device)
     if state_v_first and initial_state is not None:
         initial_state = initial_state.transpose(-1, -2)
-    if mode == "chunk":
+    if _kernels.runs_on_kernels(q, v):
+        o, state = _run_kernels(fn, mode, q, k, v, g, g_gamma, gv, scale, initial_state, output_final_state,
+                                reverse, cu_seqlens)
+    elif mode == "chunk":
         o, state = linear_attn_chunk_ref(q, k, v, g=g, g_gamma=g_gamma, scale=scale, initial_state=initial_state,
                                          output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     else:
@@ -24,3 +34,22 @@ def run_gated(fn, mode, q, k, v, g=None, g_gamma=None, gv=None, scale=None, init
     if state is not None and state_v_first:
         state = state.transpose(-1, -2).contiguous()
     return o, state
+
+
+def _run_kernels(fn, mode, q, k, v, g, g_gamma, gv, scale, initial_state, output_final_state, reverse,
+                 cu_seqlens):
+    per_key = g is not None and g.dim() == 4
+    if not per_key and gv is None:
+        return _kernels.simple_gla(fn, mode, q, k, v, g, g_gamma, scale, initial_state, output_final_state, reverse,
+                                   cu_seqlens)
+    grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, gv, initial_state))
+    if not grad:
+        # chunk_gla too: no chunked GLA kernel yet, the recurrence gives the same result
+        return _kernels.gla_recurrent(fn, q, k, v, g, gv, scale, initial_state, output_final_state, reverse,
+                                      cu_seqlens)
+    _kernels.require_extension(fn)
+    raise NotImplementedError(
+        f"flash_attn.linear_attn.{fn}: the CUDA kernels for per-key gates (GLA) cover the forward without "
+        f"gradients only so far (the GLA backward is not built yet); CPU tensors run the PyTorch reference "
+        f"(move the inputs with .cpu())")

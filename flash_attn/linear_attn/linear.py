@@ -1,7 +1,8 @@
 """Plain linear attention (no decay), with chunk_linear_attn's normalize option."""
 from .._checks import _fail
-from ..reference_linear import linear_attn_ref
-from ._checks import check_common, check_flag, check_state, require_cpu
+from ..reference_linear import NORMALIZE_EPS, linear_attn_normalizer_ref, linear_attn_ref
+from . import _kernels
+from ._checks import check_common, check_flag, check_state
 
 
 def chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_state=False, normalize=True,
@@ -35,7 +36,21 @@ def chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_stat
     dims, scale = check_common(q, k, v, scale, kv_state, output_final_state, cu_seqlens)
     if normalize and initial_state is not None:
         check_state("initial_state[1] (z_state)", initial_state[1], (dims.N, 1, dims.H, dims.K), "[N, 1, H, K]", q)
-    require_cpu("chunk_linear_attn", q.device)
     state = tuple(initial_state) if normalize and initial_state is not None else initial_state
+    if _kernels.runs_on_kernels(q, v):
+        return _chunk_linear_attn_cuda(q, k, v, scale, state, output_final_state, normalize, cu_seqlens)
     return linear_attn_ref(q, k, v, scale=scale, initial_state=state, output_final_state=output_final_state,
                            normalize=normalize, cu_seqlens=cu_seqlens)
+
+
+def _chunk_linear_attn_cuda(q, k, v, scale, state, output_final_state, normalize, cu_seqlens):
+    """The kernels run chunk_simple_gla without a gate; the normalizer (a running key sum,
+    O(T K) work) is PyTorch on the device, differentiable through autograd."""
+    kv0, z0 = state if normalize and state is not None else (state, None)
+    o, kv = _kernels.simple_gla("chunk_linear_attn", "chunk", q, k, v, None, None, scale, kv0, output_final_state,
+                                False, cu_seqlens)
+    if not normalize:
+        return o, kv
+    den, z_state = linear_attn_normalizer_ref(q, k, scale, z0, cu_seqlens)
+    o = (o.float() / (den.unsqueeze(-1) + NORMALIZE_EPS)).to(q.dtype)
+    return o, ((kv, z_state) if output_final_state else None)

@@ -2,5 +2,5 @@
 #include "flash_bwd_launch_template.h"
 
 namespace flash {
-template cudaError_t run_mha_bwd_<cutlass::half_t, 64, false, false>(Flash_bwd_params &, cudaStream_t);
+template cudaError_t run_mha_bwd_<cutlass::half_t, 64, false, false, false>(Flash_bwd_params &, cudaStream_t);
 }  // namespace flash

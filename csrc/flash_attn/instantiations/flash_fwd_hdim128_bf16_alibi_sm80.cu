@@ -2,5 +2,5 @@
 #include "flash_fwd_launch_template.h"
 
 namespace flash {
-template cudaError_t run_mha_fwd_<cutlass::bfloat16_t, 128, true, false>(Flash_fwd_params &, cudaStream_t);
+template cudaError_t run_mha_fwd_<cutlass::bfloat16_t, 128, true, false, false>(Flash_fwd_params &, cudaStream_t);
 }  // namespace flash

@@ -1,0 +1,351 @@
+#!/usr/bin/env python3
+"""Linear-attention speed: flash_attn.linear_attn (csrc/linear_attn) against fla-core (Triton).
+
+The grid of the linear-attention issue: H = 16 heads, K = V = 128, bf16, B x T in
+{8x2048, 4x4096, 2x8192, 1x16384, 1x65536}; ops chunk_simple_gla (per-step scalar gates
+g = logsigmoid(randn) [B, T, H]) and chunk_retention (fixed per-head decay), optionally
+chunk_gla (per-key gates) and chunk_linear_attn (normalize=False). Both sides are called
+through their public APIs with the same tensors (fla's ops take the same arguments).
+
+Modes (--mode, default both):
+  fwd     one forward, inputs without requires_grad;
+  fwdbwd  one forward and torch.autograd.grad(o, inputs, do) per iteration.
+Times are medians of triton.testing.do_bench (flash_attn._bench.time_ms). The ratio of a
+row is fla_ms / ours_ms (above 1: ours is faster); the target is >= 1.5 at every shape.
+A side that raises (fla refuses chunk_simple_gla's gated backward on Hopper with some Triton
+versions; ours has no chunk_gla kernel yet) is recorded as null with the exception's text.
+Each forward row also records how far ours and fla are apart (RMS ratio of the outputs).
+
+fla comes from the fla-core 0.6.0 wheel (`import fla`, e.g. through PYTHONPATH); without it
+only ours is timed. Writes <out-dir>/linear_<modes>_<device>_<commit>.json (default out-dir
+benchmarks/results) and prints a table; --dry-run runs the same path on made-up timings
+without a GPU (for CPU tests). The commit comes from $FLASH_ATTN_GIT_COMMIT, else git.
+
+    PYTHONPATH=/path/to/fla-core python benchmarks/benchmark_linear.py
+    python benchmarks/benchmark_linear.py --mode fwd --ops chunk_simple_gla --shapes 8x2048,1x65536
+    python benchmarks/benchmark_linear.py --dry-run
+"""
+import argparse
+import importlib.util
+import json
+import platform
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_SHAPES = ((8, 2048), (4, 4096), (2, 8192), (1, 16384), (1, 65536))
+DEFAULT_OPS = ("chunk_simple_gla", "chunk_retention")
+ALL_OPS = ("chunk_simple_gla", "chunk_retention", "chunk_gla", "chunk_linear_attn")
+FLA_MODULES = {"chunk_simple_gla": "fla.ops.simple_gla", "chunk_retention": "fla.ops.retention",
+               "chunk_gla": "fla.ops.gla", "chunk_linear_attn": "fla.ops.linear_attn"}
+MODES = ("fwd", "fwdbwd")
+TARGET_RATIO = 1.5
+TIMED_REGION = {"fwd": "one forward call; inputs without requires_grad",
+                "fwdbwd": "one forward and torch.autograd.grad(o, (q, k, v[, g]), do) per iteration"}
+
+
+def _load_attn_helpers():
+    """benchmark_attn.py's git_commit / _slug / error_text (one definition of each)."""
+    spec = importlib.util.spec_from_file_location("benchmark_attn", Path(__file__).with_name("benchmark_attn.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_attn = _load_attn_helpers()
+git_commit, error_text, _slug = _attn.git_commit, _attn.error_text, _attn._slug
+
+
+def _shape_list(text):
+    out = []
+    for part in re.split(r"[,\s]+", text.strip()):
+        m = re.fullmatch(r"(\d+)x(\d+)", part)
+        if not m:
+            raise argparse.ArgumentTypeError(f"expected BxT pairs like 8x2048,1x65536, got {part!r}")
+        out.append((int(m.group(1)), int(m.group(2))))
+    return out
+
+
+def _choice_list(choices):
+    def parse(text):
+        parts = [x for x in re.split(r"[,\s]+", text.strip()) if x]
+        if "all" in parts:
+            return list(choices)
+        bad = [x for x in parts if x not in choices]
+        if bad or not parts:
+            raise argparse.ArgumentTypeError(f"expected some of {', '.join(choices)} or all, got {text!r}")
+        return [c for c in choices if c in parts]
+    return parse
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out-dir", type=Path, default=None,
+                   help="where the JSON goes (default benchmarks/results; a temporary folder with --dry-run)")
+    p.add_argument("--mode", type=_choice_list(MODES), default=list(MODES), help="fwd, fwdbwd or all")
+    p.add_argument("--ops", type=_choice_list(ALL_OPS), default=list(DEFAULT_OPS),
+                   help=f"some of {', '.join(ALL_OPS)} (default: {', '.join(DEFAULT_OPS)})")
+    p.add_argument("--shapes", type=_shape_list, default=list(DEFAULT_SHAPES), help="BxT list, e.g. 8x2048,1x65536")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128, help="K = V")
+    p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    p.add_argument("--rep-ms", type=int, default=100, help="do_bench rep in ms")
+    p.add_argument("--no-fla", action="store_true", help="time ours only")
+    p.add_argument("--dry-run", action="store_true", help="no GPU: made-up timings through the same path")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- rows
+
+def new_row(op, mode, B, T, H, D):
+    return {"op": op, "mode": mode, "B": B, "T": T, "H": H, "K": D, "V": D, "results": {}}
+
+
+def record(row, side, fn):
+    """fn() -> ms into row['results'][side]; an exception becomes a null with its text."""
+    try:
+        row["results"][side] = {"ms": float(fn())}
+    except Exception as exc:  # a side refusing a shape is a data point
+        row["results"][side] = {"ms": None, "error": error_text(exc)}
+
+
+def finish_row(row):
+    ours = row["results"].get("ours", {}).get("ms")
+    fla = row["results"].get("fla", {}).get("ms")
+    row["speedup_vs_fla"] = (fla / ours) if (ours and fla) else None
+    return row
+
+
+def summarize(rows):
+    """Per (op, mode): the worst speedup and whether every shape reaches TARGET_RATIO."""
+    out = []
+    for key in sorted({(r["op"], r["mode"]) for r in rows}):
+        sub = [r for r in rows if (r["op"], r["mode"]) == key]
+        rated = [r for r in sub if r["speedup_vs_fla"] is not None]
+        failed = [r for r in sub if r["results"].get("ours", {}).get("ms") is None]
+        worst = min(rated, key=lambda r: r["speedup_vs_fla"]) if rated else None
+        status = ("not measured" if not rated and not failed else
+                  "missed" if failed or any(r["speedup_vs_fla"] < TARGET_RATIO for r in rated) else "met")
+        out.append({"op": key[0], "mode": key[1], "shapes": len(sub), "rated": len(rated),
+                    "ours_failed": len(failed), "status": status,
+                    "worst": None if worst is None else {"B": worst["B"], "T": worst["T"],
+                                                         "speedup": worst["speedup_vs_fla"]}})
+    return out
+
+
+# --------------------------------------------------------------------------- timing
+
+class Bench:
+    """Real timings on the GPU: inputs per shape, ours and fla through their public APIs."""
+
+    def __init__(self, args):
+        import torch
+
+        from flash_attn import linear_attn
+
+        self.torch, self.ours = torch, linear_attn
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        self.rep_ms = args.rep_ms
+        self.fla = {}
+        self.fla_error = None
+        if not args.no_fla:
+            for op in args.ops:
+                try:
+                    self.fla[op] = getattr(importlib.import_module(FLA_MODULES[op]), op)
+                except Exception as exc:  # no fla-core, or an op it lacks
+                    self.fla_error = error_text(exc)
+
+    def setup(self, B, T, H, D):
+        torch = self.torch
+        gen = torch.Generator(device="cuda").manual_seed(0)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32)
+
+        self.q, self.k, self.v = (randn(B, T, H, D).to(self.dtype) for _ in range(3))
+        self.g = torch.nn.functional.logsigmoid(randn(B, T, H))
+        self.gk = torch.nn.functional.logsigmoid(randn(B, T, H, D))
+        self.do = randn(B, T, H, D).to(self.dtype)
+
+    def teardown(self):
+        self.q = self.k = self.v = self.g = self.gk = self.do = None
+        self.torch.cuda.empty_cache()
+
+    def _call(self, fn, op, grad):
+        torch = self.torch
+        q, k, v = (x.detach().requires_grad_(grad) for x in (self.q, self.k, self.v))
+        inputs = [q, k, v]
+        if op == "chunk_simple_gla":
+            g = self.g.detach().requires_grad_(grad)
+            inputs.append(g)
+            run = lambda: fn(q, k, v, g=g)  # noqa: E731
+        elif op == "chunk_gla":
+            g = self.gk.detach().requires_grad_(grad)
+            inputs.append(g)
+            run = lambda: fn(q, k, v, g)  # noqa: E731
+        elif op == "chunk_linear_attn":
+            run = lambda: fn(q, k, v, normalize=False)  # noqa: E731
+        else:
+            run = lambda: fn(q, k, v)  # noqa: E731
+        if not grad:
+            return run
+        return lambda: torch.autograd.grad(run()[0], inputs, self.do)
+
+    def time_ms(self, side, op, mode):
+        from flash_attn._bench import time_ms
+
+        fn = getattr(self.ours, op) if side == "ours" else self.fla.get(op)
+        if fn is None:
+            raise RuntimeError(f"fla-core is not importable here ({self.fla_error})")
+        call = self._call(fn, op, mode == "fwdbwd")
+        call()  # raises here, outside timing, when a side refuses the shape
+        return time_ms(call, rep_ms=self.rep_ms)
+
+    def agreement(self, op):
+        """RMS(ours - fla) / RMS(fla) of the forward outputs, or None."""
+        if op not in self.fla:
+            return None
+        a = self._call(getattr(self.ours, op), op, False)()[0].float()
+        b = self._call(self.fla[op], op, False)()[0].float()
+        return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
+
+
+class FakeBench:
+    """--dry-run: made-up times (ours a little faster than fla, fla refusing the gated
+    simple-GLA backward as on Hopper, ours without chunk_gla)."""
+
+    def __init__(self, args):
+        self.fla_error = None
+
+    def setup(self, B, T, H, D):
+        self.tokens = B * T * H * D
+
+    def teardown(self):
+        pass
+
+    def time_ms(self, side, op, mode):
+        if side == "ours" and op == "chunk_gla":
+            raise NotImplementedError("flash_attn.linear_attn.chunk_gla: no CUDA kernel yet (dry run)")
+        if side == "fla" and op == "chunk_simple_gla" and mode == "fwdbwd":
+            raise RuntimeError("Triton miscompile on Hopper (dry run)")
+        base = self.tokens / 1.2e8 * (3.0 if mode == "fwdbwd" else 1.0)
+        return base * (1.0 if side == "fla" else 0.6)
+
+    def agreement(self, op):
+        return 2e-3
+
+
+def run_grid(args, bench, log=print):
+    rows = []
+    sides = ["ours"] + ([] if args.no_fla else ["fla"])
+    for B, T in args.shapes:
+        bench.setup(B, T, args.heads, args.head_dim)
+        try:
+            for op in args.ops:
+                for mode in args.mode:
+                    row = new_row(op, mode, B, T, args.heads, args.head_dim)
+                    for side in sides:
+                        record(row, side, lambda side=side: bench.time_ms(side, op, mode))
+                    if mode == "fwd" and not args.no_fla:
+                        try:
+                            row["rms_ratio_vs_fla"] = bench.agreement(op)
+                        except Exception as exc:
+                            row["rms_ratio_vs_fla"] = None
+                            row["agreement_error"] = error_text(exc)
+                    rows.append(finish_row(row))
+                    log(_row_line(row))
+        finally:
+            bench.teardown()
+    return rows
+
+
+# --------------------------------------------------------------------------- output
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def _row_line(r):
+    ours, fla = r["results"].get("ours", {}), r["results"].get("fla", {})
+    return (f"{r['op']:<18} {r['mode']:<7} {r['B']:>2}x{r['T']:<6} ours {_fmt(ours.get('ms'), '8.3f')} ms  "
+            f"fla {_fmt(fla.get('ms'), '8.3f')} ms  speedup {_fmt(r['speedup_vs_fla'], '5.2f')}"
+            + (f"  [ours: {ours['error']}]" if ours.get("error") else "")
+            + (f"  [fla: {fla['error']}]" if fla.get("error") else ""))
+
+
+def print_summary(doc, log=print):
+    log(f"\nlinear attention vs fla-core on {doc['env'].get('device')} (commit {doc['commit']})"
+        + (" -- DRY RUN, MADE-UP NUMBERS" if doc.get("dry_run") else ""))
+    for s in doc["summary"]:
+        worst = s["worst"]
+        log(f"  {s['op']:<18} {s['mode']:<7} target >= {TARGET_RATIO}x fla: {s['status']}"
+            + (f" (worst {worst['speedup']:.2f}x at {worst['B']}x{worst['T']})" if worst else "")
+            + (f", ours failed on {s['ours_failed']} shape(s)" if s["ours_failed"] else ""))
+
+
+def assemble(args, rows, env, commit, fla_version):
+    doc = {"benchmark": "linear_attn", "commit": commit, "env": env, "fla_version": fla_version,
+           "dtype": args.dtype, "heads": args.heads, "head_dim": args.head_dim,
+           "shapes": [f"{B}x{T}" for B, T in args.shapes], "ops": list(args.ops), "modes": list(args.mode),
+           "timing": {"method": "triton.testing.do_bench median (flash_attn._bench.time_ms)",
+                      "rep_ms": args.rep_ms, "timed_region": {m: TIMED_REGION[m] for m in args.mode}},
+           "inputs": "q, k, v randn; g = logsigmoid(randn) fp32 [B, T, H] (chunk_gla: [B, T, H, K]); "
+                     "do randn; scale default",
+           "target": {"speedup_vs_fla": TARGET_RATIO, "source": "linear-attention issue"},
+           "results": rows, "summary": summarize(rows)}
+    if args.dry_run:
+        doc["dry_run"] = "made-up timings from benchmark_linear.FakeBench, not a measurement"
+    return doc
+
+
+def write_json(doc, args):
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"linear_{'-'.join(args.mode)}_{_slug(doc['env'].get('device') or 'gpu')}_" \
+                          f"{_slug(doc['commit'])}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+def main(argv=None, log=print):
+    args = parse_args(argv)
+    if args.dry_run:
+        if args.out_dir is None:
+            args.out_dir = Path(tempfile.mkdtemp(prefix="benchmark_linear_dry_run_"))
+        env = {"torch": "dry-run", "cuda": None, "python": platform.python_version(), "device": "dry-run"}
+        bench, fla_version = FakeBench(args), "dry-run"
+    else:
+        import torch
+
+        from flash_attn._bench import environment
+        from flash_attn.linear_attn import _kernels
+
+        if not torch.cuda.is_available():
+            sys.exit("benchmark_linear: no CUDA device (use --dry-run for a CPU check of the script)")
+        reason = _kernels.unavailable_reason()
+        if reason is not None:
+            sys.exit(f"benchmark_linear: our kernels cannot run: {reason}")
+        if args.out_dir is None:
+            args.out_dir = REPO / "benchmarks" / "results"
+        env = environment()
+        bench = Bench(args)
+        try:
+            import fla
+
+            fla_version = getattr(fla, "__version__", "unknown")
+        except ImportError:
+            fla_version = None
+            if not args.no_fla:
+                log("benchmark_linear: fla is not importable; timing ours only")
+                args.no_fla = True
+    rows = run_grid(args, bench, log)
+    doc = assemble(args, rows, env, git_commit(), fla_version)
+    path = write_json(doc, args)
+    print_summary(doc, log)
+    log(f"wrote {path}")
+    return doc, path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+// Sequence and chunk bookkeeping shared by the chunked kernels, and the chunk-local
+// cumulative log-gate b. Every row index is clamped into [0, tokens): a malformed
+// cu_seqlens gives wrong numbers, never an access outside the tensors.
+#pragma once
+
+#include <cstdint>
+
+#include "linear_params.h"
+#include "mma.cuh"
+
+namespace linear_attn {
+
+struct SeqRange {
+  int64_t bos = 0;  // first row of the sequence
+  int64_t eos = 0;  // one past its last row (eos >= bos)
+  int first_slot = 0;  // state slot of its chunk 0
+};
+
+__device__ __forceinline__ int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
+__device__ __forceinline__ SeqRange sequence_range(const SeqParams& s, int n) {
+  SeqRange r;
+  if (s.cu_seqlens == nullptr) {
+    r.bos = static_cast<int64_t>(n) * s.seqlen;
+    r.eos = r.bos + s.seqlen;
+    r.first_slot = n * ((s.seqlen + kChunk - 1) / kChunk);
+  } else {
+    r.bos = clamp64(s.cu_seqlens[n], 0, s.tokens);
+    r.eos = clamp64(s.cu_seqlens[n + 1], r.bos, s.tokens);
+    r.first_slot = s.chunk_offsets == nullptr ? 0 : s.chunk_offsets[n];
+  }
+  return r;
+}
+
+// The chunk in state slot `slot` (the CTA's blockIdx.x): its sequence, its index in it and
+// its rows. valid is false for a slot no chunk occupies (varlen grids are sized by a bound).
+struct ChunkCoord {
+  bool valid = false;
+  int seq = 0;
+  int chunk = 0;
+  int64_t start = 0;  // first row
+  int rows = 0;       // rows in [1, kChunk]
+};
+
+__device__ __forceinline__ ChunkCoord locate_chunk(const SeqParams& s, int slot) {
+  ChunkCoord c;
+  if (slot >= s.num_slots) return c;
+  if (s.cu_seqlens == nullptr) {
+    const int nt = (s.seqlen + kChunk - 1) / kChunk;
+    if (nt == 0) return c;
+    c.seq = slot / nt;
+    c.chunk = slot % nt;
+  } else {
+    // the last sequence whose first slot is <= slot (chunk_offsets is non-decreasing)
+    int lo = 0, hi = s.num_seqs - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (s.chunk_offsets[mid] <= slot) lo = mid; else hi = mid - 1;
+    }
+    c.seq = lo;
+    c.chunk = slot - s.chunk_offsets[lo];
+  }
+  if (c.seq >= s.num_seqs || c.chunk < 0) return c;
+  const SeqRange r = sequence_range(s, c.seq);
+  c.start = r.bos + static_cast<int64_t>(c.chunk) * kChunk;
+  if (c.start >= r.eos) return c;
+  const int64_t left = r.eos - c.start;
+  c.rows = left < kChunk ? static_cast<int>(left) : kChunk;
+  c.valid = true;
+  return c;
+}
+
+// Per-step gates of a chunk's rows into raw[kChunk] (zero past rows) by cp.async, issued by
+// one warp (each lane copies rows lane and lane + 32, and reads just those back in
+// chunk_gate_scan, so its own cp.async.wait_group makes them visible). No-op without g.
+__device__ __forceinline__ void chunk_gate_load_async(const GateParams& gate, int64_t start, int rows, int head,
+                                                      int heads, float* raw, int lane) {
+  if (gate.g == nullptr) return;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int i = lane + 32 * half;
+    const bool valid = i < rows;
+    cp_async4(raw + i, gate.g + (valid ? (start + i) * heads + head : 0), valid);
+  }
+}
+
+// chunk_gate_cumsum from the values chunk_gate_load_async brought in (same lane).
+__device__ __forceinline__ void chunk_gate_scan(const GateParams& gate, const float* raw, int rows, int head,
+                                                float* b_smem, int lane) {
+  if (gate.g == nullptr) {
+    const float gm = gate.gamma == nullptr ? 0.f : gate.gamma[head];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int i = lane + 32 * half;
+      b_smem[i] = gm * static_cast<float>(min(i + 1, rows));
+    }
+    return;
+  }
+  float lo = raw[lane], hi = raw[lane + 32];
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const float a = __shfl_up_sync(0xffffffffu, lo, d);
+    const float b = __shfl_up_sync(0xffffffffu, hi, d);
+    if (lane >= d) {
+      lo += a;
+      hi += b;
+    }
+  }
+  hi += __shfl_sync(0xffffffffu, lo, 31);
+  b_smem[lane] = lo;
+  b_smem[lane + 32] = hi;
+}
+
+// b[i] = g[start] + ... + g[start + i] for i < rows, and b[i] = b[rows - 1] past the end
+// (rows past the end decay nothing), written to b_smem[kChunk] by one warp (lane = the
+// calling lane). Scalar gates (g, gamma) only.
+__device__ __forceinline__ void chunk_gate_cumsum(const GateParams& gate, int64_t start, int rows, int head,
+                                                  int heads, float* b_smem, int lane) {
+  if (gate.g == nullptr) {
+    const float gm = gate.gamma == nullptr ? 0.f : gate.gamma[head];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int i = lane + 32 * half;
+      b_smem[i] = gm * static_cast<float>(min(i + 1, rows));
+    }
+    return;
+  }
+  float lo = lane < rows ? gate.g[(start + lane) * heads + head] : 0.f;
+  float hi = lane + 32 < rows ? gate.g[(start + lane + 32) * heads + head] : 0.f;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const float a = __shfl_up_sync(0xffffffffu, lo, d);
+    const float b = __shfl_up_sync(0xffffffffu, hi, d);
+    if (lane >= d) {
+      lo += a;
+      hi += b;
+    }
+  }
+  hi += __shfl_sync(0xffffffffu, lo, 31);
+  b_smem[lane] = lo;
+  b_smem[lane + 32] = hi;
+}
+
+}  // namespace linear_attn

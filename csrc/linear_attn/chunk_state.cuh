@@ -1,0 +1,207 @@
+// chunk_state: the recurrent state at every chunk boundary, one sequential pass over the
+// chunks of each (sequence, head, 64-row R tile, BN-column N tile).
+//
+//   forward (x = k, z = v):   h_0 = init,  h_{c+1} = exp(b_L) h_c + sum_j exp(b_L - b_j) k_j^T v_j
+//                             states[slot(c)] = h_c (entering chunk c), final = h_NT
+//   reverse (x = q, z = do):  dH_{NT-1} = init (dh_T),
+//                             dH_{c-1} = exp(b_L) dH_c + scale * sum_i exp(b_i) q_i^T do_i
+//                             states[slot(c)] = dH_c (the gradient of the state leaving chunk c),
+//                             final = dh_0; optionally pair_dot = exp(b_L) <dH_c, h_c> per tile
+//                             (with the forward states h_c: the gate gradient's inter-chunk term)
+// The state tile (64 x BN, fp32) lives in the MMA accumulators: warp w owns its rows
+// 16w .. 16w + 15. Per chunk: store it, decay it, and add x^T (w * z) as mma.sync with the
+// 64 chunk rows as the reduction (x^T through ldmatrix.trans, the per-row weights w folded
+// into z's fragments). x / z tiles and the gates are prefetched kStages - 1 chunks ahead.
+#pragma once
+
+#include "chunk_info.cuh"
+#include "mma.cuh"
+
+namespace linear_attn {
+
+// Pipeline depth: stages of (x tile, z tile, raw gates) in flight. The pass is a chain of
+// dependent steps, so loads are issued kStages - 1 chunks ahead of their use.
+template <int BN>
+constexpr int chunk_state_stages() { return BN == 32 ? 4 : 3; }
+
+template <int BN>
+constexpr int chunk_state_smem_bytes() {
+  return chunk_state_stages<BN>() * ((kChunk * 64 + kChunk * BN) * 2 + kChunk * 4);
+}
+
+template <typename Tag, int BN, bool kReverse>
+__global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams p) {
+  using E = Elem<Tag>;
+  using T = typename E::T;
+  constexpr int BR = 64;
+  constexpr int kThreads = 128;
+  constexpr int NT8 = BN / 8;  // accumulator n tiles per warp
+  constexpr int kStages = chunk_state_stages<BN>();
+  static_assert(BN == 32 || BN == 64, "N tiles of 32 or 64 columns");
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sx = reinterpret_cast<T*>(smem_raw);        // [kStages] x (chunk row, r) swizzled
+  T* sz = sx + kStages * kChunk * BR;            // [kStages] x (chunk row, n) swizzled
+  float* graw = reinterpret_cast<float*>(sz + kStages * kChunk * BN);  // [kStages] x [kChunk] raw gates
+  __shared__ float sb[kChunk];                   // chunk-local cumulative log-gate
+  __shared__ float red[4];                       // per-warp partials of pair_dot
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int seq = blockIdx.x, head = blockIdx.y, H = p.seq.heads;
+  const int n_tiles = p.n_dim / BN;
+  const int r0 = (blockIdx.z / n_tiles) * BR, n0 = (blockIdx.z % n_tiles) * BN;
+  const SeqRange sr = sequence_range(p.seq, seq);
+  const int nchunks = static_cast<int>((sr.eos - sr.bos + kChunk - 1) / kChunk);
+
+  const int64_t ldx = static_cast<int64_t>(H) * p.r_dim, ldz = static_cast<int64_t>(H) * p.n_dim;
+  const T* xg = static_cast<const T*>(p.x) + static_cast<int64_t>(head) * p.r_dim + r0;
+  const T* zg = static_cast<const T*>(p.z) + static_cast<int64_t>(head) * p.n_dim + n0;
+  const int64_t state_base = (static_cast<int64_t>(seq) * H + head) * p.r_dim * p.n_dim;
+
+  // acc[nt][0..1] = state (r0 + 16 warp + g, n0 + 8 nt + 2 t4 + {0, 1}); [2..3] the row g + 8
+  float acc[NT8][4];
+#pragma unroll
+  for (int nt = 0; nt < NT8; ++nt) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t off = state_base + static_cast<int64_t>(r0 + warp * 16 + g + 8 * half) * p.n_dim +
+                          n0 + nt * 8 + 2 * t4;
+      acc[nt][2 * half] = p.init == nullptr ? 0.f : p.init[off];
+      acc[nt][2 * half + 1] = p.init == nullptr ? 0.f : p.init[off + 1];
+    }
+  }
+
+  auto chunk_of = [&](int i) { return kReverse ? nchunks - 1 - i : i; };
+  auto chunk_start = [&](int i) { return sr.bos + static_cast<int64_t>(chunk_of(i)) * kChunk; };
+  auto chunk_rows = [&](int i) {
+    return static_cast<int>(min(static_cast<int64_t>(kChunk), sr.eos - chunk_start(i)));
+  };
+  auto issue = [&](int i) {
+    const int stage = i % kStages;
+    const int64_t start = chunk_start(i);
+    const int rows = chunk_rows(i);
+    load_tile<kChunk, BR, kThreads>(sx + stage * kChunk * BR, xg + start * ldx, ldx, rows, tid);
+    load_tile<kChunk, BN, kThreads>(sz + stage * kChunk * BN, zg + start * ldz, ldz, rows, tid);
+    if (warp == 0) chunk_gate_load_async(p.gate, start, rows, head, H, graw + stage * kChunk, lane);
+  };
+
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < nchunks) issue(i);
+    cp_async_commit();
+  }
+  for (int i = 0; i < nchunks; ++i) {
+    const int stage = i % kStages;
+    if (i + kStages - 1 < nchunks) issue(i + kStages - 1);
+    cp_async_commit();
+    const int c = chunk_of(i);
+    const int rows = chunk_rows(i);
+    cp_async_wait<kStages - 1>();  // chunk i's group has landed (this thread's copies)
+    if (warp == 0) chunk_gate_scan(p.gate, graw + stage * kChunk, rows, head, sb, lane);
+    __syncthreads();  // this stage's tiles (every thread's copies) and sb are visible
+    const T* xs = sx + stage * kChunk * BR;
+    const T* zs = sz + stage * kChunk * BN;
+
+    // The state at this chunk boundary.
+    const int slot = sr.first_slot + c;
+    if (slot < p.seq.num_slots) {
+      T* st = static_cast<T*>(p.states) + (static_cast<int64_t>(slot) * H + head) * p.r_dim * p.n_dim;
+#pragma unroll
+      for (int nt = 0; nt < NT8; ++nt) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int64_t off = static_cast<int64_t>(r0 + warp * 16 + g + 8 * half) * p.n_dim + n0 + nt * 8 + 2 * t4;
+          *reinterpret_cast<uint32_t*>(st + off) = E::pack(acc[nt][2 * half], acc[nt][2 * half + 1]);
+        }
+      }
+    }
+
+    const float bl = sb[kChunk - 1];
+    const bool pair = kReverse && p.pair_dot != nullptr && slot < p.seq.num_slots;
+    if (pair) {
+      // <dH_c, h_c> over this thread's elements (dH_c in fp32 registers, h_c as stored)
+      const T* hp = static_cast<const T*>(p.pair_states) + (static_cast<int64_t>(slot) * H + head) * p.r_dim * p.n_dim;
+      float part = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NT8; ++nt) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int64_t off = static_cast<int64_t>(r0 + warp * 16 + g + 8 * half) * p.n_dim + n0 + nt * 8 + 2 * t4;
+          const float2 hv = E::unpack(*reinterpret_cast<const uint32_t*>(hp + off));
+          part += acc[nt][2 * half] * hv.x + acc[nt][2 * half + 1] * hv.y;
+        }
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+      if (lane == 0) red[warp] = part;
+    }
+    const float decay = __expf(bl);
+#pragma unroll
+    for (int nt = 0; nt < NT8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[nt][e] *= decay;
+    }
+#pragma unroll
+    for (int kk = 0; kk < kChunk / 16; ++kk) {
+      // weights of the chunk rows this thread's B fragments hold: 16 kk + 2 t4 + {0, 1, 8, 9}
+      float w[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float bj = sb[kk * 16 + 2 * t4 + (e & 1) + 8 * (e >> 1)];
+        w[e] = kReverse ? p.scale * __expf(bj) : __expf(bl - bj);
+      }
+      uint32_t a[4];
+      load_a_t<BR>(a, xs, warp * 16, kk * 16, lane);
+#pragma unroll
+      for (int np = 0; np < NT8 / 2; ++np) {
+        uint32_t b[4];
+        load_b_kn<BN>(b, zs, kk * 16, np * 16, lane);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float2 f = E::unpack(b[e]);
+          const int wi = (e & 1) * 2;  // b[0], b[2]: rows 2t4, 2t4+1; b[1], b[3]: rows + 8
+          b[e] = E::pack(f.x * w[wi], f.y * w[wi + 1]);
+        }
+        E::mma(acc[2 * np], a, b[0], b[1]);
+        E::mma(acc[2 * np + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // everyone is done with this stage (and red) before it is refilled
+    if (pair && tid == 0) {
+      const int tiles = (p.r_dim / 64) * (p.n_dim / 32);
+      float* pd = p.pair_dot + (static_cast<int64_t>(slot) * H + head) * tiles + (r0 / 64) * (p.n_dim / 32) + n0 / 32;
+      pd[0] = decay * (red[0] + red[1] + red[2] + red[3]);
+      if (BN == 64) pd[1] = 0.f;
+    }
+  }
+  cp_async_wait<0>();
+
+  if (p.final_state != nullptr) {
+#pragma unroll
+    for (int nt = 0; nt < NT8; ++nt) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t off = state_base + static_cast<int64_t>(r0 + warp * 16 + g + 8 * half) * p.n_dim +
+                            n0 + nt * 8 + 2 * t4;
+        *reinterpret_cast<float2*>(p.final_state + off) = make_float2(acc[nt][2 * half], acc[nt][2 * half + 1]);
+      }
+    }
+  }
+}
+
+template <typename Tag, int BN, bool kReverse>
+cudaError_t run_chunk_state(const ChunkStateParams& p, cudaStream_t stream) {
+  if (p.seq.num_seqs == 0 || p.seq.heads == 0) return cudaSuccess;
+  constexpr int smem = chunk_state_smem_bytes<BN>();
+  auto kernel = chunk_state_kernel<Tag, BN, kReverse>;
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(p.seq.num_seqs, p.seq.heads, (p.r_dim / 64) * (p.n_dim / BN));
+  kernel<<<grid, 128, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace linear_attn

@@ -1,0 +1,364 @@
+// flash_attn_linear_cuda: the only linear-attention file that includes torch. Python
+// (flash_attn/linear_attn/_cuda.py) checks the user's arguments, pads head dims, allocates
+// every output and workspace and calls these launchers; the checks here are the last line
+// of defence for direct callers (shapes, dtypes, devices, contiguity, alignment).
+// Runtime sizes and flags become template parameters here and nowhere else.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include <cuda_runtime_api.h>
+
+#include <optional>
+#include <type_traits>
+#include <utility>
+
+#include "linear_params.h"
+#include "tile_size.h"
+
+namespace {
+
+namespace la = linear_attn;
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using Named = std::pair<const Tensor*, const char*>;
+
+#define CHECK_ARG(cond, ...) TORCH_CHECK_VALUE(cond, "flash_attn_linear_cuda: ", __VA_ARGS__)
+
+// ---------------------------------------------------------------- dispatch (the one place)
+template <typename F>
+void dispatch_dtype(at::ScalarType st, F&& f) {
+  if (st == at::kHalf) {
+    f(la::Fp16{});
+  } else if (st == at::kBFloat16) {
+    f(la::Bf16{});
+  } else {
+    CHECK_ARG(false, "inputs must be float16 or bfloat16, got ", st);
+  }
+}
+
+template <typename F>
+void dispatch_bool(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+template <typename F>
+void dispatch_head_dim(int64_t d, F&& f) {
+  switch (d) {
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    case 256: f(std::integral_constant<int, 256>{}); break;
+    default: CHECK_ARG(false, "head dim must be 64, 128 or 256 (pad in Python), got ", d);
+  }
+}
+
+// ---------------------------------------------------------------- checks
+void check_dense(const Tensor& t, const char* name, const Tensor& like) {
+  CHECK_ARG(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device(), ", got ", t.device());
+  CHECK_ARG(t.is_contiguous(), name, " must be contiguous");
+  CHECK_ARG(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
+}
+
+void check_shape(const Tensor& t, const char* name, at::IntArrayRef shape) {
+  CHECK_ARG(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+void check_dtype(const Tensor& t, const char* name, at::ScalarType st) {
+  CHECK_ARG(t.scalar_type() == st, name, " must be ", st, ", got ", t.scalar_type());
+}
+
+void check_opt(const OptTensor& t, const char* name, const Tensor& like, at::ScalarType st, at::IntArrayRef shape) {
+  if (!t.has_value()) return;
+  check_dense(*t, name, like);
+  check_dtype(*t, name, st);
+  check_shape(*t, name, shape);
+}
+
+// x: a token tensor [B, T, H, D]; cu_seqlens int32 [N + 1] (B == 1) or none.
+la::SeqParams seq_params(const Tensor& x, const OptTensor& cu_seqlens, const OptTensor& chunk_offsets,
+                         int64_t num_slots, bool need_chunks = true) {
+  CHECK_ARG(x.dim() == 4, "token tensors must be [B, T, H, D], got ", x.sizes());
+  la::SeqParams s;
+  s.tokens = x.size(0) * x.size(1);
+  s.heads = static_cast<int>(x.size(2));
+  s.num_slots = static_cast<int>(num_slots);
+  CHECK_ARG(x.size(1) < (int64_t{1} << 31) && num_slots < (int64_t{1} << 31), "sizes must fit in int32");
+  if (cu_seqlens.has_value()) {
+    CHECK_ARG(x.size(0) == 1, "B must be 1 with cu_seqlens, got ", x.size(0));
+    check_dense(*cu_seqlens, "cu_seqlens", x);
+    check_dtype(*cu_seqlens, "cu_seqlens", at::kInt);
+    CHECK_ARG(cu_seqlens->dim() == 1 && cu_seqlens->size(0) >= 2, "cu_seqlens must be [N + 1], got ",
+              cu_seqlens->sizes());
+    CHECK_ARG(chunk_offsets.has_value() || !need_chunks, "chunk_offsets is required with cu_seqlens");
+    if (chunk_offsets.has_value()) {
+      check_dense(*chunk_offsets, "chunk_offsets", x);
+      check_dtype(*chunk_offsets, "chunk_offsets", at::kInt);
+      check_shape(*chunk_offsets, "chunk_offsets", cu_seqlens->sizes());
+      s.chunk_offsets = chunk_offsets->data_ptr<int>();
+    }
+    s.cu_seqlens = cu_seqlens->data_ptr<int>();
+    s.num_seqs = static_cast<int>(cu_seqlens->size(0) - 1);
+  } else {
+    s.seqlen = static_cast<int>(x.size(1));
+    s.num_seqs = static_cast<int>(x.size(0));
+  }
+  return s;
+}
+
+la::GateParams gate_params(const OptTensor& g, const OptTensor& gamma, const Tensor& x) {
+  CHECK_ARG(!(g.has_value() && gamma.has_value()), "pass g or gamma, not both");
+  check_opt(g, "g", x, at::kFloat, {x.size(0), x.size(1), x.size(2)});
+  check_opt(gamma, "gamma", x, at::kFloat, {x.size(2)});
+  la::GateParams p;
+  p.g = g.has_value() ? g->data_ptr<float>() : nullptr;
+  p.gamma = gamma.has_value() ? gamma->data_ptr<float>() : nullptr;
+  return p;
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "flash_attn_linear_cuda: ", what, " failed to launch: ", cudaGetErrorString(err));
+}
+
+int num_sms(int device) {
+  int n = 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 108;
+  return n;
+}
+
+// ---------------------------------------------------------------- launchers
+
+// The state at every chunk boundary (see chunk_state.cuh). x [B, T, H, R], z [B, T, H, N];
+// states [S, H, R, N] in x's dtype; init / final_state fp32 [N_seq, H, R, N].
+// Reverse only: pair_states [S, H, R, N] (the forward states) and pair_dot fp32
+// [S, H, (R / 64) * (N / 32)] get exp(b_L) <dH_c, h_c> per tile (both or neither).
+void chunk_state(const Tensor& x, const Tensor& z, const OptTensor& g, const OptTensor& gamma, const OptTensor& init,
+                 Tensor& states, const OptTensor& final_state, const OptTensor& cu_seqlens,
+                 const OptTensor& chunk_offsets, double scale, bool reverse, const OptTensor& pair_states,
+                 const OptTensor& pair_dot, int64_t tile_n) {
+  check_dense(x, "x", x);
+  check_dense(z, "z", x);
+  check_dense(states, "states", x);
+  CHECK_ARG(z.dim() == 4 && z.sizes().slice(0, 3) == x.sizes().slice(0, 3), "z must be [B, T, H, N] like x, got ",
+            z.sizes());
+  check_dtype(z, "z", x.scalar_type());
+  check_dtype(states, "states", x.scalar_type());
+  const int64_t H = x.size(2), R = x.size(3), N = z.size(3);
+  CHECK_ARG(R % 64 == 0 && N % 64 == 0 && R > 0 && N > 0, "R and N must be multiples of 64, got ", R, " and ", N);
+  check_shape(states, "states", {states.size(0), H, R, N});
+  c10::cuda::CUDAGuard guard(x.device());
+  la::ChunkStateParams p;
+  p.seq = seq_params(x, cu_seqlens, chunk_offsets, states.size(0));
+  check_opt(init, "init", x, at::kFloat, {p.seq.num_seqs, H, R, N});
+  check_opt(final_state, "final_state", x, at::kFloat, {p.seq.num_seqs, H, R, N});
+  p.gate = gate_params(g, gamma, x);
+  CHECK_ARG(pair_states.has_value() == pair_dot.has_value(), "pair_states and pair_dot go together");
+  CHECK_ARG(!pair_dot.has_value() || reverse, "pair_dot is for the reverse pass");
+  check_opt(pair_states, "pair_states", x, x.scalar_type(), states.sizes());
+  check_opt(pair_dot, "pair_dot", x, at::kFloat, {states.size(0), H, (R / 64) * (N / 32)});
+  p.pair_states = pair_states.has_value() ? pair_states->data_ptr() : nullptr;
+  p.pair_dot = pair_dot.has_value() ? pair_dot->data_ptr<float>() : nullptr;
+  p.x = x.data_ptr();
+  p.z = z.data_ptr();
+  p.init = init.has_value() ? init->data_ptr<float>() : nullptr;
+  p.states = states.data_ptr();
+  p.final_state = final_state.has_value() ? final_state->data_ptr<float>() : nullptr;
+  p.r_dim = static_cast<int>(R);
+  p.n_dim = static_cast<int>(N);
+  p.scale = static_cast<float>(scale);
+  const int bn = tile_n > 0 ? static_cast<int>(tile_n)
+                            : la::chunk_state_tile_n(p.seq.num_seqs, H, p.r_dim, p.n_dim, num_sms(x.get_device()));
+  CHECK_ARG(bn == 32 || bn == 64, "tile_n must be 0 (auto), 32 or 64, got ", tile_n);
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using Tag = decltype(tag);
+    dispatch_bool(reverse, [&](auto rev) {
+      constexpr bool kRev = decltype(rev)::value;
+      err = bn == 64 ? la::run_chunk_state<Tag, 64, kRev>(p, stream) : la::run_chunk_state<Tag, 32, kRev>(p, stream);
+    });
+  });
+  check_launch(err, "chunk_state");
+}
+
+// out = rowscale * (x M) + intra_scale * ((x y^T) * D) z per chunk (see chunk_output.cuh).
+// x, y [B, T, H, R]; z, out [B, T, H, N]; m [S, H, R, N] ([S, H, N, R] with trans_m);
+// dot [B, T, H, N] and rowdot fp32 [N / 64, B, T, H], both or neither.
+void chunk_output(const Tensor& x, const Tensor& y, const Tensor& z, const Tensor& m, Tensor& out,
+                  const OptTensor& dot, const OptTensor& rowdot, const OptTensor& g, const OptTensor& gamma,
+                  const OptTensor& cu_seqlens, const OptTensor& chunk_offsets, double inter_scale,
+                  double intra_scale, bool trans_m, bool upper) {
+  const Named operands[] = {{&x, "x"}, {&y, "y"}, {&z, "z"}, {&m, "m"}, {&out, "out"}};
+  for (const auto& [t, name] : operands) {
+    check_dense(*t, name, x);
+    check_dtype(*t, name, x.scalar_type());
+  }
+  CHECK_ARG(x.dim() == 4, "x must be [B, T, H, R], got ", x.sizes());
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), R = x.size(3), N = z.size(3);
+  check_shape(y, "y", x.sizes());
+  check_shape(z, "z", {B, T, H, N});
+  check_shape(out, "out", {B, T, H, N});
+  CHECK_ARG(N % 64 == 0 && N > 0, "N must be a multiple of 64, got ", N);
+  if (trans_m) {
+    check_shape(m, "m", {m.size(0), H, N, R});
+  } else {
+    check_shape(m, "m", {m.size(0), H, R, N});
+  }
+  CHECK_ARG(dot.has_value() == rowdot.has_value(), "dot and rowdot go together");
+  check_opt(dot, "dot", x, x.scalar_type(), {B, T, H, N});
+  check_opt(rowdot, "rowdot", x, at::kFloat, {N / 64, B, T, H});
+  c10::cuda::CUDAGuard guard(x.device());
+  la::ChunkOutputParams p;
+  p.seq = seq_params(x, cu_seqlens, chunk_offsets, m.size(0));
+  p.gate = gate_params(g, gamma, x);
+  p.x = x.data_ptr();
+  p.y = y.data_ptr();
+  p.z = z.data_ptr();
+  p.m = m.data_ptr();
+  p.out = out.data_ptr();
+  p.dot = dot.has_value() ? dot->data_ptr() : nullptr;
+  p.rowdot = rowdot.has_value() ? rowdot->data_ptr<float>() : nullptr;
+  p.r_dim = static_cast<int>(R);
+  p.n_dim = static_cast<int>(N);
+  p.inter_scale = static_cast<float>(inter_scale);
+  p.intra_scale = static_cast<float>(intra_scale);
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaError_t err = cudaSuccess;
+  const bool wide = la::chunk_output_tile_n(p.r_dim, p.n_dim) == 128;
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using Tag = decltype(tag);
+    dispatch_head_dim(R, [&](auto r) {
+      constexpr int kR = decltype(r)::value;
+      dispatch_bool(trans_m, [&](auto tm) {
+        dispatch_bool(upper, [&](auto up) {
+          constexpr bool kT = decltype(tm)::value, kU = decltype(up)::value;
+          if constexpr (kR <= 128) {
+            err = wide ? la::run_chunk_output<Tag, kR, 128, kT, kU>(p, stream)
+                       : la::run_chunk_output<Tag, kR, 64, kT, kU>(p, stream);
+          } else {
+            err = la::run_chunk_output<Tag, kR, 64, kT, kU>(p, stream);
+          }
+        });
+      });
+    });
+  });
+  check_launch(err, "chunk_output");
+}
+
+// dg [B, T, H] fp32 for scalar gates, per chunk (gate_grad.cu): q, k [B, T, H, K], v, dout
+// [B, T, H, V]; rq, rk fp32 [K / 64, B, T, H] (chunk_output's inter-part row dots); pair fp32
+// [S, H, tiles] (chunk_state's reverse pair_dot).
+void gate_grad(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, const OptTensor& g,
+               const OptTensor& gamma, const Tensor& rq, const Tensor& rk, const Tensor& pair, Tensor& dg,
+               const OptTensor& cu_seqlens, const OptTensor& chunk_offsets, double scale) {
+  const Named operands[] = {{&q, "q"}, {&k, "k"}, {&v, "v"}, {&dout, "dout"}};
+  for (const auto& [t, name] : operands) {
+    check_dense(*t, name, q);
+    check_dtype(*t, name, q.scalar_type());
+  }
+  CHECK_ARG(q.dim() == 4, "q must be [B, T, H, K], got ", q.sizes());
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = q.size(3), V = v.size(3);
+  CHECK_ARG(K % 64 == 0 && V % 64 == 0 && K > 0 && V > 0, "K and V must be multiples of 64, got ", K, ", ", V);
+  check_shape(k, "k", q.sizes());
+  check_shape(v, "v", {B, T, H, V});
+  check_shape(dout, "dout", {B, T, H, V});
+  const Named partials[] = {{&rq, "rq"}, {&rk, "rk"}, {&pair, "pair"}, {&dg, "dg"}};
+  for (const auto& [t, name] : partials) {
+    check_dense(*t, name, q);
+    check_dtype(*t, name, at::kFloat);
+  }
+  check_shape(rq, "rq", {K / 64, B, T, H});
+  check_shape(rk, "rk", {K / 64, B, T, H});
+  check_shape(dg, "dg", {B, T, H});
+  CHECK_ARG(pair.dim() == 3 && pair.size(1) == H, "pair must be [S, H, tiles], got ", pair.sizes());
+  c10::cuda::CUDAGuard guard(q.device());
+  la::GateGradParams p;
+  p.seq = seq_params(q, cu_seqlens, chunk_offsets, pair.size(0));
+  p.gate = gate_params(g, gamma, q);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.dout = dout.data_ptr();
+  p.rq = rq.data_ptr<float>();
+  p.rk = rk.data_ptr<float>();
+  p.pair = pair.data_ptr<float>();
+  p.dg = dg.data_ptr<float>();
+  p.k_dim = static_cast<int>(K);
+  p.v_dim = static_cast<int>(V);
+  p.pair_tiles = static_cast<int>(pair.size(2));
+  p.scale = static_cast<float>(scale);
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype(q.scalar_type(), [&](auto tag) { err = la::run_gate_grad<decltype(tag)>(p, stream); });
+  check_launch(err, "gate_grad");
+}
+
+// Token by token: q, k [B, T, H, K]; v, out [B, T, H, V]; g [B, T, H] or gamma [H] fp32;
+// gk [B, T, H, K], gv [B, T, H, V] fp32; init / final_state fp32 [N_seq, H, K, V].
+void recurrent(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& g, const OptTensor& gamma,
+               const OptTensor& gk, const OptTensor& gv, const OptTensor& init, Tensor& out,
+               const OptTensor& final_state, const OptTensor& cu_seqlens, const OptTensor& chunk_offsets,
+               double scale, bool reverse) {
+  const Named operands[] = {{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}};
+  for (const auto& [t, name] : operands) {
+    check_dense(*t, name, q);
+    check_dtype(*t, name, q.scalar_type());
+  }
+  CHECK_ARG(q.dim() == 4, "q must be [B, T, H, K], got ", q.sizes());
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = q.size(3), V = v.size(3);
+  check_shape(k, "k", q.sizes());
+  check_shape(v, "v", {B, T, H, V});
+  check_shape(out, "out", {B, T, H, V});
+  CHECK_ARG(V % 32 == 0 && V > 0, "V must be a multiple of 32, got ", V);
+  c10::cuda::CUDAGuard guard(q.device());
+  la::RecurrentParams p;
+  p.seq = seq_params(q, cu_seqlens, chunk_offsets, 0, false);
+  p.gate = gate_params(g, gamma, q);
+  check_opt(gk, "gk", q, at::kFloat, {B, T, H, K});
+  check_opt(gv, "gv", q, at::kFloat, {B, T, H, V});
+  check_opt(init, "init", q, at::kFloat, {p.seq.num_seqs, H, K, V});
+  check_opt(final_state, "final_state", q, at::kFloat, {p.seq.num_seqs, H, K, V});
+  p.gk = gk.has_value() ? gk->data_ptr<float>() : nullptr;
+  p.gv = gv.has_value() ? gv->data_ptr<float>() : nullptr;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.init = init.has_value() ? init->data_ptr<float>() : nullptr;
+  p.final_state = final_state.has_value() ? final_state->data_ptr<float>() : nullptr;
+  p.k_dim = static_cast<int>(K);
+  p.v_dim = static_cast<int>(V);
+  p.scale = static_cast<float>(scale);
+  p.reverse = reverse;
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    using Tag = decltype(tag);
+    dispatch_head_dim(K, [&](auto kd) { err = la::run_recurrent<Tag, decltype(kd)::value>(p, stream); });
+  });
+  check_launch(err, "recurrent");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Chunked linear-attention kernels (flash_attn.linear_attn's CUDA route)";
+  m.def("chunk_state", &chunk_state, "States at chunk boundaries (forward h, or reverse dH)", py::arg("x"),
+        py::arg("z"), py::arg("g"), py::arg("gamma"), py::arg("init"), py::arg("states"), py::arg("final_state"),
+        py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("scale"), py::arg("reverse"),
+        py::arg("pair_states") = py::none(), py::arg("pair_dot") = py::none(), py::arg("tile_n") = 0);
+  m.def("chunk_output", &chunk_output, "Per-chunk output: inter-chunk state product plus masked intra-chunk part",
+        py::arg("x"), py::arg("y"), py::arg("z"), py::arg("m"), py::arg("out"), py::arg("dot"), py::arg("rowdot"),
+        py::arg("g"), py::arg("gamma"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("inter_scale"),
+        py::arg("intra_scale"), py::arg("trans_m"), py::arg("upper"));
+  m.def("gate_grad", &gate_grad, "Scalar log-gate gradient, chunk by chunk", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("dout"), py::arg("g"), py::arg("gamma"), py::arg("rq"), py::arg("rk"), py::arg("pair"),
+        py::arg("dg"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("scale"));
+  m.def("recurrent", &recurrent, "Token-by-token recurrence (fused_recurrent_*)", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("g"), py::arg("gamma"), py::arg("gk"), py::arg("gv"), py::arg("init"), py::arg("out"),
+        py::arg("final_state"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("scale"),
+        py::arg("reverse"));
+}

@@ -1,0 +1,137 @@
+// The host/device line of the linear-attention kernels: plain params structs (raw
+// pointers, sizes, scales) and the launchers' declarations. No torch, no CUDA types:
+// linear_api.cpp includes this and dispatches on the dtype tags below.
+//
+// Layouts. Token tensors are row-major [tokens, heads, dim] with tokens = B * T (batched:
+// sequence b is rows b*seqlen .. b*seqlen + seqlen - 1) or the packed total (varlen: sequence
+// n is rows cu_seqlens[n] .. cu_seqlens[n + 1] - 1). Every sequence is cut into chunks of
+// kChunk rows from its own first row; chunk c of sequence n has the state slot
+// chunk_offsets[n] + c (varlen) or n * ceil(seqlen / kChunk) + c (batched).
+//
+// The recurrence (DESIGN.md): S_t = exp(g_t) S_{t-1} + k_t^T v_t, o_t = scale * q_t S_t.
+// Per chunk, with b_i the chunk-local inclusive cumsum of the log-gates and b_L its last value:
+//   chunk_state  (forward):  h_{c+1} = exp(b_L) h_c + sum_j exp(b_L - b_j) k_j^T v_j
+//   chunk_state  (reverse):  dH_{c-1} = exp(b_L) dH_c + scale * sum_i exp(b_i) q_i^T do_i
+//   chunk_output:            out_r = rowscale_r * (x_r M) + intra_scale * sum_c D[r, c] (x_r . y_c) z_c
+// with D the causal decay mask (lower: c <= r, exp(b_r - b_c); upper: c >= r, exp(b_c - b_r)).
+//   gate_grad:               dg for scalar gates, chunk by chunk (gate_grad.cu has the formula)
+// Every exponent is <= 0 for gates <= 0, so nothing overflows however negative the gates are.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace linear_attn {
+
+constexpr int kChunk = 64;  // rows per chunk: the MMA tiles are built around it
+
+// dtype tags: the binding names the element type without CUDA's half/bfloat16 headers.
+struct Fp16 {};
+struct Bf16 {};
+
+// Where the chunks of each sequence are (shared by every chunked kernel).
+struct SeqParams {
+  const int* cu_seqlens = nullptr;     // [num_seqs + 1] row offsets (varlen), or null (batched)
+  const int* chunk_offsets = nullptr;  // [num_seqs + 1] first state slot of each sequence (varlen)
+  int64_t tokens = 0;                  // rows of every token tensor (B * T, or the packed total)
+  int seqlen = 0;                      // T (batched only)
+  int num_seqs = 0;                    // B, or len(cu_seqlens) - 1
+  int num_slots = 0;                   // state slots allocated: slots >= num_slots are never touched
+  int heads = 0;
+};
+
+// The log-gates: at most one of g / gamma is set; neither means no decay.
+struct GateParams {
+  const float* g = nullptr;      // [tokens, heads] per-step log-gates (simple GLA), fp32
+  const float* gamma = nullptr;  // [heads] fixed per-head log-decay (RetNet, Lightning), fp32
+};
+
+// chunk_state: the states at chunk boundaries, one sequential pass over the chunks of
+// each (sequence, head, R tile, N tile).
+struct ChunkStateParams {
+  SeqParams seq;
+  GateParams gate;
+  const void* x = nullptr;         // [tokens, heads, r_dim]  k (forward) or q (reverse)
+  const void* z = nullptr;         // [tokens, heads, n_dim]  v (forward) or do (reverse)
+  const float* init = nullptr;     // [num_seqs, heads, r_dim, n_dim] fp32 h0 / dht, or null (zeros)
+  void* states = nullptr;          // [num_slots, heads, r_dim, n_dim] (x's dtype): per chunk, the
+                                   // state entering it (forward) or the gradient leaving it (reverse)
+  float* final_state = nullptr;    // [num_seqs, heads, r_dim, n_dim] fp32 h_T / dh0, or null
+  // reverse only, optional: pair_dot[slot, head, tile] = exp(b_L) <dH_c, h_c> over this CTA's
+  // tile (tile = r tile * (n_dim / 32) + n0 / 32; a 64-column CTA writes 0 to tile + 1)
+  const void* pair_states = nullptr;  // [num_slots, heads, r_dim, n_dim] forward states h_c
+  float* pair_dot = nullptr;          // [num_slots, heads, (r_dim / 64) * (n_dim / 32)] fp32
+  int r_dim = 0;                   // multiple of 64
+  int n_dim = 0;                   // multiple of 64
+  float scale = 1.f;               // reverse: the weight of q_i^T do_i is scale * exp(b_i)
+};
+
+// chunk_output: one (chunk, head, BN-column N tile) per CTA, every chunk in parallel.
+struct ChunkOutputParams {
+  SeqParams seq;
+  GateParams gate;
+  const void* x = nullptr;    // [tokens, heads, r_dim] row operand
+  const void* y = nullptr;    // [tokens, heads, r_dim] column operand of the scores
+  const void* z = nullptr;    // [tokens, heads, n_dim] value operand
+  const void* m = nullptr;    // [num_slots, heads, r_dim, n_dim] chunk states ([.., n_dim, r_dim] when trans_m)
+  void* out = nullptr;        // [tokens, heads, n_dim]
+  const void* dot = nullptr;  // [tokens, heads, n_dim] or null: rowdot_r = sum_n inter_r,n * dot_r,n
+  float* rowdot = nullptr;    // [n_dim / 64, tokens, heads] fp32 partials per N tile, where
+                              // inter_r = rowscale_r * (x_r M) is the inter-chunk part of out_r
+  int r_dim = 0;              // 64, 128 or 256 (a template parameter)
+  int n_dim = 0;              // multiple of BN (64 or 128, tile_size.h)
+  float inter_scale = 1.f;    // rowscale_r = inter_scale * (upper ? exp(b_L - b_r) : exp(b_r))
+  float intra_scale = 1.f;
+};
+
+// gate_grad: the scalar log-gates' gradient, every chunk in parallel (gate_grad.cu).
+struct GateGradParams {
+  SeqParams seq;
+  GateParams gate;
+  const void* q = nullptr;        // [tokens, heads, k_dim]
+  const void* k = nullptr;        // [tokens, heads, k_dim]
+  const void* v = nullptr;        // [tokens, heads, v_dim]
+  const void* dout = nullptr;     // [tokens, heads, v_dim]
+  const float* rq = nullptr;      // [k_dim / 64, tokens, heads] q . dq_inter partials (chunk_output)
+  const float* rk = nullptr;      // [k_dim / 64, tokens, heads] k . dk_inter partials (chunk_output)
+  const float* pair = nullptr;    // [num_slots, heads, pair_tiles] exp(b_L) <dH_c, h_c> partials
+  float* dg = nullptr;            // [tokens, heads] fp32
+  int k_dim = 0;                  // multiple of 64
+  int v_dim = 0;                  // multiple of 64
+  int pair_tiles = 0;
+  float scale = 1.f;
+};
+
+// recurrent: token by token, one (sequence, head, 32 value columns) per CTA.
+struct RecurrentParams {
+  SeqParams seq;
+  GateParams gate;
+  const float* gk = nullptr;     // [tokens, heads, k_dim] per-key log-gates (GLA), fp32, or null
+  const float* gv = nullptr;     // [tokens, heads, v_dim] per-value log-gates (GLA), fp32, or null
+  const void* q = nullptr;       // [tokens, heads, k_dim]
+  const void* k = nullptr;       // [tokens, heads, k_dim]
+  const void* v = nullptr;       // [tokens, heads, v_dim]
+  void* out = nullptr;           // [tokens, heads, v_dim]
+  const float* init = nullptr;   // [num_seqs, heads, k_dim, v_dim] fp32 or null
+  float* final_state = nullptr;  // [num_seqs, heads, k_dim, v_dim] fp32 or null
+  int k_dim = 0;                 // 64, 128 or 256 (a template parameter)
+  int v_dim = 0;                 // multiple of 32
+  float scale = 1.f;
+  bool reverse = false;          // run each sequence from its last row to its first
+};
+
+// Launchers (one explicit instantiation per configuration in the .cu files).
+template <typename Dtype, int BN, bool kReverse>
+cudaError_t run_chunk_state(const ChunkStateParams& p, cudaStream_t stream);
+
+template <typename Dtype, int R, int BN, bool kTransM, bool kUpper>
+cudaError_t run_chunk_output(const ChunkOutputParams& p, cudaStream_t stream);
+
+template <typename Dtype>
+cudaError_t run_gate_grad(const GateGradParams& p, cudaStream_t stream);
+
+template <typename Dtype, int K>
+cudaError_t run_recurrent(const RecurrentParams& p, cudaStream_t stream);
+
+}  // namespace linear_attn

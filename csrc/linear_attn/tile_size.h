@@ -1,0 +1,28 @@
+// Tile choices of the linear-attention kernels, as pure functions of the actual sizes.
+#pragma once
+
+#include <cstdint>
+
+namespace linear_attn {
+
+// chunk_state: one CTA per (sequence, head, 64-row R tile, BN-column N tile) walks every chunk
+// of its sequence in order, so the pass takes (chunks per sequence) x (one step's latency)
+// whatever the GPU's width. With fewer CTAs than two per SM, halving BN doubles the CTAs
+// and shortens each step (half the MMAs and z bytes); the x tile is then read by twice as
+// many CTAs, mostly from L2 since they walk the same chunks at the same time.
+constexpr int chunk_state_tile_n(int64_t num_seqs, int64_t heads, int r_dim, int n_dim, int num_sms) {
+  return num_seqs * heads * (r_dim / 64) * (n_dim / 64) >= 2 * static_cast<int64_t>(num_sms) ? 64 : 32;
+}
+
+// chunk_output: the N tile. Every CTA recomputes the 64 x 64 scores x y^T over all of R and
+// reads the chunk's x and y, so a wider tile divides that work by two; its cost is shared
+// memory (R = 128, BN = 128: 80 KB, two CTAs per SM) and registers (a 16 x BN fp32 tile per
+// warp), so R = 256 keeps BN = 64 (104 KB, and 128 accumulator registers would spill).
+constexpr int chunk_output_tile_n(int r_dim, int n_dim) { return r_dim <= 128 && n_dim % 128 == 0 ? 128 : 64; }
+
+static_assert(chunk_output_tile_n(128, 128) == 128 && chunk_output_tile_n(256, 256) == 64 &&
+              chunk_output_tile_n(128, 192) == 64, "chunk_output tiles");
+static_assert(chunk_state_tile_n(8, 16, 128, 128, 132) == 64, "8 x 16 heads x 4 tiles fill an H100");
+static_assert(chunk_state_tile_n(1, 16, 128, 128, 132) == 32, "one long sequence: smaller tiles");
+
+}  // namespace linear_attn

@@ -1,0 +1,291 @@
+"""The CUDA route of flash_attn.linear_attn: flash_attn_linear_cuda's launchers (csrc/linear_attn)
+composed into the simple-GLA forward and backward, with autograd.
+
+Arguments arrive checked (._checks). Here: head dims are zero-padded to 64, 128 or 256
+(exact: padded key columns add nothing, padded value columns are cut off), gates become
+fp32, varlen offsets int32 with per-sequence chunk slots, and every output and workspace is
+allocated before the launchers run (they only write into what they are given).
+
+Forward (chunk size 64, csrc/linear_attn/linear_params.h has the formulas):
+    chunk_state  (k, v)            -> h [slots, H, K, V]: the state entering every chunk
+    chunk_output (q, k, h, v)      -> o
+Backward (h recomputed):
+    chunk_state  (q, do, reverse)  -> dH [slots, H, K, V]: the gradient leaving every chunk; dh0
+    chunk_output (k, q, dH, do)    -> dv
+    chunk_output (do, v, h^T, k)   -> dq, and q . dq per row
+    chunk_output (v, do, dH^T, q)  -> dk, and k . dk per row
+    (the reverse chunk_state also gives exp(b_L) <dH_c, h_c> per chunk, and the dq / dk
+     chunk_outputs q . dq_inter, k . dk_inter per row)
+    gate_grad      (q, k, v, do)   -> dg, chunk by chunk (csrc/linear_attn/gate_grad.cu)
+fused_recurrent_* run the token-by-token kernel forward; their backward is the chunked one
+(the same function of the inputs).
+"""
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import build_info
+
+CHUNK = 64
+HEAD_DIMS = (64, 128, 256)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- the extension
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """(module, None) or (None, why it is unavailable)."""
+    cfg = build_info.build_config()
+    if not cfg.get("cuda"):
+        return None, f"the CUDA extensions were not built ({cfg.get('skip_reason') or 'unknown reason'})"
+    if not cfg.get("linear_attn"):
+        return None, "flash_attn_linear_cuda was not built (FLASH_ATTN_DISABLE_LINEAR=1 or an older build)"
+    try:
+        import flash_attn_linear_cuda
+    except ImportError as exc:
+        return None, f"flash_attn_linear_cuda failed to load: {exc}"
+    return flash_attn_linear_cuda, None
+
+
+def extension():
+    """The flash_attn_linear_cuda module, or None (tests replace this with a model of it)."""
+    return _load()[0]
+
+
+def unavailable_reason():
+    """None when the linear-attention kernels can run, else a one-line reason."""
+    if extension() is not None:
+        return None
+    return _load()[1] or "flash_attn_linear_cuda is not available"
+
+
+def require_extension(fn):
+    ext = extension()
+    if ext is None:
+        raise NotImplementedError(f"flash_attn.linear_attn.{fn}: the CUDA linear-attention kernels are not "
+                                  f"available ({unavailable_reason()}); CPU tensors run the PyTorch reference "
+                                  f"(move the inputs with .cpu())")
+    return ext
+
+
+def kernel_head_dim(d):
+    """The compiled head dim a dim of d is padded to, or None when d is too large."""
+    return next((x for x in HEAD_DIMS if x >= d), None)
+
+
+def on_kernel_device(x):
+    """Whether x is where the kernels run (tests point this at the CPU, with a model of the
+    extension in place of extension())."""
+    return x.device.type == "cuda"
+
+
+def runs_on_kernels(q, v):
+    """Whether checked inputs go to the kernels: on a CUDA device, fp16/bf16, K and V <= 256.
+    Other CUDA inputs run the PyTorch reference on the device."""
+    return (on_kernel_device(q) and q.dtype in KERNEL_DTYPES and kernel_head_dim(q.shape[-1]) is not None
+            and kernel_head_dim(v.shape[-1]) is not None)
+
+
+# --------------------------------------------------------------------------- layout helpers
+
+def _pad_last(x, d):
+    if x is None or x.shape[-1] == d:
+        return None if x is None else x.contiguous()
+    return F.pad(x, (0, d - x.shape[-1])).contiguous()
+
+
+def _pad_state(s, kd, vd):
+    """[N, H, K, V] fp32 -> [N, H, kd, vd] contiguous fp32."""
+    if s is None:
+        return None
+    s = s.float()
+    if s.shape[-2:] != (kd, vd):
+        s = F.pad(s, (0, vd - s.shape[-1], 0, kd - s.shape[-2]))
+    return s.contiguous()
+
+
+class Seqs:
+    """Where each sequence's chunks are: cu_seqlens int32 (or None), chunk_offsets int32
+    [N + 1] (each sequence's first state slot; varlen only), the slot count and N."""
+
+    def __init__(self, B, T, cu_seqlens, device):
+        if cu_seqlens is None:
+            self.cu, self.offsets, self.num_seqs = None, None, B
+            self.slots = B * math.ceil(T / CHUNK)
+            return
+        cu = cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
+        # the kernels' clamping (chunk_info.cuh): bos in [0, T], eos in [bos, T]
+        bos = cu[:-1].clamp(0, T)
+        eos = torch.maximum(cu[1:].clamp(0, T), bos)
+        counts = torch.div(eos - bos + CHUNK - 1, CHUNK, rounding_mode="floor")
+        offsets = torch.zeros(cu.shape[0], dtype=torch.int32, device=device)
+        offsets[1:] = counts.cumsum(0)
+        self.cu, self.offsets, self.num_seqs = cu, offsets, cu.shape[0] - 1
+        # a bound that needs no device-to-host copy: sum ceil(len / 64) <= T / 64 + N
+        self.slots = math.ceil(T / CHUNK) + self.num_seqs
+
+
+def _gates(g, g_gamma):
+    """fp32 contiguous scalar gates (g [B, T, H] or gamma [H]), or None."""
+    return (None if g is None else g.float().contiguous(),
+            None if g_gamma is None else g_gamma.float().contiguous())
+
+
+# --------------------------------------------------------------------------- forward / backward
+
+def _states(ext, x, z, g, gamma, init, seqs, final, scale=1.0, reverse=False, pair_states=None, pair_dot=None):
+    B, T, H, R = x.shape
+    states = x.new_empty(seqs.slots, H, R, z.shape[-1])
+    ext.chunk_state(x, z, g, gamma, init, states, final, seqs.cu, seqs.offsets, scale, reverse, pair_states,
+                    pair_dot)
+    return states
+
+
+def chunk_forward(ext, q, k, v, g, gamma, scale, h0, output_final_state, seqs):
+    """Padded, contiguous inputs -> (o, h_T fp32 or None)."""
+    N, H, K, V = seqs.num_seqs, q.shape[2], q.shape[3], v.shape[3]
+    final = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    h = _states(ext, k, v, g, gamma, h0, seqs, final)
+    o = torch.empty_like(v)
+    ext.chunk_output(q, k, v, h, o, None, None, g, gamma, seqs.cu, seqs.offsets, scale, scale, False, False)
+    return o, final
+
+
+def recurrent_forward(ext, q, k, v, g, gamma, scale, h0, output_final_state, seqs, reverse=False, gk=None, gv=None):
+    N, H, K, V = seqs.num_seqs, q.shape[2], q.shape[3], v.shape[3]
+    final = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    o = torch.empty_like(v)
+    ext.recurrent(q, k, v, g, gamma, gk, gv, h0, o, final, seqs.cu, seqs.offsets, scale, reverse)
+    return o, final
+
+
+def chunk_backward(ext, q, k, v, g, gamma, scale, h0, do, dht, seqs, need_dg):
+    """Padded, contiguous inputs -> (dq, dk, dv, dg fp32 [B, T, H] or None, dh0 fp32)."""
+    B, T, H, K = q.shape
+    V = v.shape[3]
+    h = _states(ext, k, v, g, gamma, h0, seqs, None)
+    dh0 = q.new_empty(seqs.num_seqs, H, K, V, dtype=torch.float32)
+    # exp(b_L) <dH_c, h_c> per chunk and state tile: the gate gradient's inter-chunk term
+    pair = q.new_empty(seqs.slots, H, (K // 64) * (V // 32), dtype=torch.float32) if need_dg else None
+    dH = _states(ext, q, do, g, gamma, dht, seqs, dh0, scale=scale, reverse=True,
+                 pair_states=h if need_dg else None, pair_dot=pair)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    rq = q.new_empty(K // 64, B, T, H, dtype=torch.float32) if need_dg else None
+    rk = q.new_empty(K // 64, B, T, H, dtype=torch.float32) if need_dg else None
+    cu, off = seqs.cu, seqs.offsets
+    ext.chunk_output(k, q, do, dH, dv, None, None, g, gamma, cu, off, 1.0, scale, False, True)
+    ext.chunk_output(do, v, k, h, dq, q if need_dg else None, rq, g, gamma, cu, off, scale, scale, True, False)
+    ext.chunk_output(v, do, q, dH, dk, k if need_dg else None, rk, g, gamma, cu, off, 1.0, scale, True, True)
+    dg = None
+    if need_dg:
+        dg = q.new_empty(B, T, H, dtype=torch.float32)
+        ext.gate_grad(q, k, v, do, g, gamma, rq, rk, pair, dg, cu, off, scale)
+    return dq, dk, dv, dg, dh0
+
+
+class SimpleGLAFunction(torch.autograd.Function):
+    """o, h_T = simple GLA of (q, k, v, g | gamma, h0); the forward by the chunked or the
+    token-by-token kernels (recurrent=True), the backward always chunked."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, gamma, h0, scale, output_final_state, cu_seqlens, recurrent):
+        ext = extension()
+        K, V = q.shape[-1], v.shape[-1]
+        kd, vd = kernel_head_dim(K), kernel_head_dim(V)
+        qp, kp, vp = _pad_last(q, kd), _pad_last(k, kd), _pad_last(v, vd)
+        g32, gamma32 = _gates(g, gamma)
+        h0p = _pad_state(h0, kd, vd)
+        seqs = Seqs(q.shape[0], q.shape[1], cu_seqlens, q.device)
+        run = recurrent_forward if recurrent else chunk_forward
+        o, ht = run(ext, qp, kp, vp, g32, gamma32, scale, h0p, output_final_state, seqs)
+        ctx.save_for_backward(qp, kp, vp, g32, gamma32, h0p)
+        ctx.seqs, ctx.scale, ctx.dims = seqs, scale, (K, V, kd, vd)
+        ctx.g_dtype = None if g is None else g.dtype
+        ctx.gamma_dtype = None if gamma is None else gamma.dtype
+        ctx.h0_given = h0 is not None
+        o = o[..., :V] if vd != V else o
+        if ht is not None:
+            ht = ht[..., :K, :V] if (kd, vd) != (K, V) else ht
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        qp, kp, vp, g32, gamma32, h0p = ctx.saved_tensors
+        K, V, kd, vd = ctx.dims
+        need_dg = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        dop = _pad_last(do.to(vp.dtype), vd)
+        dhtp = _pad_state(dht, kd, vd)
+        dq, dk, dv, dg, dh0 = chunk_backward(extension(), qp, kp, vp, g32, gamma32, ctx.scale, h0p, dop, dhtp,
+                                             ctx.seqs, need_dg)
+        dgate = dgamma = None
+        if ctx.needs_input_grad[3]:
+            dgate = dg.to(ctx.g_dtype)
+        if ctx.needs_input_grad[4]:
+            dgamma = dg.sum((0, 1)).to(ctx.gamma_dtype)
+        dh0 = dh0[..., :K, :V].contiguous() if ctx.h0_given and ctx.needs_input_grad[5] else None
+        return (dq[..., :K], dk[..., :K], dv[..., :V], dgate, dgamma, dh0, None, None, None, None)
+
+
+# --------------------------------------------------------------------------- entry points
+
+def _flip_sequences(x, cu_seqlens):
+    """Each sequence of x [B, T, ...] run backwards. Packed sequences: flipping the packed
+    row reverses their order too, which _flipped_cu and the state flips undo."""
+    return None if x is None else x.flip(1)
+
+
+def _flipped_cu(cu_seqlens, T):
+    return None if cu_seqlens is None else (T - cu_seqlens.flip(0)).to(cu_seqlens.dtype)
+
+
+def simple_gla(fn, mode, q, k, v, g, g_gamma, scale, initial_state, output_final_state, reverse, cu_seqlens):
+    """chunk_* (mode "chunk") and fused_recurrent_* (mode "recurrent") of the simple-GLA family
+    on CUDA: fp16/bf16 inputs with head dims <= 256. Checked arguments, states [N, H, K, V].
+    Returns (o, final state or None)."""
+    ext = require_extension(fn)
+    grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, g_gamma, initial_state))
+    if mode == "recurrent" and not grad:
+        # decoding: the token-by-token kernel, reverse in place, no autograd
+        K, V = q.shape[-1], v.shape[-1]
+        kd, vd = kernel_head_dim(K), kernel_head_dim(V)
+        g32, gamma32 = _gates(g, g_gamma)
+        seqs = Seqs(q.shape[0], q.shape[1], cu_seqlens, q.device)
+        o, ht = recurrent_forward(ext, _pad_last(q, kd), _pad_last(k, kd), _pad_last(v, vd), g32, gamma32, scale,
+                                  _pad_state(initial_state, kd, vd), output_final_state, seqs, reverse)
+        o = o[..., :V] if vd != V else o
+        if ht is not None and (kd, vd) != (K, V):
+            ht = ht[..., :K, :V].contiguous()
+        return o, ht
+    T = q.shape[1]
+    if reverse:
+        q, k, v, g = (_flip_sequences(x, cu_seqlens) for x in (q, k, v, g))
+        if cu_seqlens is not None and initial_state is not None:
+            initial_state = initial_state.flip(0)
+        cu_seqlens = _flipped_cu(cu_seqlens, T)
+    o, ht = SimpleGLAFunction.apply(q, k, v, g, g_gamma, initial_state, scale, output_final_state, cu_seqlens,
+                                    mode == "recurrent")
+    if reverse:
+        o = o.flip(1)
+        if ht is not None and cu_seqlens is not None:
+            ht = ht.flip(0)
+    return o, ht
+
+
+def gla_recurrent(fn, q, k, v, gk, gv, scale, initial_state, output_final_state, reverse, cu_seqlens):
+    """fused_recurrent_gla on CUDA without gradients (per-key gk / per-value gv gates)."""
+    ext = require_extension(fn)
+    K, V = q.shape[-1], v.shape[-1]
+    kd, vd = kernel_head_dim(K), kernel_head_dim(V)
+    seqs = Seqs(q.shape[0], q.shape[1], cu_seqlens, q.device)
+    gk32 = None if gk is None else _pad_last(gk.float(), kd)
+    gv32 = None if gv is None else _pad_last(gv.float(), vd)
+    o, ht = recurrent_forward(ext, _pad_last(q, kd), _pad_last(k, kd), _pad_last(v, vd), None, None, scale,
+                              _pad_state(initial_state, kd, vd), output_final_state, seqs, reverse, gk32, gv32)
+    o = o[..., :V] if vd != V else o
+    if ht is not None and (kd, vd) != (K, V):
+        ht = ht[..., :K, :V].contiguous()
+    return o, ht

@@ -1,0 +1,67 @@
+"""CPU checks of benchmarks/benchmark_linear.py: argument parsing, rows and the target's
+verdict, and a whole --dry-run (made-up timings, no GPU) writing its JSON."""
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "benchmark_linear.py"
+
+
+@pytest.fixture(scope="module")
+def bl():
+    spec = importlib.util.spec_from_file_location("benchmark_linear", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_parse_args(bl):
+    args = bl.parse_args([])
+    assert args.shapes == [(8, 2048), (4, 4096), (2, 8192), (1, 16384), (1, 65536)]
+    assert args.mode == ["fwd", "fwdbwd"] and args.ops == ["chunk_simple_gla", "chunk_retention"]
+    args = bl.parse_args(["--shapes", "2x128, 1x64", "--mode", "fwd", "--ops", "all"])
+    assert args.shapes == [(2, 128), (1, 64)] and args.mode == ["fwd"] and args.ops == list(bl.ALL_OPS)
+    with pytest.raises(argparse.ArgumentTypeError):
+        bl._shape_list("8by2048")
+    with pytest.raises(SystemExit):
+        bl.parse_args(["--ops", "chunk_nope"])
+
+
+def test_rows_and_summary(bl):
+    def row(op, mode, ours, fla, T=2048):
+        r = bl.new_row(op, mode, 1, T, 16, 128)
+        for side, ms in (("ours", ours), ("fla", fla)):
+            bl.record(r, side, (lambda: 1 / 0) if ms is None else (lambda ms=ms: ms))
+        return bl.finish_row(r)
+
+    rows = [row("a", "fwd", 1.0, 2.0), row("a", "fwd", 1.0, 1.6, T=4096),
+            row("b", "fwd", 1.0, 1.2), row("c", "fwd", None, 1.0), row("d", "fwd", 1.0, None)]
+    assert rows[0]["speedup_vs_fla"] == 2.0
+    assert rows[3]["results"]["ours"] == {"ms": None, "error": "ZeroDivisionError: division by zero"}
+    summary = {s["op"]: s for s in bl.summarize(rows)}
+    assert summary["a"]["status"] == "met" and summary["a"]["worst"] == {"B": 1, "T": 4096, "speedup": 1.6}
+    assert summary["b"]["status"] == "missed"
+    assert summary["c"]["status"] == "missed" and summary["c"]["ours_failed"] == 1
+    assert summary["d"]["status"] == "not measured"
+
+
+def test_dry_run_writes_json(bl, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN_GIT_COMMIT", "abc123")
+    lines = []
+    doc, path = bl.main(["--dry-run", "--out-dir", str(tmp_path), "--ops", "all"], log=lines.append)
+    assert path == tmp_path / "linear_fwd-fwdbwd_dry-run_abc123.json"
+    saved = json.loads(path.read_text())
+    assert saved["commit"] == "abc123" and saved["dry_run"] and saved["env"]["device"] == "dry-run"
+    assert {"benchmark", "env", "fla_version", "dtype", "heads", "head_dim", "shapes", "timing", "target",
+            "results", "summary"} <= set(saved)
+    assert len(saved["results"]) == 5 * 4 * 2
+    simple = [r for r in saved["results"] if r["op"] == "chunk_simple_gla" and r["mode"] == "fwd"]
+    assert all(r["speedup_vs_fla"] > 1.5 and r["rms_ratio_vs_fla"] is not None for r in simple)
+    status = {(s["op"], s["mode"]): s["status"] for s in saved["summary"]}
+    assert status[("chunk_retention", "fwdbwd")] == "met"
+    assert status[("chunk_gla", "fwd")] == "missed"  # ours refuses in the dry run
+    assert status[("chunk_simple_gla", "fwdbwd")] == "not measured"  # fla refuses in the dry run
+    assert any("DRY RUN" in line for line in lines)

@@ -1,0 +1,235 @@
+"""flash_attn.linear_attn's CUDA route (flash_attn/linear_attn/_kernels.py) run on the CPU, with
+tests/linear_ext_model.py (a float64 model of each flash_attn_linear_cuda launcher) in place of
+the extension: the orchestration of the chunked forward and backward (operands, scales,
+masks, state slots, padding, varlen offsets, reverse flips, the gate gradient) against
+flash_attn.reference_linear, without a GPU. With float64 inputs only the route's fp32 gates,
+states and row dots round, so it must match the reference to ~1e-6; in bf16 the dtype
+plumbing and the tolerances of the GPU tests are checked. The kernels
+themselves are compared with the same model in tests/test_linear_attn_gpu.py."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flash_attn.linear_attn as la
+from flash_attn.linear_attn import _kernels
+from flash_attn.reference_linear import (lightning_log_decay, linear_attn_recurrent_ref, linear_attn_ref,
+                                         retention_log_decay)
+from linear_ext_model import LinearExtModel
+
+F64 = torch.float64
+
+
+class CountingModel(LinearExtModel):
+    def __init__(self):
+        self.calls = []
+
+    def __getattribute__(self, name):
+        attr = object.__getattribute__(self, name)
+        if name in ("chunk_state", "chunk_output", "gate_grad", "recurrent"):
+            object.__getattribute__(self, "calls").append(name)
+        return attr
+
+
+@pytest.fixture
+def model(monkeypatch):
+    """CPU tensors take the CUDA route, whose extension is the model (float64 inputs too)."""
+    m = CountingModel()
+    monkeypatch.setattr(_kernels, "extension", lambda: m)
+    monkeypatch.setattr(_kernels, "on_kernel_device", lambda x: True)
+    monkeypatch.setattr(_kernels, "KERNEL_DTYPES", (torch.float16, torch.bfloat16, torch.float32, F64))
+    return m
+
+
+def make(B, T, H, K, V, gate="g", n=1.0, dtype=F64, seed=0, h0=True, N=None):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, T, H, K, generator=gen, dtype=F64) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=gen, dtype=F64)
+    g = F.logsigmoid(torch.randn(B, T, H, generator=gen, dtype=F64)) / n if gate == "g" else None
+    gamma = -torch.rand(H, generator=gen, dtype=F64) / n if gate == "gamma" else None
+    state = torch.randn(N or B, H, K, V, generator=gen, dtype=F64) if h0 else None
+    cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
+    return cast(q), cast(k), cast(v), cast(g), cast(gamma), (None if state is None else state.float().to(
+        F64 if dtype == F64 else torch.float32))
+
+
+def rms_ratio(a, b):
+    return ((a.double() - b.double()).pow(2).mean().sqrt() / b.double().pow(2).mean().sqrt()).item()
+
+
+def close(a, b, tol=1e-6):  # gates and states are fp32 on the route
+    assert a.shape == b.shape
+    assert rms_ratio(a, b) < tol, rms_ratio(a, b)
+
+
+def cu(lens):
+    return torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+
+
+SHAPES = [(1, 16, 16), (63, 64, 64), (64, 100, 72), (65, 8, 128), (130, 64, 64)]
+
+
+# --------------------------------------------------------------------------- forward
+
+@pytest.mark.parametrize("gate", ["g", "gamma", None], ids=["g", "gamma", "nogate"])
+@pytest.mark.parametrize("T,K,V", SHAPES, ids=[f"T{t}-K{k}-V{v}" for t, k, v in SHAPES])
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+def test_forward_matches_reference(model, mode, T, K, V, gate):
+    q, k, v, g, gamma, h0 = make(2, T, 2, K, V, gate)
+    op = la.chunk_simple_gla if mode == "chunk" else la.fused_recurrent_simple_gla
+    o, ht = op(q, k, v, g=g, g_gamma=gamma, scale=0.3, initial_state=h0, output_final_state=True)
+    o_ref, ht_ref = linear_attn_recurrent_ref(q, k, v, g=g, g_gamma=gamma, scale=0.3, initial_state=h0,
+                                              output_final_state=True)
+    close(o, o_ref)
+    close(ht, ht_ref)
+    assert ("chunk_output" in model.calls) == (mode == "chunk")
+    assert ("recurrent" in model.calls) == (mode == "recurrent")
+
+
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+def test_varlen_with_empty_sequences(model, mode):
+    lens = [0, 65, 1, 64, 0, 30]
+    q, k, v, g, _, h0 = make(1, sum(lens), 2, 64, 64, N=len(lens))
+    op = la.chunk_simple_gla if mode == "chunk" else la.fused_recurrent_simple_gla
+    o, ht = op(q, k, v, g=g, initial_state=h0, output_final_state=True, cu_seqlens=cu(lens))
+    o_ref, ht_ref = linear_attn_recurrent_ref(q, k, v, g=g, initial_state=h0, output_final_state=True,
+                                              cu_seqlens=cu(lens))
+    close(o, o_ref)
+    close(ht, ht_ref)
+    assert torch.equal(ht[0], h0[0]) and torch.equal(ht[4], h0[4])  # empty: the state passes through
+
+
+def test_fixed_decay_ops(model):
+    q, k, v, _, _, h0 = make(2, 70, 4, 64, 64, gate=None)
+    for op, gamma in ((la.chunk_retention, retention_log_decay(4).double()),
+                      (la.fused_recurrent_retention, retention_log_decay(4).double())):
+        o, ht = op(q, k, v, initial_state=h0, output_final_state=True)
+        o_ref, ht_ref = linear_attn_recurrent_ref(q, k, v, g_gamma=gamma, initial_state=h0, output_final_state=True)
+        close(o, o_ref)
+        close(ht, ht_ref)
+    o = la.chunk_lightning_attn(q, k, v, layer_idx=1, num_layers=4)[0]
+    close(o, linear_attn_recurrent_ref(q, k, v, g_gamma=lightning_log_decay(4, 1, 4).double())[0])
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_chunk_linear_attn(model, normalize):
+    q, k, v, _, _, h0 = make(2, 70, 2, 64, 64, gate=None)
+    q, k = q.sigmoid(), k.sigmoid()
+    state = (h0, torch.rand(2, 1, 2, 64, dtype=F64)) if normalize else h0
+    o, st = la.chunk_linear_attn(q, k, v, initial_state=state, output_final_state=True, normalize=normalize)
+    o_ref, st_ref = linear_attn_ref(q, k, v, initial_state=state, output_final_state=True, normalize=normalize)
+    close(o, o_ref)
+    for a, b in zip(st, st_ref) if normalize else ((st, st_ref),):
+        close(a, b)
+    assert "chunk_output" in model.calls
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_reverse_and_state_v_first(model, grad):
+    lens = [40, 0, 90]
+    q, k, v, g, _, h0 = make(1, sum(lens), 2, 64, 64, N=3)
+    leaves = [x.clone().requires_grad_(grad) for x in (q, k, v, g, h0)]
+    o, ht = la.fused_recurrent_simple_gla(*leaves[:3], g=leaves[3], initial_state=leaves[4].transpose(-1, -2),
+                                          output_final_state=True, reverse=True, state_v_first=True,
+                                          cu_seqlens=cu(lens))
+    o_ref, ht_ref = linear_attn_recurrent_ref(q, k, v, g=g, initial_state=h0, output_final_state=True, reverse=True,
+                                              cu_seqlens=cu(lens))
+    close(o, o_ref)
+    close(ht.transpose(-1, -2), ht_ref)
+    assert "recurrent" in model.calls  # the forward is token by token either way
+    if grad:
+        (o.sum() + ht.sum()).backward()
+        refs = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+        o_r, ht_r = linear_attn_recurrent_ref(*refs[:3], g=refs[3], initial_state=refs[4], output_final_state=True,
+                                              reverse=True, cu_seqlens=cu(lens))
+        (o_r.sum() + ht_r.sum()).backward()
+        for a, b in zip(leaves, refs):
+            close(a.grad, b.grad, 2e-5)
+        assert "gate_grad" in model.calls  # the backward is the chunked one
+
+
+def test_gla_recurrent_forward_and_unbuilt_parts(model):
+    q, k, v, _, _, h0 = make(2, 37, 2, 64, 64, gate=None)
+    gk = F.logsigmoid(torch.randn(2, 37, 2, 64, dtype=F64))
+    gv = F.logsigmoid(torch.randn(2, 37, 2, 64, dtype=F64))
+    o, ht = la.fused_recurrent_gla(q, k, v, gk=gk, gv=gv, initial_state=h0, output_final_state=True)
+    o_ref, ht_ref = linear_attn_recurrent_ref(q, k, v, g=gk, gv=gv, initial_state=h0, output_final_state=True)
+    close(o, o_ref)
+    close(ht, ht_ref)
+    o, ht = la.chunk_gla(q, k, v, gk, initial_state=h0, output_final_state=True)  # interim: the recurrence
+    o_ref, ht_ref = linear_attn_recurrent_ref(q, k, v, g=gk, initial_state=h0, output_final_state=True)
+    close(o, o_ref)
+    close(ht, ht_ref)
+    for call in (lambda: la.chunk_gla(q.requires_grad_(), k, v, gk),
+                 lambda: la.fused_recurrent_gla(q.requires_grad_(), k, v, gk=gk)):
+        with pytest.raises(NotImplementedError, match="GLA backward is not built yet"):
+            call()
+
+
+def test_missing_extension_raises(monkeypatch):
+    monkeypatch.setattr(_kernels, "extension", lambda: None)
+    monkeypatch.setattr(_kernels, "on_kernel_device", lambda x: True)
+    q, k, v, g, _, _ = make(1, 8, 1, 64, 64, dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="chunk_simple_gla: the CUDA linear-attention kernels are not "
+                                                  "available"):
+        la.chunk_simple_gla(q, k, v, g=g)
+
+
+# --------------------------------------------------------------------------- backward
+
+GRAD_CASES = [
+    ("g-T1", "g", 1, 64, 64, None),
+    ("g-T63-K100-V72", "g", 63, 100, 72, None),
+    ("g-T130", "g", 130, 64, 64, None),
+    ("g-n0.1", "g", 129, 64, 64, None),
+    ("gamma-T65", "gamma", 65, 64, 128, None),
+    ("nogate-T100", None, 100, 16, 16, None),
+    ("g-varlen", "g", None, 64, 64, [0, 65, 1, 64, 0, 30]),
+    ("gamma-varlen", "gamma", None, 64, 64, [3, 0, 128]),
+]
+
+
+@pytest.mark.parametrize("with_final", [True, False], ids=["final", "nofinal"])
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_backward_matches_reference(model, case, with_final):
+    _, gate, T, K, V, lens = case
+    n = 0.1 if "n0.1" in case[0] else 1.0
+    B = 2 if lens is None else 1
+    T = T if lens is None else sum(lens)
+    q, k, v, g, gamma, h0 = make(B, T, 2, K, V, gate, n=n, N=None if lens is None else len(lens))
+    offsets = None if lens is None else cu(lens)
+    gen = torch.Generator().manual_seed(7)
+    w_o = torch.randn(B, T, 2, V, generator=gen, dtype=F64)
+    w_s = torch.randn(h0.shape, generator=gen, dtype=F64)
+
+    def run(fn):
+        leaves = [None if x is None else x.clone().requires_grad_(True) for x in (q, k, v, g, gamma, h0)]
+        o, ht = fn(*leaves[:3], g=leaves[3], g_gamma=leaves[4], scale=0.4, initial_state=leaves[5],
+                   output_final_state=with_final, cu_seqlens=offsets)
+        loss = (o * w_o).sum() + ((ht * w_s).sum() if with_final else 0)
+        loss.backward()
+        return [None if x is None else x.grad for x in leaves]
+
+    got = run(la.chunk_simple_gla)
+    ref = run(lambda *a, **kw: linear_attn_recurrent_ref(*a, **kw))
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dgamma", "dh0"), got, ref):
+        if b is None:
+            assert a is None, name
+        else:
+            # the gate gradient is an fp32 reverse cumsum of fp32 row dots (as in the kernels)
+            close(a, b, 2e-5 if name in ("dg", "dgamma") else 1e-6)
+    assert "gate_grad" in model.calls if gate is not None else "gate_grad" not in model.calls
+
+
+def test_bf16_route_dtypes_and_accuracy(model):
+    q, k, v, g, _, h0 = make(2, 100, 2, 64, 64, dtype=torch.bfloat16)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+    o, ht = la.chunk_simple_gla(*leaves[:3], g=leaves[3], initial_state=leaves[4], output_final_state=True)
+    assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
+    (o.float().sum() + ht.sum()).backward()
+    assert [x.grad.dtype for x in leaves] == [torch.bfloat16] * 4 + [torch.float32]
+    refs = [x.detach().double().requires_grad_(True) for x in (q, k, v, g, h0)]
+    o_r, ht_r = linear_attn_recurrent_ref(*refs[:3], g=refs[3], initial_state=refs[4], output_final_state=True)
+    (o_r.sum() + ht_r.sum()).backward()
+    assert rms_ratio(o, o_r) < 0.005 and rms_ratio(ht, ht_r) < 1e-6
+    for a, b in zip(leaves, refs):
+        assert rms_ratio(a.grad, b.grad) < 0.008
