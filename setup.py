@@ -195,7 +195,7 @@ def _linear_extension(flash_ext):
     return CUDAExtension(
         name="flash_attn_linear_cuda",
         sources=sources,
-        include_dirs=[str(src)],
+        include_dirs=[str(src), str(ROOT / "csrc" / "common")],
         extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": nvcc},
     )
 

@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include "py_value_errors.h"
+
 #include <algorithm>
 #include <cmath>
 #include <mutex>
@@ -593,22 +595,22 @@ std::vector<at::Tensor> varlen_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flash_attn CUDA kernels (FA2-class forward, sm80+)";
-  m.def("fwd", &fwd, "Exact attention forward, batched (b, s, h, d)", py::arg("q"), py::arg("k"), py::arg("v"),
+  m.def("fwd", &PyValueErrors<&fwd>::call, "Exact attention forward, batched (b, s, h, d)", py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_size_left"),
         py::arg("window_size_right"), py::arg("softcap"), py::arg("p_dropout") = 0.0,
         py::arg("return_softmax") = false, py::arg("gen") = py::none());
-  m.def("varlen_fwd", &varlen_fwd, "Exact attention forward, varlen (total, h, d)", py::arg("q"), py::arg("k"),
+  m.def("varlen_fwd", &PyValueErrors<&varlen_fwd>::call, "Exact attention forward, varlen (total, h, d)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("seqused_k"),
         py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("alibi_slopes"), py::arg("softmax_scale"),
         py::arg("window_size_left"), py::arg("window_size_right"), py::arg("softcap"), py::arg("p_dropout") = 0.0,
         py::arg("return_softmax") = false, py::arg("gen") = py::none());
 #ifdef FLASH_ATTN_HAS_BWD
-  m.def("bwd", &bwd, "Exact attention backward, batched", py::arg("dout"), py::arg("q"), py::arg("k"),
+  m.def("bwd", &PyValueErrors<&bwd>::call, "Exact attention backward, batched", py::arg("dout"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("softmax_lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
         py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_size_left"),
         py::arg("window_size_right"), py::arg("softcap"), py::arg("deterministic"), py::arg("p_dropout") = 0.0,
         py::arg("rng_state") = py::none());
-  m.def("varlen_bwd", &varlen_bwd, "Exact attention backward, varlen", py::arg("dout"), py::arg("q"),
+  m.def("varlen_bwd", &PyValueErrors<&varlen_bwd>::call, "Exact attention backward, varlen", py::arg("dout"), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("softmax_lse"), py::arg("dq"), py::arg("dk"),
         py::arg("dv"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
         py::arg("max_seqlen_k"), py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_size_left"),
