@@ -210,17 +210,10 @@ void run_fwd(Flash_fwd_params &p, bool is_dropout, cudaStream_t stream) {
       using Element = typename decltype(dtype_tag)::type;
       return flash::headdim_switch(p.d, [&](auto hdim_tag) {
         constexpr int kHeadDim = decltype(hdim_tag)::value;
-        return flash::dropout_switch(is_dropout, [&](auto dropout_tag) {
-          if constexpr (decltype(dropout_tag)::value) {
-            // One dropout variant: ALiBi optional at run time (alibi_slopes_ptr), no softcap.
-            return flash::run_mha_fwd_<Element, kHeadDim, true, false, true>(p, stream);
-          } else {
-            return flash::variant_switch(
-                p.alibi_slopes_ptr != nullptr, p.softcap_prescale > 0.f, [&](auto alibi_tag, auto softcap_tag) {
-                  return flash::run_mha_fwd_<Element, kHeadDim, decltype(alibi_tag)::value,
-                                             decltype(softcap_tag)::value, false>(p, stream);
-                });
-          }
+        const bool has_alibi = p.alibi_slopes_ptr != nullptr, is_softcap = p.softcap_prescale > 0.f;
+        return flash::kernel_variant_switch(has_alibi, is_softcap, is_dropout, [&](auto alibi, auto cap, auto drop) {
+          return flash::run_mha_fwd_<Element, kHeadDim, decltype(alibi)::value, decltype(cap)::value,
+                                     decltype(drop)::value>(p, stream);
         });
       });
     });
@@ -370,17 +363,10 @@ void run_bwd(flash::Flash_bwd_params &p, bool is_dropout, cudaStream_t stream) {
       return flash::headdim_switch(p.d, [&](auto hdim_tag) {
         constexpr int kHeadDim = decltype(hdim_tag)::value;
         if constexpr (kHeadDim == 64 || kHeadDim == 128) {
-          return flash::dropout_switch(is_dropout, [&](auto dropout_tag) {
-            if constexpr (decltype(dropout_tag)::value) {
-              // As in the forward: one dropout variant, ALiBi optional at run time.
-              return flash::run_mha_bwd_<Element, kHeadDim, true, false, true>(p, stream);
-            } else {
-              return flash::variant_switch(
-                  p.alibi_slopes_ptr != nullptr, p.softcap_prescale > 0.f, [&](auto alibi_tag, auto softcap_tag) {
-                    return flash::run_mha_bwd_<Element, kHeadDim, decltype(alibi_tag)::value,
-                                               decltype(softcap_tag)::value, false>(p, stream);
-                  });
-            }
+          const bool has_alibi = p.alibi_slopes_ptr != nullptr, is_softcap = p.softcap_prescale > 0.f;
+          return flash::kernel_variant_switch(has_alibi, is_softcap, is_dropout, [&](auto alibi, auto cap, auto drop) {
+            return flash::run_mha_bwd_<Element, kHeadDim, decltype(alibi)::value, decltype(cap)::value,
+                                       decltype(drop)::value>(p, stream);
           });
         } else {
           return cudaErrorNotSupported;

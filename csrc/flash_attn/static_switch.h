@@ -100,4 +100,19 @@ cudaError_t dropout_switch(bool is_dropout, Fn &&fn) {
   return fn(BoolTag<false>{});
 }
 
+// Calls fn(BoolTag<Has_alibi>{}, BoolTag<Is_softcap>{}, BoolTag<Is_dropout>{}) for the
+// compiled kernel variant that serves a call: with dropout the one dropout variant (ALiBi
+// optional at run time, no softcap), else the ALiBi x softcap variant.
+template <typename Fn>
+cudaError_t kernel_variant_switch(bool has_alibi, bool is_softcap, bool is_dropout, Fn &&fn) {
+  return dropout_switch(is_dropout, [&](auto dropout_tag) {
+    if constexpr (decltype(dropout_tag)::value) {
+      return fn(BoolTag<true>{}, BoolTag<false>{}, BoolTag<true>{});
+    } else {
+      return variant_switch(has_alibi, is_softcap,
+                            [&](auto alibi_tag, auto softcap_tag) { return fn(alibi_tag, softcap_tag, dropout_tag); });
+    }
+  });
+}
+
 }  // namespace flash
