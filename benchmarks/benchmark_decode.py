@@ -26,7 +26,6 @@ made-up timings and no GPU (for the CPU tests).
 import argparse
 import importlib.util
 import json
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -38,39 +37,23 @@ PAGE_SIZES = {"ours_paged16": 16, "ours_paged256": 256}
 TARGET_VS_CUDNN, TARGET_LONG, LONG_SHAPE, PAGED_SLACK = 0.95, 1.0, (1, 131072), 0.10
 
 
-def _load_attn_helpers():
-    """benchmark_attn.py's git_commit / _slug / error_text (one definition of each)."""
-    spec = importlib.util.spec_from_file_location("benchmark_attn", Path(__file__).with_name("benchmark_attn.py"))
+def _load_linear_bench():
+    """benchmark_linear.py, whose argument parsers and result helpers (the latter from
+    benchmark_attn.py) this script shares: one definition of each."""
+    spec = importlib.util.spec_from_file_location("benchmark_linear", Path(__file__).with_name("benchmark_linear.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-_attn = _load_attn_helpers()
-git_commit, error_text, _slug = _attn.git_commit, _attn.error_text, _attn._slug
-
-
-def _shape_list(text):
-    shapes = []
-    for item in text.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", item)
-        if not m:
-            raise argparse.ArgumentTypeError(f"shapes: expected BxL items like 8x32768, got {item!r}")
-        shapes.append((int(m.group(1)), int(m.group(2))))
-    return shapes
-
-
-def _method_list(text):
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise argparse.ArgumentTypeError(f"methods: expected some of {', '.join(METHODS)}, got {text!r}")
-    return methods
+_linear = _load_linear_bench()
+git_commit, error_text, _slug = _linear.git_commit, _linear.error_text, _linear._slug
+_shape_list, _method_list = _linear._shape_list, _linear._choice_list(METHODS)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", type=_shape_list, default=list(DEFAULT_SHAPES), help="BxL list")
+    p.add_argument("--shapes", type=_shape_list, default=list(DEFAULT_SHAPES), help="BxL list, e.g. 1x131072,8x32768")
     p.add_argument("--methods", type=_method_list, default=list(METHODS))
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
