@@ -11,6 +11,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <initializer_list>
 #include <optional>
 #include <type_traits>
 #include <utility>
@@ -71,6 +72,14 @@ void check_shape(const Tensor& t, const char* name, at::IntArrayRef shape) {
 
 void check_dtype(const Tensor& t, const char* name, at::ScalarType st) {
   CHECK_ARG(t.scalar_type() == st, name, " must be ", st, ", got ", t.scalar_type());
+}
+
+// Each operand on `like`'s device, contiguous, 16-byte aligned, of dtype st (in order).
+void check_operands(std::initializer_list<Named> operands, const Tensor& like, at::ScalarType st) {
+  for (const auto& [t, name] : operands) {
+    check_dense(*t, name, like);
+    check_dtype(*t, name, st);
+  }
 }
 
 void check_opt(const OptTensor& t, const char* name, const Tensor& like, at::ScalarType st, at::IntArrayRef shape) {
@@ -193,11 +202,7 @@ void chunk_output(const Tensor& x, const Tensor& y, const Tensor& z, const Tenso
                   const OptTensor& dot, const OptTensor& rowdot, const OptTensor& g, const OptTensor& gamma,
                   const OptTensor& cu_seqlens, const OptTensor& chunk_offsets, double inter_scale,
                   double intra_scale, bool trans_m, bool upper) {
-  const Named operands[] = {{&x, "x"}, {&y, "y"}, {&z, "z"}, {&m, "m"}, {&out, "out"}};
-  for (const auto& [t, name] : operands) {
-    check_dense(*t, name, x);
-    check_dtype(*t, name, x.scalar_type());
-  }
+  check_operands({{&x, "x"}, {&y, "y"}, {&z, "z"}, {&m, "m"}, {&out, "out"}}, x, x.scalar_type());
   CHECK_ARG(x.dim() == 4, "x must be [B, T, H, R], got ", x.sizes());
   const int64_t B = x.size(0), T = x.size(1), H = x.size(2), R = x.size(3), N = z.size(3);
   check_shape(y, "y", x.sizes());
@@ -256,22 +261,14 @@ void chunk_output(const Tensor& x, const Tensor& y, const Tensor& z, const Tenso
 void gate_grad(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, const OptTensor& g,
                const OptTensor& gamma, const Tensor& rq, const Tensor& rk, const Tensor& pair, Tensor& dg,
                const OptTensor& cu_seqlens, const OptTensor& chunk_offsets, double scale) {
-  const Named operands[] = {{&q, "q"}, {&k, "k"}, {&v, "v"}, {&dout, "dout"}};
-  for (const auto& [t, name] : operands) {
-    check_dense(*t, name, q);
-    check_dtype(*t, name, q.scalar_type());
-  }
+  check_operands({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&dout, "dout"}}, q, q.scalar_type());
   CHECK_ARG(q.dim() == 4, "q must be [B, T, H, K], got ", q.sizes());
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = q.size(3), V = v.size(3);
   CHECK_ARG(K % 64 == 0 && V % 64 == 0 && K > 0 && V > 0, "K and V must be multiples of 64, got ", K, ", ", V);
   check_shape(k, "k", q.sizes());
   check_shape(v, "v", {B, T, H, V});
   check_shape(dout, "dout", {B, T, H, V});
-  const Named partials[] = {{&rq, "rq"}, {&rk, "rk"}, {&pair, "pair"}, {&dg, "dg"}};
-  for (const auto& [t, name] : partials) {
-    check_dense(*t, name, q);
-    check_dtype(*t, name, at::kFloat);
-  }
+  check_operands({{&rq, "rq"}, {&rk, "rk"}, {&pair, "pair"}, {&dg, "dg"}}, q, at::kFloat);
   check_shape(rq, "rq", {K / 64, B, T, H});
   check_shape(rk, "rk", {K / 64, B, T, H});
   check_shape(dg, "dg", {B, T, H});
@@ -304,11 +301,7 @@ void recurrent(const Tensor& q, const Tensor& k, const Tensor& v, const OptTenso
                const OptTensor& gk, const OptTensor& gv, const OptTensor& init, Tensor& out,
                const OptTensor& final_state, const OptTensor& cu_seqlens, const OptTensor& chunk_offsets,
                double scale, bool reverse) {
-  const Named operands[] = {{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}};
-  for (const auto& [t, name] : operands) {
-    check_dense(*t, name, q);
-    check_dtype(*t, name, q.scalar_type());
-  }
+  check_operands({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}}, q, q.scalar_type());
   CHECK_ARG(q.dim() == 4, "q must be [B, T, H, K], got ", q.sizes());
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = q.size(3), V = v.size(3);
   check_shape(k, "k", q.sizes());
