@@ -1,15 +1,15 @@
 """CPU checks of benchmarks/benchmark_attn.py's pure parts: FLOP counts, mode parsing, the
 targets' verdicts, the JSON's layout, and a whole --dry-run (made-up timings, no GPU)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from flash_attn._bench import PASS_FLOP_FACTORS, attn_flops, attn_fwd_flops
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "benchmark_attn.py"
+from script_loader import load_benchmark
+
+
 # issue 2's forward file had these top-level keys; a forward-only run must keep them
 FWD_KEYS = {"benchmark", "dtype", "commit", "env", "build", "tokens_per_batch", "model_dim", "timing", "flops",
             "sdpa_layout", "target", "results"}
@@ -17,10 +17,7 @@ FWD_KEYS = {"benchmark", "dtype", "commit", "env", "build", "tokens_per_batch", 
 
 @pytest.fixture(scope="module")
 def ba():
-    spec = importlib.util.spec_from_file_location("benchmark_attn", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("benchmark_attn")
 
 
 def shape(d=128, causal=False, s=2048):

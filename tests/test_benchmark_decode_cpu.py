@@ -1,21 +1,16 @@
 """CPU checks of benchmarks/benchmark_decode.py: arguments, bandwidth and ratios, target
 verdicts, and a whole --dry-run (made-up timings, no GPU) writing its JSON."""
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "benchmark_decode.py"
+from script_loader import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bd():
-    spec = importlib.util.spec_from_file_location("benchmark_decode", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("benchmark_decode")
 
 
 def test_parse_args(bd):

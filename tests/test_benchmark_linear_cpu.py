@@ -1,21 +1,16 @@
 """CPU checks of benchmarks/benchmark_linear.py: argument parsing, rows and the target's
 verdict, and a whole --dry-run (made-up timings, no GPU) writing its JSON."""
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "benchmark_linear.py"
+from script_loader import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bl():
-    spec = importlib.util.spec_from_file_location("benchmark_linear", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("benchmark_linear")
 
 
 def test_parse_args(bl):
