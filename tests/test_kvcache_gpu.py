@@ -390,11 +390,11 @@ def _split_case(gen, dtype, d, batch, seqlen_k, hk, mask, paged):
     return kw, contiguous
 
 
-def _poison_split_buffers(batch, sq, d):
+def _poison_split_buffers(batch, sq, d, dtype):
     """NaN in the allocator's free blocks at the sizes of the outputs and of the fp32 partials
     (oaccum [splits, heads, rows, d], lseaccum), so a partial that no split wrote shows."""
     rows = batch * sq * 4  # GQA packing turns up to 4 query heads into rows
-    poison_allocator(((batch, sq, 8, d), torch.float16), ((batch, 8, sq), torch.float32),
+    poison_allocator(((batch, sq, 8, d), dtype), ((batch, 8, sq), torch.float32),
                      ((16, 8, rows, d), torch.float32), ((16, 8, rows), torch.float32))
 
 
@@ -416,7 +416,7 @@ def test_split_kv_matches_reference(num_splits, seqlen_k, hk, mask, batch, paged
     gen = _generator(what)
     kw, (k_ref, v_ref) = _split_case(gen, dtype, d, batch, seqlen_k, hk, mask, paged)
     ref_kw = {key: val for key, val in _clone(kw).items() if key not in ("k_cache", "v_cache", "block_table")}
-    _poison_split_buffers(batch, kw["q"].shape[1], d)
+    _poison_split_buffers(batch, kw["q"].shape[1], d, dtype)
     out, lse = flash_attn_with_kvcache(**kw, num_splits=num_splits, return_softmax_lse=True)
     ref, ref_lse = kvcache_ref(k_cache=k_ref.clone(), v_cache=v_ref.clone(), upcast=True, **ref_kw)
     pt, pt_lse = kvcache_ref(k_cache=k_ref.clone(), v_cache=v_ref.clone(), upcast=False, **ref_kw)

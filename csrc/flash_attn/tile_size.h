@@ -80,5 +80,11 @@ constexpr int num_splits_heuristic(long long ctas, int num_sms, int n_blocks, in
   const int blocks_cap = n_blocks / 2 > 1 ? n_blocks / 2 : 1;
   return clamp_num_splits(want < blocks_cap ? want : blocks_cap, n_blocks, heads);
 }
+// The cases above, checked at compile time: the example; a full grid; short caches; the
+// grid limit; an explicit request capped by the keys.
+static_assert(num_splits_heuristic(8, 132, 2048, 8) == 33);
+static_assert(num_splits_heuristic(132, 132, 2048, 8) == 1);
+static_assert(num_splits_heuristic(8, 132, 16, 8) == 8 && num_splits_heuristic(8, 132, 1, 8) == 1);
+static_assert(clamp_num_splits(1000, 4096, 1024) == 63 && clamp_num_splits(16, 5, 8) == 5);
 
 }  // namespace flash
