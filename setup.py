@@ -13,6 +13,8 @@ Environment flags (all optional):
   FLASH_ATTN_DISABLE_ALIBI=1       trim: no ALiBi kernels
   FLASH_ATTN_DISABLE_SOFTCAP=1     trim: no softcap kernels
   FLASH_ATTN_DISABLE_DROPOUT=1     trim: no dropout kernels
+  FLASH_ATTN_DISABLE_SPLITKV=1     trim: no split-KV kernels (flash_attn_with_kvcache then
+                                   ignores num_splits and runs unsplit)
   FLASH_ATTN_DISABLE_BACKWARD=1    trim: forward kernels only
   FLASH_ATTN_DISABLE_LINEAR=1      skip the linear-attention extension (flash_attn_linear_cuda)
   CUTLASS_HOME                     CUTLASS checkout (else the nvidia-cutlass package)
@@ -34,7 +36,8 @@ ROOT = Path(__file__).resolve().parent
 PACKAGE_VERSION = "2.8.3"  # the flash-attn API level this package implements
 ALL_HEADDIMS = (32, 64, 96, 128, 192, 256)
 ALL_DTYPES = ("fp16", "bf16")
-ALL_VARIANTS = ("plain", "alibi", "softcap", "alibi_softcap", "dropout")
+# "splitkv" exists for head dims 64, 128, 256 only (generate_kernels.py).
+ALL_VARIANTS = ("plain", "alibi", "softcap", "alibi_softcap", "dropout", "splitkv")
 MIN_TORCH = (2, 4)
 
 
@@ -155,7 +158,8 @@ def _kernel_selection():
     variants = [v for v in ALL_VARIANTS
                 if not ("alibi" in v and _env_flag("FLASH_ATTN_DISABLE_ALIBI"))
                 and not ("softcap" in v and _env_flag("FLASH_ATTN_DISABLE_SOFTCAP"))
-                and not (v == "dropout" and _env_flag("FLASH_ATTN_DISABLE_DROPOUT"))]
+                and not (v == "dropout" and _env_flag("FLASH_ATTN_DISABLE_DROPOUT"))
+                and not (v == "splitkv" and _env_flag("FLASH_ATTN_DISABLE_SPLITKV"))]
     return sorted(hdims), dtypes, variants
 
 
@@ -190,6 +194,8 @@ def _cuda_extension(torch, archs, hdims, dtypes, variants):
         defines.append("-DFLASH_ATTN_HAS_SOFTCAP")
     if "dropout" in variants:
         defines.append("-DFLASH_ATTN_HAS_DROPOUT")
+    if "splitkv" in variants:
+        defines.append("-DFLASH_ATTN_HAS_SPLITKV")
     if backward:
         defines.append("-DFLASH_ATTN_HAS_BWD")
 

@@ -177,9 +177,10 @@ def s_dmask(probs, keep, dtype):
 
 def kvcache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                     cache_leftpad, softmax_scale, window, softcap, rotary_interleaved, alibi_slopes,
-                    block_table=None):
+                    block_table=None, num_splits=0):
     """flash_attn_with_kvcache on CPU: reference.kvcache_ref, which writes k, v into the
     caches (paged with block_table) in place. window: normalized, causal folded in.
+    num_splits is a CUDA performance hint; the reference ignores it.
     Returns out (b, sq, hq, d) and lse (b, hq, sq)."""
     return reference.kvcache_ref(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                                  cache_batch_idx, cache_leftpad, softmax_scale, False, window, softcap,

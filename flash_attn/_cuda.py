@@ -173,7 +173,7 @@ def varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, m
 
 def kvcache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                     cache_leftpad, softmax_scale, window, softcap, rotary_interleaved, alibi_slopes,
-                    block_table=None):
+                    block_table=None, num_splits=0):
     """flash_attn_with_kvcache on CUDA: rotary and the cache append in PyTorch, then varlen_fwd.
 
     q (b, sq, hq, d); k_cache, v_cache (b_cache, s_cache, hk, d), written in place
@@ -191,7 +191,10 @@ def kvcache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seq
     Nothing here reads device values to the host (no sync). Values that Python
     did not check (FLASH_ATTN_DEBUG unset) are clamped into the caches' bounds:
     bad ones give wrong numbers, never an access outside the tensors.
-    num_splits is not used: varlen_fwd has no split-KV yet.
+    num_splits (split-KV, flash-attn semantics: 0 = chosen by varlen_fwd from the grid size,
+    the SM count and the cache capacity, 1 = no split, n = up to n shares of each sequence's
+    keys) goes to varlen_fwd as is: the kernel cuts each sequence's actual key range on the
+    device, so nothing is read back here.
 
     block_table (paged KV: caches (num_blocks, page_block_size, hk, d), block_table int32
     (b, max_num_blocks_per_seq), no cache_batch_idx): an INTERIM GATHER PATH until the
@@ -253,7 +256,7 @@ def kvcache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seq
     call = functools.partial(_kvcache_call, cu_seqlens_k=_arange_cu(b, s_cache, device),
                              seqused_k=seqused.to(torch.int32), max_seqlen_k=s_cache,
                              softmax_scale=softmax_scale, window=window, softcap=softcap,
-                             alibi_slopes=alibi_slopes, pack_gqa=pack_gqa)
+                             alibi_slopes=alibi_slopes, pack_gqa=pack_gqa, num_splits=int(num_splits))
     return _ForwardOnly.apply(q, keys, values, call)
 
 
@@ -304,7 +307,7 @@ def _arange_cu(b, seqlen, device):
 
 
 def _kvcache_call(q, k, v, cu_seqlens_k, seqused_k, max_seqlen_k, softmax_scale, window, softcap,
-                  alibi_slopes, pack_gqa):
+                  alibi_slopes, pack_gqa, num_splits=0):
     """q (b, sq, hq, d); k, v (b * max_seqlen_k, hk, dk) rows of b sequences, dk the kernel
     head dim -> out (b, sq, hq, d), lse (b, hq, sq).
 
@@ -320,7 +323,8 @@ def _kvcache_call(q, k, v, cu_seqlens_k, seqused_k, max_seqlen_k, softmax_scale,
     # head h = kv_head * g + j  ->  row (s, j) of kv head kv_head
     q_rows = pad_head_dim(q, dk).reshape(b, sq, heads, g, dk).transpose(2, 3).reshape(b * sq * g, heads, dk)
     out, lse = ext.varlen_fwd(q_rows, k, v, None, _arange_cu(b, sq * g, q.device), cu_seqlens_k, seqused_k,
-                              sq * g, max_seqlen_k, alibi, softmax_scale, window[0], window[1], softcap)[:2]
+                              sq * g, max_seqlen_k, alibi, softmax_scale, window[0], window[1], softcap,
+                              num_splits=num_splits)[:2]
     out = out.view(b, sq, g, heads, dk).transpose(2, 3).reshape(b, sq, hq, dk)[..., :d]
     lse = lse.view(heads, b, sq, g).permute(1, 0, 3, 2).reshape(b, hq, sq).contiguous()
     return (out if dk == d else out.contiguous()), lse

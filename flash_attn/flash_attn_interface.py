@@ -217,8 +217,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Batch row i attends to keys [cache_leftpad[i], cache_seqlens[i] + seqlen_new) of
     its cache row; causal / window_size / alibi_slopes are aligned to that key
     length as in flash_attn_func, softmax_scale and softcap likewise.
-    num_splits: split-KV hint (0 = chosen from the lengths); accepted and ignored
-        by this implementation, which has no split-KV kernel yet.
+    num_splits: split-KV on CUDA: each sequence's keys are cut into up to num_splits
+        shares processed in parallel and merged by a combine kernel, which fills the GPU
+        when batch x heads is small and the cache long. 0 (default) = chosen from the grid
+        size, the SM count and the cache capacity; 1 = no split. Capped at 128 and at the
+        key blocks; ignored (unsplit, same result) where no split kernel exists (head dims
+        other than 64/128/256 after padding, builds with FLASH_ATTN_DISABLE_SPLITKV=1).
     return_softmax_lse: also return softmax_lse fp32 (batch, nheads, seqlen_q).
     Forward only (no backward), as in flash-attn.
 
@@ -240,7 +244,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if cache_seqlens is not None and not isinstance(cache_seqlens, torch.Tensor):
         cache_seqlens = torch.full((q.shape[0],), int(cache_seqlens), dtype=torch.int32, device=q.device)
     args = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
-            scale, window, softcap, rotary_interleaved, alibi_slopes, block_table)
+            scale, window, softcap, rotary_interleaved, alibi_slopes, block_table, num_splits)
     out, lse = _cuda.kvcache_forward(*args) if q.is_cuda else _cpu.kvcache_forward(*args)
     return (out, lse) if return_softmax_lse else out
 

@@ -463,8 +463,9 @@ class FakeExtension:
         self.calls = []
 
     def varlen_fwd(self, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-                   alibi_slopes, softmax_scale, window_size_left, window_size_right, softcap):
+                   alibi_slopes, softmax_scale, window_size_left, window_size_right, softcap, num_splits=1):
         assert out is None and q.dim() == k.dim() == v.dim() == 3
+        assert type(num_splits) is int and num_splits >= 0
         assert q.shape[-1] in self.head_dims and k.shape[-1] == v.shape[-1] == q.shape[-1]
         assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
         b = cu_seqlens_q.shape[0] - 1
@@ -476,7 +477,8 @@ class FakeExtension:
         if alibi_slopes is not None:
             assert alibi_slopes.dtype == torch.float32 and alibi_slopes.is_contiguous()
         self.calls.append(dict(k=k, v=v, seqused_k=seqused_k.clone(), head_dim=q.shape[-1],
-                               window=(window_size_left, window_size_right), q_shape=tuple(q.shape[:2])))
+                               window=(window_size_left, window_size_right), q_shape=tuple(q.shape[:2]),
+                               num_splits=num_splits))
         lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).minimum(seqused_k).clamp(min=0)
         return list(attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, lens,
                                          softmax_scale, False, (window_size_left, window_size_right), softcap,
@@ -577,6 +579,31 @@ def test_cuda_route_clamps_unchecked_values(fake):
     assert out.shape == kw["q"].shape and not torch.isnan(out).any()
     seqused = fake.calls[0]["seqused_k"]
     assert (seqused >= 0).all() and (seqused <= c.s_cache).all()
+
+
+@pytest.mark.parametrize("num_splits", [0, 1, 3, 16])
+def test_cuda_route_passes_num_splits(fake, num_splits):
+    """num_splits reaches varlen_fwd as given (the extension picks or caps it), on both the fast
+    and the gathered path; the default of the route is 0 (heuristic), as flash_attn_with_kvcache's."""
+    for name in ("decode", "batch-idx-leftpad"):
+        kw, _ = make_inputs(CASES[name])
+        _cuda.kvcache_forward(*route_args(kw), None, num_splits)
+        _cuda.kvcache_forward(*route_args(kw))
+    assert [c["num_splits"] for c in fake.calls] == [num_splits, 0, num_splits, 0]
+
+
+def test_with_kvcache_hands_num_splits_to_the_route(monkeypatch):
+    seen, original = [], _cpu.kvcache_forward
+
+    def route(*args):
+        seen.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(_cpu, "kvcache_forward", route)
+    kw, _ = make_inputs(CASES["decode"])
+    flash_attn_with_kvcache(**kw, num_splits=7)
+    flash_attn_with_kvcache(**kw)
+    assert seen == [7, 0]
 
 
 def test_cuda_route_backward_raises(fake):

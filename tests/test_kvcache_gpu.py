@@ -341,3 +341,107 @@ def test_backward_raises():
     out = flash_attn_with_kvcache(**kw)
     with pytest.raises(NotImplementedError, match="backward"):
         out.float().sum().backward()
+
+
+# ----------------------------------------------------------------------------
+# split-KV (num_splits): the split kernel + combine against the reference, and against num_splits=1
+
+SPLITS = [1, 0, 3, 16]  # 1 = off, 0 = heuristic (splits these small grids), 3 and 16 explicit
+SPLIT_SEQLENS_K = [17, 4097] if QUICK else [1, 17, 1000, 4097]  # keys per row 0 (others fewer)
+SPLIT_MASKS = {  # name: (causal, window_size, alibi, seqlen_q)
+    "full": (False, (-1, -1), False, 1),  # the GQA-packed decode path
+    "causal": (True, (-1, -1), False, 2),  # 2 query rows: with 1 key, row 0 sees none (lse +inf)
+    "window": (False, (97, 13), False, 2),  # most shares of a long cache see no key
+    "alibi": (False, (-1, -1), True, 1),
+}
+SPLIT_HEADDIMS = [64, 128, 256]  # the head dims with split kernels
+SPLIT_PAGE = 16
+
+
+def _split_case(gen, dtype, d, batch, seqlen_k, hk, mask, paged):
+    """kw for flash_attn_with_kvcache (one new token per row, row 0 ending at seqlen_k keys, the
+    others at random lengths; slots past each row's keys NaN), and the contiguous caches that
+    the reference reads (the same data when unpaged)."""
+    causal, window, alibi, sq = SPLIT_MASKS[mask]
+    hq = 8
+    cap = -(-seqlen_k // SPLIT_PAGE) * SPLIT_PAGE if paged else seqlen_k
+    seqlens = [seqlen_k - 1] + _randint(gen, 0, seqlen_k - 1, batch - 1)
+    k_cache = _randn(gen, batch, cap, hk, d, dtype=dtype)
+    v_cache = _randn(gen, batch, cap, hk, d, dtype=dtype)
+    for i, n in enumerate(seqlens):
+        k_cache[i, n + 1:] = float("nan")
+        v_cache[i, n + 1:] = float("nan")
+    kw = dict(q=_randn(gen, batch, sq, hq, d, dtype=dtype), k=_randn(gen, batch, 1, hk, d, dtype=dtype),
+              v=_randn(gen, batch, 1, hk, d, dtype=dtype), cache_seqlens=_i32(seqlens), causal=causal,
+              window_size=window)
+    if alibi:
+        kw["alibi_slopes"] = torch.rand(batch, hq, device="cuda", generator=gen) * 0.75 + 2.0 ** -8
+    contiguous = (k_cache.clone(), v_cache.clone())
+    if paged:  # physical pages in a random order, 3 spare NaN pages
+        nblk = cap // SPLIT_PAGE
+        perm = torch.randperm(batch * nblk + 3, device="cuda", generator=gen)[:batch * nblk].view(batch, nblk)
+        for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+            pages = torch.full((batch * nblk + 3, SPLIT_PAGE, hk, d), float("nan"), dtype=dtype, device="cuda")
+            pages[perm] = c.view(batch, nblk, SPLIT_PAGE, hk, d)
+            kw[name] = pages
+        kw["block_table"] = perm.to(torch.int32)
+    else:
+        kw["k_cache"], kw["v_cache"] = k_cache, v_cache
+    return kw, contiguous
+
+
+def _poison_split_buffers(batch, sq, d, dtype):
+    """NaN in the allocator's free blocks at the sizes of the outputs and of the fp32 partials
+    (oaccum [splits, heads, rows, d], lseaccum), so a partial that no split wrote shows."""
+    rows = batch * sq * 4  # GQA packing turns up to 4 query heads into rows
+    poison_allocator(((batch, sq, 8, d), dtype), ((batch, 8, sq), torch.float32),
+                     ((16, 8, rows, d), torch.float32), ((16, 8, rows), torch.float32))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("paged", [False, True], ids=["unpaged", "paged"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("mask", list(SPLIT_MASKS))
+@pytest.mark.parametrize("hk", [8, 2], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("seqlen_k", SPLIT_SEQLENS_K)
+@pytest.mark.parametrize("num_splits", SPLITS)
+def test_split_kv_matches_reference(num_splits, seqlen_k, hk, mask, batch, paged):
+    from flash_attn import flash_attn_with_kvcache
+    from flash_attn.reference import kvcache_ref
+
+    dtype = _any_dtype()
+    d = SPLIT_HEADDIMS[(SPLIT_SEQLENS_K.index(seqlen_k) + batch + (hk == 2)) % 3]
+    require_compiled(dtype, d, alibi=SPLIT_MASKS[mask][2])
+    what = f"split{num_splits}-k{seqlen_k}-hk{hk}-{mask}-b{batch}-{'paged' if paged else 'unpaged'}-d{d}"
+    gen = _generator(what)
+    kw, (k_ref, v_ref) = _split_case(gen, dtype, d, batch, seqlen_k, hk, mask, paged)
+    ref_kw = {key: val for key, val in _clone(kw).items() if key not in ("k_cache", "v_cache", "block_table")}
+    _poison_split_buffers(batch, kw["q"].shape[1], d, dtype)
+    out, lse = flash_attn_with_kvcache(**kw, num_splits=num_splits, return_softmax_lse=True)
+    ref, ref_lse = kvcache_ref(k_cache=k_ref.clone(), v_cache=v_ref.clone(), upcast=True, **ref_kw)
+    pt, pt_lse = kvcache_ref(k_cache=k_ref.clone(), v_cache=v_ref.clone(), upcast=False, **ref_kw)
+    _check(out, lse, ref, ref_lse, pt, pt_lse, what)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", SPLIT_HEADDIMS)
+@pytest.mark.parametrize("mask", list(SPLIT_MASKS))
+def test_split_kv_equals_unsplit(mask, d):
+    """num_splits=16 against num_splits=1 on the same inputs: equal to within rounding (the
+    partials are fp32; the merge changes the summation order only), lse +inf in the same rows."""
+    from flash_attn import flash_attn_with_kvcache
+
+    dtype = _any_dtype()
+    require_compiled(dtype, d, alibi=SPLIT_MASKS[mask][2])
+    gen = _generator(f"split-vs-unsplit-{mask}-d{d}")
+    kw, _ = _split_case(gen, dtype, d, 3, 4097, 2, mask, paged=False)
+    kw.pop("k"), kw.pop("v")  # no append: both calls see the same caches
+    out1, lse1 = flash_attn_with_kvcache(**kw, num_splits=1, return_softmax_lse=True)
+    out16, lse16 = flash_attn_with_kvcache(**kw, num_splits=16, return_softmax_lse=True)
+    assert not torch.isnan(out16).any() and not torch.isnan(lse16).any()
+    assert torch.equal(torch.isposinf(lse16), torch.isposinf(lse1))
+    finite = torch.isfinite(lse1)
+    assert (lse16[finite] - lse1[finite]).abs().max().item() <= 1e-4
+    # one rounding step of the output dtype at the outputs' scale (|out| <= max |v| ~ 5)
+    tol = 8 * torch.finfo(dtype).eps
+    assert max_abs(out16, out1) <= tol, f"max |split16 - split1| = {max_abs(out16, out1):.3e} > {tol:.3e}"

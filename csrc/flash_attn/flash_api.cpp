@@ -15,6 +15,7 @@
 
 #include "flash.h"
 #include "static_switch.h"
+#include "tile_size.h"
 
 namespace {
 
@@ -211,9 +212,16 @@ void run_fwd(Flash_fwd_params &p, bool is_dropout, cudaStream_t stream) {
       return flash::headdim_switch(p.d, [&](auto hdim_tag) {
         constexpr int kHeadDim = decltype(hdim_tag)::value;
         const bool has_alibi = p.alibi_slopes_ptr != nullptr, is_softcap = p.softcap_prescale > 0.f;
-        return flash::kernel_variant_switch(has_alibi, is_softcap, is_dropout, [&](auto alibi, auto cap, auto drop) {
-          return flash::run_mha_fwd_<Element, kHeadDim, decltype(alibi)::value, decltype(cap)::value,
-                                     decltype(drop)::value>(p, stream);
+        const bool is_split = p.num_splits > 1;
+        return flash::fwd_variant_switch(has_alibi, is_softcap, is_dropout, is_split,
+                                         [&](auto alibi, auto cap, auto drop, auto split) {
+          constexpr bool kSplit = decltype(split)::value;
+          if constexpr (kSplit && !(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256)) {
+            return cudaErrorNotSupported;  // choose_num_splits never splits at these head dims
+          } else {
+            return flash::run_mha_fwd_<Element, kHeadDim, decltype(alibi)::value, decltype(cap)::value,
+                                       decltype(drop)::value, kSplit>(p, stream);
+          }
         });
       });
     });
@@ -221,6 +229,31 @@ void run_fwd(Flash_fwd_params &p, bool is_dropout, cudaStream_t stream) {
     TORCH_CHECK_VALUE(false, e.what());
   }
   TORCH_CHECK(err == cudaSuccess, "flash_attn forward kernel launch failed: ", cudaGetErrorString(err));
+}
+
+// --- split-KV (flash_attn_with_kvcache's num_splits; kernels: split_kv.h, flash_fwd_combine.h) ---
+
+// The number of key-block shares for a varlen forward whose other fields p already holds
+// (b, h, d, seqlen_q = max_seqlen_q, seqlen_k = max_seqlen_k): requested 1 = no split, 0 =
+// heuristic (tile_size.h), n > 1 = n capped by the keys and the grid. Host values only (no
+// device read, so CUDA-graph capture works). Split-KV is a performance hint: where it has
+// no kernel (dropout, S_dmask, head dims other than 64/128/256, a build without split-KV),
+// the call runs unsplit with the same result.
+int choose_num_splits(int64_t requested, const Flash_fwd_params &p, bool is_dropout, bool return_softmax,
+                      c10::Device device) {
+  CHECK_ARG(requested >= 0, "num_splits must be >= 0 (0 = chosen from the lengths, 1 = no split), got ",
+            requested);
+#ifndef FLASH_ATTN_HAS_SPLITKV
+  return 1;
+#endif
+  if (requested == 1 || is_dropout || return_softmax || !(p.d == 64 || p.d == 128 || p.d == 256)) { return 1; }
+  const flash::FwdTile tile = flash::fwd_tile(p.d);
+  const int n_blocks = (p.seqlen_k + tile.block_n - 1) / tile.block_n;
+  if (requested > 1) { return flash::clamp_num_splits(requested, n_blocks, p.h); }
+  int num_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device.index()));
+  const int64_t m_blocks = (p.seqlen_q + tile.block_m - 1) / tile.block_m;
+  return flash::num_splits_heuristic(m_blocks * p.b * p.h, num_sms, n_blocks, p.h);
 }
 
 // Output buffer: the caller's `out` when it can be written directly, else a fresh one
@@ -289,13 +322,14 @@ std::vector<at::Tensor> fwd(at::Tensor q, at::Tensor k, at::Tensor v, std::optio
 // q: (total_q, h, d); k, v: (total_k, h_k, d); cu_seqlens_*: int32 (b + 1);
 // seqused_k: int32 (b) or None. Returns {out (total_q, h, d), lse fp32 (h, total_q), S_dmask
 // (b, h, round128(max_seqlen_q), round128(max_seqlen_k)) or None, rng_state} (see fwd);
-// sequence i of S_dmask sits in the top-left corner of S_dmask[i].
+// sequence i of S_dmask sits in the top-left corner of S_dmask[i]. num_splits: split-KV
+// (choose_num_splits): 1 = off (the default), 0 = heuristic, n > 1 = up to n shares.
 std::vector<at::Tensor> varlen_fwd(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> out_,
                                    at::Tensor cu_seqlens_q, at::Tensor cu_seqlens_k,
                                    std::optional<at::Tensor> seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                                    std::optional<at::Tensor> alibi_slopes, double softmax_scale,
                                    int64_t window_left, int64_t window_right, double softcap, double p_dropout,
-                                   bool return_softmax, std::optional<at::Generator> gen) {
+                                   bool return_softmax, std::optional<at::Generator> gen, int64_t num_splits) {
   check_qkv(q, k, v, 3);
   check_heads(q, k, v);
   check_dropout_args(p_dropout, return_softmax, softcap);
@@ -315,6 +349,8 @@ std::vector<at::Tensor> varlen_fwd(at::Tensor q, at::Tensor k, at::Tensor v, std
               "seqused_k must be a contiguous (batch,) tensor");
   }
   CHECK_ARG(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q/k must be >= 0");
+  CHECK_ARG(num_splits >= 0, "num_splits must be >= 0 (0 = chosen from the lengths, 1 = no split), got ",
+            num_splits);
   CHECK_ARG(q.size(0) < (int64_t(1) << 31) && k.size(0) < (int64_t(1) << 31), "total length must fit in int32");
 
   c10::cuda::CUDAGuard guard{q.device()};
@@ -345,6 +381,17 @@ std::vector<at::Tensor> varlen_fwd(at::Tensor q, at::Tensor k, at::Tensor v, std
     p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
     p.seqused_k = seqused_k.has_value() ? seqused_k->data_ptr<int>() : nullptr;
     set_fwd_dropout(p, p_dropout, gen, drop, q);
+    // Split-KV partials: [num_splits, h, total_q, d] and [num_splits, h, total_q] fp32. Empty
+    // is enough: every split CTA writes all rows of its query block, and the combine reads
+    // only those. Freed on return; the caching allocator orders reuse after the kernels.
+    at::Tensor oaccum, lseaccum;
+    p.num_splits = choose_num_splits(num_splits, p, p_dropout > 0.0, return_softmax, q.device());
+    if (p.num_splits > 1) {
+      oaccum = at::empty({p.num_splits, p.h, total_q, p.d}, q.options().dtype(at::kFloat));
+      lseaccum = at::empty({p.num_splits, p.h, total_q}, q.options().dtype(at::kFloat));
+      p.oaccum_ptr = oaccum.data_ptr<float>();
+      p.lseaccum_ptr = lseaccum.data_ptr<float>();
+    }
     run_fwd(p, p_dropout > 0.0, c10::cuda::getCurrentCUDAStream().stream());
   }
   if (out_.has_value() && !out.is_same(*out_)) { out_->copy_(out); out = *out_; }
@@ -589,7 +636,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v"), py::arg("out"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("seqused_k"),
         py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("alibi_slopes"), py::arg("softmax_scale"),
         py::arg("window_size_left"), py::arg("window_size_right"), py::arg("softcap"), py::arg("p_dropout") = 0.0,
-        py::arg("return_softmax") = false, py::arg("gen") = py::none());
+        py::arg("return_softmax") = false, py::arg("gen") = py::none(), py::arg("num_splits") = 1);
 #ifdef FLASH_ATTN_HAS_BWD
   m.def("bwd", &PyValueErrors<&bwd>::call, "Exact attention backward, batched", py::arg("dout"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("softmax_lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),

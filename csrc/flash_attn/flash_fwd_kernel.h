@@ -14,6 +14,7 @@
 #include "kernel_traits.h"
 #include "score_mod.h"
 #include "softmax.h"
+#include "split_kv.h"
 #include "utils.h"
 
 namespace flash {
@@ -39,9 +40,12 @@ __forceinline__ __device__ void write_empty_tile(const Flash_fwd_params &p, Tens
   for (int row = threadIdx.x; row < rows; row += Ktraits::kNThreads) { lse[row] = INFINITY; }
 }
 
-template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout>
+// Is_split: this CTA is key-block share `split` of p.num_splits (split_kv.h) and writes its
+// partial O and lse to oaccum/lseaccum instead of O and lse.
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Is_split = false>
 __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p, int m_block, int bidb,
-                                                      int bidh) {
+                                                      int bidh, int split = 0) {
+  static_assert(!(Is_split && Is_dropout), "split-KV kernels have no dropout");
   using Element = typename Ktraits::Element;
   constexpr int kBlockM = Ktraits::kBlockM;
   constexpr int kBlockN = Ktraits::kBlockN;
@@ -62,6 +66,7 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
     const int last_key = m1 - 1 + shift + p.window_size_right;  // inclusive
     n_block_max = min(n_block_max, last_key < 0 ? 0 : last_key / kBlockN + 1);
   }
+  if constexpr (Is_split) { split_share(n_block_min, n_block_max, split, p.num_splits); }
 
   // Global tensors of this (sequence, head).
   Tensor mQ = make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(p.q_ptr) +
@@ -81,15 +86,25 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
                                         seq.k_offset(p.v_batch_stride, p.v_row_stride, bidb) +
                                         bidh_kv * p.v_head_stride),
                           make_shape(seq.seqlen_k, Int<kHeadDim>{}), make_stride(p.v_row_stride, _1{}));
-  float *lse = p.softmax_lse_ptr + seq.lse_offset(p, bidb, bidh) + m0;
+  float *lse;
+  if constexpr (Is_split) {
+    lse = p.lseaccum_ptr + accum_row_offset(p, seq, bidb, bidh, split) + m0;
+  } else {
+    lse = p.softmax_lse_ptr + seq.lse_offset(p, bidb, bidh) + m0;
+  }
 
   Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (BM, D)
   Tensor gO = local_tile(mO, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (BM, D)
   Tensor gK = local_tile(mK, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));  // (BN, D, nblocks)
   Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));  // (BN, D, nblocks)
 
-  if (n_block_max <= n_block_min) {  // no key visible to any row of this tile
-    write_empty_tile<Ktraits>(p, gO, lse, m1 - m0);
+  if (n_block_max <= n_block_min) {  // no key visible to any row of this tile (or share)
+    if constexpr (Is_split) {
+      write_empty_split_tile<Ktraits>(p.oaccum_ptr + (accum_row_offset(p, seq, bidb, bidh, split) + m0) * kHeadDim,
+                                      lse, m1 - m0);
+    } else {
+      write_empty_tile<Ktraits>(p, gO, lse, m1 - m0);
+    }
     return;
   }
 
@@ -148,8 +163,8 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   Tensor acc_o_rc = make_tensor(acc_o.data(), acc_layout_rowcol(acc_o.layout()));
   constexpr int kNRows = decltype(size<0>(acc_o_rc))::value;
   OnlineSoftmax<kNRows> softmax;
-  const ScoreMod<Has_alibi, Is_softcap, /*Alibi_optional=*/Is_dropout> score_mod(p, seq.seqlen_q, seq.seqlen_k,
-                                                                                 bidb, bidh);
+  const ScoreMod<Has_alibi, Is_softcap, /*Alibi_optional=*/Is_dropout || Is_split, /*Softcap_optional=*/Is_split>
+      score_mod(p, seq.seqlen_q, seq.seqlen_k, bidb, bidh);
   [[maybe_unused]] const DropoutOrNone<Is_dropout> dropout(p, bidb, bidh);
 
   for (int stage = 0; n_block >= n_block_min; --n_block, stage ^= (kStages - 1)) {
@@ -216,6 +231,14 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   // of 16-byte vectors and the lse.
   float row_lse[kNRows];
   softmax.finalize(acc_o_rc, p.scale_softmax, row_lse);
+  if constexpr (Is_split) {
+    // fp32 partial straight from registers (no smem staging: decode tiles are few rows).
+    Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
+    Tensor tOcO_rc = make_tensor(tOcO.data(), acc_layout_rowcol(tOcO.layout()));
+    store_split_partial(p.oaccum_ptr + (accum_row_offset(p, seq, bidb, bidh, split) + m0) * kHeadDim, lse,
+                        acc_o_rc, tOcO_rc, row_lse, m1 - m0, kHeadDim);
+    return;
+  }
   if constexpr (Is_dropout) {
     CUTE_UNROLL
     for (int i = 0; i < size(acc_o); ++i) { acc_o(i) *= p.rp_keep; }
@@ -259,13 +282,19 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   }
 }
 
-// Grid: (query blocks, batch, heads). Query blocks are visited in reverse so that,
-// under a causal mask, the CTAs with the most key blocks start first.
-template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout>
+// Grid: (query blocks, batch, heads), or with Is_split (query blocks, batch, heads *
+// num_splits), blockIdx.z = head * num_splits + split. Query blocks are visited in reverse
+// so that, under a causal mask, the CTAs with the most key blocks start first.
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Is_split = false>
 __global__ void __launch_bounds__(Ktraits::kNThreads, 1) flash_fwd_kernel(__grid_constant__ const Flash_fwd_params p) {
   if constexpr (Is_dropout) { write_rng_state(p); }
   const int m_block = gridDim.x - 1 - blockIdx.x;
-  compute_attn_fwd_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout>(p, m_block, blockIdx.y, blockIdx.z);
+  if constexpr (Is_split) {
+    compute_attn_fwd_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout, Is_split>(
+        p, m_block, blockIdx.y, blockIdx.z / p.num_splits, blockIdx.z % p.num_splits);
+  } else {
+    compute_attn_fwd_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout>(p, m_block, blockIdx.y, blockIdx.z);
+  }
 }
 
 }  // namespace flash

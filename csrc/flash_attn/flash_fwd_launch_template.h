@@ -1,34 +1,55 @@
 // Host launcher of the forward kernel for one (dtype, head dim, variant).
 #pragma once
 
+#include <cstdint>
 #include <cuda_runtime_api.h>
 
 #include "flash.h"
+#include "flash_fwd_combine.h"
 #include "flash_fwd_kernel.h"
 #include "kernel_traits.h"
 
 namespace flash {
 
 // Is_dropout defaults to false for the tuning harness (benchmarks/tune/tune_fwd.cu).
-template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout = false>
+// Is_split: the split-KV kernel over heads * num_splits grid slices, then the combine.
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout = false, bool Is_split = false>
 cudaError_t run_flash_fwd(Flash_fwd_params &params, cudaStream_t stream) {
   constexpr int smem_bytes = Ktraits::kSmemBytes;
   const int num_m_blocks = (params.seqlen_q + Ktraits::kBlockM - 1) / Ktraits::kBlockM;
   if (num_m_blocks == 0 || params.b == 0 || params.h == 0) { return cudaSuccess; }
-  auto kernel = &flash_fwd_kernel<Ktraits, Has_alibi, Is_softcap, Is_dropout>;
+  // gridDim.z is at most 65535; the host (flash_api.cpp) caps num_splits to fit.
+  if (Is_split && (params.num_splits < 1 || int64_t(params.h) * params.num_splits > 65535)) {
+    return cudaErrorInvalidValue;
+  }
+  auto kernel = &flash_fwd_kernel<Ktraits, Has_alibi, Is_softcap, Is_dropout, Is_split>;
   if (smem_bytes >= 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
     if (err != cudaSuccess) { return err; }
   }
-  const dim3 grid(num_m_blocks, params.b, params.h);
+  const dim3 grid(num_m_blocks, params.b, params.h * (Is_split ? params.num_splits : 1));
   kernel<<<grid, Ktraits::kNThreads, smem_bytes, stream>>>(params);
+  if constexpr (Is_split) {
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) { return err; }
+    using Element = typename Ktraits::Element;
+    // The rows the split kernel wrote: num_m_blocks query tiles (the combine skips rows
+    // past each sequence's end).
+    constexpr int kRows = combine_rows_per_cta<Ktraits::kHeadDim>();
+    const dim3 grid_combine((num_m_blocks * Ktraits::kBlockM + kRows - 1) / kRows, params.b, params.h);
+    flash_fwd_combine_kernel<Element, Ktraits::kHeadDim, Ktraits::kBlockM>
+        <<<grid_combine, kCombineThreads, 0, stream>>>(params);
+  }
   return cudaGetLastError();
 }
 
-template <typename Element, int kHeadDim, bool Has_alibi, bool Is_softcap, bool Is_dropout>
+template <typename Element, int kHeadDim, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Is_split>
 cudaError_t run_mha_fwd_(Flash_fwd_params &params, cudaStream_t stream) {
   static_assert(!(Is_dropout && Is_softcap), "softcap with dropout is not supported (as in flash-attn)");
-  return run_flash_fwd<FwdKernelTraits<kHeadDim, Element>, Has_alibi, Is_softcap, Is_dropout>(params, stream);
+  static_assert(!Is_split || (Has_alibi && Is_softcap && !Is_dropout),
+                "the split-KV variant is one kernel with ALiBi and softcap optional at run time, no dropout");
+  return run_flash_fwd<FwdKernelTraits<kHeadDim, Element>, Has_alibi, Is_softcap, Is_dropout, Is_split>(params,
+                                                                                                       stream);
 }
 
 }  // namespace flash

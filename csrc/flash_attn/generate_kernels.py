@@ -23,6 +23,12 @@ VARIANTS = {
     "alibi_softcap": (True, True, False),
     "dropout": (True, False, True),
 }
+# Split-KV (flash_attn_with_kvcache's num_splits): one forward variant per (dtype, head dim)
+# with ALiBi and softcap both optional at run time and no dropout, so split-KV adds 6 files,
+# not 24. Only head dims 64, 128, 256: the KV-cache path pads every other head dim up to a
+# compiled one, and a call at another head dim runs unsplit (flash_api.cpp).
+SPLIT_VARIANT = ("splitkv", (True, True, False, True))  # (ALiBi, softcap, dropout, split)
+SPLIT_HEAD_DIMS = (64, 128, 256)
 ARCH_FAMILY = "sm80"  # mma.sync + cp.async kernels, compiled for every arch in FLASH_ATTN_CUDA_ARCHS
 
 TEMPLATE = """\
@@ -51,6 +57,12 @@ def main():
                     text = TEMPLATE.format(direction=direction, ctype=ctype, hdim=hdim,
                                            args=", ".join(str(f).lower() for f in (alibi, softcap, dropout)))
                     (out_dir / file_name(direction, hdim, dtype, variant)).write_text(text)
+    variant, flags = SPLIT_VARIANT
+    for hdim in SPLIT_HEAD_DIMS:
+        for dtype, ctype in DTYPES.items():
+            args = ", ".join(str(f).lower() for f in flags)
+            text = TEMPLATE.format(direction="fwd", ctype=ctype, hdim=hdim, args=args)
+            (out_dir / file_name("fwd", hdim, dtype, variant)).write_text(text)
 
 
 if __name__ == "__main__":

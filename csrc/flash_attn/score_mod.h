@@ -20,9 +20,11 @@ __forceinline__ __device__ float fast_tanh(float x) {
 }
 
 // Alibi_optional (with Has_alibi): ALiBi is a run-time choice, alibi_slopes_ptr == nullptr
-// meaning none (the dropout kernels, one instantiation with and without ALiBi). Without it
-// the code is exactly that of the plain Has_alibi kernels.
-template <bool Has_alibi, bool Is_softcap, bool Alibi_optional = false>
+// meaning none (the dropout and split-KV kernels, one instantiation with and without ALiBi).
+// Softcap_optional (with Is_softcap): softcap is a run-time choice, softcap_prescale == 0
+// meaning none (the split-KV kernels). Without them the code is exactly that of the plain
+// Has_alibi / Is_softcap kernels.
+template <bool Has_alibi, bool Is_softcap, bool Alibi_optional = false, bool Softcap_optional = false>
 struct ScoreMod {
   int seqlen_q, seqlen_k;
   int window_left, window_right;  // -1 = unbounded
@@ -47,6 +49,9 @@ struct ScoreMod {
   template <typename TensorS>
   __forceinline__ __device__ void transform(TensorS &s) const {
     if constexpr (Is_softcap) {
+      if constexpr (Softcap_optional) {
+        if (softcap_prescale == 0.f) { return; }  // softcap off: scale_softmax is the plain scale
+      }
       CUTE_UNROLL
       for (int i = 0; i < size(s); ++i) { s(i) = fast_tanh(s(i) * softcap_prescale); }
     }

@@ -48,4 +48,43 @@ constexpr BwdTile bwd_tile(int head_dim) {
   return head_dim <= 64 ? BwdTile{128, 128, 8, 2} : BwdTile{128, 64, 8, 2};
 }
 
+// Split-KV (flash_attn_with_kvcache's num_splits): how many shares of the key blocks each
+// (query block, sequence, head) is cut into. The kernel cuts each sequence's actual key
+// range on the device; the host sees only capacities, so n_blocks below comes from
+// max_seqlen_k (an upper bound: shorter sequences get shorter shares).
+constexpr int kMaxSplits = 128;  // as flash-attn; also bounds the combine's loop per row
+
+// The largest split count the grid and the keys allow: at most one key block per share,
+// kMaxSplits, and heads * splits <= 65535 (the split kernel's gridDim.z).
+constexpr int clamp_num_splits(long long splits, int n_blocks, int heads) {
+  const long long grid_cap = heads > 0 ? 65535 / heads : 1;
+  long long s = splits < n_blocks ? splits : n_blocks;
+  s = s < kMaxSplits ? s : kMaxSplits;
+  s = s < grid_cap ? s : grid_cap;
+  return s < 1 ? 1 : int(s);
+}
+
+// num_splits = 0. ctas: CTAs of the unsplit grid (query blocks x batch x heads);
+// n_blocks: key blocks of the longest sequence; num_sms: the device's SM count.
+// - At 80% of a wave or more the grid already keeps the GPU busy: splitting would only
+//   add the partial writes and the combine pass. No split.
+// - Otherwise aim for two CTAs per SM (the forward tiles fit two per SM up to d = 128,
+//   and a second wave hides the tail of the first at d = 256): ceil(2 * SMs / ctas).
+// - Each share keeps at least two key blocks, so its fixed costs (prologue, the fp32
+//   partial, the combine's read) stay small next to its main loop.
+// Example: batch 1, 8 kv heads (GQA packed), 128k keys, d = 128 on 132 SMs: 8 CTAs
+// unsplit, 33 splits of about 62 key blocks each, 264 CTAs.
+constexpr int num_splits_heuristic(long long ctas, int num_sms, int n_blocks, int heads) {
+  if (ctas <= 0 || num_sms <= 0 || ctas * 5 >= (long long)num_sms * 4) { return 1; }
+  const long long want = (2LL * num_sms + ctas - 1) / ctas;
+  const int blocks_cap = n_blocks / 2 > 1 ? n_blocks / 2 : 1;
+  return clamp_num_splits(want < blocks_cap ? want : blocks_cap, n_blocks, heads);
+}
+// The cases above, checked at compile time: the example; a full grid; short caches; the
+// grid limit; an explicit request capped by the keys.
+static_assert(num_splits_heuristic(8, 132, 2048, 8) == 33);
+static_assert(num_splits_heuristic(132, 132, 2048, 8) == 1);
+static_assert(num_splits_heuristic(8, 132, 16, 8) == 8 && num_splits_heuristic(8, 132, 1, 8) == 1);
+static_assert(clamp_num_splits(1000, 4096, 1024) == 63 && clamp_num_splits(16, 5, 8) == 5);
+
 }  // namespace flash

@@ -1,0 +1,67 @@
+// Split-KV decoding, the forward kernel's side: which key blocks a split processes and
+// where it writes its partial result. flash_fwd_combine.h merges the partials.
+#pragma once
+
+#include <cmath>
+#include <cute/tensor.hpp>
+
+#include "block_info.h"
+#include "flash.h"
+
+namespace flash {
+
+using namespace cute;
+
+// Narrows a CTA's visible key blocks [n_min, n_max) to share `split` of `num_splits`.
+// The cut is taken from this sequence's own range (its actual key count, seqused_k
+// included), read on the device, so no host read of the lengths is needed. Shares differ
+// by at most one block; they are empty only when there are fewer blocks than splits.
+__forceinline__ __device__ void split_share(int &n_min, int &n_max, int split, int num_splits) {
+  const int64_t n = max(n_max - n_min, 0);
+  const int lo = n_min + int(n * split / num_splits);
+  n_max = n_min + int(n * (split + 1) / num_splits);
+  n_min = lo;
+}
+
+// Row of (split, head, first row of this sequence) in the [num_splits, h, total_q] accum
+// layouts (times d for oaccum). Varlen rows are packed at q_start; batched ones at
+// bidb * seqlen_q. Rows stay inside [0, total_q) because SeqInfo clamps cu_seqlens.
+__forceinline__ __device__ int64_t accum_row_offset(const Flash_fwd_params &p, const SeqInfo &seq, int bidb,
+                                                    int bidh, int split) {
+  const int64_t row0 = seq.varlen ? seq.q_start : int64_t(bidb) * p.seqlen_q;
+  return (int64_t(split) * p.h + bidh) * int64_t(p.total_q) + row0;
+}
+
+// A share with no key block: O partial 0 and lse -inf for rows [0, rows), so the
+// combine gives it weight 0. oacc: (rows, d) fp32 rows of length kHeadDim.
+template <typename Ktraits>
+__forceinline__ __device__ void write_empty_split_tile(float *oacc, float *lse, int rows) {
+  constexpr int kHeadDim = Ktraits::kHeadDim;
+  static_assert(kHeadDim % 4 == 0);
+  for (int i = threadIdx.x; i < rows * (kHeadDim / 4); i += Ktraits::kNThreads) {
+    reinterpret_cast<float4 *>(oacc)[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  for (int row = threadIdx.x; row < rows; row += Ktraits::kNThreads) { lse[row] = -INFINITY; }
+}
+
+// Stores one thread's normalized fp32 accumulator (rows, cols view) and its rows' lse.
+// coord: the same view of the identity tensor, giving (row, col) in the (BM, D) tile.
+// finalize() marks a row without keys with lse +inf (flash-attn's convention for the
+// final output); a partial needs -inf there, so that it carries no weight.
+template <typename TensorO, typename TensorC, int kNRows>
+__forceinline__ __device__ void store_split_partial(float *oacc, float *lse, TensorO const &acc_o,
+                                                    TensorC const &coord, const float (&row_lse)[kNRows], int rows,
+                                                    int d) {
+  static_assert(decltype(size<0>(acc_o))::value == kNRows);
+  CUTE_UNROLL
+  for (int r = 0; r < kNRows; ++r) {
+    const int row = get<0>(coord(r, 0));
+    if (row >= rows) { continue; }
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(acc_o); ++c) { oacc[int64_t(row) * d + get<1>(coord(r, c))] = acc_o(r, c); }
+    // The four threads of a quad hold a row together; the first one writes its lse.
+    if (threadIdx.x % 4 == 0) { lse[row] = row_lse[r] == INFINITY ? -INFINITY : row_lse[r]; }
+  }
+}
+
+}  // namespace flash
