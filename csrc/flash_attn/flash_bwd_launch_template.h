@@ -42,7 +42,8 @@ cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
     return cudaGetLastError();
   }
   // The dQ kernel's traits: Ktraits itself unless its tile has fewer than 16 query rows
-  // per warp (d = 256), which runs the dQ kernel with fewer warps (tile_size.h).
+  // per warp (d = 256), which runs the dQ kernel with fewer warps and a shorter key step
+  // (bwd_dq_tile in tile_size.h).
   using DqTraits = BwdKernelTraits<kHeadDim, Element, bwd_dq_tile(Ktraits::kTile)>;
   static_assert(DqTraits::kBlockRows == Ktraits::kBlockRows);
   auto dk_dv_kernel = &flash_bwd_dk_dv_kernel<Ktraits, Has_alibi, Is_softcap, Is_dropout, false>;

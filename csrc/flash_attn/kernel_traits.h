@@ -153,7 +153,7 @@ struct BwdKernelTraits : MmaCopyTraits<kHeadDim_, Element_, kTile_.n_warps> {
 
   // dK/dV kernel: [K, V (rows)] [Q, dO (cols, stages)] [lse, D (stages)] [P^T] [dS^T];
   // dQ kernel (deterministic path): the first three, sized by its own traits
-  // (bwd_dq_tile: maybe fewer warps; same rows, cols and stages).
+  // (bwd_dq_tile: the same rows and stages; at d = 256 fewer warps and key columns).
   static constexpr int kSmemPOffset = (2 * kSmemRowsBytes + 2 * kSmemColsBytes + kSmemStatsBytes + 127) / 128 * 128;
   static constexpr int kSmemBytes = 2 * kSmemRowsBytes + 2 * kSmemColsBytes + kSmemStatsBytes;
   static constexpr int kSmemBytesDkDv = kSmemPOffset + 2 * kSmemPBytes;

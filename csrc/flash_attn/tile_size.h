@@ -58,10 +58,14 @@ constexpr BwdTile bwd_tile(int head_dim) {
 // The deterministic dQ kernel stacks its warps along its block_rows queries, 16 rows
 // each (one 1-D MMA for S, dP and dQ, so that dS stays in registers). A tile with fewer
 // than 16 * n_warps rows (d = 256: 64 rows, 8 warps) runs that kernel with
-// block_rows / 16 warps; every other tile is returned unchanged (same kernel as before).
+// block_rows / 16 warps and its key step shrunk in proportion, so that each thread holds
+// as many scores as in the dK/dV kernel (d = 256: 64 x 32, 4 warps; with 64 keys the
+// dropout variant spilled 1.2 KB on sm90, with 32 about 70 bytes). Every other tile is
+// returned unchanged (the same kernel as before).
 constexpr BwdTile bwd_dq_tile(BwdTile t) {
-  return t.block_rows % (16 * t.n_warps) == 0 ? t
-                                              : BwdTile{t.block_rows, t.block_cols, t.block_rows / 16, t.stream_stages};
+  if (t.block_rows % (16 * t.n_warps) == 0) { return t; }
+  const int warps = t.block_rows / 16;
+  return BwdTile{t.block_rows, t.block_cols * warps / t.n_warps, warps, t.stream_stages};
 }
 
 }  // namespace flash
