@@ -220,6 +220,13 @@ def _cuda_extension(torch, archs, hdims, dtypes, variants):
     )
 
 
+def _backward_head_dims(sources):
+    """The head dims of the backward kernels among the extension's sources (generate_kernels.py's
+    BWD_HEAD_DIMS within FLASH_ATTN_HEADDIMS; none with FLASH_ATTN_DISABLE_BACKWARD). The
+    extension runs every other head dim's backward zero-padded to the next of these."""
+    return sorted({int(m.group(1)) for f in sources if (m := re.search(r"flash_bwd_hdim(\d+)_", f))})
+
+
 def _linear_extension(flash_ext):
     """flash_attn_linear_cuda: csrc/linear_attn's kernels (both dtypes, head dims 64/128/256)
     and its one binding, with the nvcc flags of flash_ext less its FLASH_ATTN_HAS_* defines."""
@@ -255,8 +262,7 @@ def main():
         config["linear_attn"] = linear
         cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
         config.update(cuda=True, archs=archs, head_dims=hdims, dtypes=dtypes, variants=variants,
-                      backward_head_dims=[] if _env_flag("FLASH_ATTN_DISABLE_BACKWARD")
-                      else [d for d in hdims if d in (64, 128)],
+                      backward_head_dims=_backward_head_dims(ext_modules[0].sources),
                       torch_version=torch.__version__, cuda_version=torch.version.cuda)
         print(f"flash_attn: building CUDA kernels for sm{archs}, head dims {hdims}, "
               f"dtypes {dtypes}, variants {variants}, linear attention {'on' if linear else 'off'}, "

@@ -22,7 +22,7 @@ def main():
     args = ap.parse_args()
     ext = build_info.cuda_extension()
     rows = []
-    for d in (64, 128):
+    for d in (64, 128, 256):
         if d not in build_info.build_config().get("backward_head_dims", []):
             continue
         for causal in (False, True):

@@ -19,7 +19,7 @@ FLOPs: fwd = 4*b*h*s^2*d, bwd = 2.5 x fwd, fwd+bwd = 3.5 x fwd, halved when caus
 With bwd or fwdbwd, the peak memory of one forward+backward is recorded too:
 torch.cuda.max_memory_allocated() over the pass minus memory_allocated() just
 before it (so the inputs q, k, v, dout are not counted), in GB (1e9 bytes).
-A method that raises (our backward beyond head dim 128, a backend refusing a
+A method that raises (ours beyond head dim 256, a backend refusing a
 shape) is recorded as null with the exception's text; it counts as a missed
 target.
 
@@ -438,7 +438,7 @@ class CudaBench:
 
 class FakeBench:
     """--dry-run: made-up but plausible times shaped like ANCHORS.md's H100 table, with our
-    backward refusing head dims above 128 and cuDNN refusing one shape, so that every path
+    backward refusing head dims above 256 and cuDNN refusing some shapes, so that every path
     (errors included) runs without a GPU. `modeled_s` adds up what do_bench would spend."""
 
     FLASH_TFLOPS = {"fwd": 320.0, "bwd": 265.0, "fwdbwd": 280.0}
@@ -459,9 +459,9 @@ class FakeBench:
 
     def _refuse(self, method, mode, causal):
         d, s = self.shape["headdim"], self.shape["seqlen"]
-        if method.startswith("ours") and mode != "fwd" and d > 128:
-            raise RuntimeError(f"the backward is built for head dims <= 128 so far, got {d} (dry run)")
-        if method == "sdpa_cudnn" and mode != "fwd" and d == 256 and causal and s == 512:
+        if method.startswith("ours") and mode != "fwd" and d > 256:
+            raise RuntimeError(f"the backward supports head dims <= 256, got {d} (dry run)")
+        if method == "sdpa_cudnn" and mode != "fwd" and d >= 256 and causal and s == 512:
             raise RuntimeError("No available kernel. Aborting execution. (dry run: a peer refusing a shape)")
 
     def time_ms(self, method, mode, causal):

@@ -32,7 +32,7 @@ def _print_header():
         print(f"kernels: built for sm{','.join(cfg.get('archs', []))}; head dims {cfg.get('head_dims')}; "
               f"dtypes {cfg.get('dtypes')}; variants {cfg.get('variants')}")
         bwd_dims = cfg.get("backward_head_dims") or []
-        print(f"         backward: {f'kernels for head dims {bwd_dims} (others <= 128 padded)' if bwd_dims else 'not built'}")
+        print(f"         backward: {f'kernels for head dims {bwd_dims} (others padded up to the next)' if bwd_dims else 'not built'}")
         if cfg.get("torch_version"):
             print(f"         built with torch {cfg['torch_version']}, CUDA {cfg.get('cuda_version')}")
     else:

@@ -90,8 +90,9 @@ def main(argv=None):
     cfg = build_info.build_config()
     dtype = torch.bfloat16 if "bf16" in cfg["dtypes"] else torch.float16
     hdims = sorted(build_info.compiled_head_dims())
-    if args.backward:  # backward kernels exist up to d = 128 (smaller ones run padded)
-        hdims = [x for x in hdims if x <= 128]
+    if args.backward:  # head dims whose backward kernel (64, 128 or 256; others run padded) is built
+        bwd = cfg.get("backward_head_dims") or []
+        hdims = [x for x in hdims if (64 if x <= 64 else 128 if x <= 128 else 256) in bwd]
     # the smallest, a padded odd one, and the largest compiled head dim
     picks = [hdims[0]] if args.quick else sorted({hdims[0], min(59, hdims[-1]), hdims[-1]})
     bad = 0

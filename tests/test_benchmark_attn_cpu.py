@@ -155,14 +155,14 @@ def test_dry_run_all_modes(ba, tmp_path, capsys):
 
 
 def test_dry_run_unsupported_head_dim(ba, tmp_path, capsys):
-    # our backward refuses hd 256 in the fake as it does on the GPU: a null with the reason
-    argv = ["--dry-run", "--no-plot", "--mode", "bwd", "--headdims", "256", "--seqlens", "512,2048",
+    # our backward refuses hd 512 (above 256) in the fake as it does on the GPU: a null with the reason
+    argv = ["--dry-run", "--no-plot", "--mode", "bwd", "--headdims", "512", "--seqlens", "512,2048",
             "--causal", "on", "--out-dir", str(tmp_path)]
     assert ba.main(argv) == 0
     doc = json.loads(next(tmp_path.glob("attn_bwd_dry-run_*.json")).read_text())
     assert "results" not in doc and "target" not in doc
     ours = [r["results"]["ours"] for r in doc["results_bwd"]]
-    assert all(o["tflops"] is None and "head dims <= 128" in o["error"] for o in ours)
+    assert all(o["tflops"] is None and "head dims <= 256" in o["error"] for o in ours)
     cudnn = doc["results_bwd"][0]["results"]["sdpa_cudnn"]  # the fake's refusing peer (s=512)
     assert cudnn["tflops"] is None and cudnn["error"]
     assert doc["targets"]["bwd"][0]["status"] == "missed"

@@ -26,11 +26,13 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _kernel_dim(d):
-    built = sorted(x for x in build_info.build_config().get("backward_head_dims", []))
-    for k in built:
-        if k >= d:
-            return k
-    pytest.skip(f"no backward kernel for head dim {d} in this build ({built})")
+    """The head dim flash_api.cpp runs the backward of d at (64, 128 or 256), or a skip when
+    this build lacks that kernel."""
+    built = sorted(build_info.build_config().get("backward_head_dims", []))
+    k = 64 if d <= 64 else 128 if d <= 128 else 256
+    if k not in built:
+        pytest.skip(f"no backward kernel for head dim {d} (runs at {k}) in this build ({built})")
+    return k
 
 
 def _pad(x, d):
@@ -65,8 +67,9 @@ CASES = [
     pytest.param(dt, d, mask, alibi, softcap, ratio, sl,
                  id=f"{dt}-d{d}-{mask}-{'alibi' if alibi else 'noalibi'}-{'cap' if softcap else 'nocap'}-g{ratio}-{sl[0]}x{sl[1]}")
     for dt, d, mask, alibi, softcap, ratio, sl in itertools.product(
-        DTYPES, (32, 59, 64, 96, 128), ("full", "causal", "window"), (False, True), (False, True), (1, 4), SEQLENS)
-    if not QUICK or (d in (64, 128) and sl in ((113, 203), (512, 256)) and ratio == (4 if alibi else 1))
+        DTYPES, (32, 59, 64, 96, 128, 160, 192, 256), ("full", "causal", "window"), (False, True), (False, True),
+        (1, 4), SEQLENS)
+    if not QUICK or (d in (64, 128, 256) and sl in ((113, 203), (512, 256)) and ratio == (4 if alibi else 1))
 ]
 
 
@@ -111,7 +114,7 @@ def test_bwd_matches_reference(dtype_name, d, mask, alibi, softcap, ratio, seqle
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("mask", ["full", "causal", "window"])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_varlen_bwd_with_empty_sequences(d, mask, deterministic):
     require_compiled(torch.bfloat16)
     _kernel_dim(d)
@@ -147,7 +150,7 @@ def test_varlen_bwd_with_empty_sequences(d, mask, deterministic):
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 def test_bwd_is_deterministic(d, deterministic):
     """50 reruns: dk, dv bitwise equal always; dq bitwise only with deterministic=True
     (the atomic path adds dQ partials in a varying order, so it stays within rounding)."""
@@ -184,10 +187,11 @@ def test_bwd_large_logits_stay_finite():
         assert torch.isfinite(g).all()
 
 
-@pytest.mark.parametrize("d", [32, 96])
+@pytest.mark.parametrize("d", [32, 96, 192])
 def test_bwd_pads_head_dims_without_a_kernel(d):
-    """d = 32 / 96 have forward kernels but run the backward zero-padded to 64 / 128 inside
-    the extension; the gradients come back with the caller's head dim (and in given buffers)."""
+    """d = 32 / 96 / 192 have forward kernels but run the backward zero-padded to 64 / 128 /
+    256 inside the extension; the gradients come back with the caller's head dim (and in
+    given buffers)."""
     require_compiled(torch.bfloat16)
     if d not in build_info.compiled_head_dims():
         pytest.skip(f"forward head dim {d} not built")

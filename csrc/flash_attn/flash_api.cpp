@@ -400,7 +400,8 @@ std::vector<at::Tensor> varlen_fwd(at::Tensor q, at::Tensor k, at::Tensor v, std
 
 #ifdef FLASH_ATTN_HAS_BWD
 void run_bwd(flash::Flash_bwd_params &p, bool is_dropout, cudaStream_t stream) {
-  CHECK_ARG(p.d == 64 || p.d == 128, "backward kernels exist for head dims 64 and 128, got ", p.d);
+  CHECK_ARG(p.d == 64 || p.d == 128 || p.d == 256, "backward kernels exist for head dims 64, 128 and 256, got ",
+            p.d);
   TORCH_CHECK_NOT_IMPLEMENTED(!(is_dropout && p.softcap_prescale > 0.f),
                               "flash_attn: softcap with dropout is not supported (as in flash-attn)");
   cudaError_t err;
@@ -409,7 +410,7 @@ void run_bwd(flash::Flash_bwd_params &p, bool is_dropout, cudaStream_t stream) {
       using Element = typename decltype(dtype_tag)::type;
       return flash::headdim_switch(p.d, [&](auto hdim_tag) {
         constexpr int kHeadDim = decltype(hdim_tag)::value;
-        if constexpr (kHeadDim == 64 || kHeadDim == 128) {
+        if constexpr (kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256) {
           const bool has_alibi = p.alibi_slopes_ptr != nullptr, is_softcap = p.softcap_prescale > 0.f;
           return flash::kernel_variant_switch(has_alibi, is_softcap, is_dropout, [&](auto alibi, auto cap, auto drop) {
             return flash::run_mha_bwd_<Element, kHeadDim, decltype(alibi)::value, decltype(cap)::value,
@@ -472,12 +473,13 @@ at::Tensor grad_buffer(const std::optional<at::Tensor> &given, const at::Tensor 
   return at::empty_like(like, like.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
-// Backward kernels exist for head dims 64 and 128; others up to 128 run zero-padded
-// (padding q, k, v, out and dout with zeros changes neither the scores nor
-// rowsum(dO * O), and the padded gradient columns are dropped).
+// Backward kernels exist for head dims 64, 128 and 256 (generate_kernels.py says why
+// not 192); the others run zero-padded to the next of them (padding q, k, v, out and
+// dout with zeros changes neither the scores nor rowsum(dO * O), and the padded
+// gradient columns are dropped).
 int bwd_kernel_head_dim(int d) {
-  CHECK_ARG(d <= 128, "the backward is built for head dims <= 128 so far, got ", d);
-  return d <= 64 ? 64 : 128;
+  CHECK_ARG(d <= 256, "the backward supports head dims <= 256, got ", d);
+  return d <= 64 ? 64 : d <= 128 ? 128 : 256;
 }
 
 at::Tensor pad_last_dim(const at::Tensor &t, int to) { return at::constant_pad_nd(t, {0, to - t.size(-1)}); }

@@ -339,6 +339,8 @@ __forceinline__ __device__ void compute_dq_tile(const Flash_bwd_params &p, int m
   constexpr int kCols = Ktraits::kBlockCols;  // keys
   constexpr int kHeadDim = Ktraits::kHeadDim;
   constexpr int kNWarps = Ktraits::kNWarps;
+  static_assert(kRows % (16 * kNWarps) == 0, "the 1-D MMA stacks 16-row warp tiles along the queries: "
+                "launch this kernel with traits of bwd_dq_tile(tile)");
   const int tidx = threadIdx.x;
 
   const SeqInfo seq(p, bidb);

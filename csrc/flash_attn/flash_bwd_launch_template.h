@@ -41,9 +41,14 @@ cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
     }
     return cudaGetLastError();
   }
+  // The dQ kernel's traits: Ktraits itself unless its tile has fewer than 16 query rows
+  // per warp (d = 256), which runs the dQ kernel with fewer warps and a shorter key step
+  // (bwd_dq_tile in tile_size.h).
+  using DqTraits = BwdKernelTraits<kHeadDim, Element, bwd_dq_tile(Ktraits::kTile)>;
+  static_assert(DqTraits::kBlockRows == Ktraits::kBlockRows);
   auto dk_dv_kernel = &flash_bwd_dk_dv_kernel<Ktraits, Has_alibi, Is_softcap, Is_dropout, false>;
-  auto dq_kernel = &flash_bwd_dq_kernel<Ktraits, Has_alibi, Is_softcap, Is_dropout>;
-  constexpr int smem_bytes = Ktraits::kSmemBytes, smem_bytes_dk_dv = Ktraits::kSmemBytesDkDv;
+  auto dq_kernel = &flash_bwd_dq_kernel<DqTraits, Has_alibi, Is_softcap, Is_dropout>;
+  constexpr int smem_bytes = DqTraits::kSmemBytes, smem_bytes_dk_dv = Ktraits::kSmemBytesDkDv;
   if ((err = allow_smem(dk_dv_kernel, smem_bytes_dk_dv)) != cudaSuccess) { return err; }
   if ((err = allow_smem(dq_kernel, smem_bytes)) != cudaSuccess) { return err; }
   if (num_n_blocks > 0) {
@@ -51,7 +56,7 @@ cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
     if ((err = cudaGetLastError()) != cudaSuccess) { return err; }
   }
   if (num_m_blocks > 0) {
-    dq_kernel<<<dim3(num_m_blocks, params.b, params.h), Ktraits::kNThreads, smem_bytes, stream>>>(params);
+    dq_kernel<<<dim3(num_m_blocks, params.b, params.h), DqTraits::kNThreads, smem_bytes, stream>>>(params);
   }
   return cudaGetLastError();
 }

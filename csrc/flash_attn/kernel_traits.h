@@ -94,10 +94,13 @@ struct FwdKernelTraits : MmaCopyTraits<kHeadDim_, Element_, kTile_.n_warps> {
 template <int kHeadDim_, typename Element_, BwdTile kTile_ = bwd_tile(kHeadDim_)>
 struct BwdKernelTraits : MmaCopyTraits<kHeadDim_, Element_, kTile_.n_warps> {
   using Base = MmaCopyTraits<kHeadDim_, Element_, kTile_.n_warps>;
+  static constexpr BwdTile kTile = kTile_;
   static constexpr int kBlockRows = kTile_.block_rows;
   static constexpr int kBlockCols = kTile_.block_cols;
   static constexpr int kStages = kTile_.stream_stages;
-  static_assert(kBlockRows % (16 * kTile_.n_warps) == 0 && kBlockCols % 16 == 0);
+  // kBlockRows % (16 * n_warps) == 0 binds only the dQ kernel's 1-D MMA (Base::TiledMma):
+  // compute_dq_tile asserts it, and the launcher gives it bwd_dq_tile's warps.
+  static_assert(kBlockRows % 16 == 0 && kBlockCols % 16 == 0);
   static_assert(kStages == 1 || kStages == 2);
 
   using SmemLayoutRows = typename Base::template SmemLayoutTile<kBlockRows>;             // (rows, D, 1)
@@ -149,7 +152,8 @@ struct BwdKernelTraits : MmaCopyTraits<kHeadDim_, Element_, kTile_.n_warps> {
   using SmemCopyAtomP = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element_>;
 
   // dK/dV kernel: [K, V (rows)] [Q, dO (cols, stages)] [lse, D (stages)] [P^T] [dS^T];
-  // dQ kernel (deterministic path): the first three.
+  // dQ kernel (deterministic path): the first three, sized by its own traits
+  // (bwd_dq_tile: the same rows and stages; at d = 256 fewer warps and key columns).
   static constexpr int kSmemPOffset = (2 * kSmemRowsBytes + 2 * kSmemColsBytes + kSmemStatsBytes + 127) / 128 * 128;
   static constexpr int kSmemBytes = 2 * kSmemRowsBytes + 2 * kSmemColsBytes + kSmemStatsBytes;
   static constexpr int kSmemBytesDkDv = kSmemPOffset + 2 * kSmemPBytes;

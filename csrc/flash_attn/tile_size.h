@@ -32,8 +32,8 @@ constexpr FwdTile fwd_tile(int head_dim) {
 // Backward tiles: block_rows of the stationary operand (keys for dK/dV, queries for
 // dQ), block_cols of the streamed one. The dK/dV kernel keeps two (rows x d) fp32
 // accumulators and two (rows x cols) score tiles in registers, so the streamed step
-// shrinks as d grows. Kernels exist for d = 64 and 128 (others up to 128 are padded);
-// head dims above 128 need warps split along d (not yet built).
+// shrinks as d grows. Kernels exist for d = 64, 128 and 256; flash_api.cpp pads the
+// others up to the next of them.
 struct BwdTile {
   int block_rows;
   int block_cols;
@@ -44,8 +44,28 @@ struct BwdTile {
 // Measured on H100 (benchmarks/tune/NOTES.md, backward section): 128 stationary rows
 // with 8 warps halve the streamed reads and the dQ atomics per FLOP; the second stage
 // of the streamed tiles overlaps their loads with the step before.
+// d = 256 (not yet measured): 64 x 64 with 8 warps keeps the per-thread accumulators of
+// d = 128 (2 x 64 x 256 fp32 for dK, dV over 256 threads = 128 each, like 2 x 128 x 128);
+// the warps split d 2 ways for dK/dV and 4 ways for dQ (kernel_traits.h). One stage:
+// K, V (64 KB) + Q, dO (64 KB per stage) + P^T, dS^T (16 KB) need ~208 KB with two,
+// more than sm80's 163 KB.
 constexpr BwdTile bwd_tile(int head_dim) {
-  return head_dim <= 64 ? BwdTile{128, 128, 8, 2} : BwdTile{128, 64, 8, 2};
+  return head_dim <= 64    ? BwdTile{128, 128, 8, 2}
+         : head_dim <= 128 ? BwdTile{128, 64, 8, 2}
+                           : BwdTile{64, 64, 8, 1};
+}
+
+// The deterministic dQ kernel stacks its warps along its block_rows queries, 16 rows
+// each (one 1-D MMA for S, dP and dQ, so that dS stays in registers). A tile with fewer
+// than 16 * n_warps rows (d = 256: 64 rows, 8 warps) runs that kernel with
+// block_rows / 16 warps and its key step shrunk in proportion, so that each thread holds
+// as many scores as in the dK/dV kernel (d = 256: 64 x 32, 4 warps; with 64 keys the
+// dropout variant spilled 1.2 KB on sm90, with 32 about 70 bytes). Every other tile is
+// returned unchanged (the same kernel as before).
+constexpr BwdTile bwd_dq_tile(BwdTile t) {
+  if (t.block_rows % (16 * t.n_warps) == 0) { return t; }
+  const int warps = t.block_rows / 16;
+  return BwdTile{t.block_rows, t.block_cols * warps / t.n_warps, warps, t.stream_stages};
 }
 
 // Split-KV (flash_attn_with_kvcache's num_splits): how many shares of the key blocks each
