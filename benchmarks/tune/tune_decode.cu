@@ -4,8 +4,9 @@
 // rows of one sequence, so the kernel sees h_k heads and seqlen_q = g.
 // Build one binary per tile (run_tune.sh does this for "dec:HDIM:BM:BN:WARPS:STAGES"):
 //   nvcc ... -DHDIM=128 -DBM=64 -DBN=64 -DWARPS=4 -DSTAGES=2 tune_decode.cu
-// Output per shape: the split count chosen by num_splits_heuristic, the time (median of
-// 50 launches after 10 warm-ups), and TB/s of K + V read once.
+// Output per shape: the split count num_splits_heuristic picks, TB/s of K + V read once
+// (median time of 30-50 launches) for the unsplit kernel and for the split kernel plus
+// combine at a sweep of split counts.
 
 #include <cuda_bf16.h>
 
@@ -79,15 +80,23 @@ int main() {
     p.oaccum_ptr = oacc; p.lseaccum_ptr = lseacc;
 
     const int m_blocks = (g + BM - 1) / BM, n_blocks = (len + BN - 1) / BN;
-    p.num_splits = flash::num_splits_heuristic((long long)m_blocks * b * h_k, num_sms, n_blocks, h_k);
-    const float split_ms =
-        median_ms([&] { return flash::run_flash_fwd<Ktraits, true, true, false, true>(p, 0); }, 10, 50);
+    const int heuristic = flash::num_splits_heuristic((long long)m_blocks * b * h_k, num_sms, n_blocks, h_k);
+    const double bytes = 2.0 * n_kv * sizeof(Element);
+    p.num_splits = 1;
     const float plain_ms =
         median_ms([&] { return flash::run_flash_fwd<Ktraits, false, false, false, false>(p, 0); }, 10, 50);
-    const double bytes = 2.0 * n_kv * sizeof(Element);
-    std::printf("hdim %d tile %dx%dx%dw%ds  b %3d len %6d  splits %3d  split %.4f ms %.2f TB/s | unsplit %.4f ms %.2f TB/s\n",
-                HDIM, BM, BN, WARPS, STAGES, b, len, p.num_splits, split_ms, bytes / split_ms / 1e9, plain_ms,
-                bytes / plain_ms / 1e9);
+    std::printf("hdim %d tile %dx%dx%dw%ds  b %3d len %6d  heuristic %3d | unsplit %.2f TB/s | split:", HDIM, BM,
+                BN, WARPS, STAGES, b, len, heuristic, bytes / plain_ms / 1e9);
+    // The split kernel (+ combine) at a sweep of split counts: TB/s of each.
+    const int sweep[] = {1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 33, 48, 64, 96, 128};
+    for (int s : sweep) {
+      if (s > n_blocks || s * h_k > 65535) { continue; }
+      p.num_splits = s;
+      const float ms =
+          median_ms([&] { return flash::run_flash_fwd<Ktraits, true, true, false, true>(p, 0); }, 5, 30);
+      std::printf(" %d:%.2f", s, bytes / ms / 1e9);
+    }
+    std::printf("\n");
     cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(o); cudaFree(lse); cudaFree(oacc); cudaFree(lseacc);
     cudaFree(cu_q); cudaFree(cu_k);
   }

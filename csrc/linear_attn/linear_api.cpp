@@ -7,7 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
-#include "py_value_errors.h"
+#include "arg_error.h"
 
 #include <cuda_runtime_api.h>
 
@@ -26,7 +26,7 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using Named = std::pair<const Tensor*, const char*>;
 
-#define CHECK_ARG(cond, ...) TORCH_CHECK_VALUE(cond, "flash_attn_linear_cuda: ", __VA_ARGS__)
+#define CHECK_ARG(cond, ...) ARG_ERROR_CHECK("flash_attn_linear_cuda: ", cond, __VA_ARGS__)
 
 // ---------------------------------------------------------------- dispatch (the one place)
 template <typename F>
@@ -341,18 +341,18 @@ void recurrent(const Tensor& q, const Tensor& k, const Tensor& v, const OptTenso
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Chunked linear-attention kernels (flash_attn.linear_attn's CUDA route)";
-  m.def("chunk_state", &PyValueErrors<&chunk_state>::call, "States at chunk boundaries (forward h, or reverse dH)", py::arg("x"),
+  m.def("chunk_state", &chunk_state, "States at chunk boundaries (forward h, or reverse dH)", py::arg("x"),
         py::arg("z"), py::arg("g"), py::arg("gamma"), py::arg("init"), py::arg("states"), py::arg("final_state"),
         py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("scale"), py::arg("reverse"),
         py::arg("pair_states") = py::none(), py::arg("pair_dot") = py::none(), py::arg("tile_n") = 0);
-  m.def("chunk_output", &PyValueErrors<&chunk_output>::call, "Per-chunk output: inter-chunk state product plus masked intra-chunk part",
+  m.def("chunk_output", &chunk_output, "Per-chunk output: inter-chunk state product plus masked intra-chunk part",
         py::arg("x"), py::arg("y"), py::arg("z"), py::arg("m"), py::arg("out"), py::arg("dot"), py::arg("rowdot"),
         py::arg("g"), py::arg("gamma"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("inter_scale"),
         py::arg("intra_scale"), py::arg("trans_m"), py::arg("upper"));
-  m.def("gate_grad", &PyValueErrors<&gate_grad>::call, "Scalar log-gate gradient, chunk by chunk", py::arg("q"), py::arg("k"),
+  m.def("gate_grad", &gate_grad, "Scalar log-gate gradient, chunk by chunk", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("dout"), py::arg("g"), py::arg("gamma"), py::arg("rq"), py::arg("rk"), py::arg("pair"),
         py::arg("dg"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("scale"));
-  m.def("recurrent", &PyValueErrors<&recurrent>::call, "Token-by-token recurrence (fused_recurrent_*)", py::arg("q"), py::arg("k"),
+  m.def("recurrent", &recurrent, "Token-by-token recurrence (fused_recurrent_*)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("g"), py::arg("gamma"), py::arg("gk"), py::arg("gv"), py::arg("init"), py::arg("out"),
         py::arg("final_state"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("scale"),
         py::arg("reverse"));
