@@ -22,6 +22,7 @@ from flash_attn.linear_attn import _kernels
 from flash_attn.reference_linear import masked_linear_attention_ref
 from gpu_env import QUICK, gpu_marks, poison_allocator
 from masked_ext_model import MaskedExtModel
+from test_linear_attn_gpu import DTYPES, GRAD_TOL, OUT_TOL, check, rand
 
 
 def _reason():
@@ -36,32 +37,12 @@ def _reason():
 UNAVAILABLE = _reason()
 pytestmark = gpu_marks(UNAVAILABLE)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MASK_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "bool": torch.bool}
-OUT_TOL, GRAD_TOL = 0.005, 0.008
 MODEL = MaskedExtModel()
-
-
-def rms_ratio(a, b):
-    a, b = a.double().cpu(), b.double().cpu()
-    den = b.pow(2).mean().sqrt().item()
-    return (a - b).pow(2).mean().sqrt().item() / max(den, 1e-30)
-
-
-def check(name, got, ref, tol):
-    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    err = rms_ratio(got, ref)
-    assert err < tol, f"{name}: RMS ratio {err:.2e} >= {tol}"
 
 
 def ext():
     return _kernels.extension()
-
-
-def rand(*shape, dtype=torch.bfloat16, seed=0, scale=1.0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    return (scale * torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32)).to(dtype)
 
 
 def uniform(*shape, seed=0):
