@@ -211,7 +211,7 @@ void run_fwd(Flash_fwd_params &p, bool is_dropout, cudaStream_t stream) {
     return flash::headdim_switch(p.d, [&](auto hdim_tag) {
       constexpr int kHeadDim = decltype(hdim_tag)::value;
       const bool has_alibi = p.alibi_slopes_ptr != nullptr, is_softcap = p.softcap_prescale > 0.f;
-      const bool is_split = p.num_splits > 1;
+      const bool is_split = p.oaccum_ptr != nullptr;
       return flash::fwd_variant_switch(has_alibi, is_softcap, is_dropout, is_split,
                                        [&](auto alibi, auto cap, auto drop, auto split) {
         constexpr bool kSplit = decltype(split)::value;
@@ -229,27 +229,34 @@ void run_fwd(Flash_fwd_params &p, bool is_dropout, cudaStream_t stream) {
 
 // --- split-KV (flash_attn_with_kvcache's num_splits; kernels: split_kv.h, flash_fwd_combine.h) ---
 
-// The number of key-block shares for a varlen forward whose other fields p already holds
-// (b, h, d, seqlen_q = max_seqlen_q, seqlen_k = max_seqlen_k): requested 1 = no split, 0 =
-// heuristic (tile_size.h), n > 1 = n capped by the keys and the grid. Host values only (no
-// device read, so CUDA-graph capture works). Split-KV is a performance hint: where it has
-// no kernel (dropout, S_dmask, head dims other than 64/128/256, a build without split-KV),
-// the call runs unsplit with the same result.
+// Whether and how the split-KV kernel runs a varlen forward whose other fields p already
+// holds (b, h, d, seqlen_q = max_seqlen_q, seqlen_k = max_seqlen_k). Returns 0 for the
+// unsplit kernel, n >= 1 for the split kernel with n key-block shares. requested 1 = no
+// split; n > 1 = n capped by the keys and the grid; 0 = heuristic (tile_size.h), and then
+// also the split kernel with one share when the queries fit its small tile: a decode step
+// reads the cache with fewer wasted MMA rows that way (fwd_split_tile). Host values only
+// (no device read, so CUDA-graph capture works). Split-KV is a performance hint: where it
+// has no kernel (dropout, S_dmask, head dims other than 64/128/256, a build without
+// split-KV), the call runs unsplit with the same result.
 int choose_num_splits(int64_t requested, const Flash_fwd_params &p, bool is_dropout, bool return_softmax,
                       c10::Device device) {
   CHECK_ARG(requested >= 0, "num_splits must be >= 0 (0 = chosen from the lengths, 1 = no split), got ",
             requested);
 #ifndef FLASH_ATTN_HAS_SPLITKV
-  return 1;
+  return 0;
 #endif
-  if (requested == 1 || is_dropout || return_softmax || !(p.d == 64 || p.d == 128 || p.d == 256)) { return 1; }
-  const flash::FwdTile tile = flash::fwd_tile(p.d);
+  if (requested == 1 || is_dropout || return_softmax || !(p.d == 64 || p.d == 128 || p.d == 256)) { return 0; }
+  const flash::FwdTile tile = flash::fwd_split_tile(p.d);
   const int n_blocks = (p.seqlen_k + tile.block_n - 1) / tile.block_n;
   if (requested > 1) { return flash::clamp_num_splits(requested, n_blocks, p.h); }
   int num_sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device.index()));
-  const int64_t m_blocks = (p.seqlen_q + tile.block_m - 1) / tile.block_m;
-  return flash::num_splits_heuristic(m_blocks * p.b * p.h, num_sms, n_blocks, p.h);
+  // The heuristic counts the prefill tile's CTAs: a grid that would fill the GPU unsplit
+  // is not split, and then only a short query block takes the split kernel.
+  const flash::FwdTile prefill = flash::fwd_tile(p.d);
+  const int64_t m_blocks = (p.seqlen_q + prefill.block_m - 1) / prefill.block_m;
+  const int splits = flash::num_splits_heuristic(m_blocks * p.b * p.h, num_sms, n_blocks, p.h);
+  return splits > 1 || p.seqlen_q <= tile.block_m ? splits : 0;
 }
 
 // Output buffer: the caller's `out` when it can be written directly, else a fresh one
@@ -382,7 +389,7 @@ std::vector<at::Tensor> varlen_fwd(at::Tensor q, at::Tensor k, at::Tensor v, std
     // only those. Freed on return; the caching allocator orders reuse after the kernels.
     at::Tensor oaccum, lseaccum;
     p.num_splits = choose_num_splits(num_splits, p, p_dropout > 0.0, return_softmax, q.device());
-    if (p.num_splits > 1) {
+    if (p.num_splits >= 1) {  // the split kernel runs iff these partials exist (run_fwd)
       oaccum = at::empty({p.num_splits, p.h, total_q, p.d}, q.options().dtype(at::kFloat));
       lseaccum = at::empty({p.num_splits, p.h, total_q}, q.options().dtype(at::kFloat));
       p.oaccum_ptr = oaccum.data_ptr<float>();

@@ -48,8 +48,9 @@ cudaError_t run_mha_fwd_(Flash_fwd_params &params, cudaStream_t stream) {
   static_assert(!(Is_dropout && Is_softcap), "softcap with dropout is not supported (as in flash-attn)");
   static_assert(!Is_split || (Has_alibi && Is_softcap && !Is_dropout),
                 "the split-KV variant is one kernel with ALiBi and softcap optional at run time, no dropout");
-  return run_flash_fwd<FwdKernelTraits<kHeadDim, Element>, Has_alibi, Is_softcap, Is_dropout, Is_split>(params,
-                                                                                                       stream);
+  constexpr FwdTile kTile = Is_split ? fwd_split_tile(kHeadDim) : fwd_tile(kHeadDim);
+  return run_flash_fwd<FwdKernelTraits<kHeadDim, Element, kTile>, Has_alibi, Is_softcap, Is_dropout, Is_split>(
+      params, stream);
 }
 
 }  // namespace flash

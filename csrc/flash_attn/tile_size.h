@@ -29,6 +29,22 @@ constexpr FwdTile fwd_tile(int head_dim) {
                            : FwdTile{64, 64, 4, 1};
 }
 
+// The split-KV kernel's tile (Is_split; also the unsplit decode step, see flash_api.cpp's
+// choose_num_splits). It serves few query rows per (sequence, kv head): one token times
+// the query heads of a GQA group. The forward tiles above would compute 128 rows of
+// which 4 are real, and at decode lengths those wasted MMAs, not the K/V reads, set the
+// pace. 16 rows (one warp) leave the kernel bound by its reads. Measured with
+// tune_decode.cu on an H100 (bf16, 32 query / 8 kv heads, ANCHORS shapes; TB/s of K + V):
+// - d = 128: 16 x 64, two stages: 2.74 at 1 x 128k (33 splits), 3.01 at 8 x 32k (4),
+//   3.00 at 32 x 8k and 2.89 at 128 x 2k (1 split); the 128 x 64 tile gave 2.19, 2.29,
+//   2.27, 2.22 with the same splits. 32 x 64 with two warps was within 1-3%.
+// - d = 64 and 256: see NOTES.md (tune_decode) for the measured choice.
+constexpr FwdTile fwd_split_tile(int head_dim) {
+  return head_dim <= 64    ? FwdTile{16, 128, 1, 2}
+         : head_dim <= 128 ? FwdTile{16, 64, 1, 2}
+                           : FwdTile{16, 64, 1, 1};
+}
+
 // Backward tiles: block_rows of the stationary operand (keys for dK/dV, queries for
 // dQ), block_cols of the streamed one. The dK/dV kernel keeps two (rows x d) fp32
 // accumulators and two (rows x cols) score tiles in registers, so the streamed step
@@ -88,21 +104,23 @@ constexpr int clamp_num_splits(long long splits, int n_blocks, int heads) {
 // n_blocks: key blocks of the longest sequence; num_sms: the device's SM count.
 // - At 80% of a wave or more the grid already keeps the GPU busy: splitting would only
 //   add the partial writes and the combine pass. No split.
-// - Otherwise aim for two CTAs per SM (the forward tiles fit two per SM up to d = 128,
-//   and a second wave hides the tail of the first at d = 256): ceil(2 * SMs / ctas).
+// - Otherwise as many shares as keep the grid at or under two CTAs per SM:
+//   floor(2 * SMs / ctas). Rounding up instead loads some SMs with a third CTA while
+//   others hold two, and the slowest SM sets the time (tune_decode.cu on the H100, hd 128,
+//   batch 8 x 32k: 4 splits 3.01 TB/s, 5 splits 2.81).
 // - Each share keeps at least two key blocks, so its fixed costs (prologue, the fp32
 //   partial, the combine's read) stay small next to its main loop.
 // Example: batch 1, 8 kv heads (GQA packed), 128k keys, d = 128 on 132 SMs: 8 CTAs
-// unsplit, 33 splits of about 62 key blocks each, 264 CTAs.
+// unsplit, 33 splits of 62 key blocks (64 wide) each, 264 CTAs.
 constexpr int num_splits_heuristic(long long ctas, int num_sms, int n_blocks, int heads) {
   if (ctas <= 0 || num_sms <= 0 || ctas * 5 >= (long long)num_sms * 4) { return 1; }
-  const long long want = (2LL * num_sms + ctas - 1) / ctas;
+  const long long want = 2LL * num_sms / ctas;
   const int blocks_cap = n_blocks / 2 > 1 ? n_blocks / 2 : 1;
   return clamp_num_splits(want < blocks_cap ? want : blocks_cap, n_blocks, heads);
 }
-// The cases above, checked at compile time: the example; a full grid; short caches; the
+// The cases above, checked at compile time: the examples; a full grid; short caches; the
 // grid limit; an explicit request capped by the keys.
-static_assert(num_splits_heuristic(8, 132, 2048, 8) == 33);
+static_assert(num_splits_heuristic(8, 132, 2048, 8) == 33 && num_splits_heuristic(64, 132, 512, 8) == 4);
 static_assert(num_splits_heuristic(132, 132, 2048, 8) == 1);
 static_assert(num_splits_heuristic(8, 132, 16, 8) == 8 && num_splits_heuristic(8, 132, 1, 8) == 1);
 static_assert(clamp_num_splits(1000, 4096, 1024) == 63 && clamp_num_splits(16, 5, 8) == 5);
