@@ -38,11 +38,14 @@ constexpr FwdTile fwd_tile(int head_dim) {
 // - d = 128: 16 x 64, two stages: 2.74 at 1 x 128k (33 splits), 3.01 at 8 x 32k (4),
 //   3.00 at 32 x 8k and 2.89 at 128 x 2k (1 split); the 128 x 64 tile gave 2.19, 2.29,
 //   2.27, 2.22 with the same splits. 32 x 64 with two warps was within 1-3%.
-// - d = 64 and 256: see NOTES.md (tune_decode) for the measured choice.
+// - d = 64: 16 x 128, two stages: 2.34, 2.75, 2.76, 2.60 (16 x 64: 2.36, 2.71, 2.69, 2.57;
+//   32 x 128 with two warps: 2.37, 2.76, 2.76, 2.49).
+// - d = 256: 16 x 32, two stages: 2.93, 3.09, 3.06, 3.00 (16 x 64 one stage: 2.91, 3.07,
+//   3.06, 2.92; 16 x 64 two stages fit one CTA per SM: 2.78 at 1 x 128k).
 constexpr FwdTile fwd_split_tile(int head_dim) {
   return head_dim <= 64    ? FwdTile{16, 128, 1, 2}
          : head_dim <= 128 ? FwdTile{16, 64, 1, 2}
-                           : FwdTile{16, 64, 1, 1};
+                           : FwdTile{16, 32, 1, 2};
 }
 
 // Backward tiles: block_rows of the stationary operand (keys for dK/dV, queries for
