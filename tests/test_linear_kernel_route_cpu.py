@@ -392,3 +392,24 @@ def test_gla_algorithm_is_exact_in_float64(lens):
     for name, a, r in (("o", o, o_r), ("ht", ht, ht_r), ("dq", dq, leaves[0].grad), ("dk", dk, leaves[1].grad),
                        ("dv", dv, leaves[2].grad), ("dg", dg, leaves[3].grad), ("dh0", dh0, leaves[4].grad)):
         assert rms_ratio(a, r) < 1e-12, name
+
+
+def test_gla_bad_arguments_fail_before_the_kernels(model):
+    """On the CUDA route, malformed GLA calls raise naming the argument, and no launcher runs."""
+    q, k, v, _, _, h0 = make(2, 20, 2, 64, 32, gate=None)
+    g = gla_gates(2, 20, 2, 64)
+    bad = [
+        (lambda: la.chunk_gla(q, k, v, g[..., 0]), ValueError, "g.shape must be [B, T, H, K]"),
+        (lambda: la.chunk_gla(q, k, v, g[:, :10]), ValueError, "g.shape must be [B, T, H, K]"),
+        (lambda: la.chunk_gla(q, k, v, g.to(torch.int32)), TypeError, "g.dtype"),
+        (lambda: la.chunk_gla(q, k, v, g, initial_state=h0[..., :16]), ValueError, "initial_state.shape"),
+        (lambda: la.chunk_gla(q, k, v, g, initial_state=h0.half()), TypeError, "initial_state.dtype"),
+        (lambda: la.chunk_gla(q, k, v, g, cu_seqlens=cu([10, 10])), ValueError, "q.shape[0] (B)"),
+        (lambda: la.chunk_gla(q, k, v, g, scale=float("nan")), ValueError, "scale"),
+        (lambda: la.fused_recurrent_gla(q, k, v, gk=g, gv=g), ValueError, "gv.shape must be [B, T, H, V]"),
+    ]
+    for call, exc, text in bad:
+        with pytest.raises(exc) as info:
+            call()
+        assert text in str(info.value), str(info.value)
+    assert model.calls == []
