@@ -16,8 +16,6 @@ caching allocator, so an element a kernel never writes shows.
 Environment: FLASH_ATTN_TEST_QUICK=1 (subset), FLASH_ATTN_REQUIRE_CUDA=1 (fail, not skip,
 when the GPU or the extension is missing).
 """
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -366,7 +366,7 @@ def gla(fn, mode, q, k, v, gk, gv, scale, initial_state, output_final_state, rev
     """chunk_gla (mode "chunk") and fused_recurrent_gla (mode "recurrent") on CUDA: fp16/bf16
     inputs with head dims <= 256, per-key gates gk [B, T, H, K] and/or (recurrent only)
     per-value gates gv. Checked arguments, states [N, H, K, V]. Returns (o, final state or None)."""
-    ext = require_extension(fn)
+    require_extension(fn)
     grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, gk, gv, initial_state))
     if mode == "recurrent" and not grad:
