@@ -12,7 +12,6 @@ import flash_attn.linear_attn as la
 from flash_attn.linear_attn import (chunk_gla, chunk_lightning_attn, chunk_linear_attn, chunk_retention,
                                     chunk_simple_gla, fused_recurrent_gla, fused_recurrent_lightning_attn,
                                     fused_recurrent_retention, fused_recurrent_simple_gla, masked_linear_attention)
-from flash_attn.linear_attn import _checks
 from flash_attn.reference_linear import (causal_decay_mask, lightning_log_decay, linear_attn_recurrent_ref,
                                          linear_attn_ref, masked_linear_attention_ref, retention_log_decay)
 
@@ -464,34 +463,13 @@ ALL_OPS = [
 ]
 
 
-def test_require_cpu_message():
-    with pytest.raises(NotImplementedError, match="CUDA linear-attention kernels are not built yet.*CPU tensors run"):
-        _checks.require_cpu("chunk_gla", torch.device("cuda"))
-    _checks.require_cpu("chunk_gla", torch.device("cpu"))
-
-
 @pytest.mark.parametrize("name,run", ALL_OPS, ids=[n for n, _ in ALL_OPS])
 def test_every_op_routes_cuda_to_not_implemented(name, run, monkeypatch):
     """CPU tensors, with the route told they are on CUDA and that the linear-attention
     extension is missing: each op checks its arguments and then stops at the CUDA route,
     whose message names it (tests/test_linear_kernel_route_cpu.py runs the route itself)."""
-    real = _checks.require_cpu
-
-    def as_if_cuda(fn, device):
-        assert device.type == "cpu"
-        real(fn, torch.device("cuda"))
-
-    monkeypatch.setattr(la.masked, "require_cpu", as_if_cuda)  # masked_linear_attention has no kernel yet
     monkeypatch.setattr(la._kernels, "on_kernel_device", lambda x: True)
     monkeypatch.setattr(la._kernels, "KERNEL_DTYPES", (torch.float32,))
     monkeypatch.setattr(la._kernels, "extension", lambda: None)
     with pytest.raises(NotImplementedError, match=f"flash_attn.linear_attn.{name}: the CUDA"):
         run(qkv())
-
-
-@pytest.mark.cuda
-def test_cuda_tensors_raise_not_implemented():
-    """masked_linear_attention has no CUDA kernel yet (fp16/bf16: fp32 CUDA inputs run the reference)."""
-    name, run = next((n, r) for n, r in ALL_OPS if n == "masked_linear_attention")
-    with pytest.raises(NotImplementedError, match=f"flash_attn.linear_attn.{name}: the CUDA"):
-        run([x.cuda().bfloat16() for x in qkv()])

@@ -6,7 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
-#include "py_value_errors.h"
+#include "arg_error.h"
 
 #include <algorithm>
 #include <cmath>
@@ -21,7 +21,7 @@ namespace {
 
 using flash::Flash_fwd_params;
 
-#define CHECK_ARG(cond, ...) TORCH_CHECK_VALUE(cond, "flash_attn: ", __VA_ARGS__)
+#define CHECK_ARG(cond, ...) ARG_ERROR_CHECK("flash_attn: ", cond, __VA_ARGS__)
 
 void check_qkv(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, int rank) {
   const auto dtype = q.scalar_type();
@@ -205,29 +205,25 @@ void set_fwd_dropout(Flash_fwd_params &p, double p_dropout, const std::optional<
 void run_fwd(Flash_fwd_params &p, bool is_dropout, cudaStream_t stream) {
   TORCH_CHECK_NOT_IMPLEMENTED(!(is_dropout && p.softcap_prescale > 0.f),
                               "flash_attn: softcap with dropout is not supported (as in flash-attn)");
-  cudaError_t err;
-  try {
-    err = flash::dtype_switch(p.is_bf16, [&](auto dtype_tag) {
-      using Element = typename decltype(dtype_tag)::type;
-      return flash::headdim_switch(p.d, [&](auto hdim_tag) {
-        constexpr int kHeadDim = decltype(hdim_tag)::value;
-        const bool has_alibi = p.alibi_slopes_ptr != nullptr, is_softcap = p.softcap_prescale > 0.f;
-        const bool is_split = p.num_splits > 1;
-        return flash::fwd_variant_switch(has_alibi, is_softcap, is_dropout, is_split,
-                                         [&](auto alibi, auto cap, auto drop, auto split) {
-          constexpr bool kSplit = decltype(split)::value;
-          if constexpr (kSplit && !(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256)) {
-            return cudaErrorNotSupported;  // choose_num_splits never splits at these head dims
-          } else {
-            return flash::run_mha_fwd_<Element, kHeadDim, decltype(alibi)::value, decltype(cap)::value,
-                                       decltype(drop)::value, kSplit>(p, stream);
-          }
-        });
+  // The switches throw std::invalid_argument (Python ValueError) for a value with no kernel.
+  const cudaError_t err = flash::dtype_switch(p.is_bf16, [&](auto dtype_tag) {
+    using Element = typename decltype(dtype_tag)::type;
+    return flash::headdim_switch(p.d, [&](auto hdim_tag) {
+      constexpr int kHeadDim = decltype(hdim_tag)::value;
+      const bool has_alibi = p.alibi_slopes_ptr != nullptr, is_softcap = p.softcap_prescale > 0.f;
+      const bool is_split = p.num_splits > 1;
+      return flash::fwd_variant_switch(has_alibi, is_softcap, is_dropout, is_split,
+                                       [&](auto alibi, auto cap, auto drop, auto split) {
+        constexpr bool kSplit = decltype(split)::value;
+        if constexpr (kSplit && !(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256)) {
+          return cudaErrorNotSupported;  // choose_num_splits never splits at these head dims
+        } else {
+          return flash::run_mha_fwd_<Element, kHeadDim, decltype(alibi)::value, decltype(cap)::value,
+                                     decltype(drop)::value, kSplit>(p, stream);
+        }
       });
     });
-  } catch (const std::invalid_argument &e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  }
+  });
   TORCH_CHECK(err == cudaSuccess, "flash_attn forward kernel launch failed: ", cudaGetErrorString(err));
 }
 
@@ -404,26 +400,22 @@ void run_bwd(flash::Flash_bwd_params &p, bool is_dropout, cudaStream_t stream) {
             p.d);
   TORCH_CHECK_NOT_IMPLEMENTED(!(is_dropout && p.softcap_prescale > 0.f),
                               "flash_attn: softcap with dropout is not supported (as in flash-attn)");
-  cudaError_t err;
-  try {
-    err = flash::dtype_switch(p.is_bf16, [&](auto dtype_tag) {
-      using Element = typename decltype(dtype_tag)::type;
-      return flash::headdim_switch(p.d, [&](auto hdim_tag) {
-        constexpr int kHeadDim = decltype(hdim_tag)::value;
-        if constexpr (kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256) {
-          const bool has_alibi = p.alibi_slopes_ptr != nullptr, is_softcap = p.softcap_prescale > 0.f;
-          return flash::kernel_variant_switch(has_alibi, is_softcap, is_dropout, [&](auto alibi, auto cap, auto drop) {
-            return flash::run_mha_bwd_<Element, kHeadDim, decltype(alibi)::value, decltype(cap)::value,
-                                       decltype(drop)::value>(p, stream);
-          });
-        } else {
-          return cudaErrorNotSupported;
-        }
-      });
+  // The switches throw std::invalid_argument (Python ValueError) for a value with no kernel.
+  const cudaError_t err = flash::dtype_switch(p.is_bf16, [&](auto dtype_tag) {
+    using Element = typename decltype(dtype_tag)::type;
+    return flash::headdim_switch(p.d, [&](auto hdim_tag) {
+      constexpr int kHeadDim = decltype(hdim_tag)::value;
+      if constexpr (kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256) {
+        const bool has_alibi = p.alibi_slopes_ptr != nullptr, is_softcap = p.softcap_prescale > 0.f;
+        return flash::kernel_variant_switch(has_alibi, is_softcap, is_dropout, [&](auto alibi, auto cap, auto drop) {
+          return flash::run_mha_bwd_<Element, kHeadDim, decltype(alibi)::value, decltype(cap)::value,
+                                     decltype(drop)::value>(p, stream);
+        });
+      } else {
+        return cudaErrorNotSupported;
+      }
     });
-  } catch (const std::invalid_argument &e) {
-    TORCH_CHECK_VALUE(false, e.what());
-  }
+  });
   TORCH_CHECK(err == cudaSuccess, "flash_attn backward kernel launch failed: ", cudaGetErrorString(err));
 }
 
@@ -630,22 +622,22 @@ std::vector<at::Tensor> varlen_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flash_attn CUDA kernels (FA2-class forward, sm80+)";
-  m.def("fwd", &PyValueErrors<&fwd>::call, "Exact attention forward, batched (b, s, h, d)", py::arg("q"), py::arg("k"), py::arg("v"),
+  m.def("fwd", &fwd, "Exact attention forward, batched (b, s, h, d)", py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_size_left"),
         py::arg("window_size_right"), py::arg("softcap"), py::arg("p_dropout") = 0.0,
         py::arg("return_softmax") = false, py::arg("gen") = py::none());
-  m.def("varlen_fwd", &PyValueErrors<&varlen_fwd>::call, "Exact attention forward, varlen (total, h, d)", py::arg("q"), py::arg("k"),
+  m.def("varlen_fwd", &varlen_fwd, "Exact attention forward, varlen (total, h, d)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("seqused_k"),
         py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("alibi_slopes"), py::arg("softmax_scale"),
         py::arg("window_size_left"), py::arg("window_size_right"), py::arg("softcap"), py::arg("p_dropout") = 0.0,
         py::arg("return_softmax") = false, py::arg("gen") = py::none(), py::arg("num_splits") = 1);
 #ifdef FLASH_ATTN_HAS_BWD
-  m.def("bwd", &PyValueErrors<&bwd>::call, "Exact attention backward, batched", py::arg("dout"), py::arg("q"), py::arg("k"),
+  m.def("bwd", &bwd, "Exact attention backward, batched", py::arg("dout"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("softmax_lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
         py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_size_left"),
         py::arg("window_size_right"), py::arg("softcap"), py::arg("deterministic"), py::arg("p_dropout") = 0.0,
         py::arg("rng_state") = py::none());
-  m.def("varlen_bwd", &PyValueErrors<&varlen_bwd>::call, "Exact attention backward, varlen", py::arg("dout"), py::arg("q"),
+  m.def("varlen_bwd", &varlen_bwd, "Exact attention backward, varlen", py::arg("dout"), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("softmax_lse"), py::arg("dq"), py::arg("dk"),
         py::arg("dv"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
         py::arg("max_seqlen_k"), py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_size_left"),

@@ -7,16 +7,18 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
-#include "py_value_errors.h"
+#include "arg_error.h"
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <initializer_list>
 #include <optional>
 #include <type_traits>
 #include <utility>
 
 #include "linear_params.h"
+#include "masked_params.h"
 #include "tile_size.h"
 
 namespace {
@@ -26,7 +28,7 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 using Named = std::pair<const Tensor*, const char*>;
 
-#define CHECK_ARG(cond, ...) TORCH_CHECK_VALUE(cond, "flash_attn_linear_cuda: ", __VA_ARGS__)
+#define CHECK_ARG(cond, ...) ARG_ERROR_CHECK("flash_attn_linear_cuda: ", cond, __VA_ARGS__)
 
 // ---------------------------------------------------------------- dispatch (the one place)
 template <typename F>
@@ -138,6 +140,131 @@ int num_sms(int device) {
   int n = 0;
   if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 108;
   return n;
+}
+
+// ---------------------------------------------------------------- masked linear attention
+// masked_params.h has the math and the four uses of masked_attn; flash_attn/linear_attn/_masked.py
+// composes them into the forward and backward.
+
+la::MaskDtype mask_dtype_of(const Tensor& mask) {
+  switch (mask.scalar_type()) {
+    case at::kFloat: return la::MaskDtype::kFp32;
+    case at::kHalf: return la::MaskDtype::kFp16;
+    case at::kBFloat16: return la::MaskDtype::kBf16;
+    default: CHECK_ARG(false, "mask must be float32, float16 or bfloat16, got ", mask.scalar_type());
+  }
+  return la::MaskDtype::kFp32;
+}
+
+// out = scale * sum_{g, j} (x_i . y_j) M[b, head, i, j] z_j (masked_attn.cuh): x [B, T, Hx, R];
+// y [B, T, Hy, R]; z [B, T, Hy, N]; out [B, T, Hx, N]; Hx % Hy == 0 or Hy % Hx == 0. mask: a
+// [B, max(Hx, Hy), T, T] view with any strides (expanded or transposed: nothing is copied) in the
+// pass's orientation (i = x row, j = y row), indexed by the query head, the side with more heads.
+// Hx >= Hy: x head h reads y / z head h / (Hx / Hy); Hx < Hy: it sums over the G = Hy / Hx
+// heads h * G .. h * G + G - 1.
+void masked_attn(const Tensor& x, const Tensor& y, const Tensor& z, const Tensor& mask, Tensor& out,
+                 double scale) {
+  check_operands({{&x, "x"}, {&y, "y"}, {&z, "z"}, {&out, "out"}}, x, x.scalar_type());
+  CHECK_ARG(x.dim() == 4 && y.dim() == 4 && z.dim() == 4, "x, y and z must be [B, T, heads, dim], got ", x.sizes(),
+            ", ", y.sizes(), " and ", z.sizes());
+  const int64_t B = x.size(0), T = x.size(1), Hx = x.size(2), R = x.size(3), Hy = y.size(2), N = z.size(3);
+  check_shape(y, "y", {B, T, Hy, R});
+  check_shape(z, "z", {B, T, Hy, N});
+  check_shape(out, "out", {B, T, Hx, N});
+  CHECK_ARG(Hx > 0 && Hy > 0 && (Hx % Hy == 0 || Hy % Hx == 0),
+            "the head counts of x and y must divide one another, got ", Hx, " and ", Hy);
+  CHECK_ARG(N % 64 == 0 && N > 0, "N must be a multiple of 64, got ", N);
+  const int64_t Hq = std::max(Hx, Hy);
+  CHECK_ARG(mask.is_cuda() && mask.device() == x.device(), "mask must be on ", x.device(), ", got ", mask.device());
+  check_shape(mask, "mask", {B, Hq, T, T});
+  const int64_t ctas = (T + la::kMaskedTile - 1) / la::kMaskedTile * B * Hx;
+  CHECK_ARG(T < (int64_t{1} << 31) && ctas < (int64_t{1} << 31), "B * heads * ceil(T / 64) must fit in int32, got ",
+            ctas);
+  la::MaskedParams p;
+  p.x = x.data_ptr();
+  p.y = y.data_ptr();
+  p.z = z.data_ptr();
+  p.out = out.data_ptr();
+  p.mask = mask.data_ptr();
+  p.mask_dtype = mask_dtype_of(mask);
+  for (int d = 0; d < 4; ++d) p.mask_stride[d] = mask.stride(d);
+  p.batch = static_cast<int>(B);
+  p.seqlen = static_cast<int>(T);
+  p.x_heads = static_cast<int>(Hx);
+  p.yz_heads = static_cast<int>(Hy);
+  p.x_div = static_cast<int>(Hx >= Hy ? Hx / Hy : 1);
+  p.group = static_cast<int>(Hx >= Hy ? 1 : Hy / Hx);
+  p.mask_head_from_y = Hy > Hx;
+  p.r_dim = static_cast<int>(R);
+  p.n_dim = static_cast<int>(N);
+  p.scale = static_cast<float>(scale);
+  c10::cuda::CUDAGuard guard(x.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  const bool wide = la::masked_tile_n(p.r_dim, p.n_dim) == 128;
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using Tag = decltype(tag);
+    dispatch_head_dim(R, [&](auto r) {
+      constexpr int kR = decltype(r)::value;
+      err = wide ? la::run_masked_attn<Tag, kR, 128>(p, stream) : la::run_masked_attn<Tag, kR, 64>(p, stream);
+    });
+  });
+  check_launch(err, "masked_attn");
+}
+
+// dM = scale * (dout v^T) * (q k^T) per (b, h), summed over the mask's broadcast dimensions
+// (mask_grad.cuh): q [B, T, H, K]; k [B, T, HK, K]; v [B, T, HK, V]; dout [B, T, H, V]; dmask fp32
+// [Bm, Hm, Tm, Tn], each size 1 (summed over) or B, H, T, T. Written whole (zeros when T == 0).
+void masked_mask_grad(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, Tensor& dmask,
+                      double scale) {
+  check_operands({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&dout, "dout"}}, q, q.scalar_type());
+  CHECK_ARG(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k and v must be [B, T, heads, dim], got ", q.sizes(),
+            ", ", k.sizes(), " and ", v.sizes());
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = q.size(3), HK = k.size(2), V = v.size(3);
+  check_shape(k, "k", {B, T, HK, K});
+  check_shape(v, "v", {B, T, HK, V});
+  check_shape(dout, "dout", {B, T, H, V});
+  CHECK_ARG(HK > 0 && H % HK == 0, "k's heads must divide q's, got ", HK, " and ", H);
+  CHECK_ARG(K % 64 == 0 && V % 64 == 0 && K > 0 && V > 0, "K and V must be multiples of 64, got ", K, " and ", V);
+  check_dense(dmask, "dmask", q);
+  check_dtype(dmask, "dmask", at::kFloat);
+  const int64_t full[4] = {B, H, T, T};
+  CHECK_ARG(dmask.dim() == 4, "dmask must be 4-d [Bm, Hm, Tm, Tn], got ", dmask.sizes());
+  for (int d = 0; d < 4; ++d) {
+    CHECK_ARG(dmask.size(d) == 1 || dmask.size(d) == full[d], "dmask must be broadcastable to [B, H, T, T] = ",
+              at::IntArrayRef(full), " with each size 1 or full, got ", dmask.sizes());
+  }
+  c10::cuda::CUDAGuard guard(q.device());
+  if (B == 0 || T == 0 || H == 0) {
+    dmask.zero_();
+    return;
+  }
+  const int64_t tiles = (T + la::kMaskedTile - 1) / la::kMaskedTile;
+  const int64_t ctas =
+      dmask.size(0) * dmask.size(1) * (dmask.size(2) == 1 ? 1 : tiles) * (dmask.size(3) == 1 ? 1 : tiles);
+  CHECK_ARG(T < (int64_t{1} << 31) && ctas < (int64_t{1} << 31), "dmask has too many 64 x 64 tiles for one grid: ",
+            ctas);
+  la::MaskGradParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.dout = dout.data_ptr();
+  p.dmask = dmask.data_ptr<float>();
+  p.batch = static_cast<int>(B);
+  p.seqlen = static_cast<int>(T);
+  p.heads = static_cast<int>(H);
+  p.kv_heads = static_cast<int>(HK);
+  p.k_dim = static_cast<int>(K);
+  p.v_dim = static_cast<int>(V);
+  p.mask_batch = static_cast<int>(dmask.size(0));
+  p.mask_heads = static_cast<int>(dmask.size(1));
+  p.mask_rows = static_cast<int>(dmask.size(2));
+  p.mask_cols = static_cast<int>(dmask.size(3));
+  p.scale = static_cast<float>(scale);
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype(q.scalar_type(), [&](auto tag) { err = la::run_mask_grad<decltype(tag)>(p, stream); });
+  check_launch(err, "masked_mask_grad");
 }
 
 // ---------------------------------------------------------------- launchers
@@ -450,29 +577,35 @@ void gla_grad(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& d
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Chunked linear-attention kernels (flash_attn.linear_attn's CUDA route)";
-  m.def("chunk_state", &PyValueErrors<&chunk_state>::call, "States at chunk boundaries (forward h, or reverse dH)", py::arg("x"),
+  m.def("masked_attn", &masked_attn,
+        "Masked linear attention pass: out = scale * sum (x y^T * M) z (forward, dq, dk, dv)", py::arg("x"),
+        py::arg("y"), py::arg("z"), py::arg("mask"), py::arg("out"), py::arg("scale"));
+  m.def("masked_mask_grad", &masked_mask_grad,
+        "Masked linear attention: the mask's gradient, summed over its broadcast dimensions", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("dout"), py::arg("dmask"), py::arg("scale"));
+  m.def("chunk_state", &chunk_state, "States at chunk boundaries (forward h, or reverse dH)", py::arg("x"),
         py::arg("z"), py::arg("g"), py::arg("gamma"), py::arg("init"), py::arg("states"), py::arg("final_state"),
         py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("scale"), py::arg("reverse"),
         py::arg("pair_states") = py::none(), py::arg("pair_dot") = py::none(), py::arg("tile_n") = 0,
         py::arg("gk_cum") = py::none());
-  m.def("chunk_output", &PyValueErrors<&chunk_output>::call, "Per-chunk output: inter-chunk state product plus masked intra-chunk part",
+  m.def("chunk_output", &chunk_output, "Per-chunk output: inter-chunk state product plus masked intra-chunk part",
         py::arg("x"), py::arg("y"), py::arg("z"), py::arg("m"), py::arg("out"), py::arg("dot"), py::arg("rowdot"),
         py::arg("g"), py::arg("gamma"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("inter_scale"),
         py::arg("intra_scale"), py::arg("trans_m"), py::arg("upper"));
-  m.def("gate_grad", &PyValueErrors<&gate_grad>::call, "Scalar log-gate gradient, chunk by chunk", py::arg("q"), py::arg("k"),
+  m.def("gate_grad", &gate_grad, "Scalar log-gate gradient, chunk by chunk", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("dout"), py::arg("g"), py::arg("gamma"), py::arg("rq"), py::arg("rk"), py::arg("pair"),
         py::arg("dg"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("scale"));
-  m.def("recurrent", &PyValueErrors<&recurrent>::call, "Token-by-token recurrence (fused_recurrent_*)", py::arg("q"), py::arg("k"),
+  m.def("recurrent", &recurrent, "Token-by-token recurrence (fused_recurrent_*)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("g"), py::arg("gamma"), py::arg("gk"), py::arg("gv"), py::arg("init"), py::arg("out"),
         py::arg("final_state"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("scale"),
         py::arg("reverse"));
-  m.def("gla_cumsum", &PyValueErrors<&gla_cumsum>::call, "GLA: chunk-local cumulative sum of the per-key log-gates",
+  m.def("gla_cumsum", &gla_cumsum, "GLA: chunk-local cumulative sum of the per-key log-gates",
         py::arg("g"), py::arg("out"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("num_slots"));
-  m.def("gla_output", &PyValueErrors<&gla_output>::call,
+  m.def("gla_output", &gla_output,
         "GLA per-chunk output: inter-chunk state product plus per-key-decayed intra-chunk part (o, or dv)",
         py::arg("x"), py::arg("y"), py::arg("z"), py::arg("m"), py::arg("b"), py::arg("out"), py::arg("cu_seqlens"),
         py::arg("chunk_offsets"), py::arg("inter_scale"), py::arg("intra_scale"), py::arg("upper"));
-  m.def("gla_grad", &PyValueErrors<&gla_grad>::call, "GLA backward: dq, dk and the per-key gate gradient, chunk by chunk",
+  m.def("gla_grad", &gla_grad, "GLA backward: dq, dk and the per-key gate gradient, chunk by chunk",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dout"), py::arg("b"), py::arg("h"), py::arg("dh"),
         py::arg("dq"), py::arg("dk"), py::arg("dg"), py::arg("cu_seqlens"), py::arg("chunk_offsets"),
         py::arg("scale"));

@@ -29,9 +29,17 @@ constexpr int gla_output_tile_n(int n_dim) { return n_dim % 128 == 0 ? 128 : 64;
 
 static_assert(gla_output_tile_n(128) == 128 && gla_output_tile_n(256) == 128 && gla_output_tile_n(192) == 64,
               "gla_output tiles");
+
+// masked_attn: the N tile. Every CTA recomputes its 64 x 64 score tiles over all of R, so
+// 128 columns per CTA halve that work against 64 when N allows it. The y and z tiles are
+// double-buffered next to x: R = 256 with BN = 128 takes 128 KB of shared memory (one CTA per
+// SM on sm80, which has 164 KB) and a 16 x 128 fp32 accumulator per warp (64 registers).
+constexpr int masked_tile_n(int /*r_dim*/, int n_dim) { return n_dim % 128 == 0 ? 128 : 64; }
+
 static_assert(chunk_output_tile_n(128, 128) == 128 && chunk_output_tile_n(256, 256) == 64 &&
               chunk_output_tile_n(128, 192) == 64, "chunk_output tiles");
 static_assert(chunk_state_tile_n(8, 16, 128, 128, 132) == 64, "8 x 16 heads x 4 tiles fill an H100");
 static_assert(chunk_state_tile_n(1, 16, 128, 128, 132) == 32, "one long sequence: smaller tiles");
+static_assert(masked_tile_n(64, 256) == 128 && masked_tile_n(256, 64) == 64, "masked_attn tiles");
 
 }  // namespace linear_attn

@@ -200,14 +200,6 @@ def check_mask(mask, dims, q):
         _fail(ValueError, "mask.shape", f"broadcastable to [B, H, T, T] = {target}", tuple(mask.shape))
 
 
-def require_cpu(fn, device):
-    """The CPU route is the reference; CUDA kernels for linear attention do not exist yet."""
-    if device.type == "cuda":
-        raise NotImplementedError(
-            f"flash_attn.linear_attn.{fn}: the CUDA linear-attention kernels are not built yet "
-            f"(issue 5); CPU tensors run the PyTorch reference (move the inputs with .cpu())")
-
-
 def _check_offsets(name, x):
     check_tensor(name, x)
     if x.dtype not in _INDEX_DTYPES:

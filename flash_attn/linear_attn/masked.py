@@ -1,6 +1,7 @@
 """Masked linear attention with an arbitrary mask (TransnormerLLM-style)."""
 from ..reference_linear import masked_linear_attention_ref
-from ._checks import check_mask, check_qkv, check_scale, require_cpu
+from . import _kernels, _masked
+from ._checks import check_mask, check_qkv, check_scale
 
 
 def masked_linear_attention(q, k, v, mask, scale=None):
@@ -15,9 +16,16 @@ def masked_linear_attention(q, k, v, mask, scale=None):
         scale: default K ** -0.5.
     Returns:
         o [B, T, H, V] in q.dtype. No recurrent state: an arbitrary mask has none.
+
+    CUDA tensors in fp16/bf16 with K, V <= 256 run the blockwise kernels of
+    csrc/linear_attn (._masked; the mask may be fp32, fp16, bf16 or bool, is read through
+    its strides and never copied, and gets its gradient in its own shape); CPU tensors,
+    fp32 CUDA tensors and larger head dims run the PyTorch reference, which forms
+    the [B, H, T, T] product.
     """
     dims = check_qkv(q, k, v, allow_fewer_kv_heads=True)
     scale = check_scale(scale, dims.K)
     check_mask(mask, dims, q)
-    require_cpu("masked_linear_attention", q.device)
+    if _kernels.runs_on_kernels(q, v) and q.numel() > 0 and v.numel() > 0:
+        return _masked.masked_attention(q, k, v, mask, scale)
     return masked_linear_attention_ref(q, k, v, mask, scale=scale)

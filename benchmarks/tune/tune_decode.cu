@@ -1,0 +1,104 @@
+// Tile-shape tuning harness for decoding (split-KV forward + combine), torch-free.
+// One new token per sequence against a full KV cache, GQA packed the way
+// flash_attn_with_kvcache packs it: the g = h / h_k query heads of a kv head are g query
+// rows of one sequence, so the kernel sees h_k heads and seqlen_q = g.
+// Build one binary per tile (run_tune.sh does this for "dec:HDIM:BM:BN:WARPS:STAGES"):
+//   nvcc ... -DHDIM=128 -DBM=64 -DBN=64 -DWARPS=4 -DSTAGES=2 tune_decode.cu
+// Output per shape: the split count num_splits_heuristic picks, TB/s of K + V read once
+// (median time of 30-50 launches) for the unsplit kernel and for the split kernel plus
+// combine at a sweep of split counts.
+
+#include <cuda_bf16.h>
+
+#include "tune_common.cuh"
+#include "flash_fwd_launch_template.h"
+#include "tile_size.h"
+
+#ifndef HDIM
+#define HDIM 128
+#endif
+#ifndef BM
+#define BM 64
+#endif
+#ifndef BN
+#define BN 64
+#endif
+#ifndef STAGES
+#define STAGES 2
+#endif
+#ifndef WARPS
+#define WARPS 4
+#endif
+
+using Element = cutlass::bfloat16_t;
+using Ktraits = flash::FwdKernelTraits<HDIM, Element, flash::FwdTile{BM, BN, WARPS, STAGES}>;
+
+__global__ void fill_cu_seqlens(int *cu, int b, int len) {
+  for (int i = threadIdx.x; i <= b; i += blockDim.x) { cu[i] = i * len; }
+}
+
+int main() {
+  // ../shared/ANCHORS.md decode shapes: 32 query heads, 8 kv heads, one new token.
+  const int shapes[][2] = {{1, 131072}, {8, 32768}, {32, 8192}, {128, 2048}};
+  const int h = 32, h_k = 8, g = h / h_k, d = HDIM;
+  int num_sms = 0;
+  CUDA_OK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, 0));
+  for (auto [b, len] : shapes) {
+    const size_t n_kv = size_t(b) * len * h_k * d, n_q = size_t(b) * g * h_k * d;
+    Element *q, *k, *v, *o;
+    float *lse, *oacc, *lseacc;
+    int *cu_q, *cu_k;
+    CUDA_OK(cudaMalloc(&q, n_q * sizeof(Element)));
+    CUDA_OK(cudaMalloc(&o, n_q * sizeof(Element)));
+    CUDA_OK(cudaMalloc(&k, n_kv * sizeof(Element)));
+    CUDA_OK(cudaMalloc(&v, n_kv * sizeof(Element)));
+    CUDA_OK(cudaMalloc(&lse, size_t(b) * g * h_k * sizeof(float)));
+    CUDA_OK(cudaMalloc(&oacc, size_t(flash::kMaxSplits) * n_q * sizeof(float)));
+    CUDA_OK(cudaMalloc(&lseacc, size_t(flash::kMaxSplits) * b * g * h_k * sizeof(float)));
+    CUDA_OK(cudaMalloc(&cu_q, (b + 1) * sizeof(int)));
+    CUDA_OK(cudaMalloc(&cu_k, (b + 1) * sizeof(int)));
+    fill_random<<<1024, 256>>>(q, n_q, 1);
+    fill_random<<<1024, 256>>>(k, n_kv, 2);
+    fill_random<<<1024, 256>>>(v, n_kv, 3);
+    fill_cu_seqlens<<<1, 256>>>(cu_q, b, g);
+    fill_cu_seqlens<<<1, 256>>>(cu_k, b, len);
+
+    flash::Flash_fwd_params p = {};
+    p.q_ptr = q; p.k_ptr = k; p.v_ptr = v; p.o_ptr = o; p.softmax_lse_ptr = lse;
+    // varlen rows: q (b * g, h_k, d), k/v (b * len, h_k, d)
+    p.q_row_stride = p.o_row_stride = int64_t(h_k) * d;
+    p.k_row_stride = p.v_row_stride = int64_t(h_k) * d;
+    p.q_head_stride = p.k_head_stride = p.v_head_stride = p.o_head_stride = d;
+    p.b = b; p.seqlen_q = g; p.seqlen_k = len; p.total_q = b * g; p.total_k = b * len;
+    p.h = p.h_k = h_k; p.h_h_k_ratio = 1; p.d = d;
+    p.cu_seqlens_q = cu_q; p.cu_seqlens_k = cu_k;
+    p.scale_softmax = 1.f / std::sqrt(float(d));
+    p.scale_softmax_log2 = p.scale_softmax * 1.4426950408889634f;
+    p.window_size_left = p.window_size_right = -1;
+    p.is_bf16 = true;
+    p.p_keep = p.rp_keep = 1.f;
+    p.oaccum_ptr = oacc; p.lseaccum_ptr = lseacc;
+
+    const int m_blocks = (g + BM - 1) / BM, n_blocks = (len + BN - 1) / BN;
+    const int heuristic = flash::num_splits_heuristic((long long)m_blocks * b * h_k, num_sms, n_blocks, h_k);
+    const double bytes = 2.0 * n_kv * sizeof(Element);
+    p.num_splits = 1;
+    const float plain_ms =
+        median_ms([&] { return flash::run_flash_fwd<Ktraits, false, false, false, false>(p, 0); }, 10, 50);
+    std::printf("hdim %d tile %dx%dx%dw%ds  b %3d len %6d  heuristic %3d | unsplit %.2f TB/s | split:", HDIM, BM,
+                BN, WARPS, STAGES, b, len, heuristic, bytes / plain_ms / 1e9);
+    // The split kernel (+ combine) at a sweep of split counts: TB/s of each.
+    const int sweep[] = {1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 33, 48, 64, 96, 128};
+    for (int s : sweep) {
+      if (s > n_blocks || s * h_k > 65535) { continue; }
+      p.num_splits = s;
+      const float ms =
+          median_ms([&] { return flash::run_flash_fwd<Ktraits, true, true, false, true>(p, 0); }, 5, 30);
+      std::printf(" %d:%.2f", s, bytes / ms / 1e9);
+    }
+    std::printf("\n");
+    cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(o); cudaFree(lse); cudaFree(oacc); cudaFree(lseacc);
+    cudaFree(cu_q); cudaFree(cu_k);
+  }
+  return 0;
+}
