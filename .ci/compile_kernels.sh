@@ -52,15 +52,19 @@ elif [ ${#FILES[@]} -eq 0 ]; then
            "$INST/flash_bwd_hdim128_bf16_alibi_softcap_sm80.cu"
            "$INST/flash_bwd_hdim256_fp16_plain_sm80.cu")
     # linear attention (csrc/linear_attn, seconds per file): chunk states, chunk outputs
-    # (R 128 bf16, R 256 fp16), the gate gradient, the token-by-token recurrence, and masked
-    # linear attention (its pass at R 128, bf16, and its mask gradient)
+    # (R 128 bf16, R 256 fp16), the gate gradient, the token-by-token recurrence, masked
+    # linear attention (its pass at R 128, bf16, and its mask gradient), and GLA's per-key
+    # chunk states, output / dv (bf16) and dq / dk / dg (fp16)
     FILES+=("$REPO/csrc/linear_attn/instantiations/chunk_state_bf16.cu"
             "$REPO/csrc/linear_attn/instantiations/chunk_output_bf16_r128.cu"
             "$REPO/csrc/linear_attn/instantiations/chunk_output_fp16_r256.cu"
             "$REPO/csrc/linear_attn/gate_grad.cu"
             "$REPO/csrc/linear_attn/instantiations/recurrent_bf16.cu"
             "$REPO/csrc/linear_attn/instantiations/masked_attn_bf16_r128.cu"
-            "$REPO/csrc/linear_attn/instantiations/mask_grad_bf16.cu")
+            "$REPO/csrc/linear_attn/instantiations/mask_grad_bf16.cu"
+            "$REPO/csrc/linear_attn/instantiations/chunk_state_gla_bf16.cu"
+            "$REPO/csrc/linear_attn/instantiations/gla_output_bf16.cu"
+            "$REPO/csrc/linear_attn/instantiations/gla_grad_fp16.cu")
 fi
 for f in "${FILES[@]}"; do
     if [ ! -f "$f" ]; then

@@ -3,8 +3,9 @@
 
 The grid of the linear-attention issue: H = 16 heads, K = V = 128, bf16, B x T in
 {8x2048, 4x4096, 2x8192, 1x16384, 1x65536}; ops chunk_simple_gla (per-step scalar gates
-g = logsigmoid(randn) [B, T, H]) and chunk_retention (fixed per-head decay), optionally
-chunk_gla (per-key gates) and chunk_linear_attn (normalize=False). Both sides are called
+g = logsigmoid(randn) [B, T, H]), chunk_retention (fixed per-head decay) and chunk_gla
+(per-key gates g = logsigmoid(randn) [B, T, H, K]), optionally chunk_linear_attn
+(normalize=False). Both sides are called
 through their public APIs with the same tensors (fla's ops take the same arguments).
 
 Modes (--mode, default both):
@@ -13,7 +14,7 @@ Modes (--mode, default both):
 Times are medians of triton.testing.do_bench (flash_attn._bench.time_ms). The ratio of a
 row is fla_ms / ours_ms (above 1: ours is faster); the target is >= 1.5 at every shape.
 A side that raises (fla refuses chunk_simple_gla's gated backward on Hopper with some Triton
-versions; ours has no chunk_gla kernel yet) is recorded as null with the exception's text.
+versions) is recorded as null with the exception's text.
 Each forward row also records how far ours and fla are apart (RMS ratio of the outputs).
 
 fla comes from the fla-core 0.6.0 wheel (`import fla`, e.g. through PYTHONPATH); without it
@@ -36,7 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SHAPES = ((8, 2048), (4, 4096), (2, 8192), (1, 16384), (1, 65536))
-DEFAULT_OPS = ("chunk_simple_gla", "chunk_retention")
+DEFAULT_OPS = ("chunk_simple_gla", "chunk_retention", "chunk_gla")
 ALL_OPS = ("chunk_simple_gla", "chunk_retention", "chunk_gla", "chunk_linear_attn")
 FLA_MODULES = {"chunk_simple_gla": "fla.ops.simple_gla", "chunk_retention": "fla.ops.retention",
                "chunk_gla": "fla.ops.gla", "chunk_linear_attn": "fla.ops.linear_attn"}
@@ -214,7 +215,7 @@ class Bench:
 
 class FakeBench:
     """--dry-run: made-up times (ours a little faster than fla, fla refusing the gated
-    simple-GLA backward as on Hopper, ours without chunk_gla)."""
+    simple-GLA backward as on Hopper)."""
 
     def __init__(self, args):
         self.fla_error = None
@@ -226,8 +227,6 @@ class FakeBench:
         pass
 
     def time_ms(self, side, op, mode):
-        if side == "ours" and op == "chunk_gla":
-            raise NotImplementedError("flash_attn.linear_attn.chunk_gla: no CUDA kernel yet (dry run)")
         if side == "fla" and op == "chunk_simple_gla" and mode == "fwdbwd":
             raise RuntimeError("Triton miscompile on Hopper (dry run)")
         base = self.tokens / 1.2e8 * (3.0 if mode == "fwdbwd" else 1.0)

@@ -15,6 +15,9 @@
 #   memcheck   compute-sanitizer --tool memcheck on scripts/memcheck.py
 #   bwdmemcheck the same with --backward (forward + both backward paths)
 #   racecheck  compute-sanitizer --tool racecheck on scripts/memcheck.py --quick
+#   linmemcheck / linracecheck  the same two on the linear-attention kernels (memcheck.py --linear)
+#   linbench   benchmarks/benchmark_linear.py (ours vs fla-core from .whl/, fwd and fwd+bwd), JSON into
+#              $OUT; LINBENCH_ARGS adds arguments (e.g. "--ops chunk_gla --shapes 8x2048,1x65536")
 #   demo       python -m flash_attn
 #
 # Environment passed through: FLASH_ATTN_CUDA_ARCHS (default 90 here), MAX_JOBS (16), NVCC_THREADS,
@@ -215,12 +218,28 @@ for stage in "${STAGES[@]}"; do
         run_stage racecheck compute-sanitizer --tool racecheck --error-exitcode 1 \
             "$PY" "$REPO/scripts/memcheck.py" --quick
         ;;
+    linmemcheck)
+        need_build linmemcheck || continue
+        run_stage linmemcheck compute-sanitizer --tool memcheck --error-exitcode 1 --leak-check no \
+            "$PY" "$REPO/scripts/memcheck.py" --linear
+        ;;
+    linracecheck)
+        need_build linracecheck || continue
+        run_stage linracecheck compute-sanitizer --tool racecheck --error-exitcode 1 \
+            "$PY" "$REPO/scripts/memcheck.py" --linear --quick
+        ;;
+    linbench)
+        need_build linbench || continue
+        read -r -a LINBENCH <<<"${LINBENCH_ARGS:-}"
+        run_stage linbench "$PY" "$REPO/benchmarks/benchmark_linear.py" --out-dir "$OUT" "${LINBENCH[@]}"
+        ;;
     demo)
         need_build demo || continue
         run_stage demo "$PY" -m flash_attn
         ;;
     *)
-        log "unknown stage '$stage' (stages: build test quicktest hf bench quickbench memcheck bwdmemcheck racecheck demo)"
+        log "unknown stage '$stage' (stages: build test quicktest hf bench quickbench memcheck bwdmemcheck racecheck" \
+            "linmemcheck linracecheck linbench demo)"
         SUMMARY+=("$(printf '%-11s %-6s %5s   %s' "$stage" FAIL - "unknown stage")")
         FAILED=$((FAILED + 1))
         ;;

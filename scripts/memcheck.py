@@ -6,6 +6,11 @@ compute-sanitizer:
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/memcheck.py
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/memcheck.py --backward
     compute-sanitizer --tool racecheck --error-exitcode 1 python3 scripts/memcheck.py --quick
+    compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/memcheck.py --linear
+    compute-sanitizer --tool racecheck --error-exitcode 1 python3 scripts/memcheck.py --linear --quick
+
+--linear checks the linear-attention kernels (flash_attn_linear_cuda) instead: chunked GLA and
+simple GLA, forward and backward, ragged lengths, padded head dims, varlen with empty sequences.
 
 torch's caching allocator is turned off (PYTORCH_NO_CUDA_MEMORY_CACHING=1, set
 before torch starts), so every tensor is its own allocation and a read or
@@ -73,12 +78,86 @@ def run(kind, dtype, b=1, sq=1, sk=1, hq=1, hk=1, d=64, causal=False, window=(-1
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def linear_cases(quick):
+    """(label, kwargs) of the linear-attention calls: op chunk_gla / fused_recurrent_gla /
+    chunk_simple_gla, batch B x T or varlen lens, H heads, head dims K, V."""
+    out = [
+        ("chunk_gla 2x65 K64 V64", dict(op="chunk_gla", B=2, T=65, H=2, K=64, V=64)),
+        ("chunk_gla varlen empty seqs K100 V72", dict(op="chunk_gla", lens=[0, 65, 1, 130, 0], H=2, K=100, V=72)),
+    ]
+    if not quick:
+        out += [
+            ("chunk_gla 1x129 K256 V192", dict(op="chunk_gla", B=1, T=129, H=1, K=256, V=192)),
+            ("chunk_gla 1x17 K128 V256", dict(op="chunk_gla", B=1, T=17, H=3, K=128, V=256)),
+            ("fused_recurrent_gla varlen reverse", dict(op="fused_recurrent_gla", lens=[40, 0, 90], H=2, K=64, V=128)),
+            ("chunk_simple_gla varlen empty seqs", dict(op="chunk_simple_gla", lens=[0, 65, 1, 130, 0], H=2, K=64,
+                                                        V=128)),
+        ]
+    return out
+
+
+def run_linear(dtype, op, H, K, V, B=1, T=None, lens=None):
+    """One forward and backward (initial and final states, gradients of every input); True
+    when everything is finite."""
+    import torch.nn.functional as F
+
+    import flash_attn.linear_attn as la
+
+    cu = None
+    if lens is not None:
+        T = sum(lens)
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device="cuda", dtype=torch.int32)
+    N = B if lens is None else len(lens)
+
+    def leaf(*shape, dt=dtype, gate=False):
+        x = torch.randn(*shape, device="cuda", dtype=torch.float32)
+        return (F.logsigmoid(x) if gate else x).to(dt).requires_grad_(True)
+
+    q, k, v = leaf(B, T, H, K), leaf(B, T, H, K), leaf(B, T, H, V)
+    h0 = leaf(N, H, K, V, dt=torch.float32)
+    if op == "chunk_simple_gla":
+        g = leaf(B, T, H, dt=torch.float32, gate=True)
+        o, ht = la.chunk_simple_gla(q, k, v, g=g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    elif op == "chunk_gla":
+        g = leaf(B, T, H, K, dt=torch.float32, gate=True)
+        o, ht = la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    else:
+        g = leaf(B, T, H, K, dt=torch.float32, gate=True)
+        o, ht = la.fused_recurrent_gla(q, k, v, gk=g, initial_state=h0, output_final_state=True, reverse=True,
+                                       cu_seqlens=cu)
+    grads = torch.autograd.grad((o.float() * torch.randn_like(o, dtype=torch.float32)).sum() + ht.sum(),
+                                (q, k, v, g, h0))
+    torch.cuda.synchronize()
+    return all(bool(torch.isfinite(t).all()) for t in (o, ht, *grads))
+
+
+def main_linear(quick):
+    from flash_attn.linear_attn import _kernels
+
+    reason = _kernels.unavailable_reason() or (None if torch.cuda.is_available() else "no CUDA device")
+    if reason:
+        print(f"memcheck: nothing to check: {reason}")
+        return 2
+    bad, todo = 0, linear_cases(quick)
+    for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16):
+        for label, kw in todo:
+            finite = run_linear(dtype, **kw)
+            bad += not finite
+            print(f"  {'ok ' if finite else 'NON-FINITE'} {label} {dtype}", flush=True)
+    print(f"memcheck: {len(todo)} linear-attention calls per dtype, {bad} with non-finite outputs or gradients")
+    return 1 if bad else 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="one head dim only (for racecheck)")
     p.add_argument("--backward", action="store_true",
                    help="also differentiate each call (atomic and deterministic backward)")
+    p.add_argument("--linear", action="store_true",
+                   help="the linear-attention kernels instead (forward and backward; --quick: fewer calls)")
     args = p.parse_args(argv)
+    if args.linear:
+        return main_linear(args.quick)
 
     from flash_attn import build_info
     from flash_attn._bench import ours_unavailable_reason

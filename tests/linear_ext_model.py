@@ -5,12 +5,20 @@ computed in float64, writing into the outputs it is given.
 CPU tests run flash_attn.linear_attn's CUDA route (._kernels) on this model, which checks the
 orchestration and its math (operands, scales, masks, slots, gate gradient) against the
 reference; GPU tests compare each kernel with it on the same inputs.
+
+The GLA launchers (gla_cumsum, chunk_state with gk_cum, gla_output, gla_grad) follow the
+kernels' algorithm step by step, not just their definitions: 16-row sub-chunks, the
+reference rows of the off-diagonal sub-chunk blocks, elementwise diagonal blocks and the
+chunk-local gate gradient. Every exponential goes through _exp0, which asserts that its
+argument is <= 0 wherever the result is used, so the route's CPU tests also check that
+the algorithm never takes exp of a positive cumulative sum.
 """
 import math
 
 import torch
 
 CHUNK = 64
+SUB = 16  # GLA sub-chunk rows (gla_output.cuh, gla_grad.cu)
 
 
 def sequences(B, T, cu_seqlens, chunk_offsets):
@@ -33,6 +41,23 @@ def _chunk_rows(bos, eos):
     return [(c, bos + c * CHUNK, min(bos + (c + 1) * CHUNK, eos)) for c in range(math.ceil((eos - bos) / CHUNK))]
 
 
+def _exp0(x, used=None):
+    """exp(x) for exponents that must be <= 0 (wherever `used`, a broadcastable bool mask)."""
+    bad = x > 0 if used is None else (x > 0) & used
+    assert not bool(bad.any()), f"exp of a positive exponent ({x[bad].max().item():.3g})"
+    return torch.exp(x if used is None else x.masked_fill(~used, -math.inf))
+
+
+def _pad_rows(x, clamp=False):
+    """[L, ...] -> [CHUNK, ...]: zero rows past L, or copies of row L - 1 with clamp (the GLA
+    kernels load the cumulative gates of rows past a chunk's end that way: they decay nothing)."""
+    L = x.shape[0]
+    if L == CHUNK:
+        return x
+    fill = x[L - 1:L].expand(CHUNK - L, *x.shape[1:]) if clamp else x.new_zeros(CHUNK - L, *x.shape[1:])
+    return torch.cat([x, fill], 0)
+
+
 def _cumgate(g, gamma, start, stop, H):
     """The chunk-local cumulative log-gate b [L, H] (float64)."""
     L = stop - start
@@ -49,17 +74,32 @@ class LinearExtModel:
     """Same call signatures as flash_attn_linear_cuda."""
 
     def chunk_state(self, x, z, g, gamma, init, states, final_state, cu_seqlens, chunk_offsets, scale, reverse,
-                    pair_states=None, pair_dot=None, tile_n=0):
-        """pair_dot gets exp(b_L) <dH_c, h_c> in its first tile (the kernel spreads it over tiles)."""
+                    pair_states=None, pair_dot=None, tile_n=0, gk_cum=None):
+        """pair_dot gets exp(b_L) <dH_c, h_c> in its first tile (the kernel spreads it over tiles).
+        gk_cum [B, T, H, R]: GLA's chunk-local cumulative per-key gates (gla_cumsum) instead of g / gamma:
+        forward h_{c+1} = diag(exp(b_L)) h_c + sum_j (x_j * exp(b_L - b_j))^T z_j, reverse
+        dH_{c-1} = diag(exp(b_L)) dH_c + scale sum_i (x_i * exp(b_i))^T z_i."""
         B, T, H, R = x.shape
         N = z.shape[-1]
         xs = x.reshape(B * T, H, R).double().cpu()
         zs = z.reshape(B * T, H, N).double().cpu()
         g, gamma = (None if t is None else t.cpu() for t in (g, gamma))
+        if gk_cum is not None:
+            assert g is None and gamma is None and pair_dot is None
+            bs = gk_cum.reshape(B * T, H, R).double().cpu()
         for n, (bos, eos, first) in enumerate(sequences(B, T, cu_seqlens, chunk_offsets)):
             S = init[n].double().cpu().clone() if init is not None else torch.zeros(H, R, N, dtype=torch.float64)
             chunks = _chunk_rows(bos, eos)
             for c, start, stop in (reversed(chunks) if reverse else chunks):
+                if gk_cum is not None:
+                    if first + c < states.shape[0]:
+                        states[first + c] = S.to(states.dtype)
+                    b = bs[start:stop]  # [L, H, R]
+                    bl = b[-1]
+                    w = scale * _exp0(b) if reverse else _exp0(bl - b)
+                    S = torch.exp(bl)[..., None] * S + torch.einsum("lhr,lhn->hrn", xs[start:stop] * w,
+                                                                    zs[start:stop])
+                    continue
                 b = _cumgate(g, gamma, start, stop, H)  # [L, H]
                 bl = b[-1]
                 if first + c < states.shape[0]:
@@ -159,3 +199,124 @@ class LinearExtModel:
                 outs[t] = (scale * torch.einsum("hk,hkv->hv", qs[t], S)).to(out.dtype)
             if final_state is not None:
                 final_state[n] = S.to(final_state.dtype)
+
+    # ----------------------------------------------------------------------- GLA (per-key gates)
+
+    def gla_cumsum(self, g, out, cu_seqlens, chunk_offsets, num_slots):
+        """out[t] = g[chunk start] + ... + g[t] inside each chunk (fp32 [B, T, H, K])."""
+        B, T, H, K = g.shape
+        gs = g.reshape(B * T, H, K).double().cpu()
+        outs = out.view(B * T, H, K)
+        for bos, eos, _ in sequences(B, T, cu_seqlens, chunk_offsets):
+            for _, start, stop in _chunk_rows(bos, eos):
+                outs[start:stop] = gs[start:stop].cumsum(0).to(out.dtype)
+
+    def gla_output(self, x, y, z, m, b, out, cu_seqlens, chunk_offsets, inter_scale, intra_scale, upper):
+        """out = inter_scale * (x * E) M + intra_scale * A z per chunk, b the cumulative gates:
+          lower (o: x = q, y = k, M = h_c, z = v):   E_r = exp(b_r),        A_rc = sum_d x_rd y_cd exp(b_rd - b_cd), c <= r
+          upper (dv: x = k, y = q, M = dH_c, z = do): E_r = exp(b_L - b_r), A_rc = sum_d x_rd y_cd exp(b_cd - b_rd), c >= r
+        computed as gla_output.cuh does: 16-row sub-chunks (warp w owns rows 16w..16w+15), the
+        blocks off the diagonal through the reference row p of the warp's sub-chunk (its first
+        row, lower; its last row, upper), the diagonal blocks elementwise."""
+        B, T, H, R = x.shape
+        N = z.shape[-1]
+        xs, ys = (t.reshape(B * T, H, R).double().cpu() for t in (x, y))
+        zs = z.reshape(B * T, H, N).double().cpu()
+        bs = b.reshape(B * T, H, R).double().cpu()
+        outs = out.view(B * T, H, N)
+        tri = torch.ones(SUB, SUB, dtype=torch.bool)
+        keep = (tri.triu() if upper else tri.tril())[:, :, None, None]  # [r, c, 1, 1]
+        for bos, eos, first in sequences(B, T, cu_seqlens, chunk_offsets):
+            for c, start, stop in _chunk_rows(bos, eos):
+                slot = first + c
+                if slot >= m.shape[0]:
+                    continue
+                X, Y, Z = (_pad_rows(t[start:stop]) for t in (xs, ys, zs))
+                Bc = _pad_rows(bs[start:stop], clamp=True)  # [64, H, R]
+                M = m[slot].double().cpu()  # [H, R, N]
+                inter = torch.zeros(CHUNK, H, N, dtype=torch.float64)
+                A = torch.zeros(H, CHUNK, CHUNK, dtype=torch.float64)
+                for w in range(CHUNK // SUB):
+                    rows = slice(SUB * w, SUB * w + SUB)
+                    p = Bc[SUB * w + SUB - 1] if upper else Bc[SUB * w]  # [H, R] the reference row
+                    if upper:
+                        xo = X[rows] * _exp0(p - Bc[rows])
+                        xi = xo * _exp0(Bc[-1] - p)  # exp(b_L - b_r) = exp(p - b_r) exp(b_L - p)
+                    else:
+                        xo = X[rows] * _exp0(Bc[rows] - p)
+                        xi = xo * _exp0(p)           # exp(b_r) = exp(b_r - p) exp(p)
+                    inter[rows] = torch.einsum("rhd,hdn->rhn", xi, M)
+                    for J in (range(w + 1, CHUNK // SUB) if upper else range(w)):
+                        cols = slice(SUB * J, SUB * J + SUB)
+                        yo = Y[cols] * (_exp0(Bc[cols] - p) if upper else _exp0(p - Bc[cols]))
+                        A[:, rows, cols] = torch.einsum("rhd,chd->hrc", xo, yo)
+                    D = Bc[rows]  # [16, H, R]
+                    expo = (D[None, :] - D[:, None]) if upper else (D[:, None] - D[None, :])  # [r, c, H, R]
+                    diag = (X[rows][:, None] * Y[rows][None, :] * _exp0(expo, keep)).sum(-1)  # [r, c, H]
+                    A[:, rows, rows] = diag.permute(2, 0, 1)
+                o = inter_scale * inter + intra_scale * torch.einsum("hrc,chn->rhn", A, Z)
+                outs[start:stop] = o[:stop - start].to(out.dtype)
+
+    def gla_grad(self, q, k, v, dout, b, h, dh, dq, dk, dg, cu_seqlens, chunk_offsets, scale):
+        """dq, dk and dg of GLA per chunk (gla_grad.cu), with h_c / dH_c the states entering /
+        the state gradients leaving each chunk and dA_ij = scale do_i . v_j (j <= i):
+          dq_i = scale exp(b_i) * (do_i h_c^T) + sum_{j <= i} dA_ij k_j * exp(b_i - b_j)
+          dk_j = exp(b_L - b_j) * (v_j dH_c^T) + sum_{i >= j} dA_ij q_i * exp(b_i - b_j)
+                 (state part ks_j)                (intra part ki_j)
+          dg_l = exp(b_L) * rowsum(dH_c * h_c) + sum_{j < l} k_j * ks_j + sum_{i >= l} (q_i * dq_i - k_i * ki_i)
+        off-diagonal sub-chunk blocks through the reference row of the warp's own sub-chunk (first
+        row for dq, last row for dk), diagonal blocks elementwise."""
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        qs, ks = (t.reshape(B * T, H, K).double().cpu() for t in (q, k))
+        vs, dos = (t.reshape(B * T, H, V).double().cpu() for t in (v, dout))
+        bs = b.reshape(B * T, H, K).double().cpu()
+        dqs, dks, dgs = dq.view(B * T, H, K), dk.view(B * T, H, K), dg.view(B * T, H, K)
+        tri = torch.ones(SUB, SUB, dtype=torch.bool)
+        lower = tri.tril()[:, :, None, None]  # [i, j, 1, 1]: j <= i
+        NS = CHUNK // SUB
+        for bos, eos, first in sequences(B, T, cu_seqlens, chunk_offsets):
+            for c, start, stop in _chunk_rows(bos, eos):
+                slot, L = first + c, stop - start
+                if slot >= h.shape[0]:
+                    continue
+                Q, Kc, Vc, DO = (_pad_rows(t[start:stop]) for t in (qs, ks, vs, dos))
+                Bc = _pad_rows(bs[start:stop], clamp=True)
+                Hs, DH = h[slot].double().cpu(), dh[slot].double().cpu()  # [H, K, V]
+                i = torch.arange(CHUNK)
+                dA = scale * torch.einsum("ihv,jhv->hij", DO, Vc) * (i[None, :] <= i[:, None])
+                dqi = torch.einsum("ihv,hdv->ihd", DO, Hs)
+                dks_ = torch.einsum("jhv,hdv->jhd", Vc, DH)
+                pair = _exp0(Bc[-1]) * (DH * Hs).sum(-1)  # [H, K]
+                dQ = torch.zeros(CHUNK, H, K, dtype=torch.float64)
+                kst, kin = torch.zeros_like(dQ), torch.zeros_like(dQ)
+                for w in range(NS):
+                    rows = slice(SUB * w, SUB * w + SUB)
+                    D = Bc[rows]
+                    # dq rows of sub-chunk w, reference p = its first row
+                    p = Bc[SUB * w]
+                    tmp = torch.zeros(SUB, H, K, dtype=torch.float64)
+                    for J in range(w):
+                        cols = slice(SUB * J, SUB * J + SUB)
+                        tmp += torch.einsum("hij,jhd->ihd", dA[:, rows, cols], Kc[cols] * _exp0(p - Bc[cols]))
+                    eq = _exp0(D - p)
+                    dQ[rows] = scale * dqi[rows] * eq * _exp0(p) + tmp * eq
+                    expo = D[:, None] - D[None, :]  # [i, j, H, K]: b_i - b_j
+                    dAd = dA[:, rows, rows].permute(1, 2, 0)[..., None]  # [i, j, H, 1]
+                    dQ[rows] += (dAd * Kc[rows][None, :] * _exp0(expo, lower)).sum(1)
+                    # dk rows of sub-chunk w, reference p = its last row
+                    p = Bc[SUB * w + SUB - 1]
+                    tmp = torch.zeros(SUB, H, K, dtype=torch.float64)
+                    for I in range(w + 1, NS):
+                        cols = slice(SUB * I, SUB * I + SUB)
+                        tmp += torch.einsum("hij,ihd->jhd", dA[:, cols, rows], Q[cols] * _exp0(Bc[cols] - p))
+                    ek = _exp0(p - D)
+                    kst[rows] = dks_[rows] * ek * _exp0(Bc[-1] - p)
+                    kin[rows] = tmp * ek + (dAd * Q[rows][:, None] * _exp0(expo, lower)).sum(0)
+                x = (Q * dQ - Kc * kin)[:L]
+                y = (Kc * kst)[:L]
+                prefix = y.cumsum(0) - y  # sum_{j < l}
+                suffix = x.flip(0).cumsum(0).flip(0)  # sum_{i >= l}
+                dqs[start:stop] = dQ[:L].to(dq.dtype)
+                dks[start:stop] = (kst + kin)[:L].to(dk.dtype)
+                dgs[start:stop] = (pair + prefix + suffix).to(dg.dtype)

@@ -16,7 +16,7 @@ def bl():
 def test_parse_args(bl):
     args = bl.parse_args([])
     assert args.shapes == [(8, 2048), (4, 4096), (2, 8192), (1, 16384), (1, 65536)]
-    assert args.mode == ["fwd", "fwdbwd"] and args.ops == ["chunk_simple_gla", "chunk_retention"]
+    assert args.mode == ["fwd", "fwdbwd"] and args.ops == ["chunk_simple_gla", "chunk_retention", "chunk_gla"]
     args = bl.parse_args(["--shapes", "2x128, 1x64", "--mode", "fwd", "--ops", "all"])
     assert args.shapes == [(2, 128), (1, 64)] and args.mode == ["fwd"] and args.ops == list(bl.ALL_OPS)
     with pytest.raises(argparse.ArgumentTypeError):
@@ -57,6 +57,8 @@ def test_dry_run_writes_json(bl, tmp_path, monkeypatch):
     assert all(r["speedup_vs_fla"] > 1.5 and r["rms_ratio_vs_fla"] is not None for r in simple)
     status = {(s["op"], s["mode"]): s["status"] for s in saved["summary"]}
     assert status[("chunk_retention", "fwdbwd")] == "met"
-    assert status[("chunk_gla", "fwd")] == "missed"  # ours refuses in the dry run
+    assert status[("chunk_gla", "fwd")] == status[("chunk_gla", "fwdbwd")] == "met"
+    gla = [r for r in saved["results"] if r["op"] == "chunk_gla"]
+    assert len(gla) == 5 * 2 and all(r["results"]["ours"]["ms"] and r["results"]["fla"]["ms"] for r in gla)
     assert status[("chunk_simple_gla", "fwdbwd")] == "not measured"  # fla refuses in the dry run
     assert any("DRY RUN" in line for line in lines)

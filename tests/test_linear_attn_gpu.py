@@ -1,4 +1,6 @@
 """GPU tests of the linear-attention kernels (csrc/linear_attn, extension flash_attn_linear_cuda).
+GLA (per-key gates: gla_cumsum, chunk_state with gk_cum, gla_output, gla_grad; chunk_gla and
+fused_recurrent_gla) has its own section at the end (select it with -k gla).
 
 Two layers:
   1. each launcher against tests/linear_ext_model.py (a float64 model of it) on the same
@@ -14,8 +16,6 @@ caching allocator, so an element a kernel never writes shows.
 Environment: FLASH_ATTN_TEST_QUICK=1 (subset), FLASH_ATTN_REQUIRE_CUDA=1 (fail, not skip,
 when the GPU or the extension is missing).
 """
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -384,18 +384,6 @@ def test_fused_recurrent_gla_forward():
     check("final_state", ht, ht_r, OUT_TOL)
 
 
-def test_chunk_gla_forward_interim():
-    """chunk_gla without gradients runs the token-by-token kernel for now; with them it raises."""
-    q, k, v, _, _, h0 = make_inputs(2, 200, 2, 64, 64, None, 1.0, torch.bfloat16)
-    g = gates(2, 200, 2, 64, n=0.1, seed=7)
-    o, ht = la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
-    o_r, ht_r = reference(q, k, v, 200, g=g, initial_state=h0, output_final_state=True)
-    check("o", o, o_r, OUT_TOL)
-    check("final_state", ht, ht_r, OUT_TOL)
-    with pytest.raises(NotImplementedError, match="GLA backward is not built yet"):
-        la.chunk_gla(q.requires_grad_(), k, v, g)
-
-
 def test_deterministic():
     inputs = make_inputs(2, 1000, 4, 128, 128, "g", 1.0, torch.bfloat16)
     w = rand(2, 1000, 4, 128, seed=12).float()
@@ -405,3 +393,271 @@ def test_deterministic():
     for a, b in zip(*runs):
         if a is not None:
             assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- GLA: launchers vs the model
+
+def gla_cum(g, s):
+    """b = the model's chunk-local cumulative gates of g (fp32, on the GPU), so that a kernel
+    and the model read the same b."""
+    b = torch.empty(g.shape, dtype=torch.float32)
+    MODEL.gla_cumsum(g, b, s.cu, s.offsets, s.slots)
+    return b.cuda()
+
+
+@pytest.mark.parametrize("K", [64, 256])
+@pytest.mark.parametrize("lens", [None, (0, 65, 1, 200, 0)], ids=["batched", "varlen"])
+def test_gla_cumsum_kernel(K, lens):
+    B, T, H = (2, 150, 3) if lens is None else (1, sum(lens), 3)
+    g = gates(B, T, H, K, n=0.1)
+    s = seqs(B, T, lens)
+    poison_allocator(((B, T, H, K), torch.float32))
+    b = torch.empty(B, T, H, K, device="cuda", dtype=torch.float32)
+    ext().gla_cumsum(g, b, s.cu, s.offsets, s.slots)
+    ref = torch.zeros(B, T, H, K, dtype=torch.float64)
+    MODEL.gla_cumsum(g, ref, s.cu, s.offsets, s.slots)
+    check("b", b, ref, 1e-6)
+    if lens is None:  # exactly non-increasing inside every chunk (the kernels' exponents rely on it)
+        chunk_start = (torch.arange(1, T, device="cuda") % 64 == 0).view(1, -1, 1, 1)
+        assert bool(((b[:, 1:] <= b[:, :-1]) | chunk_start).all())
+
+
+GLA_STATE_CASES = [
+    pytest.param(dt, r, n, rev, tile, lens, id=f"{dt}-R{r}-N{n}-{'rev' if rev else 'fwd'}-bn{tile}-"
+                 f"{'varlen' if lens else 'batched'}")
+    for dt, r, n, rev, tile, lens in [
+        ("bf16", 128, 128, False, 64, None), ("bf16", 128, 128, True, 64, None), ("fp16", 64, 256, False, 32, None),
+        ("bf16", 256, 64, True, 32, None), ("bf16", 128, 64, False, 32, (0, 65, 1, 200, 0)),
+        ("fp16", 64, 128, True, 64, (130, 0, 63)),
+    ]
+]
+
+
+@pytest.mark.parametrize("dt,R,N,reverse,tile_n,lens", GLA_STATE_CASES)
+def test_chunk_state_gla_kernel(dt, R, N, reverse, tile_n, lens):
+    dtype = DTYPES[dt]
+    B, T, H = (2, 200, 3) if lens is None else (1, sum(lens), 3)
+    x, z = rand(B, T, H, R, dtype=dtype, seed=2), rand(B, T, H, N, dtype=dtype, seed=3)
+    s = seqs(B, T, lens)
+    b = gla_cum(gates(B, T, H, R, n=0.5), s)
+    init = rand(s.num_seqs, H, R, N, dtype=torch.float32, seed=4)
+    poison_allocator(((s.slots, H, R, N), dtype), ((s.num_seqs, H, R, N), torch.float32))
+    states = torch.empty(s.slots, H, R, N, device="cuda", dtype=dtype)
+    final = torch.empty(s.num_seqs, H, R, N, device="cuda", dtype=torch.float32)
+    ext().chunk_state(x, z, None, None, init, states, final, s.cu, s.offsets, 0.7, reverse, None, None, tile_n, b)
+    states_ref = torch.zeros(s.slots, H, R, N, dtype=torch.float64)
+    final_ref = torch.zeros(s.num_seqs, H, R, N, dtype=torch.float64)
+    MODEL.chunk_state(x, z, None, None, init, states_ref, final_ref, s.cu, s.offsets, 0.7, reverse, gk_cum=b)
+    used = int(s.offsets[-1]) if lens is not None else s.slots
+    check("states", states[:used], states_ref[:used], OUT_TOL)
+    check("final", final, final_ref, OUT_TOL)
+
+
+GLA_OUTPUT_CASES = [
+    pytest.param(dt, r, n, up, gn, lens, id=f"{dt}-R{r}-N{n}-{'upper' if up else 'lower'}-n{gn}-"
+                 f"{'varlen' if lens else 'batched'}")
+    for dt, r, n, up, gn, lens in [
+        (dt, r, 128, up, 0.5, None) for dt in DTYPES for r in (64, 128, 256) for up in (False, True)
+    ] + [("bf16", 128, 64, False, 0.5, None), ("bf16", 128, 192, True, 0.5, None),
+         ("fp16", 64, 256, False, 0.5, None), ("bf16", 128, 128, False, 0.02, None),
+         ("bf16", 128, 128, True, 0.02, None), ("bf16", 128, 128, False, 0.5, (0, 65, 1, 200, 0)),
+         ("fp16", 64, 64, True, 0.5, (130, 0, 63))]
+]
+
+
+@pytest.mark.parametrize("dt,R,N,upper,n,lens", GLA_OUTPUT_CASES)
+def test_gla_output_kernel(dt, R, N, upper, n, lens):
+    dtype = DTYPES[dt]
+    B, T, H = (2, 150, 2) if lens is None else (1, sum(lens), 2)
+    x, y = rand(B, T, H, R, dtype=dtype, seed=2), rand(B, T, H, R, dtype=dtype, seed=3)
+    z = rand(B, T, H, N, dtype=dtype, seed=4)
+    s = seqs(B, T, lens)
+    b = gla_cum(gates(B, T, H, R, n=n), s)
+    m = rand(s.slots, H, R, N, dtype=dtype, seed=6, scale=0.2)
+    poison_allocator(((B, T, H, N), dtype))
+    out = torch.empty(B, T, H, N, device="cuda", dtype=dtype)
+    ext().gla_output(x, y, z, m, b, out, s.cu, s.offsets, 0.3, 0.2, upper)
+    out_ref = torch.zeros(B, T, H, N, dtype=torch.float64)
+    MODEL.gla_output(x, y, z, m, b, out_ref, s.cu, s.offsets, 0.3, 0.2, upper)
+    check("out", out, out_ref, OUT_TOL)
+
+
+GLA_GRAD_CASES = [("bf16", 128, 128, 1.0, None), ("fp16", 64, 256, 1.0, None), ("bf16", 128, 192, 0.05, None),
+                  ("bf16", 256, 64, 1.0, (0, 300, 1, 64, 0))]
+
+
+@pytest.mark.parametrize("dt,K,V,n,lens", GLA_GRAD_CASES,
+                         ids=[f"{d}-K{k}-V{v}-n{n}-{'varlen' if ls else 'batched'}" for d, k, v, n, ls in GLA_GRAD_CASES])
+def test_gla_grad_kernel(dt, K, V, n, lens):
+    dtype = DTYPES[dt]
+    B, T, H = (2, 300, 3) if lens is None else (1, sum(lens), 3)
+    s = seqs(B, T, lens)
+    q, k = rand(B, T, H, K, dtype=dtype, seed=2), rand(B, T, H, K, dtype=dtype, seed=3)
+    v, do = rand(B, T, H, V, dtype=dtype, seed=4), rand(B, T, H, V, dtype=dtype, seed=5)
+    b = gla_cum(gates(B, T, H, K, n=n), s)
+    h, dh = rand(s.slots, H, K, V, dtype=dtype, seed=6, scale=0.2), rand(s.slots, H, K, V, dtype=dtype, seed=7, scale=0.2)
+    poison_allocator(((B, T, H, K), dtype), ((B, T, H, K), torch.float32))
+    dq, dk = torch.empty(B, T, H, K, device="cuda", dtype=dtype), torch.empty(B, T, H, K, device="cuda", dtype=dtype)
+    dg = torch.empty(B, T, H, K, device="cuda", dtype=torch.float32)
+    ext().gla_grad(q, k, v, do, b, h, dh, dq, dk, dg, s.cu, s.offsets, 0.3)
+    refs = [torch.zeros(B, T, H, K, dtype=torch.float64) for _ in range(3)]
+    MODEL.gla_grad(q, k, v, do, b, h, dh, *refs, s.cu, s.offsets, 0.3)
+    for name, got, ref in zip(("dq", "dk", "dg"), (dq, dk, dg), refs):
+        check(name, got, ref, OUT_TOL)
+
+
+# --------------------------------------------------------------------------- GLA: the ops vs the recurrence
+
+def make_gla_inputs(B, T, H, K, V, n, dtype, seed=0, N=None):
+    q, k, v, _, _, h0 = make_inputs(B, T, H, K, V, None, 1.0, dtype, seed=seed, N=N)
+    return q, k, v, gates(B, T, H, K, n=n, seed=seed + 3), h0
+
+
+def _gla_fwd_cases():
+    cases = [(t, 128, 128, 1.0, None, "bf16") for t in (1, 63, 64, 65, 500, 2048)]
+    cases += [(500, 64, 64, n, s, "bf16") for n in (0.1, 1.0, 10.0) for s in (1.0, 0.1)]
+    cases += [(t, k, v, 1.0, None, "bf16") for t in (65, 500)
+              for k, v in ((64, 64), (100, 100), (256, 256), (64, 256), (256, 100), (100, 64))]
+    cases += [(500, 128, 128, 1.0, None, "fp16"), (2048, 128, 128, 1.0, None, "fp16")]
+    if QUICK:
+        cases = [c for c in cases if c[0] in (65, 2048) and c[1] in (100, 128)]
+    return [pytest.param(*c, id=f"T{c[0]}-K{c[1]}-V{c[2]}-n{c[3]}-s{c[4]}-{c[5]}") for c in cases]
+
+
+@pytest.mark.parametrize("T,K,V,n,scale,dt", _gla_fwd_cases())
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+def test_gla_forward(mode, T, K, V, n, scale, dt):
+    dtype = DTYPES[dt]
+    B, H = (1, 2) if T >= 2048 else (2, 3)
+    q, k, v, g, h0 = make_gla_inputs(B, T, H, K, V, n, dtype)
+    poison_allocator(((B, T, H, V), dtype), ((B, T, H, max(K, 64)), torch.float32), ((B, H, K, V), torch.float32))
+    if mode == "chunk":
+        o, ht = la.chunk_gla(q, k, v, g, scale=scale, initial_state=h0, output_final_state=True)
+    else:
+        o, ht = la.fused_recurrent_gla(q, k, v, gk=g, scale=scale, initial_state=h0, output_final_state=True)
+    o_ref, ht_ref = reference(q, k, v, T, g=g, scale=scale, initial_state=h0, output_final_state=True)
+    assert o.dtype == dtype and ht.dtype == torch.float32
+    check("o", o, o_ref, OUT_TOL)
+    check("final_state", ht, ht_ref, OUT_TOL)
+
+
+def _gla_grad_cases():
+    cases = [(t, 128, 128, 1.0, None, "bf16") for t in (1, 63, 64, 65, 500, 2048)]
+    cases += [(500, 64, 64, n, s, "bf16") for n in (0.1, 10.0) for s in (1.0, 0.1)]
+    cases += [(200, k, v, 1.0, None, "bf16") for k, v in ((64, 64), (100, 100), (256, 256), (64, 256), (256, 100))]
+    cases += [(500, 128, 128, 1.0, None, "fp16")]
+    if QUICK:
+        cases = [c for c in cases if c[0] in (65, 500) and c[1] == 128]
+    return [pytest.param(*c, id=f"T{c[0]}-K{c[1]}-V{c[2]}-n{c[3]}-s{c[4]}-{c[5]}") for c in cases]
+
+
+def _gla_grads(fn, inputs, w_o, w_s):
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    o, ht = fn(*leaves)
+    ((o.float() * w_o).sum() + (ht * w_s).sum()).backward()
+    return [x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("T,K,V,n,scale,dt", _gla_grad_cases())
+def test_chunk_gla_backward(T, K, V, n, scale, dt):
+    dtype = DTYPES[dt]
+    B, H = (1, 2) if T >= 2048 else (2, 3)
+    inputs = make_gla_inputs(B, T, H, K, V, n, dtype)
+    # w_o is representable in the input dtype, so do = w_o exactly on both sides
+    w_o, w_s = rand(B, T, H, V, dtype=dtype, seed=9).float(), rand(B, H, K, V, dtype=torch.float32, seed=10)
+    poison_allocator(((B, T, H, max(K, V, 64)), dtype), ((B, T, H, max(K, 64)), torch.float32),
+                     ((B, H, K, V), torch.float32))
+    got = _gla_grads(lambda q, k, v, g, h0: la.chunk_gla(q, k, v, g, scale=scale, initial_state=h0,
+                                                         output_final_state=True), inputs, w_o, w_s)
+    fp32 = [x.float() for x in inputs]
+    ref = _gla_grads(lambda q, k, v, g, h0: reference(q, k, v, T, g=g, scale=scale, initial_state=h0,
+                                                      output_final_state=True), fp32, w_o, w_s)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), got, ref):
+        assert a is not None, f"{name}: no gradient"
+        assert name in ("dg", "dh0") or a.dtype == dtype, f"{name}: dtype {a.dtype}"
+        check(name, a, b, GRAD_TOL)
+
+
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwdbwd"])
+def test_gla_varlen_with_empty_sequence(mode, grad):
+    lens = (0, 300, 1, 64, 0, 129)
+    T, H, K, V = sum(lens), 2, 128, 128
+    q, k, v, g, h0 = make_gla_inputs(1, T, H, K, V, 1.0, torch.bfloat16, N=len(lens))
+    cu = offsets(lens)
+    leaves = [x.clone().requires_grad_(grad) for x in (q, k, v, g, h0)]
+    if mode == "chunk":
+        o, ht = la.chunk_gla(*leaves[:4], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu)
+    else:
+        o, ht = la.fused_recurrent_gla(*leaves[:3], gk=leaves[3], initial_state=leaves[4], output_final_state=True,
+                                       cu_seqlens=cu)
+    refs = [x.float().clone().requires_grad_(grad) for x in (q, k, v, g, h0)]
+    o_r, ht_r = linear_attn_recurrent_ref(*refs[:3], g=refs[3], initial_state=refs[4], output_final_state=True,
+                                          cu_seqlens=cu)
+    check("o", o, o_r, OUT_TOL)
+    check("final_state", ht, ht_r, OUT_TOL)
+    assert torch.equal(ht[0], h0[0]) and torch.equal(ht[4], h0[4])  # empty: the state passes through
+    if grad:
+        w = rand(*o.shape, seed=11).float()
+        ((o.float() * w).sum() + ht.sum()).backward()
+        ((o_r * w).sum() + ht_r.sum()).backward()
+        for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), leaves, refs):
+            check(name, a.grad, b.grad, GRAD_TOL)
+
+
+def test_gla_chunk_and_recurrent_agree():
+    q, k, v, g, h0 = make_gla_inputs(2, 777, 4, 128, 128, 1.0, torch.bfloat16)
+    o_c, s_c = la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    o_r, s_r = la.fused_recurrent_gla(q, k, v, gk=g, initial_state=h0, output_final_state=True)
+    check("o", o_c, o_r.float(), OUT_TOL)
+    check("final_state", s_c, s_r, OUT_TOL)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_fused_recurrent_gla_backward(reverse):
+    """fused_recurrent_gla with gradients: the token-by-token forward, the chunked backward."""
+    lens = (0, 200, 1, 64, 129)
+    T, H, K, V = sum(lens), 2, 64, 128
+    q, k, v, g, h0 = make_gla_inputs(1, T, H, K, V, 1.0, torch.bfloat16, N=len(lens))
+    cu = offsets(lens)
+    w = rand(1, T, H, V, seed=12).float()
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+    o, ht = la.fused_recurrent_gla(*leaves[:3], gk=leaves[3], initial_state=leaves[4], output_final_state=True,
+                                   reverse=reverse, cu_seqlens=cu)
+    ((o.float() * w).sum() + ht.sum()).backward()
+    refs = [x.float().clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+    o_r, ht_r = linear_attn_recurrent_ref(*refs[:3], g=refs[3], initial_state=refs[4], output_final_state=True,
+                                          reverse=reverse, cu_seqlens=cu)
+    ((o_r * w).sum() + ht_r.sum()).backward()
+    check("o", o, o_r, OUT_TOL)
+    check("final_state", ht, ht_r, OUT_TOL)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), leaves, refs):
+        check(name, a.grad, b.grad, GRAD_TOL)
+
+
+def test_gla_very_negative_gates():
+    """Gates of -1000 on some keys and steps, logsigmoid(x) / 0.01 elsewhere: nothing overflows."""
+    q, k, v, _, h0 = make_gla_inputs(1, 300, 2, 64, 64, 1.0, torch.bfloat16)
+    g = gates(1, 300, 2, 64, n=0.01, seed=7)
+    g[:, ::3, :, ::2] = -1000.0
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+    o, ht = la.chunk_gla(*leaves[:4], initial_state=leaves[4], output_final_state=True)
+    (o.float().sum() + ht.sum()).backward()
+    refs = [x.float().clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+    o_r, ht_r = reference(*refs[:3], 300, g=refs[3], initial_state=refs[4], output_final_state=True)
+    (o_r.sum() + ht_r.sum()).backward()
+    check("o", o, o_r, OUT_TOL)
+    check("final_state", ht, ht_r, OUT_TOL)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), leaves, refs):
+        assert torch.isfinite(a.grad).all(), name
+        if name != "dh0":  # ~0: every path to h0 passes a gate of -1000 or a strong one
+            check(name, a.grad, b.grad, GRAD_TOL)
+
+
+def test_gla_deterministic():
+    inputs = make_gla_inputs(2, 1000, 4, 128, 128, 1.0, torch.bfloat16)
+    w = rand(2, 1000, 4, 128, seed=12).float()
+    runs = [_gla_grads(lambda q, k, v, g, h0: la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True),
+                       inputs, w, 1.0) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -25,7 +25,7 @@ class CountingModel(LinearExtModel):
 
     def __getattribute__(self, name):
         attr = object.__getattribute__(self, name)
-        if name in ("chunk_state", "chunk_output", "gate_grad", "recurrent"):
+        if name in ("chunk_state", "chunk_output", "gate_grad", "recurrent", "gla_cumsum", "gla_output", "gla_grad"):
             object.__getattribute__(self, "calls").append(name)
         return attr
 
@@ -147,24 +147,6 @@ def test_reverse_and_state_v_first(model, grad):
         assert "gate_grad" in model.calls  # the backward is the chunked one
 
 
-def test_gla_recurrent_forward_and_unbuilt_parts(model):
-    q, k, v, _, _, h0 = make(2, 37, 2, 64, 64, gate=None)
-    gk = F.logsigmoid(torch.randn(2, 37, 2, 64, dtype=F64))
-    gv = F.logsigmoid(torch.randn(2, 37, 2, 64, dtype=F64))
-    o, ht = la.fused_recurrent_gla(q, k, v, gk=gk, gv=gv, initial_state=h0, output_final_state=True)
-    o_ref, ht_ref = linear_attn_recurrent_ref(q, k, v, g=gk, gv=gv, initial_state=h0, output_final_state=True)
-    close(o, o_ref)
-    close(ht, ht_ref)
-    o, ht = la.chunk_gla(q, k, v, gk, initial_state=h0, output_final_state=True)  # interim: the recurrence
-    o_ref, ht_ref = linear_attn_recurrent_ref(q, k, v, g=gk, initial_state=h0, output_final_state=True)
-    close(o, o_ref)
-    close(ht, ht_ref)
-    for call in (lambda: la.chunk_gla(q.requires_grad_(), k, v, gk),
-                 lambda: la.fused_recurrent_gla(q.requires_grad_(), k, v, gk=gk)):
-        with pytest.raises(NotImplementedError, match="GLA backward is not built yet"):
-            call()
-
-
 def test_missing_extension_raises(monkeypatch):
     monkeypatch.setattr(_kernels, "extension", lambda: None)
     monkeypatch.setattr(_kernels, "on_kernel_device", lambda x: True)
@@ -233,3 +215,201 @@ def test_bf16_route_dtypes_and_accuracy(model):
     assert rms_ratio(o, o_r) < 0.005 and rms_ratio(ht, ht_r) < 1e-6
     for a, b in zip(leaves, refs):
         assert rms_ratio(a.grad, b.grad) < 0.008
+
+
+# --------------------------------------------------------------------------- GLA (per-key gates)
+# The model's GLA launchers follow the kernels' sub-chunk algorithm and assert that no
+# exponent they use is positive, so these tests also check that claim on every case.
+
+def gla_gates(B, T, H, K, n=1.0, seed=3):
+    """logsigmoid(x) / n, rounded to fp32 values (the route's gates and their sums are fp32)."""
+    gen = torch.Generator().manual_seed(seed)
+    return (F.logsigmoid(torch.randn(B, T, H, K, generator=gen, dtype=F64)) / n).float().double()
+
+
+def gla_tol(n):
+    """The route's cumulative gates b are fp32 sums (as in the kernels): their rounding, relative
+    to |b|, grows with the gates' size, 1 / n."""
+    return 1e-6 * max(1.0, 2.0 / n)
+
+
+GLA_CASES = [  # id, T, K, V, n (gates logsigmoid(x) / n), scale, lens
+    ("T1", 1, 64, 64, 1.0, 1.0, None),
+    ("T63-K100-V72", 63, 100, 72, 1.0, 0.1, None),
+    ("T64-n0.1", 64, 64, 64, 0.1, 1.0, None),
+    ("T65-K16-V128-n10", 65, 16, 128, 10.0, 0.1, None),
+    ("T130-K72-V64", 130, 72, 64, 1.0, 1.0, None),
+    ("varlen", None, 64, 64, 1.0, 0.3, [0, 65, 1, 64, 0, 30]),
+]
+
+
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+@pytest.mark.parametrize("case", GLA_CASES, ids=[c[0] for c in GLA_CASES])
+def test_gla_forward_matches_reference(model, case, mode):
+    _, T, K, V, n, scale, lens = case
+    B = 2 if lens is None else 1
+    T = T if lens is None else sum(lens)
+    q, k, v, _, _, h0 = make(B, T, 2, K, V, gate=None, N=None if lens is None else len(lens))
+    g = gla_gates(B, T, 2, K, n)
+    offsets = None if lens is None else cu(lens)
+    if mode == "chunk":
+        o, ht = la.chunk_gla(q, k, v, g, scale=scale, initial_state=h0, output_final_state=True, cu_seqlens=offsets)
+    else:
+        o, ht = la.fused_recurrent_gla(q, k, v, gk=g, scale=scale, initial_state=h0, output_final_state=True,
+                                       cu_seqlens=offsets)
+    o_ref, ht_ref = linear_attn_recurrent_ref(q, k, v, g=g, scale=scale, initial_state=h0, output_final_state=True,
+                                              cu_seqlens=offsets)
+    tol = gla_tol(n)
+    close(o, o_ref, tol)
+    close(ht, ht_ref, tol)
+    assert ("gla_output" in model.calls) == (mode == "chunk")
+    assert ("recurrent" in model.calls) == (mode == "recurrent")
+
+
+@pytest.mark.parametrize("with_final", [True, False], ids=["final", "nofinal"])
+@pytest.mark.parametrize("case", GLA_CASES, ids=[c[0] for c in GLA_CASES])
+def test_gla_backward_matches_reference(model, case, with_final):
+    _, T, K, V, n, scale, lens = case
+    B = 2 if lens is None else 1
+    T = T if lens is None else sum(lens)
+    q, k, v, _, _, h0 = make(B, T, 2, K, V, gate=None, N=None if lens is None else len(lens))
+    g = gla_gates(B, T, 2, K, n)
+    offsets = None if lens is None else cu(lens)
+    gen = torch.Generator().manual_seed(7)
+    w_o = torch.randn(B, T, 2, V, generator=gen, dtype=F64)
+    w_s = torch.randn(h0.shape, generator=gen, dtype=F64)
+
+    def run(fn):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+        o, ht = fn(*leaves[:3], leaves[3], scale=scale, initial_state=leaves[4], output_final_state=with_final,
+                   cu_seqlens=offsets)
+        loss = (o * w_o).sum() + ((ht * w_s).sum() if with_final else 0)
+        loss.backward()
+        return [x.grad for x in leaves]
+
+    got = run(la.chunk_gla)
+    ref = run(lambda q, k, v, g, **kw: linear_attn_recurrent_ref(q, k, v, g=g, **kw))
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), got, ref):
+        close(a, b, gla_tol(n) * (20 if name == "dg" else 1))
+    assert {"gla_cumsum", "gla_output", "gla_grad"} <= set(model.calls)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_fused_recurrent_gla_backward_is_the_chunked_one(model, reverse):
+    lens = [40, 0, 90]
+    q, k, v, _, _, h0 = make(1, sum(lens), 2, 64, 64, gate=None, N=3)
+    g = gla_gates(1, sum(lens), 2, 64)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+    o, ht = la.fused_recurrent_gla(*leaves[:3], gk=leaves[3], initial_state=leaves[4], output_final_state=True,
+                                   reverse=reverse, cu_seqlens=cu(lens))
+    (o.sum() + ht.sum()).backward()
+    refs = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+    o_r, ht_r = linear_attn_recurrent_ref(*refs[:3], g=refs[3], initial_state=refs[4], output_final_state=True,
+                                          reverse=reverse, cu_seqlens=cu(lens))
+    (o_r.sum() + ht_r.sum()).backward()
+    close(o, o_r)
+    close(ht, ht_r)
+    for a, b in zip(leaves, refs):
+        close(a.grad, b.grad, 2e-5)
+    assert "recurrent" in model.calls and "gla_grad" in model.calls  # forward token by token, backward chunked
+
+
+def test_gla_very_negative_gates(model):
+    """Gates of -1000 and logsigmoid(x) / 0.01: the model raises if any used exponent is > 0."""
+    q, k, v, _, _, h0 = make(1, 200, 2, 64, 64, gate=None)
+    g = gla_gates(1, 200, 2, 64, n=0.01)
+    g[:, ::3, :, ::2] = -1000.0
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+    o, ht = la.chunk_gla(*leaves[:3], leaves[3], initial_state=leaves[4], output_final_state=True)
+    (o.sum() + ht.sum()).backward()
+    refs = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+    o_r, ht_r = linear_attn_recurrent_ref(*refs[:3], g=refs[3], initial_state=refs[4], output_final_state=True)
+    (o_r.sum() + ht_r.sum()).backward()
+    close(o, o_r, gla_tol(0.01))
+    close(ht, ht_r, gla_tol(0.01))
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), leaves, refs):
+        assert torch.isfinite(a.grad).all(), name
+        if name != "dh0":  # dh0 is ~0: every gate path to it passes a -1000
+            close(a.grad, b.grad, gla_tol(0.01) * (20 if name == "dg" else 1))
+
+
+def test_gla_value_gate_gradient_raises(model):
+    q, k, v, _, _, _ = make(1, 20, 1, 64, 64, gate=None)
+    gk, gv = gla_gates(1, 20, 1, 64), gla_gates(1, 20, 1, 64, seed=4)
+    o, _ = la.fused_recurrent_gla(q, k, v, gk=gk, gv=gv)  # the forward without gradients runs
+    close(o, linear_attn_recurrent_ref(q, k, v, g=gk, gv=gv)[0])
+    with pytest.raises(NotImplementedError, match="fused_recurrent_gla: gradients through a value gate gv"):
+        la.fused_recurrent_gla(q.requires_grad_(), k, v, gk=gk, gv=gv)
+
+
+def test_gla_bf16_route_dtypes_and_accuracy(model):
+    q, k, v, _, _, h0 = make(2, 100, 2, 64, 64, gate=None, dtype=torch.bfloat16)
+    g = gla_gates(2, 100, 2, 64).float()
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+    o, ht = la.chunk_gla(*leaves[:3], leaves[3], initial_state=leaves[4], output_final_state=True)
+    assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
+    (o.float().sum() + ht.sum()).backward()
+    assert [x.grad.dtype for x in leaves] == [torch.bfloat16] * 3 + [torch.float32] * 2
+    refs = [x.detach().double().requires_grad_(True) for x in (q, k, v, g, h0)]
+    o_r, ht_r = linear_attn_recurrent_ref(*refs[:3], g=refs[3], initial_state=refs[4], output_final_state=True)
+    (o_r.sum() + ht_r.sum()).backward()
+    assert rms_ratio(o, o_r) < 0.005 and rms_ratio(ht, ht_r) < 1e-6
+    for a, b in zip(leaves, refs):
+        assert rms_ratio(a.grad, b.grad) < 0.008
+
+
+@pytest.mark.parametrize("lens", [None, [0, 70, 1, 64, 0, 65]], ids=["batched", "varlen"])
+def test_gla_algorithm_is_exact_in_float64(lens):
+    """The model's GLA launchers composed by hand, everything in float64 (gates, b, states): the
+    sub-chunk algorithm itself must equal autograd of the recurrence to rounding."""
+    m = LinearExtModel()
+    B, T, H, K, V, scale = (2, 150, 2, 32, 24, 0.3) if lens is None else (1, sum(lens), 2, 16, 8, 0.5)
+    N = B if lens is None else len(lens)
+    q, k, v, _, _, h0 = make(B, T, H, K, V, gate=None, N=N)
+    g = F.logsigmoid(torch.randn(B, T, H, K, generator=torch.Generator().manual_seed(5), dtype=F64))
+    gen = torch.Generator().manual_seed(6)
+    do, dht = torch.randn(B, T, H, V, generator=gen, dtype=F64), torch.randn(N, H, K, V, generator=gen, dtype=F64)
+    seqs = _kernels.Seqs(B, T, None if lens is None else cu(lens), torch.device("cpu"))
+    c, off, S = seqs.cu, seqs.offsets, seqs.slots
+
+    b = torch.empty_like(g)
+    m.gla_cumsum(g, b, c, off, S)
+    h, ht = torch.empty(S, H, K, V, dtype=F64), torch.empty(N, H, K, V, dtype=F64)
+    m.chunk_state(k, v, None, None, h0, h, ht, c, off, 1.0, False, gk_cum=b)
+    o = torch.empty_like(v)
+    m.gla_output(q, k, v, h, b, o, c, off, scale, scale, False)
+    dH, dh0 = torch.empty(S, H, K, V, dtype=F64), torch.empty(N, H, K, V, dtype=F64)
+    m.chunk_state(q, do, None, None, dht, dH, dh0, c, off, scale, True, gk_cum=b)
+    dv = torch.empty_like(v)
+    m.gla_output(k, q, do, dH, b, dv, c, off, 1.0, scale, True)
+    dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
+    m.gla_grad(q, k, v, do, b, h, dH, dq, dk, dg, c, off, scale)
+
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+    o_r, ht_r = linear_attn_recurrent_ref(*leaves[:3], g=leaves[3], scale=scale, initial_state=leaves[4],
+                                          output_final_state=True, cu_seqlens=c)
+    ((o_r * do).sum() + (ht_r * dht).sum()).backward()
+    for name, a, r in (("o", o, o_r), ("ht", ht, ht_r), ("dq", dq, leaves[0].grad), ("dk", dk, leaves[1].grad),
+                       ("dv", dv, leaves[2].grad), ("dg", dg, leaves[3].grad), ("dh0", dh0, leaves[4].grad)):
+        assert rms_ratio(a, r) < 1e-12, name
+
+
+def test_gla_bad_arguments_fail_before_the_kernels(model):
+    """On the CUDA route, malformed GLA calls raise naming the argument, and no launcher runs."""
+    q, k, v, _, _, h0 = make(2, 20, 2, 64, 32, gate=None)
+    g = gla_gates(2, 20, 2, 64)
+    bad = [
+        (lambda: la.chunk_gla(q, k, v, g[..., 0]), ValueError, "g.shape must be [B, T, H, K]"),
+        (lambda: la.chunk_gla(q, k, v, g[:, :10]), ValueError, "g.shape must be [B, T, H, K]"),
+        (lambda: la.chunk_gla(q, k, v, g.to(torch.int32)), TypeError, "g.dtype"),
+        (lambda: la.chunk_gla(q, k, v, g, initial_state=h0[..., :16]), ValueError, "initial_state.shape"),
+        (lambda: la.chunk_gla(q, k, v, g, initial_state=h0.half()), TypeError, "initial_state.dtype"),
+        (lambda: la.chunk_gla(q, k, v, g, cu_seqlens=cu([10, 10])), ValueError, "q.shape[0] (B)"),
+        (lambda: la.chunk_gla(q, k, v, g, scale=float("nan")), ValueError, "scale"),
+        (lambda: la.fused_recurrent_gla(q, k, v, gk=g, gv=g), ValueError, "gv.shape must be [B, T, H, V]"),
+    ]
+    for call, exc, text in bad:
+        with pytest.raises(exc) as info:
+            call()
+        assert text in str(info.value), str(info.value)
+    assert model.calls == []

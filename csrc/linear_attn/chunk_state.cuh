@@ -8,6 +8,10 @@
 //                             states[slot(c)] = dH_c (the gradient of the state leaving chunk c),
 //                             final = dh_0; optionally pair_dot = exp(b_L) <dH_c, h_c> per tile
 //                             (with the forward states h_c: the gate gradient's inter-chunk term)
+// kPerKey (GLA): b is the chunk-local cumulative per-key gate (gla_cumsum) and the scalars above
+// become vectors over the state's rows r: h_{c+1} = diag(exp(b_L)) h_c + sum_j (k_j * exp(b_L - b_j))^T v_j
+// (reverse: weights scale * exp(b_i) on q_i), so the weights fold into x^T's fragments, not z's,
+// and the 64-row R tile's gates come in as a 64 x 64 fp32 tile per chunk (gla_gates.cuh).
 // The state tile (64 x BN, fp32) lives in the MMA accumulators: warp w owns its rows
 // 16w .. 16w + 15. Per chunk: store it, decay it, and add x^T (w * z) as mma.sync with the
 // 64 chunk rows as the reduction (x^T through ldmatrix.trans, the per-row weights w folded
@@ -15,6 +19,7 @@
 #pragma once
 
 #include "chunk_info.cuh"
+#include "gla_gates.cuh"
 #include "mma.cuh"
 
 namespace linear_attn {
@@ -24,12 +29,14 @@ namespace linear_attn {
 template <int BN>
 constexpr int chunk_state_stages() { return BN == 32 ? 4 : 3; }
 
-template <int BN>
+// per stage: x tile, z tile (16-bit), and the gates: raw scalar gates, or (kPerKey) the
+// cumulative per-key gate tile
+template <int BN, bool kPerKey>
 constexpr int chunk_state_smem_bytes() {
-  return chunk_state_stages<BN>() * ((kChunk * 64 + kChunk * BN) * 2 + kChunk * 4);
+  return chunk_state_stages<BN>() * ((kChunk * 64 + kChunk * BN) * 2 + (kPerKey ? kGateTileFloats : kChunk) * 4);
 }
 
-template <typename Tag, int BN, bool kReverse>
+template <typename Tag, int BN, bool kReverse, bool kPerKey>
 __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams p) {
   using E = Elem<Tag>;
   using T = typename E::T;
@@ -42,7 +49,8 @@ __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sx = reinterpret_cast<T*>(smem_raw);        // [kStages] x (chunk row, r) swizzled
   T* sz = sx + kStages * kChunk * BR;            // [kStages] x (chunk row, n) swizzled
-  float* graw = reinterpret_cast<float*>(sz + kStages * kChunk * BN);  // [kStages] x [kChunk] raw gates
+  float* graw = reinterpret_cast<float*>(sz + kStages * kChunk * BN);  // [kStages] x [kChunk] raw gates, or
+                                                 // (kPerKey) [kStages] x (chunk row, r) gate tiles
   __shared__ float sb[kChunk];                   // chunk-local cumulative log-gate
   __shared__ float red[4];                       // per-warp partials of pair_dot
 
@@ -57,6 +65,7 @@ __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams
   const int64_t ldx = static_cast<int64_t>(H) * p.r_dim, ldz = static_cast<int64_t>(H) * p.n_dim;
   const T* xg = static_cast<const T*>(p.x) + static_cast<int64_t>(head) * p.r_dim + r0;
   const T* zg = static_cast<const T*>(p.z) + static_cast<int64_t>(head) * p.n_dim + n0;
+  const float* bg = kPerKey ? p.gk_cum + static_cast<int64_t>(head) * p.r_dim + r0 : nullptr;
   const int64_t state_base = (static_cast<int64_t>(seq) * H + head) * p.r_dim * p.n_dim;
 
   // acc[nt][0..1] = state (r0 + 16 warp + g, n0 + 8 nt + 2 t4 + {0, 1}); [2..3] the row g + 8
@@ -83,7 +92,11 @@ __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams
     const int rows = chunk_rows(i);
     load_tile<kChunk, BR, kThreads>(sx + stage * kChunk * BR, xg + start * ldx, ldx, rows, tid);
     load_tile<kChunk, BN, kThreads>(sz + stage * kChunk * BN, zg + start * ldz, ldz, rows, tid);
-    if (warp == 0) chunk_gate_load_async(p.gate, start, rows, head, H, graw + stage * kChunk, lane);
+    if constexpr (kPerKey) {
+      load_gate_tile<kThreads>(graw + stage * kGateTileFloats, bg + start * ldx, ldx, rows, tid);
+    } else {
+      if (warp == 0) chunk_gate_load_async(p.gate, start, rows, head, H, graw + stage * kChunk, lane);
+    }
   };
 
 #pragma unroll
@@ -98,7 +111,9 @@ __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams
     const int c = chunk_of(i);
     const int rows = chunk_rows(i);
     cp_async_wait<kStages - 1>();  // chunk i's group has landed (this thread's copies)
-    if (warp == 0) chunk_gate_scan(p.gate, graw + stage * kChunk, rows, head, sb, lane);
+    if constexpr (!kPerKey) {
+      if (warp == 0) chunk_gate_scan(p.gate, graw + stage * kChunk, rows, head, sb, lane);
+    }
     __syncthreads();  // this stage's tiles (every thread's copies) and sb are visible
     const T* xs = sx + stage * kChunk * BR;
     const T* zs = sz + stage * kChunk * BN;
@@ -117,8 +132,8 @@ __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams
       }
     }
 
-    const float bl = sb[kChunk - 1];
-    const bool pair = kReverse && p.pair_dot != nullptr && slot < p.seq.num_slots;
+    const float* gt = graw + stage * kGateTileFloats;  // kPerKey: (chunk row, r), rows past the end = the last
+    const bool pair = !kPerKey && kReverse && p.pair_dot != nullptr && slot < p.seq.num_slots;
     if (pair) {
       // <dH_c, h_c> over this thread's elements (dH_c in fp32 registers, h_c as stored)
       const T* hp = static_cast<const T*>(p.pair_states) + (static_cast<int64_t>(slot) * H + head) * p.r_dim * p.n_dim;
@@ -136,32 +151,55 @@ __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams
       for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
       if (lane == 0) red[warp] = part;
     }
+    // b_L: the scalar's, or per key for this thread's state rows 16 warp + g + {0, 8}
+    const float bl = kPerKey ? 0.f : sb[kChunk - 1];
+    float blr[2] = {bl, bl};
+    if constexpr (kPerKey) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) blr[half] = gt[gate_at(kChunk - 1, warp * 16 + g + 8 * half)];
+    }
     const float decay = __expf(bl);
 #pragma unroll
     for (int nt = 0; nt < NT8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[nt][e] *= decay;
+      for (int e = 0; e < 4; ++e) acc[nt][e] *= kPerKey ? __expf(blr[e >> 1]) : decay;
     }
 #pragma unroll
     for (int kk = 0; kk < kChunk / 16; ++kk) {
-      // weights of the chunk rows this thread's B fragments hold: 16 kk + 2 t4 + {0, 1, 8, 9}
-      float w[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float bj = sb[kk * 16 + 2 * t4 + (e & 1) + 8 * (e >> 1)];
-        w[e] = kReverse ? p.scale * __expf(bj) : __expf(bl - bj);
-      }
       uint32_t a[4];
       load_a_t<BR>(a, xs, warp * 16, kk * 16, lane);
+      if constexpr (kPerKey) {
+        // a[i] holds x^T (state row 16 warp + g + 8 (i & 1), chunk rows 16 kk + 2 t4 + 8 (i >> 1) + {0, 1})
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = warp * 16 + g + 8 * (i & 1), j = kk * 16 + 2 * t4 + 8 * (i >> 1);
+          const float2 f = E::unpack(a[i]);
+          const float b0 = gt[gate_at(j, r)], b1 = gt[gate_at(j + 1, r)];
+          const float w0 = kReverse ? p.scale * __expf(b0) : __expf(blr[i & 1] - b0);
+          const float w1 = kReverse ? p.scale * __expf(b1) : __expf(blr[i & 1] - b1);
+          a[i] = E::pack(f.x * w0, f.y * w1);
+        }
+      }
+      // scalar gates: weights of the chunk rows this thread's B fragments hold, 16 kk + 2 t4 + {0, 1, 8, 9}
+      float w[4] = {1.f, 1.f, 1.f, 1.f};
+      if constexpr (!kPerKey) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float bj = sb[kk * 16 + 2 * t4 + (e & 1) + 8 * (e >> 1)];
+          w[e] = kReverse ? p.scale * __expf(bj) : __expf(bl - bj);
+        }
+      }
 #pragma unroll
       for (int np = 0; np < NT8 / 2; ++np) {
         uint32_t b[4];
         load_b_kn<BN>(b, zs, kk * 16, np * 16, lane);
+        if constexpr (!kPerKey) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float2 f = E::unpack(b[e]);
-          const int wi = (e & 1) * 2;  // b[0], b[2]: rows 2t4, 2t4+1; b[1], b[3]: rows + 8
-          b[e] = E::pack(f.x * w[wi], f.y * w[wi + 1]);
+          for (int e = 0; e < 4; ++e) {
+            const float2 f = E::unpack(b[e]);
+            const int wi = (e & 1) * 2;  // b[0], b[2]: rows 2t4, 2t4+1; b[1], b[3]: rows + 8
+            b[e] = E::pack(f.x * w[wi], f.y * w[wi + 1]);
+          }
         }
         E::mma(acc[2 * np], a, b[0], b[1]);
         E::mma(acc[2 * np + 1], a, b[2], b[3]);
@@ -190,11 +228,12 @@ __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams
   }
 }
 
-template <typename Tag, int BN, bool kReverse>
+template <typename Tag, int BN, bool kReverse, bool kPerKey>
 cudaError_t run_chunk_state(const ChunkStateParams& p, cudaStream_t stream) {
   if (p.seq.num_seqs == 0 || p.seq.heads == 0) return cudaSuccess;
-  constexpr int smem = chunk_state_smem_bytes<BN>();
-  auto kernel = chunk_state_kernel<Tag, BN, kReverse>;
+  if ((p.gk_cum != nullptr) != kPerKey) return cudaErrorInvalidValue;
+  constexpr int smem = chunk_state_smem_bytes<BN, kPerKey>();
+  auto kernel = chunk_state_kernel<Tag, BN, kReverse, kPerKey>;
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;

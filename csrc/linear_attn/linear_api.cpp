@@ -273,10 +273,11 @@ void masked_mask_grad(const Tensor& q, const Tensor& k, const Tensor& v, const T
 // states [S, H, R, N] in x's dtype; init / final_state fp32 [N_seq, H, R, N].
 // Reverse only: pair_states [S, H, R, N] (the forward states) and pair_dot fp32
 // [S, H, (R / 64) * (N / 32)] get exp(b_L) <dH_c, h_c> per tile (both or neither).
+// GLA: gk_cum fp32 [B, T, H, R] (gla_cumsum's per-key cumulative gates) instead of g / gamma.
 void chunk_state(const Tensor& x, const Tensor& z, const OptTensor& g, const OptTensor& gamma, const OptTensor& init,
                  Tensor& states, const OptTensor& final_state, const OptTensor& cu_seqlens,
                  const OptTensor& chunk_offsets, double scale, bool reverse, const OptTensor& pair_states,
-                 const OptTensor& pair_dot, int64_t tile_n) {
+                 const OptTensor& pair_dot, int64_t tile_n, const OptTensor& gk_cum) {
   check_dense(x, "x", x);
   check_dense(z, "z", x);
   check_dense(states, "states", x);
@@ -299,6 +300,11 @@ void chunk_state(const Tensor& x, const Tensor& z, const OptTensor& g, const Opt
   check_opt(pair_dot, "pair_dot", x, at::kFloat, {states.size(0), H, (R / 64) * (N / 32)});
   p.pair_states = pair_states.has_value() ? pair_states->data_ptr() : nullptr;
   p.pair_dot = pair_dot.has_value() ? pair_dot->data_ptr<float>() : nullptr;
+  const bool per_key = gk_cum.has_value();
+  CHECK_ARG(!per_key || (!g.has_value() && !gamma.has_value() && !pair_dot.has_value()),
+            "gk_cum (GLA) goes without g, gamma and pair_dot");
+  check_opt(gk_cum, "gk_cum", x, at::kFloat, x.sizes());
+  p.gk_cum = per_key ? gk_cum->data_ptr<float>() : nullptr;
   p.x = x.data_ptr();
   p.z = z.data_ptr();
   p.init = init.has_value() ? init->data_ptr<float>() : nullptr;
@@ -315,8 +321,11 @@ void chunk_state(const Tensor& x, const Tensor& z, const OptTensor& g, const Opt
   dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using Tag = decltype(tag);
     dispatch_bool(reverse, [&](auto rev) {
-      constexpr bool kRev = decltype(rev)::value;
-      err = bn == 64 ? la::run_chunk_state<Tag, 64, kRev>(p, stream) : la::run_chunk_state<Tag, 32, kRev>(p, stream);
+      dispatch_bool(per_key, [&](auto pk) {
+        constexpr bool kRev = decltype(rev)::value, kPK = decltype(pk)::value;
+        err = bn == 64 ? la::run_chunk_state<Tag, 64, kRev, kPK>(p, stream)
+                       : la::run_chunk_state<Tag, 32, kRev, kPK>(p, stream);
+      });
     });
   });
   check_launch(err, "chunk_state");
@@ -464,6 +473,106 @@ void recurrent(const Tensor& q, const Tensor& k, const Tensor& v, const OptTenso
   check_launch(err, "recurrent");
 }
 
+// ---------------------------------------------------------------- GLA (per-key gates)
+
+// b = the chunk-local cumulative sum of g, both fp32 [B, T, H, K] (K a multiple of 64).
+void gla_cumsum(const Tensor& g, Tensor& out, const OptTensor& cu_seqlens, const OptTensor& chunk_offsets,
+                int64_t num_slots) {
+  check_operands({{&g, "g"}, {&out, "out"}}, g, at::kFloat);
+  CHECK_ARG(g.dim() == 4, "g must be [B, T, H, K], got ", g.sizes());
+  check_shape(out, "out", g.sizes());
+  const int64_t K = g.size(3);
+  CHECK_ARG(K % 64 == 0 && K > 0, "K must be a multiple of 64, got ", K);
+  c10::cuda::CUDAGuard guard(g.device());
+  la::GlaCumsumParams p;
+  p.seq = seq_params(g, cu_seqlens, chunk_offsets, num_slots);
+  p.g = g.data_ptr<float>();
+  p.out = out.data_ptr<float>();
+  p.k_dim = static_cast<int>(K);
+  check_launch(la::run_gla_cumsum(p, c10::cuda::getCurrentCUDAStream().stream()), "gla_cumsum");
+}
+
+// GLA's per-chunk output (gla_output.cuh): x, y [B, T, H, R]; z, out [B, T, H, N]; m [S, H, R, N];
+// b fp32 [B, T, H, R] (gla_cumsum). Lower: the forward o; upper: dv.
+void gla_output(const Tensor& x, const Tensor& y, const Tensor& z, const Tensor& m, const Tensor& b, Tensor& out,
+                const OptTensor& cu_seqlens, const OptTensor& chunk_offsets, double inter_scale, double intra_scale,
+                bool upper) {
+  check_operands({{&x, "x"}, {&y, "y"}, {&z, "z"}, {&m, "m"}, {&out, "out"}}, x, x.scalar_type());
+  CHECK_ARG(x.dim() == 4, "x must be [B, T, H, R], got ", x.sizes());
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), R = x.size(3), N = z.size(3);
+  check_shape(y, "y", x.sizes());
+  check_shape(z, "z", {B, T, H, N});
+  check_shape(out, "out", {B, T, H, N});
+  CHECK_ARG(R % 64 == 0 && R > 0 && N % 64 == 0 && N > 0, "R and N must be multiples of 64, got ", R, " and ", N);
+  check_shape(m, "m", {m.size(0), H, R, N});
+  check_operands({{&b, "b"}}, x, at::kFloat);
+  check_shape(b, "b", x.sizes());
+  c10::cuda::CUDAGuard guard(x.device());
+  la::GlaOutputParams p;
+  p.seq = seq_params(x, cu_seqlens, chunk_offsets, m.size(0));
+  p.x = x.data_ptr();
+  p.y = y.data_ptr();
+  p.z = z.data_ptr();
+  p.m = m.data_ptr();
+  p.b = b.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.r_dim = static_cast<int>(R);
+  p.n_dim = static_cast<int>(N);
+  p.inter_scale = static_cast<float>(inter_scale);
+  p.intra_scale = static_cast<float>(intra_scale);
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  const bool wide = la::gla_output_tile_n(p.n_dim) == 128;
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using Tag = decltype(tag);
+    dispatch_bool(upper, [&](auto up) {
+      constexpr bool kU = decltype(up)::value;
+      err = wide ? la::run_gla_output<Tag, 128, kU>(p, stream) : la::run_gla_output<Tag, 64, kU>(p, stream);
+    });
+  });
+  check_launch(err, "gla_output");
+}
+
+// dq, dk [B, T, H, K] and dg fp32 [B, T, H, K] of GLA (gla_grad.cuh): q, k [B, T, H, K]; v, dout
+// [B, T, H, V]; b fp32 [B, T, H, K]; h, dh [S, H, K, V] (chunk_state forward / reverse).
+void gla_grad(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, const Tensor& b,
+              const Tensor& h, const Tensor& dh, Tensor& dq, Tensor& dk, Tensor& dg, const OptTensor& cu_seqlens,
+              const OptTensor& chunk_offsets, double scale) {
+  check_operands({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&dout, "dout"}, {&h, "h"}, {&dh, "dh"}, {&dq, "dq"},
+                  {&dk, "dk"}}, q, q.scalar_type());
+  CHECK_ARG(q.dim() == 4, "q must be [B, T, H, K], got ", q.sizes());
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = q.size(3), V = v.size(3);
+  CHECK_ARG(K % 64 == 0 && V % 64 == 0 && K > 0 && V > 0, "K and V must be multiples of 64, got ", K, ", ", V);
+  for (const auto& [t, name] : {Named{&k, "k"}, Named{&dq, "dq"}, Named{&dk, "dk"}}) check_shape(*t, name, q.sizes());
+  check_shape(v, "v", {B, T, H, V});
+  check_shape(dout, "dout", {B, T, H, V});
+  check_shape(h, "h", {h.size(0), H, K, V});
+  check_shape(dh, "dh", h.sizes());
+  check_operands({{&b, "b"}, {&dg, "dg"}}, q, at::kFloat);
+  check_shape(b, "b", q.sizes());
+  check_shape(dg, "dg", q.sizes());
+  c10::cuda::CUDAGuard guard(q.device());
+  la::GlaGradParams p;
+  p.seq = seq_params(q, cu_seqlens, chunk_offsets, h.size(0));
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.dout = dout.data_ptr();
+  p.b = b.data_ptr<float>();
+  p.h = h.data_ptr();
+  p.dh = dh.data_ptr();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dg = dg.data_ptr<float>();
+  p.k_dim = static_cast<int>(K);
+  p.v_dim = static_cast<int>(V);
+  p.scale = static_cast<float>(scale);
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  cudaError_t err = cudaSuccess;
+  dispatch_dtype(q.scalar_type(), [&](auto tag) { err = la::run_gla_grad<decltype(tag)>(p, stream); });
+  check_launch(err, "gla_grad");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -477,7 +586,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chunk_state", &chunk_state, "States at chunk boundaries (forward h, or reverse dH)", py::arg("x"),
         py::arg("z"), py::arg("g"), py::arg("gamma"), py::arg("init"), py::arg("states"), py::arg("final_state"),
         py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("scale"), py::arg("reverse"),
-        py::arg("pair_states") = py::none(), py::arg("pair_dot") = py::none(), py::arg("tile_n") = 0);
+        py::arg("pair_states") = py::none(), py::arg("pair_dot") = py::none(), py::arg("tile_n") = 0,
+        py::arg("gk_cum") = py::none());
   m.def("chunk_output", &chunk_output, "Per-chunk output: inter-chunk state product plus masked intra-chunk part",
         py::arg("x"), py::arg("y"), py::arg("z"), py::arg("m"), py::arg("out"), py::arg("dot"), py::arg("rowdot"),
         py::arg("g"), py::arg("gamma"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("inter_scale"),
@@ -489,4 +599,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v"), py::arg("g"), py::arg("gamma"), py::arg("gk"), py::arg("gv"), py::arg("init"), py::arg("out"),
         py::arg("final_state"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("scale"),
         py::arg("reverse"));
+  m.def("gla_cumsum", &gla_cumsum, "GLA: chunk-local cumulative sum of the per-key log-gates",
+        py::arg("g"), py::arg("out"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("num_slots"));
+  m.def("gla_output", &gla_output,
+        "GLA per-chunk output: inter-chunk state product plus per-key-decayed intra-chunk part (o, or dv)",
+        py::arg("x"), py::arg("y"), py::arg("z"), py::arg("m"), py::arg("b"), py::arg("out"), py::arg("cu_seqlens"),
+        py::arg("chunk_offsets"), py::arg("inter_scale"), py::arg("intra_scale"), py::arg("upper"));
+  m.def("gla_grad", &gla_grad, "GLA backward: dq, dk and the per-key gate gradient, chunk by chunk",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dout"), py::arg("b"), py::arg("h"), py::arg("dh"),
+        py::arg("dq"), py::arg("dk"), py::arg("dg"), py::arg("cu_seqlens"), py::arg("chunk_offsets"),
+        py::arg("scale"));
 }

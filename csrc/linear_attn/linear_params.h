@@ -15,6 +15,9 @@
 //   chunk_output:            out_r = rowscale_r * (x_r M) + intra_scale * sum_c D[r, c] (x_r . y_c) z_c
 // with D the causal decay mask (lower: c <= r, exp(b_r - b_c); upper: c >= r, exp(b_c - b_r)).
 //   gate_grad:               dg for scalar gates, chunk by chunk (gate_grad.cu has the formula)
+// GLA (one gate per key, gk [tokens, heads, k_dim]) has b per key: gla_cumsum writes it once,
+// chunk_state takes it as gk_cum (exp(b_L) becomes diag(exp(b_L))), and gla_output / gla_grad
+// (gla_output.cuh, gla_grad.cuh) take the intra-chunk part in 16-row sub-chunks.
 // Every exponent is <= 0 for gates <= 0, so nothing overflows however negative the gates are.
 #pragma once
 
@@ -62,6 +65,8 @@ struct ChunkStateParams {
   // tile (tile = r tile * (n_dim / 32) + n0 / 32; a 64-column CTA writes 0 to tile + 1)
   const void* pair_states = nullptr;  // [num_slots, heads, r_dim, n_dim] forward states h_c
   float* pair_dot = nullptr;          // [num_slots, heads, (r_dim / 64) * (n_dim / 32)] fp32
+  // GLA, instead of gate: per-key weights (kPerKey; not with gate or pair_dot)
+  const float* gk_cum = nullptr;      // [tokens, heads, r_dim] chunk-local cumulative gates (gla_cumsum)
   int r_dim = 0;                   // multiple of 64
   int n_dim = 0;                   // multiple of 64
   float scale = 1.f;               // reverse: the weight of q_i^T do_i is scale * exp(b_i)
@@ -103,6 +108,52 @@ struct GateGradParams {
   float scale = 1.f;
 };
 
+// gla_cumsum: out = the chunk-local inclusive cumsum of GLA's per-key log-gates, one
+// (chunk, head, 64 keys) per CTA.
+struct GlaCumsumParams {
+  SeqParams seq;
+  const float* g = nullptr;  // [tokens, heads, k_dim] fp32 log-gates
+  float* out = nullptr;      // [tokens, heads, k_dim] fp32 b
+  int k_dim = 0;             // multiple of 64
+};
+
+// gla_output (gla_output.cuh): one (chunk, head, BN-column N tile) per CTA, b the cumulative gates:
+//   lower: out_r = inter_scale * (x_r * exp(b_r)) M + intra_scale * sum_{c <= r} A_rc z_c,
+//          A_rc = sum_d x_rd y_cd exp(b_rd - b_cd)              (forward o: x = q, y = k, M = h_c, z = v)
+//   upper: out_r = inter_scale * (x_r * exp(b_L - b_r)) M + intra_scale * sum_{c >= r} A_rc z_c,
+//          A_rc = sum_d x_rd y_cd exp(b_cd - b_rd)              (dv: x = k, y = q, M = dH_c, z = do)
+struct GlaOutputParams {
+  SeqParams seq;
+  const void* x = nullptr;   // [tokens, heads, r_dim]
+  const void* y = nullptr;   // [tokens, heads, r_dim]
+  const void* z = nullptr;   // [tokens, heads, n_dim]
+  const void* m = nullptr;   // [num_slots, heads, r_dim, n_dim] chunk states
+  const float* b = nullptr;  // [tokens, heads, r_dim] fp32 cumulative gates (gla_cumsum)
+  void* out = nullptr;       // [tokens, heads, n_dim]
+  int r_dim = 0;             // multiple of 64 (looped over in 64-column slabs)
+  int n_dim = 0;             // multiple of BN
+  float inter_scale = 1.f;
+  float intra_scale = 1.f;
+};
+
+// gla_grad (gla_grad.cuh): dq, dk and the per-key dg of GLA, one (chunk, head, 64 keys) per CTA.
+struct GlaGradParams {
+  SeqParams seq;
+  const void* q = nullptr;     // [tokens, heads, k_dim]
+  const void* k = nullptr;     // [tokens, heads, k_dim]
+  const void* v = nullptr;     // [tokens, heads, v_dim]
+  const void* dout = nullptr;  // [tokens, heads, v_dim]
+  const float* b = nullptr;    // [tokens, heads, k_dim] fp32 cumulative gates
+  const void* h = nullptr;     // [num_slots, heads, k_dim, v_dim] states entering each chunk
+  const void* dh = nullptr;    // [num_slots, heads, k_dim, v_dim] state gradients leaving each chunk
+  void* dq = nullptr;          // [tokens, heads, k_dim]
+  void* dk = nullptr;          // [tokens, heads, k_dim]
+  float* dg = nullptr;         // [tokens, heads, k_dim] fp32
+  int k_dim = 0;               // multiple of 64
+  int v_dim = 0;               // multiple of 64
+  float scale = 1.f;
+};
+
 // recurrent: token by token, one (sequence, head, 32 value columns) per CTA.
 struct RecurrentParams {
   SeqParams seq;
@@ -122,7 +173,7 @@ struct RecurrentParams {
 };
 
 // Launchers (one explicit instantiation per configuration in the .cu files).
-template <typename Dtype, int BN, bool kReverse>
+template <typename Dtype, int BN, bool kReverse, bool kPerKey>
 cudaError_t run_chunk_state(const ChunkStateParams& p, cudaStream_t stream);
 
 template <typename Dtype, int R, int BN, bool kTransM, bool kUpper>
@@ -133,5 +184,13 @@ cudaError_t run_gate_grad(const GateGradParams& p, cudaStream_t stream);
 
 template <typename Dtype, int K>
 cudaError_t run_recurrent(const RecurrentParams& p, cudaStream_t stream);
+
+cudaError_t run_gla_cumsum(const GlaCumsumParams& p, cudaStream_t stream);
+
+template <typename Dtype, int BN, bool kUpper>
+cudaError_t run_gla_output(const GlaOutputParams& p, cudaStream_t stream);
+
+template <typename Dtype>
+cudaError_t run_gla_grad(const GlaGradParams& p, cudaStream_t stream);
 
 }  // namespace linear_attn

@@ -20,6 +20,16 @@ constexpr int chunk_state_tile_n(int64_t num_seqs, int64_t heads, int r_dim, int
 // warp), so R = 256 keeps BN = 64 (104 KB, and 128 accumulator registers would spill).
 constexpr int chunk_output_tile_n(int r_dim, int n_dim) { return r_dim <= 128 && n_dim % 128 == 0 ? 128 : 64; }
 
+// gla_output: the N tile. GLA's scores A are recomputed by every N tile of a chunk, and their
+// diagonal sub-chunk blocks are elementwise work (exp per key) that no tensor core does, so
+// the widest tile that fits: 128 columns (16 x 128 fp32 accumulators per warp next to the 16 x 64
+// scores; 65 KB of shared memory) when N allows, else 64. R is walked in 64-column slabs, so it
+// does not enter.
+constexpr int gla_output_tile_n(int n_dim) { return n_dim % 128 == 0 ? 128 : 64; }
+
+static_assert(gla_output_tile_n(128) == 128 && gla_output_tile_n(256) == 128 && gla_output_tile_n(192) == 64,
+              "gla_output tiles");
+
 // masked_attn: the N tile. Every CTA recomputes its 64 x 64 score tiles over all of R, so
 // 128 columns per CTA halve that work against 64 when N allows it. The y and z tiles are
 // double-buffered next to x: R = 256 with BN = 128 takes 128 KB of shared memory (one CTA per

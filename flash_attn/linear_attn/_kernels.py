@@ -17,8 +17,16 @@ Backward (h recomputed):
     (the reverse chunk_state also gives exp(b_L) <dH_c, h_c> per chunk, and the dq / dk
      chunk_outputs q . dq_inter, k . dk_inter per row)
     gate_grad      (q, k, v, do)   -> dg, chunk by chunk (csrc/linear_attn/gate_grad.cu)
+GLA (per-key gates g [B, T, H, K]) has its own output and gradient kernels around the same
+chunk_state (with per-key weights):
+    gla_cumsum   (g)                -> b: the chunk-local cumulative gates every GLA kernel reads
+    chunk_state  (k, v, b)          -> h;  gla_output (q, k, v, h, b) -> o
+  backward:
+    chunk_state  (q, do, b, reverse) -> dH, dh0
+    gla_output   (k, q, do, dH, b, upper) -> dv
+    gla_grad     (q, k, v, do, b, h, dH)  -> dq, dk, dg (chunk-local, csrc/linear_attn/gla_grad.cuh)
 fused_recurrent_* run the token-by-token kernel forward; their backward is the chunked one
-(the same function of the inputs).
+(the same function of the inputs). fused_recurrent_gla's value gate gv has the forward only.
 """
 import functools
 import math
@@ -136,11 +144,16 @@ def _gates(g, g_gamma):
 
 # --------------------------------------------------------------------------- forward / backward
 
-def _states(ext, x, z, g, gamma, init, seqs, final, scale=1.0, reverse=False, pair_states=None, pair_dot=None):
+def _states(ext, x, z, g, gamma, init, seqs, final, scale=1.0, reverse=False, pair_states=None, pair_dot=None,
+            gk_cum=None):
     B, T, H, R = x.shape
     states = x.new_empty(seqs.slots, H, R, z.shape[-1])
-    ext.chunk_state(x, z, g, gamma, init, states, final, seqs.cu, seqs.offsets, scale, reverse, pair_states,
-                    pair_dot)
+    if gk_cum is None:
+        ext.chunk_state(x, z, g, gamma, init, states, final, seqs.cu, seqs.offsets, scale, reverse, pair_states,
+                        pair_dot)
+    else:
+        ext.chunk_state(x, z, None, None, init, states, final, seqs.cu, seqs.offsets, scale, reverse, None, None, 0,
+                        gk_cum)
     return states
 
 
@@ -229,6 +242,80 @@ class SimpleGLAFunction(torch.autograd.Function):
         return (dq[..., :K], dk[..., :K], dv[..., :V], dgate, dgamma, dh0, None, None, None, None)
 
 
+# --------------------------------------------------------------------------- GLA (per-key gates)
+
+def gla_cumsum(ext, g, seqs):
+    """Padded fp32 gates [B, T, H, K] -> b, their chunk-local cumulative sums (fp32)."""
+    b = torch.empty_like(g)
+    ext.gla_cumsum(g, b, seqs.cu, seqs.offsets, seqs.slots)
+    return b
+
+
+def gla_chunk_forward(ext, q, k, v, b, scale, h0, output_final_state, seqs):
+    """Padded, contiguous inputs and b = gla_cumsum(g) -> (o, h_T fp32 or None)."""
+    N, H, K, V = seqs.num_seqs, q.shape[2], q.shape[3], v.shape[3]
+    final = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    h = _states(ext, k, v, None, None, h0, seqs, final, gk_cum=b)
+    o = torch.empty_like(v)
+    ext.gla_output(q, k, v, h, b, o, seqs.cu, seqs.offsets, scale, scale, False)
+    return o, final
+
+
+def gla_chunk_backward(ext, q, k, v, b, scale, h0, do, dht, seqs):
+    """Padded, contiguous inputs -> (dq, dk, dv, dg fp32 [B, T, H, K], dh0 fp32)."""
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    h = _states(ext, k, v, None, None, h0, seqs, None, gk_cum=b)
+    dh0 = q.new_empty(seqs.num_seqs, H, K, V, dtype=torch.float32)
+    dH = _states(ext, q, do, None, None, dht, seqs, dh0, scale=scale, reverse=True, gk_cum=b)
+    cu, off = seqs.cu, seqs.offsets
+    dv = torch.empty_like(v)
+    ext.gla_output(k, q, do, dH, b, dv, cu, off, 1.0, scale, True)
+    dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(b)
+    ext.gla_grad(q, k, v, do, b, h, dH, dq, dk, dg, cu, off, scale)
+    return dq, dk, dv, dg, dh0
+
+
+class GLAFunction(torch.autograd.Function):
+    """o, h_T = GLA of (q, k, v, g [B, T, H, K], h0); the forward by the chunked kernels or the
+    token-by-token one (recurrent=True), the backward always chunked."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, h0, scale, output_final_state, cu_seqlens, recurrent):
+        ext = extension()
+        K, V = q.shape[-1], v.shape[-1]
+        kd, vd = kernel_head_dim(K), kernel_head_dim(V)
+        qp, kp, vp = _pad_last(q, kd), _pad_last(k, kd), _pad_last(v, vd)
+        gp = _pad_last(g.float(), kd)  # padded keys: gate 0 (no decay) on zero q, k
+        h0p = _pad_state(h0, kd, vd)
+        seqs = Seqs(q.shape[0], q.shape[1], cu_seqlens, q.device)
+        if recurrent:
+            o, ht = recurrent_forward(ext, qp, kp, vp, None, None, scale, h0p, output_final_state, seqs, gk=gp)
+        else:
+            o, ht = gla_chunk_forward(ext, qp, kp, vp, gla_cumsum(ext, gp, seqs), scale, h0p, output_final_state,
+                                      seqs)
+        ctx.save_for_backward(qp, kp, vp, gp, h0p)
+        ctx.seqs, ctx.scale, ctx.dims = seqs, scale, (K, V, kd, vd)
+        ctx.g_dtype = g.dtype
+        ctx.h0_given = h0 is not None
+        o = o[..., :V] if vd != V else o
+        if ht is not None:
+            ht = ht[..., :K, :V] if (kd, vd) != (K, V) else ht
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        qp, kp, vp, gp, h0p = ctx.saved_tensors
+        K, V, kd, vd = ctx.dims
+        ext = extension()
+        dop = _pad_last(do.to(vp.dtype), vd)
+        dhtp = _pad_state(dht, kd, vd)
+        b = gla_cumsum(ext, gp, ctx.seqs)
+        dq, dk, dv, dg, dh0 = gla_chunk_backward(ext, qp, kp, vp, b, ctx.scale, h0p, dop, dhtp, ctx.seqs)
+        dgate = dg[..., :K].to(ctx.g_dtype) if ctx.needs_input_grad[3] else None
+        dh0 = dh0[..., :K, :V].contiguous() if ctx.h0_given and ctx.needs_input_grad[4] else None
+        return dq[..., :K], dk[..., :K], dv[..., :V], dgate, dh0, None, None, None, None
+
+
 # --------------------------------------------------------------------------- entry points
 
 def _flip_sequences(x, cu_seqlens):
@@ -268,6 +355,35 @@ def simple_gla(fn, mode, q, k, v, g, g_gamma, scale, initial_state, output_final
         cu_seqlens = _flipped_cu(cu_seqlens, T)
     o, ht = SimpleGLAFunction.apply(q, k, v, g, g_gamma, initial_state, scale, output_final_state, cu_seqlens,
                                     mode == "recurrent")
+    if reverse:
+        o = o.flip(1)
+        if ht is not None and cu_seqlens is not None:
+            ht = ht.flip(0)
+    return o, ht
+
+
+def gla(fn, mode, q, k, v, gk, gv, scale, initial_state, output_final_state, reverse, cu_seqlens):
+    """chunk_gla (mode "chunk") and fused_recurrent_gla (mode "recurrent") on CUDA: fp16/bf16
+    inputs with head dims <= 256, per-key gates gk [B, T, H, K] and/or (recurrent only)
+    per-value gates gv. Checked arguments, states [N, H, K, V]. Returns (o, final state or None)."""
+    require_extension(fn)
+    grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, gk, gv, initial_state))
+    if mode == "recurrent" and not grad:
+        # decoding: the token-by-token kernel, reverse in place, no autograd
+        return gla_recurrent(fn, q, k, v, gk, gv, scale, initial_state, output_final_state, reverse, cu_seqlens)
+    if gv is not None:
+        raise NotImplementedError(
+            f"flash_attn.linear_attn.{fn}: gradients through a value gate gv have no CUDA kernel yet (the "
+            f"chunked GLA backward covers the key gates gk); CPU tensors run the PyTorch reference (move the "
+            f"inputs with .cpu())")
+    T = q.shape[1]
+    if reverse:
+        q, k, v, gk = (_flip_sequences(x, cu_seqlens) for x in (q, k, v, gk))
+        if cu_seqlens is not None and initial_state is not None:
+            initial_state = initial_state.flip(0)
+        cu_seqlens = _flipped_cu(cu_seqlens, T)
+    o, ht = GLAFunction.apply(q, k, v, gk, initial_state, scale, output_final_state, cu_seqlens, mode == "recurrent")
     if reverse:
         o = o.flip(1)
         if ht is not None and cu_seqlens is not None:

@@ -3,11 +3,10 @@
 CPU tensors run flash_attn.reference_linear (differentiable through autograd). CUDA tensors
 run the kernels of csrc/linear_attn (._kernels) when the inputs are fp16/bf16 with K and
 V <= 256 (other dims padded); fp32 CUDA inputs and larger head dims run the reference on
-the device. GLA (per-key gates) has the token-by-token kernel only: chunk_gla without
-gradients runs it too (interim: correct, not fast), GLA gradients raise NotImplementedError.
+the device. GLA (per-key gates) runs its chunked kernels (chunk_gla, and the backward of
+fused_recurrent_gla, whose forward is token by token); only gradients through
+fused_recurrent_gla's value gate gv raise NotImplementedError.
 """
-import torch
-
 from ..reference_linear import linear_attn_chunk_ref, linear_attn_recurrent_ref
 from . import _kernels
 
@@ -42,14 +41,5 @@ def _run_kernels(fn, mode, q, k, v, g, g_gamma, gv, scale, initial_state, output
     if not per_key and gv is None:
         return _kernels.simple_gla(fn, mode, q, k, v, g, g_gamma, scale, initial_state, output_final_state, reverse,
                                    cu_seqlens)
-    grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, g, gv, initial_state))
-    if not grad:
-        # chunk_gla too: no chunked GLA kernel yet, the recurrence gives the same result
-        return _kernels.gla_recurrent(fn, q, k, v, g, gv, scale, initial_state, output_final_state, reverse,
-                                      cu_seqlens)
-    _kernels.require_extension(fn)
-    raise NotImplementedError(
-        f"flash_attn.linear_attn.{fn}: the CUDA kernels for per-key gates (GLA) cover the forward without "
-        f"gradients only so far (the GLA backward is not built yet); CPU tensors run the PyTorch reference "
-        f"(move the inputs with .cpu())")
+    return _kernels.gla(fn, mode, q, k, v, g if per_key else None, gv, scale, initial_state, output_final_state,
+                        reverse, cu_seqlens)

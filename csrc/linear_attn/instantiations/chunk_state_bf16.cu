@@ -3,9 +3,9 @@
 
 namespace linear_attn {
 
-template cudaError_t run_chunk_state<Bf16, 32, false>(const ChunkStateParams&, cudaStream_t);
-template cudaError_t run_chunk_state<Bf16, 32, true>(const ChunkStateParams&, cudaStream_t);
-template cudaError_t run_chunk_state<Bf16, 64, false>(const ChunkStateParams&, cudaStream_t);
-template cudaError_t run_chunk_state<Bf16, 64, true>(const ChunkStateParams&, cudaStream_t);
+template cudaError_t run_chunk_state<Bf16, 32, false, false>(const ChunkStateParams&, cudaStream_t);
+template cudaError_t run_chunk_state<Bf16, 32, true, false>(const ChunkStateParams&, cudaStream_t);
+template cudaError_t run_chunk_state<Bf16, 64, false, false>(const ChunkStateParams&, cudaStream_t);
+template cudaError_t run_chunk_state<Bf16, 64, true, false>(const ChunkStateParams&, cudaStream_t);
 
 }  // namespace linear_attn

@@ -3,9 +3,9 @@
 
 namespace linear_attn {
 
-template cudaError_t run_chunk_state<Fp16, 32, false>(const ChunkStateParams&, cudaStream_t);
-template cudaError_t run_chunk_state<Fp16, 32, true>(const ChunkStateParams&, cudaStream_t);
-template cudaError_t run_chunk_state<Fp16, 64, false>(const ChunkStateParams&, cudaStream_t);
-template cudaError_t run_chunk_state<Fp16, 64, true>(const ChunkStateParams&, cudaStream_t);
+template cudaError_t run_chunk_state<Fp16, 32, false, false>(const ChunkStateParams&, cudaStream_t);
+template cudaError_t run_chunk_state<Fp16, 32, true, false>(const ChunkStateParams&, cudaStream_t);
+template cudaError_t run_chunk_state<Fp16, 64, false, false>(const ChunkStateParams&, cudaStream_t);
+template cudaError_t run_chunk_state<Fp16, 64, true, false>(const ChunkStateParams&, cudaStream_t);
 
 }  // namespace linear_attn

@@ -1,0 +1,45 @@
+// GLA's per-key gates inside the chunked kernels: tiles of the chunk-local cumulative gate b
+// (gla_cumsum.cu writes b[t, h, d] = g[chunk start, h, d] + ... + g[t, h, d]).
+//
+// A gate tile is 64 chunk rows x 64 key columns of b in fp32, row pitch kGatePitch = 68 floats:
+// rows 0..7 start 4 banks apart, so the reads below (8 rows x 4 lanes, or 4 rows x float4) hit
+// 32 different banks, and every row stays 16-byte aligned for cp.async.
+//
+// Rows past a chunk's end are loaded as copies of its last row: they decay nothing, b_L is row
+// 63 whatever the chunk's length, and every exponent the kernels take stays <= 0 there too
+// (b is non-increasing down a chunk for gates <= 0; rows past the end hold zeros in q, k, v, so
+// what they contribute is 0, never inf * 0).
+#pragma once
+
+#include <cstdint>
+
+#include "linear_params.h"
+#include "mma.cuh"
+
+namespace linear_attn {
+
+constexpr int kSub = 16;                            // GLA sub-chunk rows (one warp's rows)
+constexpr int kGatePitch = 68;                      // floats per gate-tile row
+constexpr int kGateTileFloats = kChunk * kGatePitch;
+
+__device__ __forceinline__ int gate_at(int row, int col) { return row * kGatePitch + col; }
+
+// rows [0, kChunk) x cols [0, 64) of b (row r at gbase + r * ld) into a gate tile; rows at or
+// past valid_rows (>= 1) copy row valid_rows - 1. All NT threads take part (cp.async; the
+// caller commits and waits).
+template <int NT>
+__device__ __forceinline__ void load_gate_tile(float* tile, const float* gbase, int64_t ld, int valid_rows, int tid) {
+  constexpr int kChunksPerRow = 64 / 4;  // 16-byte chunks
+  constexpr int kChunks = kChunk * kChunksPerRow;
+  static_assert(kChunks % NT == 0, "gate tile copies split evenly over the threads");
+#pragma unroll
+  for (int i = 0; i < kChunks / NT; ++i) {
+    const int idx = tid + i * NT;
+    const int r = idx / kChunksPerRow;
+    const int c = (idx % kChunksPerRow) * 4;
+    const int src = r < valid_rows ? r : valid_rows - 1;
+    cp_async16(tile + gate_at(r, c), gbase + src * ld + c, true);
+  }
+}
+
+}  // namespace linear_attn
