@@ -13,7 +13,9 @@ namespace flash {
 
 // Is_dropout defaults to false for the tuning harness (benchmarks/tune/tune_fwd.cu).
 // Is_split: the split-KV kernel over heads * num_splits grid slices, then the combine.
-template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout = false, bool Is_split = false>
+// Is_paged: K and V read through params.block_table (paged_kv.h).
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout = false, bool Is_split = false,
+          bool Is_paged = false>
 cudaError_t run_flash_fwd(Flash_fwd_params &params, cudaStream_t stream) {
   constexpr int smem_bytes = Ktraits::kSmemBytes;
   const int num_m_blocks = (params.seqlen_q + Ktraits::kBlockM - 1) / Ktraits::kBlockM;
@@ -22,7 +24,13 @@ cudaError_t run_flash_fwd(Flash_fwd_params &params, cudaStream_t stream) {
   if (Is_split && (params.num_splits < 1 || int64_t(params.h) * params.num_splits > 65535)) {
     return cudaErrorInvalidValue;
   }
-  auto kernel = &flash_fwd_kernel<Ktraits, Has_alibi, Is_softcap, Is_dropout, Is_split>;
+  // The paged kernel's preconditions (flash_api.cpp checks them; here they guard the kernel).
+  if (Is_paged && (params.block_table == nullptr || params.max_blocks_per_seq < 1 || params.num_pages < 1 ||
+                   params.page_size < 16 || params.page_size % 16 != 0 || params.kv_d < 8 ||
+                   params.kv_d % 8 != 0 || params.kv_d > Ktraits::kHeadDim)) {
+    return cudaErrorInvalidValue;
+  }
+  auto kernel = &flash_fwd_kernel<Ktraits, Has_alibi, Is_softcap, Is_dropout, Is_split, Is_paged>;
   if (smem_bytes >= 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
     if (err != cudaSuccess) { return err; }
@@ -43,14 +51,17 @@ cudaError_t run_flash_fwd(Flash_fwd_params &params, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename Element, int kHeadDim, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Is_split>
+template <typename Element, int kHeadDim, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Is_split,
+          bool Is_paged>
 cudaError_t run_mha_fwd_(Flash_fwd_params &params, cudaStream_t stream) {
   static_assert(!(Is_dropout && Is_softcap), "softcap with dropout is not supported (as in flash-attn)");
   static_assert(!Is_split || (Has_alibi && Is_softcap && !Is_dropout),
                 "the split-KV variant is one kernel with ALiBi and softcap optional at run time, no dropout");
+  static_assert(!Is_paged || (Has_alibi && Is_softcap && !Is_dropout),
+                "the paged-KV variants have ALiBi and softcap optional at run time, no dropout");
   constexpr FwdTile kTile = Is_split ? fwd_split_tile(kHeadDim) : fwd_tile(kHeadDim);
-  return run_flash_fwd<FwdKernelTraits<kHeadDim, Element, kTile>, Has_alibi, Is_softcap, Is_dropout, Is_split>(
-      params, stream);
+  return run_flash_fwd<FwdKernelTraits<kHeadDim, Element, kTile>, Has_alibi, Is_softcap, Is_dropout, Is_split,
+                       Is_paged>(params, stream);
 }
 
 }  // namespace flash
