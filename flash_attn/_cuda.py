@@ -49,42 +49,70 @@ def varlen_paged_forward(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_
     """flash_attn_varlen_func with block_table on CUDA: q (total_q, hq, d); k_cache, v_cache
     (num_blocks, page_block_size, hk, d); block_table int32 (b, max_num_blocks_per_seq); sequence
     i has cu_seqlens_k[i + 1] - cu_seqlens_k[i] keys -> out (total_q, hq, d), lse fp32 (hq, total_q),
-    S_dmask as in varlen_forward (its key dim from the gathered capacity).
+    S_dmask None.
 
-    INTERIM GATHER PATH, not the paged-KV kernel issue 4 asks for: each sequence's pages are
-    copied in logical order into a contiguous (b * capacity, hk, d) temporary by PyTorch
-    indexing on the GPU (capacity = max_num_blocks_per_seq * page_block_size), then our varlen
-    kernel runs on it with seqused_k = each sequence's key count. No host sync: block_table is
-    used as given, clamped into 0..num_blocks - 1 (and the key counts into 0..capacity), so bad
-    values give wrong numbers, never an access outside the caches. No backward (the CUDA varlen
-    backward has no seqused_k).
+    The paged-KV kernel reads each key row from its page in place (csrc/flash_attn/paged_kv.h):
+    nothing is gathered. No host sync: block indices are clamped on the device (an index outside
+    0..num_blocks - 1 reads page 0) and key counts into 0..capacity, so bad values give wrong
+    numbers, never an access outside the caches. Forward only, without dropout (the paged kernels
+    have neither; CPU tensors have both). deterministic concerns the backward: unused.
     """
+    if dropout_p > 0:
+        raise NotImplementedError(f"flash_attn: paged KV (block_table) has no dropout on CUDA (got dropout_p="
+                                  f"{dropout_p}); gather the pages into k, v yourself to use dropout")
+    check_supported(0.0, softcap, alibi_slopes is not None)
+    extension()
     d = q.shape[-1]
-    dk = route_head_dim(d, dropout_p, softcap, alibi_slopes is not None)
-    b = block_table.shape[0]
-    keys, values = _gather_pages(k_cache, block_table), _gather_pages(v_cache, block_table)
-    capacity = keys.shape[1]
-    lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).clamp(0, capacity).to(torch.int32)
-    keys = pad_head_dim(keys, dk).reshape(b * capacity, *keys.shape[2:-1], dk)
-    values = pad_head_dim(values, dk).reshape(b * capacity, *values.shape[2:-1], dk)
-    return_softmax = bool(return_softmax and dropout_p > 0)
-    out, lse, s_dmask, _ = torch.ops.flash_attn.varlen_fwd(
-        pad_head_dim(q, dk), keys, values, cu_seqlens_q, _arange_cu(b, capacity, q.device), lens, max_seqlen_q,
-        capacity, alibi_slopes, softmax_scale, window[0], window[1], softcap, deterministic, dropout_p,
-        return_softmax)
-    return _unpad_head_dim(out, d), lse, (s_dmask if return_softmax else None)
+    dk = paged_kernel_head_dim(d)
+    capacity = block_table.shape[1] * k_cache.shape[1]
+    k_cache, v_cache = _paged_cache_view(k_cache), _paged_cache_view(v_cache)
+    call = functools.partial(_varlen_paged_call, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                             block_table=block_table.contiguous(), max_seqlen_q=max_seqlen_q, max_seqlen_k=capacity,
+                             softmax_scale=softmax_scale, window=window, softcap=softcap, alibi_slopes=alibi_slopes,
+                             kernel_d=dk)
+    out, lse = _ForwardOnly.apply(q, k_cache, v_cache, call, "flash_attn_varlen_func with block_table on CUDA")
+    return out, lse, None
 
 
-def _gather_pages(cache, block_table):
-    """cache (num_blocks, page_block_size, hk, d) -> (b, max_num_blocks_per_seq * page_block_size, hk, d):
-    row i holds the pages block_table[i] in logical order, copied by PyTorch indexing (interim, until the
-    paged-KV kernels read the pages in place). Indices are clamped into 0..num_blocks - 1 first (no sync)."""
-    num_blocks, page = cache.shape[:2]
-    b, max_blocks = block_table.shape
-    table = block_table.to(torch.int64).clamp(0, max(num_blocks - 1, 0))
-    if table.numel() == 0 or num_blocks == 0:
-        return cache.new_zeros(b, max_blocks * page, *cache.shape[2:])
-    return cache[table].reshape(b, max_blocks * page, *cache.shape[2:])
+def _varlen_paged_call(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, block_table, max_seqlen_q, max_seqlen_k,
+                       softmax_scale, window, softcap, alibi_slopes, kernel_d):
+    """q (total_q, hq, d), caches (num_blocks, page, hk, kv_d) -> out (total_q, hq, d), lse (hq, total_q)."""
+    total_q, hq, d = q.shape
+    if q.numel() == 0 or cu_seqlens_q.shape[0] == 1 or max_seqlen_k == 0:  # no query, or no key anywhere
+        return _empty_result(q, (hq, total_q))
+    out, lse = extension().varlen_fwd(
+        pad_head_dim(q, kernel_d), k_cache, v_cache, None, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q,
+        max_seqlen_k, _contiguous(alibi_slopes), softmax_scale, window[0], window[1], softcap,
+        block_table=block_table)[:2]
+    return _unpad_head_dim(out, d).contiguous(), lse
+
+
+PAGED_HEAD_DIMS = (64, 128, 256)  # generate_kernels.py's SPLIT_HEAD_DIMS: the paged kernels' head dims
+
+
+def paged_kernel_head_dim(head_dim):
+    """The head dim of the paged-KV kernel that serves head_dim: the smallest compiled one of
+    64, 128, 256 that is >= head_dim. The kernel reads the caches' narrower rows itself (their
+    missing columns as zeros), so only q is padded to it."""
+    if not build_info.has_feature("paged"):
+        raise RuntimeError(f"flash_attn: block_table (paged KV) on CUDA needs the paged-KV kernels, which this "
+                           f"build left out (variants: {build_info.build_config().get('variants')}); rebuild "
+                           f"without FLASH_ATTN_DISABLE_PAGEDKV")
+    compiled = sorted(set(build_info.compiled_head_dims()) & set(PAGED_HEAD_DIMS))
+    for d in compiled:
+        if d >= head_dim:
+            return d
+    raise RuntimeError(f"flash_attn: head dim {head_dim} has no paged-KV kernel in this build (paged kernels: "
+                       f"head dims {compiled} of {list(PAGED_HEAD_DIMS)}); rebuild with FLASH_ATTN_HEADDIMS "
+                       f"including one of {[x for x in PAGED_HEAD_DIMS if x >= head_dim]}")
+
+
+def _paged_cache_view(cache):
+    """The cache as the paged kernel reads it: itself when its head dim is a multiple of 8 (16-byte
+    rows), else zero-padded to the next multiple of 8, as flash-attn does (a copy of the whole
+    pool: slow, only for such head dims)."""
+    d = cache.shape[-1]
+    return cache if d % 8 == 0 else F.pad(cache, (0, -d % 8))
 
 
 def _unpad_head_dim(out, d):
@@ -197,12 +225,12 @@ def kvcache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seq
     device, so nothing is read back here.
 
     block_table (paged KV: caches (num_blocks, page_block_size, hk, d), block_table int32
-    (b, max_num_blocks_per_seq), no cache_batch_idx): an INTERIM GATHER PATH until the
-    paged-KV kernels of issue 4, not that kernel. The new keys are written into their pages
-    (index_put on the GPU), then PyTorch copies each row's pages in logical order into a
-    contiguous (b, capacity, hk, d) temporary (capacity = max_num_blocks_per_seq *
-    page_block_size) and the unpaged code below runs on it. block_table is used as given,
-    clamped into 0..num_blocks - 1 (no sync).
+    (b, max_num_blocks_per_seq), no cache_batch_idx): the new keys are written into their pages
+    (index_put on the GPU, block indices clamped into 0..num_blocks - 1), then the paged-KV
+    kernel reads every key from its page in place (_kvcache_call with block_table): row i's keys
+    are logical positions [cache_leftpad[i], cache_seqlens[i] + s_new) of its pages. The
+    kernel clamps the block indices it reads itself (no sync), and reads caches of any head dim
+    up to its own (multiples of 8; see paged_kernel_head_dim).
     """
     check_supported(0.0, softcap, alibi_slopes is not None)
     extension()  # fail before touching the caches
@@ -210,10 +238,11 @@ def kvcache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seq
     b_cache, s_cache, hk, _ = k_cache.shape
     table = None
     if block_table is not None:
-        page = k_cache.shape[1]
-        s_cache = block_table.shape[1] * page
-        table = block_table.to(torch.int64).clamp(0, max(b_cache - 1, 0))
-    dk = kernel_head_dim(d)
+        s_cache = block_table.shape[1] * k_cache.shape[1]  # capacity of a sequence
+        table = block_table.to(torch.int64).clamp(0, max(b_cache - 1, 0))  # for the append only
+        dk = paged_kernel_head_dim(d)
+    else:
+        dk = kernel_head_dim(d)
     s_new = 0 if k is None else k.shape[1]
     device = q.device
     # cache_seqlens + s_new <= s_cache and 0 <= leftpad <= cache_seqlens by clamping (no-ops when valid)
@@ -231,11 +260,21 @@ def kvcache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seq
         q = _rotary_q(q, rotary_cos, rotary_sin, seqlens, rotary_interleaved, per_row=window != (-1, -1))
     if b == 0 or sq == 0 or s_cache == 0:
         return _empty_result(q, (b, hq, sq))
-    if table is not None:
-        # Interim gather path (PyTorch copy on the GPU, then our kernel), not the paged kernel:
-        # the pages of each row, in logical order, become row i of an unpaged (b, s_cache, hk, d) cache.
-        with torch.no_grad():
-            k_cache, v_cache = _gather_pages(k_cache, table), _gather_pages(v_cache, table)
+    # GQA packing (flash-attn's seqlenq_ngroups_swapped, generalized): without a mask or ALiBi
+    # every query row sees the same keys, so the query heads sharing a kv head can be the
+    # rows of one sequence, and the kernel reads each kv head once instead of once per group.
+    pack_gqa = hq > hk and window == (-1, -1) and alibi_slopes is None
+    if block_table is not None:
+        # The paged kernel reads the pages in place: key j of row i is logical position starts[i] + j,
+        # and row i has seqlens[i] + s_new - starts[i] keys (cu_seqlens_k is unused when paged).
+        starts32 = None if starts is None else starts.to(torch.int32)
+        seqused = seqlens + s_new - (0 if starts is None else starts)
+        call = functools.partial(_kvcache_call, cu_seqlens_k=_arange_cu(b, 0, device),
+                                 seqused_k=seqused.to(torch.int32), max_seqlen_k=s_cache,
+                                 softmax_scale=softmax_scale, window=window, softcap=softcap,
+                                 alibi_slopes=alibi_slopes, pack_gqa=pack_gqa, num_splits=int(num_splits),
+                                 paged=dict(block_table=block_table.contiguous(), leftpad_k=starts32), kernel_d=dk)
+        return _ForwardOnly.apply(q, _paged_cache_view(k_cache), _paged_cache_view(v_cache), call)
 
     keys, values = None, None
     if rows is None and starts is None and dk == d:
@@ -249,10 +288,6 @@ def kvcache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seq
         seqused = seqlens + s_new - starts
     else:
         seqused = seqlens + s_new
-    # GQA packing (flash-attn's seqlenq_ngroups_swapped, generalized): without a mask or ALiBi
-    # every query row sees the same keys, so the query heads sharing a kv head can be the
-    # rows of one sequence, and the kernel reads each kv head once instead of once per group.
-    pack_gqa = hq > hk and window == (-1, -1) and alibi_slopes is None
     call = functools.partial(_kvcache_call, cu_seqlens_k=_arange_cu(b, s_cache, device),
                              seqused_k=seqused.to(torch.int32), max_seqlen_k=s_cache,
                              softmax_scale=softmax_scale, window=window, softcap=softcap,
@@ -307,16 +342,19 @@ def _arange_cu(b, seqlen, device):
 
 
 def _kvcache_call(q, k, v, cu_seqlens_k, seqused_k, max_seqlen_k, softmax_scale, window, softcap,
-                  alibi_slopes, pack_gqa, num_splits=0):
+                  alibi_slopes, pack_gqa, num_splits=0, paged=None, kernel_d=None):
     """q (b, sq, hq, d); k, v (b * max_seqlen_k, hk, dk) rows of b sequences, dk the kernel
     head dim -> out (b, sq, hq, d), lse (b, hq, sq).
 
     pack_gqa: the g = hq / hk query heads of each kv head become g * sq query rows of
     that kv head (only valid without mask and ALiBi: rows then differ by nothing but q).
+    paged: dict(block_table=..., leftpad_k=...) for the paged kernel; k, v are then the caches
+    (num_blocks, page_block_size, hk, kv_d) and kernel_d the kernel head dim (>= kv_d).
     """
     ext = extension()
     b, sq, hq, d = q.shape
-    hk, dk = k.shape[1], k.shape[-1]
+    hk = k.shape[-2]
+    dk = k.shape[-1] if kernel_d is None else kernel_d
     g = hq // hk if pack_gqa else 1
     heads = hq // g
     alibi = None if alibi_slopes is None else alibi_slopes.contiguous()
@@ -324,7 +362,7 @@ def _kvcache_call(q, k, v, cu_seqlens_k, seqused_k, max_seqlen_k, softmax_scale,
     q_rows = pad_head_dim(q, dk).reshape(b, sq, heads, g, dk).transpose(2, 3).reshape(b * sq * g, heads, dk)
     out, lse = ext.varlen_fwd(q_rows, k, v, None, _arange_cu(b, sq * g, q.device), cu_seqlens_k, seqused_k,
                               sq * g, max_seqlen_k, alibi, softmax_scale, window[0], window[1], softcap,
-                              num_splits=num_splits)[:2]
+                              num_splits=num_splits, **(paged or {}))[:2]
     out = out.view(b, sq, g, heads, dk).transpose(2, 3).reshape(b, sq, hq, dk)[..., :d]
     lse = lse.view(heads, b, sq, g).permute(1, 0, 3, 2).reshape(b, hq, sq).contiguous()
     return (out if dk == d else out.contiguous()), lse
@@ -381,17 +419,19 @@ def check_supported(dropout_p, softcap, has_alibi):
 
 
 class _ForwardOnly(torch.autograd.Function):
-    """Routes q, k, v through a kernel call that has no backward (flash_attn_with_kvcache)."""
+    """Routes q, k, v through a kernel call that has no backward (flash_attn_with_kvcache, paged
+    flash_attn_varlen_func); what: the call's name for the backward's error."""
 
     @staticmethod
-    def forward(ctx, q, k, v, call):
+    def forward(ctx, q, k, v, call, what="flash_attn_with_kvcache"):
         out, lse = call(q, k, v)
         ctx.mark_non_differentiable(lse)
+        ctx.what = what
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        raise NotImplementedError("flash_attn_with_kvcache has no backward (forward only, as in flash-attn); "
+        raise NotImplementedError(f"{ctx.what} has no backward (forward only, as in flash-attn); "
                                   "run it under torch.no_grad(), or use flash_attn_func for gradients")
 
 

@@ -453,36 +453,77 @@ def test_signature_matches_flash_attn_28():
 # ----------------------------------------------------------------------------
 # the CUDA route's Python side, on CPU, against a fake varlen_fwd
 
+PAGED_HEAD_DIMS = (64, 128, 256)
+
+
 class FakeExtension:
     """Stands in for flash_attn_2_cuda.varlen_fwd: checks its contract, computes with the
     varlen reference (keys per sequence = min(cu_seqlens_k length, seqused_k), as the kernel
-    does), and records what it was given."""
+    does), and records what it was given. With block_table it does what the paged kernel does
+    (paged_keys), seqused_k optional there (prefill)."""
 
     def __init__(self, head_dims):
         self.head_dims = head_dims
         self.calls = []
 
     def varlen_fwd(self, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-                   alibi_slopes, softmax_scale, window_size_left, window_size_right, softcap, num_splits=1):
-        assert out is None and q.dim() == k.dim() == v.dim() == 3
+                   alibi_slopes, softmax_scale, window_size_left, window_size_right, softcap, num_splits=1,
+                   block_table=None, leftpad_k=None):
+        paged = block_table is not None
+        assert out is None and q.dim() == 3 and k.dim() == v.dim() == (4 if paged else 3)
         assert type(num_splits) is int and num_splits >= 0
-        assert q.shape[-1] in self.head_dims and k.shape[-1] == v.shape[-1] == q.shape[-1]
+        assert q.shape[-1] in self.head_dims and k.shape == v.shape
         assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
         b = cu_seqlens_q.shape[0] - 1
         for cu in (cu_seqlens_q, cu_seqlens_k):
             assert cu.dtype == torch.int32 and cu.is_contiguous() and cu.shape == (b + 1,)
-        assert seqused_k.dtype == torch.int32 and seqused_k.shape == (b,) and seqused_k.is_contiguous()
         assert type(max_seqlen_q) is int and type(max_seqlen_k) is int
-        assert cu_seqlens_q[-1] == q.shape[0] and cu_seqlens_k[-1] == k.shape[0]
+        assert cu_seqlens_q[-1] == q.shape[0]
         if alibi_slopes is not None:
             assert alibi_slopes.dtype == torch.float32 and alibi_slopes.is_contiguous()
-        self.calls.append(dict(k=k, v=v, seqused_k=seqused_k.clone(), head_dim=q.shape[-1],
-                               window=(window_size_left, window_size_right), q_shape=tuple(q.shape[:2]),
-                               num_splits=num_splits))
-        lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).minimum(seqused_k).clamp(min=0)
+        self.calls.append(dict(k=k, v=v, seqused_k=None if seqused_k is None else seqused_k.clone(),
+                               head_dim=q.shape[-1], window=(window_size_left, window_size_right),
+                               q_shape=tuple(q.shape[:2]), num_splits=num_splits, block_table=block_table,
+                               leftpad_k=leftpad_k))
+        if paged:
+            assert q.shape[-1] in PAGED_HEAD_DIMS and k.shape[-1] % 8 == 0 and k.shape[-1] <= q.shape[-1]
+            assert block_table.dtype == torch.int32 and block_table.shape[0] == b and block_table.stride(-1) == 1
+            k, v, cu_seqlens_k = paged_keys(k, v, cu_seqlens_k, seqused_k, block_table, leftpad_k, q.shape[-1])
+            lens = None
+        else:
+            assert leftpad_k is None and k.shape[-1] == q.shape[-1] and cu_seqlens_k[-1] == k.shape[0]
+            assert seqused_k.dtype == torch.int32 and seqused_k.shape == (b,) and seqused_k.is_contiguous()
+            lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).minimum(seqused_k).clamp(min=0)
         return list(attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, lens,
                                          softmax_scale, False, (window_size_left, window_size_right), softcap,
                                          alibi_slopes))
+
+
+def paged_keys(k_cache, v_cache, cu_seqlens_k, seqused_k, block_table, leftpad_k, head_dim):
+    """What the paged kernel reads (paged_kv.h), packed: sequence i has seqused_k[i] keys (else its
+    cu_seqlens_k length) from logical position leftpad_k[i], clamped to its pages; a block index
+    outside 0..num_blocks - 1 reads page 0; columns past the caches' head dim read 0.
+    Returns (keys, values, cu_seqlens_k) of the packed (total, hk, head_dim) keys."""
+    num_blocks, page = k_cache.shape[:2]
+    b, max_blocks = block_table.shape
+    if seqused_k is not None:
+        counts = seqused_k.tolist()
+    else:
+        counts = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    starts = [0] * b if leftpad_k is None else [max(x, 0) for x in leftpad_k.tolist()]
+    index = []
+    for i in range(b):
+        n = max(0, min(counts[i], max_blocks * page - starts[i]))
+        pos = torch.arange(starts[i], starts[i] + n)
+        pages = block_table[i].long()[(pos // page).clamp(max=max_blocks - 1)]
+        pages = torch.where((pages >= 0) & (pages < num_blocks), pages, 0)
+        index.append(pages * page + pos % page)
+        counts[i] = n
+    index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+    pad = head_dim - k_cache.shape[-1]
+    keys, values = (torch.nn.functional.pad(c.flatten(0, 1)[index], (0, pad)) for c in (k_cache, v_cache))
+    cu = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0).to(torch.int32)
+    return keys, values, cu
 
 
 @pytest.fixture
