@@ -411,7 +411,7 @@ def test_split_kv_matches_reference(num_splits, seqlen_k, hk, mask, batch, paged
 
     dtype = _any_dtype()
     d = SPLIT_HEADDIMS[(SPLIT_SEQLENS_K.index(seqlen_k) + batch + (hk == 2)) % 3]
-    require_compiled(dtype, d, alibi=SPLIT_MASKS[mask][2])
+    require_compiled(dtype, d, alibi=SPLIT_MASKS[mask][2], paged=paged)
     what = f"split{num_splits}-k{seqlen_k}-hk{hk}-{mask}-b{batch}-{'paged' if paged else 'unpaged'}-d{d}"
     gen = _generator(what)
     kw, (k_ref, v_ref) = _split_case(gen, dtype, d, batch, seqlen_k, hk, mask, paged)

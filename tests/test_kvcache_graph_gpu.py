@@ -33,7 +33,7 @@ def test_decode_step_replays_in_a_cuda_graph(paged, rotary):
 
     dtype = _dtype()
     d = 128
-    require_compiled(dtype, d)
+    require_compiled(dtype, d, paged=paged)
     b, hq, hk, capacity, page = 3, 8, 2, 256, 16
     gen = torch.Generator(device="cuda").manual_seed(11 + 2 * paged + rotary)
 
