@@ -360,11 +360,11 @@ def paged_host(tmp_path_factory):
     return lambda *args: subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
-LOCATE_CASES = [  # (head dim, page, num pages, max blocks per sequence, leftpad); key tiles: 128 keys at d 64, else 64
-    (64, 16, 40, 9, 0),     # a tile spans 8 pages
+LOCATE_CASES = [  # (head dim, page, num pages, max blocks per sequence, leftpad)
+    (64, 16, 40, 9, 0),     # key tiles of 128 (both tiles at d = 64) span 8 pages
     (64, 48, 40, 9, 5),     # pages that are not a power of two, tiles starting mid-page
     (128, 16, 30, 12, 0),
-    (128, 128, 7, 3, 17),   # a page holds two tiles
+    (128, 128, 7, 3, 17),   # a page holds two 64-key tiles
     (256, 32, 20, 10, 1),
     (256, 256, 3, 2, 0),
     (128, 48, 1, 4, 0),     # one page: every other table entry is out of range
@@ -372,12 +372,15 @@ LOCATE_CASES = [  # (head dim, page, num pages, max blocks per sequence, leftpad
 ]
 
 
+# fwd: the prefill tile (4 warps, a thread's rows 16 apart); split: the split-KV tile of one
+# warp (rows 4 apart, up to 32 per thread), which decoding uses
+@pytest.mark.parametrize("tile", ["fwd", "split"])
 @pytest.mark.parametrize("case", LOCATE_CASES, ids=lambda c: "d{}-page{}-pages{}-blocks{}-pad{}".format(*c))
-def test_host_paged_rows_land_on_their_pages(paged_host, case):
+def test_host_paged_rows_land_on_their_pages(paged_host, case, tile):
     """Every row each thread copies sits on the page and slot block_table gives for its key
     (out-of-range entries read page 0), the threads cover each (row, chunk) of a tile once, and
     the row layout borrowed from the contiguous copy addresses the right columns."""
-    run = paged_host("locate", *case)
+    run = paged_host("locate", tile, *case)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
 
 

@@ -97,14 +97,16 @@ def test_kvcache_paged(case, page):
     torch.testing.assert_close(_from_paged(pk, bt), rk, equal_nan=True)
 
 
-# How key tiles (kBlockN keys: 128 at d = 64, else 64) meet pages in the paged kernel, which
-# locates each row of a tile on its own page: tiles across several pages, pages holding several
-# tiles, page sizes that are not powers of two (tile and page boundaries drift apart), the
-# one-stage pipeline of d = 256, and head dims with no paged kernel (read by the next one).
+# How key tiles meet pages in the paged kernels, which locate each row of a tile on its own
+# page. num_splits 1 runs the unsplit kernel (tiles of 128 keys at d = 64, else 64; d = 256 with
+# its one-stage pipeline), 0 and 3 the split kernel (one warp; 128, 64 and 32 keys at d = 64, 128,
+# 256). Tiles across several pages, pages holding several tiles, page sizes that are not powers
+# of two (tile and page boundaries drift apart), and head dims with no paged kernel (read by
+# the next one).
 TILE_CASES = [  # (head dim, page, dtype)
     (64, 16, torch.float16),     # a tile spans 8 pages
     (64, 48, torch.bfloat16),
-    (128, 128, torch.float16),   # a page holds two tiles
+    (128, 128, torch.float16),   # a page holds two or more tiles
     (128, 16, torch.bfloat16),
     (256, 32, torch.float16),
     (256, 256, torch.bfloat16),

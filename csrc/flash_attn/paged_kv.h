@@ -62,7 +62,8 @@ struct PagedKV {
   // Finds page and slot of this thread's rows of key tile n_block (keys n_block * kBlockN + row)
   // for copy_k and copy_v. Rows past the sequence end still get a valid (clamped) location; the
   // copies skip them. (Locating and copying each row of K and V in one pass, without the
-  // arrays, spilled more at d = 64 on sm90a: 112 / 140 bytes stored / loaded against 108 / 80.)
+  // arrays, spilled more in the unsplit d = 64 kernel on sm90a: 112 / 140 bytes stored /
+  // loaded against 108 / 80.)
   __device__ void locate(int n_block) {
     int block, s;
     first_row(n_block, block, s);

@@ -2,8 +2,9 @@
 // tests/test_paged_kv_cpu.py builds and runs it. Outside nvcc the __device__ helpers are
 // plain functions; threadIdx and __ldg are stand-ins below.
 //
-//   paged_kv_host locate HEAD_DIM PAGE_SIZE NUM_PAGES MAX_BLOCKS LEFTPAD
-//       for every thread of the forward kernel's K/V copy (FwdKernelTraits<HEAD_DIM>) and every
+//   paged_kv_host locate TILE HEAD_DIM PAGE_SIZE NUM_PAGES MAX_BLOCKS LEFTPAD
+//       for every thread of the forward kernel's K/V copy (FwdKernelTraits<HEAD_DIM> with the
+//       tile of tile_size.h: TILE "fwd" the prefill tile, "split" the split-KV one) and every
 //       key tile of a sequence: PagedKV::locate puts each row the thread copies on the page and
 //       slot that block_table gives for that key (logical position LEFTPAD + key; a table
 //       entry outside [0, NUM_PAGES) reads page 0; positions past the table read its last
@@ -29,9 +30,10 @@ T __ldg(const T *p) { return *p; }
 
 using namespace cute;
 
-template <int kHeadDim>
+template <int kHeadDim, bool Split>
 static int locate(int page_size, int num_pages, int max_blocks, int leftpad) {
-  using Traits = flash::FwdKernelTraits<kHeadDim, cutlass::half_t>;
+  constexpr flash::FwdTile kTile = Split ? flash::fwd_split_tile(kHeadDim) : flash::fwd_tile(kHeadDim);
+  using Traits = flash::FwdKernelTraits<kHeadDim, cutlass::half_t, kTile>;
   using Element = typename Traits::Element;
   constexpr int kBlockN = Traits::kBlockN;
   constexpr int kChunk = Traits::kGmemElemsPerLoad;
@@ -128,17 +130,21 @@ static int seqinfo(const char *seqused, int cu_len, int page_size, int max_block
 }
 
 int main(int argc, char **argv) {
-  if (argc == 7 && std::string(argv[1]) == "locate") {
-    const int d = std::atoi(argv[2]), page = std::atoi(argv[3]), pages = std::atoi(argv[4]);
-    const int max_blocks = std::atoi(argv[5]), leftpad = std::atoi(argv[6]);
-    if (d == 64) { return locate<64>(page, pages, max_blocks, leftpad); }
-    if (d == 128) { return locate<128>(page, pages, max_blocks, leftpad); }
-    if (d == 256) { return locate<256>(page, pages, max_blocks, leftpad); }
+  if (argc == 8 && std::string(argv[1]) == "locate") {
+    const bool split = std::string(argv[2]) == "split";
+    const int d = std::atoi(argv[3]), page = std::atoi(argv[4]), pages = std::atoi(argv[5]);
+    const int max_blocks = std::atoi(argv[6]), leftpad = std::atoi(argv[7]);
+    if (d == 64) { return split ? locate<64, true>(page, pages, max_blocks, leftpad)
+                                : locate<64, false>(page, pages, max_blocks, leftpad); }
+    if (d == 128) { return split ? locate<128, true>(page, pages, max_blocks, leftpad)
+                                 : locate<128, false>(page, pages, max_blocks, leftpad); }
+    if (d == 256) { return split ? locate<256, true>(page, pages, max_blocks, leftpad)
+                                 : locate<256, false>(page, pages, max_blocks, leftpad); }
   }
   if (argc == 7 && std::string(argv[1]) == "seqinfo") {
     return seqinfo(argv[2], std::atoi(argv[3]), std::atoi(argv[4]), std::atoi(argv[5]), std::atoi(argv[6]));
   }
-  std::printf("usage: paged_kv_host locate HEAD_DIM PAGE_SIZE NUM_PAGES MAX_BLOCKS LEFTPAD\n"
+  std::printf("usage: paged_kv_host locate fwd|split HEAD_DIM PAGE_SIZE NUM_PAGES MAX_BLOCKS LEFTPAD\n"
               "       paged_kv_host seqinfo SEQUSED CU_LEN PAGE_SIZE MAX_BLOCKS LEFTPAD\n");
   return 2;
 }
