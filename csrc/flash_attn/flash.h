@@ -49,8 +49,9 @@ struct Flash_fwd_params {
   // Varlen: [b + 1] cumulative lengths (int32), or nullptr for batched inputs.
   int *__restrict__ cu_seqlens_q;
   int *__restrict__ cu_seqlens_k;
-  // [b] keys actually used per sequence (<= the cu_seqlens_k length), or nullptr. Paged
-  // kernels take it as the key count itself (cu_seqlens_k is then unused; paged_kv.h).
+  // [b] keys actually used per sequence, or nullptr; clamped on the device to the cu_seqlens_k
+  // length (varlen) or seqlen_k (batched: a KV cache read in place). Paged kernels take it as
+  // the key count itself (cu_seqlens_k is then unused; paged_kv.h), required when batched.
   int *__restrict__ seqused_k;
 
   // Scores s = q.k * scale_softmax, then (with softcap) s = softcap_raw... see below.

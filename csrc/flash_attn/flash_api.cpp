@@ -230,8 +230,8 @@ void run_fwd(Flash_fwd_params &p, bool is_dropout, cudaStream_t stream) {
 
 // --- split-KV (flash_attn_with_kvcache's num_splits; kernels: split_kv.h, flash_fwd_combine.h) ---
 
-// Whether and how the split-KV kernel runs a varlen forward whose other fields p already
-// holds (b, h, d, seqlen_q = max_seqlen_q, seqlen_k = max_seqlen_k). Returns 0 for the
+// Whether and how the split-KV kernel runs a forward whose other fields p already holds (b,
+// h, d, seqlen_q, seqlen_k: varlen's max_seqlen_q, max_seqlen_k). Returns 0 for the
 // unsplit kernel, n >= 1 for the split kernel with n key-block shares. requested 1 = no
 // split; n > 1 = n capped by the keys and the grid; 0 = heuristic (tile_size.h), and then
 // also the split kernel with one share when the queries fit its small tile: a decode step
@@ -280,60 +280,48 @@ void check_heads(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v) 
   CHECK_ARG(d % 8 == 0 && d <= 256, "head dim must be a multiple of 8 and <= 256 (pad in Python), got ", d);
 }
 
-// q: (b, sq, h, d); k, v: (b, sk, h_k, d). Returns {out (b, sq, h, d), lse fp32 (b, h, sq),
-// S_dmask (b, h, round128(sq), round128(sk)) or None, rng_state int64 (2,) or (0,) without dropout}.
-std::vector<at::Tensor> fwd(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> out_,
-                            std::optional<at::Tensor> alibi_slopes, double softmax_scale, int64_t window_left,
-                            int64_t window_right, double softcap, double p_dropout, bool return_softmax,
-                            std::optional<at::Generator> gen) {
-  check_qkv(q, k, v, 4);
-  check_heads(q, k, v);
-  check_dropout_args(p_dropout, return_softmax, softcap);
-  const int b = q.size(0), sq = q.size(1), sk = k.size(1);
-  CHECK_ARG(k.size(0) == b && v.size(0) == b, "k and v must have batch size ", b);
-  CHECK_ARG(v.size(1) == sk, "v must have k's seqlen ", sk, ", got ", v.size(1));
-
-  c10::cuda::CUDAGuard guard{q.device()};
-  q = vector_aligned(q);
-  k = vector_aligned(k);
-  v = vector_aligned(v);
-  at::Tensor out = output_buffer(out_, q);
-  at::Tensor lse = at::empty({b, q.size(2), sq}, q.options().dtype(at::kFloat));
-  DropoutOutputs drop = dropout_outputs(q, p_dropout, return_softmax, b, q.size(2), sq, sk);
-  if (b == 0 || sq == 0) {
-    drop.rng_state.zero_();
-    return {out, lse, drop.s_dmask, drop.rng_state};
-  }
-  if (sk == 0) {  // no key at all: flash-attn semantics are zero output, +inf lse
-    out.zero_();
-    lse.fill_(INFINITY);
-    drop.rng_state.zero_();
-  } else {
-    Flash_fwd_params p;
-    set_common_params(p, q, k, v, out, lse, alibi_slopes, b, float(softmax_scale), int(window_left),
-                      int(window_right), float(softcap));
-    p.seqlen_q = sq;
-    p.seqlen_k = sk;
-    p.total_q = b * sq;
-    p.total_k = b * sk;
-    set_fwd_dropout(p, p_dropout, gen, drop, q);
-    run_fwd(p, p_dropout > 0.0, c10::cuda::getCurrentCUDAStream().stream());
-  }
-  if (out_.has_value() && !out.is_same(*out_)) { out_->copy_(out); out = *out_; }
-  return {out, lse, drop.s_dmask, drop.rng_state};
+// Split-KV partials of a forward whose other fields p holds (total_q included), for
+// choose_num_splits(requested, ...): [num_splits, h, total_q, d] and [num_splits, h, total_q] fp32,
+// returned so that they live until the launch (undefined when unsplit). Empty is enough: every
+// split CTA writes all rows of its query block, and the combine reads only those. Freed on
+// return; the caching allocator orders reuse after the kernels.
+std::pair<at::Tensor, at::Tensor> set_split_params(Flash_fwd_params &p, int64_t requested, bool is_dropout,
+                                                   bool return_softmax, const at::Tensor &q) {
+  p.num_splits = choose_num_splits(requested, p, is_dropout, return_softmax, q.device());
+  if (p.num_splits < 1) { return {}; }  // the split kernel runs iff these partials exist (run_fwd)
+  at::Tensor oaccum = at::empty({p.num_splits, p.h, p.total_q, p.d}, q.options().dtype(at::kFloat));
+  at::Tensor lseaccum = at::empty({p.num_splits, p.h, p.total_q}, q.options().dtype(at::kFloat));
+  p.oaccum_ptr = oaccum.data_ptr<float>();
+  p.lseaccum_ptr = lseaccum.data_ptr<float>();
+  return {oaccum, lseaccum};
 }
 
-// --- paged KV (varlen_fwd's block_table; the kernel side is paged_kv.h) ---
+// seqused_k: int32 (b) or None: the keys each sequence uses. Only the shape is checked (no
+// device read); the kernels clamp each value into the sequence's key range (block_info.h,
+// paged_kv.h), so any value is safe.
+void check_seqused_k(const std::optional<at::Tensor> &seqused_k, const at::Tensor &q, int b) {
+  if (!seqused_k.has_value()) { return; }
+  const auto &s = *seqused_k;
+  CHECK_ARG(s.scalar_type() == at::kInt, "seqused_k must be int32, got ", s.scalar_type());
+  CHECK_ARG(s.device() == q.device(), "seqused_k must be on q's device");
+  CHECK_ARG(s.dim() == 1 && s.numel() == b && s.is_contiguous(), "seqused_k must be a contiguous (batch,) = (", b,
+            ",) tensor, got ", s.sizes());
+}
 
-// q (total_q, h, d), d a paged kernel's head dim; k_cache, v_cache (num_pages, page_size, h_k,
-// kv_d) with kv_d <= d: the kernel reads the caches' rows and zero-fills columns [kv_d, d),
-// so a head dim without a paged kernel needs q padded (cheap), not the caches.
-void check_paged_qkv(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v) {
+// --- paged KV (fwd's and varlen_fwd's block_table; the kernel side is paged_kv.h) ---
+
+// q (total_q, h, d) for varlen_fwd or (b, sq, h, d) for fwd (q_rank 3 or 4), d a paged kernel's
+// head dim; k_cache, v_cache (num_pages, page_size, h_k, kv_d) with kv_d <= d: the kernel reads
+// the caches' rows and zero-fills columns [kv_d, d), so a head dim without a paged kernel needs
+// q padded (cheap), not the caches.
+void check_paged_qkv(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, int q_rank) {
   const auto dtype = q.scalar_type();
   CHECK_ARG(dtype == at::kHalf || dtype == at::kBFloat16, "q must be float16 or bfloat16, got ", dtype);
   CHECK_ARG(k.scalar_type() == dtype && v.scalar_type() == dtype, "k_cache and v_cache must have q's dtype ", dtype,
             ", got ", k.scalar_type(), " and ", v.scalar_type());
-  CHECK_ARG(q.dim() == 3, "q must be (total_q, nheads, headdim) with block_table, got ", q.dim(), " dims");
+  CHECK_ARG(q.dim() == q_rank, "q must be ",
+            q_rank == 3 ? "(total_q, nheads, headdim)" : "(batch, seqlen_q, nheads, headdim)",
+            " with block_table, got ", q.dim(), " dims");
   CHECK_ARG(k.dim() == 4 && k.sizes() == v.sizes(),
             "k_cache and v_cache must both be (num_pages, page_size, nheads_k, headdim) with block_table, got ",
             k.sizes(), " and ", v.sizes());
@@ -341,7 +329,7 @@ void check_paged_qkv(const at::Tensor &q, const at::Tensor &k, const at::Tensor 
     CHECK_ARG(t->is_cuda() && t->device() == q.device(), "q, k_cache and v_cache must be CUDA tensors on one device");
     CHECK_ARG(t->stride(-1) == 1, "q, k_cache and v_cache must be contiguous in the last dim (stride(-1) == 1)");
   }
-  const int h = q.size(1), d = q.size(2), h_k = k.size(2), kv_d = k.size(3);
+  const int h = q.size(-2), d = q.size(-1), h_k = k.size(2), kv_d = k.size(3);
   CHECK_ARG(h_k > 0 && h % h_k == 0, "nheads (", h, ") must be divisible by nheads_k (", h_k, ")");
   CHECK_ARG(d == 64 || d == 128 || d == 256,
             "paged-KV kernels exist for head dims 64, 128 and 256 (pad q in Python), got ", d);
@@ -388,6 +376,93 @@ void set_paged_params(Flash_fwd_params &p, const at::Tensor &k, const at::Tensor
   p.total_k = 0;  // no packed key rows: paged_seq_info takes the key counts
 }
 
+// The argument checks shared by fwd and varlen_fwd with block_table (q_rank 4 or 3), or without
+// it (then leftpad_k must be None).
+void check_qkv_or_paged(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, int q_rank, bool paged,
+                        double p_dropout, const std::optional<at::Tensor> &leftpad_k) {
+  if (paged) {
+    check_paged_qkv(q, k, v, q_rank);
+    // (the value goes through arg_error::printable: no double may reach an ostream, see arg_error.h)
+    TORCH_CHECK_NOT_IMPLEMENTED(p_dropout == 0.0, "flash_attn: paged KV (block_table) has no dropout on CUDA, got "
+                                "dropout_p = ", arg_error::printable(p_dropout));
+  } else {
+    CHECK_ARG(!leftpad_k.has_value(), "leftpad_k needs block_table");
+    check_qkv(q, k, v, q_rank);
+    check_heads(q, k, v);
+  }
+}
+
+// q: (b, sq, h, d); k, v: (b, sk, h_k, d). Returns {out (b, sq, h, d), lse fp32 (b, h, sq),
+// S_dmask (b, h, round128(sq), round128(sk)) or None, rng_state int64 (2,) or (0,) without dropout}.
+// q and out_ may be any strided views whose strides are multiples of 8 (others are copied): a
+// decode step passes GQA-packed views, (b, g, h_k, d) of a (b, 1, h_k * g, d) tensor, and the
+// lse (b, h_k, g) is then the (b, h_k * g, 1) one in memory.
+// The decode (KV cache) arguments, all optional:
+// seqused_k: int32 (b): sequence i attends to its first seqused_k[i] keys (the kernel clamps the
+// value into 0..sk), so a cache (b, capacity, h_k, d) is read in place with no length tensor to build.
+// num_splits: split-KV (choose_num_splits): 1 = off (the default), 0 = heuristic, n > 1 = up to n shares.
+// block_table: paged KV (check_paged_qkv, set_paged_params): k, v are then the caches (num_pages,
+// page_size, h_k, kv_d), sk above is a sequence's capacity max_blocks_per_seq * page_size, and
+// sequence i has seqused_k[i] keys (required) from logical position leftpad_k[i] (default 0) of its
+// pages. No dropout with block_table.
+std::vector<at::Tensor> fwd(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> out_,
+                            std::optional<at::Tensor> alibi_slopes, double softmax_scale, int64_t window_left,
+                            int64_t window_right, double softcap, double p_dropout, bool return_softmax,
+                            std::optional<at::Generator> gen, std::optional<at::Tensor> seqused_k,
+                            int64_t num_splits, std::optional<at::Tensor> block_table,
+                            std::optional<at::Tensor> leftpad_k) {
+  const bool paged = block_table.has_value();
+  check_qkv_or_paged(q, k, v, 4, paged, p_dropout, leftpad_k);
+  check_dropout_args(p_dropout, return_softmax, softcap);
+  const int b = q.size(0), sq = q.size(1);
+  if (paged) {
+    CHECK_ARG(seqused_k.has_value(), "seqused_k (the keys of each sequence) is required with block_table in fwd");
+    check_paged_tables(q, k, *block_table, leftpad_k, b);
+  } else {
+    CHECK_ARG(k.size(0) == b && v.size(0) == b, "k and v must have batch size ", b);
+    CHECK_ARG(v.size(1) == k.size(1), "v must have k's seqlen ", k.size(1), ", got ", v.size(1));
+  }
+  check_seqused_k(seqused_k, q, b);
+  CHECK_ARG(num_splits >= 0, "num_splits must be >= 0 (0 = chosen from the lengths, 1 = no split), got ",
+            num_splits);
+  // Keys per sequence: k's seqlen, or a sequence's capacity in pages (fits in int32: check_paged_tables).
+  const int64_t sk = paged ? block_table->size(1) * k.size(1) : k.size(1);
+  CHECK_ARG(int64_t(b) * sq < (int64_t(1) << 31) && (paged || int64_t(b) * sk < (int64_t(1) << 31)),
+            "batch * seqlen_q and batch * seqlen_k must fit in int32, got ", b, " * ", sq, " and ", b, " * ", sk);
+
+  c10::cuda::CUDAGuard guard{q.device()};
+  q = vector_aligned(q);
+  k = vector_aligned(k);  // paged: a copy of the caches only when their strides forbid 16-byte loads
+  v = vector_aligned(v);
+  at::Tensor out = output_buffer(out_, q);
+  at::Tensor lse = at::empty({b, q.size(2), sq}, q.options().dtype(at::kFloat));
+  DropoutOutputs drop = dropout_outputs(q, p_dropout, return_softmax, b, q.size(2), sq, sk);
+  if (b == 0 || sq == 0) {
+    drop.rng_state.zero_();
+    return {out, lse, drop.s_dmask, drop.rng_state};
+  }
+  if (sk == 0) {  // no key at all: flash-attn semantics are zero output, +inf lse
+    out.zero_();
+    lse.fill_(INFINITY);
+    drop.rng_state.zero_();
+  } else {
+    Flash_fwd_params p;
+    set_common_params(p, q, k, v, out, lse, alibi_slopes, b, float(softmax_scale), int(window_left),
+                      int(window_right), float(softcap));
+    p.seqlen_q = sq;
+    p.seqlen_k = int(sk);
+    p.total_q = b * sq;
+    p.total_k = int(b * sk);  // (paged: set_paged_params sets 0)
+    p.seqused_k = seqused_k.has_value() ? seqused_k->data_ptr<int>() : nullptr;
+    if (paged) { set_paged_params(p, k, *block_table, leftpad_k); }
+    set_fwd_dropout(p, p_dropout, gen, drop, q);
+    const auto accum = set_split_params(p, num_splits, p_dropout > 0.0, return_softmax, q);
+    run_fwd(p, p_dropout > 0.0, c10::cuda::getCurrentCUDAStream().stream());
+  }
+  if (out_.has_value() && !out.is_same(*out_)) { out_->copy_(out); out = *out_; }
+  return {out, lse, drop.s_dmask, drop.rng_state};
+}
+
 // q: (total_q, h, d); k, v: (total_k, h_k, d); cu_seqlens_*: int32 (b + 1);
 // seqused_k: int32 (b) or None. Returns {out (total_q, h, d), lse fp32 (h, total_q), S_dmask
 // (b, h, round128(max_seqlen_q), round128(max_seqlen_k)) or None, rng_state} (see fwd);
@@ -405,16 +480,7 @@ std::vector<at::Tensor> varlen_fwd(at::Tensor q, at::Tensor k, at::Tensor v, std
                                    bool return_softmax, std::optional<at::Generator> gen, int64_t num_splits,
                                    std::optional<at::Tensor> block_table, std::optional<at::Tensor> leftpad_k) {
   const bool paged = block_table.has_value();
-  if (paged) {
-    check_paged_qkv(q, k, v);
-    // (the value goes through arg_error::printable: no double may reach an ostream, see arg_error.h)
-    TORCH_CHECK_NOT_IMPLEMENTED(p_dropout == 0.0, "flash_attn: paged KV (block_table) has no dropout on CUDA, got "
-                                "dropout_p = ", arg_error::printable(p_dropout));
-  } else {
-    CHECK_ARG(!leftpad_k.has_value(), "leftpad_k needs block_table");
-    check_qkv(q, k, v, 3);
-    check_heads(q, k, v);
-  }
+  check_qkv_or_paged(q, k, v, 3, paged, p_dropout, leftpad_k);
   check_dropout_args(p_dropout, return_softmax, softcap);
   CHECK_ARG(v.size(0) == k.size(0), "v must have k's total length ", k.size(0), ", got ", v.size(0));
   for (const auto *c : {&cu_seqlens_q, &cu_seqlens_k}) {
@@ -425,12 +491,7 @@ std::vector<at::Tensor> varlen_fwd(at::Tensor q, at::Tensor k, at::Tensor v, std
   const int b = cu_seqlens_q.numel() - 1;
   CHECK_ARG(b >= 0 && cu_seqlens_k.numel() == b + 1, "cu_seqlens_q and cu_seqlens_k must both have batch + 1 = ",
             b + 1, " entries, got ", cu_seqlens_k.numel());
-  if (seqused_k.has_value()) {
-    CHECK_ARG(seqused_k->scalar_type() == at::kInt, "seqused_k must be int32");
-    CHECK_ARG(seqused_k->device() == q.device(), "seqused_k must be on q's device");
-    CHECK_ARG(seqused_k->dim() == 1 && seqused_k->numel() == b && seqused_k->is_contiguous(),
-              "seqused_k must be a contiguous (batch,) tensor");
-  }
+  check_seqused_k(seqused_k, q, b);
   if (paged) { check_paged_tables(q, k, *block_table, leftpad_k, b); }
   CHECK_ARG(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q/k must be >= 0");
   CHECK_ARG(num_splits >= 0, "num_splits must be >= 0 (0 = chosen from the lengths, 1 = no split), got ",
@@ -468,17 +529,7 @@ std::vector<at::Tensor> varlen_fwd(at::Tensor q, at::Tensor k, at::Tensor v, std
     p.seqused_k = seqused_k.has_value() ? seqused_k->data_ptr<int>() : nullptr;
     if (paged) { set_paged_params(p, k, *block_table, leftpad_k); }
     set_fwd_dropout(p, p_dropout, gen, drop, q);
-    // Split-KV partials: [num_splits, h, total_q, d] and [num_splits, h, total_q] fp32. Empty
-    // is enough: every split CTA writes all rows of its query block, and the combine reads
-    // only those. Freed on return; the caching allocator orders reuse after the kernels.
-    at::Tensor oaccum, lseaccum;
-    p.num_splits = choose_num_splits(num_splits, p, p_dropout > 0.0, return_softmax, q.device());
-    if (p.num_splits >= 1) {  // the split kernel runs iff these partials exist (run_fwd)
-      oaccum = at::empty({p.num_splits, p.h, total_q, p.d}, q.options().dtype(at::kFloat));
-      lseaccum = at::empty({p.num_splits, p.h, total_q}, q.options().dtype(at::kFloat));
-      p.oaccum_ptr = oaccum.data_ptr<float>();
-      p.lseaccum_ptr = lseaccum.data_ptr<float>();
-    }
+    const auto accum = set_split_params(p, num_splits, p_dropout > 0.0, return_softmax, q);
     run_fwd(p, p_dropout > 0.0, c10::cuda::getCurrentCUDAStream().stream());
   }
   if (out_.has_value() && !out.is_same(*out_)) { out_->copy_(out); out = *out_; }
@@ -713,10 +764,11 @@ std::vector<at::Tensor> varlen_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flash_attn CUDA kernels (FA2-class forward, sm80+)";
-  m.def("fwd", &fwd, "Exact attention forward, batched (b, s, h, d)", py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("out"), py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_size_left"),
+  m.def("fwd", &fwd, "Exact attention forward, batched (b, s, h, d); a KV cache in place with seqused_k",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_size_left"),
         py::arg("window_size_right"), py::arg("softcap"), py::arg("p_dropout") = 0.0,
-        py::arg("return_softmax") = false, py::arg("gen") = py::none());
+        py::arg("return_softmax") = false, py::arg("gen") = py::none(), py::arg("seqused_k") = py::none(),
+        py::arg("num_splits") = 1, py::arg("block_table") = py::none(), py::arg("leftpad_k") = py::none());
   m.def("varlen_fwd", &varlen_fwd, "Exact attention forward, varlen (total, h, d)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("seqused_k"),
         py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("alibi_slopes"), py::arg("softmax_scale"),

@@ -25,7 +25,9 @@ cudaError_t run_flash_fwd(Flash_fwd_params &params, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   // The paged kernel's preconditions (flash_api.cpp checks them; here they guard the kernel).
-  if (Is_paged && (params.block_table == nullptr || params.max_blocks_per_seq < 1 || params.num_pages < 1 ||
+  // The key counts come from seqused_k, else (varlen) from cu_seqlens_k (paged_seq_info).
+  if (Is_paged && (params.block_table == nullptr || (params.seqused_k == nullptr && params.cu_seqlens_k == nullptr) ||
+                   params.max_blocks_per_seq < 1 || params.num_pages < 1 ||
                    params.page_size < 16 || params.page_size % 16 != 0 || params.kv_d < 8 ||
                    params.kv_d % 8 != 0 || params.kv_d > Ktraits::kHeadDim)) {
     return cudaErrorInvalidValue;

@@ -14,10 +14,10 @@ namespace flash {
 
 using namespace cute;
 
-// A paged sequence's SeqInfo. The query side is the varlen one; the keys have no packed
-// rows (k_start is meaningless), and their count is seqused_k[bidb] when given (decode),
-// else cu_seqlens_k[bidb + 1] - cu_seqlens_k[bidb] (prefill), clamped to the sequence's
-// pages: [0, max_blocks_per_seq * page_size - leftpad].
+// A paged sequence's SeqInfo. The query side is the batched or varlen one; the keys have no
+// packed rows (k_start is meaningless), and their count is seqused_k[bidb] when given (decode;
+// batched calls always give it), else cu_seqlens_k[bidb + 1] - cu_seqlens_k[bidb] (varlen
+// prefill), clamped to the sequence's pages: [0, max_blocks_per_seq * page_size - leftpad].
 __forceinline__ __device__ SeqInfo paged_seq_info(const Flash_fwd_params &p, int bidb) {
   SeqInfo seq(p, bidb);
   const int n = p.seqused_k != nullptr ? p.seqused_k[bidb] : p.cu_seqlens_k[bidb + 1] - p.cu_seqlens_k[bidb];
