@@ -9,6 +9,8 @@
 #include "arg_error.h"
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <mutex>
 #include <optional>
@@ -230,6 +232,23 @@ void run_fwd(Flash_fwd_params &p, bool is_dropout, cudaStream_t stream) {
 
 // --- split-KV (flash_attn_with_kvcache's num_splits; kernels: split_kv.h, flash_fwd_combine.h) ---
 
+// The SM count of a device, asked of the driver once per device: a decode step calls
+// choose_num_splits every time, and its host time is what a decode step is short of.
+int sm_count(int device_index) {
+  static std::array<std::atomic<int>, 64> cache{};  // 0 = not asked yet
+  if (device_index < 0 || device_index >= int(cache.size())) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device_index));
+    return n;
+  }
+  int n = cache[device_index].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device_index));
+    cache[device_index].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
 // Whether and how the split-KV kernel runs a forward whose other fields p already holds (b,
 // h, d, seqlen_q, seqlen_k: varlen's max_seqlen_q, max_seqlen_k). Returns 0 for the
 // unsplit kernel, n >= 1 for the split kernel with n key-block shares. requested 1 = no
@@ -250,8 +269,7 @@ int choose_num_splits(int64_t requested, const Flash_fwd_params &p, bool is_drop
   const flash::FwdTile tile = flash::fwd_split_tile(p.d);
   const int n_blocks = (p.seqlen_k + tile.block_n - 1) / tile.block_n;
   if (requested > 1) { return flash::clamp_num_splits(requested, n_blocks, p.h); }
-  int num_sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device.index()));
+  const int num_sms = sm_count(device.index());
   // The heuristic counts the prefill tile's CTAs: a grid that would fill the GPU unsplit
   // is not split, and then only a short query block takes the split kernel.
   const flash::FwdTile prefill = flash::fwd_tile(p.d);
