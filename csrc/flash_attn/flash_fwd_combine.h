@@ -41,14 +41,21 @@ __global__ void __launch_bounds__(kCombineThreads) flash_fwd_combine_kernel(__gr
 
   const int64_t split_stride = int64_t(p.h) * p.total_q;  // accum rows from one split to the next
   const int64_t arow = accum_row_offset(p, seq, bidb, bidh, 0) + row;
+  // The loops are unrolled so that several splits' loads are in flight at once: with one
+  // (query block, head) per sequence a decode step has few combine CTAs, and a loop that
+  // waits on one load per split made the combine ~6% of a 1 x 128k step (33 splits, 12 us
+  // of 190 us on an H100).
   float m = -INFINITY;
+#pragma unroll 8
   for (int s = 0; s < p.num_splits; ++s) { m = fmaxf(m, p.lseaccum_ptr[arow + s * split_stride]); }
   float lse = INFINITY;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   if (m != -INFINITY) {
     float sum = 0.f;
+#pragma unroll 8
     for (int s = 0; s < p.num_splits; ++s) { sum += expf(p.lseaccum_ptr[arow + s * split_stride] - m); }
     lse = m + logf(sum);
+#pragma unroll 4
     for (int s = 0; s < p.num_splits; ++s) {
       const float lse_s = p.lseaccum_ptr[arow + s * split_stride];
       if (lse_s == -INFINITY) { continue; }  // an empty share: weight 0, skip the read
