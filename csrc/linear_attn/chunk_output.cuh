@@ -90,11 +90,7 @@ __global__ void __launch_bounds__(128) chunk_output_kernel(const ChunkOutputPara
         E::mma(s[2 * np + 1], a, b[2], b[3]);
       }
     }
-    if constexpr (kTransM) {
-      mma_b_nk<E, R>(o, a, sm, kk * 16, lane);
-    } else {
-      mma_b_kn<E, BN>(o, a, sm, kk * 16, lane);
-    }
+    mma_b<E, kTransM ? R : BN, kTransM ? BLayout::kNK : BLayout::kKN>(o, a, sm, kk * 16, lane);  // x M
   }
 
   // Row scales of the inter-chunk part, then the decay mask on the scores.
@@ -150,7 +146,7 @@ __global__ void __launch_bounds__(128) chunk_output_kernel(const ChunkOutputPara
   }
 #pragma unroll
   for (int blk = 0; blk < 4; ++blk) {
-    if (kept(blk)) mma_b_kn<E, BN>(o, pa[blk], sz, blk * 16, lane);
+    if (kept(blk)) mma_b<E, BN, BLayout::kKN>(o, pa[blk], sz, blk * 16, lane);
   }
 
   // Epilogue: rows past the chunk's end are not written.

@@ -204,7 +204,7 @@ __global__ void __launch_bounds__(128) gla_output_kernel(const GlaOutputParams p
         E::mma(s[2 * np + 1], ao, yb[2], yb[3]);
       }
       // the inter-chunk part: (decayed x) times the slab's rows of M
-      mma_b_kn<E, BN>(o, ai, sm, kk * 16, lane);
+      mma_b<E, BN, BLayout::kKN>(o, ai, sm, kk * 16, lane);
     }
     // the diagonal block, elementwise
     float d0f[4] = {0.f, 0.f, 0.f, 0.f}, d1f[4] = {0.f, 0.f, 0.f, 0.f};
@@ -234,7 +234,7 @@ __global__ void __launch_bounds__(128) gla_output_kernel(const GlaOutputParams p
     pa[1] = E::pack(s[2 * blk][2] * p.intra_scale, s[2 * blk][3] * p.intra_scale);
     pa[2] = E::pack(s[2 * blk + 1][0] * p.intra_scale, s[2 * blk + 1][1] * p.intra_scale);
     pa[3] = E::pack(s[2 * blk + 1][2] * p.intra_scale, s[2 * blk + 1][3] * p.intra_scale);
-    mma_b_kn<E, BN>(o, pa, sz, blk * 16, lane);
+    mma_b<E, BN, BLayout::kKN>(o, pa, sz, blk * 16, lane);
   }
 
   // Epilogue: rows past the chunk's end are not written.

@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(128) mask_grad_kernel(const MaskGradParams p) 
     for (int kk = 0; kk < kSlice / 16; ++kk) {
       uint32_t a[4];
       load_a<kSlice>(a, sas, warp * 16, kk * 16, lane);
-      mma_b_nk<E, kSlice>(cur, a, sbs, kk * 16, lane);
+      mma_b<E, kSlice, BLayout::kNK>(cur, a, sbs, kk * 16, lane);
     }
     if (sl == k_slices - 1) {  // S is complete: keep it, start dP
 #pragma unroll

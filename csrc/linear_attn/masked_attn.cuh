@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(128) masked_attn_kernel(const MaskedParams p) 
     for (int kk = 0; kk < R / 16; ++kk) {
       uint32_t a[4];
       load_a<R>(a, sx, warp * 16, kk * 16, lane);
-      mma_b_nk<E, R>(s_acc, a, sys, kk * 16, lane);
+      mma_b<E, R, BLayout::kNK>(s_acc, a, sys, kk * 16, lane);
     }
 
     // P = S * M as A fragments, one per 16 y rows: a[0] (g, 2t..), a[1] (g + 8, 2t..),
@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(128) masked_attn_kernel(const MaskedParams p) 
       pa[blk][3] = E::pack(s_acc[hi][2] * mk[hi][2], s_acc[hi][3] * mk[hi][3]);
     }
 #pragma unroll
-    for (int blk = 0; blk < 4; ++blk) mma_b_kn<E, BN>(o, pa[blk], szs, blk * 16, lane);
+    for (int blk = 0; blk < 4; ++blk) mma_b<E, BN, BLayout::kKN>(o, pa[blk], szs, blk * 16, lane);
     __syncthreads();  // every warp is done with this stage before step s + 1 refills it
   }
 

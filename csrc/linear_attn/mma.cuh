@@ -162,27 +162,21 @@ __device__ __forceinline__ void zero_frags(float (&c)[NT][4]) {
   }
 }
 
-// c += a * B over all 8 NT columns, B = rows k0 .. k0 + 15 of a tile stored as [k][n].
-template <typename E, int COLS, int NT, typename T>
-__device__ __forceinline__ void mma_b_kn(float (&c)[NT][4], const uint32_t (&a)[4], const T* tile, int k0, int lane) {
-  static_assert(NT % 2 == 0, "whole 16-column B fragments");
-#pragma unroll
-  for (int np = 0; np < NT / 2; ++np) {
-    uint32_t b[4];
-    load_b_kn<COLS>(b, tile, k0, np * 16, lane);
-    E::mma(c[2 * np], a, b[0], b[1]);
-    E::mma(c[2 * np + 1], a, b[2], b[3]);
-  }
-}
+// How a B operand's tile is stored: [k][n] (M, z) or [n][k] (y of the scores x y^T).
+enum class BLayout { kKN, kNK };
 
-// The same with the tile stored as [n][k] (c += a * tile^T, e.g. scores x y^T).
-template <typename E, int COLS, int NT, typename T>
-__device__ __forceinline__ void mma_b_nk(float (&c)[NT][4], const uint32_t (&a)[4], const T* tile, int k0, int lane) {
+// c += a * B over all 8 NT columns of c, B = k rows k0 .. k0 + 15 of a COLS-wide tile.
+template <typename E, int COLS, BLayout kLayout, int NT, typename T>
+__device__ __forceinline__ void mma_b(float (&c)[NT][4], const uint32_t (&a)[4], const T* tile, int k0, int lane) {
   static_assert(NT % 2 == 0, "whole 16-column B fragments");
 #pragma unroll
   for (int np = 0; np < NT / 2; ++np) {
     uint32_t b[4];
-    load_b_nk<COLS>(b, tile, k0, np * 16, lane);
+    if constexpr (kLayout == BLayout::kKN) {
+      load_b_kn<COLS>(b, tile, k0, np * 16, lane);
+    } else {
+      load_b_nk<COLS>(b, tile, k0, np * 16, lane);
+    }
     E::mma(c[2 * np], a, b[0], b[1]);
     E::mma(c[2 * np + 1], a, b[2], b[3]);
   }
