@@ -1,4 +1,4 @@
-"""Shared pytest setup: the `cuda` marker for GPU tests, skipped without a GPU."""
+"""Shared pytest setup: the `cuda` marker for GPU tests, skipped without a GPU; fixtures."""
 import pytest
 import torch
 
@@ -26,3 +26,18 @@ def ieee_fp32_matmul():
     setattr(matmul, name, value)
     yield
     setattr(matmul, name, old)
+
+
+@pytest.fixture
+def route_to_model(monkeypatch):
+    """route_to_model(m) sends CPU tensors (float64 too) down flash_attn.linear_attn's CUDA route
+    with m, a model of flash_attn_linear_cuda, as the extension; returns m."""
+    from flash_attn.linear_attn import _kernels
+
+    def route(m):
+        monkeypatch.setattr(_kernels, "extension", lambda: m)
+        monkeypatch.setattr(_kernels, "on_kernel_device", lambda x: True)
+        monkeypatch.setattr(_kernels, "KERNEL_DTYPES", (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+        return m
+
+    return route

@@ -91,31 +91,40 @@ STATE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dt,R,N,gate,reverse,tile_n,lens", STATE_CASES)
-def test_chunk_state_kernel(dt, R, N, gate, reverse, tile_n, lens):
+def check_chunk_state(dt, R, N, gate, reverse, tile_n, lens):
+    """chunk_state against the model. gate: "g", "gamma" or None (scalar gates; reverse also
+    checks the pair dot) or "gla" (GLA's per-key gk_cum, the cumulative gates)."""
     dtype = DTYPES[dt]
     B, T, H = (2, 200, 3) if lens is None else (1, sum(lens), 3)
     x, z = rand(B, T, H, R, dtype=dtype, seed=2), rand(B, T, H, N, dtype=dtype, seed=3)
     g = gates(B, T, H) if gate == "g" else None
     gamma = -torch.rand(H, device="cuda") if gate == "gamma" else None
     s = seqs(B, T, lens)
+    b = gla_cum(gates(B, T, H, R, n=0.5), s) if gate == "gla" else None
     init = rand(s.num_seqs, H, R, N, dtype=torch.float32, seed=4)
     poison_allocator(((s.slots, H, R, N), dtype), ((s.num_seqs, H, R, N), torch.float32))
     states = torch.empty(s.slots, H, R, N, device="cuda", dtype=dtype)
     final = torch.empty(s.num_seqs, H, R, N, device="cuda", dtype=torch.float32)
-    # reverse: also the pair dot with some "forward states"
-    fwd = rand(s.slots, H, R, N, dtype=dtype, seed=5) if reverse else None
-    pair = torch.empty(s.slots, H, (R // 64) * (N // 32), device="cuda", dtype=torch.float32) if reverse else None
-    ext().chunk_state(x, z, g, gamma, init, states, final, s.cu, s.offsets, 0.7, reverse, fwd, pair, tile_n)
+    # scalar gates, reverse: also the pair dot with some "forward states"
+    with_pair = reverse and gate != "gla"
+    fwd = rand(s.slots, H, R, N, dtype=dtype, seed=5) if with_pair else None
+    pair = torch.empty(s.slots, H, (R // 64) * (N // 32), device="cuda", dtype=torch.float32) if with_pair else None
+    ext().chunk_state(x, z, g, gamma, init, states, final, s.cu, s.offsets, 0.7, reverse, fwd, pair, tile_n, b)
     states_ref = torch.zeros(s.slots, H, R, N, dtype=torch.float64)
     final_ref = torch.zeros(s.num_seqs, H, R, N, dtype=torch.float64)
     pair_ref = None if pair is None else torch.zeros(pair.shape, dtype=torch.float64)
-    MODEL.chunk_state(x, z, g, gamma, init, states_ref, final_ref, s.cu, s.offsets, 0.7, reverse, fwd, pair_ref)
+    MODEL.chunk_state(x, z, g, gamma, init, states_ref, final_ref, s.cu, s.offsets, 0.7, reverse, fwd, pair_ref,
+                      gk_cum=b)
     used = int(s.offsets[-1]) if lens is not None else s.slots  # varlen: slots past the last chunk are unused
     check("states", states[:used], states_ref[:used], OUT_TOL)
     check("final", final, final_ref, OUT_TOL)
-    if reverse:
+    if with_pair:
         check("pair_dot", pair[:used].sum(-1), pair_ref[:used].sum(-1), OUT_TOL)
+
+
+@pytest.mark.parametrize("dt,R,N,gate,reverse,tile_n,lens", STATE_CASES)
+def test_chunk_state_kernel(dt, R, N, gate, reverse, tile_n, lens):
+    check_chunk_state(dt, R, N, gate, reverse, tile_n, lens)
 
 
 OUTPUT_CASES = [
@@ -151,6 +160,15 @@ def test_chunk_output_kernel(dt, R, N, trans_m, upper, gate, lens):
     check("rowdot", rowdot, rowdot_ref, OUT_TOL)
 
 
+def grad_kernel_inputs(dtype, K, V, lens):
+    """What the gradient kernels' tests share: (B, T, H), the Seqs, and q, k [B, T, H, K] and
+    v, do [B, T, H, V] in dtype."""
+    B, T, H = (2, 300, 3) if lens is None else (1, sum(lens), 3)
+    q, k = rand(B, T, H, K, dtype=dtype, seed=2), rand(B, T, H, K, dtype=dtype, seed=3)
+    v, do = rand(B, T, H, V, dtype=dtype, seed=4), rand(B, T, H, V, dtype=dtype, seed=5)
+    return (B, T, H), seqs(B, T, lens), (q, k, v, do)
+
+
 GATE_CASES = [("bf16", 128, 128, "g", None), ("fp16", 64, 256, "gamma", None), ("bf16", 256, 64, "g", (0, 300, 1, 64, 0))]
 
 
@@ -158,10 +176,7 @@ GATE_CASES = [("bf16", 128, 128, "g", None), ("fp16", 64, 256, "gamma", None), (
                          ids=[f"{d}-K{k}-V{v}-{g}-{'varlen' if n else 'batched'}" for d, k, v, g, n in GATE_CASES])
 def test_gate_grad_kernel(dt, K, V, gate, lens):
     dtype = DTYPES[dt]
-    B, T, H = (2, 300, 3) if lens is None else (1, sum(lens), 3)
-    s = seqs(B, T, lens)
-    q, k = rand(B, T, H, K, dtype=dtype, seed=2), rand(B, T, H, K, dtype=dtype, seed=3)
-    v, do = rand(B, T, H, V, dtype=dtype, seed=4), rand(B, T, H, V, dtype=dtype, seed=5)
+    (B, T, H), s, (q, k, v, do) = grad_kernel_inputs(dtype, K, V, lens)
     g = gates(B, T, H) if gate == "g" else None
     gamma = -torch.rand(H, device="cuda") if gate == "gamma" else None
     rq, rk = rand(K // 64, B, T, H, dtype=torch.float32, seed=6), rand(K // 64, B, T, H, dtype=torch.float32, seed=7)
@@ -262,9 +277,10 @@ def _grad_cases():
 
 
 def _grads(fn, inputs, w_o, w_s):
+    """The gradients of sum(o * w_o) + sum(ht * w_s), (o, ht) = fn(*inputs), for each input
+    (None for an input that is None)."""
     leaves = [None if x is None else x.detach().clone().requires_grad_(True) for x in inputs]
-    q, k, v, g, gamma, h0 = leaves
-    o, ht = fn(q, k, v, g, gamma, h0)
+    o, ht = fn(*leaves)
     ((o.float() * w_o).sum() + (ht * w_s).sum()).backward()
     return [None if x is None else x.grad for x in leaves]
 
@@ -290,28 +306,39 @@ def test_chunk_simple_gla_backward(T, K, V, gate, n, dt):
             check(name, a, b, GRAD_TOL)
 
 
-@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
-@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwdbwd"])
-def test_varlen_with_empty_sequence(mode, grad):
-    lens = (0, 300, 1, 64, 0, 129)
-    T, H, K, V = sum(lens), 2, 128, 128
-    q, k, v, g, _, h0 = make_inputs(1, T, H, K, V, "g", 1.0, torch.bfloat16, N=len(lens))
-    op = la.chunk_simple_gla if mode == "chunk" else la.fused_recurrent_simple_gla
-    cu = offsets(lens)
-    leaves = [x.clone().requires_grad_(grad) for x in (q, k, v, g, h0)]
-    o, ht = op(*leaves[:3], g=leaves[3], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu)
-    refs = [x.float().clone().requires_grad_(grad) for x in (q, k, v, g, h0)]
+EMPTY_LENS = (0, 300, 1, 64, 0, 129)  # sequences 0 and 4 are empty
+
+
+def check_varlen_with_empty_sequences(run, inputs, grad):
+    """run(q, k, v, g, h0, cu_seqlens) -> (o, ht) on one packed row of EMPTY_LENS against the fp32
+    recurrence: o, the final states (an empty sequence's is its initial state), and with
+    grad the gradients of q, k, v, g, h0."""
+    cu = offsets(EMPTY_LENS)
+    leaves = [x.clone().requires_grad_(grad) for x in inputs]
+    o, ht = run(*leaves, cu)
+    refs = [x.float().clone().requires_grad_(grad) for x in inputs]
     o_r, ht_r = linear_attn_recurrent_ref(*refs[:3], g=refs[3], initial_state=refs[4], output_final_state=True,
                                           cu_seqlens=cu)
     check("o", o, o_r, OUT_TOL)
     check("final_state", ht, ht_r, OUT_TOL)
-    assert torch.equal(ht[0], h0[0]) and torch.equal(ht[4], h0[4])
+    h0 = inputs[4]
+    assert torch.equal(ht[0], h0[0]) and torch.equal(ht[4], h0[4])  # empty: the state passes through
     if grad:
         w = rand(*o.shape, seed=11).float()
         ((o.float() * w).sum() + ht.sum()).backward()
         ((o_r * w).sum() + ht_r.sum()).backward()
         for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), leaves, refs):
             check(name, a.grad, b.grad, GRAD_TOL)
+
+
+@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwdbwd"])
+def test_varlen_with_empty_sequence(mode, grad):
+    q, k, v, g, _, h0 = make_inputs(1, sum(EMPTY_LENS), 2, 128, 128, "g", 1.0, torch.bfloat16, N=len(EMPTY_LENS))
+    op = la.chunk_simple_gla if mode == "chunk" else la.fused_recurrent_simple_gla
+    check_varlen_with_empty_sequences(
+        lambda q, k, v, g, h0, cu: op(q, k, v, g=g, initial_state=h0, output_final_state=True, cu_seqlens=cu),
+        (q, k, v, g, h0), grad)
 
 
 @pytest.mark.parametrize("chunk_op,recurrent_op,kwargs", [
@@ -435,22 +462,7 @@ GLA_STATE_CASES = [
 
 @pytest.mark.parametrize("dt,R,N,reverse,tile_n,lens", GLA_STATE_CASES)
 def test_chunk_state_gla_kernel(dt, R, N, reverse, tile_n, lens):
-    dtype = DTYPES[dt]
-    B, T, H = (2, 200, 3) if lens is None else (1, sum(lens), 3)
-    x, z = rand(B, T, H, R, dtype=dtype, seed=2), rand(B, T, H, N, dtype=dtype, seed=3)
-    s = seqs(B, T, lens)
-    b = gla_cum(gates(B, T, H, R, n=0.5), s)
-    init = rand(s.num_seqs, H, R, N, dtype=torch.float32, seed=4)
-    poison_allocator(((s.slots, H, R, N), dtype), ((s.num_seqs, H, R, N), torch.float32))
-    states = torch.empty(s.slots, H, R, N, device="cuda", dtype=dtype)
-    final = torch.empty(s.num_seqs, H, R, N, device="cuda", dtype=torch.float32)
-    ext().chunk_state(x, z, None, None, init, states, final, s.cu, s.offsets, 0.7, reverse, None, None, tile_n, b)
-    states_ref = torch.zeros(s.slots, H, R, N, dtype=torch.float64)
-    final_ref = torch.zeros(s.num_seqs, H, R, N, dtype=torch.float64)
-    MODEL.chunk_state(x, z, None, None, init, states_ref, final_ref, s.cu, s.offsets, 0.7, reverse, gk_cum=b)
-    used = int(s.offsets[-1]) if lens is not None else s.slots
-    check("states", states[:used], states_ref[:used], OUT_TOL)
-    check("final", final, final_ref, OUT_TOL)
+    check_chunk_state(dt, R, N, "gla", reverse, tile_n, lens)
 
 
 GLA_OUTPUT_CASES = [
@@ -490,10 +502,7 @@ GLA_GRAD_CASES = [("bf16", 128, 128, 1.0, None), ("fp16", 64, 256, 1.0, None), (
                          ids=[f"{d}-K{k}-V{v}-n{n}-{'varlen' if ls else 'batched'}" for d, k, v, n, ls in GLA_GRAD_CASES])
 def test_gla_grad_kernel(dt, K, V, n, lens):
     dtype = DTYPES[dt]
-    B, T, H = (2, 300, 3) if lens is None else (1, sum(lens), 3)
-    s = seqs(B, T, lens)
-    q, k = rand(B, T, H, K, dtype=dtype, seed=2), rand(B, T, H, K, dtype=dtype, seed=3)
-    v, do = rand(B, T, H, V, dtype=dtype, seed=4), rand(B, T, H, V, dtype=dtype, seed=5)
+    (B, T, H), s, (q, k, v, do) = grad_kernel_inputs(dtype, K, V, lens)
     b = gla_cum(gates(B, T, H, K, n=n), s)
     h, dh = rand(s.slots, H, K, V, dtype=dtype, seed=6, scale=0.2), rand(s.slots, H, K, V, dtype=dtype, seed=7, scale=0.2)
     poison_allocator(((B, T, H, K), dtype), ((B, T, H, K), torch.float32))
@@ -551,13 +560,6 @@ def _gla_grad_cases():
     return [pytest.param(*c, id=f"T{c[0]}-K{c[1]}-V{c[2]}-n{c[3]}-s{c[4]}-{c[5]}") for c in cases]
 
 
-def _gla_grads(fn, inputs, w_o, w_s):
-    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
-    o, ht = fn(*leaves)
-    ((o.float() * w_o).sum() + (ht * w_s).sum()).backward()
-    return [x.grad for x in leaves]
-
-
 @pytest.mark.parametrize("T,K,V,n,scale,dt", _gla_grad_cases())
 def test_chunk_gla_backward(T, K, V, n, scale, dt):
     dtype = DTYPES[dt]
@@ -567,11 +569,11 @@ def test_chunk_gla_backward(T, K, V, n, scale, dt):
     w_o, w_s = rand(B, T, H, V, dtype=dtype, seed=9).float(), rand(B, H, K, V, dtype=torch.float32, seed=10)
     poison_allocator(((B, T, H, max(K, V, 64)), dtype), ((B, T, H, max(K, 64)), torch.float32),
                      ((B, H, K, V), torch.float32))
-    got = _gla_grads(lambda q, k, v, g, h0: la.chunk_gla(q, k, v, g, scale=scale, initial_state=h0,
-                                                         output_final_state=True), inputs, w_o, w_s)
+    got = _grads(lambda q, k, v, g, h0: la.chunk_gla(q, k, v, g, scale=scale, initial_state=h0,
+                                                     output_final_state=True), inputs, w_o, w_s)
     fp32 = [x.float() for x in inputs]
-    ref = _gla_grads(lambda q, k, v, g, h0: reference(q, k, v, T, g=g, scale=scale, initial_state=h0,
-                                                      output_final_state=True), fp32, w_o, w_s)
+    ref = _grads(lambda q, k, v, g, h0: reference(q, k, v, T, g=g, scale=scale, initial_state=h0,
+                                                  output_final_state=True), fp32, w_o, w_s)
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), got, ref):
         assert a is not None, f"{name}: no gradient"
         assert name in ("dg", "dh0") or a.dtype == dtype, f"{name}: dtype {a.dtype}"
@@ -581,28 +583,14 @@ def test_chunk_gla_backward(T, K, V, n, scale, dt):
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
 @pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwdbwd"])
 def test_gla_varlen_with_empty_sequence(mode, grad):
-    lens = (0, 300, 1, 64, 0, 129)
-    T, H, K, V = sum(lens), 2, 128, 128
-    q, k, v, g, h0 = make_gla_inputs(1, T, H, K, V, 1.0, torch.bfloat16, N=len(lens))
-    cu = offsets(lens)
-    leaves = [x.clone().requires_grad_(grad) for x in (q, k, v, g, h0)]
-    if mode == "chunk":
-        o, ht = la.chunk_gla(*leaves[:4], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu)
-    else:
-        o, ht = la.fused_recurrent_gla(*leaves[:3], gk=leaves[3], initial_state=leaves[4], output_final_state=True,
-                                       cu_seqlens=cu)
-    refs = [x.float().clone().requires_grad_(grad) for x in (q, k, v, g, h0)]
-    o_r, ht_r = linear_attn_recurrent_ref(*refs[:3], g=refs[3], initial_state=refs[4], output_final_state=True,
-                                          cu_seqlens=cu)
-    check("o", o, o_r, OUT_TOL)
-    check("final_state", ht, ht_r, OUT_TOL)
-    assert torch.equal(ht[0], h0[0]) and torch.equal(ht[4], h0[4])  # empty: the state passes through
-    if grad:
-        w = rand(*o.shape, seed=11).float()
-        ((o.float() * w).sum() + ht.sum()).backward()
-        ((o_r * w).sum() + ht_r.sum()).backward()
-        for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), leaves, refs):
-            check(name, a.grad, b.grad, GRAD_TOL)
+    q, k, v, g, h0 = make_gla_inputs(1, sum(EMPTY_LENS), 2, 128, 128, 1.0, torch.bfloat16, N=len(EMPTY_LENS))
+
+    def run(q, k, v, g, h0, cu):
+        if mode == "chunk":
+            return la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+        return la.fused_recurrent_gla(q, k, v, gk=g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+
+    check_varlen_with_empty_sequences(run, (q, k, v, g, h0), grad)
 
 
 def test_gla_chunk_and_recurrent_agree():
@@ -657,7 +645,7 @@ def test_gla_very_negative_gates():
 def test_gla_deterministic():
     inputs = make_gla_inputs(2, 1000, 4, 128, 128, 1.0, torch.bfloat16)
     w = rand(2, 1000, 4, 128, seed=12).float()
-    runs = [_gla_grads(lambda q, k, v, g, h0: la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True),
+    runs = [_grads(lambda q, k, v, g, h0: la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True),
                        inputs, w, 1.0) for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)

@@ -31,13 +31,9 @@ class CountingModel(LinearExtModel):
 
 
 @pytest.fixture
-def model(monkeypatch):
+def model(route_to_model):
     """CPU tensors take the CUDA route, whose extension is the model (float64 inputs too)."""
-    m = CountingModel()
-    monkeypatch.setattr(_kernels, "extension", lambda: m)
-    monkeypatch.setattr(_kernels, "on_kernel_device", lambda x: True)
-    monkeypatch.setattr(_kernels, "KERNEL_DTYPES", (torch.float16, torch.bfloat16, torch.float32, F64))
-    return m
+    return route_to_model(CountingModel())
 
 
 def make(B, T, H, K, V, gate="g", n=1.0, dtype=F64, seed=0, h0=True, N=None):
@@ -50,6 +46,19 @@ def make(B, T, H, K, V, gate="g", n=1.0, dtype=F64, seed=0, h0=True, N=None):
     cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
     return cast(q), cast(k), cast(v), cast(g), cast(gamma), (None if state is None else state.float().to(
         F64 if dtype == F64 else torch.float32))
+
+
+def make_case(T, K, V, lens, **kw):
+    """make() for a case row, with 2 heads: 2 sequences of T tokens (batched) or one packed row
+    of the lengths lens (T unused). Returns make's tuple and cu_seqlens (None when batched)."""
+    B, T = (2, T) if lens is None else (1, sum(lens))
+    return make(B, T, 2, K, V, N=None if lens is None else len(lens), **kw), None if lens is None else cu(lens)
+
+
+def loss_weights(o_shape, state_shape):
+    """Random weights of o and of the final state in the backward tests' loss."""
+    gen = torch.Generator().manual_seed(7)
+    return torch.randn(o_shape, generator=gen, dtype=F64), torch.randn(state_shape, generator=gen, dtype=F64)
 
 
 def rms_ratio(a, b):
@@ -175,13 +184,8 @@ GRAD_CASES = [
 def test_backward_matches_reference(model, case, with_final):
     _, gate, T, K, V, lens = case
     n = 0.1 if "n0.1" in case[0] else 1.0
-    B = 2 if lens is None else 1
-    T = T if lens is None else sum(lens)
-    q, k, v, g, gamma, h0 = make(B, T, 2, K, V, gate, n=n, N=None if lens is None else len(lens))
-    offsets = None if lens is None else cu(lens)
-    gen = torch.Generator().manual_seed(7)
-    w_o = torch.randn(B, T, 2, V, generator=gen, dtype=F64)
-    w_s = torch.randn(h0.shape, generator=gen, dtype=F64)
+    (q, k, v, g, gamma, h0), offsets = make_case(T, K, V, lens, gate=gate, n=n)
+    w_o, w_s = loss_weights(v.shape, h0.shape)
 
     def run(fn):
         leaves = [None if x is None else x.clone().requires_grad_(True) for x in (q, k, v, g, gamma, h0)]
@@ -202,6 +206,17 @@ def test_backward_matches_reference(model, case, with_final):
     assert "gate_grad" in model.calls if gate is not None else "gate_grad" not in model.calls
 
 
+def check_bf16_against_reference(o, ht, leaves):
+    """A bf16 run on the route, its loss o.sum() + ht.sum() backpropagated into leaves (q, k, v,
+    g, h0), against the float64 recurrence to the GPU tests' tolerances."""
+    refs = [x.detach().double().requires_grad_(True) for x in leaves]
+    o_r, ht_r = linear_attn_recurrent_ref(*refs[:3], g=refs[3], initial_state=refs[4], output_final_state=True)
+    (o_r.sum() + ht_r.sum()).backward()
+    assert rms_ratio(o, o_r) < 0.005 and rms_ratio(ht, ht_r) < 1e-6
+    for a, b in zip(leaves, refs):
+        assert rms_ratio(a.grad, b.grad) < 0.008
+
+
 def test_bf16_route_dtypes_and_accuracy(model):
     q, k, v, g, _, h0 = make(2, 100, 2, 64, 64, dtype=torch.bfloat16)
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
@@ -209,12 +224,7 @@ def test_bf16_route_dtypes_and_accuracy(model):
     assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
     (o.float().sum() + ht.sum()).backward()
     assert [x.grad.dtype for x in leaves] == [torch.bfloat16] * 4 + [torch.float32]
-    refs = [x.detach().double().requires_grad_(True) for x in (q, k, v, g, h0)]
-    o_r, ht_r = linear_attn_recurrent_ref(*refs[:3], g=refs[3], initial_state=refs[4], output_final_state=True)
-    (o_r.sum() + ht_r.sum()).backward()
-    assert rms_ratio(o, o_r) < 0.005 and rms_ratio(ht, ht_r) < 1e-6
-    for a, b in zip(leaves, refs):
-        assert rms_ratio(a.grad, b.grad) < 0.008
+    check_bf16_against_reference(o, ht, leaves)
 
 
 # --------------------------------------------------------------------------- GLA (per-key gates)
@@ -247,11 +257,8 @@ GLA_CASES = [  # id, T, K, V, n (gates logsigmoid(x) / n), scale, lens
 @pytest.mark.parametrize("case", GLA_CASES, ids=[c[0] for c in GLA_CASES])
 def test_gla_forward_matches_reference(model, case, mode):
     _, T, K, V, n, scale, lens = case
-    B = 2 if lens is None else 1
-    T = T if lens is None else sum(lens)
-    q, k, v, _, _, h0 = make(B, T, 2, K, V, gate=None, N=None if lens is None else len(lens))
-    g = gla_gates(B, T, 2, K, n)
-    offsets = None if lens is None else cu(lens)
+    (q, k, v, _, _, h0), offsets = make_case(T, K, V, lens, gate=None)
+    g = gla_gates(*q.shape, n)  # [B, T, H, K] like q
     if mode == "chunk":
         o, ht = la.chunk_gla(q, k, v, g, scale=scale, initial_state=h0, output_final_state=True, cu_seqlens=offsets)
     else:
@@ -270,14 +277,9 @@ def test_gla_forward_matches_reference(model, case, mode):
 @pytest.mark.parametrize("case", GLA_CASES, ids=[c[0] for c in GLA_CASES])
 def test_gla_backward_matches_reference(model, case, with_final):
     _, T, K, V, n, scale, lens = case
-    B = 2 if lens is None else 1
-    T = T if lens is None else sum(lens)
-    q, k, v, _, _, h0 = make(B, T, 2, K, V, gate=None, N=None if lens is None else len(lens))
-    g = gla_gates(B, T, 2, K, n)
-    offsets = None if lens is None else cu(lens)
-    gen = torch.Generator().manual_seed(7)
-    w_o = torch.randn(B, T, 2, V, generator=gen, dtype=F64)
-    w_s = torch.randn(h0.shape, generator=gen, dtype=F64)
+    (q, k, v, _, _, h0), offsets = make_case(T, K, V, lens, gate=None)
+    g = gla_gates(*q.shape, n)  # [B, T, H, K] like q
+    w_o, w_s = loss_weights(v.shape, h0.shape)
 
     def run(fn):
         leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
@@ -350,12 +352,7 @@ def test_gla_bf16_route_dtypes_and_accuracy(model):
     assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
     (o.float().sum() + ht.sum()).backward()
     assert [x.grad.dtype for x in leaves] == [torch.bfloat16] * 3 + [torch.float32] * 2
-    refs = [x.detach().double().requires_grad_(True) for x in (q, k, v, g, h0)]
-    o_r, ht_r = linear_attn_recurrent_ref(*refs[:3], g=refs[3], initial_state=refs[4], output_final_state=True)
-    (o_r.sum() + ht_r.sum()).backward()
-    assert rms_ratio(o, o_r) < 0.005 and rms_ratio(ht, ht_r) < 1e-6
-    for a, b in zip(leaves, refs):
-        assert rms_ratio(a.grad, b.grad) < 0.008
+    check_bf16_against_reference(o, ht, leaves)
 
 
 @pytest.mark.parametrize("lens", [None, [0, 70, 1, 64, 0, 65]], ids=["batched", "varlen"])

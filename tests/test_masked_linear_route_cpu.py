@@ -29,13 +29,9 @@ class CountingModel(MaskedExtModel):
 
 
 @pytest.fixture
-def model(monkeypatch):
+def model(route_to_model):
     """CPU tensors take the CUDA route, whose extension is the model (float64 inputs too)."""
-    m = CountingModel()
-    monkeypatch.setattr(_kernels, "extension", lambda: m)
-    monkeypatch.setattr(_kernels, "on_kernel_device", lambda x: True)
-    monkeypatch.setattr(_kernels, "KERNEL_DTYPES", (torch.float16, torch.bfloat16, torch.float32, F64))
-    return m
+    return route_to_model(CountingModel())
 
 
 def make(B, T, H, HK, K, V, mask_shape, seed=0, mask_dtype=F64):

@@ -48,13 +48,9 @@ int main() {
     for (int s : seqlens) {
       const int h = 2048 / HDIM, b = 16384 / s, d = HDIM;
       const size_t n = size_t(b) * s * h * d, rows = size_t(b) * h * s;
-      std::vector<Element *> bufs(8);  // q k v o do dq dk dv
-      for (auto &ptr : bufs) { CUDA_OK(cudaMalloc(&ptr, n * sizeof(Element))); }
-      for (int i = 0; i < 5; ++i) { fill_random<<<1024, 256>>>(bufs[i], n, 7 + i); }
-      float *lse, *dsum, *dq_accum;
-      CUDA_OK(cudaMalloc(&dq_accum, n * sizeof(float)));
-      CUDA_OK(cudaMalloc(&lse, rows * sizeof(float)));
-      CUDA_OK(cudaMalloc(&dsum, rows * sizeof(float)));
+      std::vector<Element *> bufs(8);  // q k v o do (random) dq dk dv
+      for (int i = 0; i < 8; ++i) { bufs[i] = i < 5 ? random_alloc<Element>(n, 7 + i) : device_alloc<Element>(n); }
+      float *dq_accum = device_alloc<float>(n), *lse = device_alloc<float>(rows), *dsum = device_alloc<float>(rows);
       fill_value<<<1024, 256>>>(lse, rows, 6.f);
       fill_value<<<1024, 256>>>(dsum, rows, 0.1f);
 

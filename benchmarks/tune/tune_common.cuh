@@ -1,4 +1,4 @@
-// Shared by the tuning harnesses: error checking, random inputs, median timing.
+// Shared by the tuning harnesses: error checking, device buffers, random inputs, median timing.
 #pragma once
 
 #include <algorithm>
@@ -26,6 +26,22 @@ __global__ void fill_random(Element *x, size_t n, unsigned seed) {
     h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
     x[i] = Element(float(h & 0xffff) / 32768.f - 1.f);
   }
+}
+
+// n elements of device memory; the harness frees them with cudaFree.
+template <typename T>
+T *device_alloc(size_t n) {
+  T *ptr = nullptr;
+  CUDA_OK(cudaMalloc(&ptr, n * sizeof(T)));
+  return ptr;
+}
+
+// n elements of device memory filled by fill_random with seed.
+template <typename Element>
+Element *random_alloc(size_t n, unsigned seed) {
+  Element *ptr = device_alloc<Element>(n);
+  fill_random<<<1024, 256>>>(ptr, n, seed);
+  return ptr;
 }
 
 // Median time in ms of `launch` over `iters` runs after `warmup` runs (CUDA events).

@@ -45,21 +45,12 @@ int main() {
   CUDA_OK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, 0));
   for (auto [b, len] : shapes) {
     const size_t n_kv = size_t(b) * len * h_k * d, n_q = size_t(b) * g * h_k * d;
-    Element *q, *k, *v, *o;
-    float *lse, *oacc, *lseacc;
-    int *cu_q, *cu_k;
-    CUDA_OK(cudaMalloc(&q, n_q * sizeof(Element)));
-    CUDA_OK(cudaMalloc(&o, n_q * sizeof(Element)));
-    CUDA_OK(cudaMalloc(&k, n_kv * sizeof(Element)));
-    CUDA_OK(cudaMalloc(&v, n_kv * sizeof(Element)));
-    CUDA_OK(cudaMalloc(&lse, size_t(b) * g * h_k * sizeof(float)));
-    CUDA_OK(cudaMalloc(&oacc, size_t(flash::kMaxSplits) * n_q * sizeof(float)));
-    CUDA_OK(cudaMalloc(&lseacc, size_t(flash::kMaxSplits) * b * g * h_k * sizeof(float)));
-    CUDA_OK(cudaMalloc(&cu_q, (b + 1) * sizeof(int)));
-    CUDA_OK(cudaMalloc(&cu_k, (b + 1) * sizeof(int)));
-    fill_random<<<1024, 256>>>(q, n_q, 1);
-    fill_random<<<1024, 256>>>(k, n_kv, 2);
-    fill_random<<<1024, 256>>>(v, n_kv, 3);
+    Element *q = random_alloc<Element>(n_q, 1), *o = device_alloc<Element>(n_q);
+    Element *k = random_alloc<Element>(n_kv, 2), *v = random_alloc<Element>(n_kv, 3);
+    float *lse = device_alloc<float>(size_t(b) * g * h_k);
+    float *oacc = device_alloc<float>(size_t(flash::kMaxSplits) * n_q);
+    float *lseacc = device_alloc<float>(size_t(flash::kMaxSplits) * b * g * h_k);
+    int *cu_q = device_alloc<int>(b + 1), *cu_k = device_alloc<int>(b + 1);
     fill_cu_seqlens<<<1, 256>>>(cu_q, b, g);
     fill_cu_seqlens<<<1, 256>>>(cu_k, b, len);
 

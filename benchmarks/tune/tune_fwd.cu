@@ -35,16 +35,9 @@ int main() {
     for (int s : seqlens) {
       const int h = 2048 / HDIM, b = 16384 / s, d = HDIM;
       const size_t n = size_t(b) * s * h * d;
-      Element *q, *k, *v, *o;
-      float *lse;
-      CUDA_OK(cudaMalloc(&q, n * sizeof(Element)));
-      CUDA_OK(cudaMalloc(&k, n * sizeof(Element)));
-      CUDA_OK(cudaMalloc(&v, n * sizeof(Element)));
-      CUDA_OK(cudaMalloc(&o, n * sizeof(Element)));
-      CUDA_OK(cudaMalloc(&lse, size_t(b) * h * s * sizeof(float)));
-      fill_random<<<1024, 256>>>(q, n, 1);
-      fill_random<<<1024, 256>>>(k, n, 2);
-      fill_random<<<1024, 256>>>(v, n, 3);
+      Element *q = random_alloc<Element>(n, 1), *k = random_alloc<Element>(n, 2), *v = random_alloc<Element>(n, 3);
+      Element *o = device_alloc<Element>(n);
+      float *lse = device_alloc<float>(size_t(b) * h * s);
 
       flash::Flash_fwd_params p = {};
       p.q_ptr = q; p.k_ptr = k; p.v_ptr = v; p.o_ptr = o; p.softmax_lse_ptr = lse;

@@ -75,16 +75,8 @@ __global__ void __launch_bounds__(128) chunk_output_kernel(const ChunkOutputPara
 
   float s[8][4];     // scores x_w y^T: (16 rows) x (64 chunk columns)
   float o[NT8][4];   // output tile: (16 rows) x (BN N columns)
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) s[i][e] = 0.f;
-  }
-#pragma unroll
-  for (int i = 0; i < NT8; ++i) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[i][e] = 0.f;
-  }
+  zero_frags(s);
+  zero_frags(o);
 #pragma unroll
   for (int kk = 0; kk < R / 16; ++kk) {
     uint32_t a[4];
@@ -98,17 +90,7 @@ __global__ void __launch_bounds__(128) chunk_output_kernel(const ChunkOutputPara
         E::mma(s[2 * np + 1], a, b[2], b[3]);
       }
     }
-#pragma unroll
-    for (int np = 0; np < BN / 16; ++np) {
-      uint32_t bm[4];
-      if constexpr (kTransM) {
-        load_b_nk<R>(bm, sm, kk * 16, np * 16, lane);
-      } else {
-        load_b_kn<BN>(bm, sm, kk * 16, np * 16, lane);
-      }
-      E::mma(o[2 * np], a, bm[0], bm[1]);
-      E::mma(o[2 * np + 1], a, bm[2], bm[3]);
-    }
+    mma_b<E, kTransM ? R : BN, kTransM ? BLayout::kNK : BLayout::kKN>(o, a, sm, kk * 16, lane);  // x M
   }
 
   // Row scales of the inter-chunk part, then the decay mask on the scores.
@@ -164,14 +146,7 @@ __global__ void __launch_bounds__(128) chunk_output_kernel(const ChunkOutputPara
   }
 #pragma unroll
   for (int blk = 0; blk < 4; ++blk) {
-    if (!kept(blk)) continue;
-#pragma unroll
-    for (int np = 0; np < BN / 16; ++np) {
-      uint32_t b[4];
-      load_b_kn<BN>(b, sz, blk * 16, np * 16, lane);
-      E::mma(o[2 * np], pa[blk], b[0], b[1]);
-      E::mma(o[2 * np + 1], pa[blk], b[2], b[3]);
-    }
+    if (kept(blk)) mma_b<E, BN, BLayout::kKN>(o, pa[blk], sz, blk * 16, lane);
   }
 
   // Epilogue: rows past the chunk's end are not written.

@@ -88,11 +88,9 @@ __global__ void __launch_bounds__(128, 2) gla_grad_kernel(const GlaGradParams p)
 
   // ------------------------------------------------ phase 1: reductions over V
   float s[8][4], dqi[8][4], dks[8][4];  // dA (16 rows x 64 chunk columns); do h^T, v dH^T (16 rows x 64 keys)
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) s[i][e] = dqi[i][e] = dks[i][e] = 0.f;
-  }
+  zero_frags(s);
+  zero_frags(dqi);
+  zero_frags(dks);
   float pair = 0.f;  // row d = tid & 63 of rowsum(dH_c * h_c), over the V half tid >> 6
 #pragma unroll 1
   for (int v0 = 0; v0 < p.v_dim; v0 += 64) {
@@ -184,11 +182,7 @@ __global__ void __launch_bounds__(128, 2) gla_grad_kernel(const GlaGradParams p)
   {
     const int pq = warp * kSub;  // reference row: the sub-chunk's first
     float tmp[8][4];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) tmp[i][e] = 0.f;
-    }
+    zero_frags(tmp);
 #pragma unroll
     for (int J = 0; J < 3; ++J) {
       if (J >= warp) continue;
@@ -265,11 +259,7 @@ __global__ void __launch_bounds__(128, 2) gla_grad_kernel(const GlaGradParams p)
   {
     const int pk = warp * kSub + kSub - 1;  // reference row: the sub-chunk's last
     float tmp[8][4];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) tmp[i][e] = 0.f;
-    }
+    zero_frags(tmp);
 #pragma unroll
     for (int I = 1; I < 4; ++I) {
       if (I <= warp) continue;

@@ -144,16 +144,8 @@ __global__ void __launch_bounds__(128) gla_output_kernel(const GlaOutputParams p
 
   float s[8][4];    // A: (16 rows) x (64 chunk columns)
   float o[NT8][4];  // output tile: (16 rows) x (BN N columns)
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) s[i][e] = 0.f;
-  }
-#pragma unroll
-  for (int i = 0; i < NT8; ++i) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[i][e] = 0.f;
-  }
+  zero_frags(s);
+  zero_frags(o);
 
 #pragma unroll 1
   for (int d0 = 0; d0 < p.r_dim; d0 += 64) {
@@ -212,13 +204,7 @@ __global__ void __launch_bounds__(128) gla_output_kernel(const GlaOutputParams p
         E::mma(s[2 * np + 1], ao, yb[2], yb[3]);
       }
       // the inter-chunk part: (decayed x) times the slab's rows of M
-#pragma unroll
-      for (int np = 0; np < BN / 16; ++np) {
-        uint32_t bm[4];
-        load_b_kn<BN>(bm, sm, kk * 16, np * 16, lane);
-        E::mma(o[2 * np], ai, bm[0], bm[1]);
-        E::mma(o[2 * np + 1], ai, bm[2], bm[3]);
-      }
+      mma_b<E, BN, BLayout::kKN>(o, ai, sm, kk * 16, lane);
     }
     // the diagonal block, elementwise
     float d0f[4] = {0.f, 0.f, 0.f, 0.f}, d1f[4] = {0.f, 0.f, 0.f, 0.f};
@@ -248,13 +234,7 @@ __global__ void __launch_bounds__(128) gla_output_kernel(const GlaOutputParams p
     pa[1] = E::pack(s[2 * blk][2] * p.intra_scale, s[2 * blk][3] * p.intra_scale);
     pa[2] = E::pack(s[2 * blk + 1][0] * p.intra_scale, s[2 * blk + 1][1] * p.intra_scale);
     pa[3] = E::pack(s[2 * blk + 1][2] * p.intra_scale, s[2 * blk + 1][3] * p.intra_scale);
-#pragma unroll
-    for (int np = 0; np < BN / 16; ++np) {
-      uint32_t bz[4];
-      load_b_kn<BN>(bz, sz, blk * 16, np * 16, lane);
-      E::mma(o[2 * np], pa, bz[0], bz[1]);
-      E::mma(o[2 * np + 1], pa, bz[2], bz[3]);
-    }
+    mma_b<E, BN, BLayout::kKN>(o, pa, sz, blk * 16, lane);
   }
 
   // Epilogue: rows past the chunk's end are not written.

@@ -31,34 +31,26 @@ using Named = std::pair<const Tensor*, const char*>;
 #define CHECK_ARG(cond, ...) ARG_ERROR_CHECK("flash_attn_linear_cuda: ", cond, __VA_ARGS__)
 
 // ---------------------------------------------------------------- dispatch (the one place)
+// Each calls f with the runtime value as a type and returns what f returns (the launchers'
+// cudaError_t), so that dispatches nest as plain `return` expressions.
 template <typename F>
-void dispatch_dtype(at::ScalarType st, F&& f) {
-  if (st == at::kHalf) {
-    f(la::Fp16{});
-  } else if (st == at::kBFloat16) {
-    f(la::Bf16{});
-  } else {
-    CHECK_ARG(false, "inputs must be float16 or bfloat16, got ", st);
-  }
+auto dispatch_dtype(at::ScalarType st, F&& f) {
+  if (st == at::kHalf) return f(la::Fp16{});
+  CHECK_ARG(st == at::kBFloat16, "inputs must be float16 or bfloat16, got ", st);
+  return f(la::Bf16{});
 }
 
 template <typename F>
-void dispatch_bool(bool b, F&& f) {
-  if (b) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
+auto dispatch_bool(bool b, F&& f) {
+  return b ? f(std::true_type{}) : f(std::false_type{});
 }
 
 template <typename F>
-void dispatch_head_dim(int64_t d, F&& f) {
-  switch (d) {
-    case 64: f(std::integral_constant<int, 64>{}); break;
-    case 128: f(std::integral_constant<int, 128>{}); break;
-    case 256: f(std::integral_constant<int, 256>{}); break;
-    default: CHECK_ARG(false, "head dim must be 64, 128 or 256 (pad in Python), got ", d);
-  }
+auto dispatch_head_dim(int64_t d, F&& f) {
+  if (d == 64) return f(std::integral_constant<int, 64>{});
+  if (d == 128) return f(std::integral_constant<int, 128>{});
+  CHECK_ARG(d == 256, "head dim must be 64, 128 or 256 (pad in Python), got ", d);
+  return f(std::integral_constant<int, 256>{});
 }
 
 // ---------------------------------------------------------------- checks
@@ -89,6 +81,27 @@ void check_opt(const OptTensor& t, const char* name, const Tensor& like, at::Sca
   check_dense(*t, name, like);
   check_dtype(*t, name, st);
   check_shape(*t, name, shape);
+}
+
+// t's data, or null when t is absent (check_opt has checked what is there).
+void* data_or_null(const OptTensor& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+float* float_data_or_null(const OptTensor& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
+
+// The sizes of a chunked launcher's token operands.
+struct TokenDims {
+  int64_t B, T, H, R, N;
+};
+
+// x and y [B, T, H, R], z and w [B, T, H, N]; layout is x's shape as the messages name it
+// ("[B, T, H, K]" for q). Shapes only: devices and dtypes are check_operands' job.
+TokenDims check_tokens(Named x, const char* layout, Named y, Named z, Named w) {
+  const Tensor& t = *x.first;
+  CHECK_ARG(t.dim() == 4, x.second, " must be ", layout, ", got ", t.sizes());
+  const TokenDims d{t.size(0), t.size(1), t.size(2), t.size(3), z.first->size(3)};
+  check_shape(*y.first, y.second, t.sizes());
+  check_shape(*z.first, z.second, {d.B, d.T, d.H, d.N});
+  check_shape(*w.first, w.second, {d.B, d.T, d.H, d.N});
+  return d;
 }
 
 // x: a token tensor [B, T, H, D]; cu_seqlens int32 [N + 1] (B == 1) or none.
@@ -127,12 +140,12 @@ la::GateParams gate_params(const OptTensor& g, const OptTensor& gamma, const Ten
   check_opt(g, "g", x, at::kFloat, {x.size(0), x.size(1), x.size(2)});
   check_opt(gamma, "gamma", x, at::kFloat, {x.size(2)});
   la::GateParams p;
-  p.g = g.has_value() ? g->data_ptr<float>() : nullptr;
-  p.gamma = gamma.has_value() ? gamma->data_ptr<float>() : nullptr;
+  p.g = float_data_or_null(g);
+  p.gamma = float_data_or_null(gamma);
   return p;
 }
 
-void check_launch(cudaError_t err, const char* what) {
+void check_launch(const char* what, cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess, "flash_attn_linear_cuda: ", what, " failed to launch: ", cudaGetErrorString(err));
 }
 
@@ -201,15 +214,13 @@ void masked_attn(const Tensor& x, const Tensor& y, const Tensor& z, const Tensor
   c10::cuda::CUDAGuard guard(x.device());
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const bool wide = la::masked_tile_n(p.r_dim, p.n_dim) == 128;
-  cudaError_t err = cudaSuccess;
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+  check_launch("masked_attn", dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using Tag = decltype(tag);
-    dispatch_head_dim(R, [&](auto r) {
+    return dispatch_head_dim(R, [&](auto r) {
       constexpr int kR = decltype(r)::value;
-      err = wide ? la::run_masked_attn<Tag, kR, 128>(p, stream) : la::run_masked_attn<Tag, kR, 64>(p, stream);
+      return wide ? la::run_masked_attn<Tag, kR, 128>(p, stream) : la::run_masked_attn<Tag, kR, 64>(p, stream);
     });
-  });
-  check_launch(err, "masked_attn");
+  }));
 }
 
 // dM = scale * (dout v^T) * (q k^T) per (b, h), summed over the mask's broadcast dimensions
@@ -262,9 +273,8 @@ void masked_mask_grad(const Tensor& q, const Tensor& k, const Tensor& v, const T
   p.mask_cols = static_cast<int>(dmask.size(3));
   p.scale = static_cast<float>(scale);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  cudaError_t err = cudaSuccess;
-  dispatch_dtype(q.scalar_type(), [&](auto tag) { err = la::run_mask_grad<decltype(tag)>(p, stream); });
-  check_launch(err, "masked_mask_grad");
+  check_launch("masked_mask_grad",
+               dispatch_dtype(q.scalar_type(), [&](auto tag) { return la::run_mask_grad<decltype(tag)>(p, stream); }));
 }
 
 // ---------------------------------------------------------------- launchers
@@ -298,18 +308,18 @@ void chunk_state(const Tensor& x, const Tensor& z, const OptTensor& g, const Opt
   CHECK_ARG(!pair_dot.has_value() || reverse, "pair_dot is for the reverse pass");
   check_opt(pair_states, "pair_states", x, x.scalar_type(), states.sizes());
   check_opt(pair_dot, "pair_dot", x, at::kFloat, {states.size(0), H, (R / 64) * (N / 32)});
-  p.pair_states = pair_states.has_value() ? pair_states->data_ptr() : nullptr;
-  p.pair_dot = pair_dot.has_value() ? pair_dot->data_ptr<float>() : nullptr;
+  p.pair_states = data_or_null(pair_states);
+  p.pair_dot = float_data_or_null(pair_dot);
   const bool per_key = gk_cum.has_value();
   CHECK_ARG(!per_key || (!g.has_value() && !gamma.has_value() && !pair_dot.has_value()),
             "gk_cum (GLA) goes without g, gamma and pair_dot");
   check_opt(gk_cum, "gk_cum", x, at::kFloat, x.sizes());
-  p.gk_cum = per_key ? gk_cum->data_ptr<float>() : nullptr;
+  p.gk_cum = float_data_or_null(gk_cum);
   p.x = x.data_ptr();
   p.z = z.data_ptr();
-  p.init = init.has_value() ? init->data_ptr<float>() : nullptr;
+  p.init = float_data_or_null(init);
   p.states = states.data_ptr();
-  p.final_state = final_state.has_value() ? final_state->data_ptr<float>() : nullptr;
+  p.final_state = float_data_or_null(final_state);
   p.r_dim = static_cast<int>(R);
   p.n_dim = static_cast<int>(N);
   p.scale = static_cast<float>(scale);
@@ -317,18 +327,16 @@ void chunk_state(const Tensor& x, const Tensor& z, const OptTensor& g, const Opt
                             : la::chunk_state_tile_n(p.seq.num_seqs, H, p.r_dim, p.n_dim, num_sms(x.get_device()));
   CHECK_ARG(bn == 32 || bn == 64, "tile_n must be 0 (auto), 32 or 64, got ", tile_n);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  cudaError_t err = cudaSuccess;
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+  check_launch("chunk_state", dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using Tag = decltype(tag);
-    dispatch_bool(reverse, [&](auto rev) {
-      dispatch_bool(per_key, [&](auto pk) {
+    return dispatch_bool(reverse, [&](auto rev) {
+      return dispatch_bool(per_key, [&](auto pk) {
         constexpr bool kRev = decltype(rev)::value, kPK = decltype(pk)::value;
-        err = bn == 64 ? la::run_chunk_state<Tag, 64, kRev, kPK>(p, stream)
-                       : la::run_chunk_state<Tag, 32, kRev, kPK>(p, stream);
+        return bn == 64 ? la::run_chunk_state<Tag, 64, kRev, kPK>(p, stream)
+                        : la::run_chunk_state<Tag, 32, kRev, kPK>(p, stream);
       });
     });
-  });
-  check_launch(err, "chunk_state");
+  }));
 }
 
 // out = rowscale * (x M) + intra_scale * ((x y^T) * D) z per chunk (see chunk_output.cuh).
@@ -339,11 +347,7 @@ void chunk_output(const Tensor& x, const Tensor& y, const Tensor& z, const Tenso
                   const OptTensor& cu_seqlens, const OptTensor& chunk_offsets, double inter_scale,
                   double intra_scale, bool trans_m, bool upper) {
   check_operands({{&x, "x"}, {&y, "y"}, {&z, "z"}, {&m, "m"}, {&out, "out"}}, x, x.scalar_type());
-  CHECK_ARG(x.dim() == 4, "x must be [B, T, H, R], got ", x.sizes());
-  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), R = x.size(3), N = z.size(3);
-  check_shape(y, "y", x.sizes());
-  check_shape(z, "z", {B, T, H, N});
-  check_shape(out, "out", {B, T, H, N});
+  const auto [B, T, H, R, N] = check_tokens({&x, "x"}, "[B, T, H, R]", {&y, "y"}, {&z, "z"}, {&out, "out"});
   CHECK_ARG(N % 64 == 0 && N > 0, "N must be a multiple of 64, got ", N);
   if (trans_m) {
     check_shape(m, "m", {m.size(0), H, N, R});
@@ -362,33 +366,31 @@ void chunk_output(const Tensor& x, const Tensor& y, const Tensor& z, const Tenso
   p.z = z.data_ptr();
   p.m = m.data_ptr();
   p.out = out.data_ptr();
-  p.dot = dot.has_value() ? dot->data_ptr() : nullptr;
-  p.rowdot = rowdot.has_value() ? rowdot->data_ptr<float>() : nullptr;
+  p.dot = data_or_null(dot);
+  p.rowdot = float_data_or_null(rowdot);
   p.r_dim = static_cast<int>(R);
   p.n_dim = static_cast<int>(N);
   p.inter_scale = static_cast<float>(inter_scale);
   p.intra_scale = static_cast<float>(intra_scale);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  cudaError_t err = cudaSuccess;
   const bool wide = la::chunk_output_tile_n(p.r_dim, p.n_dim) == 128;
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+  check_launch("chunk_output", dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using Tag = decltype(tag);
-    dispatch_head_dim(R, [&](auto r) {
+    return dispatch_head_dim(R, [&](auto r) {
       constexpr int kR = decltype(r)::value;
-      dispatch_bool(trans_m, [&](auto tm) {
-        dispatch_bool(upper, [&](auto up) {
+      return dispatch_bool(trans_m, [&](auto tm) {
+        return dispatch_bool(upper, [&](auto up) {
           constexpr bool kT = decltype(tm)::value, kU = decltype(up)::value;
           if constexpr (kR <= 128) {
-            err = wide ? la::run_chunk_output<Tag, kR, 128, kT, kU>(p, stream)
-                       : la::run_chunk_output<Tag, kR, 64, kT, kU>(p, stream);
+            return wide ? la::run_chunk_output<Tag, kR, 128, kT, kU>(p, stream)
+                        : la::run_chunk_output<Tag, kR, 64, kT, kU>(p, stream);
           } else {
-            err = la::run_chunk_output<Tag, kR, 64, kT, kU>(p, stream);
+            return la::run_chunk_output<Tag, kR, 64, kT, kU>(p, stream);
           }
         });
       });
     });
-  });
-  check_launch(err, "chunk_output");
+  }));
 }
 
 // dg [B, T, H] fp32 for scalar gates, per chunk (gate_grad.cu): q, k [B, T, H, K], v, dout
@@ -398,12 +400,8 @@ void gate_grad(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
                const OptTensor& gamma, const Tensor& rq, const Tensor& rk, const Tensor& pair, Tensor& dg,
                const OptTensor& cu_seqlens, const OptTensor& chunk_offsets, double scale) {
   check_operands({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&dout, "dout"}}, q, q.scalar_type());
-  CHECK_ARG(q.dim() == 4, "q must be [B, T, H, K], got ", q.sizes());
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = q.size(3), V = v.size(3);
+  const auto [B, T, H, K, V] = check_tokens({&q, "q"}, "[B, T, H, K]", {&k, "k"}, {&v, "v"}, {&dout, "dout"});
   CHECK_ARG(K % 64 == 0 && V % 64 == 0 && K > 0 && V > 0, "K and V must be multiples of 64, got ", K, ", ", V);
-  check_shape(k, "k", q.sizes());
-  check_shape(v, "v", {B, T, H, V});
-  check_shape(dout, "dout", {B, T, H, V});
   check_operands({{&rq, "rq"}, {&rk, "rk"}, {&pair, "pair"}, {&dg, "dg"}}, q, at::kFloat);
   check_shape(rq, "rq", {K / 64, B, T, H});
   check_shape(rk, "rk", {K / 64, B, T, H});
@@ -426,9 +424,8 @@ void gate_grad(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
   p.pair_tiles = static_cast<int>(pair.size(2));
   p.scale = static_cast<float>(scale);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  cudaError_t err = cudaSuccess;
-  dispatch_dtype(q.scalar_type(), [&](auto tag) { err = la::run_gate_grad<decltype(tag)>(p, stream); });
-  check_launch(err, "gate_grad");
+  check_launch("gate_grad",
+               dispatch_dtype(q.scalar_type(), [&](auto tag) { return la::run_gate_grad<decltype(tag)>(p, stream); }));
 }
 
 // Token by token: q, k [B, T, H, K]; v, out [B, T, H, V]; g [B, T, H] or gamma [H] fp32;
@@ -438,11 +435,7 @@ void recurrent(const Tensor& q, const Tensor& k, const Tensor& v, const OptTenso
                const OptTensor& final_state, const OptTensor& cu_seqlens, const OptTensor& chunk_offsets,
                double scale, bool reverse) {
   check_operands({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}}, q, q.scalar_type());
-  CHECK_ARG(q.dim() == 4, "q must be [B, T, H, K], got ", q.sizes());
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = q.size(3), V = v.size(3);
-  check_shape(k, "k", q.sizes());
-  check_shape(v, "v", {B, T, H, V});
-  check_shape(out, "out", {B, T, H, V});
+  const auto [B, T, H, K, V] = check_tokens({&q, "q"}, "[B, T, H, K]", {&k, "k"}, {&v, "v"}, {&out, "out"});
   CHECK_ARG(V % 32 == 0 && V > 0, "V must be a multiple of 32, got ", V);
   c10::cuda::CUDAGuard guard(q.device());
   la::RecurrentParams p;
@@ -452,25 +445,22 @@ void recurrent(const Tensor& q, const Tensor& k, const Tensor& v, const OptTenso
   check_opt(gv, "gv", q, at::kFloat, {B, T, H, V});
   check_opt(init, "init", q, at::kFloat, {p.seq.num_seqs, H, K, V});
   check_opt(final_state, "final_state", q, at::kFloat, {p.seq.num_seqs, H, K, V});
-  p.gk = gk.has_value() ? gk->data_ptr<float>() : nullptr;
-  p.gv = gv.has_value() ? gv->data_ptr<float>() : nullptr;
+  p.gk = float_data_or_null(gk);
+  p.gv = float_data_or_null(gv);
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.out = out.data_ptr();
-  p.init = init.has_value() ? init->data_ptr<float>() : nullptr;
-  p.final_state = final_state.has_value() ? final_state->data_ptr<float>() : nullptr;
+  p.init = float_data_or_null(init);
+  p.final_state = float_data_or_null(final_state);
   p.k_dim = static_cast<int>(K);
   p.v_dim = static_cast<int>(V);
   p.scale = static_cast<float>(scale);
   p.reverse = reverse;
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  cudaError_t err = cudaSuccess;
-  dispatch_dtype(q.scalar_type(), [&](auto tag) {
-    using Tag = decltype(tag);
-    dispatch_head_dim(K, [&](auto kd) { err = la::run_recurrent<Tag, decltype(kd)::value>(p, stream); });
-  });
-  check_launch(err, "recurrent");
+  check_launch("recurrent", dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    return dispatch_head_dim(K, [&](auto kd) { return la::run_recurrent<decltype(tag), decltype(kd)::value>(p, stream); });
+  }));
 }
 
 // ---------------------------------------------------------------- GLA (per-key gates)
@@ -489,7 +479,7 @@ void gla_cumsum(const Tensor& g, Tensor& out, const OptTensor& cu_seqlens, const
   p.g = g.data_ptr<float>();
   p.out = out.data_ptr<float>();
   p.k_dim = static_cast<int>(K);
-  check_launch(la::run_gla_cumsum(p, c10::cuda::getCurrentCUDAStream().stream()), "gla_cumsum");
+  check_launch("gla_cumsum", la::run_gla_cumsum(p, c10::cuda::getCurrentCUDAStream().stream()));
 }
 
 // GLA's per-chunk output (gla_output.cuh): x, y [B, T, H, R]; z, out [B, T, H, N]; m [S, H, R, N];
@@ -498,11 +488,7 @@ void gla_output(const Tensor& x, const Tensor& y, const Tensor& z, const Tensor&
                 const OptTensor& cu_seqlens, const OptTensor& chunk_offsets, double inter_scale, double intra_scale,
                 bool upper) {
   check_operands({{&x, "x"}, {&y, "y"}, {&z, "z"}, {&m, "m"}, {&out, "out"}}, x, x.scalar_type());
-  CHECK_ARG(x.dim() == 4, "x must be [B, T, H, R], got ", x.sizes());
-  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), R = x.size(3), N = z.size(3);
-  check_shape(y, "y", x.sizes());
-  check_shape(z, "z", {B, T, H, N});
-  check_shape(out, "out", {B, T, H, N});
+  const auto [B, T, H, R, N] = check_tokens({&x, "x"}, "[B, T, H, R]", {&y, "y"}, {&z, "z"}, {&out, "out"});
   CHECK_ARG(R % 64 == 0 && R > 0 && N % 64 == 0 && N > 0, "R and N must be multiples of 64, got ", R, " and ", N);
   check_shape(m, "m", {m.size(0), H, R, N});
   check_operands({{&b, "b"}}, x, at::kFloat);
@@ -522,15 +508,13 @@ void gla_output(const Tensor& x, const Tensor& y, const Tensor& z, const Tensor&
   p.intra_scale = static_cast<float>(intra_scale);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   const bool wide = la::gla_output_tile_n(p.n_dim) == 128;
-  cudaError_t err = cudaSuccess;
-  dispatch_dtype(x.scalar_type(), [&](auto tag) {
+  check_launch("gla_output", dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using Tag = decltype(tag);
-    dispatch_bool(upper, [&](auto up) {
+    return dispatch_bool(upper, [&](auto up) {
       constexpr bool kU = decltype(up)::value;
-      err = wide ? la::run_gla_output<Tag, 128, kU>(p, stream) : la::run_gla_output<Tag, 64, kU>(p, stream);
+      return wide ? la::run_gla_output<Tag, 128, kU>(p, stream) : la::run_gla_output<Tag, 64, kU>(p, stream);
     });
-  });
-  check_launch(err, "gla_output");
+  }));
 }
 
 // dq, dk [B, T, H, K] and dg fp32 [B, T, H, K] of GLA (gla_grad.cuh): q, k [B, T, H, K]; v, dout
@@ -540,12 +524,10 @@ void gla_grad(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& d
               const OptTensor& chunk_offsets, double scale) {
   check_operands({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&dout, "dout"}, {&h, "h"}, {&dh, "dh"}, {&dq, "dq"},
                   {&dk, "dk"}}, q, q.scalar_type());
-  CHECK_ARG(q.dim() == 4, "q must be [B, T, H, K], got ", q.sizes());
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = q.size(3), V = v.size(3);
+  const auto [B, T, H, K, V] = check_tokens({&q, "q"}, "[B, T, H, K]", {&k, "k"}, {&v, "v"}, {&dout, "dout"});
   CHECK_ARG(K % 64 == 0 && V % 64 == 0 && K > 0 && V > 0, "K and V must be multiples of 64, got ", K, ", ", V);
-  for (const auto& [t, name] : {Named{&k, "k"}, Named{&dq, "dq"}, Named{&dk, "dk"}}) check_shape(*t, name, q.sizes());
-  check_shape(v, "v", {B, T, H, V});
-  check_shape(dout, "dout", {B, T, H, V});
+  check_shape(dq, "dq", q.sizes());
+  check_shape(dk, "dk", q.sizes());
   check_shape(h, "h", {h.size(0), H, K, V});
   check_shape(dh, "dh", h.sizes());
   check_operands({{&b, "b"}, {&dg, "dg"}}, q, at::kFloat);
@@ -568,9 +550,8 @@ void gla_grad(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& d
   p.v_dim = static_cast<int>(V);
   p.scale = static_cast<float>(scale);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  cudaError_t err = cudaSuccess;
-  dispatch_dtype(q.scalar_type(), [&](auto tag) { err = la::run_gla_grad<decltype(tag)>(p, stream); });
-  check_launch(err, "gla_grad");
+  check_launch("gla_grad",
+               dispatch_dtype(q.scalar_type(), [&](auto tag) { return la::run_gla_grad<decltype(tag)>(p, stream); }));
 }
 
 }  // namespace

@@ -107,11 +107,9 @@ __global__ void __launch_bounds__(128) mask_grad_kernel(const MaskGradParams p) 
   };
 
   float cur[8][4], s_keep[8][4], acc[8][4];  // the running product, S of this contribution, dM
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) cur[i][e] = s_keep[i][e] = acc[i][e] = 0.f;
-  }
+  zero_frags(cur);
+  zero_frags(s_keep);
+  zero_frags(acc);
 
   Cursor next;  // the step the next load_step fetches
   load_step(next, 0);
@@ -133,13 +131,7 @@ __global__ void __launch_bounds__(128) mask_grad_kernel(const MaskGradParams p) 
     for (int kk = 0; kk < kSlice / 16; ++kk) {
       uint32_t a[4];
       load_a<kSlice>(a, sas, warp * 16, kk * 16, lane);
-#pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        uint32_t bf[4];
-        load_b_nk<kSlice>(bf, sbs, kk * 16, np * 16, lane);
-        E::mma(cur[2 * np], a, bf[0], bf[1]);
-        E::mma(cur[2 * np + 1], a, bf[2], bf[3]);
-      }
+      mma_b<E, kSlice, BLayout::kNK>(cur, a, sbs, kk * 16, lane);
     }
     if (sl == k_slices - 1) {  // S is complete: keep it, start dP
 #pragma unroll

@@ -80,11 +80,7 @@ __global__ void __launch_bounds__(128) masked_attn_kernel(const MaskedParams p) 
 
   const int64_t mask_b = static_cast<int64_t>(b) * p.mask_stride[0];
   float o[NT8][4];  // out tile: (16 rows) x (BN columns)
-#pragma unroll
-  for (int i = 0; i < NT8; ++i) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[i][e] = 0.f;
-  }
+  zero_frags(o);
 
   for (int s = 0; s < steps; ++s) {
     const int stage = s & 1;
@@ -105,22 +101,12 @@ __global__ void __launch_bounds__(128) masked_attn_kernel(const MaskedParams p) 
     const T* szs = sz + stage * kTile * BN;
 
     float s_acc[8][4];  // S = x_w y^T: (16 rows) x (64 y rows)
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s_acc[i][e] = 0.f;
-    }
+    zero_frags(s_acc);
 #pragma unroll
     for (int kk = 0; kk < R / 16; ++kk) {
       uint32_t a[4];
       load_a<R>(a, sx, warp * 16, kk * 16, lane);
-#pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        uint32_t bf[4];
-        load_b_nk<R>(bf, sys, kk * 16, np * 16, lane);
-        E::mma(s_acc[2 * np], a, bf[0], bf[1]);
-        E::mma(s_acc[2 * np + 1], a, bf[2], bf[3]);
-      }
+      mma_b<E, R, BLayout::kNK>(s_acc, a, sys, kk * 16, lane);
     }
 
     // P = S * M as A fragments, one per 16 y rows: a[0] (g, 2t..), a[1] (g + 8, 2t..),
@@ -135,15 +121,7 @@ __global__ void __launch_bounds__(128) masked_attn_kernel(const MaskedParams p) 
       pa[blk][3] = E::pack(s_acc[hi][2] * mk[hi][2], s_acc[hi][3] * mk[hi][3]);
     }
 #pragma unroll
-    for (int blk = 0; blk < 4; ++blk) {
-#pragma unroll
-      for (int np = 0; np < BN / 16; ++np) {
-        uint32_t bf[4];
-        load_b_kn<BN>(bf, szs, blk * 16, np * 16, lane);
-        E::mma(o[2 * np], pa[blk], bf[0], bf[1]);
-        E::mma(o[2 * np + 1], pa[blk], bf[2], bf[3]);
-      }
-    }
+    for (int blk = 0; blk < 4; ++blk) mma_b<E, BN, BLayout::kKN>(o, pa[blk], szs, blk * 16, lane);
     __syncthreads();  // every warp is done with this stage before step s + 1 refills it
   }
 

@@ -150,4 +150,36 @@ __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const T* tile, int k
   ldsm_x4_t(b, tile + swz<COLS>(row, col));
 }
 
+// ---------------------------------------------------------------- one warp's 16-row products
+// c[nt] is the C fragment of n tile nt: 16 rows x columns 8 nt .. 8 nt + 7.
+
+template <int NT>
+__device__ __forceinline__ void zero_frags(float (&c)[NT][4]) {
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c[i][e] = 0.f;
+  }
+}
+
+// How a B operand's tile is stored: [k][n] (M, z) or [n][k] (y of the scores x y^T).
+enum class BLayout { kKN, kNK };
+
+// c += a * B over all 8 NT columns of c, B = k rows k0 .. k0 + 15 of a COLS-wide tile.
+template <typename E, int COLS, BLayout kLayout, int NT, typename T>
+__device__ __forceinline__ void mma_b(float (&c)[NT][4], const uint32_t (&a)[4], const T* tile, int k0, int lane) {
+  static_assert(NT % 2 == 0, "whole 16-column B fragments");
+#pragma unroll
+  for (int np = 0; np < NT / 2; ++np) {
+    uint32_t b[4];
+    if constexpr (kLayout == BLayout::kKN) {
+      load_b_kn<COLS>(b, tile, k0, np * 16, lane);
+    } else {
+      load_b_nk<COLS>(b, tile, k0, np * 16, lane);
+    }
+    E::mma(c[2 * np], a, b[0], b[1]);
+    E::mma(c[2 * np + 1], a, b[2], b[3]);
+  }
+}
+
 }  // namespace linear_attn

@@ -115,6 +115,23 @@ def _pad_state(s, kd, vd):
     return s.contiguous()
 
 
+def _pad_inputs(q, k, v, h0):
+    """q, k, v zero-padded to the compiled head dims, h0 (or None) to match in fp32, and the
+    dims (K, V, kd, vd) that _unpad_outputs takes."""
+    K, V = q.shape[-1], v.shape[-1]
+    kd, vd = kernel_head_dim(K), kernel_head_dim(V)
+    return _pad_last(q, kd), _pad_last(k, kd), _pad_last(v, vd), _pad_state(h0, kd, vd), (K, V, kd, vd)
+
+
+def _unpad_outputs(o, ht, dims):
+    """The padding cut off the kernels' o [..., V] and final state [..., K, V] (views)."""
+    K, V, kd, vd = dims
+    o = o[..., :V] if vd != V else o
+    if ht is not None and (kd, vd) != (K, V):
+        ht = ht[..., :K, :V]
+    return o, ht
+
+
 class Seqs:
     """Where each sequence's chunks are: cu_seqlens int32 (or None), chunk_offsets int32
     [N + 1] (each sequence's first state slot; varlen only), the slot count and N."""
@@ -206,23 +223,17 @@ class SimpleGLAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, gamma, h0, scale, output_final_state, cu_seqlens, recurrent):
         ext = extension()
-        K, V = q.shape[-1], v.shape[-1]
-        kd, vd = kernel_head_dim(K), kernel_head_dim(V)
-        qp, kp, vp = _pad_last(q, kd), _pad_last(k, kd), _pad_last(v, vd)
+        qp, kp, vp, h0p, dims = _pad_inputs(q, k, v, h0)
         g32, gamma32 = _gates(g, gamma)
-        h0p = _pad_state(h0, kd, vd)
         seqs = Seqs(q.shape[0], q.shape[1], cu_seqlens, q.device)
         run = recurrent_forward if recurrent else chunk_forward
         o, ht = run(ext, qp, kp, vp, g32, gamma32, scale, h0p, output_final_state, seqs)
         ctx.save_for_backward(qp, kp, vp, g32, gamma32, h0p)
-        ctx.seqs, ctx.scale, ctx.dims = seqs, scale, (K, V, kd, vd)
+        ctx.seqs, ctx.scale, ctx.dims = seqs, scale, dims
         ctx.g_dtype = None if g is None else g.dtype
         ctx.gamma_dtype = None if gamma is None else gamma.dtype
         ctx.h0_given = h0 is not None
-        o = o[..., :V] if vd != V else o
-        if ht is not None:
-            ht = ht[..., :K, :V] if (kd, vd) != (K, V) else ht
-        return o, ht
+        return _unpad_outputs(o, ht, dims)
 
     @staticmethod
     def backward(ctx, do, dht):
@@ -282,11 +293,8 @@ class GLAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, h0, scale, output_final_state, cu_seqlens, recurrent):
         ext = extension()
-        K, V = q.shape[-1], v.shape[-1]
-        kd, vd = kernel_head_dim(K), kernel_head_dim(V)
-        qp, kp, vp = _pad_last(q, kd), _pad_last(k, kd), _pad_last(v, vd)
-        gp = _pad_last(g.float(), kd)  # padded keys: gate 0 (no decay) on zero q, k
-        h0p = _pad_state(h0, kd, vd)
+        qp, kp, vp, h0p, dims = _pad_inputs(q, k, v, h0)
+        gp = _pad_last(g.float(), dims[2])  # padded keys: gate 0 (no decay) on zero q, k
         seqs = Seqs(q.shape[0], q.shape[1], cu_seqlens, q.device)
         if recurrent:
             o, ht = recurrent_forward(ext, qp, kp, vp, None, None, scale, h0p, output_final_state, seqs, gk=gp)
@@ -294,13 +302,10 @@ class GLAFunction(torch.autograd.Function):
             o, ht = gla_chunk_forward(ext, qp, kp, vp, gla_cumsum(ext, gp, seqs), scale, h0p, output_final_state,
                                       seqs)
         ctx.save_for_backward(qp, kp, vp, gp, h0p)
-        ctx.seqs, ctx.scale, ctx.dims = seqs, scale, (K, V, kd, vd)
+        ctx.seqs, ctx.scale, ctx.dims = seqs, scale, dims
         ctx.g_dtype = g.dtype
         ctx.h0_given = h0 is not None
-        o = o[..., :V] if vd != V else o
-        if ht is not None:
-            ht = ht[..., :K, :V] if (kd, vd) != (K, V) else ht
-        return o, ht
+        return _unpad_outputs(o, ht, dims)
 
     @staticmethod
     def backward(ctx, do, dht):
@@ -328,6 +333,40 @@ def _flipped_cu(cu_seqlens, T):
     return None if cu_seqlens is None else (T - cu_seqlens.flip(0)).to(cu_seqlens.dtype)
 
 
+def _reversed_inputs(xs, initial_state, cu_seqlens):
+    """reverse=True through the autograd Functions: the [B, T, ...] tensors xs (None passes)
+    with each sequence run backwards, and the initial states and cu_seqlens to match.
+    _reversed_outputs turns (o, ht) back."""
+    T = xs[0].shape[1]
+    xs = [_flip_sequences(x, cu_seqlens) for x in xs]
+    if cu_seqlens is not None and initial_state is not None:
+        initial_state = initial_state.flip(0)
+    return xs, initial_state, _flipped_cu(cu_seqlens, T)
+
+
+def _reversed_outputs(o, ht, cu_seqlens):
+    o = o.flip(1)
+    if ht is not None and cu_seqlens is not None:
+        ht = ht.flip(0)
+    return o, ht
+
+
+def _decode(ext, q, k, v, scale, initial_state, output_final_state, reverse, cu_seqlens, g=None, gamma=None,
+            gk=None, gv=None):
+    """fused_recurrent_* without gradients (decoding): the token-by-token kernel, reverse in
+    place, no autograd; scalar gates g / gamma or GLA's per-key gk / per-value gv."""
+    qp, kp, vp, h0p, dims = _pad_inputs(q, k, v, initial_state)
+    _, _, kd, vd = dims
+    g32, gamma32 = _gates(g, gamma)
+    gk32 = None if gk is None else _pad_last(gk.float(), kd)
+    gv32 = None if gv is None else _pad_last(gv.float(), vd)
+    seqs = Seqs(q.shape[0], q.shape[1], cu_seqlens, q.device)
+    o, ht = recurrent_forward(ext, qp, kp, vp, g32, gamma32, scale, h0p, output_final_state, seqs, reverse, gk32,
+                              gv32)
+    o, ht = _unpad_outputs(o, ht, dims)
+    return o, None if ht is None else ht.contiguous()  # the next step's initial_state
+
+
 def simple_gla(fn, mode, q, k, v, g, g_gamma, scale, initial_state, output_final_state, reverse, cu_seqlens):
     """chunk_* (mode "chunk") and fused_recurrent_* (mode "recurrent") of the simple-GLA family
     on CUDA: fp16/bf16 inputs with head dims <= 256. Checked arguments, states [N, H, K, V].
@@ -336,72 +375,30 @@ def simple_gla(fn, mode, q, k, v, g, g_gamma, scale, initial_state, output_final
     grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, g, g_gamma, initial_state))
     if mode == "recurrent" and not grad:
-        # decoding: the token-by-token kernel, reverse in place, no autograd
-        K, V = q.shape[-1], v.shape[-1]
-        kd, vd = kernel_head_dim(K), kernel_head_dim(V)
-        g32, gamma32 = _gates(g, g_gamma)
-        seqs = Seqs(q.shape[0], q.shape[1], cu_seqlens, q.device)
-        o, ht = recurrent_forward(ext, _pad_last(q, kd), _pad_last(k, kd), _pad_last(v, vd), g32, gamma32, scale,
-                                  _pad_state(initial_state, kd, vd), output_final_state, seqs, reverse)
-        o = o[..., :V] if vd != V else o
-        if ht is not None and (kd, vd) != (K, V):
-            ht = ht[..., :K, :V].contiguous()
-        return o, ht
-    T = q.shape[1]
+        return _decode(ext, q, k, v, scale, initial_state, output_final_state, reverse, cu_seqlens, g=g,
+                       gamma=g_gamma)
     if reverse:
-        q, k, v, g = (_flip_sequences(x, cu_seqlens) for x in (q, k, v, g))
-        if cu_seqlens is not None and initial_state is not None:
-            initial_state = initial_state.flip(0)
-        cu_seqlens = _flipped_cu(cu_seqlens, T)
+        (q, k, v, g), initial_state, cu_seqlens = _reversed_inputs((q, k, v, g), initial_state, cu_seqlens)
     o, ht = SimpleGLAFunction.apply(q, k, v, g, g_gamma, initial_state, scale, output_final_state, cu_seqlens,
                                     mode == "recurrent")
-    if reverse:
-        o = o.flip(1)
-        if ht is not None and cu_seqlens is not None:
-            ht = ht.flip(0)
-    return o, ht
+    return _reversed_outputs(o, ht, cu_seqlens) if reverse else (o, ht)
 
 
 def gla(fn, mode, q, k, v, gk, gv, scale, initial_state, output_final_state, reverse, cu_seqlens):
     """chunk_gla (mode "chunk") and fused_recurrent_gla (mode "recurrent") on CUDA: fp16/bf16
     inputs with head dims <= 256, per-key gates gk [B, T, H, K] and/or (recurrent only)
     per-value gates gv. Checked arguments, states [N, H, K, V]. Returns (o, final state or None)."""
-    require_extension(fn)
+    ext = require_extension(fn)
     grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, gk, gv, initial_state))
     if mode == "recurrent" and not grad:
-        # decoding: the token-by-token kernel, reverse in place, no autograd
-        return gla_recurrent(fn, q, k, v, gk, gv, scale, initial_state, output_final_state, reverse, cu_seqlens)
+        return _decode(ext, q, k, v, scale, initial_state, output_final_state, reverse, cu_seqlens, gk=gk, gv=gv)
     if gv is not None:
         raise NotImplementedError(
             f"flash_attn.linear_attn.{fn}: gradients through a value gate gv have no CUDA kernel yet (the "
             f"chunked GLA backward covers the key gates gk); CPU tensors run the PyTorch reference (move the "
             f"inputs with .cpu())")
-    T = q.shape[1]
     if reverse:
-        q, k, v, gk = (_flip_sequences(x, cu_seqlens) for x in (q, k, v, gk))
-        if cu_seqlens is not None and initial_state is not None:
-            initial_state = initial_state.flip(0)
-        cu_seqlens = _flipped_cu(cu_seqlens, T)
+        (q, k, v, gk), initial_state, cu_seqlens = _reversed_inputs((q, k, v, gk), initial_state, cu_seqlens)
     o, ht = GLAFunction.apply(q, k, v, gk, initial_state, scale, output_final_state, cu_seqlens, mode == "recurrent")
-    if reverse:
-        o = o.flip(1)
-        if ht is not None and cu_seqlens is not None:
-            ht = ht.flip(0)
-    return o, ht
-
-
-def gla_recurrent(fn, q, k, v, gk, gv, scale, initial_state, output_final_state, reverse, cu_seqlens):
-    """fused_recurrent_gla on CUDA without gradients (per-key gk / per-value gv gates)."""
-    ext = require_extension(fn)
-    K, V = q.shape[-1], v.shape[-1]
-    kd, vd = kernel_head_dim(K), kernel_head_dim(V)
-    seqs = Seqs(q.shape[0], q.shape[1], cu_seqlens, q.device)
-    gk32 = None if gk is None else _pad_last(gk.float(), kd)
-    gv32 = None if gv is None else _pad_last(gv.float(), vd)
-    o, ht = recurrent_forward(ext, _pad_last(q, kd), _pad_last(k, kd), _pad_last(v, vd), None, None, scale,
-                              _pad_state(initial_state, kd, vd), output_final_state, seqs, reverse, gk32, gv32)
-    o = o[..., :V] if vd != V else o
-    if ht is not None and (kd, vd) != (K, V):
-        ht = ht[..., :K, :V].contiguous()
-    return o, ht
+    return _reversed_outputs(o, ht, cu_seqlens) if reverse else (o, ht)
