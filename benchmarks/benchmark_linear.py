@@ -8,9 +8,14 @@ g = logsigmoid(randn) [B, T, H]), chunk_retention (fixed per-head decay) and chu
 (normalize=False). Both sides are called
 through their public APIs with the same tensors (fla's ops take the same arguments).
 
-Modes (--mode, default both):
+Modes (--mode, default fwd,fwdbwd; "all" adds decode):
   fwd     one forward, inputs without requires_grad;
-  fwdbwd  one forward and torch.autograd.grad(o, inputs, do) per iteration.
+  fwdbwd  one forward and torch.autograd.grad(o, inputs, do) per iteration;
+  decode  one recurrent decoding step (T = 1) of fused_recurrent_simple_gla (g [B, 1, H]),
+          fused_recurrent_retention and fused_recurrent_gla (gk [B, 1, H, K]) against a
+          carried fp32 state [B, H, K, V] (initial_state, output_final_state=True), at the
+          batches of --batches (default 1,8,32,128). Besides ms, each side's GB/s of the state
+          read + written (2 * B*H*K*V*4 bytes). Short, but not in the default run.
 Times are medians of triton.testing.do_bench (flash_attn._bench.time_ms). The ratio of a
 row is fla_ms / ours_ms (above 1: ours is faster); the target is >= 1.5 at every shape.
 A side that raises (fla refuses chunk_simple_gla's gated backward on Hopper with some Triton
@@ -24,6 +29,7 @@ without a GPU (for CPU tests). The commit comes from $FLASH_ATTN_GIT_COMMIT, els
 
     PYTHONPATH=/path/to/fla-core python benchmarks/benchmark_linear.py
     python benchmarks/benchmark_linear.py --mode fwd --ops chunk_simple_gla --shapes 8x2048,1x65536
+    python benchmarks/benchmark_linear.py --mode decode --batches 1,8,32,128
     python benchmarks/benchmark_linear.py --dry-run
 """
 import argparse
@@ -39,12 +45,25 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SHAPES = ((8, 2048), (4, 4096), (2, 8192), (1, 16384), (1, 65536))
 DEFAULT_OPS = ("chunk_simple_gla", "chunk_retention", "chunk_gla")
 ALL_OPS = ("chunk_simple_gla", "chunk_retention", "chunk_gla", "chunk_linear_attn")
+DECODE_OPS = ("fused_recurrent_simple_gla", "fused_recurrent_retention", "fused_recurrent_gla")
+DEFAULT_BATCHES = (1, 8, 32, 128)
 FLA_MODULES = {"chunk_simple_gla": "fla.ops.simple_gla", "chunk_retention": "fla.ops.retention",
-               "chunk_gla": "fla.ops.gla", "chunk_linear_attn": "fla.ops.linear_attn"}
-MODES = ("fwd", "fwdbwd")
+               "chunk_gla": "fla.ops.gla", "chunk_linear_attn": "fla.ops.linear_attn",
+               "fused_recurrent_simple_gla": "fla.ops.simple_gla",
+               "fused_recurrent_retention": "fla.ops.retention", "fused_recurrent_gla": "fla.ops.gla"}
+MODES = ("fwd", "fwdbwd", "decode")
+CHUNK_MODES = ("fwd", "fwdbwd")
 TARGET_RATIO = 1.5
 TIMED_REGION = {"fwd": "one forward call; inputs without requires_grad",
-                "fwdbwd": "one forward and torch.autograd.grad(o, (q, k, v[, g]), do) per iteration"}
+                "fwdbwd": "one forward and torch.autograd.grad(o, (q, k, v[, g]), do) per iteration",
+                "decode": "one fused_recurrent_* call, T = 1, initial_state fp32 [B, H, K, V], "
+                          "output_final_state=True"}
+# ../shared/ANCHORS.md: fla-core 0.6.0 decoding steps on one H100 80GB HBM3 (T = 1, D = 128,
+# fp32 state in and out), for reference only; compare ratios taken in one run.
+DECODE_ANCHORS = {"source": "ANCHORS.md, fla-core 0.6.0 on H100 80GB HBM3 (do_bench median)", "rows": [
+    {"B": 1, "H": 16, "fused_recurrent_simple_gla_us": 222, "fused_recurrent_gla_us": 60},
+    {"B": 32, "H": 16, "fused_recurrent_simple_gla_us": 73, "fused_recurrent_gla_us": 63},
+    {"B": 128, "H": 32, "fused_recurrent_simple_gla_us": 237, "fused_recurrent_gla_us": 216}]}
 
 
 def _load_attn_helpers():
@@ -69,6 +88,13 @@ def _shape_list(text):
     return out
 
 
+def _int_list(text):
+    parts = [x for x in re.split(r"[,\s]+", text.strip()) if x]
+    if not parts or not all(x.isdigit() and int(x) > 0 for x in parts):
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,8,32,128, got {text!r}")
+    return [int(x) for x in parts]
+
+
 def _choice_list(choices):
     def parse(text):
         parts = [x for x in re.split(r"[,\s]+", text.strip()) if x]
@@ -85,10 +111,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", type=Path, default=None,
                    help="where the JSON goes (default benchmarks/results; a temporary folder with --dry-run)")
-    p.add_argument("--mode", type=_choice_list(MODES), default=list(MODES), help="fwd, fwdbwd or all")
+    p.add_argument("--mode", type=_choice_list(MODES), default=list(CHUNK_MODES),
+                   help="some of fwd, fwdbwd, decode, or all (default fwd,fwdbwd: decode is left out of the "
+                        "default run; all includes it)")
     p.add_argument("--ops", type=_choice_list(ALL_OPS), default=list(DEFAULT_OPS),
                    help=f"some of {', '.join(ALL_OPS)} (default: {', '.join(DEFAULT_OPS)})")
     p.add_argument("--shapes", type=_shape_list, default=list(DEFAULT_SHAPES), help="BxT list, e.g. 8x2048,1x65536")
+    p.add_argument("--decode-ops", type=_choice_list(DECODE_OPS), default=list(DECODE_OPS),
+                   help=f"--mode decode: some of {', '.join(DECODE_OPS)} (default all)")
+    p.add_argument("--batches", type=_int_list, default=list(DEFAULT_BATCHES),
+                   help="--mode decode: batch sizes, e.g. 1,8,32,128 (T = 1)")
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--head-dim", type=int, default=128, help="K = V")
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
@@ -116,6 +148,19 @@ def finish_row(row):
     ours = row["results"].get("ours", {}).get("ms")
     fla = row["results"].get("fla", {}).get("ms")
     row["speedup_vs_fla"] = (fla / ours) if (ours and fla) else None
+    return row
+
+
+def state_bytes(B, H, K, V):
+    """Bytes of the fp32 state read and written by one decoding step."""
+    return 2 * B * H * K * V * 4
+
+
+def add_state_bandwidth(row):
+    """A decode row: its state bytes and each timed side's GB/s of them."""
+    row["state_bytes"] = nbytes = state_bytes(row["B"], row["H"], row["K"], row["V"])
+    for res in row["results"].values():
+        res["state_gbps"] = nbytes / (res["ms"] * 1e-3) / 1e9 if res.get("ms") else None
     return row
 
 
@@ -152,13 +197,15 @@ class Bench:
         self.fla = {}
         self.fla_error = None
         if not args.no_fla:
-            for op in args.ops:
+            ops = [o for o in args.ops if set(args.mode) & set(CHUNK_MODES)]
+            ops += [o for o in args.decode_ops if "decode" in args.mode]
+            for op in ops:
                 try:
                     self.fla[op] = getattr(importlib.import_module(FLA_MODULES[op]), op)
                 except Exception as exc:  # no fla-core, or an op it lacks
                     self.fla_error = error_text(exc)
 
-    def setup(self, B, T, H, D):
+    def setup(self, B, T, H, D, state=False):
         torch = self.torch
         gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -169,9 +216,10 @@ class Bench:
         self.g = torch.nn.functional.logsigmoid(randn(B, T, H))
         self.gk = torch.nn.functional.logsigmoid(randn(B, T, H, D))
         self.do = randn(B, T, H, D).to(self.dtype)
+        self.h0 = randn(B, H, D, D) * 0.1 if state else None
 
     def teardown(self):
-        self.q = self.k = self.v = self.g = self.gk = self.do = None
+        self.q = self.k = self.v = self.g = self.gk = self.do = self.h0 = None
         self.torch.cuda.empty_cache()
 
     def _call(self, fn, op, grad):
@@ -186,6 +234,13 @@ class Bench:
             g = self.gk.detach().requires_grad_(grad)
             inputs.append(g)
             run = lambda: fn(q, k, v, g)  # noqa: E731
+        elif op.startswith("fused_recurrent_"):  # one decoding step against the carried state
+            kw = {"initial_state": self.h0, "output_final_state": True}
+            if op == "fused_recurrent_simple_gla":
+                kw["g"] = self.g
+            elif op == "fused_recurrent_gla":
+                kw["gk"] = self.gk
+            run = lambda: fn(q, k, v, **kw)  # noqa: E731
         elif op == "chunk_linear_attn":
             run = lambda: fn(q, k, v, normalize=False)  # noqa: E731
         else:
@@ -220,13 +275,16 @@ class FakeBench:
     def __init__(self, args):
         self.fla_error = None
 
-    def setup(self, B, T, H, D):
+    def setup(self, B, T, H, D, state=False):
         self.tokens = B * T * H * D
+        self.state_bytes = state_bytes(B, H, D, D) if state else 0
 
     def teardown(self):
         pass
 
     def time_ms(self, side, op, mode):
+        if mode == "decode":  # fla: a launch-bound 60 us floor; ours: 8 us plus the state at 2.5 TB/s
+            return 0.060 + self.state_bytes / 2.0e9 if side == "fla" else 0.008 + self.state_bytes / 2.5e9
         if side == "fla" and op == "chunk_simple_gla" and mode == "fwdbwd":
             raise RuntimeError("Triton miscompile on Hopper (dry run)")
         base = self.tokens / 1.2e8 * (3.0 if mode == "fwdbwd" else 1.0)
@@ -236,25 +294,34 @@ class FakeBench:
         return 2e-3
 
 
+def _measure(args, bench, op, mode, B, T):
+    row = new_row(op, mode, B, T, args.heads, args.head_dim)
+    for side in ["ours"] + ([] if args.no_fla else ["fla"]):
+        record(row, side, lambda side=side: bench.time_ms(side, op, mode))
+    if mode in ("fwd", "decode") and not args.no_fla:
+        try:
+            row["rms_ratio_vs_fla"] = bench.agreement(op)
+        except Exception as exc:
+            row["rms_ratio_vs_fla"] = None
+            row["agreement_error"] = error_text(exc)
+    if mode == "decode":
+        add_state_bandwidth(row)
+    return finish_row(row)
+
+
 def run_grid(args, bench, log=print):
     rows = []
-    sides = ["ours"] + ([] if args.no_fla else ["fla"])
-    for B, T in args.shapes:
-        bench.setup(B, T, args.heads, args.head_dim)
+    chunk_modes = [m for m in args.mode if m in CHUNK_MODES]
+    grid = [(B, T, False, args.ops, chunk_modes) for B, T in args.shapes if chunk_modes]
+    if "decode" in args.mode:
+        grid += [(B, 1, True, args.decode_ops, ["decode"]) for B in args.batches]
+    for B, T, state, ops, modes in grid:
+        bench.setup(B, T, args.heads, args.head_dim, state=state)
         try:
-            for op in args.ops:
-                for mode in args.mode:
-                    row = new_row(op, mode, B, T, args.heads, args.head_dim)
-                    for side in sides:
-                        record(row, side, lambda side=side: bench.time_ms(side, op, mode))
-                    if mode == "fwd" and not args.no_fla:
-                        try:
-                            row["rms_ratio_vs_fla"] = bench.agreement(op)
-                        except Exception as exc:
-                            row["rms_ratio_vs_fla"] = None
-                            row["agreement_error"] = error_text(exc)
-                    rows.append(finish_row(row))
-                    log(_row_line(row))
+            for op in ops:
+                for mode in modes:
+                    rows.append(_measure(args, bench, op, mode, B, T))
+                    log(_row_line(rows[-1]))
         finally:
             bench.teardown()
     return rows
@@ -268,8 +335,10 @@ def _fmt(x, spec):
 
 def _row_line(r):
     ours, fla = r["results"].get("ours", {}), r["results"].get("fla", {})
-    return (f"{r['op']:<18} {r['mode']:<7} {r['B']:>2}x{r['T']:<6} ours {_fmt(ours.get('ms'), '8.3f')} ms  "
-            f"fla {_fmt(fla.get('ms'), '8.3f')} ms  speedup {_fmt(r['speedup_vs_fla'], '5.2f')}"
+    gbps = (f"  state GB/s ours {_fmt(ours.get('state_gbps'), '7.1f')} fla {_fmt(fla.get('state_gbps'), '7.1f')}"
+            if "state_bytes" in r else "")
+    return (f"{r['op']:<26} {r['mode']:<7} {r['B']:>2}x{r['T']:<6} ours {_fmt(ours.get('ms'), '8.3f')} ms  "
+            f"fla {_fmt(fla.get('ms'), '8.3f')} ms  speedup {_fmt(r['speedup_vs_fla'], '5.2f')}" + gbps
             + (f"  [ours: {ours['error']}]" if ours.get("error") else "")
             + (f"  [fla: {fla['error']}]" if fla.get("error") else ""))
 
@@ -279,21 +348,28 @@ def print_summary(doc, log=print):
         + (" -- DRY RUN, MADE-UP NUMBERS" if doc.get("dry_run") else ""))
     for s in doc["summary"]:
         worst = s["worst"]
-        log(f"  {s['op']:<18} {s['mode']:<7} target >= {TARGET_RATIO}x fla: {s['status']}"
+        log(f"  {s['op']:<26} {s['mode']:<7} target >= {TARGET_RATIO}x fla: {s['status']}"
             + (f" (worst {worst['speedup']:.2f}x at {worst['B']}x{worst['T']})" if worst else "")
             + (f", ours failed on {s['ours_failed']} shape(s)" if s["ours_failed"] else ""))
 
 
 def assemble(args, rows, env, commit, fla_version):
+    chunked = bool(set(args.mode) & set(CHUNK_MODES))
     doc = {"benchmark": "linear_attn", "commit": commit, "env": env, "fla_version": fla_version,
            "dtype": args.dtype, "heads": args.heads, "head_dim": args.head_dim,
-           "shapes": [f"{B}x{T}" for B, T in args.shapes], "ops": list(args.ops), "modes": list(args.mode),
+           "shapes": [f"{B}x{T}" for B, T in args.shapes] if chunked else [],
+           "ops": list(args.ops) if chunked else [], "modes": list(args.mode),
            "timing": {"method": "triton.testing.do_bench median (flash_attn._bench.time_ms)",
                       "rep_ms": args.rep_ms, "timed_region": {m: TIMED_REGION[m] for m in args.mode}},
            "inputs": "q, k, v randn; g = logsigmoid(randn) fp32 [B, T, H] (chunk_gla: [B, T, H, K]); "
-                     "do randn; scale default",
+                     "do randn; scale default; decode: T = 1, g [B, 1, H] (fused_recurrent_gla: gk "
+                     "[B, 1, H, K]), initial_state 0.1 * randn fp32 [B, H, K, V]",
            "target": {"speedup_vs_fla": TARGET_RATIO, "source": "linear-attention issue"},
            "results": rows, "summary": summarize(rows)}
+    if "decode" in args.mode:
+        doc["decode"] = {"ops": list(args.decode_ops), "batches": list(args.batches),
+                         "state_bandwidth": "state_gbps = 2 * B*H*K*V*4 bytes (fp32 state read + written) / time",
+                         "reference": DECODE_ANCHORS}
     if args.dry_run:
         doc["dry_run"] = "made-up timings from benchmark_linear.FakeBench, not a measurement"
     return doc

@@ -62,3 +62,59 @@ def test_dry_run_writes_json(bl, tmp_path, monkeypatch):
     assert len(gla) == 5 * 2 and all(r["results"]["ours"]["ms"] and r["results"]["fla"]["ms"] for r in gla)
     assert status[("chunk_simple_gla", "fwdbwd")] == "not measured"  # fla refuses in the dry run
     assert any("DRY RUN" in line for line in lines)
+
+
+def test_decode_args(bl):
+    args = bl.parse_args(["--mode", "decode"])
+    assert args.mode == ["decode"] and args.batches == [1, 8, 32, 128] and args.decode_ops == list(bl.DECODE_OPS)
+    args = bl.parse_args(["--mode", "all", "--batches", "4, 2", "--decode-ops", "fused_recurrent_gla"])
+    assert args.mode == ["fwd", "fwdbwd", "decode"] and args.batches == [4, 2]
+    assert args.decode_ops == ["fused_recurrent_gla"]
+    assert "decode" not in bl.parse_args([]).mode  # the default run stays short
+    with pytest.raises(argparse.ArgumentTypeError):
+        bl._int_list("8,0")
+    assert bl.state_bytes(8, 16, 128, 128) == 2 * 8 * 16 * 128 * 128 * 4
+
+
+def test_dry_run_decode(bl, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN_GIT_COMMIT", "abc123")
+    fake_time = bl.FakeBench.time_ms
+
+    def time_ms(self, side, op, mode):  # fla refusing one decode op, as it may on some Triton
+        if side == "fla" and op == "fused_recurrent_retention":
+            raise RuntimeError("fla refuses (test)")
+        return fake_time(self, side, op, mode)
+
+    monkeypatch.setattr(bl.FakeBench, "time_ms", time_ms)
+    doc, path = bl.main(["--dry-run", "--out-dir", str(tmp_path), "--mode", "decode"], log=lambda line: None)
+    assert path == tmp_path / "linear_decode_dry-run_abc123.json"
+    saved = json.loads(path.read_text())
+    assert saved["modes"] == ["decode"] and saved["shapes"] == [] and saved["ops"] == []
+    assert saved["decode"]["batches"] == [1, 8, 32, 128] and saved["decode"]["ops"] == list(bl.DECODE_OPS)
+    assert saved["decode"]["reference"]["rows"] and "decode" in saved["timing"]["timed_region"]
+    rows = saved["results"]
+    assert len(rows) == 4 * 3 and {r["mode"] for r in rows} == {"decode"} and {r["T"] for r in rows} == {1}
+    for r in rows:
+        assert r["state_bytes"] == 2 * r["B"] * 16 * 128 * 128 * 4
+        ours = r["results"]["ours"]
+        assert ours["state_gbps"] == pytest.approx(r["state_bytes"] / (ours["ms"] * 1e-3) / 1e9)
+        fla = r["results"]["fla"]
+        if r["op"] == "fused_recurrent_retention":
+            assert fla == {"ms": None, "error": "RuntimeError: fla refuses (test)", "state_gbps": None}
+            assert r["speedup_vs_fla"] is None
+        else:
+            assert r["speedup_vs_fla"] == pytest.approx(fla["ms"] / ours["ms"]) and r["speedup_vs_fla"] > 1.5
+            assert r["rms_ratio_vs_fla"] is not None
+    status = {s["op"]: s["status"] for s in saved["summary"]}
+    assert status == {"fused_recurrent_simple_gla": "met", "fused_recurrent_gla": "met",
+                      "fused_recurrent_retention": "not measured"}
+
+
+def test_dry_run_all_modes(bl, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN_GIT_COMMIT", "abc123")
+    doc, path = bl.main(["--dry-run", "--out-dir", str(tmp_path), "--mode", "all", "--shapes", "1x64",
+                         "--batches", "2"], log=lambda line: None)
+    assert path.name == "linear_fwd-fwdbwd-decode_dry-run_abc123.json"
+    modes = [r["mode"] for r in doc["results"]]
+    assert modes.count("fwd") == modes.count("fwdbwd") == 3 and modes.count("decode") == 3
+    assert doc["shapes"] == ["1x64"] and doc["decode"]["batches"] == [2]
