@@ -24,7 +24,6 @@ made-up timings and no GPU (for the CPU tests).
     python benchmarks/benchmark_decode.py --dry-run
 """
 import argparse
-import importlib.util
 import json
 import sys
 import tempfile
@@ -37,16 +36,10 @@ PAGE_SIZES = {"ours_paged16": 16, "ours_paged256": 256}
 TARGET_VS_CUDNN, TARGET_LONG, LONG_SHAPE, PAGED_SLACK = 0.95, 1.0, (1, 131072), 0.10
 
 
-def _load_linear_bench():
-    """benchmark_linear.py, whose argument parsers and result helpers (the latter from
-    benchmark_attn.py) this script shares: one definition of each."""
-    spec = importlib.util.spec_from_file_location("benchmark_linear", Path(__file__).with_name("benchmark_linear.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_linear = _load_linear_bench()
+# benchmark_linear.py shares its argument parsers and result helpers (the latter from
+# benchmark_attn.py): one definition of each. Imported by name from this directory.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchmark_linear as _linear  # noqa: E402
 git_commit, error_text, _slug = _linear.git_commit, _linear.error_text, _linear._slug
 _shape_list, _method_list = _linear._shape_list, _linear._choice_list(METHODS)
 

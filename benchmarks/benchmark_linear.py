@@ -33,7 +33,7 @@ without a GPU (for CPU tests). The commit comes from $FLASH_ATTN_GIT_COMMIT, els
     python benchmarks/benchmark_linear.py --dry-run
 """
 import argparse
-import importlib.util
+import importlib
 import json
 import platform
 import re
@@ -66,15 +66,10 @@ DECODE_ANCHORS = {"source": "ANCHORS.md, fla-core 0.6.0 on H100 80GB HBM3 (do_be
     {"B": 128, "H": 32, "fused_recurrent_simple_gla_us": 237, "fused_recurrent_gla_us": 216}]}
 
 
-def _load_attn_helpers():
-    """benchmark_attn.py's git_commit / _slug / error_text (one definition of each)."""
-    spec = importlib.util.spec_from_file_location("benchmark_attn", Path(__file__).with_name("benchmark_attn.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_attn = _load_attn_helpers()
+# The sibling scripts import each other by name, also when this one is run from another
+# directory or loaded by path (tests/script_loader.py).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchmark_attn as _attn  # noqa: E402  git_commit / _slug / error_text: one definition of each
 git_commit, error_text, _slug = _attn.git_commit, _attn.error_text, _attn._slug
 
 
