@@ -93,9 +93,11 @@ struct Flash_fwd_params {
   // Kept last so that the offsets of the fields above, and so the code of the kernels
   // without Is_split, do not change. A query row's "accum row" is its row in the packed
   // [total_q] order: varlen q_start + i, batched bidb * seqlen_q + i.
-  int num_splits;  // key-block shares per (query block, sequence, head); 1 = off
+  // key-block shares per (query block, sequence, head): 0 = the unsplit kernel; n >= 1 = the
+  // split kernel (one share: it writes O and lse itself, and oaccum_ptr is null)
+  int num_splits;
   // [num_splits, h, total_q, d] fp32: each split's output, normalized by its own row sum
-  // (0 for a row that sees no key in that split).
+  // (0 for a row that sees no key in that split). Null with one share.
   float *__restrict__ oaccum_ptr;
   // [num_splits, h, total_q] fp32: each split's natural-log sum-exp (-inf: no key seen).
   float *__restrict__ lseaccum_ptr;

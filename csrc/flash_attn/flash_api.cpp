@@ -213,7 +213,7 @@ void run_fwd(Flash_fwd_params &p, bool is_dropout, cudaStream_t stream) {
     return flash::headdim_switch(p.d, [&](auto hdim_tag) {
       constexpr int kHeadDim = decltype(hdim_tag)::value;
       const bool has_alibi = p.alibi_slopes_ptr != nullptr, is_softcap = p.softcap_prescale > 0.f;
-      const bool is_split = p.oaccum_ptr != nullptr, is_paged = p.block_table != nullptr;
+      const bool is_split = p.num_splits >= 1, is_paged = p.block_table != nullptr;
       return flash::fwd_variant_switch(has_alibi, is_softcap, is_dropout, is_split, is_paged,
                                        [&](auto alibi, auto cap, auto drop, auto split, auto paged) {
         constexpr bool kSplit = decltype(split)::value, kPaged = decltype(paged)::value;
@@ -300,13 +300,15 @@ void check_heads(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v) 
 
 // Split-KV partials of a forward whose other fields p holds (total_q included), for
 // choose_num_splits(requested, ...): [num_splits, h, total_q, d] and [num_splits, h, total_q] fp32,
-// returned so that they live until the launch (undefined when unsplit). Empty is enough: every
+// returned so that they live until the launch (undefined with fewer than two shares). Empty is enough: every
 // split CTA writes all rows of its query block, and the combine reads only those. Freed on
 // return; the caching allocator orders reuse after the kernels.
 std::pair<at::Tensor, at::Tensor> set_split_params(Flash_fwd_params &p, int64_t requested, bool is_dropout,
                                                    bool return_softmax, const at::Tensor &q) {
   p.num_splits = choose_num_splits(requested, p, is_dropout, return_softmax, q.device());
-  if (p.num_splits < 1) { return {}; }  // the split kernel runs iff these partials exist (run_fwd)
+  // The split kernel runs iff num_splits >= 1 (run_fwd); with one share it writes the output
+  // itself (no partials, no combine: oaccum_ptr stays null).
+  if (p.num_splits <= 1) { return {}; }
   at::Tensor oaccum = at::empty({p.num_splits, p.h, p.total_q, p.d}, q.options().dtype(at::kFloat));
   at::Tensor lseaccum = at::empty({p.num_splits, p.h, p.total_q}, q.options().dtype(at::kFloat));
   p.oaccum_ptr = oaccum.data_ptr<float>();

@@ -92,12 +92,11 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
                                         (Is_paged ? 0 : seq.k_offset(p.v_batch_stride, p.v_row_stride, bidb)) +
                                         bidh_kv * p.v_head_stride),
                           make_shape(seq.seqlen_k, Int<kHeadDim>{}), make_stride(p.v_row_stride, _1{}));
-  float *lse;
-  if constexpr (Is_split) {
-    lse = p.lseaccum_ptr + accum_row_offset(p, seq, bidb, bidh, split) + m0;
-  } else {
-    lse = p.softmax_lse_ptr + seq.lse_offset(p, bidb, bidh) + m0;
-  }
+  // Split kernels write fp32 partials for the combine, except with a single share (no
+  // partial buffers, p.oaccum_ptr null): then the output itself, as the unsplit kernel does.
+  const bool writes_partial = Is_split && p.oaccum_ptr != nullptr;
+  float *lse = writes_partial ? p.lseaccum_ptr + accum_row_offset(p, seq, bidb, bidh, split) + m0
+                              : p.softmax_lse_ptr + seq.lse_offset(p, bidb, bidh) + m0;
 
   Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (BM, D)
   Tensor gO = local_tile(mO, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (BM, D)
@@ -105,7 +104,7 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));  // (BN, D, nblocks)
 
   if (n_block_max <= n_block_min) {  // no key visible to any row of this tile (or share)
-    if constexpr (Is_split) {
+    if (writes_partial) {
       write_empty_split_tile<Ktraits>(p.oaccum_ptr + (accum_row_offset(p, seq, bidb, bidh, split) + m0) * kHeadDim,
                                       lse, m1 - m0);
     } else {
@@ -137,8 +136,8 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   // Row coordinates of each copied element, for guarding rows past the sequence end.
   Tensor tQcQ = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kBlockM>{}, Int<kHeadDim>{})));
   Tensor tKVcKV = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kBlockN>{}, Int<kHeadDim>{})));
-  // Paged: where this thread's K/V rows of the tile being loaded sit (located once per tile,
-  // with the K copy, and reused for V). (CPY, CPY_D) row layouts of one K and one V row.
+  // Paged: where this thread's K/V rows of the tile being loaded sit (fetched one tile
+  // ahead, see paged_kv.h). (CPY, CPY_D) row layouts of one K and one V row.
   [[maybe_unused]] PagedKVOrNone<Ktraits, Is_paged> paged(p, bidb, bidh_kv, get<0>(tKVcKV(0, 0, 0)),
                                                           get<1>(tKVcKV(0, 0, 0)));
   [[maybe_unused]] const auto k_row = tKgK(_, 0, _, 0).layout();
@@ -166,9 +165,11 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   int n_block = n_block_max - 1;
   const int last_rows = seq.seqlen_k - n_block * kBlockN;
   if constexpr (Is_paged) {
-    paged.locate(n_block);
+    paged.fetch(n_block);
+    paged.advance();
     paged.copy_k(gmem_copy, k_row, tKsK(_, _, _, 0), tKVcKV, last_rows);
     if constexpr (kStages == 2) { paged.copy_v(gmem_copy, v_row, tVsV(_, _, _, 0), tKVcKV, last_rows); }
+    paged.fetch(n_block - 1);  // the next tile's pages, in flight during this one
   } else {
     copy_rows_guarded(gmem_copy, tKgK(_, _, _, n_block), tKsK(_, _, _, 0), tKVcKV, last_rows);
     if constexpr (kStages == 2) {
@@ -197,9 +198,10 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
     if constexpr (kStages == 2) {
       if (n_block > n_block_min) {
         if constexpr (Is_paged) {
-          paged.locate(n_block - 1);
+          paged.advance();  // fetched one step ago
           paged.copy_k(gmem_copy, k_row, tKsK(_, _, _, stage ^ 1), tKVcKV, kBlockN);
           paged.copy_v(gmem_copy, v_row, tVsV(_, _, _, stage ^ 1), tKVcKV, kBlockN);
+          paged.fetch(n_block - 2);
         } else {
           copy(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK(_, _, _, stage ^ 1));
           copy(gmem_copy, tVgV(_, _, _, n_block - 1), tVsV(_, _, _, stage ^ 1));
@@ -207,7 +209,7 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
         cute::cp_async_fence();
       }
     } else {
-      if constexpr (Is_paged) {  // located with the K copy of n_block
+      if constexpr (Is_paged) {  // advanced to n_block for its K copy
         paged.copy_v(gmem_copy, v_row, tVsV(_, _, _, 0), tKVcKV,
                      n_block == n_block_max - 1 ? last_rows : kBlockN);
       } else if (n_block == n_block_max - 1) {
@@ -230,8 +232,9 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
       __syncthreads();  // V(n_block) is in smem; all threads are done reading K(n_block)
       if (n_block > n_block_min) {
         if constexpr (Is_paged) {
-          paged.locate(n_block - 1);
+          paged.advance();  // fetched one step ago; copy_v of the next step reuses it
           paged.copy_k(gmem_copy, k_row, tKsK(_, _, _, 0), tKVcKV, kBlockN);
+          paged.fetch(n_block - 2);
         } else {
           copy(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK(_, _, _, 0));
         }
@@ -264,7 +267,7 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   // of 16-byte vectors and the lse.
   float row_lse[kNRows];
   softmax.finalize(acc_o_rc, p.scale_softmax, row_lse);
-  if constexpr (Is_split) {
+  if (writes_partial) {
     // fp32 partial straight from registers (no smem staging: decode tiles are few rows).
     Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
     Tensor tOcO_rc = make_tensor(tOcO.data(), acc_layout_rowcol(tOcO.layout()));
@@ -324,6 +327,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, 1) flash_fwd_kernel(__grid
   if constexpr (Is_dropout) { write_rng_state(p); }
   const int m_block = gridDim.x - 1 - blockIdx.x;
   if constexpr (Is_split) {
+    allow_dependent_launch();  // the combine may launch once every CTA here runs (it waits for the results)
     compute_attn_fwd_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout, Is_split, Is_paged>(
         p, m_block, blockIdx.y, blockIdx.z / p.num_splits, blockIdx.z % p.num_splits);
   } else {

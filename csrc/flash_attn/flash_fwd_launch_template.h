@@ -1,6 +1,7 @@
 // Host launcher of the forward kernel for one (dtype, head dim, variant).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
@@ -10,6 +11,43 @@
 #include "kernel_traits.h"
 
 namespace flash {
+
+// Whether the current device has programmatic dependent launch (compute capability 9.0+),
+// asked of the driver once per device.
+inline bool device_has_pdl() {
+  static std::atomic<int> cache[64] = {};  // 0 = not asked yet, 1 = no, 2 = yes
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) { return false; }
+  if (dev < 0 || dev >= 64) { return false; }
+  int v = cache[dev].load(std::memory_order_relaxed);
+  if (v == 0) {
+    int major = 0;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) { return false; }
+    v = major >= 9 ? 2 : 1;
+    cache[dev].store(v, std::memory_order_relaxed);
+  }
+  return v == 2;
+}
+
+// Launches kernel(params) after the stream's previous kernel, as a programmatic dependent
+// launch where the device has it: the kernel may then start while the previous one's last
+// CTAs still run and must wait for its results itself (wait_for_prior_grid, in
+// flash_fwd_combine.h). Elsewhere an ordinary launch.
+template <typename Kernel>
+cudaError_t launch_after_prior_grid(Kernel kernel, dim3 grid, dim3 block, cudaStream_t stream,
+                                    const Flash_fwd_params &params) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = device_has_pdl() ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, params);
+}
 
 // Is_dropout defaults to false for the tuning harness (benchmarks/tune/tune_fwd.cu).
 // Is_split: the split-KV kernel over heads * num_splits grid slices, then the combine.
@@ -39,7 +77,9 @@ cudaError_t run_flash_fwd(Flash_fwd_params &params, cudaStream_t stream) {
   }
   const dim3 grid(num_m_blocks, params.b, params.h * (Is_split ? params.num_splits : 1));
   kernel<<<grid, Ktraits::kNThreads, smem_bytes, stream>>>(params);
+  // One share writes the output itself (params.oaccum_ptr null): no combine.
   if constexpr (Is_split) {
+    if (params.oaccum_ptr == nullptr) { return cudaGetLastError(); }
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) { return err; }
     using Element = typename Ktraits::Element;
@@ -47,8 +87,8 @@ cudaError_t run_flash_fwd(Flash_fwd_params &params, cudaStream_t stream) {
     // past each sequence's end).
     constexpr int kRows = combine_rows_per_cta<Ktraits::kHeadDim>();
     const dim3 grid_combine((num_m_blocks * Ktraits::kBlockM + kRows - 1) / kRows, params.b, params.h);
-    flash_fwd_combine_kernel<Element, Ktraits::kHeadDim, Ktraits::kBlockM>
-        <<<grid_combine, kCombineThreads, 0, stream>>>(params);
+    return launch_after_prior_grid(flash_fwd_combine_kernel<Element, Ktraits::kHeadDim, Ktraits::kBlockM>,
+                                   grid_combine, dim3(kCombineThreads), stream, params);
   }
   return cudaGetLastError();
 }

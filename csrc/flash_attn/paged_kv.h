@@ -27,63 +27,102 @@ __forceinline__ __device__ SeqInfo paged_seq_info(const Flash_fwd_params &p, int
   return seq;
 }
 
-// This thread's rows of one (kBlockN, d) key tile, located in the paged caches: its row m
-// (tile row row0 + m * kRowStep, the layout of Ktraits::GmemTiledCopyQKV) is slot[m] of
-// physical page page[m]. Every index read from memory is clamped first, so no table entry
+// Where the rows of a (kBlockN, d) key tile lie in the paged caches, for the thread's part
+// of the tile copy: its row m is tile row row0 + m * kRowStep (the layout of
+// Ktraits::GmemTiledCopyQKV), and sits at slot `slot` of physical page `page`.
+//
+// The table lookups are spread over the warp and issued one tile ahead. Each warp copies
+// kWarpRows distinct rows of a tile; lane l fetches the page of warp rows l, l + 32, ...
+// (kHeld of them) with fetch(n), and copy_k / copy_v take each row's (page, slot) from its
+// lane with a shuffle. fetch(n - 1) is issued right after tile n's copies, so the lookup's
+// latency hides behind tile n's compute instead of stalling the next copy (a decode CTA is
+// one warp streaming its keys; a dependent table load before every tile's copies cost it
+// 40% of its bandwidth). Every index read from memory is clamped first, so no table entry
 // or key count can move a copy outside block_table or the caches.
+//
+// Call order: fetch(n); advance(); copy_k / copy_v of tile n (any number of times, until
+// the next advance); fetch(n') for the next tile to copy; advance(); ...
 template <typename Ktraits>
 struct PagedKV {
   using Element = typename Ktraits::Element;
   static constexpr int kBlockN = Ktraits::kBlockN;
-  // kGmemThreadsPerRow threads share a row, so one thread's rows are kRowStep apart.
-  static constexpr int kRowStep = Ktraits::kNThreads / Ktraits::kGmemThreadsPerRow;
-  static constexpr int kRows = kBlockN / kRowStep;
+  static constexpr int kThreadsPerRow = Ktraits::kGmemThreadsPerRow;
+  // kThreadsPerRow threads share a row, so one thread's rows are kRowStep apart.
+  static constexpr int kRowStep = Ktraits::kNThreads / kThreadsPerRow;
+  static constexpr int kRows = kBlockN / kRowStep;  // rows per thread per tile
   static_assert(kBlockN % kRowStep == 0);
-  // Pages hold a multiple of 16 rows, so a step of at most 16 rows crosses at most one
-  // page boundary (next_row's single `if`).
-  static_assert(kRowStep <= 16, "next_row() assumes a thread's rows are at most 16 apart");
+  static_assert(32 % kThreadsPerRow == 0, "a row's threads must lie in one warp");
+  // A warp's threads start kGroup consecutive rows (lane / kThreadsPerRow), so per tile a
+  // warp copies kGroup * kRows rows: warp row i = m * kGroup + g is tile row
+  // warp * kGroup + g + m * kRowStep.
+  static constexpr int kGroup = 32 / kThreadsPerRow;
+  static constexpr int kWarpRows = kGroup * kRows;
+  static constexpr int kHeld = (kWarpRows + 31) / 32;  // rows whose page each lane fetches
 
   const Flash_fwd_params &p;
   const int *table;                  // [max_blocks_per_seq] this sequence's row of block_table
   const Element *k_base, *v_base;    // page 0, slot 0 of this kv head, at this thread's first column
   int start;                         // logical position of key 0 (leftpad_k)
-  int row0;                          // this thread's first row in the tile
-  int page[kRows];
-  int slot[kRows];
+  int lane, warp;
+  int fetched_page[kHeld], fetched_slot[kHeld];  // fetch()'s rows, for the next advance()
+  int page[kHeld], slot[kHeld];                  // the rows of the tile being copied
 
-  // row0, col0: this thread's first (row, column) of a tile (from the copy's identity partition).
-  __device__ PagedKV(const Flash_fwd_params &p_, int bidb, int bidh_kv, int row0_, int col0)
-      : p(p_), table(p_.block_table + bidb * p_.block_table_batch_stride), row0(row0_) {
+  // row0, col0: this thread's first (row, column) of a tile (from the copy's identity
+  // partition); row0 is lane / kThreadsPerRow + warp * kGroup (the copy's thread layout).
+  __device__ PagedKV(const Flash_fwd_params &p_, int bidb, int bidh_kv, int row0, int col0)
+      : p(p_), table(p_.block_table + bidb * p_.block_table_batch_stride) {
+    (void)row0;
+    lane = threadIdx.x % 32;
+    warp = threadIdx.x / 32;
     k_base = reinterpret_cast<const Element *>(p.k_ptr) + bidh_kv * p.k_head_stride + col0;
     v_base = reinterpret_cast<const Element *>(p.v_ptr) + bidh_kv * p.v_head_stride + col0;
     start = p.leftpad_k == nullptr ? 0 : max(p.leftpad_k[bidb], 0);
   }
 
-  // Finds page and slot of this thread's rows of key tile n_block (keys n_block * kBlockN + row)
-  // for copy_k and copy_v. Rows past the sequence end still get a valid (clamped) location; the
-  // copies skip them. (Locating and copying each row of K and V in one pass, without the
-  // arrays, spilled more in the unsplit d = 64 kernel on sm90a: 112 / 140 bytes stored /
-  // loaded against 108 / 80.)
-  __device__ void locate(int n_block) {
-    int block, s;
-    first_row(n_block, block, s);
+  // Tile row of warp row i of warp w (i < kWarpRows).
+  __host__ __device__ static constexpr int tile_row(int w, int i) {
+    return w * kGroup + i % kGroup + (i / kGroup) * kRowStep;
+  }
+  // The lane holding row m of this lane's thread, and which of its held rows it is.
+  __host__ __device__ static constexpr int holder_lane(int m, int lane_) {
+    return (m * kGroup) % 32 + lane_ / kThreadsPerRow;
+  }
+  __host__ __device__ static constexpr int holder_index(int m) { return (m * kGroup) / 32; }
+
+  // Issues the table loads of this lane's rows of key tile n_block (keys n_block * kBlockN +
+  // row); their results are waited for only at advance(). Positions before the sequence (a
+  // tile past the first) or past the table read clamped entries; the copies skip such rows.
+  __device__ void fetch(int n_block) {
     CUTE_UNROLL
-    for (int m = 0; m < kRows; ++m) {
-      page[m] = page_of(block);
-      slot[m] = s;
-      next_row(block, s);
+    for (int j = 0; j < kHeld; ++j) {
+      const int i = min(lane + 32 * j, kWarpRows - 1);
+      const int pos = max(start + n_block * kBlockN + tile_row(warp, i), 0);
+      const int block = pos / p.page_size;
+      fetched_slot[j] = pos - block * p.page_size;
+      fetched_page[j] = page_of(block);
+    }
+  }
+  // Makes the fetched tile the one copy_k / copy_v read.
+  __device__ void advance() {
+    CUTE_UNROLL
+    for (int j = 0; j < kHeld; ++j) {
+      page[j] = fetched_page[j];
+      slot[j] = fetched_slot[j];
     }
   }
 
-  // Copies the located rows below max_rows into dst (CPY, CPY_N, CPY_D); the other rows are
-  // zero-filled, as are the columns at or past kv_d (a cache head dim below the kernel's).
-  // row_layout: (CPY, CPY_D), where one row's chunks of this thread lie from its first one.
+  // Copies this thread's rows of the advanced tile below max_rows into dst (CPY, CPY_N,
+  // CPY_D); the other rows are zero-filled, as are the columns at or past kv_d (a cache
+  // head dim below the kernel's). row_layout: (CPY, CPY_D), where one row's chunks of this
+  // thread lie from its first one. Every lane of the warp must call (shuffles).
   template <typename TiledCopy, typename RowLayout, typename Dst, typename Coord>
   __device__ void copy_k(TiledCopy const &tiled_copy, RowLayout const &row_layout, Dst &&dst, Coord const &coord,
                          int max_rows) const {
     CUTE_UNROLL
     for (int m = 0; m < kRows; ++m) {
-      copy_row(tiled_copy, k_row_ptr(page[m], slot[m]), row_layout, dst, coord, m, max_rows);
+      int pg, s;
+      row_location(m, pg, s);
+      copy_row(tiled_copy, k_base + pg * p.k_batch_stride + s * p.k_row_stride, row_layout, dst, coord, m, max_rows);
     }
   }
   template <typename TiledCopy, typename RowLayout, typename Dst, typename Coord>
@@ -91,36 +130,30 @@ struct PagedKV {
                          int max_rows) const {
     CUTE_UNROLL
     for (int m = 0; m < kRows; ++m) {
-      copy_row(tiled_copy, v_row_ptr(page[m], slot[m]), row_layout, dst, coord, m, max_rows);
+      int pg, s;
+      row_location(m, pg, s);
+      copy_row(tiled_copy, v_base + pg * p.v_batch_stride + s * p.v_row_stride, row_layout, dst, coord, m, max_rows);
     }
   }
 
+#ifdef __CUDA_ARCH__
+  // (page, slot) of this thread's row m of the advanced tile, from the lane that fetched it.
+  __device__ void row_location(int m, int &pg, int &s) const {
+    const int src = holder_lane(m, lane);
+    pg = __shfl_sync(0xffffffffu, page[holder_index(m)], src);
+    s = __shfl_sync(0xffffffffu, slot[holder_index(m)], src);
+  }
+#else
+  // Host builds (tests/cpp/paged_kv_host.cpp) provide the warp exchange.
+  void row_location(int m, int &pg, int &s) const;
+#endif
+
  private:
-  // Logical page and slot of this thread's first row of tile n_block: one division per tile.
-  __device__ void first_row(int n_block, int &block, int &s) const {
-    const int pos = start + n_block * kBlockN + row0;
-    block = pos / p.page_size;
-    s = pos - block * p.page_size;
-  }
-  // The next row of this thread, kRowStep further.
-  __device__ void next_row(int &block, int &s) const {
-    s += kRowStep;
-    if (s >= p.page_size) {
-      s -= p.page_size;
-      ++block;
-    }
-  }
   // The physical page of logical page `block`, both clamped: past the table its last entry,
   // an entry outside [0, num_pages) page 0.
   __device__ int page_of(int block) const {
     const int pg = __ldg(table + min(block, p.max_blocks_per_seq - 1));
     return unsigned(pg) < unsigned(p.num_pages) ? pg : 0;
-  }
-  __device__ const Element *k_row_ptr(int pg, int s) const {
-    return k_base + pg * p.k_batch_stride + s * p.k_row_stride;
-  }
-  __device__ const Element *v_row_ptr(int pg, int s) const {
-    return v_base + pg * p.v_batch_stride + s * p.v_row_stride;
   }
 
   // Row m of dst (CPY, CPY_N, CPY_D) from the cache row at src, or zeros past max_rows; chunks
