@@ -140,6 +140,16 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   // ahead, see paged_kv.h). (CPY, CPY_D) row layouts of one K and one V row.
   [[maybe_unused]] PagedKVOrNone<Ktraits, Is_paged> paged(p, bidb, bidh_kv, get<0>(tKVcKV(0, 0, 0)),
                                                           get<1>(tKVcKV(0, 0, 0)));
+  // Paged: the copy's partitions of the smem tiles with rows permuted (PagedKV::smem_view).
+  auto paged_partition = [&](auto const &smem_tile) {
+    if constexpr (Is_paged) {
+      return gmem_thr.partition_D(PagedKV<Ktraits>::smem_view(smem_tile));
+    } else {
+      return gmem_thr.partition_D(smem_tile);
+    }
+  };
+  [[maybe_unused]] Tensor tKsKp = paged_partition(sK);  // (CPY, CPY_N, CPY_D, stages)
+  [[maybe_unused]] Tensor tVsVp = paged_partition(sV);
   [[maybe_unused]] const auto k_row = tKgK(_, 0, _, 0).layout();
   [[maybe_unused]] const auto v_row = tVgV(_, 0, _, 0).layout();
 
@@ -167,8 +177,8 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   if constexpr (Is_paged) {
     paged.fetch(n_block);
     paged.advance();
-    paged.copy_k(gmem_copy, k_row, tKsK(_, _, _, 0), tKVcKV, last_rows);
-    if constexpr (kStages == 2) { paged.copy_v(gmem_copy, v_row, tVsV(_, _, _, 0), tKVcKV, last_rows); }
+    paged.copy_k(gmem_copy, k_row, tKsKp(_, _, _, 0), tKVcKV, last_rows);
+    if constexpr (kStages == 2) { paged.copy_v(gmem_copy, v_row, tVsVp(_, _, _, 0), tKVcKV, last_rows); }
     paged.fetch(n_block - 1);  // the next tile's pages, in flight during this one
   } else {
     copy_rows_guarded(gmem_copy, tKgK(_, _, _, n_block), tKsK(_, _, _, 0), tKVcKV, last_rows);
@@ -199,8 +209,8 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
       if (n_block > n_block_min) {
         if constexpr (Is_paged) {
           paged.advance();  // fetched one step ago
-          paged.copy_k(gmem_copy, k_row, tKsK(_, _, _, stage ^ 1), tKVcKV, kBlockN);
-          paged.copy_v(gmem_copy, v_row, tVsV(_, _, _, stage ^ 1), tKVcKV, kBlockN);
+          paged.copy_k(gmem_copy, k_row, tKsKp(_, _, _, stage ^ 1), tKVcKV, kBlockN);
+          paged.copy_v(gmem_copy, v_row, tVsVp(_, _, _, stage ^ 1), tKVcKV, kBlockN);
           paged.fetch(n_block - 2);
         } else {
           copy(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK(_, _, _, stage ^ 1));
@@ -210,7 +220,7 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
       }
     } else {
       if constexpr (Is_paged) {  // advanced to n_block for its K copy
-        paged.copy_v(gmem_copy, v_row, tVsV(_, _, _, 0), tKVcKV,
+        paged.copy_v(gmem_copy, v_row, tVsVp(_, _, _, 0), tKVcKV,
                      n_block == n_block_max - 1 ? last_rows : kBlockN);
       } else if (n_block == n_block_max - 1) {
         copy_rows_guarded(gmem_copy, tVgV(_, _, _, n_block), tVsV(_, _, _, 0), tKVcKV, last_rows);
@@ -233,7 +243,7 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
       if (n_block > n_block_min) {
         if constexpr (Is_paged) {
           paged.advance();  // fetched one step ago; copy_v of the next step reuses it
-          paged.copy_k(gmem_copy, k_row, tKsK(_, _, _, 0), tKVcKV, kBlockN);
+          paged.copy_k(gmem_copy, k_row, tKsKp(_, _, _, 0), tKVcKV, kBlockN);
           paged.fetch(n_block - 2);
         } else {
           copy(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK(_, _, _, 0));

@@ -27,18 +27,22 @@ __forceinline__ __device__ SeqInfo paged_seq_info(const Flash_fwd_params &p, int
   return seq;
 }
 
-// Where the rows of a (kBlockN, d) key tile lie in the paged caches, for the thread's part
-// of the tile copy: its row m is tile row row0 + m * kRowStep (the layout of
-// Ktraits::GmemTiledCopyQKV), and sits at slot `slot` of physical page `page`.
+// Where the rows of a (kBlockN, d) key tile lie in the paged caches, for one thread's part
+// of the tile copy.
 //
-// The table lookups are spread over the warp and issued one tile ahead. Each warp copies
-// kWarpRows distinct rows of a tile; lane l fetches the page of warp rows l, l + 32, ...
-// (kHeld of them) with fetch(n), and copy_k / copy_v take each row's (page, slot) from its
-// lane with a shuffle. fetch(n - 1) is issued right after tile n's copies, so the lookup's
-// latency hides behind tile n's compute instead of stalling the next copy (a decode CTA is
-// one warp streaming its keys; a dependent table load before every tile's copies cost it
-// 40% of its bandwidth). Every index read from memory is clamped first, so no table entry
-// or key count can move a copy outside block_table or the caches.
+// The paged kernels copy K and V with the contiguous kernels' TiledCopy, but into a view
+// of the smem tiles whose rows are permuted (smem_view): the thread that copies rows row0,
+// row0 + kRowStep, ... of a tile then fills rows row0 * kRows + m, m < kRows, consecutive
+// keys. A run of kRows consecutive keys lies on at most kSegments pages (pages hold a
+// multiple of 16 rows), so a thread looks up kSegments table entries per tile and its row
+// m is at segment base + m * row stride, the segment picked by comparing m with the page
+// boundaries: a few integer instructions per row, as in the contiguous copy. (Looking a
+// page up per row, by table loads or warp shuffles, made a decode CTA, one warp with no
+// other warp to hide its latency, run 1.7x slower than the contiguous kernel.)
+//
+// The lookups of tile n are issued one tile ahead (fetch), so their latency hides behind
+// a tile's compute. Every index read from memory is clamped first, so no table entry or
+// key count can move a copy outside block_table or the caches.
 //
 // Call order: fetch(n); advance(); copy_k / copy_v of tile n (any number of times, until
 // the next advance); fetch(n') for the next tile to copy; advance(); ...
@@ -46,109 +50,99 @@ template <typename Ktraits>
 struct PagedKV {
   using Element = typename Ktraits::Element;
   static constexpr int kBlockN = Ktraits::kBlockN;
-  static constexpr int kThreadsPerRow = Ktraits::kGmemThreadsPerRow;
-  // kThreadsPerRow threads share a row, so one thread's rows are kRowStep apart.
-  static constexpr int kRowStep = Ktraits::kNThreads / kThreadsPerRow;
-  static constexpr int kRows = kBlockN / kRowStep;  // rows per thread per tile
+  static constexpr int kHeadDim = Ktraits::kHeadDim;
+  static constexpr int kStages = Ktraits::kStages;
+  // kGmemThreadsPerRow threads share a row, so the TiledCopy's rows of one thread are
+  // kRowStep apart; after the permutation they are kRows consecutive keys.
+  static constexpr int kRowStep = Ktraits::kNThreads / Ktraits::kGmemThreadsPerRow;
+  static constexpr int kRows = kBlockN / kRowStep;
   static_assert(kBlockN % kRowStep == 0);
-  static_assert(32 % kThreadsPerRow == 0, "a row's threads must lie in one warp");
-  // A warp's threads start kGroup consecutive rows (lane / kThreadsPerRow), so per tile a
-  // warp copies kGroup * kRows rows: warp row i = m * kGroup + g is tile row
-  // warp * kGroup + g + m * kRowStep.
-  static constexpr int kGroup = 32 / kThreadsPerRow;
-  static constexpr int kWarpRows = kGroup * kRows;
-  static constexpr int kHeld = (kWarpRows + 31) / 32;  // rows whose page each lane fetches
+  // Pages a run of kRows keys can touch: the first page, then ceil((kRows - 1) / 16) more.
+  static constexpr int kSegments = 1 + (kRows + 14) / 16;
+
+  // (kBlockN, d, stages) smem coordinates -> the permuted view: copy row r = a + kRowStep * b
+  // (a = the copying thread's row0, b = m) is smem row a * kRows + b.
+  static constexpr auto row_permutation() {
+    return make_layout(make_shape(make_shape(Int<kRowStep>{}, Int<kRows>{}), Int<kHeadDim>{}, Int<kStages>{}),
+                       make_stride(make_stride(Int<kRows>{}, _1{}), Int<kBlockN>{}, Int<kBlockN * kHeadDim>{}));
+  }
+  template <typename SmemTensor>
+  __host__ __device__ static auto smem_view(SmemTensor const &s) {
+    return make_tensor(s.data(), composition(s.layout(), row_permutation()));
+  }
 
   const Flash_fwd_params &p;
   const int *table;                  // [max_blocks_per_seq] this sequence's row of block_table
   const Element *k_base, *v_base;    // page 0, slot 0 of this kv head, at this thread's first column
   int start;                         // logical position of key 0 (leftpad_k)
-  int lane, warp;
-  int fetched_page[kHeld], fetched_slot[kHeld];  // fetch()'s rows, for the next advance()
-  int page[kHeld], slot[kHeld];                  // the rows of the tile being copied
+  int first;                         // this thread's first smem row of a tile: row0 * kRows
+  int fetched_page[kSegments], fetched_slot;  // fetch()'s pages and first slot, for advance()
+  // The advanced tile: row m lies at seg_k[j] + m * row stride (and seg_v[j]), j the number
+  // of bounds[1..] at or below m.
+  const Element *seg_k[kSegments], *seg_v[kSegments];
+  int bounds[kSegments];
 
-  // row0, col0: this thread's first (row, column) of a tile (from the copy's identity
-  // partition); row0 is lane / kThreadsPerRow + warp * kGroup (the copy's thread layout).
+  // row0, col0: this thread's first (row, column) of a tile in the TiledCopy's partition.
   __device__ PagedKV(const Flash_fwd_params &p_, int bidb, int bidh_kv, int row0, int col0)
-      : p(p_), table(p_.block_table + bidb * p_.block_table_batch_stride) {
-    (void)row0;
-    lane = threadIdx.x % 32;
-    warp = threadIdx.x / 32;
+      : p(p_), table(p_.block_table + bidb * p_.block_table_batch_stride), first(row0 * kRows) {
     k_base = reinterpret_cast<const Element *>(p.k_ptr) + bidh_kv * p.k_head_stride + col0;
     v_base = reinterpret_cast<const Element *>(p.v_ptr) + bidh_kv * p.v_head_stride + col0;
     start = p.leftpad_k == nullptr ? 0 : max(p.leftpad_k[bidb], 0);
   }
 
-  // Tile row of warp row i of warp w (i < kWarpRows).
-  __host__ __device__ static constexpr int tile_row(int w, int i) {
-    return w * kGroup + i % kGroup + (i / kGroup) * kRowStep;
-  }
-  // The lane holding row m of this lane's thread, and which of its held rows it is.
-  __host__ __device__ static constexpr int holder_lane(int m, int lane_) {
-    return (m * kGroup) % 32 + lane_ / kThreadsPerRow;
-  }
-  __host__ __device__ static constexpr int holder_index(int m) { return (m * kGroup) / 32; }
-
-  // Issues the table loads of this lane's rows of key tile n_block (keys n_block * kBlockN +
-  // row); their results are waited for only at advance(). Positions before the sequence (a
-  // tile past the first) or past the table read clamped entries; the copies skip such rows.
+  // Issues the table loads for this thread's rows of key tile n_block (keys n_block * kBlockN
+  // + row); they are waited for only at advance(). A tile before the sequence (prefetched
+  // past the first) or past the table reads clamped entries; the copies skip such rows.
   __device__ void fetch(int n_block) {
+    const int pos = max(start + n_block * kBlockN + first, 0);
+    const int block = pos / p.page_size;
+    fetched_slot = pos - block * p.page_size;
     CUTE_UNROLL
-    for (int j = 0; j < kHeld; ++j) {
-      const int i = min(lane + 32 * j, kWarpRows - 1);
-      const int pos = max(start + n_block * kBlockN + tile_row(warp, i), 0);
-      const int block = pos / p.page_size;
-      fetched_slot[j] = pos - block * p.page_size;
-      fetched_page[j] = page_of(block);
-    }
+    for (int j = 0; j < kSegments; ++j) { fetched_page[j] = page_of(block + j); }
   }
   // Makes the fetched tile the one copy_k / copy_v read.
   __device__ void advance() {
+    // Segment 0 starts at row m = 0 (slot fetched_slot); segment j >= 1 at row bounds[j]
+    // (slot 0), so its base is moved back by bounds[j] rows.
+    const int rows_in_first = p.page_size - fetched_slot;
     CUTE_UNROLL
-    for (int j = 0; j < kHeld; ++j) {
-      page[j] = fetched_page[j];
-      slot[j] = fetched_slot[j];
+    for (int j = 0; j < kSegments; ++j) {
+      const int m0 = j == 0 ? 0 : rows_in_first + (j - 1) * p.page_size;
+      const int64_t slot0 = j == 0 ? fetched_slot : -int64_t(m0);
+      bounds[j] = m0;
+      seg_k[j] = k_base + fetched_page[j] * p.k_batch_stride + slot0 * p.k_row_stride;
+      seg_v[j] = v_base + fetched_page[j] * p.v_batch_stride + slot0 * p.v_row_stride;
     }
   }
+  // This thread's K (V) row m of the advanced tile (m < kRows: smem row first + m).
+  __device__ const Element *k_row(int m) const { return pick(seg_k, m) + m * p.k_row_stride; }
+  __device__ const Element *v_row(int m) const { return pick(seg_v, m) + m * p.v_row_stride; }
 
   // Copies this thread's rows of the advanced tile below max_rows into dst (CPY, CPY_N,
-  // CPY_D); the other rows are zero-filled, as are the columns at or past kv_d (a cache
-  // head dim below the kernel's). row_layout: (CPY, CPY_D), where one row's chunks of this
-  // thread lie from its first one. Every lane of the warp must call (shuffles).
+  // CPY_D), a partition of smem_view(); the other rows are zero-filled, as are the columns
+  // at or past kv_d (a cache head dim below the kernel's). row_layout: (CPY, CPY_D), where
+  // one row's chunks of this thread lie from its first one; coord: the TiledCopy's identity
+  // partition (its columns).
   template <typename TiledCopy, typename RowLayout, typename Dst, typename Coord>
   __device__ void copy_k(TiledCopy const &tiled_copy, RowLayout const &row_layout, Dst &&dst, Coord const &coord,
                          int max_rows) const {
     CUTE_UNROLL
-    for (int m = 0; m < kRows; ++m) {
-      int pg, s;
-      row_location(m, pg, s);
-      copy_row(tiled_copy, k_base + pg * p.k_batch_stride + s * p.k_row_stride, row_layout, dst, coord, m, max_rows);
-    }
+    for (int m = 0; m < kRows; ++m) { copy_row(tiled_copy, k_row(m), row_layout, dst, coord, m, max_rows); }
   }
   template <typename TiledCopy, typename RowLayout, typename Dst, typename Coord>
   __device__ void copy_v(TiledCopy const &tiled_copy, RowLayout const &row_layout, Dst &&dst, Coord const &coord,
                          int max_rows) const {
     CUTE_UNROLL
-    for (int m = 0; m < kRows; ++m) {
-      int pg, s;
-      row_location(m, pg, s);
-      copy_row(tiled_copy, v_base + pg * p.v_batch_stride + s * p.v_row_stride, row_layout, dst, coord, m, max_rows);
-    }
+    for (int m = 0; m < kRows; ++m) { copy_row(tiled_copy, v_row(m), row_layout, dst, coord, m, max_rows); }
   }
-
-#ifdef __CUDA_ARCH__
-  // (page, slot) of this thread's row m of the advanced tile, from the lane that fetched it.
-  __device__ void row_location(int m, int &pg, int &s) const {
-    const int src = holder_lane(m, lane);
-    pg = __shfl_sync(0xffffffffu, page[holder_index(m)], src);
-    s = __shfl_sync(0xffffffffu, slot[holder_index(m)], src);
-  }
-#else
-  // Host builds (tests/cpp/paged_kv_host.cpp) provide the warp exchange.
-  void row_location(int m, int &pg, int &s) const;
-#endif
 
  private:
+  __device__ const Element *pick(const Element *const (&seg)[kSegments], int m) const {
+    const Element *ptr = seg[0];
+    CUTE_UNROLL
+    for (int j = 1; j < kSegments; ++j) { ptr = m >= bounds[j] ? seg[j] : ptr; }
+    return ptr;
+  }
   // The physical page of logical page `block`, both clamped: past the table its last entry,
   // an entry outside [0, num_pages) page 0.
   __device__ int page_of(int block) const {
@@ -156,12 +150,12 @@ struct PagedKV {
     return unsigned(pg) < unsigned(p.num_pages) ? pg : 0;
   }
 
-  // Row m of dst (CPY, CPY_N, CPY_D) from the cache row at src, or zeros past max_rows; chunks
-  // at or past kv_d are zeros too.
+  // Row m of dst (CPY, CPY_N, CPY_D) from the cache row at src, or zeros when its smem row
+  // (first + m) is at or past max_rows; chunks at or past kv_d are zeros too.
   template <typename TiledCopy, typename RowLayout, typename Dst, typename Coord>
   __device__ void copy_row(TiledCopy const &tiled_copy, const Element *src_row, RowLayout const &row_layout,
                            Dst &dst, Coord const &coord, int m, int max_rows) const {
-    if (get<0>(coord(0, m, 0)) < max_rows) {
+    if (first + m < max_rows) {
       Tensor src = make_tensor(make_gmem_ptr(src_row), row_layout);  // (CPY, CPY_D)
       CUTE_UNROLL
       for (int k = 0; k < size<2>(dst); ++k) {

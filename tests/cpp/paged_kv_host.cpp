@@ -1,17 +1,17 @@
 // Host-only check of csrc/flash_attn/paged_kv.h, compiled with g++ (no GPU, no nvcc):
 // tests/test_paged_kv_cpu.py builds and runs it. Outside nvcc the __device__ helpers are
-// plain functions; threadIdx, __ldg and the warp shuffle of PagedKV::row_location are
-// stand-ins below.
+// plain functions; threadIdx and __ldg are stand-ins below.
 //
 //   paged_kv_host locate TILE HEAD_DIM PAGE_SIZE NUM_PAGES MAX_BLOCKS LEFTPAD
 //       for every thread of the forward kernel's K/V copy (FwdKernelTraits<HEAD_DIM> with the
 //       tile of tile_size.h: TILE "fwd" the prefill tile, "split" the split-KV one) and every
-//       key tile of a sequence: after all threads fetch(n) and advance(), each row a thread
-//       copies comes from the lane that fetched it with the page and slot that block_table
-//       gives for that key (logical position LEFTPAD + key; a table entry outside
-//       [0, NUM_PAGES) reads page 0; positions past the table read its last entry), the
-//       threads cover every (row, 16-byte chunk) of the tile once, and the row layout taken
-//       from the contiguous copy addresses the columns the copy expects.
+//       key tile of a sequence: after fetch(n) and advance(), each K and V row a thread
+//       copies is read from the page and slot that block_table gives for that key (logical
+//       position LEFTPAD + key; a table entry outside [0, NUM_PAGES) reads page 0; positions
+//       past the table read its last entry) and lands in the smem row of that key through
+//       the permuted view (PagedKV::smem_view), the threads cover every (row, 16-byte chunk)
+//       of the tile once, and the row layout taken from the contiguous copy addresses the
+//       columns the copy expects.
 //   paged_kv_host seqinfo SEQUSED CU_LEN PAGE_SIZE MAX_BLOCKS LEFTPAD
 //       prints paged_seq_info's key count (SEQUSED "none": no seqused_k, the cu_seqlens_k length).
 // Prints "ok" (or the count), else the first mismatch, and exits 1 on a mismatch.
@@ -31,17 +31,6 @@ T __ldg(const T *p) { return *p; }
 #include "paged_kv.h"
 
 using namespace cute;
-
-// The simulated CTA: every thread's PagedKV, indexed by thread; row_location reads the
-// holder lane's registers as __shfl_sync would.
-static std::vector<const void *> g_threads;
-
-template <typename Ktraits>
-void flash::PagedKV<Ktraits>::row_location(int m, int &pg, int &s) const {
-  const auto *holder = static_cast<const PagedKV *>(g_threads[warp * 32 + holder_lane(m, lane)]);
-  pg = holder->page[holder_index(m)];
-  s = holder->slot[holder_index(m)];
-}
 
 template <int kHeadDim, bool Split>
 static int locate(int page_size, int num_pages, int max_blocks, int leftpad) {
@@ -80,28 +69,30 @@ static int locate(int page_size, int num_pages, int max_blocks, int leftpad) {
                           make_stride(row_stride, _1{}));
   typename Traits::GmemTiledCopyQKV gmem_copy;
   using Paged = flash::PagedKV<Traits>;
+  // The smem tile as the kernel sees it, and its row-permuted view (PagedKV::smem_view).
+  using SmemLayout = typename Traits::SmemLayoutKV;
+  static std::vector<Element> smem(cosize(SmemLayout{}));
+  Tensor sK = make_tensor(smem.data(), SmemLayout{});
+  Tensor sKp = Paged::smem_view(sK);
   std::vector<int> covered(kBlockN * (kHeadDim / kChunk), 0);
-  std::vector<Paged> threads;
-  threads.reserve(Traits::kNThreads);
-  g_threads.assign(Traits::kNThreads, nullptr);
   for (int tid = 0; tid < Traits::kNThreads; ++tid) {
     threadIdx = make_uint3(tid, 0, 0);
     auto thr = gmem_copy.get_thread_slice(tid);
     Tensor coord = thr.partition_S(make_identity_tensor(make_shape(Int<kBlockN>{}, Int<kHeadDim>{})));
     Tensor tKgK = thr.partition_S(gK);
+    Tensor tKsKp = thr.partition_D(sKp);
     const auto row_layout = tKgK(_, 0, _).layout();
-    threads.emplace_back(p, bidb, bidh_kv, get<0>(coord(0, 0, 0)), get<1>(coord(0, 0, 0)));
-    g_threads[tid] = &threads.back();
-    const Paged &paged = threads.back();
-    // the copy's thread layout, which tile_row / holder_lane assume
-    if (get<0>(coord(0, 0, 0)) != paged.warp * Paged::kGroup + paged.lane / Paged::kThreadsPerRow) {
-      std::printf("thread %d: first row %d is not warp * kGroup + lane / kThreadsPerRow\n", tid,
-                  int(get<0>(coord(0, 0, 0))));
-      return 1;
-    }
+    const int row0 = get<0>(coord(0, 0, 0));
+    Paged paged(p, bidb, bidh_kv, row0, get<1>(coord(0, 0, 0)));
     for (int m = 0; m < size<1>(coord); ++m) {
+      const int row = row0 * Paged::kRows + m;  // the smem row this thread's row m fills
       for (int k = 0; k < size<2>(coord); ++k) {
-        ++covered[get<0>(coord(0, m, k)) * (kHeadDim / kChunk) + get<1>(coord(0, m, k)) / kChunk];
+        const int col = get<1>(coord(0, m, k));
+        ++covered[row * (kHeadDim / kChunk) + col / kChunk];
+        if (&tKsKp(0, m, k, 0) != &sK(row, col, 0)) {
+          std::printf("thread %d row %d chunk %d: the permuted smem view is not smem row %d\n", tid, m, k, row);
+          return 1;
+        }
         for (int i = 0; i < size<0>(coord); ++i) {  // row_layout from paged.k_base reaches column col
           const int64_t offset = (paged.k_base - head) + row_layout(i, k);
           if (offset != get<1>(coord(i, m, k))) {
@@ -112,26 +103,27 @@ static int locate(int page_size, int num_pages, int max_blocks, int leftpad) {
         }
       }
     }
-  }
-  for (int n = -1; n < n_tiles; ++n) {  // tile -1: a fetch one past the first tile stays in range
-    for (auto &t : threads) {
-      threadIdx = make_uint3(t.warp * 32 + t.lane, 0, 0);
-      t.fetch(n);
-      t.advance();
-    }
-    for (int tid = 0; tid < Traits::kNThreads; ++tid) {
-      auto thr = gmem_copy.get_thread_slice(tid);
-      Tensor coord = thr.partition_S(make_identity_tensor(make_shape(Int<kBlockN>{}, Int<kHeadDim>{})));
-      for (int m = 0; m < size<1>(coord); ++m) {
-        const int pos = std::max(leftpad + n * kBlockN + int(get<0>(coord(0, m, 0))), 0);
+    for (int n = -1; n < n_tiles; ++n) {  // tile -1: a fetch before the first tile stays in range
+      paged.fetch(n);
+      paged.advance();
+      for (int m = 0; m < Paged::kRows; ++m) {
+        const int pos = std::max(leftpad + n * kBlockN + row0 * Paged::kRows + m, 0);
+        if (n >= 0 && pos != leftpad + n * kBlockN + row0 * Paged::kRows + m) { return 1; }
         const int blk = std::min(pos / page_size, max_blocks - 1);
         const int entry = table[bidb * max_blocks + blk];
         const int want_page = entry >= 0 && entry < num_pages ? entry : 0;
-        int page, slot;
-        threads[tid].row_location(m, page, slot);
-        if (page != want_page || slot != pos % page_size) {
-          std::printf("thread %d tile %d row %d (position %d): page %d slot %d, expected page %d slot %d\n", tid, n,
-                      m, pos, page, slot, want_page, pos % page_size);
+        // past the table the last entry's page is read, at the position's own slot
+        const Element *want = paged.k_base + want_page * p.k_batch_stride + (pos % page_size) * p.k_row_stride;
+        const Element *want_v = paged.v_base + want_page * p.v_batch_stride + (pos % page_size) * p.v_row_stride;
+        if (n >= 0 && (paged.k_row(m) != want || paged.v_row(m) != want_v)) {
+          std::printf("thread %d tile %d row %d (position %d): K row at offset %ld, expected page %d slot %d\n", tid,
+                      n, m, pos, long(paged.k_row(m) - paged.k_base), want_page, pos % page_size);
+          return 1;
+        }
+        // every row, tile -1 included, stays inside the caches
+        const int64_t off = paged.k_row(m) - paged.k_base;
+        if (off < 0 || off >= int64_t(num_pages) * p.k_batch_stride) {
+          std::printf("thread %d tile %d row %d: offset %ld outside the caches\n", tid, n, m, long(off));
           return 1;
         }
       }
