@@ -13,6 +13,7 @@ Environment flags (all optional):
   FLASH_ATTN_DISABLE_ALIBI=1       trim: no ALiBi kernels
   FLASH_ATTN_DISABLE_SOFTCAP=1     trim: no softcap kernels
   FLASH_ATTN_DISABLE_DROPOUT=1     trim: no dropout kernels
+  FLASH_ATTN_DISABLE_PAGEDKV=1     trim: no paged-KV kernels (block_table then raises on CUDA)
   FLASH_ATTN_DISABLE_SPLITKV=1     trim: no split-KV kernels (flash_attn_with_kvcache then
                                    ignores num_splits and runs unsplit)
   FLASH_ATTN_DISABLE_BACKWARD=1    trim: forward kernels only
@@ -36,8 +37,8 @@ ROOT = Path(__file__).resolve().parent
 PACKAGE_VERSION = "2.8.3"  # the flash-attn API level this package implements
 ALL_HEADDIMS = (32, 64, 96, 128, 192, 256)
 ALL_DTYPES = ("fp16", "bf16")
-# "splitkv" exists for head dims 64, 128, 256 only (generate_kernels.py).
-ALL_VARIANTS = ("plain", "alibi", "softcap", "alibi_softcap", "dropout", "splitkv")
+# "splitkv", "paged" and "paged_splitkv" exist for head dims 64, 128, 256 only (generate_kernels.py).
+ALL_VARIANTS = ("plain", "alibi", "softcap", "alibi_softcap", "dropout", "splitkv", "paged", "paged_splitkv")
 MIN_TORCH = (2, 4)
 
 
@@ -159,7 +160,8 @@ def _kernel_selection():
                 if not ("alibi" in v and _env_flag("FLASH_ATTN_DISABLE_ALIBI"))
                 and not ("softcap" in v and _env_flag("FLASH_ATTN_DISABLE_SOFTCAP"))
                 and not (v == "dropout" and _env_flag("FLASH_ATTN_DISABLE_DROPOUT"))
-                and not (v == "splitkv" and _env_flag("FLASH_ATTN_DISABLE_SPLITKV"))]
+                and not ("splitkv" in v and _env_flag("FLASH_ATTN_DISABLE_SPLITKV"))
+                and not ("paged" in v and _env_flag("FLASH_ATTN_DISABLE_PAGEDKV"))]
     return sorted(hdims), dtypes, variants
 
 
@@ -196,6 +198,8 @@ def _cuda_extension(torch, archs, hdims, dtypes, variants):
         defines.append("-DFLASH_ATTN_HAS_DROPOUT")
     if "splitkv" in variants:
         defines.append("-DFLASH_ATTN_HAS_SPLITKV")
+    if "paged" in variants:
+        defines.append("-DFLASH_ATTN_HAS_PAGEDKV")
     if backward:
         defines.append("-DFLASH_ATTN_HAS_BWD")
 

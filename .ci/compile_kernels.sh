@@ -43,12 +43,16 @@ if [ "$ALL" = 1 ]; then
 elif [ ${#FILES[@]} -eq 0 ]; then
     # one per concern: the main forward tile (hd128, bf16), the small tile with both score
     # modifiers (hd64, fp16), the largest tile with softcap (hd256, bf16), the forward with
-    # dropout (hd128, bf16), the backward with both score modifiers (hd128, bf16), and the
-    # backward's 64-row tile with its 4-warp dQ kernel (hd256, fp16).
+    # dropout (hd128, bf16), the paged-KV forward (hd256 bf16 unsplit: the one-stage
+    # pipeline; hd64 fp16 split: the one-warp decode tile, 32 rows per thread), the backward
+    # with both score modifiers (hd128, bf16), and the backward's 64-row tile with its 4-warp
+    # dQ kernel (hd256, fp16).
     FILES=("$INST/flash_fwd_hdim128_bf16_plain_sm80.cu"
            "$INST/flash_fwd_hdim64_fp16_alibi_softcap_sm80.cu"
            "$INST/flash_fwd_hdim256_bf16_softcap_sm80.cu"
            "$INST/flash_fwd_hdim128_bf16_dropout_sm80.cu"
+           "$INST/flash_fwd_hdim256_bf16_paged_sm80.cu"
+           "$INST/flash_fwd_hdim64_fp16_paged_splitkv_sm80.cu"
            "$INST/flash_bwd_hdim128_bf16_alibi_softcap_sm80.cu"
            "$INST/flash_bwd_hdim256_fp16_plain_sm80.cu")
     # linear attention (csrc/linear_attn, seconds per file): chunk states, chunk outputs

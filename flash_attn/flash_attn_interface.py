@@ -102,10 +102,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         and the capacity (len_i <= max_num_blocks_per_seq * page_block_size) are checked
         for CPU tensors, for CUDA tensors with FLASH_ATTN_DEBUG=1; otherwise block indices
         are clamped into 0..num_blocks - 1 (wrong numbers, never an access outside k, v).
-        CPU: the reference gathers each sequence's keys from its pages. CUDA (interim,
-        until the paged-KV kernels): the pages of each sequence are gathered into a
-        contiguous temporary by a PyTorch copy on the GPU, then our varlen kernel runs on
-        it with seqused_k; no backward through that route.
+        CPU: the reference gathers each sequence's keys from its pages (differentiable). CUDA:
+        the paged-KV kernel reads each key from its page in place; forward only, no dropout.
     """
     if block_table is not None:
         return _varlen_paged(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
@@ -210,10 +208,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         page block_table[i, p // page_block_size], and its capacity (seqlen_cache above) is
         max_num_blocks_per_seq * page_block_size. Not with cache_batch_idx (as in flash-attn).
         Block indices each row uses are checked like the other values below (clamped into
-        0..num_blocks - 1 on CUDA without FLASH_ATTN_DEBUG=1). On CUDA this is an interim
-        gather path until the paged-KV kernels: the new keys are written into their pages, the
-        used pages are copied into a contiguous temporary by PyTorch on the GPU, and our kernel
-        runs on that.
+        0..num_blocks - 1 on CUDA without FLASH_ATTN_DEBUG=1). On CUDA the new keys are
+        written into their pages, then the paged-KV kernel reads every key from its page in
+        place (no copy of the cache).
     Batch row i attends to keys [cache_leftpad[i], cache_seqlens[i] + seqlen_new) of
     its cache row; causal / window_size / alibi_slopes are aligned to that key
     length as in flash_attn_func, softmax_scale and softcap likewise.

@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """A few small ragged forward calls (and with --backward, their gradients through
 autograd, on both the atomic and the deterministic backward paths), meant to run under
-compute-sanitizer:
+compute-sanitizer. Forward only: KV-cache decode steps on contiguous caches (cache_seqlens
+negative or past the capacity, which the kernel must clamp), paged KV (block_table) decode and
+prefill, with page sizes that do not divide the key tiles, ragged lengths, split and unsplit, and
+block tables holding indices outside the pool (which the kernel must clamp, never follow):
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/memcheck.py
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/memcheck.py --backward
@@ -46,6 +49,95 @@ def cases(head_dims, alibi, softcap):
                         dict(b=1, sq=113, sk=203, hq=2, hk=1, d=d, causal=True,
                              alibi=alibi, softcap=2.5 if softcap else 0.0)))
     return out
+
+
+def kvcache_cases(head_dims):
+    """(label, kind, kwargs) of flash_attn_with_kvcache on contiguous caches (kind "kvcache"): the
+    batched kernel reads the caches in place, q and out as GQA-packed strided views, and without
+    new keys cache_seqlens goes to it unclamped (negative and past-capacity values included), so
+    the kernel's own clamp is what keeps every read inside the caches."""
+    out = []
+    for d in head_dims:
+        out += [
+            (f"d{d} decode gqa q-from-qkv bad seqlens split", "kvcache",
+             dict(seqlens=[0, 37, 10 ** 6, -5], cap=200, hq=8, hk=2, d=d, num_splits=0)),
+            (f"d{d} decode mqa bad seqlens split3", "kvcache",
+             dict(seqlens=[10 ** 6, 3], cap=130, hq=4, hk=1, d=d, num_splits=3)),
+            (f"d{d} append gqa bad seqlens unsplit", "kvcache",
+             dict(seqlens=[0, 199, 10 ** 6], cap=200, hq=8, hk=2, d=d, s_new=1, num_splits=1)),
+            (f"d{d} append sq3 causal mha", "kvcache",
+             dict(seqlens=[5, 190], cap=193, hq=4, hk=4, d=d, sq=3, s_new=3, causal=True, num_splits=0)),
+        ]
+    return out
+
+
+def run_kvcache(kind, dtype, seqlens, cap, hq, hk, d, sq=1, s_new=0, causal=False, num_splits=0):
+    """One flash_attn_with_kvcache call on (len(seqlens), cap, hk, d) caches, q sliced from a fused
+    qkv tensor (b, sq, hq + 2 hk, d)."""
+    from flash_attn import flash_attn_with_kvcache
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", dtype=dtype)
+
+    b = len(seqlens)
+    k_cache, v_cache = randn(b, cap, hk, d), randn(b, cap, hk, d)
+    q = randn(b, sq, hq + 2 * hk, d)[:, :, :hq]
+    new = (randn(b, s_new, hk, d), randn(b, s_new, hk, d)) if s_new else (None, None)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, *new,
+                                  cache_seqlens=torch.tensor(seqlens, device="cuda", dtype=torch.int32),
+                                  causal=causal, num_splits=num_splits)
+    torch.cuda.synchronize()
+    return bool(torch.isfinite(out).all())
+
+
+def paged_cases(head_dims):
+    """(label, kind, kwargs) of the paged-KV calls: flash_attn_with_kvcache (kind "kvcache_paged")
+    and flash_attn_varlen_func (kind "varlen_paged") on page pools."""
+    out = []
+    for d in head_dims:
+        out += [
+            (f"d{d} paged decode page16 gqa ragged split", "kvcache_paged",
+             dict(seqlens=[0, 37, 200], page=16, hq=8, hk=2, d=d, num_splits=0)),
+            (f"d{d} paged append page48 leftpad causal unsplit", "kvcache_paged",
+             dict(seqlens=[5, 100, 47], page=48, hq=4, hk=4, d=d, sq=3, causal=True, leftpad=[0, 17, 47],
+                  num_splits=1)),
+            (f"d{d} paged decode page32 bad block table", "kvcache_paged",
+             dict(seqlens=[3, 90, 10 ** 6], page=32, hq=4, hk=1, d=d, bad_table=True, num_splits=3)),
+            (f"d{d} paged varlen prefill page16 causal", "varlen_paged",
+             dict(lens_q=[17, 0, 65], lens_k=[40, 0, 129], page=16, hq=4, hk=2, d=d, causal=True)),
+        ]
+    return out
+
+
+def run_paged(kind, dtype, page, hq, hk, d, seqlens=None, sq=1, causal=False, leftpad=None, bad_table=False,
+              num_splits=0, lens_q=None, lens_k=None):
+    """One paged call on a shuffled page pool with 3 spare pages; bad_table puts indices outside
+    the pool (negative and past the end) and a cache_seqlens past the capacity in the table's way."""
+    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", dtype=dtype)
+
+    lengths = lens_k if kind == "varlen_paged" else [min(n, 300) + sq for n in seqlens]
+    b, per_seq = len(lengths), -(-max(lengths) // page)
+    num_blocks = b * per_seq + 3
+    k_cache, v_cache = randn(num_blocks, page, hk, d), randn(num_blocks, page, hk, d)
+    table = torch.randperm(num_blocks, device="cuda")[:b * per_seq].view(b, per_seq).to(torch.int32)
+    if bad_table:
+        table[0, 0], table[-1, -1] = -3, num_blocks + 5
+    if kind == "varlen_paged":
+        cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), device="cuda", dtype=torch.int32)
+        cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), device="cuda", dtype=torch.int32)
+        out = flash_attn_varlen_func(randn(sum(lens_q), hq, d), k_cache, v_cache, cu_q, cu_k, max(lens_q),
+                                     max(lens_k), causal=causal, block_table=table)
+    else:
+        pad = None if leftpad is None else torch.tensor(leftpad, device="cuda", dtype=torch.int32)
+        out = flash_attn_with_kvcache(randn(b, sq, hq, d), k_cache, v_cache, randn(b, sq, hk, d),
+                                      randn(b, sq, hk, d),
+                                      cache_seqlens=torch.tensor(seqlens, device="cuda", dtype=torch.int32),
+                                      cache_leftpad=pad, causal=causal, block_table=table, num_splits=num_splits)
+    torch.cuda.synchronize()
+    return bool(torch.isfinite(out).all())
 
 
 def run(kind, dtype, b=1, sq=1, sk=1, hq=1, hk=1, d=64, causal=False, window=(-1, -1),
@@ -179,8 +271,14 @@ def main(argv=None):
     if args.backward:
         todo = [(f"{label} bwd {mode}", kind, dict(kw, backward=mode))
                 for label, kind, kw in todo for mode in ("atomic", "deterministic")]
+    else:  # forward only
+        todo += kvcache_cases(picks)
+        if build_info.has_feature("paged"):  # head dims with a paged kernel at or above them
+            paged_kernels = [x for x in hdims if x in (64, 128, 256)]
+            todo += paged_cases([x for x in picks if paged_kernels and x <= paged_kernels[-1]])
+    runners = {"kvcache": run_kvcache, "kvcache_paged": run_paged, "varlen_paged": run_paged}
     for label, kind, kw in todo:
-        finite = run(kind, dtype, **kw)
+        finite = runners[kind](kind, dtype, **kw) if kind in runners else run(kind, dtype, **kw)
         bad += not finite
         print(f"  {'ok ' if finite else 'NON-FINITE'} {label}", flush=True)
     print(f"memcheck: {len(todo)} calls, {bad} with non-finite outputs ({'bf16' if dtype == torch.bfloat16 else 'fp16'})")

@@ -54,15 +54,22 @@ DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 _VARIANTS = {(False, False): "plain", (True, False): "alibi", (False, True): "softcap", (True, True): "alibi_softcap"}
 
 
-def require_compiled(dtype, head_dim=None, alibi=False, softcap=False, dropout=False):
+def require_compiled(dtype, head_dim=None, alibi=False, softcap=False, dropout=False, paged=False):
     """Skips a case that this build cannot run (trimmed dtypes, head dims or variants).
-    dropout: the `dropout` variant (which also serves ALiBi with dropout)."""
+    dropout: the `dropout` variant (which also serves ALiBi with dropout). paged: the paged-KV
+    kernels (block_table), which exist for head dims 64, 128 and 256 (others run on the next)."""
     cfg = build_info.build_config()
     name = DTYPE_NAMES[dtype]
     if name not in cfg.get("dtypes", []):
         pytest.skip(f"{name} not compiled in this build")
     if head_dim is not None and not any(h >= head_dim for h in build_info.compiled_head_dims()):
         pytest.skip(f"no compiled head dim >= {head_dim}")
+    if paged:
+        if "paged" not in cfg.get("variants", []):
+            pytest.skip("paged-KV kernels not compiled in this build")
+        if head_dim is not None and not any(h >= head_dim and h in (64, 128, 256)
+                                            for h in build_info.compiled_head_dims()):
+            pytest.skip(f"no paged-KV kernel for head dim {head_dim} in this build")
     variant = "dropout" if dropout else _VARIANTS[(bool(alibi), bool(softcap))]
     if variant not in cfg.get("variants", []):
         pytest.skip(f"variant {variant} not compiled in this build")

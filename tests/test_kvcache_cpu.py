@@ -1,7 +1,7 @@
 """flash_attn_with_kvcache on CPU: the reference (kvcache_ref, what CPU tensors run)
 against a naive computation written out query by query, the in-place cache
 update, argument errors, the signature, and the CUDA route's Python side run
-on CPU against a fake flash_attn_2_cuda.varlen_fwd.
+on CPU against a stand-in for flash_attn_2_cuda (fwd, varlen_fwd).
 """
 import inspect
 import math
@@ -451,38 +451,122 @@ def test_signature_matches_flash_attn_28():
 
 
 # ----------------------------------------------------------------------------
-# the CUDA route's Python side, on CPU, against a fake varlen_fwd
+# the CUDA route's Python side, on CPU, against a stand-in extension
+
+PAGED_HEAD_DIMS = (64, 128, 256)
+
 
 class FakeExtension:
-    """Stands in for flash_attn_2_cuda.varlen_fwd: checks its contract, computes with the
-    varlen reference (keys per sequence = min(cu_seqlens_k length, seqused_k), as the kernel
-    does), and records what it was given."""
+    """Stands in for flash_attn_2_cuda's fwd (batched, with the KV-cache arguments) and varlen_fwd:
+    checks their contracts, computes with the varlen reference (keys per sequence =
+    min(seqlen_k or cu_seqlens_k length, seqused_k), as the kernel does), and records what it was
+    given. With block_table it does what the paged kernel does (paged_keys); seqused_k is
+    required there in fwd, optional in varlen_fwd (prefill)."""
 
     def __init__(self, head_dims):
         self.head_dims = head_dims
         self.calls = []
 
+    def fwd(self, q, k, v, out, alibi_slopes, softmax_scale, window_size_left, window_size_right, softcap,
+            p_dropout=0.0, return_softmax=False, gen=None, seqused_k=None, num_splits=1, block_table=None,
+            leftpad_k=None):
+        """q (b, sq, h, d) with any strides but a unit last one (the kernel takes strided views);
+        out None or a tensor of q's shape that receives the output (and is returned)."""
+        paged = block_table is not None
+        b, sq, h, d = q.shape
+        assert p_dropout == 0.0 and return_softmax is False and gen is None
+        assert k.dim() == v.dim() == 4 and k.shape == v.shape and type(num_splits) is int and num_splits >= 0
+        assert d in self.head_dims and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+        if out is not None:
+            assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1
+        if seqused_k is not None:
+            assert seqused_k.dtype == torch.int32 and seqused_k.shape == (b,) and seqused_k.is_contiguous()
+        if alibi_slopes is not None:
+            assert alibi_slopes.dtype == torch.float32 and alibi_slopes.is_contiguous()
+        self.calls.append(dict(entry="fwd", q=q, k=k, v=v, out=out,
+                               seqused_k=None if seqused_k is None else seqused_k.clone(), head_dim=d,
+                               window=(window_size_left, window_size_right), q_shape=tuple(q.shape[:3]),
+                               num_splits=num_splits, block_table=block_table, leftpad_k=leftpad_k))
+        if paged:
+            assert d in PAGED_HEAD_DIMS and k.shape[-1] % 8 == 0 and k.shape[-1] <= d and seqused_k is not None
+            assert block_table.dtype == torch.int32 and block_table.shape[0] == b and block_table.stride(-1) == 1
+            keys, values, cu_k = paged_keys(k, v, None, seqused_k, block_table, leftpad_k, d)
+            lens = None
+        else:
+            assert leftpad_k is None and k.shape[0] == b and k.shape[-1] == d
+            sk = k.shape[1]
+            keys, values = k.reshape(b * sk, *k.shape[2:]), v.reshape(b * sk, *v.shape[2:])
+            cu_k = (torch.arange(b + 1) * sk).to(torch.int32)
+            lens = None if seqused_k is None else seqused_k.clamp(0, sk)  # the kernel's clamp (block_info.h)
+        cu_q = (torch.arange(b + 1) * sq).to(torch.int32)
+        res, lse = attention_varlen_ref(q.reshape(b * sq, h, d), keys, values, cu_q, cu_k, sq, None, lens,
+                                        softmax_scale, False, (window_size_left, window_size_right), softcap,
+                                        alibi_slopes)
+        res, lse = res.view(b, sq, h, d), lse.view(h, b, sq).permute(1, 0, 2).contiguous()
+        if out is not None:
+            out.copy_(res)
+            res = out
+        return [res, lse, None, torch.zeros(0, dtype=torch.int64)]
+
     def varlen_fwd(self, q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
-                   alibi_slopes, softmax_scale, window_size_left, window_size_right, softcap, num_splits=1):
-        assert out is None and q.dim() == k.dim() == v.dim() == 3
+                   alibi_slopes, softmax_scale, window_size_left, window_size_right, softcap, num_splits=1,
+                   block_table=None, leftpad_k=None):
+        paged = block_table is not None
+        assert out is None and q.dim() == 3 and k.dim() == v.dim() == (4 if paged else 3)
         assert type(num_splits) is int and num_splits >= 0
-        assert q.shape[-1] in self.head_dims and k.shape[-1] == v.shape[-1] == q.shape[-1]
+        assert q.shape[-1] in self.head_dims and k.shape == v.shape
         assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
         b = cu_seqlens_q.shape[0] - 1
         for cu in (cu_seqlens_q, cu_seqlens_k):
             assert cu.dtype == torch.int32 and cu.is_contiguous() and cu.shape == (b + 1,)
-        assert seqused_k.dtype == torch.int32 and seqused_k.shape == (b,) and seqused_k.is_contiguous()
         assert type(max_seqlen_q) is int and type(max_seqlen_k) is int
-        assert cu_seqlens_q[-1] == q.shape[0] and cu_seqlens_k[-1] == k.shape[0]
+        assert cu_seqlens_q[-1] == q.shape[0]
         if alibi_slopes is not None:
             assert alibi_slopes.dtype == torch.float32 and alibi_slopes.is_contiguous()
-        self.calls.append(dict(k=k, v=v, seqused_k=seqused_k.clone(), head_dim=q.shape[-1],
-                               window=(window_size_left, window_size_right), q_shape=tuple(q.shape[:2]),
-                               num_splits=num_splits))
-        lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).minimum(seqused_k).clamp(min=0)
+        self.calls.append(dict(entry="varlen_fwd", k=k, v=v,
+                               seqused_k=None if seqused_k is None else seqused_k.clone(),
+                               head_dim=q.shape[-1], window=(window_size_left, window_size_right),
+                               q_shape=tuple(q.shape[:2]), num_splits=num_splits, block_table=block_table,
+                               leftpad_k=leftpad_k))
+        if paged:
+            assert q.shape[-1] in PAGED_HEAD_DIMS and k.shape[-1] % 8 == 0 and k.shape[-1] <= q.shape[-1]
+            assert block_table.dtype == torch.int32 and block_table.shape[0] == b and block_table.stride(-1) == 1
+            k, v, cu_seqlens_k = paged_keys(k, v, cu_seqlens_k, seqused_k, block_table, leftpad_k, q.shape[-1])
+            lens = None
+        else:
+            assert leftpad_k is None and k.shape[-1] == q.shape[-1] and cu_seqlens_k[-1] == k.shape[0]
+            assert seqused_k.dtype == torch.int32 and seqused_k.shape == (b,) and seqused_k.is_contiguous()
+            lens = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).minimum(seqused_k).clamp(min=0)
         return list(attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, lens,
                                          softmax_scale, False, (window_size_left, window_size_right), softcap,
                                          alibi_slopes))
+
+
+def paged_keys(k_cache, v_cache, cu_seqlens_k, seqused_k, block_table, leftpad_k, head_dim):
+    """What the paged kernel reads (paged_kv.h), packed: sequence i has seqused_k[i] keys (else its
+    cu_seqlens_k length) from logical position leftpad_k[i], clamped to its pages; a block index
+    outside 0..num_blocks - 1 reads page 0; columns past the caches' head dim read 0.
+    Returns (keys, values, cu_seqlens_k) of the packed (total, hk, head_dim) keys."""
+    num_blocks, page = k_cache.shape[:2]
+    b, max_blocks = block_table.shape
+    if seqused_k is not None:
+        counts = seqused_k.tolist()
+    else:
+        counts = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    starts = [0] * b if leftpad_k is None else [max(x, 0) for x in leftpad_k.tolist()]
+    index = []
+    for i in range(b):
+        n = max(0, min(counts[i], max_blocks * page - starts[i]))
+        pos = torch.arange(starts[i], starts[i] + n)
+        pages = block_table[i].long()[(pos // page).clamp(max=max_blocks - 1)]
+        pages = torch.where((pages >= 0) & (pages < num_blocks), pages, 0)
+        index.append(pages * page + pos % page)
+        counts[i] = n
+    index = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+    pad = head_dim - k_cache.shape[-1]
+    keys, values = (torch.nn.functional.pad(c.flatten(0, 1)[index], (0, pad)) for c in (k_cache, v_cache))
+    cu = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0).to(torch.int32)
+    return keys, values, cu
 
 
 @pytest.fixture
@@ -511,6 +595,10 @@ def shares_memory(a, b):
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+def same_tensor(a, b):
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_cuda_route_matches_cpu_route(fake, name):
     c = CASES[name]
@@ -533,24 +621,45 @@ def test_cuda_route_matches_cpu_route(fake, name):
         # GQA packing: without mask and ALiBi the query heads of a kv head become its rows
         packed = c.hq > c.hk and call["window"] == (-1, -1) and c.alibi is None
         g = c.hq // c.hk if packed else 1
-        assert call["q_shape"] == (c.b * c.sq * g, c.hq // g)
+        assert call["entry"] == "fwd" and call["q_shape"] == (c.b, c.sq * g, c.hq // g)
+        # a decode step (sq == 1) and MQA: the kernel writes the result through a view of it
+        direct = packed and (c.sq == 1 or c.hk == 1)
+        assert (call["out"] is not None) == direct
+        if direct and c.d == call["head_dim"]:
+            assert shares_memory(call["out"], out)
+        if direct and c.sq == 1 and c.d == call["head_dim"] and not c.rotary_dim:
+            assert shares_memory(call["q"], kw["q"])  # q itself, as (b, g, hk, d) rows
 
 
 def test_cuda_route_fast_path_passes_the_cache_itself(fake):
     kw, _ = make_inputs(replace(CASES["decode"], b_cache=3))  # extra cache rows are allowed
     _cuda.kvcache_forward(*route_args(kw))
     call = fake.calls[0]
-    assert call["k"].data_ptr() == kw["k_cache"].data_ptr() and call["k"].shape == (2 * 12, 2, 8)
+    assert call["k"].data_ptr() == kw["k_cache"].data_ptr() and call["k"].shape == (2, 12, 2, 8)
     assert call["seqused_k"].tolist() == [4, 12]
 
 
-def test_cuda_route_strided_cache_is_gathered(fake):
+def test_cuda_route_decode_passes_cache_seqlens_as_is(fake):
+    """Without new keys, rotary or cache_leftpad the int32 cache_seqlens is the kernel's seqused_k
+    itself, unclamped: the kernel clamps it into 0..seqlen_cache (the stand-in does the same)."""
+    c = replace(CASES["no-new-kv"], seqlens=[-3, 50])
+    kw, _ = make_inputs(c)
+    out, lse = _cuda.kvcache_forward(*route_args(kw))
+    call = fake.calls[0]
+    assert call["seqused_k"].tolist() == [-3, 50]
+    ref, ref_lse = _cpu.kvcache_forward(*route_args({**kw, "cache_seqlens": i32([0, c.s_cache])}))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert_lse_close(lse, ref_lse, 1e-10)
+
+
+def test_cuda_route_strided_cache_is_read_in_place(fake):
+    """The batched kernel takes any cache strides (multiples of 8 elements): no gather."""
     c = CASES["decode"]
     kw, seqlens_list = make_inputs(c)
     exp = naive_for(c, kw, seqlens_list)
     kc = kw["k_cache"].transpose(0, 1).contiguous().transpose(0, 1)
     out, _ = _cuda.kvcache_forward(*route_args({**kw, "k_cache": kc}))
-    assert not shares_memory(fake.calls[0]["k"], kc)
+    assert same_tensor(fake.calls[0]["k"], kc)
     torch.testing.assert_close(out, exp[2], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(kc, exp[0], rtol=1e-12, atol=1e-12)
 
@@ -583,7 +692,7 @@ def test_cuda_route_clamps_unchecked_values(fake):
 
 @pytest.mark.parametrize("num_splits", [0, 1, 3, 16])
 def test_cuda_route_passes_num_splits(fake, num_splits):
-    """num_splits reaches varlen_fwd as given (the extension picks or caps it), on both the fast
+    """num_splits reaches the extension as given (it picks or caps it), on both the fast
     and the gathered path; the default of the route is 0 (heuristic), as flash_attn_with_kvcache's."""
     for name in ("decode", "batch-idx-leftpad"):
         kw, _ = make_inputs(CASES[name])

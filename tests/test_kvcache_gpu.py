@@ -18,6 +18,7 @@ turns a missing GPU or extension into a failure (see test_flash_attn_gpu.py).
 """
 import itertools
 import math
+import re
 import zlib
 from collections import namedtuple
 
@@ -217,7 +218,8 @@ def test_score_modifiers(mod, sq, causal):
 @pytest.mark.cuda
 @pytest.mark.parametrize("layout", ["seq-major", "sliced-heads", "extra-rows"])
 def test_cache_layouts(layout):
-    """Caches that cannot be flattened into a view (gathered), and a cache with more rows than q."""
+    """Caches whose (batch, seqlen) dims do not flatten into one (the batched kernel reads them in
+    place through their strides), and a cache with more rows than q."""
     dtype = _any_dtype()
     require_compiled(dtype, 64)
     what = f"layout-{layout}"
@@ -233,6 +235,82 @@ def test_cache_layouts(layout):
             kw[name] = torch.cat([c, torch.zeros_like(c[:2])], dim=0)
         assert kw[name].stride(-1) == 1
     _run_and_check({**kw, "causal": True}, what, readable)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("heads", [(32, 8), (8, 1), (8, 8)], ids=["gqa4", "mqa", "mha"])
+def test_decode_q_sliced_from_qkv(heads, paged):
+    """The plain decode step (no new keys: cache_seqlens is the kernel's seqused_k as it is) with q
+    a slice of a fused qkv projection (b, 1, hq + 2 hk, d): the GQA-packed kernel reads q and writes
+    out through strided views (row stride d, head stride g * d), no copy."""
+    from flash_attn import flash_attn_with_kvcache
+    from flash_attn.reference import kvcache_ref
+
+    dtype = _any_dtype()
+    require_compiled(dtype, 128, paged=paged)
+    hq, hk = heads
+    what = f"decode-qkv-slice-h{hq}k{hk}-{'paged' if paged else 'contiguous'}"
+    gen = _generator(what)
+    b, d, cap, page = 3, 128, 1024, 64
+    qkv = _randn(gen, b, 1, hq + 2 * hk, d, dtype=dtype)
+    q = qkv[:, :, :hq]
+    seqlens = _i32([cap, 1, 517])
+    k_ref, v_ref = _randn(gen, b, cap, hk, d, dtype=dtype), _randn(gen, b, cap, hk, d, dtype=dtype)
+    kw = dict(cache_seqlens=seqlens)
+    if paged:  # pages in a random order, one spare NaN page
+        nblk = cap // page
+        perm = torch.randperm(b * nblk + 1, device="cuda", generator=gen)[:b * nblk].view(b, nblk)
+        caches = []
+        for c in (k_ref, v_ref):
+            pool = torch.full((b * nblk + 1, page, hk, d), float("nan"), dtype=dtype, device="cuda")
+            pool[perm] = c.view(b, nblk, page, hk, d)
+            caches.append(pool)
+        kw.update(k_cache=caches[0], v_cache=caches[1], block_table=perm.to(torch.int32))
+    else:
+        kw.update(k_cache=k_ref, v_cache=v_ref)
+    poison_allocator(((b, 1, hq, d), dtype), ((b, hq, 1), torch.float32))
+    out, lse = flash_attn_with_kvcache(q, **kw, return_softmax_lse=True)
+    ref, ref_lse = kvcache_ref(q, k_ref.clone(), v_ref.clone(), cache_seqlens=seqlens, upcast=True)
+    pt, pt_lse = kvcache_ref(q, k_ref.clone(), v_ref.clone(), cache_seqlens=seqlens, upcast=False)
+    _check(out, lse, ref, ref_lse, pt, pt_lse, what)
+    assert out.is_contiguous()
+
+
+@pytest.mark.cuda
+def test_fwd_kvcache_argument_errors():
+    """flash_attn_2_cuda.fwd's KV-cache arguments (seqused_k, block_table, leftpad_k) are checked
+    before anything runs, with a ValueError naming the argument."""
+    from flash_attn import build_info
+
+    dtype = _any_dtype()
+    require_compiled(dtype, 128, paged=True)
+    ext = build_info.cuda_extension()
+    q = torch.randn(2, 1, 8, 128, device="cuda", dtype=dtype)
+    cache = torch.randn(2, 64, 2, 128, device="cuda", dtype=dtype)
+    seqused = _i32([3, 64])
+    table = _i32([[0, 1], [1, 0]])
+
+    def call(**kw):
+        return ext.fwd(q, kw.pop("k", cache), kw.pop("v", cache), None, None, 0.1, -1, -1, 0.0, **kw)
+
+    pages = cache.view(4, 32, 2, 128)  # 4 pages of 32 rows
+    assert call(seqused_k=seqused)[0].shape == q.shape  # the good calls
+    assert call(seqused_k=seqused, block_table=table, k=pages, v=pages)[0].shape == q.shape
+    cases = [
+        (dict(seqused_k=seqused.long()), "seqused_k must be int32"),
+        (dict(seqused_k=_i32([3, 64, 1])), "seqused_k must be a contiguous (batch,)"),
+        (dict(seqused_k=_i32([3, 0, 64, 0])[::2]), "seqused_k must be a contiguous (batch,)"),
+        (dict(seqused_k=seqused.cpu()), "seqused_k must be on q's device"),
+        (dict(seqused_k=seqused, leftpad_k=_i32([0, 0])), "leftpad_k needs block_table"),
+        (dict(block_table=table, k=pages, v=pages), "seqused_k (the keys of each sequence) is required"),
+        (dict(seqused_k=seqused, block_table=_i32([[0, 1]]), k=pages, v=pages), "block_table must be (batch"),
+        (dict(seqused_k=seqused, num_splits=-1), "num_splits must be >= 0"),
+        (dict(seqused_k=seqused, k=cache[:1], v=cache[:1]), "k and v must have batch size 2"),
+    ]
+    for kw, text in cases:
+        with pytest.raises(ValueError, match=re.escape(text)):
+            call(**kw)
 
 
 @pytest.mark.cuda
@@ -411,7 +489,7 @@ def test_split_kv_matches_reference(num_splits, seqlen_k, hk, mask, batch, paged
 
     dtype = _any_dtype()
     d = SPLIT_HEADDIMS[(SPLIT_SEQLENS_K.index(seqlen_k) + batch + (hk == 2)) % 3]
-    require_compiled(dtype, d, alibi=SPLIT_MASKS[mask][2])
+    require_compiled(dtype, d, alibi=SPLIT_MASKS[mask][2], paged=paged)
     what = f"split{num_splits}-k{seqlen_k}-hk{hk}-{mask}-b{batch}-{'paged' if paged else 'unpaged'}-d{d}"
     gen = _generator(what)
     kw, (k_ref, v_ref) = _split_case(gen, dtype, d, batch, seqlen_k, hk, mask, paged)

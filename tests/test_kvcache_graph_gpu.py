@@ -1,12 +1,13 @@
 """GPU test: a decode step of flash_attn_with_kvcache captured in a CUDA graph and replayed.
 
 The step appends one new token (k, v) per sequence into the caches at cache_seqlens and
-attends to the cache up to the new length; the graph is captured once and replayed with
-new q, k, v and cache_seqlens written into the captured input tensors (the serving
-pattern: no host reads inside the step, so capture works). After each replay the output
-is compared with the reference on the updated caches (2x rule of shared/TESTING.md) and
-the caches must hold the appended tokens. Paged (block_table) and contiguous caches, GQA,
-rotary off and on.
+attends to the cache up to the new length, or (step "read") only attends to the first
+cache_seqlens keys: then cache_seqlens itself is the kernel's seqused_k and the step runs
+the kernels alone. The graph is captured once and replayed with new q, k, v and
+cache_seqlens written into the captured input tensors (the serving pattern: no host reads
+inside the step, so capture works). After each replay the output is compared with the
+reference on the updated caches (2x rule of shared/TESTING.md) and the caches must hold
+the appended tokens. Paged (block_table) and contiguous caches, GQA, rotary off and on.
 
 Marked `cuda`; skips without a GPU or the extension.
 """
@@ -26,14 +27,15 @@ def _dtype():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged16"])
-@pytest.mark.parametrize("rotary", [False, True], ids=["norotary", "rotary"])
-def test_decode_step_replays_in_a_cuda_graph(paged, rotary):
+@pytest.mark.parametrize("step", ["append", "append-rotary", "read"])
+def test_decode_step_replays_in_a_cuda_graph(paged, step):
     from flash_attn import flash_attn_with_kvcache
     from flash_attn.reference import kvcache_ref
 
+    rotary, append = step == "append-rotary", step != "read"
     dtype = _dtype()
     d = 128
-    require_compiled(dtype, d)
+    require_compiled(dtype, d, paged=paged)
     b, hq, hk, capacity, page = 3, 8, 2, 256, 16
     gen = torch.Generator(device="cuda").manual_seed(11 + 2 * paged + rotary)
 
@@ -59,7 +61,8 @@ def test_decode_step_replays_in_a_cuda_graph(paged, rotary):
     cache_seqlens = torch.tensor([5, 100, 0], dtype=torch.int32, device="cuda")
 
     def step():
-        return flash_attn_with_kvcache(q, k_cache, v_cache, k, v, rotary_cos=cos, rotary_sin=sin,
+        new_k, new_v = (k, v) if append else (None, None)
+        return flash_attn_with_kvcache(q, k_cache, v_cache, new_k, new_v, rotary_cos=cos, rotary_sin=sin,
                                        cache_seqlens=cache_seqlens, causal=True, block_table=block_table,
                                        rotary_interleaved=False)
 
@@ -91,9 +94,10 @@ def test_decode_step_replays_in_a_cuda_graph(paged, rotary):
         kw = dict(rotary_cos=cos, rotary_sin=sin, cache_seqlens=cache_seqlens, causal=True,
                   block_table=block_table, rotary_interleaved=False)
         kc, vc = before[0].clone(), before[1].clone()
-        ref, _ = kvcache_ref(q, kc, vc, k.clone(), v.clone(), **kw)
+        new_k, new_v = (k.clone(), v.clone()) if append else (None, None)
+        ref, _ = kvcache_ref(q, kc, vc, new_k, new_v, **kw)
         kc2, vc2 = before[0].clone(), before[1].clone()
-        ref_pt, _ = kvcache_ref(q, kc2, vc2, k.clone(), v.clone(), upcast=False, **kw)
+        ref_pt, _ = kvcache_ref(q, kc2, vc2, new_k, new_v, upcast=False, **kw)
         assert torch.isfinite(out).all(), f"lens {lens}: non-finite output"
         err, bound = max_abs(out, ref), 2 * max_abs(ref_pt, ref) + 1e-5
         assert err <= bound, f"lens {lens}: max err {err:.3e} > allowed {bound:.3e}"

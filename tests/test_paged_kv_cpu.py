@@ -1,9 +1,12 @@
 """Paged KV (block_table) on CPU: flash_attn_with_kvcache and flash_attn_varlen_func with a
 paged cache against the same data in a contiguous cache (physical blocks in a random
 permutation, unused blocks NaN), the in-place update of the pages, the CUDA route's Python
-side (the interim gather path) against a fake extension, and every argument error.
+side (the caches handed to the paged kernel as they are) against a fake extension, and every
+argument error.
 """
+import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from flash_attn import _cpu, _cuda, flash_attn_varlen_func, flash_attn_with_kvca
 from flash_attn.reference import attention_varlen_paged_ref, kvcache_ref
 from test_kvcache_cpu import fake, route_args  # noqa: F401  (fake: the fixture with the stand-in extension)
 
+ROOT = Path(__file__).resolve().parents[1]
 F64 = torch.float64
 PAGES = [16, 64, 256]
 
@@ -221,7 +225,8 @@ def test_varlen_paged_gradients_reach_the_pages():
 
 
 # ----------------------------------------------------------------------------
-# the CUDA route's Python side (interim gather path), on CPU, against a fake extension
+# the CUDA route's Python side, on CPU, against a fake extension that does what the paged
+# kernel does (test_kvcache_cpu.paged_keys): the caches reach it as they are, never gathered
 
 def route_kw(kw):
     """kw of flash_attn_with_kvcache -> the positional arguments of a route (block_table last)."""
@@ -229,6 +234,10 @@ def route_kw(kw):
                 softcap=0.0, rotary_interleaved=True, alibi_slopes=None)
     full.update({key: val for key, val in kw.items() if key not in ("block_table", "return_softmax_lse")})
     return route_args(full) + (kw.get("block_table"),)
+
+
+def same_tensor(a, b):
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 @pytest.mark.parametrize("page", [16, 64])
@@ -244,12 +253,33 @@ def test_cuda_route_paged_matches_cpu_route(fake, name, page):
     torch.testing.assert_close(kw["k_cache"], kw_cpu["k_cache"], rtol=1e-12, atol=1e-12, equal_nan=True)
     torch.testing.assert_close(kw["v_cache"], kw_cpu["v_cache"], rtol=0, atol=0, equal_nan=True)
     assert len(fake.calls) == 1
-    assert not any(x.untyped_storage().data_ptr() == kw["k_cache"].untyped_storage().data_ptr()
-                   for x in (fake.calls[0]["k"],)), "the interim path gathers the pages into a temporary"
+    call = fake.calls[0]
+    # the kernel reads the pages in place: it gets the caches themselves and the block table
+    assert same_tensor(call["k"], kw["k_cache"]) and same_tensor(call["v"], kw["v_cache"])
+    assert torch.equal(call["block_table"], kw["block_table"])
+    assert call["head_dim"] == 64  # the smallest paged kernel head dim for d = 8 (q padded, not the caches)
+    assert (call["leftpad_k"] is None) == (CASES[name].leftpad is None)
+
+
+@pytest.mark.parametrize("d", [12, 40, 64])
+def test_cuda_route_paged_narrow_head_dims(fake, d):
+    """Head dims without a paged kernel: q is padded to the kernel's; the caches are passed as they
+    are when their rows are 16-byte multiples (d % 8 == 0), else padded to the next multiple of 8."""
+    kw = paged_twin(kvcache_inputs(Case(sq=2, s_new=2, causal=True, d=d), 16), 16)
+    kw_cpu = clone(kw)
+    out, lse = _cuda.kvcache_forward(*route_kw(kw))
+    ref, ref_lse = _cpu.kvcache_forward(*route_kw(kw_cpu))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    assert_lse_equal(lse, ref_lse)
+    torch.testing.assert_close(kw["k_cache"], kw_cpu["k_cache"], rtol=1e-12, atol=1e-12, equal_nan=True)
+    call = fake.calls[0]
+    assert call["head_dim"] == 64 and call["k"].shape[-1] == -(-d // 8) * 8
+    assert same_tensor(call["k"], kw["k_cache"]) == (d % 8 == 0)
 
 
 def test_cuda_route_paged_clamps_bad_block_table(fake):
-    """Without FLASH_ATTN_DEBUG, CUDA values are not checked: bad block indices stay inside the caches."""
+    """Without FLASH_ATTN_DEBUG, CUDA values are not checked: the append clamps the block indices and
+    the key counts; the kernel (here its stand-in) clamps what it reads itself."""
     kw = paged_twin(kvcache_inputs(CASES["append-crosses-pages"], 16), 16)
     num_blocks = kw["k_cache"].shape[0]
     kw["block_table"] = i32([[-5, num_blocks, 10 ** 6], [0, -1, num_blocks + 3]])
@@ -261,20 +291,112 @@ def test_cuda_route_paged_clamps_bad_block_table(fake):
 
 
 @pytest.mark.parametrize("name", list(VARLEN))
-def test_cuda_route_varlen_paged_gather(fake, name):
-    """varlen_paged_forward's gather + seqused_k (its op call runs the CPU kernel for CPU tensors)."""
+def test_cuda_route_varlen_paged(fake, name):
+    """varlen_paged_forward hands the caches and block_table to the paged kernel (no gather)."""
     q, (k, v), (kc, vc, bt), common = varlen_inputs(name, 16)
-    out, lse, _ = _cuda.varlen_paged_forward(q, kc, vc, common["cu_seqlens_q"], common["cu_seqlens_k"], bt,
-                                             common["max_seqlen_q"], 0.0, 8 ** -0.5, common["window_size"]
-                                             if not common["causal"] else (-1, 0), 0.0, None)
+    window = (-1, 0) if common["causal"] else common["window_size"]
+    out, lse, s_dmask = _cuda.varlen_paged_forward(q, kc, vc, common["cu_seqlens_q"], common["cu_seqlens_k"], bt,
+                                                   common["max_seqlen_q"], 0.0, 8 ** -0.5, window, 0.0, None)
     ref, ref_lse = flash_attn_varlen_func(q, k, v, **common, return_attn_probs=True)[:2]
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     assert_lse_equal(lse, ref_lse)
+    assert s_dmask is None
+    call = fake.calls[0]
+    assert same_tensor(call["k"], kc) and same_tensor(call["v"], vc) and torch.equal(call["block_table"], bt)
+    assert call["seqused_k"] is None and call["leftpad_k"] is None
     bad = bt.clone()
     bad[0, 0], bad[1, -1] = -7, 10 ** 6
     out = _cuda.varlen_paged_forward(q, kc, vc, common["cu_seqlens_q"], common["cu_seqlens_k"], bad,
                                      common["max_seqlen_q"], 0.0, 1.0, (-1, -1), 0.0, None)[0]
     assert out.shape == q.shape
+
+
+def test_cuda_route_varlen_paged_refuses_dropout_and_backward(fake):
+    q, _, (kc, vc, bt), common = varlen_inputs("gqa-causal", 16)
+    args = (q, kc, vc, common["cu_seqlens_q"], common["cu_seqlens_k"], bt, common["max_seqlen_q"])
+    with pytest.raises(NotImplementedError, match="dropout"):
+        _cuda.varlen_paged_forward(*args, 0.1, 1.0, (-1, -1), 0.0, None)
+    assert fake.calls == []
+    out = _cuda.varlen_paged_forward(q.clone().requires_grad_(True), *args[1:], 0.0, 1.0, (-1, -1), 0.0, None)[0]
+    with pytest.raises(NotImplementedError, match="flash_attn_varlen_func with block_table"):
+        out.sum().backward()
+
+
+def test_paged_kernel_head_dim(monkeypatch):
+    """The paged kernels exist for head dims 64, 128 and 256 of the build; other head dims use the
+    next of them, and a build without one (or without paged kernels) says so."""
+    from flash_attn import build_info
+
+    monkeypatch.setattr(build_info, "has_feature", lambda name: True)
+    monkeypatch.setattr(build_info, "compiled_head_dims", lambda: [32, 64, 96, 128, 192, 256])
+    assert [_cuda.paged_kernel_head_dim(d) for d in (8, 64, 72, 96, 128, 160, 256)] == [64, 64, 128, 128, 128,
+                                                                                        256, 256]
+    monkeypatch.setattr(build_info, "compiled_head_dims", lambda: [32, 128])
+    assert _cuda.paged_kernel_head_dim(64) == 128
+    with pytest.raises(RuntimeError, match="no paged-KV kernel"):
+        _cuda.paged_kernel_head_dim(160)
+    monkeypatch.setattr(build_info, "compiled_head_dims", lambda: [32])
+    with pytest.raises(RuntimeError, match="FLASH_ATTN_HEADDIMS"):
+        _cuda.paged_kernel_head_dim(16)
+    monkeypatch.setattr(build_info, "has_feature", lambda name: name != "paged")
+    with pytest.raises(RuntimeError, match="FLASH_ATTN_DISABLE_PAGEDKV"):
+        _cuda.paged_kernel_head_dim(64)
+
+
+# ----------------------------------------------------------------------------
+# the kernel's row addressing (csrc/flash_attn/paged_kv.h), compiled for the host
+
+@pytest.fixture(scope="module")
+def paged_host(tmp_path_factory):
+    """tests/cpp/paged_kv_host.cpp built with g++ (paged_kv.h's PagedKV and paged_seq_info)."""
+    from test_dropout_cpu import _host_compiler
+
+    cmd, reason = _host_compiler()
+    if cmd is None:
+        pytest.skip(reason)
+    exe = tmp_path_factory.mktemp("host") / "paged_kv_host"
+    subprocess.run(cmd + [str(ROOT / "tests" / "cpp" / "paged_kv_host.cpp"), "-o", str(exe)], check=True,
+                   capture_output=True, timeout=600)
+    return lambda *args: subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+LOCATE_CASES = [  # (head dim, page, num pages, max blocks per sequence, leftpad)
+    (64, 16, 40, 9, 0),     # key tiles of 128 (both tiles at d = 64) span 8 pages
+    (64, 48, 40, 9, 5),     # pages that are not a power of two, tiles starting mid-page
+    (128, 16, 30, 12, 0),
+    (128, 128, 7, 3, 17),   # a page holds two 64-key tiles
+    (256, 32, 20, 10, 1),
+    (256, 256, 3, 2, 0),
+    (128, 48, 1, 4, 0),     # one page: every other table entry is out of range
+    (64, 16, 5, 1, 3),      # one table column: positions past it read its last entry
+]
+
+
+# fwd: the prefill tile (4 warps, a thread's rows 16 apart); split: the split-KV tile of one
+# warp (rows 4 apart, up to 32 per thread), which decoding uses
+@pytest.mark.parametrize("tile", ["fwd", "split"])
+@pytest.mark.parametrize("case", LOCATE_CASES, ids=lambda c: "d{}-page{}-pages{}-blocks{}-pad{}".format(*c))
+def test_host_paged_rows_land_on_their_pages(paged_host, case, tile):
+    """Every row each thread copies sits on the page and slot block_table gives for its key
+    (out-of-range entries read page 0), the threads cover each (row, chunk) of a tile once, and
+    the row layout borrowed from the contiguous copy addresses the right columns."""
+    run = paged_host("locate", tile, *case)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("seqused,cu_len,leftpad,want", [
+    ("none", 100, 0, 64),   # prefill: the cu_seqlens_k length, capped at 4 pages of 16
+    ("none", 30, 0, 30),
+    (10, 100, 0, 10),       # decode: seqused_k itself (cu_seqlens_k unused)
+    (100, 3, 0, 64),
+    ("none", 100, 10, 54),  # leftpad: the pages end 10 keys sooner
+    (5, 3, 70, 0),          # a leftpad past the pages
+    (-5, 3, 0, 0),
+    (70, 3, -4, 64),        # a negative leftpad counts as 0
+])
+def test_host_paged_key_counts(paged_host, seqused, cu_len, leftpad, want):
+    run = paged_host("seqinfo", seqused, cu_len, 16, 4, leftpad)
+    assert run.returncode == 0 and int(run.stdout) == want, run.stdout + run.stderr
 
 
 # ----------------------------------------------------------------------------

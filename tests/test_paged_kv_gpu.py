@@ -1,13 +1,15 @@
 """GPU tests of paged KV (block_table): flash_attn_with_kvcache and flash_attn_varlen_func on
 paged caches (physical blocks in a random permutation, unused blocks NaN) against the same data
 in contiguous form, through the reference (2x rule of shared/TESTING.md), the pages checked
-after the in-place update. The CUDA route is the interim gather path (PyTorch copy, then our
-varlen kernel). Marked `cuda`; FLASH_ATTN_TEST_QUICK=1 runs a subset.
+after the in-place update. The CUDA route is the paged-KV kernel, which reads each key row from
+its page (csrc/flash_attn/paged_kv.h): tiles of kBlockN keys across several pages and pages
+holding several tiles, page sizes that are not powers of two, head dims below the kernel's,
+split and unsplit. Marked `cuda`; FLASH_ATTN_TEST_QUICK=1 runs a subset.
 """
 import pytest
 import torch
 
-from gpu_env import QUICK, gpu_marks, max_abs, require_compiled, unavailable_reason
+from gpu_env import DTYPE_NAMES, QUICK, gpu_marks, max_abs, require_compiled, unavailable_reason
 
 pytestmark = gpu_marks(unavailable_reason())
 
@@ -68,7 +70,7 @@ def test_kvcache_paged(case, page):
     from flash_attn import flash_attn_with_kvcache
     from flash_attn.reference import kvcache_ref
 
-    require_compiled(DTYPE, 128)
+    require_compiled(DTYPE, 128, paged=True)
     b, sq, s_new, (hq, hk), causal, window, rotary = case
     d, nblk = 128, max(2, -(-(s_new + 300) // page))
     cap = nblk * page
@@ -95,21 +97,81 @@ def test_kvcache_paged(case, page):
     torch.testing.assert_close(_from_paged(pk, bt), rk, equal_nan=True)
 
 
+# How key tiles meet pages in the paged kernels, which locate each row of a tile on its own
+# page. num_splits 1 runs the unsplit kernel (tiles of 128 keys at d = 64, else 64; d = 256 with
+# its one-stage pipeline), 0 and 3 the split kernel (one warp; 128, 64 and 32 keys at d = 64, 128,
+# 256). Tiles across several pages, pages holding several tiles, page sizes that are not powers
+# of two (tile and page boundaries drift apart), and head dims with no paged kernel (read by
+# the next one).
+TILE_CASES = [  # (head dim, page, dtype)
+    (64, 16, torch.float16),     # a tile spans 8 pages
+    (64, 48, torch.bfloat16),
+    (128, 128, torch.float16),   # a page holds two or more tiles
+    (128, 16, torch.bfloat16),
+    (256, 32, torch.float16),
+    (256, 256, torch.bfloat16),
+    (80, 16, torch.float16),     # the d = 128 kernel reads 80-wide rows
+    (40, 48, torch.bfloat16),    # the d = 64 kernel reads 40-wide rows
+]
+if QUICK:
+    TILE_CASES = TILE_CASES[::2]
+
+
+@pytest.mark.parametrize("num_splits", [1, 0, 3])
+@pytest.mark.parametrize("leftpad", [False, True], ids=["gqa-packed", "leftpad-causal"])
+@pytest.mark.parametrize("case", TILE_CASES, ids=lambda c: f"d{c[0]}-page{c[1]}-{DTYPE_NAMES[c[2]]}")
+def test_kvcache_paged_tiles_across_pages(case, leftpad, num_splits):
+    from flash_attn import flash_attn_with_kvcache
+    from flash_attn.reference import kvcache_ref
+
+    d, page, dtype = case
+    require_compiled(dtype, d, paged=True)
+    b, sq, s_new, hq, hk = 4, 2, 2, 8, 2
+    cap = -(-(777 + s_new) // page) * page
+    # empty, full, and lengths that are not multiples of the page (or of any tile)
+    seqlens = [0, cap - s_new, 37, 3 * page + 5]
+    kc, vc = _randn(b, cap, hk, d, seed=11, dtype=dtype), _randn(b, cap, hk, d, seed=12, dtype=dtype)
+    for i, n in enumerate(seqlens):  # poison what no row may read
+        kc[i, n + s_new:] = float("nan")
+        vc[i, n + s_new:] = float("nan")
+    kw = dict(q=_randn(b, sq, hq, d, seed=13, dtype=dtype), k=_randn(b, s_new, hk, d, seed=14, dtype=dtype),
+              v=_randn(b, s_new, hk, d, seed=15, dtype=dtype), cache_seqlens=_i32(seqlens), causal=leftpad)
+    if leftpad:
+        kw["cache_leftpad"] = _i32([0, 5, 37, page + 1])
+        for i, start in enumerate(kw["cache_leftpad"].tolist()):
+            kc[i, :start] = float("nan")
+            vc[i, :start] = float("nan")
+    pk, bt = _to_paged(kc, page, seed=page + d)
+    pv, _ = _to_paged(vc, page, seed=page + d)
+    out, lse = flash_attn_with_kvcache(k_cache=pk, v_cache=pv, block_table=bt, num_splits=num_splits,
+                                       return_softmax_lse=True, **kw)
+    rk, rv = kc.clone(), vc.clone()
+    ref, ref_lse = kvcache_ref(k_cache=rk, v_cache=rv, upcast=True, **kw)
+    pt, _ = kvcache_ref(k_cache=kc.clone(), v_cache=vc.clone(), upcast=False, **kw)
+    _check(out, ref, pt, f"kvcache d {d} page {page} splits {num_splits}")
+    assert torch.equal(torch.isposinf(lse), torch.isposinf(ref_lse))
+    finite = torch.isfinite(ref_lse)
+    assert (lse[finite] - ref_lse[finite]).abs().max().item() <= 1e-3
+    torch.testing.assert_close(_from_paged(pv, bt), rv, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(_from_paged(pk, bt), rk, equal_nan=True)
+
+
 VARLEN_CASES = [  # (q lens, k lens, heads, causal)
     ([1, 17, 128], [300, 17, 1000], (8, 2), True),
     ([64, 1], [64, 513], (8, 8), False),
 ]
 
 
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("page", PAGES)
 @pytest.mark.parametrize("case", VARLEN_CASES, ids=["gqa-causal", "mha-full"])
-def test_varlen_paged(case, page):
+def test_varlen_paged(case, page, d):
     from flash_attn import flash_attn_varlen_func
     from flash_attn.reference import attention_varlen_paged_ref
 
-    require_compiled(DTYPE, 128)
+    require_compiled(DTYPE, d, paged=True)
     lens_q, lens_k, (hq, hk), causal = case
-    d, b = 128, len(lens_q)
+    b = len(lens_q)
     nblk = -(-max(lens_k) // page)
     logical_k, logical_v = _randn(b, nblk * page, hk, d, seed=1), _randn(b, nblk * page, hk, d, seed=2)
     kc, bt = _to_paged(logical_k, page, seed=page)
@@ -125,7 +187,7 @@ def test_varlen_paged(case, page):
 def test_paged_capacity_and_index_checks_are_opt_in(monkeypatch):
     from flash_attn import flash_attn_with_kvcache
 
-    require_compiled(DTYPE, 64)
+    require_compiled(DTYPE, 64, paged=True)
     kc = torch.zeros(4, 16, 2, 64, dtype=DTYPE, device="cuda")
     args = dict(q=_randn(2, 1, 4, 64, seed=1), k_cache=kc, v_cache=kc.clone(), k=_randn(2, 1, 2, 64, seed=2),
                 v=_randn(2, 1, 2, 64, seed=3), cache_seqlens=_i32([3, 40]), block_table=_i32([[0, 9], [2, 3]]))

@@ -49,7 +49,9 @@ struct Flash_fwd_params {
   // Varlen: [b + 1] cumulative lengths (int32), or nullptr for batched inputs.
   int *__restrict__ cu_seqlens_q;
   int *__restrict__ cu_seqlens_k;
-  // [b] keys actually used per sequence (<= the cu_seqlens_k length), or nullptr.
+  // [b] keys actually used per sequence, or nullptr; clamped on the device to the cu_seqlens_k
+  // length (varlen) or seqlen_k (batched: a KV cache read in place). Paged kernels take it as
+  // the key count itself (cu_seqlens_k is then unused; paged_kv.h), required when batched.
   int *__restrict__ seqused_k;
 
   // Scores s = q.k * scale_softmax, then (with softcap) s = softcap_raw... see below.
@@ -91,12 +93,27 @@ struct Flash_fwd_params {
   // Kept last so that the offsets of the fields above, and so the code of the kernels
   // without Is_split, do not change. A query row's "accum row" is its row in the packed
   // [total_q] order: varlen q_start + i, batched bidb * seqlen_q + i.
-  int num_splits;  // key-block shares per (query block, sequence, head); 1 = off
+  // key-block shares per (query block, sequence, head): 0 = the unsplit kernel; n >= 1 = the
+  // split kernel (one share: it writes O and lse itself, and oaccum_ptr is null)
+  int num_splits;
   // [num_splits, h, total_q, d] fp32: each split's output, normalized by its own row sum
-  // (0 for a row that sees no key in that split).
+  // (0 for a row that sees no key in that split). Null with one share.
   float *__restrict__ oaccum_ptr;
   // [num_splits, h, total_q] fp32: each split's natural-log sum-exp (-inf: no key seen).
   float *__restrict__ lseaccum_ptr;
+
+  // Paged KV (kernels instantiated with Is_paged; paged_kv.h), kept last like the split
+  // fields. k_ptr / v_ptr then point to caches [num_pages, page_size, h_k, kv_d] (the batch
+  // strides are page strides) and key j of sequence b is slot pos % page_size of page
+  // block_table[b][pos / page_size], pos = leftpad_k[b] + j. The kernel clamps every index
+  // it reads: a table entry outside [0, num_pages) reads page 0.
+  int *__restrict__ block_table;   // [b, max_blocks_per_seq] int32 physical page of each logical page
+  index_t block_table_batch_stride;
+  int max_blocks_per_seq;          // >= 1
+  int page_size;                   // rows per page, a positive multiple of 16
+  int num_pages;                   // pages in k_ptr / v_ptr, >= 1
+  int kv_d;                        // head dim of the caches: a multiple of 8, <= d; columns [kv_d, d) read as 0
+  int *__restrict__ leftpad_k;     // [b] first logical position of each sequence's keys, or nullptr (0)
 };
 
 // Backward: the forward's params (q, k, v, o = the forward output, softmax_lse) plus
@@ -131,7 +148,10 @@ cudaError_t run_mha_bwd_(Flash_bwd_params &params, cudaStream_t stream);
 // kernels (split-KV, head dims 64/128/256) exist only with Has_alibi and Is_softcap, both
 // optional at run time (softcap_prescale == 0: no softcap), and without dropout; they run
 // the forward into oaccum/lseaccum and then the combine kernel into o and softmax_lse.
-template <typename Element, int kHeadDim, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Is_split = false>
+// Is_paged kernels (paged KV, head dims 64/128/256) exist as the split variant's flags with
+// and without Is_split; they read K and V through block_table.
+template <typename Element, int kHeadDim, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Is_split = false,
+          bool Is_paged = false>
 cudaError_t run_mha_fwd_(Flash_fwd_params &params, cudaStream_t stream);
 
 }  // namespace flash

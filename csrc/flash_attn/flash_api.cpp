@@ -9,6 +9,8 @@
 #include "arg_error.h"
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cmath>
 #include <mutex>
 #include <optional>
@@ -211,15 +213,16 @@ void run_fwd(Flash_fwd_params &p, bool is_dropout, cudaStream_t stream) {
     return flash::headdim_switch(p.d, [&](auto hdim_tag) {
       constexpr int kHeadDim = decltype(hdim_tag)::value;
       const bool has_alibi = p.alibi_slopes_ptr != nullptr, is_softcap = p.softcap_prescale > 0.f;
-      const bool is_split = p.oaccum_ptr != nullptr;
-      return flash::fwd_variant_switch(has_alibi, is_softcap, is_dropout, is_split,
-                                       [&](auto alibi, auto cap, auto drop, auto split) {
-        constexpr bool kSplit = decltype(split)::value;
-        if constexpr (kSplit && !(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256)) {
-          return cudaErrorNotSupported;  // choose_num_splits never splits at these head dims
+      const bool is_split = p.num_splits >= 1, is_paged = p.block_table != nullptr;
+      return flash::fwd_variant_switch(has_alibi, is_softcap, is_dropout, is_split, is_paged,
+                                       [&](auto alibi, auto cap, auto drop, auto split, auto paged) {
+        constexpr bool kSplit = decltype(split)::value, kPaged = decltype(paged)::value;
+        if constexpr ((kSplit || kPaged) && !(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256)) {
+          // choose_num_splits never splits at these head dims; check_paged_qkv refuses them
+          return cudaErrorNotSupported;
         } else {
           return flash::run_mha_fwd_<Element, kHeadDim, decltype(alibi)::value, decltype(cap)::value,
-                                     decltype(drop)::value, kSplit>(p, stream);
+                                     decltype(drop)::value, kSplit, kPaged>(p, stream);
         }
       });
     });
@@ -229,8 +232,25 @@ void run_fwd(Flash_fwd_params &p, bool is_dropout, cudaStream_t stream) {
 
 // --- split-KV (flash_attn_with_kvcache's num_splits; kernels: split_kv.h, flash_fwd_combine.h) ---
 
-// Whether and how the split-KV kernel runs a varlen forward whose other fields p already
-// holds (b, h, d, seqlen_q = max_seqlen_q, seqlen_k = max_seqlen_k). Returns 0 for the
+// The SM count of a device, asked of the driver once per device: a decode step calls
+// choose_num_splits every time, and its host time is what a decode step is short of.
+int sm_count(int device_index) {
+  static std::array<std::atomic<int>, 64> cache{};  // 0 = not asked yet
+  if (device_index < 0 || device_index >= int(cache.size())) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device_index));
+    return n;
+  }
+  int n = cache[device_index].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device_index));
+    cache[device_index].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+// Whether and how the split-KV kernel runs a forward whose other fields p already holds (b,
+// h, d, seqlen_q, seqlen_k: varlen's max_seqlen_q, max_seqlen_k). Returns 0 for the
 // unsplit kernel, n >= 1 for the split kernel with n key-block shares. requested 1 = no
 // split; n > 1 = n capped by the keys and the grid; 0 = heuristic (tile_size.h), and then
 // also the split kernel with one share when the queries fit its small tile: a decode step
@@ -249,8 +269,7 @@ int choose_num_splits(int64_t requested, const Flash_fwd_params &p, bool is_drop
   const flash::FwdTile tile = flash::fwd_split_tile(p.d);
   const int n_blocks = (p.seqlen_k + tile.block_n - 1) / tile.block_n;
   if (requested > 1) { return flash::clamp_num_splits(requested, n_blocks, p.h); }
-  int num_sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device.index()));
+  const int num_sms = sm_count(device.index());
   // The heuristic counts the prefill tile's CTAs: a grid that would fill the GPU unsplit
   // is not split, and then only a short query block takes the split kernel.
   const flash::FwdTile prefill = flash::fwd_tile(p.d);
@@ -279,22 +298,161 @@ void check_heads(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v) 
   CHECK_ARG(d % 8 == 0 && d <= 256, "head dim must be a multiple of 8 and <= 256 (pad in Python), got ", d);
 }
 
+// Split-KV partials of a forward whose other fields p holds (total_q included), for
+// choose_num_splits(requested, ...): [num_splits, h, total_q, d] and [num_splits, h, total_q] fp32,
+// returned so that they live until the launch (undefined with fewer than two shares). Empty is enough: every
+// split CTA writes all rows of its query block, and the combine reads only those. Freed on
+// return; the caching allocator orders reuse after the kernels.
+std::pair<at::Tensor, at::Tensor> set_split_params(Flash_fwd_params &p, int64_t requested, bool is_dropout,
+                                                   bool return_softmax, const at::Tensor &q) {
+  p.num_splits = choose_num_splits(requested, p, is_dropout, return_softmax, q.device());
+  // The split kernel runs iff num_splits >= 1 (run_fwd); with one share it writes the output
+  // itself (no partials, no combine: oaccum_ptr stays null).
+  if (p.num_splits <= 1) { return {}; }
+  at::Tensor oaccum = at::empty({p.num_splits, p.h, p.total_q, p.d}, q.options().dtype(at::kFloat));
+  at::Tensor lseaccum = at::empty({p.num_splits, p.h, p.total_q}, q.options().dtype(at::kFloat));
+  p.oaccum_ptr = oaccum.data_ptr<float>();
+  p.lseaccum_ptr = lseaccum.data_ptr<float>();
+  return {oaccum, lseaccum};
+}
+
+// seqused_k: int32 (b) or None: the keys each sequence uses. Only the shape is checked (no
+// device read); the kernels clamp each value into the sequence's key range (block_info.h,
+// paged_kv.h), so any value is safe.
+void check_seqused_k(const std::optional<at::Tensor> &seqused_k, const at::Tensor &q, int b) {
+  if (!seqused_k.has_value()) { return; }
+  const auto &s = *seqused_k;
+  CHECK_ARG(s.scalar_type() == at::kInt, "seqused_k must be int32, got ", s.scalar_type());
+  CHECK_ARG(s.device() == q.device(), "seqused_k must be on q's device");
+  CHECK_ARG(s.dim() == 1 && s.numel() == b && s.is_contiguous(), "seqused_k must be a contiguous (batch,) = (", b,
+            ",) tensor, got ", s.sizes());
+}
+
+// --- paged KV (fwd's and varlen_fwd's block_table; the kernel side is paged_kv.h) ---
+
+// q (total_q, h, d) for varlen_fwd or (b, sq, h, d) for fwd (q_rank 3 or 4), d a paged kernel's
+// head dim; k_cache, v_cache (num_pages, page_size, h_k, kv_d) with kv_d <= d: the kernel reads
+// the caches' rows and zero-fills columns [kv_d, d), so a head dim without a paged kernel needs
+// q padded (cheap), not the caches.
+void check_paged_qkv(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, int q_rank) {
+  const auto dtype = q.scalar_type();
+  CHECK_ARG(dtype == at::kHalf || dtype == at::kBFloat16, "q must be float16 or bfloat16, got ", dtype);
+  CHECK_ARG(k.scalar_type() == dtype && v.scalar_type() == dtype, "k_cache and v_cache must have q's dtype ", dtype,
+            ", got ", k.scalar_type(), " and ", v.scalar_type());
+  CHECK_ARG(q.dim() == q_rank, "q must be ",
+            q_rank == 3 ? "(total_q, nheads, headdim)" : "(batch, seqlen_q, nheads, headdim)",
+            " with block_table, got ", q.dim(), " dims");
+  CHECK_ARG(k.dim() == 4 && k.sizes() == v.sizes(),
+            "k_cache and v_cache must both be (num_pages, page_size, nheads_k, headdim) with block_table, got ",
+            k.sizes(), " and ", v.sizes());
+  for (const auto *t : {&q, &k, &v}) {
+    CHECK_ARG(t->is_cuda() && t->device() == q.device(), "q, k_cache and v_cache must be CUDA tensors on one device");
+    CHECK_ARG(t->stride(-1) == 1, "q, k_cache and v_cache must be contiguous in the last dim (stride(-1) == 1)");
+  }
+  const int h = q.size(-2), d = q.size(-1), h_k = k.size(2), kv_d = k.size(3);
+  CHECK_ARG(h_k > 0 && h % h_k == 0, "nheads (", h, ") must be divisible by nheads_k (", h_k, ")");
+  CHECK_ARG(d == 64 || d == 128 || d == 256,
+            "paged-KV kernels exist for head dims 64, 128 and 256 (pad q in Python), got ", d);
+  CHECK_ARG(kv_d > 0 && kv_d % 8 == 0 && kv_d <= d, "the caches' head dim (k_cache.size(3)) must be a multiple of 8 "
+            "and <= q's head dim ", d, ", got ", kv_d);
+  CHECK_ARG(k.size(0) > 0, "k_cache must have at least one page (k_cache.size(0) = num_pages), got 0");
+  CHECK_ARG(k.size(1) > 0 && k.size(1) % 16 == 0, "page_size (k_cache.size(1)) must be a positive multiple of 16, got ",
+            k.size(1));
+  CHECK_ARG(k.size(0) < (int64_t(1) << 31), "num_pages must fit in int32, got ", k.size(0));
+}
+
+// block_table: int32 (b, max_blocks_per_seq); leftpad_k: int32 (b) or None. Only shapes are
+// checked (no device read); the kernel clamps every value it reads.
+void check_paged_tables(const at::Tensor &q, const at::Tensor &k, const at::Tensor &block_table,
+                        const std::optional<at::Tensor> &leftpad_k, int b) {
+  const auto &t = block_table;
+  CHECK_ARG(t.scalar_type() == at::kInt, "block_table must be int32, got ", t.scalar_type());
+  CHECK_ARG(t.device() == q.device(), "block_table must be on q's device");
+  CHECK_ARG(t.dim() == 2 && t.size(0) == b, "block_table must be (batch, max_blocks_per_seq) with batch = ", b,
+            ", got ", t.sizes());
+  CHECK_ARG(t.stride(1) == 1 || t.size(1) <= 1, "block_table must be contiguous in the last dim");
+  CHECK_ARG(t.size(1) * k.size(1) < (int64_t(1) << 31),
+            "max_blocks_per_seq * page_size (a sequence's capacity) must fit in int32, got ", t.size(1), " * ",
+            k.size(1));
+  if (leftpad_k.has_value()) {
+    const auto &l = *leftpad_k;
+    CHECK_ARG(l.scalar_type() == at::kInt && l.device() == q.device() && l.dim() == 1 && l.numel() == b &&
+                  l.is_contiguous(),
+              "leftpad_k must be a contiguous int32 (batch,) tensor on q's device, got ", l.scalar_type(), " ",
+              l.sizes());
+  }
+}
+
+// The paged fields of p (arguments checked by check_paged_qkv and check_paged_tables).
+void set_paged_params(Flash_fwd_params &p, const at::Tensor &k, const at::Tensor &block_table,
+                      const std::optional<at::Tensor> &leftpad_k) {
+  p.block_table = block_table.data_ptr<int>();
+  p.block_table_batch_stride = block_table.stride(0);
+  p.max_blocks_per_seq = block_table.size(1);
+  p.page_size = k.size(1);
+  p.num_pages = k.size(0);
+  p.kv_d = k.size(3);
+  p.leftpad_k = leftpad_k.has_value() ? leftpad_k->data_ptr<int>() : nullptr;
+  p.total_k = 0;  // no packed key rows: paged_seq_info takes the key counts
+}
+
+// The argument checks shared by fwd and varlen_fwd with block_table (q_rank 4 or 3), or without
+// it (then leftpad_k must be None).
+void check_qkv_or_paged(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v, int q_rank, bool paged,
+                        double p_dropout, const std::optional<at::Tensor> &leftpad_k) {
+  if (paged) {
+    check_paged_qkv(q, k, v, q_rank);
+    // (the value goes through arg_error::printable: no double may reach an ostream, see arg_error.h)
+    TORCH_CHECK_NOT_IMPLEMENTED(p_dropout == 0.0, "flash_attn: paged KV (block_table) has no dropout on CUDA, got "
+                                "dropout_p = ", arg_error::printable(p_dropout));
+  } else {
+    CHECK_ARG(!leftpad_k.has_value(), "leftpad_k needs block_table");
+    check_qkv(q, k, v, q_rank);
+    check_heads(q, k, v);
+  }
+}
+
 // q: (b, sq, h, d); k, v: (b, sk, h_k, d). Returns {out (b, sq, h, d), lse fp32 (b, h, sq),
 // S_dmask (b, h, round128(sq), round128(sk)) or None, rng_state int64 (2,) or (0,) without dropout}.
+// q and out_ may be any strided views whose strides are multiples of 8 (others are copied): a
+// decode step passes GQA-packed views, (b, g, h_k, d) of a (b, 1, h_k * g, d) tensor, and the
+// lse (b, h_k, g) is then the (b, h_k * g, 1) one in memory.
+// The decode (KV cache) arguments, all optional:
+// seqused_k: int32 (b): sequence i attends to its first seqused_k[i] keys (the kernel clamps the
+// value into 0..sk), so a cache (b, capacity, h_k, d) is read in place with no length tensor to build.
+// num_splits: split-KV (choose_num_splits): 1 = off (the default), 0 = heuristic, n > 1 = up to n shares.
+// block_table: paged KV (check_paged_qkv, set_paged_params): k, v are then the caches (num_pages,
+// page_size, h_k, kv_d), sk above is a sequence's capacity max_blocks_per_seq * page_size, and
+// sequence i has seqused_k[i] keys (required) from logical position leftpad_k[i] (default 0) of its
+// pages. No dropout with block_table.
 std::vector<at::Tensor> fwd(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> out_,
                             std::optional<at::Tensor> alibi_slopes, double softmax_scale, int64_t window_left,
                             int64_t window_right, double softcap, double p_dropout, bool return_softmax,
-                            std::optional<at::Generator> gen) {
-  check_qkv(q, k, v, 4);
-  check_heads(q, k, v);
+                            std::optional<at::Generator> gen, std::optional<at::Tensor> seqused_k,
+                            int64_t num_splits, std::optional<at::Tensor> block_table,
+                            std::optional<at::Tensor> leftpad_k) {
+  const bool paged = block_table.has_value();
+  check_qkv_or_paged(q, k, v, 4, paged, p_dropout, leftpad_k);
   check_dropout_args(p_dropout, return_softmax, softcap);
-  const int b = q.size(0), sq = q.size(1), sk = k.size(1);
-  CHECK_ARG(k.size(0) == b && v.size(0) == b, "k and v must have batch size ", b);
-  CHECK_ARG(v.size(1) == sk, "v must have k's seqlen ", sk, ", got ", v.size(1));
+  const int b = q.size(0), sq = q.size(1);
+  if (paged) {
+    CHECK_ARG(seqused_k.has_value(), "seqused_k (the keys of each sequence) is required with block_table in fwd");
+    check_paged_tables(q, k, *block_table, leftpad_k, b);
+  } else {
+    CHECK_ARG(k.size(0) == b && v.size(0) == b, "k and v must have batch size ", b);
+    CHECK_ARG(v.size(1) == k.size(1), "v must have k's seqlen ", k.size(1), ", got ", v.size(1));
+  }
+  check_seqused_k(seqused_k, q, b);
+  CHECK_ARG(num_splits >= 0, "num_splits must be >= 0 (0 = chosen from the lengths, 1 = no split), got ",
+            num_splits);
+  // Keys per sequence: k's seqlen, or a sequence's capacity in pages (fits in int32: check_paged_tables).
+  const int64_t sk = paged ? block_table->size(1) * k.size(1) : k.size(1);
+  CHECK_ARG(int64_t(b) * sq < (int64_t(1) << 31) && (paged || int64_t(b) * sk < (int64_t(1) << 31)),
+            "batch * seqlen_q and batch * seqlen_k must fit in int32, got ", b, " * ", sq, " and ", b, " * ", sk);
 
   c10::cuda::CUDAGuard guard{q.device()};
   q = vector_aligned(q);
-  k = vector_aligned(k);
+  k = vector_aligned(k);  // paged: a copy of the caches only when their strides forbid 16-byte loads
   v = vector_aligned(v);
   at::Tensor out = output_buffer(out_, q);
   at::Tensor lse = at::empty({b, q.size(2), sq}, q.options().dtype(at::kFloat));
@@ -312,10 +470,13 @@ std::vector<at::Tensor> fwd(at::Tensor q, at::Tensor k, at::Tensor v, std::optio
     set_common_params(p, q, k, v, out, lse, alibi_slopes, b, float(softmax_scale), int(window_left),
                       int(window_right), float(softcap));
     p.seqlen_q = sq;
-    p.seqlen_k = sk;
+    p.seqlen_k = int(sk);
     p.total_q = b * sq;
-    p.total_k = b * sk;
+    p.total_k = int(b * sk);  // (paged: set_paged_params sets 0)
+    p.seqused_k = seqused_k.has_value() ? seqused_k->data_ptr<int>() : nullptr;
+    if (paged) { set_paged_params(p, k, *block_table, leftpad_k); }
     set_fwd_dropout(p, p_dropout, gen, drop, q);
+    const auto accum = set_split_params(p, num_splits, p_dropout > 0.0, return_softmax, q);
     run_fwd(p, p_dropout > 0.0, c10::cuda::getCurrentCUDAStream().stream());
   }
   if (out_.has_value() && !out.is_same(*out_)) { out_->copy_(out); out = *out_; }
@@ -327,14 +488,19 @@ std::vector<at::Tensor> fwd(at::Tensor q, at::Tensor k, at::Tensor v, std::optio
 // (b, h, round128(max_seqlen_q), round128(max_seqlen_k)) or None, rng_state} (see fwd);
 // sequence i of S_dmask sits in the top-left corner of S_dmask[i]. num_splits: split-KV
 // (choose_num_splits): 1 = off (the default), 0 = heuristic, n > 1 = up to n shares.
+// block_table: paged KV (see check_paged_qkv, set_paged_params): k, v are then the caches
+// (num_pages, page_size, h_k, kv_d); sequence i has seqused_k[i] keys when seqused_k is
+// given, else cu_seqlens_k[i + 1] - cu_seqlens_k[i], starting at logical position
+// leftpad_k[i] (default 0) of its pages. No dropout.
 std::vector<at::Tensor> varlen_fwd(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> out_,
                                    at::Tensor cu_seqlens_q, at::Tensor cu_seqlens_k,
                                    std::optional<at::Tensor> seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
                                    std::optional<at::Tensor> alibi_slopes, double softmax_scale,
                                    int64_t window_left, int64_t window_right, double softcap, double p_dropout,
-                                   bool return_softmax, std::optional<at::Generator> gen, int64_t num_splits) {
-  check_qkv(q, k, v, 3);
-  check_heads(q, k, v);
+                                   bool return_softmax, std::optional<at::Generator> gen, int64_t num_splits,
+                                   std::optional<at::Tensor> block_table, std::optional<at::Tensor> leftpad_k) {
+  const bool paged = block_table.has_value();
+  check_qkv_or_paged(q, k, v, 3, paged, p_dropout, leftpad_k);
   check_dropout_args(p_dropout, return_softmax, softcap);
   CHECK_ARG(v.size(0) == k.size(0), "v must have k's total length ", k.size(0), ", got ", v.size(0));
   for (const auto *c : {&cu_seqlens_q, &cu_seqlens_k}) {
@@ -345,12 +511,8 @@ std::vector<at::Tensor> varlen_fwd(at::Tensor q, at::Tensor k, at::Tensor v, std
   const int b = cu_seqlens_q.numel() - 1;
   CHECK_ARG(b >= 0 && cu_seqlens_k.numel() == b + 1, "cu_seqlens_q and cu_seqlens_k must both have batch + 1 = ",
             b + 1, " entries, got ", cu_seqlens_k.numel());
-  if (seqused_k.has_value()) {
-    CHECK_ARG(seqused_k->scalar_type() == at::kInt, "seqused_k must be int32");
-    CHECK_ARG(seqused_k->device() == q.device(), "seqused_k must be on q's device");
-    CHECK_ARG(seqused_k->dim() == 1 && seqused_k->numel() == b && seqused_k->is_contiguous(),
-              "seqused_k must be a contiguous (batch,) tensor");
-  }
+  check_seqused_k(seqused_k, q, b);
+  if (paged) { check_paged_tables(q, k, *block_table, leftpad_k, b); }
   CHECK_ARG(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q/k must be >= 0");
   CHECK_ARG(num_splits >= 0, "num_splits must be >= 0 (0 = chosen from the lengths, 1 = no split), got ",
             num_splits);
@@ -358,16 +520,18 @@ std::vector<at::Tensor> varlen_fwd(at::Tensor q, at::Tensor k, at::Tensor v, std
 
   c10::cuda::CUDAGuard guard{q.device()};
   q = vector_aligned(q);
-  k = vector_aligned(k);
+  k = vector_aligned(k);  // paged: a copy of the caches only when their strides forbid 16-byte loads
   v = vector_aligned(v);
   at::Tensor out = output_buffer(out_, q);
   const int total_q = q.size(0);
   at::Tensor lse = at::empty({q.size(1), total_q}, q.options().dtype(at::kFloat));
   DropoutOutputs drop = dropout_outputs(q, p_dropout, return_softmax, b, q.size(1), max_seqlen_q, max_seqlen_k);
-  const bool launch = b > 0 && total_q > 0 && max_seqlen_k > 0 && k.size(0) > 0 && max_seqlen_q > 0;
+  // Paged: k.size(0) is num_pages (>= 1); a block table without columns holds no key.
+  const bool no_keys = max_seqlen_k == 0 || k.size(0) == 0 || (paged && block_table->size(1) == 0);
+  const bool launch = b > 0 && total_q > 0 && !no_keys && max_seqlen_q > 0;
   if (!launch) { drop.rng_state.zero_(); }  // no kernel writes it
   if (b == 0 || total_q == 0) { return {out, lse, drop.s_dmask, drop.rng_state}; }
-  if (max_seqlen_k == 0 || k.size(0) == 0) {  // no sequence has a key
+  if (no_keys) {  // no sequence has a key
     out.zero_();
     lse.fill_(INFINITY);
   } else if (max_seqlen_q > 0) {
@@ -383,18 +547,9 @@ std::vector<at::Tensor> varlen_fwd(at::Tensor q, at::Tensor k, at::Tensor v, std
     p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
     p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
     p.seqused_k = seqused_k.has_value() ? seqused_k->data_ptr<int>() : nullptr;
+    if (paged) { set_paged_params(p, k, *block_table, leftpad_k); }
     set_fwd_dropout(p, p_dropout, gen, drop, q);
-    // Split-KV partials: [num_splits, h, total_q, d] and [num_splits, h, total_q] fp32. Empty
-    // is enough: every split CTA writes all rows of its query block, and the combine reads
-    // only those. Freed on return; the caching allocator orders reuse after the kernels.
-    at::Tensor oaccum, lseaccum;
-    p.num_splits = choose_num_splits(num_splits, p, p_dropout > 0.0, return_softmax, q.device());
-    if (p.num_splits >= 1) {  // the split kernel runs iff these partials exist (run_fwd)
-      oaccum = at::empty({p.num_splits, p.h, total_q, p.d}, q.options().dtype(at::kFloat));
-      lseaccum = at::empty({p.num_splits, p.h, total_q}, q.options().dtype(at::kFloat));
-      p.oaccum_ptr = oaccum.data_ptr<float>();
-      p.lseaccum_ptr = lseaccum.data_ptr<float>();
-    }
+    const auto accum = set_split_params(p, num_splits, p_dropout > 0.0, return_softmax, q);
     run_fwd(p, p_dropout > 0.0, c10::cuda::getCurrentCUDAStream().stream());
   }
   if (out_.has_value() && !out.is_same(*out_)) { out_->copy_(out); out = *out_; }
@@ -629,15 +784,17 @@ std::vector<at::Tensor> varlen_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flash_attn CUDA kernels (FA2-class forward, sm80+)";
-  m.def("fwd", &fwd, "Exact attention forward, batched (b, s, h, d)", py::arg("q"), py::arg("k"), py::arg("v"),
-        py::arg("out"), py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_size_left"),
+  m.def("fwd", &fwd, "Exact attention forward, batched (b, s, h, d); a KV cache in place with seqused_k",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_size_left"),
         py::arg("window_size_right"), py::arg("softcap"), py::arg("p_dropout") = 0.0,
-        py::arg("return_softmax") = false, py::arg("gen") = py::none());
+        py::arg("return_softmax") = false, py::arg("gen") = py::none(), py::arg("seqused_k") = py::none(),
+        py::arg("num_splits") = 1, py::arg("block_table") = py::none(), py::arg("leftpad_k") = py::none());
   m.def("varlen_fwd", &varlen_fwd, "Exact attention forward, varlen (total, h, d)", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("seqused_k"),
         py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("alibi_slopes"), py::arg("softmax_scale"),
         py::arg("window_size_left"), py::arg("window_size_right"), py::arg("softcap"), py::arg("p_dropout") = 0.0,
-        py::arg("return_softmax") = false, py::arg("gen") = py::none(), py::arg("num_splits") = 1);
+        py::arg("return_softmax") = false, py::arg("gen") = py::none(), py::arg("num_splits") = 1,
+        py::arg("block_table") = py::none(), py::arg("leftpad_k") = py::none());
 #ifdef FLASH_ATTN_HAS_BWD
   m.def("bwd", &bwd, "Exact attention backward, batched", py::arg("dout"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("softmax_lse"), py::arg("dq"), py::arg("dk"), py::arg("dv"),

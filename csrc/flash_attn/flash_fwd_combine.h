@@ -13,6 +13,7 @@
 #include "block_info.h"
 #include "flash.h"
 #include "split_kv.h"
+#include "tile_size.h"
 
 namespace flash {
 
@@ -32,25 +33,43 @@ template <typename Element, int kHeadDim, int kBlockM>
 __global__ void __launch_bounds__(kCombineThreads) flash_fwd_combine_kernel(__grid_constant__ const Flash_fwd_params p) {
   constexpr int kThreadsPerRow = kHeadDim / 4;
   constexpr int kRows = combine_rows_per_cta<kHeadDim>();
+  // Every split's lse of this CTA's rows, loaded by all threads at once: a decode step has
+  // few combine CTAs and each row's splits are read several times (max, sum, weights), so
+  // one round trip for all of them instead of one per few splits in each pass.
+  __shared__ float s_lse[kRows][kMaxSplits];
   const int bidb = blockIdx.y, bidh = blockIdx.z;
   const SeqInfo seq(p, bidb);
-  const int row = blockIdx.x * kRows + threadIdx.x / kThreadsPerRow;
+  const int row0 = blockIdx.x * kRows;
+  const int row = row0 + threadIdx.x / kThreadsPerRow;
   const int col = (threadIdx.x % kThreadsPerRow) * 4;
   const int covered = (p.seqlen_q + kBlockM - 1) / kBlockM * kBlockM;
-  if (row >= seq.seqlen_q || row >= covered) { return; }
-
+  const int rows = max(0, min(min(seq.seqlen_q, covered) - row0, kRows));  // real rows of this CTA
+  const int num_splits = min(p.num_splits, kMaxSplits);  // (the host caps it; this guards s_lse)
   const int64_t split_stride = int64_t(p.h) * p.total_q;  // accum rows from one split to the next
-  const int64_t arow = accum_row_offset(p, seq, bidb, bidh, 0) + row;
+  const int64_t arow0 = accum_row_offset(p, seq, bidb, bidh, 0) + row0;
+
+  wait_for_prior_grid();
+  for (int i = threadIdx.x; i < rows * num_splits; i += kCombineThreads) {
+    const int r = i / num_splits, s = i - r * num_splits;
+    s_lse[r][s] = p.lseaccum_ptr[arow0 + r + s * split_stride];
+  }
+  __syncthreads();
+  if (row - row0 >= rows) { return; }
+
+  const float *lse_row = s_lse[row - row0];
+  const int64_t arow = arow0 + (row - row0);
   float m = -INFINITY;
-  for (int s = 0; s < p.num_splits; ++s) { m = fmaxf(m, p.lseaccum_ptr[arow + s * split_stride]); }
+  for (int s = 0; s < num_splits; ++s) { m = fmaxf(m, lse_row[s]); }
   float lse = INFINITY;
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   if (m != -INFINITY) {
     float sum = 0.f;
-    for (int s = 0; s < p.num_splits; ++s) { sum += expf(p.lseaccum_ptr[arow + s * split_stride] - m); }
+    for (int s = 0; s < num_splits; ++s) { sum += expf(lse_row[s] - m); }
     lse = m + logf(sum);
-    for (int s = 0; s < p.num_splits; ++s) {
-      const float lse_s = p.lseaccum_ptr[arow + s * split_stride];
+    // Unrolled so that several splits' loads are in flight at once.
+#pragma unroll 8
+    for (int s = 0; s < num_splits; ++s) {
+      const float lse_s = lse_row[s];
       if (lse_s == -INFINITY) { continue; }  // an empty share: weight 0, skip the read
       const float w = expf(lse_s - lse);
       const float4 o = *reinterpret_cast<const float4 *>(p.oaccum_ptr + (arow + s * split_stride) * kHeadDim + col);

@@ -12,6 +12,7 @@
 #include "dropout.h"
 #include "flash.h"
 #include "kernel_traits.h"
+#include "paged_kv.h"
 #include "score_mod.h"
 #include "softmax.h"
 #include "split_kv.h"
@@ -42,17 +43,21 @@ __forceinline__ __device__ void write_empty_tile(const Flash_fwd_params &p, Tens
 
 // Is_split: this CTA is key-block share `split` of p.num_splits (split_kv.h) and writes its
 // partial O and lse to oaccum/lseaccum instead of O and lse.
-template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Is_split = false>
+// Is_paged: K and V are read through p.block_table (paged_kv.h); everything else is the same.
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Is_split = false,
+          bool Is_paged = false>
 __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p, int m_block, int bidb,
                                                       int bidh, int split = 0) {
   static_assert(!(Is_split && Is_dropout), "split-KV kernels have no dropout");
+  static_assert(!(Is_paged && Is_dropout), "paged-KV kernels have no dropout");
   using Element = typename Ktraits::Element;
   constexpr int kBlockM = Ktraits::kBlockM;
   constexpr int kBlockN = Ktraits::kBlockN;
   constexpr int kHeadDim = Ktraits::kHeadDim;
   const int tidx = threadIdx.x;
 
-  const SeqInfo seq(p, bidb);
+  // Paged: key counts from seqused_k or cu_seqlens_k, bounded by the pages (paged_kv.h).
+  const SeqInfo seq = Is_paged ? paged_seq_info(p, bidb) : SeqInfo(p, bidb);
   const int m0 = m_block * kBlockM;
   if (m0 >= seq.seqlen_q) { return; }
   const int m1 = min(m0 + kBlockM, seq.seqlen_q);  // rows [m0, m1) are real
@@ -78,20 +83,20 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
                                         bidh * p.o_head_stride),
                           make_shape(seq.seqlen_q, Int<kHeadDim>{}), make_stride(p.o_row_stride, _1{}));
   const int bidh_kv = bidh / p.h_h_k_ratio;
+  // Paged: mK and mV only give the copy's per-row layout; PagedKV finds the rows.
   Tensor mK = make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(p.k_ptr) +
-                                        seq.k_offset(p.k_batch_stride, p.k_row_stride, bidb) +
+                                        (Is_paged ? 0 : seq.k_offset(p.k_batch_stride, p.k_row_stride, bidb)) +
                                         bidh_kv * p.k_head_stride),
                           make_shape(seq.seqlen_k, Int<kHeadDim>{}), make_stride(p.k_row_stride, _1{}));
   Tensor mV = make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(p.v_ptr) +
-                                        seq.k_offset(p.v_batch_stride, p.v_row_stride, bidb) +
+                                        (Is_paged ? 0 : seq.k_offset(p.v_batch_stride, p.v_row_stride, bidb)) +
                                         bidh_kv * p.v_head_stride),
                           make_shape(seq.seqlen_k, Int<kHeadDim>{}), make_stride(p.v_row_stride, _1{}));
-  float *lse;
-  if constexpr (Is_split) {
-    lse = p.lseaccum_ptr + accum_row_offset(p, seq, bidb, bidh, split) + m0;
-  } else {
-    lse = p.softmax_lse_ptr + seq.lse_offset(p, bidb, bidh) + m0;
-  }
+  // Split kernels write fp32 partials for the combine, except with a single share (no
+  // partial buffers, p.oaccum_ptr null): then the output itself, as the unsplit kernel does.
+  const bool writes_partial = Is_split && p.oaccum_ptr != nullptr;
+  float *lse = writes_partial ? p.lseaccum_ptr + accum_row_offset(p, seq, bidb, bidh, split) + m0
+                              : p.softmax_lse_ptr + seq.lse_offset(p, bidb, bidh) + m0;
 
   Tensor gQ = local_tile(mQ, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (BM, D)
   Tensor gO = local_tile(mO, Shape<Int<kBlockM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (BM, D)
@@ -99,7 +104,7 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   Tensor gV = local_tile(mV, Shape<Int<kBlockN>, Int<kHeadDim>>{}, make_coord(_, 0));  // (BN, D, nblocks)
 
   if (n_block_max <= n_block_min) {  // no key visible to any row of this tile (or share)
-    if constexpr (Is_split) {
+    if (writes_partial) {
       write_empty_split_tile<Ktraits>(p.oaccum_ptr + (accum_row_offset(p, seq, bidb, bidh, split) + m0) * kHeadDim,
                                       lse, m1 - m0);
     } else {
@@ -131,6 +136,22 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   // Row coordinates of each copied element, for guarding rows past the sequence end.
   Tensor tQcQ = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kBlockM>{}, Int<kHeadDim>{})));
   Tensor tKVcKV = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kBlockN>{}, Int<kHeadDim>{})));
+  // Paged: where this thread's K/V rows of the tile being loaded sit (fetched one tile
+  // ahead, see paged_kv.h). (CPY, CPY_D) row layouts of one K and one V row.
+  [[maybe_unused]] PagedKVOrNone<Ktraits, Is_paged> paged(p, bidb, bidh_kv, get<0>(tKVcKV(0, 0, 0)),
+                                                          get<1>(tKVcKV(0, 0, 0)));
+  // Paged: the copy's partitions of the smem tiles with rows permuted (PagedKV::smem_view).
+  auto paged_partition = [&](auto const &smem_tile) {
+    if constexpr (Is_paged) {
+      return gmem_thr.partition_D(PagedKV<Ktraits>::smem_view(smem_tile));
+    } else {
+      return gmem_thr.partition_D(smem_tile);
+    }
+  };
+  [[maybe_unused]] Tensor tKsKp = paged_partition(sK);  // (CPY, CPY_N, CPY_D, stages)
+  [[maybe_unused]] Tensor tVsVp = paged_partition(sV);
+  [[maybe_unused]] const auto k_row = tKgK(_, 0, _, 0).layout();
+  [[maybe_unused]] const auto v_row = tVgV(_, 0, _, 0).layout();
 
   // MMA fragments and shared -> register copies (ldmatrix).
   typename Ktraits::TiledMma tiled_mma;
@@ -153,9 +174,17 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   copy_rows_guarded(gmem_copy, tQgQ, tQsQ, tQcQ, m1 - m0);
   int n_block = n_block_max - 1;
   const int last_rows = seq.seqlen_k - n_block * kBlockN;
-  copy_rows_guarded(gmem_copy, tKgK(_, _, _, n_block), tKsK(_, _, _, 0), tKVcKV, last_rows);
-  if constexpr (kStages == 2) {
-    copy_rows_guarded(gmem_copy, tVgV(_, _, _, n_block), tVsV(_, _, _, 0), tKVcKV, last_rows);
+  if constexpr (Is_paged) {
+    paged.fetch(n_block);
+    paged.advance();
+    paged.copy_k(gmem_copy, k_row, tKsKp(_, _, _, 0), tKVcKV, last_rows);
+    if constexpr (kStages == 2) { paged.copy_v(gmem_copy, v_row, tVsVp(_, _, _, 0), tKVcKV, last_rows); }
+    paged.fetch(n_block - 1);  // the next tile's pages, in flight during this one
+  } else {
+    copy_rows_guarded(gmem_copy, tKgK(_, _, _, n_block), tKsK(_, _, _, 0), tKVcKV, last_rows);
+    if constexpr (kStages == 2) {
+      copy_rows_guarded(gmem_copy, tVgV(_, _, _, n_block), tVsV(_, _, _, 0), tKVcKV, last_rows);
+    }
   }
   cute::cp_async_fence();
 
@@ -163,7 +192,8 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   Tensor acc_o_rc = make_tensor(acc_o.data(), acc_layout_rowcol(acc_o.layout()));
   constexpr int kNRows = decltype(size<0>(acc_o_rc))::value;
   OnlineSoftmax<kNRows> softmax;
-  const ScoreMod<Has_alibi, Is_softcap, /*Alibi_optional=*/Is_dropout || Is_split, /*Softcap_optional=*/Is_split>
+  const ScoreMod<Has_alibi, Is_softcap, /*Alibi_optional=*/Is_dropout || Is_split || Is_paged,
+                 /*Softcap_optional=*/Is_split || Is_paged>
       score_mod(p, seq.seqlen_q, seq.seqlen_k, bidb, bidh);
   [[maybe_unused]] const DropoutOrNone<Is_dropout> dropout(p, bidb, bidh);
 
@@ -177,12 +207,22 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
     __syncthreads();
     if constexpr (kStages == 2) {
       if (n_block > n_block_min) {
-        copy(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK(_, _, _, stage ^ 1));
-        copy(gmem_copy, tVgV(_, _, _, n_block - 1), tVsV(_, _, _, stage ^ 1));
+        if constexpr (Is_paged) {
+          paged.advance();  // fetched one step ago
+          paged.copy_k(gmem_copy, k_row, tKsKp(_, _, _, stage ^ 1), tKVcKV, kBlockN);
+          paged.copy_v(gmem_copy, v_row, tVsVp(_, _, _, stage ^ 1), tKVcKV, kBlockN);
+          paged.fetch(n_block - 2);
+        } else {
+          copy(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK(_, _, _, stage ^ 1));
+          copy(gmem_copy, tVgV(_, _, _, n_block - 1), tVsV(_, _, _, stage ^ 1));
+        }
         cute::cp_async_fence();
       }
     } else {
-      if (n_block == n_block_max - 1) {
+      if constexpr (Is_paged) {  // advanced to n_block for its K copy
+        paged.copy_v(gmem_copy, v_row, tVsVp(_, _, _, 0), tKVcKV,
+                     n_block == n_block_max - 1 ? last_rows : kBlockN);
+      } else if (n_block == n_block_max - 1) {
         copy_rows_guarded(gmem_copy, tVgV(_, _, _, n_block), tVsV(_, _, _, 0), tKVcKV, last_rows);
       } else {
         copy(gmem_copy, tVgV(_, _, _, n_block), tVsV(_, _, _, 0));
@@ -201,7 +241,13 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
       cute::cp_async_wait<0>();
       __syncthreads();  // V(n_block) is in smem; all threads are done reading K(n_block)
       if (n_block > n_block_min) {
-        copy(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK(_, _, _, 0));
+        if constexpr (Is_paged) {
+          paged.advance();  // fetched one step ago; copy_v of the next step reuses it
+          paged.copy_k(gmem_copy, k_row, tKsKp(_, _, _, 0), tKVcKV, kBlockN);
+          paged.fetch(n_block - 2);
+        } else {
+          copy(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK(_, _, _, 0));
+        }
         cute::cp_async_fence();
       }
     }
@@ -231,7 +277,7 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   // of 16-byte vectors and the lse.
   float row_lse[kNRows];
   softmax.finalize(acc_o_rc, p.scale_softmax, row_lse);
-  if constexpr (Is_split) {
+  if (writes_partial) {
     // fp32 partial straight from registers (no smem staging: decode tiles are few rows).
     Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<kBlockM>, Int<kHeadDim>>{}));
     Tensor tOcO_rc = make_tensor(tOcO.data(), acc_layout_rowcol(tOcO.layout()));
@@ -285,15 +331,18 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
 // Grid: (query blocks, batch, heads), or with Is_split (query blocks, batch, heads *
 // num_splits), blockIdx.z = head * num_splits + split. Query blocks are visited in reverse
 // so that, under a causal mask, the CTAs with the most key blocks start first.
-template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Is_split = false>
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Is_split = false,
+          bool Is_paged = false>
 __global__ void __launch_bounds__(Ktraits::kNThreads, 1) flash_fwd_kernel(__grid_constant__ const Flash_fwd_params p) {
   if constexpr (Is_dropout) { write_rng_state(p); }
   const int m_block = gridDim.x - 1 - blockIdx.x;
   if constexpr (Is_split) {
-    compute_attn_fwd_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout, Is_split>(
+    allow_dependent_launch();  // the combine may launch once every CTA here runs (it waits for the results)
+    compute_attn_fwd_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout, Is_split, Is_paged>(
         p, m_block, blockIdx.y, blockIdx.z / p.num_splits, blockIdx.z % p.num_splits);
   } else {
-    compute_attn_fwd_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout>(p, m_block, blockIdx.y, blockIdx.z);
+    compute_attn_fwd_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout, false, Is_paged>(p, m_block, blockIdx.y,
+                                                                                         blockIdx.z);
   }
 }
 

@@ -30,6 +30,14 @@ VARIANTS = {
 # compiled one, and a call at another head dim runs unsplit (flash_api.cpp).
 SPLIT_VARIANT = ("splitkv", (True, True, False, True))  # (ALiBi, softcap, dropout, split)
 SPLIT_HEAD_DIMS = (64, 128, 256)
+# Paged KV (block_table: flash_attn_with_kvcache, flash_attn_varlen_func): the split variant's
+# flags (ALiBi and softcap optional at run time, no dropout) reading K/V through the block
+# table, unsplit and split, so paged KV adds 12 files. The same head dims: other head dims
+# run on the next of them, the kernel reading the cache's narrower rows (paged_kv.h).
+PAGED_VARIANTS = {  # name: (ALiBi, softcap, dropout, split, paged)
+    "paged": (True, True, False, False, True),
+    "paged_splitkv": (True, True, False, True, True),
+}
 ARCH_FAMILY = "sm80"  # mma.sync + cp.async kernels, compiled for every arch in FLASH_ATTN_CUDA_ARCHS
 
 TEMPLATE = """\
@@ -58,12 +66,12 @@ def main():
                     text = TEMPLATE.format(direction=direction, ctype=ctype, hdim=hdim,
                                            args=", ".join(str(f).lower() for f in (alibi, softcap, dropout)))
                     (out_dir / file_name(direction, hdim, dtype, variant)).write_text(text)
-    variant, flags = SPLIT_VARIANT
-    for hdim in SPLIT_HEAD_DIMS:
-        for dtype, ctype in DTYPES.items():
-            args = ", ".join(str(f).lower() for f in flags)
-            text = TEMPLATE.format(direction="fwd", ctype=ctype, hdim=hdim, args=args)
-            (out_dir / file_name("fwd", hdim, dtype, variant)).write_text(text)
+    for variant, flags in (SPLIT_VARIANT, *PAGED_VARIANTS.items()):
+        for hdim in SPLIT_HEAD_DIMS:
+            for dtype, ctype in DTYPES.items():
+                args = ", ".join(str(f).lower() for f in flags)
+                text = TEMPLATE.format(direction="fwd", ctype=ctype, hdim=hdim, args=args)
+                (out_dir / file_name("fwd", hdim, dtype, variant)).write_text(text)
 
 
 if __name__ == "__main__":

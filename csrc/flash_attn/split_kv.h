@@ -12,6 +12,22 @@ namespace flash {
 
 using namespace cute;
 
+// Hopper's programmatic dependent launch (PTX griddepcontrol, sm_90+; no-ops elsewhere and
+// when the launch did not ask for it). The split kernel lets the combine grid launch once
+// all its CTAs run; the combine then waits here until the split kernel has finished and
+// its partials are visible. That hides the combine's launch behind the split kernel's
+// last CTAs (flash_fwd_launch_template.h's launch_after_prior_grid).
+__forceinline__ __device__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__forceinline__ __device__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // Narrows a CTA's visible key blocks [n_min, n_max) to share `split` of `num_splits`.
 // The cut is taken from this sequence's own range (its actual key count, seqused_k
 // included), read on the device, so no host read of the lengths is needed. Shares differ

@@ -115,22 +115,41 @@ cudaError_t kernel_variant_switch(bool has_alibi, bool is_softcap, bool is_dropo
   });
 }
 
-// Calls fn(BoolTag<Has_alibi>{}, BoolTag<Is_softcap>{}, BoolTag<Is_dropout>{}, BoolTag<Is_split>{})
-// for a forward: with is_split the one split-KV variant (ALiBi and softcap optional at run
-// time, no dropout; head dims 64, 128, 256 only, which the caller must check), else
-// kernel_variant_switch's variant. The host asks for a split only when FLASH_ATTN_HAS_SPLITKV.
+// Calls fn(BoolTag<Has_alibi>{}, BoolTag<Is_softcap>{}, BoolTag<Is_dropout>{}, BoolTag<Is_split>{},
+// BoolTag<Is_paged>{}) for a forward: with is_paged the paged variant, split or not (ALiBi and
+// softcap optional at run time, no dropout); else with is_split the one split-KV variant (the
+// same flags); else kernel_variant_switch's variant. Split and paged kernels exist for head
+// dims 64, 128, 256 only, which the caller must check. The host asks for a split only when
+// FLASH_ATTN_HAS_SPLITKV.
 template <typename Fn>
-cudaError_t fwd_variant_switch(bool has_alibi, bool is_softcap, bool is_dropout, bool is_split, Fn &&fn) {
+cudaError_t fwd_variant_switch(bool has_alibi, bool is_softcap, bool is_dropout, bool is_split, bool is_paged,
+                               Fn &&fn) {
+  if (is_dropout && (is_split || is_paged)) {
+    throw std::invalid_argument("flash_attn: split-KV and paged-KV kernels have no dropout");
+  }
+  if (is_paged) {
+#ifdef FLASH_ATTN_HAS_PAGEDKV
+    if (is_split) {
+#ifdef FLASH_ATTN_HAS_SPLITKV
+      return fn(BoolTag<true>{}, BoolTag<true>{}, BoolTag<false>{}, BoolTag<true>{}, BoolTag<true>{});
+#else
+      throw std::invalid_argument("flash_attn: split-KV kernels were not compiled (FLASH_ATTN_DISABLE_SPLITKV)");
+#endif
+    }
+    return fn(BoolTag<true>{}, BoolTag<true>{}, BoolTag<false>{}, BoolTag<false>{}, BoolTag<true>{});
+#else
+    throw std::invalid_argument("flash_attn: paged-KV kernels were not compiled (FLASH_ATTN_DISABLE_PAGEDKV)");
+#endif
+  }
   if (is_split) {
 #ifdef FLASH_ATTN_HAS_SPLITKV
-    if (is_dropout) { throw std::invalid_argument("flash_attn: split-KV kernels have no dropout"); }
-    return fn(BoolTag<true>{}, BoolTag<true>{}, BoolTag<false>{}, BoolTag<true>{});
+    return fn(BoolTag<true>{}, BoolTag<true>{}, BoolTag<false>{}, BoolTag<true>{}, BoolTag<false>{});
 #else
     throw std::invalid_argument("flash_attn: split-KV kernels were not compiled (FLASH_ATTN_DISABLE_SPLITKV)");
 #endif
   }
   return kernel_variant_switch(has_alibi, is_softcap, is_dropout, [&](auto alibi_tag, auto softcap_tag, auto dropout_tag) {
-    return fn(alibi_tag, softcap_tag, dropout_tag, BoolTag<false>{});
+    return fn(alibi_tag, softcap_tag, dropout_tag, BoolTag<false>{}, BoolTag<false>{});
   });
 }
 
