@@ -4,7 +4,7 @@ layer's depth (TransNormerLLM):
     g_gamma[h] = -(8 h / H) * (1 - layer_idx / num_layers),  h = 0..H-1
 
 (flash_attn.reference_linear.lightning_log_decay)."""
-from ..reference_linear import lightning_log_decay
+from ._fixed_decay import lightning_decay
 from ._checks import check_common, check_layers
 from ._route import run_gated
 
@@ -22,7 +22,7 @@ def chunk_lightning_attn(q, k, v, layer_idx, num_layers, scale=None, initial_sta
     check_layers(layer_idx, num_layers)
     dims, scale = check_common(q, k, v, scale, initial_state, output_final_state, cu_seqlens)
     return run_gated("chunk_lightning_attn", "chunk", q, k, v,
-                     g_gamma=lightning_log_decay(dims.H, layer_idx, num_layers, q.device), scale=scale,
+                     g_gamma=lightning_decay(dims.H, layer_idx, num_layers, q.device), scale=scale,
                      initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
@@ -33,6 +33,6 @@ def fused_recurrent_lightning_attn(q, k, v, layer_idx, num_layers, scale=None, i
     check_layers(layer_idx, num_layers)
     dims, scale = check_common(q, k, v, scale, initial_state, output_final_state, cu_seqlens, None, False, reverse)
     return run_gated("fused_recurrent_lightning_attn", "recurrent", q, k, v,
-                     g_gamma=lightning_log_decay(dims.H, layer_idx, num_layers, q.device), scale=scale,
+                     g_gamma=lightning_decay(dims.H, layer_idx, num_layers, q.device), scale=scale,
                      initial_state=initial_state, output_final_state=output_final_state, reverse=reverse,
                      cu_seqlens=cu_seqlens)

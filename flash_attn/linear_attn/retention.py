@@ -1,6 +1,6 @@
 """RetNet retention: simple GLA with the fixed per-head log-decay
 g_gamma[h] = log(1 - 2^(-5 - h)) (flash_attn.reference_linear.retention_log_decay)."""
-from ..reference_linear import retention_log_decay
+from ._fixed_decay import retention_decay
 from ._checks import check_common
 from ._route import run_gated
 
@@ -13,7 +13,7 @@ def chunk_retention(q, k, v, scale=None, initial_state=None, output_final_state=
     final_state [N, H, K, V] fp32 or None).
     """
     dims, scale = check_common(q, k, v, scale, initial_state, output_final_state, cu_seqlens)
-    return run_gated("chunk_retention", "chunk", q, k, v, g_gamma=retention_log_decay(dims.H, q.device),
+    return run_gated("chunk_retention", "chunk", q, k, v, g_gamma=retention_decay(dims.H, q.device),
                      scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                      cu_seqlens=cu_seqlens)
 
@@ -28,6 +28,6 @@ def fused_recurrent_retention(q, k, v, scale=None, initial_state=None, output_fi
     dims, scale = check_common(q, k, v, scale, initial_state, output_final_state, cu_seqlens, None,
                                state_v_first, reverse)
     return run_gated("fused_recurrent_retention", "recurrent", q, k, v,
-                     g_gamma=retention_log_decay(dims.H, q.device), scale=scale, initial_state=initial_state,
+                     g_gamma=retention_decay(dims.H, q.device), scale=scale, initial_state=initial_state,
                      output_final_state=output_final_state, reverse=reverse, state_v_first=state_v_first,
                      cu_seqlens=cu_seqlens)
