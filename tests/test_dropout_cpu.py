@@ -89,16 +89,22 @@ def _host_compiler():
             f"-I{cutlass}", f"-I{ROOT / 'csrc' / 'flash_attn'}"], None
 
 
-@pytest.fixture(scope="module")
-def host_check(tmp_path_factory):
-    """tests/cpp/dropout_mask_host.cpp built with g++ (dropout.h's mask code, run on the host)."""
+def build_host_program(tmp_path_factory, name):
+    """tests/cpp/<name>.cpp built with g++ (kernel headers run on the host); returns a runner,
+    args -> CompletedProcess. Skips the test when g++, the CUDA headers or cutlass are missing."""
     cmd, reason = _host_compiler()
     if cmd is None:
         pytest.skip(reason)
-    exe = tmp_path_factory.mktemp("host") / "dropout_mask_host"
-    subprocess.run(cmd + [str(ROOT / "tests" / "cpp" / "dropout_mask_host.cpp"), "-o", str(exe)], check=True,
+    exe = tmp_path_factory.mktemp("host") / name
+    subprocess.run(cmd + [str(ROOT / "tests" / "cpp" / f"{name}.cpp"), "-o", str(exe)], check=True,
                    capture_output=True, timeout=600)
     return lambda *args: subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def host_check(tmp_path_factory):
+    """tests/cpp/dropout_mask_host.cpp built with g++ (dropout.h's mask code, run on the host)."""
+    return build_host_program(tmp_path_factory, "dropout_mask_host")
 
 
 def test_host_philox_known_answers(host_check):

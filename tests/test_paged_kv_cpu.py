@@ -4,7 +4,6 @@ permutation, unused blocks NaN), the in-place update of the pages, the CUDA rout
 side (the caches handed to the paged kernel as they are) against a fake extension, and every
 argument error.
 """
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,17 +239,24 @@ def same_tensor(a, b):
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
-@pytest.mark.parametrize("page", [16, 64])
-@pytest.mark.parametrize("name", ["decode-gqa", "append-crosses-pages", "rotary-causal", "leftpad-alibi",
-                                  "no-new-kv"])
-def test_cuda_route_paged_matches_cpu_route(fake, name, page):
-    kw = paged_twin(kvcache_inputs(CASES[name], page), page)
+def _cuda_route_equals_cpu_route(kw):
+    """Runs kw through the CUDA route (the stand-in extension) and a clone through the CPU
+    route; outputs, lse and the appended k_cache agree. Returns the CPU route's arguments."""
     kw_cpu = clone(kw)
     out, lse = _cuda.kvcache_forward(*route_kw(kw))
     ref, ref_lse = _cpu.kvcache_forward(*route_kw(kw_cpu))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     assert_lse_equal(lse, ref_lse)
     torch.testing.assert_close(kw["k_cache"], kw_cpu["k_cache"], rtol=1e-12, atol=1e-12, equal_nan=True)
+    return kw_cpu
+
+
+@pytest.mark.parametrize("page", [16, 64])
+@pytest.mark.parametrize("name", ["decode-gqa", "append-crosses-pages", "rotary-causal", "leftpad-alibi",
+                                  "no-new-kv"])
+def test_cuda_route_paged_matches_cpu_route(fake, name, page):
+    kw = paged_twin(kvcache_inputs(CASES[name], page), page)
+    kw_cpu = _cuda_route_equals_cpu_route(kw)
     torch.testing.assert_close(kw["v_cache"], kw_cpu["v_cache"], rtol=0, atol=0, equal_nan=True)
     assert len(fake.calls) == 1
     call = fake.calls[0]
@@ -266,12 +272,7 @@ def test_cuda_route_paged_narrow_head_dims(fake, d):
     """Head dims without a paged kernel: q is padded to the kernel's; the caches are passed as they
     are when their rows are 16-byte multiples (d % 8 == 0), else padded to the next multiple of 8."""
     kw = paged_twin(kvcache_inputs(Case(sq=2, s_new=2, causal=True, d=d), 16), 16)
-    kw_cpu = clone(kw)
-    out, lse = _cuda.kvcache_forward(*route_kw(kw))
-    ref, ref_lse = _cpu.kvcache_forward(*route_kw(kw_cpu))
-    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
-    assert_lse_equal(lse, ref_lse)
-    torch.testing.assert_close(kw["k_cache"], kw_cpu["k_cache"], rtol=1e-12, atol=1e-12, equal_nan=True)
+    _cuda_route_equals_cpu_route(kw)
     call = fake.calls[0]
     assert call["head_dim"] == 64 and call["k"].shape[-1] == -(-d // 8) * 8
     assert same_tensor(call["k"], kw["k_cache"]) == (d % 8 == 0)
@@ -349,15 +350,9 @@ def test_paged_kernel_head_dim(monkeypatch):
 @pytest.fixture(scope="module")
 def paged_host(tmp_path_factory):
     """tests/cpp/paged_kv_host.cpp built with g++ (paged_kv.h's PagedKV and paged_seq_info)."""
-    from test_dropout_cpu import _host_compiler
+    from test_dropout_cpu import build_host_program
 
-    cmd, reason = _host_compiler()
-    if cmd is None:
-        pytest.skip(reason)
-    exe = tmp_path_factory.mktemp("host") / "paged_kv_host"
-    subprocess.run(cmd + [str(ROOT / "tests" / "cpp" / "paged_kv_host.cpp"), "-o", str(exe)], check=True,
-                   capture_output=True, timeout=600)
-    return lambda *args: subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=120)
+    return build_host_program(tmp_path_factory, "paged_kv_host")
 
 
 LOCATE_CASES = [  # (head dim, page, num pages, max blocks per sequence, leftpad)
