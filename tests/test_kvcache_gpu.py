@@ -132,6 +132,7 @@ HEADS = [(8, 8), (8, 2), (8, 1)]  # GQA ratios 1, 4, 8
 HEADDIMS = [64, 128, 59]  # 59: padded to a compiled head dim (the gathered path)
 S_CACHES = [301, 1024, 3000]
 SEQLEN_Q = [1, 3, 128]
+BATCHES = [1, 3, 17]
 
 Case = namedtuple("Case", "dtype d batch sq s_new s_cache heads mask rotary batch_idx leftpad")
 
@@ -146,7 +147,7 @@ def _main_cases():
         s_new = [sq, 0, 1][n % 3] if sq > 1 else [1, 0][n % 2]
         if rot != "none" and s_new == 0:
             s_new = sq  # rotary needs new keys
-        cases.append(Case(DTYPES[n % 2], HEADDIMS[n % 3], [1, 3][(n // 2) % 2], sq, s_new, S_CACHES[n % 5 % 3],
+        cases.append(Case(DTYPES[n % 2], HEADDIMS[n % 3], BATCHES[(n // 2) % 3], sq, s_new, S_CACHES[n % 5 % 3],
                           HEADS[n % 7 % 3], mask, rot, bool((n // 3) % 2), bool((n // 5) % 2)))
     return cases
 

@@ -156,6 +156,46 @@ def test_kvcache_paged_tiles_across_pages(case, leftpad, num_splits):
     torch.testing.assert_close(_from_paged(pk, bt), rk, equal_nan=True)
 
 
+# One decode token against a cache of up to 128k keys (the benchmark's longest shape): split
+# by the heuristic (33 shares of 64-key blocks on an H100 at batch 1) and explicitly, contiguous
+# and paged, GQA 4 packed; the rows' lengths are ragged and one row is at capacity.
+@pytest.mark.parametrize("page", [None, 16, 256], ids=["contiguous", "page16", "page256"])
+@pytest.mark.parametrize("num_splits", [0, 3])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_kvcache_decode_128k(batch, num_splits, page):
+    from flash_attn import flash_attn_with_kvcache
+    from flash_attn.reference import kvcache_ref
+
+    dtype = torch.bfloat16
+    require_compiled(dtype, 128, paged=page is not None)
+    cap, hq, hk, d = 131072, 32, 8, 128
+    seqlens = [cap - 1, 100_003, 65_537][:batch]
+    kc, vc = _randn(batch, cap, hk, d, seed=21, dtype=dtype), _randn(batch, cap, hk, d, seed=22, dtype=dtype)
+    for i, n in enumerate(seqlens):  # poison what no row may read (each row appends one key at n)
+        kc[i, n + 1:] = float("nan")
+        vc[i, n + 1:] = float("nan")
+    kw = dict(q=_randn(batch, 1, hq, d, seed=23, dtype=dtype), k=_randn(batch, 1, hk, d, seed=24, dtype=dtype),
+              v=_randn(batch, 1, hk, d, seed=25, dtype=dtype), cache_seqlens=_i32(seqlens), causal=True)
+    rk, rv = kc.clone(), vc.clone()
+    ref, ref_lse = kvcache_ref(k_cache=rk, v_cache=rv, upcast=True, **kw)
+    pt, _ = kvcache_ref(k_cache=kc.clone(), v_cache=vc.clone(), upcast=False, **kw)
+    if page is None:
+        out, lse = flash_attn_with_kvcache(k_cache=kc, v_cache=vc, num_splits=num_splits, return_softmax_lse=True,
+                                           **kw)
+        k_after, v_after = kc, vc
+    else:
+        pk, bt = _to_paged(kc, page, seed=page + 1)
+        pv, _ = _to_paged(vc, page, seed=page + 1)
+        del kc, vc
+        out, lse = flash_attn_with_kvcache(k_cache=pk, v_cache=pv, block_table=bt, num_splits=num_splits,
+                                           return_softmax_lse=True, **kw)
+        k_after, v_after = _from_paged(pk, bt), _from_paged(pv, bt)
+    _check(out, ref, pt, f"decode 128k batch {batch} splits {num_splits} page {page}")
+    assert (lse - ref_lse).abs().max().item() <= 1e-3
+    torch.testing.assert_close(v_after, rv, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(k_after, rk, equal_nan=True)
+
+
 VARLEN_CASES = [  # (q lens, k lens, heads, causal)
     ([1, 17, 128], [300, 17, 1000], (8, 2), True),
     ([64, 1], [64, 513], (8, 8), False),
