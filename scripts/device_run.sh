@@ -127,6 +127,13 @@ do_build() {
     "$PY" -m pip install --no-build-isolation --no-deps --no-index -v "$REPO" >"$OUT/build.log" 2>&1
     rc=$?
     echo "build wall time: $((SECONDS - t0)) s (pip exit $rc; log in build.log)"
+    # ninja's per-file start/end times (ms): the slowest compile units set the build's tail
+    local nlog
+    while IFS= read -r nlog; do
+        echo "slowest compile units (s) of $nlog:"
+        awk -F'\t' 'NR > 1 { n = split($4, a, "/"); printf "%7.1f  %s\n", ($2 - $1) / 1000, a[n] }' "$nlog" \
+            | sort -rn | head -n 8
+    done < <(find "$REPO/build" -name .ninja_log 2>/dev/null)
     grep -E "flash_attn: (building|skipping)" "$OUT/build.log" | head -n 3
     if [ "$rc" -ne 0 ]; then
         echo "--- last 60 lines of build.log:"
