@@ -16,6 +16,11 @@ Modes (--mode, default fwd,fwdbwd; "all" adds decode):
           carried fp32 state [B, H, K, V] (initial_state, output_final_state=True), at the
           batches of --batches (default 1,8,32,128). Besides ms, each side's GB/s of the state
           read + written (2 * B*H*K*V*4 bytes). Short, but not in the default run.
+With fwd / fwdbwd, every shape also gets a row "softmax_attn": our exact attention
+(flash_attn_func, causal, the same q, k, v) timed the same way, for the crossover between
+softmax and linear attention (doc["crossover"]: per op and mode, softmax_ms / ours_ms at each
+shape; above 1 the linear op is faster); --no-softmax leaves it out. A PNG of the times sits
+beside the JSON (matplotlib; skipped without it).
 Times are medians of triton.testing.do_bench (flash_attn._bench.time_ms). The ratio of a
 row is fla_ms / ours_ms (above 1: ours is faster); the target is >= 1.5 at every shape.
 A side that raises (fla refuses chunk_simple_gla's gated backward on Hopper with some Triton
@@ -23,7 +28,7 @@ versions) is recorded as null with the exception's text.
 Each forward row also records how far ours and fla are apart (RMS ratio of the outputs).
 
 fla comes from the fla-core 0.6.0 wheel (`import fla`, e.g. through PYTHONPATH); without it
-only ours is timed. Writes <out-dir>/linear_<modes>_<device>_<commit>.json (default out-dir
+only ours is timed. Writes <out-dir>/linear_<modes>_<device>_<commit>.json and .png (default out-dir
 benchmarks/results) and prints a table; --dry-run runs the same path on made-up timings
 without a GPU (for CPU tests). The commit comes from $FLASH_ATTN_GIT_COMMIT, else git.
 
@@ -51,6 +56,7 @@ FLA_MODULES = {"chunk_simple_gla": "fla.ops.simple_gla", "chunk_retention": "fla
                "chunk_gla": "fla.ops.gla", "chunk_linear_attn": "fla.ops.linear_attn",
                "fused_recurrent_simple_gla": "fla.ops.simple_gla",
                "fused_recurrent_retention": "fla.ops.retention", "fused_recurrent_gla": "fla.ops.gla"}
+SOFTMAX_OP = "softmax_attn"  # flash_attn_func(q, k, v, causal=True): the crossover rows
 MODES = ("fwd", "fwdbwd", "decode")
 CHUNK_MODES = ("fwd", "fwdbwd")
 TARGET_RATIO = 1.5
@@ -121,6 +127,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench rep in ms")
     p.add_argument("--no-fla", action="store_true", help="time ours only")
+    p.add_argument("--no-softmax", action="store_true",
+                   help="leave out the softmax-attention rows (flash_attn_func, causal) of the crossover")
     p.add_argument("--dry-run", action="store_true", help="no GPU: made-up timings through the same path")
     return p.parse_args(argv)
 
@@ -159,10 +167,31 @@ def add_state_bandwidth(row):
     return row
 
 
-def summarize(rows):
-    """Per (op, mode): the worst speedup and whether every shape reaches TARGET_RATIO."""
+def crossover(rows):
+    """Per (linear op, mode): softmax_ms / ours_ms at each shape that has both (above 1: the
+    linear op is faster than our softmax attention there)."""
+    softmax = {(r["mode"], r["B"], r["T"]): r["results"]["ours"].get("ms") for r in rows if r["op"] == SOFTMAX_OP}
     out = []
-    for key in sorted({(r["op"], r["mode"]) for r in rows}):
+    for op, mode in sorted({(r["op"], r["mode"]) for r in rows if r["op"] != SOFTMAX_OP and r["mode"] in CHUNK_MODES}):
+        points = []
+        for r in rows:
+            if (r["op"], r["mode"]) != (op, mode):
+                continue
+            ours, sm = r["results"].get("ours", {}).get("ms"), softmax.get((mode, r["B"], r["T"]))
+            if ours and sm:
+                points.append({"B": r["B"], "T": r["T"], "softmax_over_linear": sm / ours})
+        if points:
+            faster = [p["T"] for p in points if p["softmax_over_linear"] > 1]
+            out.append({"op": op, "mode": mode, "points": points,
+                        "linear_faster_from_T": min(faster) if faster else None})
+    return out
+
+
+def summarize(rows):
+    """Per (op, mode): the worst speedup and whether every shape reaches TARGET_RATIO (the
+    softmax rows have no fla side and no target)."""
+    out = []
+    for key in sorted({(r["op"], r["mode"]) for r in rows if r["op"] != SOFTMAX_OP}):
         sub = [r for r in rows if (r["op"], r["mode"]) == key]
         rated = [r for r in sub if r["speedup_vs_fla"] is not None]
         failed = [r for r in sub if r["results"].get("ours", {}).get("ms") is None]
@@ -244,9 +273,22 @@ class Bench:
             return run
         return lambda: torch.autograd.grad(run()[0], inputs, self.do)
 
+    def _softmax_call(self, grad):
+        from flash_attn import flash_attn_func
+
+        q, k, v = (x.detach().requires_grad_(grad) for x in (self.q, self.k, self.v))
+        run = lambda: flash_attn_func(q, k, v, causal=True)  # noqa: E731
+        if not grad:
+            return run
+        return lambda: self.torch.autograd.grad(run(), (q, k, v), self.do)
+
     def time_ms(self, side, op, mode):
         from flash_attn._bench import time_ms
 
+        if op == SOFTMAX_OP:
+            call = self._softmax_call(mode == "fwdbwd")
+            call()
+            return time_ms(call, rep_ms=self.rep_ms)
         fn = getattr(self.ours, op) if side == "ours" else self.fla.get(op)
         if fn is None:
             raise RuntimeError(f"fla-core is not importable here ({self.fla_error})")
@@ -272,6 +314,7 @@ class FakeBench:
 
     def setup(self, B, T, H, D, state=False):
         self.tokens = B * T * H * D
+        self.T = T
         self.state_bytes = state_bytes(B, H, D, D) if state else 0
 
     def teardown(self):
@@ -283,6 +326,8 @@ class FakeBench:
         if side == "fla" and op == "chunk_simple_gla" and mode == "fwdbwd":
             raise RuntimeError("Triton miscompile on Hopper (dry run)")
         base = self.tokens / 1.2e8 * (3.0 if mode == "fwdbwd" else 1.0)
+        if op == SOFTMAX_OP:  # quadratic in T: slower than the linear ops from T = 4096 on
+            return base * 0.6 * self.T / 4096
         return base * (1.0 if side == "fla" else 0.6)
 
     def agreement(self, op):
@@ -291,6 +336,9 @@ class FakeBench:
 
 def _measure(args, bench, op, mode, B, T):
     row = new_row(op, mode, B, T, args.heads, args.head_dim)
+    if op == SOFTMAX_OP:
+        record(row, "ours", lambda: bench.time_ms("ours", op, mode))
+        return finish_row(row)
     for side in ["ours"] + ([] if args.no_fla else ["fla"]):
         record(row, side, lambda side=side: bench.time_ms(side, op, mode))
     if mode in ("fwd", "decode") and not args.no_fla:
@@ -307,7 +355,8 @@ def _measure(args, bench, op, mode, B, T):
 def run_grid(args, bench, log=print):
     rows = []
     chunk_modes = [m for m in args.mode if m in CHUNK_MODES]
-    grid = [(B, T, False, args.ops, chunk_modes) for B, T in args.shapes if chunk_modes]
+    chunk_ops = list(args.ops) + ([] if args.no_softmax else [SOFTMAX_OP])
+    grid = [(B, T, False, chunk_ops, chunk_modes) for B, T in args.shapes if chunk_modes]
     if "decode" in args.mode:
         grid += [(B, 1, True, args.decode_ops, ["decode"]) for B in args.batches]
     for B, T, state, ops, modes in grid:
@@ -338,6 +387,55 @@ def _row_line(r):
             + (f"  [fla: {fla['error']}]" if fla.get("error") else ""))
 
 
+def plot(doc, path):
+    """Times per shape: one panel per chunk mode, ours (solid) and fla (dashed) per op, our
+    softmax attention in black; a decode panel with the state GB/s. None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = doc["results"]
+    panels = [m for m in doc["modes"] if any(r["mode"] == m for r in rows)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.4), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, mode in zip(axes[0], panels):
+        sub = [r for r in rows if r["mode"] == mode]
+        decode = mode == "decode"
+        labels = sorted({(r["B"], r["T"]) for r in sub}, key=lambda bt: (bt[1], -bt[0]) if not decode else bt)
+        xs = {bt: i for i, bt in enumerate(labels)}
+        ops = sorted({r["op"] for r in sub}, key=lambda o: (o == SOFTMAX_OP, o))
+        for n, op in enumerate(ops):
+            for side, style in (("ours", "-"), ("fla", "--")):
+                key = "state_gbps" if decode else "ms"
+                pts = sorted((xs[(r["B"], r["T"])], r["results"][side][key]) for r in sub
+                             if r["op"] == op and r["results"].get(side, {}).get(key))
+                if pts:
+                    color = "black" if op == SOFTMAX_OP else colors[n % len(colors)]
+                    name = "ours, flash_attn_func causal" if op == SOFTMAX_OP else f"{side}, {op}"
+                    ax.plot(*zip(*pts), style, marker="o", ms=3, color=color, label=name)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels([f"{b}x{t}" for b, t in labels], fontsize=8)
+        ax.set_xlabel("batch x tokens" if not decode else "batch x 1 token")
+        ax.set_ylabel("state GB/s (read + written)" if decode else "ms (log)")
+        if not decode:
+            ax.set_yscale("log")
+        ax.set_title({"fwd": "forward", "fwdbwd": "forward + backward", "decode": "decode step"}[mode]
+                     + f", H {doc['heads']}, K = V = {doc['head_dim']}, {doc['dtype']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{doc['env'].get('device')}, fla-core {doc['fla_version']}, commit {doc['commit']}"
+                 + (" (DRY RUN: made-up numbers)" if doc.get("dry_run") else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def print_summary(doc, log=print):
     log(f"\nlinear attention vs fla-core on {doc['env'].get('device')} (commit {doc['commit']})"
         + (" -- DRY RUN, MADE-UP NUMBERS" if doc.get("dry_run") else ""))
@@ -346,6 +444,10 @@ def print_summary(doc, log=print):
         log(f"  {s['op']:<26} {s['mode']:<7} target >= {TARGET_RATIO}x fla: {s['status']}"
             + (f" (worst {worst['speedup']:.2f}x at {worst['B']}x{worst['T']})" if worst else "")
             + (f", ours failed on {s['ours_failed']} shape(s)" if s["ours_failed"] else ""))
+    for c in doc.get("crossover", []):
+        log(f"  {c['op']:<26} {c['mode']:<7} vs our softmax attention (causal): "
+            + ", ".join(f"{p['B']}x{p['T']} {p['softmax_over_linear']:.2f}x" for p in c["points"])
+            + (f"; faster from T = {c['linear_faster_from_T']}" if c["linear_faster_from_T"] else "; never faster"))
 
 
 def assemble(args, rows, env, commit, fla_version):
@@ -361,6 +463,10 @@ def assemble(args, rows, env, commit, fla_version):
                      "[B, 1, H, K]), initial_state 0.1 * randn fp32 [B, H, K, V]",
            "target": {"speedup_vs_fla": TARGET_RATIO, "source": "linear-attention issue"},
            "results": rows, "summary": summarize(rows)}
+    if any(r["op"] == SOFTMAX_OP for r in rows):
+        doc["softmax"] = {"op": "flash_attn.flash_attn_func(q, k, v, causal=True), the same q, k, v",
+                          "crossover": "softmax_ms / ours_ms per linear op and shape; above 1: linear is faster"}
+        doc["crossover"] = crossover(rows)
     if "decode" in args.mode:
         doc["decode"] = {"ops": list(args.decode_ops), "batches": list(args.batches),
                          "state_bandwidth": "state_gbps = 2 * B*H*K*V*4 bytes (fp32 state read + written) / time",
@@ -375,6 +481,7 @@ def write_json(doc, args):
     path = args.out_dir / f"linear_{'-'.join(args.mode)}_{_slug(doc['env'].get('device') or 'gpu')}_" \
                           f"{_slug(doc['commit'])}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
+    plot(doc, path.with_suffix(".png"))
     return path
 
 

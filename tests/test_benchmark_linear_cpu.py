@@ -52,7 +52,10 @@ def test_dry_run_writes_json(bl, tmp_path, monkeypatch):
     assert saved["commit"] == "abc123" and saved["dry_run"] and saved["env"]["device"] == "dry-run"
     assert {"benchmark", "env", "fla_version", "dtype", "heads", "head_dim", "shapes", "timing", "target",
             "results", "summary"} <= set(saved)
-    assert len(saved["results"]) == 5 * 4 * 2
+    assert len(saved["results"]) == 5 * (4 + 1) * 2  # 4 linear ops and the softmax crossover rows
+    softmax = [r for r in saved["results"] if r["op"] == bl.SOFTMAX_OP]
+    assert len(softmax) == 10 and all(r["results"]["ours"]["ms"] and "fla" not in r["results"] for r in softmax)
+    assert bl.SOFTMAX_OP not in {s["op"] for s in saved["summary"]}
     simple = [r for r in saved["results"] if r["op"] == "chunk_simple_gla" and r["mode"] == "fwd"]
     assert all(r["speedup_vs_fla"] > 1.5 and r["rms_ratio_vs_fla"] is not None for r in simple)
     status = {(s["op"], s["mode"]): s["status"] for s in saved["summary"]}
@@ -116,5 +119,31 @@ def test_dry_run_all_modes(bl, tmp_path, monkeypatch):
                          "--batches", "2"], log=lambda line: None)
     assert path.name == "linear_fwd-fwdbwd-decode_dry-run_abc123.json"
     modes = [r["mode"] for r in doc["results"]]
-    assert modes.count("fwd") == modes.count("fwdbwd") == 3 and modes.count("decode") == 3
+    assert modes.count("fwd") == modes.count("fwdbwd") == 3 + 1 and modes.count("decode") == 3  # + softmax
     assert doc["shapes"] == ["1x64"] and doc["decode"]["batches"] == [2]
+
+
+def test_crossover(bl):
+    def row(op, mode, T, ours):
+        r = bl.new_row(op, mode, 1, T, 16, 128)
+        bl.record(r, "ours", lambda: ours)
+        return bl.finish_row(r)
+
+    rows = [row("lin", "fwd", 2048, 1.0), row("lin", "fwd", 8192, 2.0), row(bl.SOFTMAX_OP, "fwd", 2048, 0.5),
+            row(bl.SOFTMAX_OP, "fwd", 8192, 5.0), row("lin", "fwdbwd", 2048, 1.0)]
+    (c,) = bl.crossover(rows)  # fwdbwd has no softmax row: no entry
+    assert (c["op"], c["mode"], c["linear_faster_from_T"]) == ("lin", "fwd", 8192)
+    assert [p["softmax_over_linear"] for p in c["points"]] == [0.5, 2.5]
+
+
+def test_dry_run_without_softmax_and_plot(bl, tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN_GIT_COMMIT", "abc123")
+    doc, path = bl.main(["--dry-run", "--out-dir", str(tmp_path), "--no-softmax", "--shapes", "1x64"],
+                        log=lambda line: None)
+    assert "crossover" not in doc and all(r["op"] != bl.SOFTMAX_OP for r in doc["results"])
+    doc, path = bl.main(["--dry-run", "--out-dir", str(tmp_path), "--mode", "all", "--shapes", "2x64,1x256",
+                         "--batches", "2"], log=lambda line: None)
+    assert {c["mode"] for c in doc["crossover"]} == {"fwd", "fwdbwd"}
+    pytest.importorskip("matplotlib")
+    png = path.with_suffix(".png")
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
