@@ -519,7 +519,9 @@ def run_grid(args, bench, with_ours, log=print):
 
 # --- plot and tables ---------------------------------------------------------------------------
 
-def plot(rows_by_mode, memory_rows, meta, path):
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend, or None (with a note on stderr) when
+    matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -527,6 +529,13 @@ def plot(rows_by_mode, memory_rows, meta, path):
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed: no plot written", file=sys.stderr)
+        return None
+    return plt
+
+
+def plot(rows_by_mode, memory_rows, meta, path):
+    plt = pyplot()
+    if plt is None:
         return None
     panels = [(mode, rows, "tflops") for mode, rows in rows_by_mode.items()]
     if memory_rows:

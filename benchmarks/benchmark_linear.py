@@ -390,12 +390,8 @@ def _row_line(r):
 def plot(doc, path):
     """Times per shape: one panel per chunk mode, ours (solid) and fla (dashed) per op, our
     softmax attention in black; a decode panel with the state GB/s. None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _attn.pyplot()
+    if plt is None:
         return None
     rows = doc["results"]
     panels = [m for m in doc["modes"] if any(r["mode"] == m for r in rows)]
