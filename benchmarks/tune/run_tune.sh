@@ -4,7 +4,8 @@
 #   benchmarks/tune/run_tune.sh "128:128:64:4:2 bwd:128:64:32:4 ..."
 # Forward variants are HDIM:BM:BN:WARPS[:STAGES]; backward variants bwd:HDIM:ROWS:COLS:WARPS[:STAGES]
 # (the default path, atomic dQ) or bwddet:... (the deterministic kernel pair); decoding
-# (split-KV forward + combine at the ANCHORS decode shapes) dec:HDIM:BM:BN:WARPS[:STAGES].
+# (split-KV forward + combine at the ANCHORS decode shapes) dec:HDIM:BM:BN:WARPS[:STAGES[:PAGE]]
+# (PAGE > 0: the paged-KV kernels on caches in pages of PAGE rows).
 # Prints ptxas registers/spills, local-memory instructions in SASS, and the timings.
 # CUTLASS include from the nvidia-cutlass wheel.
 set -u
@@ -21,8 +22,8 @@ variant_args() {
     [ "$kind" = bwddet ] && atomic=0
     echo "-DHDIM=$D -DROWS=$R -DCOLS=$C -DWARPS=$W -DSTAGES=${S:-1} -DATOMIC=$atomic benchmarks/tune/tune_bwd.cu"
   elif [[ $1 == dec:* ]]; then
-    IFS=: read -r _ D M N W S <<<"$1"
-    echo "-DHDIM=$D -DBM=$M -DBN=$N -DWARPS=$W -DSTAGES=${S:-1} benchmarks/tune/tune_decode.cu"
+    IFS=: read -r _ D M N W S P <<<"$1"
+    echo "-DHDIM=$D -DBM=$M -DBN=$N -DWARPS=$W -DSTAGES=${S:-1} -DPAGE=${P:-0} benchmarks/tune/tune_decode.cu"
   else
     IFS=: read -r D M N W S <<<"$1"
     echo "-DHDIM=$D -DBM=$M -DBN=$N -DWARPS=$W -DSTAGES=${S:-1} benchmarks/tune/tune_fwd.cu"

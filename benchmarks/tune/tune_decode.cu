@@ -5,10 +5,18 @@
 // Build one binary per tile (run_tune.sh does this for "dec:HDIM:BM:BN:WARPS:STAGES"):
 //   nvcc ... -DHDIM=128 -DBM=64 -DBN=64 -DWARPS=4 -DSTAGES=2 tune_decode.cu
 // Output per shape: the split count num_splits_heuristic picks, TB/s of K + V read once
-// (median time of 30-50 launches) for the unsplit kernel and for the split kernel plus
-// combine at a sweep of split counts.
+// (median time of 30-50 launches) for the unsplit kernel, the split kernel writing O
+// itself with one share ("1d", what num_splits = 0 runs on a full grid), and the split
+// kernel plus combine at a sweep of split counts.
+// -DPAGE=P (a multiple of 16; run_tune.sh "dec:HDIM:BM:BN:WARPS:STAGES:P") times the paged-KV
+// kernels instead: the caches in pages of P rows, each sequence's pages a random
+// permutation of the pool (as benchmark_decode.py lays them out).
 
 #include <cuda_bf16.h>
+
+#include <algorithm>
+#include <random>
+#include <vector>
 
 #include "tune_common.cuh"
 #include "flash_fwd_launch_template.h"
@@ -29,6 +37,11 @@
 #ifndef WARPS
 #define WARPS 4
 #endif
+#ifndef PAGE
+#define PAGE 0
+#endif
+constexpr bool kPaged = PAGE > 0;
+static_assert(PAGE % 16 == 0, "pages hold a multiple of 16 rows");
 
 using Element = cutlass::bfloat16_t;
 using Ktraits = flash::FwdKernelTraits<HDIM, Element, flash::FwdTile{BM, BN, WARPS, STAGES}>;
@@ -53,6 +66,18 @@ int main() {
     int *cu_q = device_alloc<int>(b + 1), *cu_k = device_alloc<int>(b + 1);
     fill_cu_seqlens<<<1, 256>>>(cu_q, b, g);
     fill_cu_seqlens<<<1, 256>>>(cu_k, b, len);
+    // Paged: k and v are pools of b * len / PAGE pages (PAGE, h_k, d); sequence i's logical
+    // page j is pool page table[i][j], a random permutation (the data is random anyway).
+    const int pages_per_seq = kPaged ? len / PAGE : 0;
+    int *table = nullptr;
+    if constexpr (kPaged) {
+      std::vector<int> perm(size_t(b) * pages_per_seq);
+      for (size_t i = 0; i < perm.size(); ++i) { perm[i] = int(i); }
+      std::mt19937 rng(PAGE);
+      std::shuffle(perm.begin(), perm.end(), rng);
+      table = device_alloc<int>(perm.size());
+      CUDA_OK(cudaMemcpy(table, perm.data(), perm.size() * sizeof(int), cudaMemcpyHostToDevice));
+    }
 
     flash::Flash_fwd_params p = {};
     p.q_ptr = q; p.k_ptr = k; p.v_ptr = v; p.o_ptr = o; p.softmax_lse_ptr = lse;
@@ -69,27 +94,42 @@ int main() {
     p.is_bf16 = true;
     p.p_keep = p.rp_keep = 1.f;
     p.oaccum_ptr = oacc; p.lseaccum_ptr = lseacc;
+    if constexpr (kPaged) {  // (paged_seq_info takes each sequence's key count from cu_seqlens_k)
+      p.block_table = table;
+      p.block_table_batch_stride = pages_per_seq;
+      p.max_blocks_per_seq = pages_per_seq;
+      p.page_size = PAGE;
+      p.num_pages = b * pages_per_seq;
+      p.kv_d = d;
+      p.k_batch_stride = p.v_batch_stride = int64_t(PAGE) * h_k * d;
+      p.total_k = 0;
+    }
 
     const int m_blocks = (g + BM - 1) / BM, n_blocks = (len + BN - 1) / BN;
     const int heuristic = flash::num_splits_heuristic((long long)m_blocks * b * h_k, num_sms, n_blocks, h_k);
     const double bytes = 2.0 * n_kv * sizeof(Element);
     p.num_splits = 1;
-    const float plain_ms =
-        median_ms([&] { return flash::run_flash_fwd<Ktraits, false, false, false, false>(p, 0); }, 10, 50);
-    std::printf("hdim %d tile %dx%dx%dw%ds  b %3d len %6d  heuristic %3d | unsplit %.2f TB/s | split:", HDIM, BM,
-                BN, WARPS, STAGES, b, len, heuristic, bytes / plain_ms / 1e9);
+    const float plain_ms = median_ms(
+        [&] { return flash::run_flash_fwd<Ktraits, false, false, false, false, kPaged>(p, 0); }, 10, 50);
+    p.oaccum_ptr = nullptr;  // one share, no partials: the split kernel writes O itself
+    const float direct_ms = median_ms(
+        [&] { return flash::run_flash_fwd<Ktraits, true, true, false, true, kPaged>(p, 0); }, 10, 50);
+    p.oaccum_ptr = oacc;
+    std::printf("hdim %d tile %dx%dx%dw%ds page %d  b %3d len %6d  heuristic %3d | unsplit %.2f TB/s | 1d %.2f |"
+                " split:", HDIM, BM, BN, WARPS, STAGES, PAGE, b, len, heuristic, bytes / plain_ms / 1e9,
+                bytes / direct_ms / 1e9);
     // The split kernel (+ combine) at a sweep of split counts: TB/s of each.
     const int sweep[] = {1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 33, 48, 64, 96, 128};
     for (int s : sweep) {
       if (s > n_blocks || s * h_k > 65535) { continue; }
       p.num_splits = s;
       const float ms =
-          median_ms([&] { return flash::run_flash_fwd<Ktraits, true, true, false, true>(p, 0); }, 5, 30);
+          median_ms([&] { return flash::run_flash_fwd<Ktraits, true, true, false, true, kPaged>(p, 0); }, 5, 30);
       std::printf(" %d:%.2f", s, bytes / ms / 1e9);
     }
     std::printf("\n");
     cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(o); cudaFree(lse); cudaFree(oacc); cudaFree(lseacc);
-    cudaFree(cu_q); cudaFree(cu_k);
+    cudaFree(cu_q); cudaFree(cu_k); cudaFree(table);
   }
   return 0;
 }
