@@ -15,6 +15,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -48,6 +49,66 @@ using Ktraits = flash::FwdKernelTraits<HDIM, Element, flash::FwdTile{BM, BN, WAR
 
 __global__ void fill_cu_seqlens(int *cu, int b, int len) {
   for (int i = threadIdx.x; i <= b; i += blockDim.x) { cu[i] = i * len; }
+}
+
+// The row of key j of sequence bi in k / v, in units of h_k * d elements: (b * len) packed
+// rows, or with pages (table != null) slot j % page of pool page table[bi][j / page].
+__device__ size_t key_row(const int *table, int bi, int j, int len, int page) {
+  if (table == nullptr) { return size_t(bi) * len + j; }
+  return size_t(table[size_t(bi) * (len / page) + j / page]) * page + j % page;
+}
+
+__device__ float block_reduce(float x, bool is_max) {
+  __shared__ float buf[32];
+  for (int o = 16; o > 0; o >>= 1) {
+    const float y = __shfl_xor_sync(0xffffffffu, x, o);
+    x = is_max ? fmaxf(x, y) : x + y;
+  }
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) { buf[threadIdx.x / 32] = x; }
+  __syncthreads();
+  x = buf[0];
+  for (int w = 1; w < int(blockDim.x / 32); ++w) { x = is_max ? fmaxf(x, buf[w]) : x + buf[w]; }
+  return x;
+}
+
+// Plain fp32 attention of one query row per CTA (row = (qrow, kv head), q / out rows
+// (b * g, h_k, d)), every key of its sequence: the reference the kernels are checked against
+// (a pipeline or paging bug shows as a large error, whatever the timing says).
+// scores: [rows, len] fp32 scratch. 256 threads.
+__global__ void reference_decode(const Element *q, const Element *k, const Element *v, float *out, float *scores,
+                                 const int *table, int g, int h_k, int d, int len, int page, float scale) {
+  const int row = blockIdx.x, hk = row % h_k, qrow = row / h_k, bi = qrow / g;
+  const Element *qr = q + (size_t(qrow) * h_k + hk) * d;
+  float *sc = scores + size_t(row) * len;
+  float m = -INFINITY;
+  for (int j = threadIdx.x; j < len; j += blockDim.x) {
+    const Element *kr = k + (key_row(table, bi, j, len, page) * h_k + hk) * d;
+    float acc = 0.f;
+    for (int c = 0; c < d; ++c) { acc += float(qr[c]) * float(kr[c]); }
+    sc[j] = acc * scale;
+    m = fmaxf(m, sc[j]);
+  }
+  m = block_reduce(m, true);
+  float sum = 0.f;
+  for (int j = threadIdx.x; j < len; j += blockDim.x) {
+    sc[j] = expf(sc[j] - m);
+    sum += sc[j];
+  }
+  sum = block_reduce(sum, false);  // (its barriers also order the score writes before the reads below)
+  for (int c = threadIdx.x; c < d; c += blockDim.x) {
+    float acc = 0.f;
+    for (int j = 0; j < len; ++j) { acc += sc[j] * float(v[(key_row(table, bi, j, len, page) * h_k + hk) * d + c]); }
+    out[(size_t(qrow) * h_k + hk) * d + c] = acc / sum;
+  }
+}
+
+// err[0] = max |o - ref|, err[1] = max |ref| (non-negative floats order as their bits).
+__global__ void max_errors(const Element *o, const float *ref, size_t n, unsigned *err) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    atomicMax(err, __float_as_uint(fabsf(float(o[i]) - ref[i])));
+    atomicMax(err + 1, __float_as_uint(fabsf(ref[i])));
+  }
 }
 
 int main() {
@@ -105,19 +166,42 @@ int main() {
       p.total_k = 0;
     }
 
+    // The reference output, and a check of o after each timed variant: relative error
+    // max |o - ref| / max |ref| (bf16 output: ~0.4%); above 2% the line says MISMATCH.
+    float *ref = device_alloc<float>(n_q), *scores = device_alloc<float>(size_t(b) * g * h_k * len);
+    unsigned *err = device_alloc<unsigned>(2);
+    reference_decode<<<b * g * h_k, 256>>>(q, k, v, ref, scores, table, g, h_k, d, len, PAGE, p.scale_softmax);
+    CUDA_OK(cudaGetLastError());
+    float worst = 0.f;
+    auto rel_error = [&] {
+      CUDA_OK(cudaMemset(err, 0, 2 * sizeof(unsigned)));
+      max_errors<<<256, 256>>>(o, ref, n_q, err);
+      unsigned host[2];
+      CUDA_OK(cudaMemcpy(host, err, sizeof(host), cudaMemcpyDeviceToHost));
+      float e, r;
+      std::memcpy(&e, &host[0], 4);
+      std::memcpy(&r, &host[1], 4);
+      const float rel = e / (r > 0.f ? r : 1.f);
+      worst = std::max(worst, rel);
+      return rel;
+    };
+    auto flag = [](float rel) { return rel > 0.02f ? " MISMATCH" : ""; };
+
     const int m_blocks = (g + BM - 1) / BM, n_blocks = (len + BN - 1) / BN;
     const int heuristic = flash::num_splits_heuristic((long long)m_blocks * b * h_k, num_sms, n_blocks, h_k);
     const double bytes = 2.0 * n_kv * sizeof(Element);
     p.num_splits = 1;
     const float plain_ms = median_ms(
         [&] { return flash::run_flash_fwd<Ktraits, false, false, false, false, kPaged>(p, 0); }, 10, 50);
+    const float plain_err = rel_error();
     p.oaccum_ptr = nullptr;  // one share, no partials: the split kernel writes O itself
     const float direct_ms = median_ms(
         [&] { return flash::run_flash_fwd<Ktraits, true, true, false, true, kPaged>(p, 0); }, 10, 50);
+    const float direct_err = rel_error();
     p.oaccum_ptr = oacc;
-    std::printf("hdim %d tile %dx%dx%dw%ds page %d  b %3d len %6d  heuristic %3d | unsplit %.2f TB/s | 1d %.2f |"
+    std::printf("hdim %d tile %dx%dx%dw%ds page %d  b %3d len %6d  heuristic %3d | unsplit %.2f TB/s%s | 1d %.2f%s |"
                 " split:", HDIM, BM, BN, WARPS, STAGES, PAGE, b, len, heuristic, bytes / plain_ms / 1e9,
-                bytes / direct_ms / 1e9);
+                flag(plain_err), bytes / direct_ms / 1e9, flag(direct_err));
     // The split kernel (+ combine) at a sweep of split counts: TB/s of each.
     const int sweep[] = {1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 33, 48, 64, 96, 128};
     for (int s : sweep) {
@@ -125,11 +209,11 @@ int main() {
       p.num_splits = s;
       const float ms =
           median_ms([&] { return flash::run_flash_fwd<Ktraits, true, true, false, true, kPaged>(p, 0); }, 5, 30);
-      std::printf(" %d:%.2f", s, bytes / ms / 1e9);
+      std::printf(" %d:%.2f%s", s, bytes / ms / 1e9, flag(rel_error()));
     }
-    std::printf("\n");
+    std::printf(" | max rel err %.4f\n", worst);
     cudaFree(q); cudaFree(k); cudaFree(v); cudaFree(o); cudaFree(lse); cudaFree(oacc); cudaFree(lseacc);
-    cudaFree(cu_q); cudaFree(cu_k); cudaFree(table);
+    cudaFree(cu_q); cudaFree(cu_k); cudaFree(table); cudaFree(ref); cudaFree(scores); cudaFree(err);
   }
   return 0;
 }

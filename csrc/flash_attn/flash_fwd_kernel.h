@@ -41,6 +41,17 @@ __forceinline__ __device__ void write_empty_tile(const Flash_fwd_params &p, Tens
   for (int row = threadIdx.x; row < rows; row += Ktraits::kNThreads) { lse[row] = INFINITY; }
 }
 
+// The K/V stage of the next key block: 0 with one stage, the other one with two, the
+// next of three in turn.
+template <int kStages>
+__forceinline__ __device__ int next_stage(int stage) {
+  if constexpr (kStages == 3) {
+    return stage == 2 ? 0 : stage + 1;
+  } else {
+    return stage ^ (kStages - 1);
+  }
+}
+
 // Is_split: this CTA is key-block share `split` of p.num_splits (split_kv.h) and writes its
 // partial O and lse to oaccum/lseaccum instead of O and lse.
 // Is_paged: K and V are read through p.block_table (paged_kv.h); everything else is the same.
@@ -178,15 +189,31 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
     paged.fetch(n_block);
     paged.advance();
     paged.copy_k(gmem_copy, k_row, tKsKp(_, _, _, 0), tKVcKV, last_rows);
-    if constexpr (kStages == 2) { paged.copy_v(gmem_copy, v_row, tVsVp(_, _, _, 0), tKVcKV, last_rows); }
+    if constexpr (kStages >= 2) { paged.copy_v(gmem_copy, v_row, tVsVp(_, _, _, 0), tKVcKV, last_rows); }
     paged.fetch(n_block - 1);  // the next tile's pages, in flight during this one
   } else {
     copy_rows_guarded(gmem_copy, tKgK(_, _, _, n_block), tKsK(_, _, _, 0), tKVcKV, last_rows);
-    if constexpr (kStages == 2) {
+    if constexpr (kStages >= 2) {
       copy_rows_guarded(gmem_copy, tVgV(_, _, _, n_block), tVsV(_, _, _, 0), tKVcKV, last_rows);
     }
   }
   cute::cp_async_fence();
+  // Three stages: the next block too, into stage 1 (its own group), so two blocks are in
+  // flight from the start.
+  if constexpr (kStages == 3) {
+    if (n_block - 1 >= n_block_min) {
+      if constexpr (Is_paged) {
+        paged.advance();
+        paged.copy_k(gmem_copy, k_row, tKsKp(_, _, _, 1), tKVcKV, kBlockN);
+        paged.copy_v(gmem_copy, v_row, tVsVp(_, _, _, 1), tKVcKV, kBlockN);
+      } else {
+        copy(gmem_copy, tKgK(_, _, _, n_block - 1), tKsK(_, _, _, 1));
+        copy(gmem_copy, tVgV(_, _, _, n_block - 1), tVsV(_, _, _, 1));
+      }
+      cute::cp_async_fence();
+    }
+    if constexpr (Is_paged) { paged.fetch(n_block - 2); }
+  }
 
   clear(acc_o);
   Tensor acc_o_rc = make_tensor(acc_o.data(), acc_layout_rowcol(acc_o.layout()));
@@ -197,15 +224,41 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
       score_mod(p, seq.seqlen_q, seq.seqlen_k, bidb, bidh);
   [[maybe_unused]] const DropoutOrNone<Is_dropout> dropout(p, bidb, bidh);
 
-  for (int stage = 0; n_block >= n_block_min; --n_block, stage ^= (kStages - 1)) {
+  // Block n_max - 1 - i sits in stage i % kStages.
+  for (int stage = 0; n_block >= n_block_min; --n_block, stage = next_stage<kStages>(stage)) {
     Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kBlockM>, Int<kBlockN>>{});  // (MMA, MMA_M, MMA_N)
     clear(acc_s);
-    cute::cp_async_wait<0>();
-    // Two stages: K and V(n_block) are in smem, and every thread is done with the
-    // other stage (read in the previous step), which is refilled right away.
+    if constexpr (kStages == 3) {
+      // Groups complete in order: with block n_block - 1 loading (issued a step ago, or
+      // in the prologue) one group may stay in flight.
+      if (n_block > n_block_min) {
+        cute::cp_async_wait<1>();
+      } else {
+        cute::cp_async_wait<0>();
+      }
+    } else {
+      cute::cp_async_wait<0>();
+    }
+    // Two or three stages: K and V(n_block) are in smem, and every thread is done with
+    // the stage read in the previous step, which is refilled right away (with the block
+    // after the next one, for three).
     // One stage: K(n_block) is in smem and every thread is done reading V.
     __syncthreads();
-    if constexpr (kStages == 2) {
+    if constexpr (kStages == 3) {
+      if (n_block - 2 >= n_block_min) {
+        const int refill = stage == 0 ? 2 : stage - 1;  // the previous step's stage
+        if constexpr (Is_paged) {
+          paged.advance();  // fetched one step ago
+          paged.copy_k(gmem_copy, k_row, tKsKp(_, _, _, refill), tKVcKV, kBlockN);
+          paged.copy_v(gmem_copy, v_row, tVsVp(_, _, _, refill), tKVcKV, kBlockN);
+          paged.fetch(n_block - 3);
+        } else {
+          copy(gmem_copy, tKgK(_, _, _, n_block - 2), tKsK(_, _, _, refill));
+          copy(gmem_copy, tVgV(_, _, _, n_block - 2), tVsV(_, _, _, refill));
+        }
+        cute::cp_async_fence();
+      }
+    } else if constexpr (kStages == 2) {
       if (n_block > n_block_min) {
         if constexpr (Is_paged) {
           paged.advance();  // fetched one step ago
@@ -291,7 +344,7 @@ __forceinline__ __device__ void compute_attn_fwd_tile(const Flash_fwd_params &p,
   }
   // With one stage, every thread finished its last read of sQ before the loop's second
   // barrier; with two, a slower warp may still be in its last Q K^T.
-  if constexpr (kStages == 2) { __syncthreads(); }
+  if constexpr (kStages >= 2) { __syncthreads(); }
 
   // Same steps as epilogue.h's store_acc_tile (which the backward uses), kept inline
   // here so this kernel stays identical to the one the full GPU suite passed at a8686a2;

@@ -74,8 +74,8 @@ struct FwdKernelTraits : MmaCopyTraits<kHeadDim_, Element_, kTile_.n_warps> {
   static constexpr FwdTile kTile = kTile_;
   static constexpr int kBlockM = kTile.block_m;
   static constexpr int kBlockN = kTile.block_n;
-  static constexpr int kStages = kTile.kv_stages;  // K/V buffers
-  static_assert(kStages == 1 || kStages == 2);
+  static constexpr int kStages = kTile.kv_stages;  // K/V buffers (3: two blocks in flight)
+  static_assert(kStages >= 1 && kStages <= 3);
 
   using SmemLayoutQ = decltype(tile_to_shape(typename Base::SmemLayoutAtom{},
                                              Shape<Int<kBlockM>, Int<kHeadDim_>>{}));
