@@ -34,7 +34,7 @@ for v in $VARIANTS; do
   name=${v//:/-}
   # shellcheck disable=SC2046
   ( nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -gencode arch=compute_$ARCH,code=sm_$ARCH \
-      -Xptxas -v -I csrc/flash_attn -I "$CUT" $(variant_args "$v") -o "$DIR/$name.bin" >"$DIR/$name.log" 2>&1 ) &
+      -Xptxas -v -I csrc/flash_attn -I csrc/common -I "$CUT" $(variant_args "$v") -o "$DIR/$name.bin" >"$DIR/$name.log" 2>&1 ) &
 done
 wait
 for v in $VARIANTS; do

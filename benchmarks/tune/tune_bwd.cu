@@ -1,7 +1,7 @@
 // Tile tuning harness for the backward kernels (dK/dV and dQ), torch-free like
 // tune_fwd.cu. One binary per variant:
 //   nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -gencode arch=compute_90,code=sm_90 \
-//        -I csrc/flash_attn -I $CUTLASS/include -DHDIM=128 -DROWS=64 -DCOLS=32 -DWARPS=4 -DSTAGES=2 tune_bwd.cu
+//        -I csrc/flash_attn -I csrc/common -I $CUTLASS/include -DHDIM=128 -DROWS=64 -DCOLS=32 -DWARPS=4 -DSTAGES=2 tune_bwd.cu
 // -DATOMIC=1 (default) times the default path (dK/dV kernel with atomic dQ, the timed
 // call includes zeroing the fp32 accumulator); -DATOMIC=0 the deterministic kernel pair.
 // Both include the D = rowsum(dO * O) pass. The fp32 -> bf16 conversion of dQ (a torch

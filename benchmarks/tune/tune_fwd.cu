@@ -1,7 +1,7 @@
 // Tile-shape tuning harness for the forward kernel, torch-free so each variant
 // compiles in well under a minute. Build one binary per variant:
 //   nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -gencode arch=compute_90,code=sm_90 \
-//        -I csrc/flash_attn -I $CUTLASS/include -DHDIM=128 -DBM=128 -DBN=64 -DWARPS=4 tune_fwd.cu
+//        -I csrc/flash_attn -I csrc/common -I $CUTLASS/include -DHDIM=128 -DBM=128 -DBN=64 -DWARPS=4 tune_fwd.cu
 // Run: ./tune_fwd  -> one line per shape: hdim, tile, causal, seqlen, ms, TFLOP/s.
 // Random bf16 inputs; times are medians of 30 launches after 5 warm-ups (CUDA events).
 

@@ -9,12 +9,11 @@
 #include "arg_error.h"
 
 #include <algorithm>
-#include <array>
-#include <atomic>
 #include <cmath>
 #include <mutex>
 #include <optional>
 
+#include "device_info.h"
 #include "flash.h"
 #include "static_switch.h"
 #include "tile_size.h"
@@ -232,20 +231,10 @@ void run_fwd(Flash_fwd_params &p, bool is_dropout, cudaStream_t stream) {
 
 // --- split-KV (flash_attn_with_kvcache's num_splits; kernels: split_kv.h, flash_fwd_combine.h) ---
 
-// The SM count of a device, asked of the driver once per device: a decode step calls
-// choose_num_splits every time, and its host time is what a decode step is short of.
+// The SM count of a device (cached: device_info.h).
 int sm_count(int device_index) {
-  static std::array<std::atomic<int>, 64> cache{};  // 0 = not asked yet
-  if (device_index < 0 || device_index >= int(cache.size())) {
-    int n = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device_index));
-    return n;
-  }
-  int n = cache[device_index].load(std::memory_order_relaxed);
-  if (n == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device_index));
-    cache[device_index].store(n, std::memory_order_relaxed);
-  }
+  const int n = flash::cached_device_attribute<cudaDevAttrMultiProcessorCount>(device_index);
+  TORCH_CHECK(n > 0, "flash_attn: could not query the SM count of CUDA device ", arg_error::printable(device_index));
   return n;
 }
 

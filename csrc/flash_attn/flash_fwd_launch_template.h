@@ -1,33 +1,16 @@
 // Host launcher of the forward kernel for one (dtype, head dim, variant).
 #pragma once
 
-#include <atomic>
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
+#include "device_info.h"
 #include "flash.h"
 #include "flash_fwd_combine.h"
 #include "flash_fwd_kernel.h"
 #include "kernel_traits.h"
 
 namespace flash {
-
-// Whether the current device has programmatic dependent launch (compute capability 9.0+),
-// asked of the driver once per device.
-inline bool device_has_pdl() {
-  static std::atomic<int> cache[64] = {};  // 0 = not asked yet, 1 = no, 2 = yes
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) { return false; }
-  if (dev < 0 || dev >= 64) { return false; }
-  int v = cache[dev].load(std::memory_order_relaxed);
-  if (v == 0) {
-    int major = 0;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) { return false; }
-    v = major >= 9 ? 2 : 1;
-    cache[dev].store(v, std::memory_order_relaxed);
-  }
-  return v == 2;
-}
 
 // Launches kernel(params) after the stream's previous kernel, as a programmatic dependent
 // launch where the device has it: the kernel may then start while the previous one's last
@@ -45,7 +28,7 @@ cudaError_t launch_after_prior_grid(Kernel kernel, dim3 grid, dim3 block, cudaSt
   cfg.dynamicSmemBytes = 0;
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = device_has_pdl() ? 1 : 0;
+  cfg.numAttrs = current_device_has_pdl() ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, params);
 }
 

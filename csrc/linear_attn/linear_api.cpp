@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 
 #include "arg_error.h"
+#include "device_info.h"
 
 #include <cuda_runtime_api.h>
 
@@ -150,9 +151,8 @@ void check_launch(const char* what, cudaError_t err) {
 }
 
 int num_sms(int device) {
-  int n = 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 108;
-  return n;
+  const int n = flash::cached_device_attribute<cudaDevAttrMultiProcessorCount>(device);
+  return n > 0 ? n : 108;  // (an A100's count when the driver cannot say: only a grid-size hint)
 }
 
 // ---------------------------------------------------------------- masked linear attention
