@@ -574,8 +574,13 @@ def plot(rows_by_mode, memory_rows, meta, path):
         handles = max((ax.get_legend_handles_labels() for ax in axrow), key=lambda hl: len(hl[0]))
         if handles[0]:
             axrow[0].legend(*handles, fontsize=7, loc="lower right")
-    fig.suptitle(f"{meta['env'].get('device')}, torch {meta['env'].get('torch')}, commit {meta['commit']}"
-                 + (" (DRY RUN: made-up numbers)" if meta.get("dry_run") else ""), fontsize=9)
+    return save_figure(plt, fig, f"{meta['env'].get('device')}, torch {meta['env'].get('torch')}, "
+                       f"commit {meta['commit']}", meta.get("dry_run"), path)
+
+
+def save_figure(plt, fig, title, dry_run, path):
+    """Titles fig (marked when the numbers are a dry run's), writes it to path as PNG, closes it."""
+    fig.suptitle(title + (" (DRY RUN: made-up numbers)" if dry_run else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -424,12 +424,8 @@ def plot(doc, path):
                      + f", H {doc['heads']}, K = V = {doc['head_dim']}, {doc['dtype']}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{doc['env'].get('device')}, fla-core {doc['fla_version']}, commit {doc['commit']}"
-                 + (" (DRY RUN: made-up numbers)" if doc.get("dry_run") else ""), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _attn.save_figure(plt, fig, f"{doc['env'].get('device')}, fla-core {doc['fla_version']}, "
+                             f"commit {doc['commit']}", doc.get("dry_run"), path)
 
 
 def print_summary(doc, log=print):
