@@ -263,7 +263,15 @@ int choose_num_splits(int64_t requested, const Flash_fwd_params &p, bool is_drop
   // is not split, and then only a short query block takes the split kernel.
   const flash::FwdTile prefill = flash::fwd_tile(p.d);
   const int64_t m_blocks = (p.seqlen_q + prefill.block_m - 1) / prefill.block_m;
-  const int splits = flash::num_splits_heuristic(m_blocks * p.b * p.h, num_sms, n_blocks, p.h);
+  int splits;
+  if (p.block_table != nullptr) {
+    const int smem_per_sm =
+        flash::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(device.index());
+    const int64_t slots = int64_t(num_sms) * flash::fwd_ctas_per_sm(tile, p.d, smem_per_sm > 0 ? smem_per_sm : 0);
+    splits = flash::num_splits_heuristic_paged(m_blocks * p.b * p.h, slots, n_blocks, p.h);
+  } else {
+    splits = flash::num_splits_heuristic(m_blocks * p.b * p.h, num_sms, n_blocks, p.h);
+  }
   return splits > 1 || p.seqlen_q <= tile.block_m ? splits : 0;
 }
 

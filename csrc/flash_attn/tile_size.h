@@ -128,4 +128,53 @@ static_assert(num_splits_heuristic(132, 132, 2048, 8) == 1);
 static_assert(num_splits_heuristic(8, 132, 16, 8) == 8 && num_splits_heuristic(8, 132, 1, 8) == 1);
 static_assert(clamp_num_splits(1000, 4096, 1024) == 63 && clamp_num_splits(16, 5, 8) == 5);
 
+// Shared memory of one forward CTA at head dim d (fp16/bf16): the Q tile and kv_stages
+// K and V tiles (kernel_traits.h kSmemBytes). Host code sizes the grid with it.
+constexpr int fwd_smem_bytes(FwdTile t, int head_dim) {
+  return (t.block_m + 2 * t.kv_stages * t.block_n) * head_dim * 2;
+}
+
+// CTAs of `t` resident on one SM with `smem_per_sm` bytes of shared memory (the driver
+// reserves 1 KB per CTA). The one-warp split tile is bounded by shared memory, not by
+// registers or warps (255 registers x 32 threads: 8 CTAs' worth of the register file).
+constexpr int fwd_ctas_per_sm(FwdTile t, int head_dim, int smem_per_sm) {
+  const int n = smem_per_sm / (fwd_smem_bytes(t, head_dim) + 1024);
+  return n < 1 ? 1 : (n > 32 ? 32 : n);
+}
+
+// num_splits = 0 for a paged cache (block_table). ctas as above; slots: CTAs the whole
+// GPU holds at once (SMs x fwd_ctas_per_sm). A paged CTA issues about twice the
+// instructions of a contiguous one per key (page lookups, per-segment addresses), and one
+// warp per scheduler cannot keep enough reads in flight (ncu, 32 x 8k, pages of 16: 58%
+// of DRAM peak against 92% contiguous). So the grid is split until every slot is busy:
+// the fewest shares whose grid fills its last wave to at least 90% (at most two key blocks
+// per share, as above; when no count reaches 90%, the best-filled one). Grids of two full
+// waves or more are not split.
+// Measured (tune_decode.cu, H100, d 128, 396 slots; TB/s, pages of 16): 32 x 8k: 1 share
+// 2.14, 2 (1.3 waves) 2.20, 3 (1.94 waves) 2.80; 8 x 32k: 4 shares 2.16, 6 2.87; 1 x 128k:
+// 33 shares 2.30, 48 2.61, 64 (1.3 waves) 1.98. Contiguous caches do not gain from this
+// (32 x 8k: 1 share 3.02, 3 shares 2.92), so they keep num_splits_heuristic.
+constexpr int num_splits_heuristic_paged(long long ctas, long long slots, int n_blocks, int heads) {
+  if (ctas <= 0 || slots <= 0 || ctas >= 2 * slots) { return 1; }
+  const int blocks_cap = n_blocks / 2 > 1 ? n_blocks / 2 : 1;
+  const int max_s = clamp_num_splits(blocks_cap, n_blocks, heads);
+  int best = 1;
+  long long best_fill_num = 0, best_fill_den = 1;  // fill of the last wave as a fraction
+  for (int s = 1; s <= max_s; ++s) {
+    const long long grid = ctas * s;
+    const long long waves = (grid + slots - 1) / slots;
+    if (grid * 10 >= 9 * slots * waves) { return s; }
+    if (grid * best_fill_den > best_fill_num * (slots * waves)) {
+      best = s;
+      best_fill_num = grid;
+      best_fill_den = slots * waves;
+    }
+  }
+  return best;
+}
+static_assert(fwd_ctas_per_sm(fwd_split_tile(128), 128, 233472) == 3);
+static_assert(num_splits_heuristic_paged(256, 396, 128, 8) == 3 && num_splits_heuristic_paged(64, 396, 512, 8) == 6);
+static_assert(num_splits_heuristic_paged(8, 396, 2048, 8) == 45 && num_splits_heuristic_paged(1024, 396, 32, 8) == 1);
+static_assert(num_splits_heuristic_paged(8, 396, 16, 8) == 8 && num_splits_heuristic_paged(8, 396, 1, 8) == 1);
+
 }  // namespace flash
