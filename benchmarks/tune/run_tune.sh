@@ -8,11 +8,15 @@
 # (PAGE > 0: the paged-KV kernels on caches in pages of PAGE rows).
 # Prints ptxas registers/spills, local-memory instructions in SASS, and the timings.
 # CUTLASS include from the nvidia-cutlass wheel.
+# TUNE_DIR=dir keeps the binaries there (default: a fresh temporary folder); a binary already
+# in it is not rebuilt. TUNE_COMPILE_ONLY=1 stops after compiling, so the compiles can overlap
+# another build and the timings run later on an idle GPU (same TUNE_DIR, same variants).
 set -u
 VARIANTS=${1:-"128:128:64:4:2"}
 ARCH=${ARCH:-90}
 CUT=${CUTLASS_INC:-$(python3 -c "import importlib.util as u; print(u.find_spec('cutlass_library').submodule_search_locations[0])")/source/include}
-DIR=$(mktemp -d /tmp/tune.XXXX)
+DIR=${TUNE_DIR:-$(mktemp -d /tmp/tune.XXXX)}
+mkdir -p "$DIR"
 
 # The nvcc defines and source for one variant spec.
 variant_args() {
@@ -32,11 +36,13 @@ variant_args() {
 
 for v in $VARIANTS; do
   name=${v//:/-}
+  [ -x "$DIR/$name.bin" ] && continue
   # shellcheck disable=SC2046
   ( nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -gencode arch=compute_$ARCH,code=sm_$ARCH \
       -Xptxas -v -I csrc/flash_attn -I csrc/common -I "$CUT" $(variant_args "$v") -o "$DIR/$name.bin" >"$DIR/$name.log" 2>&1 ) &
 done
 wait
+[ "${TUNE_COMPILE_ONLY:-0}" = 1 ] && exit 0
 for v in $VARIANTS; do
   name=${v//:/-}
   bin="$DIR/$name.bin"
