@@ -16,12 +16,15 @@ Metric: the bandwidth of reading K and V once, 2 * b * L * h_k * d * 2 bytes / t
 TB/s. Ratios ours / cuDNN (above 1: ours is faster) and paged / contiguous. Targets:
 ours >= 0.95x cuDNN at every shape and >= 1.0x at 1 x 131072; paged within 10% of
 contiguous. Times are medians of triton.testing.do_bench (flash_attn._bench.time_ms).
-Writes <out-dir>/decode_<device>_<commit>.json; --dry-run goes through the same path with
-made-up timings and no GPU (for the CPU tests).
+Writes <out-dir>/decode_<device>_<commit>.json and, with matplotlib, a PNG beside it (TB/s
+per shape and method, cuDNN's level and the 0.95x target marked); --dry-run goes through the
+same path with made-up timings and no GPU (for the CPU tests); --plot-json FILE redraws
+the PNG of a JSON written earlier (no timing).
 
     python benchmarks/benchmark_decode.py
     python benchmarks/benchmark_decode.py --shapes 1x131072,8x32768 --methods ours,sdpa_cudnn
     python benchmarks/benchmark_decode.py --dry-run
+    python benchmarks/benchmark_decode.py --plot-json benchmarks/results/decode_<device>_<commit>.json
 """
 import argparse
 import json
@@ -39,6 +42,7 @@ TARGET_VS_CUDNN, TARGET_LONG, LONG_SHAPE, PAGED_SLACK = 0.95, 1.0, (1, 131072), 
 # benchmark_linear.py shares its argument parsers and result helpers (the latter from
 # benchmark_attn.py): one definition of each. Imported by name from this directory.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchmark_attn as _attn  # noqa: E402
 import benchmark_linear as _linear  # noqa: E402
 git_commit, error_text, _slug = _linear.git_commit, _linear.error_text, _linear._slug
 _shape_list, _method_list = _linear._shape_list, _linear._choice_list(METHODS)
@@ -54,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench rep in ms")
     p.add_argument("--out-dir", default=None, help="default benchmarks/results (a temporary folder with --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="no GPU: made-up timings through the same path")
+    p.add_argument("--plot-json", default=None, help="only redraw the PNG of this JSON (written beside it)")
     return p.parse_args(argv)
 
 
@@ -238,8 +243,42 @@ def run_grid(args, bench, log=print):
     return rows
 
 
+def plot(doc, path):
+    """Grouped bars: TB/s of each method at each shape, a tick at 0.95x cuDNN per shape.
+    Returns path, or None without matplotlib."""
+    plt = _attn.pyplot()
+    if plt is None:
+        return None
+    rows = doc["rows"]
+    methods = [m for m in METHODS if any(r["results"].get(m, {}).get("tb_per_s") for r in rows)]
+    fig, ax = plt.subplots(figsize=(8, 4.4))
+    width = 0.8 / max(1, len(methods))
+    for n, m in enumerate(methods):
+        xs = [i + (n - (len(methods) - 1) / 2) * width for i in range(len(rows))]
+        ys = [r["results"].get(m, {}).get("tb_per_s") or 0.0 for r in rows]
+        ax.bar(xs, ys, width, label=m)
+    for i, r in enumerate(rows):
+        cudnn = r["results"].get("sdpa_cudnn", {}).get("tb_per_s")
+        if cudnn:
+            ax.hlines(TARGET_VS_CUDNN * cudnn, i - 0.45, i + 0.45, colors="black", linestyles="dotted",
+                      label=f"{TARGET_VS_CUDNN}x cuDNN" if i == 0 else None)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['batch']} x {r['cache_len']}" for r in rows], fontsize=8)
+    ax.set_xlabel("batch x cache length (one new token, 32 q / 8 kv heads, d 128)")
+    ax.set_ylabel("TB/s of K + V read")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _attn.save_figure(plt, fig, f"decode, {doc['device']}, commit {doc['commit']}",
+                             doc["device"] == "dry-run", path)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.plot_json:
+        src = Path(args.plot_json)
+        out = plot(json.loads(src.read_text()), src.with_suffix(".png"))
+        print(f"wrote {out}" if out else "benchmark_decode: matplotlib is not installed, no plot")
+        return 0 if out else 2
     if args.dry_run:
         bench, device, env = FakeDecode(args), "dry-run", {"note": "made-up timings (--dry-run)"}
     else:
@@ -263,11 +302,12 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"decode_{_slug(device)}_{_slug(commit)}.json"
     path.write_text(json.dumps(doc, indent=1))
+    png = plot(doc, path.with_suffix(".png"))
     for t in doc["targets"]:
         worst = t.get("worst")
         print(f"  {t['rule']}: {t['status']}" + (f" (worst {worst['ratio']:.2f}x at {worst['batch']}x"
                                                  f"{worst['cache_len']})" if worst else ""))
-    print(f"wrote {path}")
+    print(f"wrote {path}" + (f" and {png.name}" if png else ""))
     return 0
 
 

@@ -68,3 +68,14 @@ def test_dry_run_writes_json(bd, tmp_path):
     assert set(doc["rows"][0]["results"]) == set(bd.METHODS)
     assert doc["rows"][0]["results"]["sdpa_cudnn"]["tb_per_s"] == pytest.approx(2.8)
     assert {t["status"] for t in doc["targets"]} <= {"met", "missed", "not measured"}
+
+
+def test_plot_from_json(bd, tmp_path):
+    """The PNG is drawn from the JSON alone (--plot-json), as from a GPU run's committed file."""
+    pytest.importorskip("matplotlib")
+    assert bd.main(["--dry-run", "--shapes", "1x131072,8x2048", "--out-dir", str(tmp_path)]) == 0
+    (png,) = tmp_path.glob("decode_*.png")
+    png.unlink()
+    (path,) = tmp_path.glob("decode_*.json")
+    assert bd.main(["--plot-json", str(path)]) == 0
+    assert path.with_suffix(".png").stat().st_size > 1000
