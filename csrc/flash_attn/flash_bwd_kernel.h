@@ -503,6 +503,22 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, 1)
   compute_dk_dv_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout, Accum_dq>(p, blockIdx.x, blockIdx.y, blockIdx.z);
 }
 
+// The dK/dV kernel with a tile per architecture: Ktraits90 where the code was compiled for
+// sm90 or later (__CUDA_ARCH__, so the PTX that actually runs decides), Ktraits elsewhere.
+// One symbol for both, so the host launches it once and passes the shared memory of the
+// traits that match the binary (run_flash_bwd reads the kernel's PTX version).
+template <typename Ktraits, typename Ktraits90, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Accum_dq>
+__global__ void __launch_bounds__(Ktraits::kNThreads, 1)
+    flash_bwd_dk_dv_kernel_by_arch(__grid_constant__ const Flash_bwd_params p) {
+  static_assert(Ktraits::kNThreads == Ktraits90::kNThreads && Ktraits::kBlockRows == Ktraits90::kBlockRows,
+                "the host's grid and block must fit both tiles");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  compute_dk_dv_tile<Ktraits90, Has_alibi, Is_softcap, Is_dropout, Accum_dq>(p, blockIdx.x, blockIdx.y, blockIdx.z);
+#else
+  compute_dk_dv_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout, Accum_dq>(p, blockIdx.x, blockIdx.y, blockIdx.z);
+#endif
+}
+
 template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout>
 __global__ void __launch_bounds__(Ktraits::kNThreads, 1)
     flash_bwd_dq_kernel(__grid_constant__ const Flash_bwd_params p) {

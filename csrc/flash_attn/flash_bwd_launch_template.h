@@ -1,6 +1,8 @@
 // Host launcher of the backward kernels for one (dtype, head dim, variant).
 #pragma once
 
+#include <type_traits>
+
 #include <cuda_runtime_api.h>
 
 #include "flash.h"
@@ -16,10 +18,31 @@ cudaError_t allow_smem(Kernel kernel, int smem_bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
 }
 
+// The dK/dV kernel for (Ktraits, Ktraits90) and the shared memory it needs on the current
+// device: one kernel when the two traits agree, else flash_bwd_dk_dv_kernel_by_arch with the
+// shared memory of the traits its running code was compiled with (the PTX version of the
+// function: a build whose sm90 code came from compute_80 PTX runs the sm80 tile there).
+template <typename Ktraits, typename Ktraits90, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Accum_dq>
+cudaError_t dk_dv_kernel_for_device(void (**kernel)(const Flash_bwd_params), int *smem_bytes) {
+  if constexpr (std::is_same_v<Ktraits, Ktraits90>) {
+    *kernel = &flash_bwd_dk_dv_kernel<Ktraits, Has_alibi, Is_softcap, Is_dropout, Accum_dq>;
+    *smem_bytes = Ktraits::kSmemBytesDkDv;
+    return cudaSuccess;
+  } else {
+    *kernel = &flash_bwd_dk_dv_kernel_by_arch<Ktraits, Ktraits90, Has_alibi, Is_softcap, Is_dropout, Accum_dq>;
+    cudaFuncAttributes attr{};
+    const cudaError_t err = cudaFuncGetAttributes(&attr, *kernel);
+    if (err != cudaSuccess) { return err; }
+    *smem_bytes = attr.ptxVersion >= 90 ? Ktraits90::kSmemBytesDkDv : Ktraits::kSmemBytesDkDv;
+    return cudaSuccess;
+  }
+}
+
 // D = rowsum(dO * O) first; then either the dK/dV kernel with atomic dQ accumulation
 // (params.dq_accum_ptr set: the host converts the accumulator to dq afterwards) or the
-// deterministic pair, dK/dV then dQ.
-template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout = false>
+// deterministic pair, dK/dV then dQ. Ktraits90: the dK/dV tile where the code runs as sm90
+// (bwd_tile_sm90); the dQ kernel and the grids follow Ktraits.
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout = false, typename Ktraits90 = Ktraits>
 cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
   if (params.b == 0 || params.h == 0 || params.seqlen_q == 0) { return cudaSuccess; }
   using Element = typename Ktraits::Element;
@@ -32,12 +55,14 @@ cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
 
   const int num_n_blocks = (params.seqlen_k + Ktraits::kBlockRows - 1) / Ktraits::kBlockRows;
   const int num_m_blocks = (params.seqlen_q + Ktraits::kBlockRows - 1) / Ktraits::kBlockRows;
+  void (*dk_dv_kernel)(const Flash_bwd_params) = nullptr;
+  int smem_bytes_dk_dv = 0;
   if (params.dq_accum_ptr != nullptr) {
-    auto kernel = &flash_bwd_dk_dv_kernel<Ktraits, Has_alibi, Is_softcap, Is_dropout, true>;
-    constexpr int smem_bytes = Ktraits::kSmemBytesDkDv;
-    if ((err = allow_smem(kernel, smem_bytes)) != cudaSuccess) { return err; }
+    err = dk_dv_kernel_for_device<Ktraits, Ktraits90, Has_alibi, Is_softcap, Is_dropout, true>(&dk_dv_kernel,
+                                                                                                &smem_bytes_dk_dv);
+    if (err != cudaSuccess || (err = allow_smem(dk_dv_kernel, smem_bytes_dk_dv)) != cudaSuccess) { return err; }
     if (num_n_blocks > 0) {
-      kernel<<<dim3(num_n_blocks, params.b, params.h), Ktraits::kNThreads, smem_bytes, stream>>>(params);
+      dk_dv_kernel<<<dim3(num_n_blocks, params.b, params.h), Ktraits::kNThreads, smem_bytes_dk_dv, stream>>>(params);
     }
     return cudaGetLastError();
   }
@@ -46,9 +71,11 @@ cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
   // (bwd_dq_tile in tile_size.h).
   using DqTraits = BwdKernelTraits<kHeadDim, Element, bwd_dq_tile(Ktraits::kTile)>;
   static_assert(DqTraits::kBlockRows == Ktraits::kBlockRows);
-  auto dk_dv_kernel = &flash_bwd_dk_dv_kernel<Ktraits, Has_alibi, Is_softcap, Is_dropout, false>;
+  err = dk_dv_kernel_for_device<Ktraits, Ktraits90, Has_alibi, Is_softcap, Is_dropout, false>(&dk_dv_kernel,
+                                                                                               &smem_bytes_dk_dv);
+  if (err != cudaSuccess) { return err; }
   auto dq_kernel = &flash_bwd_dq_kernel<DqTraits, Has_alibi, Is_softcap, Is_dropout>;
-  constexpr int smem_bytes = DqTraits::kSmemBytes, smem_bytes_dk_dv = Ktraits::kSmemBytesDkDv;
+  constexpr int smem_bytes = DqTraits::kSmemBytes;
   if ((err = allow_smem(dk_dv_kernel, smem_bytes_dk_dv)) != cudaSuccess) { return err; }
   if ((err = allow_smem(dq_kernel, smem_bytes)) != cudaSuccess) { return err; }
   if (num_n_blocks > 0) {
@@ -63,7 +90,8 @@ cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
 
 template <typename Element, int kHeadDim, bool Has_alibi, bool Is_softcap, bool Is_dropout>
 cudaError_t run_mha_bwd_(Flash_bwd_params &params, cudaStream_t stream) {
-  return run_flash_bwd<BwdKernelTraits<kHeadDim, Element>, Has_alibi, Is_softcap, Is_dropout>(params, stream);
+  return run_flash_bwd<BwdKernelTraits<kHeadDim, Element>, Has_alibi, Is_softcap, Is_dropout,
+                       BwdKernelTraits<kHeadDim, Element, bwd_tile_sm90(kHeadDim)>>(params, stream);
 }
 
 }  // namespace flash

@@ -74,6 +74,15 @@ constexpr BwdTile bwd_tile(int head_dim) {
                            : BwdTile{64, 64, 8, 1};
 }
 
+// The dK/dV tile on sm90 (228 KB of shared memory per SM): at d = 256 the streamed Q and dO
+// get two stages (~208 KB, more than sm80's 163 KB). tune_bwd.cu on the H100 (bf16, 16k
+// tokens, TFLOP/s nc 2k / nc 8k / c 2k / c 8k): one stage 169 / 177 / 157 / 178, two stages
+// 188 / 199 / 172 / 200 (benchmarks/tune/tune_bwd_36849f3_h100.txt). Every other head dim
+// keeps bwd_tile. The dQ kernel of the deterministic pair keeps bwd_dq_tile(bwd_tile(d)).
+constexpr BwdTile bwd_tile_sm90(int head_dim) {
+  return head_dim > 128 ? BwdTile{64, 64, 8, 2} : bwd_tile(head_dim);
+}
+
 // The deterministic dQ kernel stacks its warps along its block_rows queries, 16 rows
 // each (one 1-D MMA for S, dP and dQ, so that dS stays in registers). A tile with fewer
 // than 16 * n_warps rows (d = 256: 64 rows, 8 warps) runs that kernel with
