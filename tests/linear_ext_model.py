@@ -200,6 +200,70 @@ class LinearExtModel:
             if final_state is not None:
                 final_state[n] = S.to(final_state.dtype)
 
+    def recurrent_grad(self, q, k, v, gk, gv, init, dout, dfinal, dq_part, dk_part, dgk_part, dv, dgv, dinit,
+                       cu_seqlens, chunk_offsets, scale, reverse):
+        """The token-by-token GLA gradients as recurrent_grad.cuh splits them, per group z of 32
+        value columns, with S'_t = G_t * S_{t-1} (the state before row t's pair k_t^T v_t) and
+        P_t = G_{t+1} * D_{t+1} (the gradient before row t's scale q_t^T do_t; dht at the last row):
+          dq_z = scale do_t[z] S_t[:, z]^T, dk_z = v_t[z] D_t[:, z]^T (parts), dv = k_t D_t,
+          dgk_z = rowsum_z(dht * S'_T) + the suffix sum of q * dq'_z - k * dk'_z,
+          dgv   = colsum(dht * S'_T)   + the suffix sum of o' * do - v * dv',
+        dq' = scale do S'^T, dk' = v P^T, o' = scale q S', dv' = k P, the last row's k dk' and
+        v dv' left out; dinit = G_first * D_first."""
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        Z = V // 32
+        qs, ks = (t.reshape(B * T, H, K).double().cpu() for t in (q, k))
+        vs, dos = (t.reshape(B * T, H, V).double().cpu() for t in (v, dout))
+        gks = None if gk is None else gk.reshape(B * T, H, K).double().cpu()
+        gvs = None if gv is None else gv.reshape(B * T, H, V).double().cpu()
+        dqp, dkp = dq_part.view(Z, B * T, H, K), dk_part.view(Z, B * T, H, K)
+        dgkp = None if dgk_part is None else dgk_part.view(Z, B * T, H, K)
+        dvs = dv.view(B * T, H, V)
+        dgvs = None if dgv is None else dgv.view(B * T, H, V)
+
+        def grouped(x):  # [H, K, V] -> [Z, H, K] sums over each group's 32 columns
+            return x.reshape(H, K, Z, 32).sum(-1).permute(2, 0, 1)
+
+        def decay(t):
+            expo = torch.zeros(H, K, V, dtype=torch.float64)
+            if gks is not None:
+                expo = expo + gks[t][:, :, None]
+            if gvs is not None:
+                expo = expo + gvs[t][:, None, :]
+            return torch.exp(expo)
+
+        for n, (bos, eos, _) in enumerate(sequences(B, T, cu_seqlens, chunk_offsets)):
+            order = list(range(eos - 1, bos - 1, -1) if reverse else range(bos, eos))
+            S = init[n].double().cpu().clone() if init is not None else torch.zeros(H, K, V, dtype=torch.float64)
+            dqd, od = {}, {}
+            for i, t in enumerate(order):
+                S = S * decay(t)  # S'_t
+                kv = ks[t][:, :, None] * vs[t][:, None, :]
+                od[t] = scale * torch.einsum("hk,hkv->hv", qs[t], S) * dos[t]
+                dqd[t] = scale * grouped(S * dos[t][:, None, :])
+                dqp[:, t] = (scale * grouped((S + kv) * dos[t][:, None, :])).to(dq_part.dtype)
+                if i + 1 < len(order):
+                    S = S + kv
+            D = dfinal[n].double().cpu().clone() if dfinal is not None else torch.zeros(H, K, V, dtype=torch.float64)
+            run_k, run_v = grouped(D * S), (D * S).sum(1)  # [Z, H, K], [H, V]: on S'_T
+            for i, t in enumerate(reversed(order)):
+                dvp = torch.einsum("hk,hkv->hv", ks[t], D)  # D = P_t here
+                dkp_ = grouped(D * vs[t][:, None, :])
+                keep = 0.0 if i == 0 else 1.0  # the last row of the recurrence: k dk', v dv' left out
+                run_k = run_k + qs[t] * dqd[t] - keep * ks[t] * dkp_
+                run_v = run_v + od[t] - keep * vs[t] * dvp
+                D = D + scale * qs[t][:, :, None] * dos[t][:, None, :]  # D_t
+                dkp[:, t] = grouped(D * vs[t][:, None, :]).to(dk_part.dtype)
+                dvs[t] = torch.einsum("hk,hkv->hv", ks[t], D).to(dv.dtype)
+                if dgkp is not None:
+                    dgkp[:, t] = run_k.to(dgk_part.dtype)
+                if dgvs is not None:
+                    dgvs[t] = run_v.to(dgv.dtype)
+                D = D * decay(t)
+            if dinit is not None:
+                dinit[n] = D.to(dinit.dtype)
+
     # ----------------------------------------------------------------------- GLA (per-key gates)
 
     def gla_cumsum(self, g, out, cu_seqlens, chunk_offsets, num_slots):

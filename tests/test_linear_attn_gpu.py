@@ -1,6 +1,8 @@
 """GPU tests of the linear-attention kernels (csrc/linear_attn, extension flash_attn_linear_cuda).
 GLA (per-key gates: gla_cumsum, chunk_state with gk_cum, gla_output, gla_grad; chunk_gla and
-fused_recurrent_gla) has its own section at the end (select it with -k gla).
+fused_recurrent_gla) has its own section near the end (select it with -k gla), and the
+token-by-token backward of fused_recurrent_gla with a value gate gv (recurrent_grad) the last
+one (select it with -k "value_gate or recurrent_grad").
 
 Two layers:
   1. each launcher against tests/linear_ext_model.py (a float64 model of it) on the same
@@ -647,5 +649,158 @@ def test_gla_deterministic():
     w = rand(2, 1000, 4, 128, seed=12).float()
     runs = [_grads(lambda q, k, v, g, h0: la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True),
                        inputs, w, 1.0) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- GLA with gv: the token-by-token backward
+
+RECURRENT_GRAD_CASES = [("bf16", 64, 64, "gk+gv", False), ("fp16", 128, 128, "gv", True),
+                        ("bf16", 256, 96, "gk", False), ("bf16", 128, 256, "gk+gv", True),
+                        ("fp16", 64, 32, "gv", False)]
+
+
+@pytest.mark.parametrize("dt,K,V,which,reverse", RECURRENT_GRAD_CASES,
+                         ids=[f"{d}-K{k}-V{v}-{w}-{'rev' if r else 'fwd'}" for d, k, v, w, r in RECURRENT_GRAD_CASES])
+@pytest.mark.parametrize("lens", [None, (0, 70, 1, 0)], ids=["batched", "varlen"])
+@pytest.mark.parametrize("states", [True, False], ids=["states", "nostates"])
+def test_recurrent_grad_kernel(dt, K, V, which, reverse, lens, states):
+    """recurrent_grad (recurrent_grad.cuh) against the model, part by part."""
+    dtype = DTYPES[dt]
+    B, T, H = (2, 90, 2) if lens is None else (1, sum(lens), 2)
+    q, k, v = rand(B, T, H, K, dtype=dtype, seed=2), rand(B, T, H, K, dtype=dtype, seed=3), \
+        rand(B, T, H, V, dtype=dtype, seed=4)
+    do = rand(B, T, H, V, dtype=dtype, seed=5)
+    gk = gates(B, T, H, K, n=4) if "gk" in which else None
+    gv = gates(B, T, H, V, n=4, seed=5) if "gv" in which else None
+    s = seqs(B, T, lens)
+    N, Z = s.num_seqs, V // 32
+    init = rand(N, H, K, V, dtype=torch.float32, seed=6) if states else None
+    dfinal = rand(N, H, K, V, dtype=torch.float32, seed=7) if states else None
+    poison_allocator(((Z, B, T, H, K), torch.float32), ((B, T, H, V), dtype), ((B, T, H, V), torch.float32),
+                     ((N, H, K, V), torch.float32))
+    part = dict(device="cuda", dtype=torch.float32)
+    outs = [torch.empty(Z, B, T, H, K, **part), torch.empty(Z, B, T, H, K, **part),
+            torch.empty(Z, B, T, H, K, **part) if gk is not None else None,
+            torch.empty(B, T, H, V, device="cuda", dtype=dtype),
+            torch.empty(B, T, H, V, **part) if gv is not None else None, torch.empty(N, H, K, V, **part)]
+    ext().recurrent_grad(q, k, v, gk, gv, init, do, dfinal, *outs, s.cu, s.offsets, 0.3, reverse)
+    refs = [None if x is None else torch.zeros(x.shape, dtype=torch.float64) for x in outs]
+    MODEL.recurrent_grad(q, k, v, gk, gv, init, do, dfinal, *refs, s.cu, s.offsets, 0.3, reverse)
+    for name, got, ref in zip(("dq_part", "dk_part", "dgk_part", "dv", "dgv", "dinit"), outs, refs):
+        if ref is not None:
+            check(name, got, ref, OUT_TOL if name == "dv" else 1e-4)
+
+
+def _gv_grad_cases():
+    cases = [(t, kv, kv, w, "bf16") for t in (1, 63, 64, 65, 500) for kv in (64, 100, 128)
+             for w in ("gk", "gv", "gk+gv")]
+    cases += [(65, kd, vd, "gk+gv", "bf16") for kd in (64, 100, 128) for vd in (64, 100, 128) if kd != vd]
+    cases += [(t, 128, 100, w, "fp16") for t in (1, 65, 500) for w in ("gk", "gv", "gk+gv")]
+    cases += [(500, 64, 64, "gk+gv", "bf16", n) for n in (0.1, 10.0)]
+    cases = [c if len(c) == 6 else c + (2.0,) for c in cases]
+    if QUICK:
+        cases = [c for c in cases if c[0] in (65, 500) and c[1] in (100, 128)]
+    return [pytest.param(*c, id=f"T{c[0]}-K{c[1]}-V{c[2]}-{c[3]}-{c[4]}-n{c[5]}") for c in cases]
+
+
+def _gv_inputs(B, T, H, K, V, which, n, dtype, N=None):
+    q, k, v, _, _, h0 = make_inputs(B, T, H, K, V, None, 1.0, dtype, N=N)
+    gk = gates(B, T, H, K, n=n, seed=7) if "gk" in which else None
+    gv = gates(B, T, H, V, n=n, seed=8) if "gv" in which else None
+    return q, k, v, gk, gv, h0
+
+
+def _poison_gv(B, T, H, K, V, dtype, N):
+    kd, vd = _kernels.kernel_head_dim(K), _kernels.kernel_head_dim(V)
+    poison_allocator(((vd // 32, B, T, H, kd), torch.float32), ((B, T, H, max(kd, vd)), dtype),
+                     ((B, T, H, vd), torch.float32), ((N, H, kd, vd), torch.float32))
+
+
+@pytest.mark.parametrize("T,K,V,which,dt,n", _gv_grad_cases())
+def test_fused_recurrent_gla_value_gate_backward(T, K, V, which, dt, n):
+    """Gradients through gv and / or gk of fused_recurrent_gla against the fp32 recurrence (gk
+    alone takes the chunked backward; with gv the token-by-token one)."""
+    dtype = DTYPES[dt]
+    B, H = 2, 3
+    inputs = _gv_inputs(B, T, H, K, V, which, n, dtype)
+    w_o, w_s = rand(B, T, H, V, dtype=dtype, seed=9).float(), rand(B, H, K, V, dtype=torch.float32, seed=10)
+    _poison_gv(B, T, H, K, V, dtype, B)
+    got = _grads(lambda q, k, v, gk, gv, h0: la.fused_recurrent_gla(q, k, v, gk=gk, gv=gv, initial_state=h0,
+                                                                    output_final_state=True), inputs, w_o, w_s)
+    fp32 = [None if x is None else x.float() for x in inputs]
+    ref = _grads(lambda q, k, v, gk, gv, h0: reference(q, k, v, T, g=gk, gv=gv, initial_state=h0,
+                                                       output_final_state=True), fp32, w_o, w_s)
+    for name, a, b in zip(("dq", "dk", "dv", "dgk", "dgv", "dh0"), got, ref):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a is not None, f"{name}: no gradient"
+        assert name not in ("dq", "dk", "dv") or a.dtype == dtype, f"{name}: dtype {a.dtype}"
+        check(name, a, b, GRAD_TOL)
+
+
+@pytest.mark.parametrize("dt", ["bf16", "fp16"])
+@pytest.mark.parametrize("with_final", [True, False], ids=["final", "nofinal"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("which", ["gv", "gk+gv"])
+def test_fused_recurrent_gla_value_gate_varlen(which, reverse, with_final, dt):
+    """One packed row of EMPTY_LENS (two empty sequences), reverse, with and without the final
+    state in the loss; K, V = 100, 72 (both padded)."""
+    dtype = DTYPES[dt]
+    T, H, K, V = sum(EMPTY_LENS), 2, 100, 72
+    N = len(EMPTY_LENS)
+    inputs = _gv_inputs(1, T, H, K, V, which, 2.0, dtype, N=N)
+    cu = offsets(EMPTY_LENS)
+    w_o, w_s = rand(1, T, H, V, dtype=dtype, seed=11).float(), rand(N, H, K, V, dtype=torch.float32, seed=12)
+    _poison_gv(1, T, H, K, V, dtype, N)
+
+    def run(fn, xs):
+        leaves = [None if x is None else x.clone().requires_grad_(True) for x in xs]
+        o, ht = fn(*leaves[:3], gk=leaves[3], gv=leaves[4], initial_state=leaves[5], output_final_state=True,
+                   reverse=reverse, cu_seqlens=cu)
+        loss = (o.float() * w_o).sum() + ((ht * w_s).sum() if with_final else 0)
+        loss.backward()
+        return o, ht, [None if x is None else x.grad for x in leaves]
+
+    o, ht, got = run(la.fused_recurrent_gla, inputs)
+    o_r, ht_r, ref = run(lambda q, k, v, gk, **kw: linear_attn_recurrent_ref(q, k, v, g=gk, **kw),
+                         [None if x is None else x.float() for x in inputs])
+    check("o", o, o_r, OUT_TOL)
+    check("final_state", ht, ht_r, OUT_TOL)
+    h0 = inputs[5]
+    assert torch.equal(ht[0], h0[0]) and torch.equal(ht[4], h0[4])  # empty: the state passes through
+    for name, a, b in zip(("dq", "dk", "dv", "dgk", "dgv", "dh0"), got, ref):
+        if b is not None:
+            check(name, a, b, GRAD_TOL)
+    if with_final:  # an empty sequence's dh0 is its dht
+        assert torch.equal(got[5][0], w_s[0]) and torch.equal(got[5][4], w_s[4])
+
+
+def test_fused_recurrent_gla_value_gate_very_negative():
+    """Value gates of -1000 on some values and steps, logsigmoid(x) / 0.01 elsewhere: finite
+    gradients that match the recurrence."""
+    q, k, v, gk, gv, h0 = _gv_inputs(1, 300, 2, 64, 64, "gk+gv", 1.0, torch.bfloat16)
+    gv = gates(1, 300, 2, 64, n=0.01, seed=8)
+    gv[:, ::3, :, ::2] = -1000.0
+    inputs = (q, k, v, gk, gv, h0)
+    w = rand(1, 300, 2, 64, dtype=torch.bfloat16, seed=13).float()
+    got = _grads(lambda q, k, v, gk, gv, h0: la.fused_recurrent_gla(q, k, v, gk=gk, gv=gv, initial_state=h0,
+                                                                    output_final_state=True), inputs, w, 1.0)
+    ref = _grads(lambda q, k, v, gk, gv, h0: reference(q, k, v, 300, g=gk, gv=gv, initial_state=h0,
+                                                       output_final_state=True),
+                 [x.float() for x in inputs], w, 1.0)
+    for name, a, b in zip(("dq", "dk", "dv", "dgk", "dgv", "dh0"), got, ref):
+        assert torch.isfinite(a).all(), name
+        if name != "dh0":  # ~0: every path to h0 passes a gate of -1000 or a strong one
+            check(name, a, b, GRAD_TOL)
+
+
+def test_fused_recurrent_gla_value_gate_deterministic():
+    inputs = _gv_inputs(2, 1000, 4, 128, 128, "gk+gv", 1.0, torch.bfloat16)
+    w = rand(2, 1000, 4, 128, seed=14).float()
+    runs = [_grads(lambda q, k, v, gk, gv, h0: la.fused_recurrent_gla(q, k, v, gk=gk, gv=gv, initial_state=h0,
+                                                                      output_final_state=True), inputs, w, 1.0)
+            for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)

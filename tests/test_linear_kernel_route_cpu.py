@@ -25,7 +25,8 @@ class CountingModel(LinearExtModel):
 
     def __getattribute__(self, name):
         attr = object.__getattribute__(self, name)
-        if name in ("chunk_state", "chunk_output", "gate_grad", "recurrent", "gla_cumsum", "gla_output", "gla_grad"):
+        if name in ("chunk_state", "chunk_output", "gate_grad", "recurrent", "recurrent_grad", "gla_cumsum",
+                    "gla_output", "gla_grad"):
             object.__getattribute__(self, "calls").append(name)
         return attr
 
@@ -335,13 +336,69 @@ def test_gla_very_negative_gates(model):
             close(a.grad, b.grad, gla_tol(0.01) * (20 if name == "dg" else 1))
 
 
-def test_gla_value_gate_gradient_raises(model):
-    q, k, v, _, _, _ = make(1, 20, 1, 64, 64, gate=None)
-    gk, gv = gla_gates(1, 20, 1, 64), gla_gates(1, 20, 1, 64, seed=4)
-    o, _ = la.fused_recurrent_gla(q, k, v, gk=gk, gv=gv)  # the forward without gradients runs
-    close(o, linear_attn_recurrent_ref(q, k, v, g=gk, gv=gv)[0])
-    with pytest.raises(NotImplementedError, match="fused_recurrent_gla: gradients through a value gate gv"):
-        la.fused_recurrent_gla(q.requires_grad_(), k, v, gk=gk, gv=gv)
+VALUE_GATE_CASES = [  # id, K, V, lens (None: 2 sequences of 70 tokens), gates
+    ("gk-gv", 64, 64, None, "gk+gv"),
+    ("gv", 100, 72, None, "gv"),
+    ("gk", 64, 128, None, "gk"),
+    ("gk-gv-varlen", 72, 100, [0, 65, 1, 64, 0, 30], "gk+gv"),
+    ("gv-varlen", 64, 64, [40, 0, 90], "gv"),
+]
+
+
+@pytest.mark.parametrize("with_final", [True, False], ids=["final", "nofinal"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("case", VALUE_GATE_CASES, ids=[c[0] for c in VALUE_GATE_CASES])
+def test_fused_recurrent_gla_value_gate_backward(model, case, reverse, with_final):
+    """Gradients through gv (and gk) of fused_recurrent_gla: the token-by-token backward
+    (recurrent_grad, fp32 parts per 32 value columns summed on the route) against the reference."""
+    _, K, V, lens, which = case
+    (q, k, v, _, _, h0), offsets = make_case(70, K, V, lens, gate=None)
+    B, T, H = q.shape[:3]
+    gk = gla_gates(B, T, H, K, n=2.0) if "gk" in which else None
+    gv = gla_gates(B, T, H, V, n=2.0, seed=4) if "gv" in which else None
+    w_o, w_s = loss_weights(v.shape, h0.shape)
+
+    def run(fn):
+        leaves = [None if x is None else x.clone().requires_grad_(True) for x in (q, k, v, gk, gv, h0)]
+        o, ht = fn(*leaves[:3], gk=leaves[3], gv=leaves[4], scale=0.3, initial_state=leaves[5],
+                   output_final_state=with_final, reverse=reverse, cu_seqlens=offsets)
+        loss = (o * w_o).sum() + ((ht * w_s).sum() if with_final else 0)
+        loss.backward()
+        return [None if x is None else x.grad for x in leaves]
+
+    got = run(la.fused_recurrent_gla)
+    ref = run(lambda q, k, v, gk, gv, **kw: linear_attn_recurrent_ref(q, k, v, g=gk, gv=gv, **kw))
+    for name, a, b in zip(("dq", "dk", "dv", "dgk", "dgv", "dh0"), got, ref):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a is not None and a.dtype == b.dtype, name
+        close(a, b, 2e-5 if name in ("dgk", "dgv") else 2e-6)
+    assert "recurrent" in model.calls
+    if gv is not None:  # token by token, no chunked kernel
+        assert "recurrent_grad" in model.calls and not {"gla_cumsum", "gla_output", "gla_grad"} & set(model.calls)
+    else:  # gk only: the chunked backward
+        assert "gla_grad" in model.calls and "recurrent_grad" not in model.calls
+
+
+def test_fused_recurrent_gla_value_gate_bf16(model):
+    """bf16 inputs through the gv backward: the dtypes of the gradients and the GPU tests'
+    tolerances against the float64 recurrence."""
+    q, k, v, _, _, h0 = make(2, 100, 2, 64, 64, gate=None, dtype=torch.bfloat16)
+    gk, gv = gla_gates(2, 100, 2, 64).float(), gla_gates(2, 100, 2, 64, seed=4).float()
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, gk, gv, h0)]
+    o, ht = la.fused_recurrent_gla(*leaves[:3], gk=leaves[3], gv=leaves[4], initial_state=leaves[5],
+                                   output_final_state=True)
+    assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
+    (o.float().sum() + ht.sum()).backward()
+    assert [x.grad.dtype for x in leaves] == [torch.bfloat16] * 3 + [torch.float32] * 3
+    refs = [x.detach().double().requires_grad_(True) for x in leaves]
+    o_r, ht_r = linear_attn_recurrent_ref(*refs[:3], g=refs[3], gv=refs[4], initial_state=refs[5],
+                                          output_final_state=True)
+    (o_r.sum() + ht_r.sum()).backward()
+    assert rms_ratio(o, o_r) < 0.005 and rms_ratio(ht, ht_r) < 1e-6
+    for a, b in zip(leaves, refs):
+        assert rms_ratio(a.grad, b.grad) < 0.008
 
 
 def test_gla_bf16_route_dtypes_and_accuracy(model):

@@ -42,8 +42,8 @@ def chunk_output(tag, r):
 
 
 def recurrent(tag):
-    lines = [f"template cudaError_t run_recurrent<{tag}, {k}>(const RecurrentParams&, cudaStream_t);"
-             for k in HEAD_DIMS]
+    lines = [f"template cudaError_t run_recurrent<{tag}, {k}, {grad}>(const RecurrentParams&, cudaStream_t);"
+             for grad in ("false", "true") for k in HEAD_DIMS]
     return '#include "../recurrent.cuh"\n', lines
 
 

@@ -459,7 +459,63 @@ void recurrent(const Tensor& q, const Tensor& k, const Tensor& v, const OptTenso
   p.reverse = reverse;
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch("recurrent", dispatch_dtype(q.scalar_type(), [&](auto tag) {
-    return dispatch_head_dim(K, [&](auto kd) { return la::run_recurrent<decltype(tag), decltype(kd)::value>(p, stream); });
+    return dispatch_head_dim(K, [&](auto kd) {
+      return la::run_recurrent<decltype(tag), decltype(kd)::value, false>(p, stream);
+    });
+  }));
+}
+
+// The gradients of the token-by-token GLA recurrence with gk [B, T, H, K] and/or gv [B, T, H, V]
+// fp32 gates (recurrent_grad.cuh): q, k [B, T, H, K]; v, dout, dv [B, T, H, V]; init, dfinal,
+// dinit fp32 [N_seq, H, K, V] (each optional); dq_part, dk_part and (with gk) dgk_part fp32
+// [V / 32, B, T, H, K], parts the caller sums over dim 0; dgv fp32 [B, T, H, V] (with gv).
+void recurrent_grad(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& gk, const OptTensor& gv,
+                    const OptTensor& init, const Tensor& dout, const OptTensor& dfinal, Tensor& dq_part,
+                    Tensor& dk_part, const OptTensor& dgk_part, Tensor& dv, const OptTensor& dgv,
+                    const OptTensor& dinit, const OptTensor& cu_seqlens, const OptTensor& chunk_offsets, double scale,
+                    bool reverse) {
+  check_operands({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&dout, "dout"}, {&dv, "dv"}}, q, q.scalar_type());
+  const auto [B, T, H, K, V] = check_tokens({&q, "q"}, "[B, T, H, K]", {&k, "k"}, {&v, "v"}, {&dout, "dout"});
+  CHECK_ARG(V % 32 == 0 && V > 0, "V must be a multiple of 32, got ", V);
+  check_shape(dv, "dv", v.sizes());
+  CHECK_ARG(gk.has_value() == dgk_part.has_value(), "dgk_part is given exactly when gk is");
+  CHECK_ARG(gv.has_value() == dgv.has_value(), "dgv is given exactly when gv is");
+  c10::cuda::CUDAGuard guard(q.device());
+  la::RecurrentParams p;
+  p.seq = seq_params(q, cu_seqlens, chunk_offsets, 0, false);
+  const int64_t N = p.seq.num_seqs;
+  check_opt(gk, "gk", q, at::kFloat, {B, T, H, K});
+  check_opt(gv, "gv", q, at::kFloat, {B, T, H, V});
+  check_opt(init, "init", q, at::kFloat, {N, H, K, V});
+  check_opt(dfinal, "dfinal", q, at::kFloat, {N, H, K, V});
+  check_opt(dinit, "dinit", q, at::kFloat, {N, H, K, V});
+  check_opt(dq_part, "dq_part", q, at::kFloat, {V / 32, B, T, H, K});
+  check_opt(dk_part, "dk_part", q, at::kFloat, {V / 32, B, T, H, K});
+  check_opt(dgk_part, "dgk_part", q, at::kFloat, {V / 32, B, T, H, K});
+  check_opt(dgv, "dgv", q, at::kFloat, {B, T, H, V});
+  p.gk = float_data_or_null(gk);
+  p.gv = float_data_or_null(gv);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.init = float_data_or_null(init);
+  p.dout = dout.data_ptr();
+  p.dfinal = float_data_or_null(dfinal);
+  p.dq_part = dq_part.data_ptr<float>();
+  p.dk_part = dk_part.data_ptr<float>();
+  p.dgk_part = float_data_or_null(dgk_part);
+  p.dv = dv.data_ptr();
+  p.dgv = float_data_or_null(dgv);
+  p.dinit = float_data_or_null(dinit);
+  p.k_dim = static_cast<int>(K);
+  p.v_dim = static_cast<int>(V);
+  p.scale = static_cast<float>(scale);
+  p.reverse = reverse;
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_launch("recurrent_grad", dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    return dispatch_head_dim(K, [&](auto kd) {
+      return la::run_recurrent<decltype(tag), decltype(kd)::value, true>(p, stream);
+    });
   }));
 }
 
@@ -580,6 +636,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v"), py::arg("g"), py::arg("gamma"), py::arg("gk"), py::arg("gv"), py::arg("init"), py::arg("out"),
         py::arg("final_state"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("scale"),
         py::arg("reverse"));
+  m.def("recurrent_grad", &recurrent_grad,
+        "Gradients of the token-by-token GLA recurrence with gk and/or gv (fused_recurrent_gla's backward with gv)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("gk"), py::arg("gv"), py::arg("init"), py::arg("dout"),
+        py::arg("dfinal"), py::arg("dq_part"), py::arg("dk_part"), py::arg("dgk_part"), py::arg("dv"), py::arg("dgv"),
+        py::arg("dinit"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("scale"), py::arg("reverse"));
   m.def("gla_cumsum", &gla_cumsum, "GLA: chunk-local cumulative sum of the per-key log-gates",
         py::arg("g"), py::arg("out"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("num_slots"));
   m.def("gla_output", &gla_output,

@@ -154,7 +154,8 @@ struct GlaGradParams {
   float scale = 1.f;
 };
 
-// recurrent: token by token, one (sequence, head, 32 value columns) per CTA.
+// recurrent: token by token, one (sequence, head, 32 value columns) per CTA; the forward, or
+// (kGrad) the gradients of GLA's gk / gv recurrence (recurrent_grad.cuh).
 struct RecurrentParams {
   SeqParams seq;
   GateParams gate;
@@ -170,6 +171,16 @@ struct RecurrentParams {
   int v_dim = 0;                 // multiple of 32
   float scale = 1.f;
   bool reverse = false;          // run each sequence from its last row to its first
+  // gradients (run_recurrent<.., true>, recurrent_grad.cuh): GLA gates gk / gv only (no gate),
+  // fp32 parts per 32-column group z = 0 .. v_dim / 32 - 1 that the caller sums over z
+  const void* dout = nullptr;    // [tokens, heads, v_dim]
+  const float* dfinal = nullptr; // [num_seqs, heads, k_dim, v_dim] fp32 dL/dh_T, or null (zeros)
+  float* dq_part = nullptr;      // [v_dim / 32, tokens, heads, k_dim] fp32
+  float* dk_part = nullptr;      // [v_dim / 32, tokens, heads, k_dim] fp32
+  float* dgk_part = nullptr;     // [v_dim / 32, tokens, heads, k_dim] fp32, with gk (else null)
+  void* dv = nullptr;            // [tokens, heads, v_dim]
+  float* dgv = nullptr;          // [tokens, heads, v_dim] fp32, with gv (else null)
+  float* dinit = nullptr;        // [num_seqs, heads, k_dim, v_dim] fp32 dL/dh0, or null
 };
 
 // Launchers (one explicit instantiation per configuration in the .cu files).
@@ -182,7 +193,8 @@ cudaError_t run_chunk_output(const ChunkOutputParams& p, cudaStream_t stream);
 template <typename Dtype>
 cudaError_t run_gate_grad(const GateGradParams& p, cudaStream_t stream);
 
-template <typename Dtype, int K>
+// kGrad: the gradients (recurrent_grad.cuh) instead of the forward
+template <typename Dtype, int K, bool kGrad>
 cudaError_t run_recurrent(const RecurrentParams& p, cudaStream_t stream);
 
 cudaError_t run_gla_cumsum(const GlaCumsumParams& p, cudaStream_t stream);

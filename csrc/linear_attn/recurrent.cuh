@@ -5,11 +5,13 @@
 // gates (each optional). One CTA per (sequence, head, 32 value columns), K threads: thread
 // (column c, slice s) keeps the fp32 state S[32 s .. 32 s + 31, c] in registers; q_t S_t is
 // reduced over the K / 32 slices of a column with warp shuffles. The next row's inputs are
-// loaded while the current one is computed.
+// loaded while the current one is computed. run_recurrent<.., kGrad = true> runs the gradients
+// of the GLA form instead (recurrent_grad.cuh).
 #pragma once
 
 #include "chunk_info.cuh"
 #include "mma.cuh"
+#include "recurrent_grad.cuh"
 
 namespace linear_attn {
 
@@ -105,12 +107,16 @@ __global__ void __launch_bounds__(K) recurrent_kernel(const RecurrentParams p) {
   }
 }
 
-template <typename Tag, int K>
+template <typename Tag, int K, bool kGrad>
 cudaError_t run_recurrent(const RecurrentParams& p, cudaStream_t stream) {
-  if (p.seq.num_seqs == 0 || p.seq.heads == 0 || p.v_dim == 0) return cudaSuccess;
-  const dim3 grid(p.seq.num_seqs, p.seq.heads, p.v_dim / 32);
-  recurrent_kernel<Tag, K><<<grid, K, 0, stream>>>(p);
-  return cudaGetLastError();
+  if constexpr (kGrad) {
+    return run_recurrent_grad<Tag, K>(p, stream);
+  } else {
+    if (p.seq.num_seqs == 0 || p.seq.heads == 0 || p.v_dim == 0) return cudaSuccess;
+    const dim3 grid(p.seq.num_seqs, p.seq.heads, p.v_dim / 32);
+    recurrent_kernel<Tag, K><<<grid, K, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
 }
 
 }  // namespace linear_attn

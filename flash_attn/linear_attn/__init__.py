@@ -12,10 +12,10 @@ token-by-token form (decoding). CPU tensors run flash_attn.reference_linear
 (differentiable). CUDA tensors in fp16/bf16 run the kernels of csrc/linear_attn
 (extension flash_attn_linear_cuda; head dims padded to 64, 128 or 256): the simple-GLA
 family (chunk_simple_gla, retention, lightning, chunk_linear_attn) and chunk_gla forward
-and backward, fused_recurrent_* forward (their backward is the chunked one);
+and backward, fused_recurrent_* forward (their backward is the chunked one, except that
+fused_recurrent_gla with a value gate gv has a token-by-token backward);
 masked_linear_attention forward and backward by blockwise kernels (._masked). fp32 CUDA
-inputs and head dims over 256 run the reference on the device; gradients through
-fused_recurrent_gla's value gate gv raise NotImplementedError on CUDA.
+inputs and head dims over 256 run the reference on the device.
 """
 from .gla import chunk_gla, fused_recurrent_gla
 from .lightning import chunk_lightning_attn, fused_recurrent_lightning_attn

@@ -26,7 +26,10 @@ chunk_state (with per-key weights):
     gla_output   (k, q, do, dH, b, upper) -> dv
     gla_grad     (q, k, v, do, b, h, dH)  -> dq, dk, dg (chunk-local, csrc/linear_attn/gla_grad.cuh)
 fused_recurrent_* run the token-by-token kernel forward; their backward is the chunked one
-(the same function of the inputs). fused_recurrent_gla's value gate gv has the forward only.
+(the same function of the inputs), except fused_recurrent_gla with a value gate gv, whose
+backward is token by token too (csrc/linear_attn/recurrent_grad.cuh has the formulas):
+    recurrent_grad (q, k, v, gk, gv, h0, do, dht) -> dv, dgv, dh0 and fp32 parts of dq, dk, dgk
+                                                     per 32 value columns, summed here
 """
 import functools
 import math
@@ -286,39 +289,70 @@ def gla_chunk_backward(ext, q, k, v, b, scale, h0, do, dht, seqs):
     return dq, dk, dv, dg, dh0
 
 
+def recurrent_backward(ext, q, k, v, gk, gv, scale, h0, do, dht, seqs):
+    """The token-by-token gradients of GLA with per-key gates gk and/or per-value gates gv
+    (padded, contiguous, fp32 gates; no scalar gate) -> (dq, dk, dv, dgk fp32 or None, dgv fp32
+    or None, dh0 fp32). The kernel writes dq, dk and dgk as fp32 parts per 32 value columns,
+    summed here in a fixed order."""
+    B, T, H, K = q.shape
+    V = v.shape[3]
+    part = (V // 32, B, T, H, K)
+    dq_part, dk_part = q.new_empty(part, dtype=torch.float32), q.new_empty(part, dtype=torch.float32)
+    dgk_part = None if gk is None else q.new_empty(part, dtype=torch.float32)
+    dv = torch.empty_like(v)
+    dgv = None if gv is None else torch.empty_like(gv)
+    dh0 = q.new_empty(seqs.num_seqs, H, K, V, dtype=torch.float32)
+    ext.recurrent_grad(q, k, v, gk, gv, h0, do, dht, dq_part, dk_part, dgk_part, dv, dgv, dh0, seqs.cu, seqs.offsets,
+                       scale, False)
+    dgk = None if dgk_part is None else dgk_part.sum(0)
+    return dq_part.sum(0).to(q.dtype), dk_part.sum(0).to(k.dtype), dv, dgk, dgv, dh0
+
+
 class GLAFunction(torch.autograd.Function):
-    """o, h_T = GLA of (q, k, v, g [B, T, H, K], h0); the forward by the chunked kernels or the
-    token-by-token one (recurrent=True), the backward always chunked."""
+    """o, h_T = GLA of (q, k, v, gk [B, T, H, K], gv [B, T, H, V], h0), gv only with
+    recurrent=True (and then gk may be None); the forward by the chunked kernels or the
+    token-by-token one (recurrent=True), the backward chunked, or token by token with gv."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, h0, scale, output_final_state, cu_seqlens, recurrent):
+    def forward(ctx, q, k, v, g, gv, h0, scale, output_final_state, cu_seqlens, recurrent):
         ext = extension()
         qp, kp, vp, h0p, dims = _pad_inputs(q, k, v, h0)
-        gp = _pad_last(g.float(), dims[2])  # padded keys: gate 0 (no decay) on zero q, k
+        # padded keys / values: gate 0 (no decay) on zero q, k / v
+        gp = None if g is None else _pad_last(g.float(), dims[2])
+        gvp = None if gv is None else _pad_last(gv.float(), dims[3])
         seqs = Seqs(q.shape[0], q.shape[1], cu_seqlens, q.device)
         if recurrent:
-            o, ht = recurrent_forward(ext, qp, kp, vp, None, None, scale, h0p, output_final_state, seqs, gk=gp)
+            o, ht = recurrent_forward(ext, qp, kp, vp, None, None, scale, h0p, output_final_state, seqs, gk=gp,
+                                      gv=gvp)
         else:
+            assert gvp is None, "the chunked GLA kernels have no value gate"
             o, ht = gla_chunk_forward(ext, qp, kp, vp, gla_cumsum(ext, gp, seqs), scale, h0p, output_final_state,
                                       seqs)
-        ctx.save_for_backward(qp, kp, vp, gp, h0p)
+        ctx.save_for_backward(qp, kp, vp, gp, gvp, h0p)
         ctx.seqs, ctx.scale, ctx.dims = seqs, scale, dims
-        ctx.g_dtype = g.dtype
+        ctx.g_dtype = None if g is None else g.dtype
+        ctx.gv_dtype = None if gv is None else gv.dtype
         ctx.h0_given = h0 is not None
         return _unpad_outputs(o, ht, dims)
 
     @staticmethod
     def backward(ctx, do, dht):
-        qp, kp, vp, gp, h0p = ctx.saved_tensors
+        qp, kp, vp, gp, gvp, h0p = ctx.saved_tensors
         K, V, kd, vd = ctx.dims
         ext = extension()
         dop = _pad_last(do.to(vp.dtype), vd)
         dhtp = _pad_state(dht, kd, vd)
-        b = gla_cumsum(ext, gp, ctx.seqs)
-        dq, dk, dv, dg, dh0 = gla_chunk_backward(ext, qp, kp, vp, b, ctx.scale, h0p, dop, dhtp, ctx.seqs)
-        dgate = dg[..., :K].to(ctx.g_dtype) if ctx.needs_input_grad[3] else None
-        dh0 = dh0[..., :K, :V].contiguous() if ctx.h0_given and ctx.needs_input_grad[4] else None
-        return dq[..., :K], dk[..., :K], dv[..., :V], dgate, dh0, None, None, None, None
+        dgv = None
+        if gvp is None:
+            b = gla_cumsum(ext, gp, ctx.seqs)
+            dq, dk, dv, dg, dh0 = gla_chunk_backward(ext, qp, kp, vp, b, ctx.scale, h0p, dop, dhtp, ctx.seqs)
+        else:
+            dq, dk, dv, dg, dgv, dh0 = recurrent_backward(ext, qp, kp, vp, gp, gvp, ctx.scale, h0p, dop, dhtp,
+                                                          ctx.seqs)
+        dgate = dg[..., :K].to(ctx.g_dtype) if gp is not None and ctx.needs_input_grad[3] else None
+        dgv = dgv[..., :V].to(ctx.gv_dtype) if gvp is not None and ctx.needs_input_grad[4] else None
+        dh0 = dh0[..., :K, :V].contiguous() if ctx.h0_given and ctx.needs_input_grad[5] else None
+        return dq[..., :K], dk[..., :K], dv[..., :V], dgate, dgv, dh0, None, None, None, None
 
 
 # --------------------------------------------------------------------------- entry points
@@ -387,18 +421,16 @@ def simple_gla(fn, mode, q, k, v, g, g_gamma, scale, initial_state, output_final
 def gla(fn, mode, q, k, v, gk, gv, scale, initial_state, output_final_state, reverse, cu_seqlens):
     """chunk_gla (mode "chunk") and fused_recurrent_gla (mode "recurrent") on CUDA: fp16/bf16
     inputs with head dims <= 256, per-key gates gk [B, T, H, K] and/or (recurrent only)
-    per-value gates gv. Checked arguments, states [N, H, K, V]. Returns (o, final state or None)."""
+    per-value gates gv. Checked arguments, states [N, H, K, V]. Returns (o, final state or None).
+    With gradients and gv the backward is token by token (recurrent_backward), else chunked."""
     ext = require_extension(fn)
     grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, gk, gv, initial_state))
     if mode == "recurrent" and not grad:
         return _decode(ext, q, k, v, scale, initial_state, output_final_state, reverse, cu_seqlens, gk=gk, gv=gv)
-    if gv is not None:
-        raise NotImplementedError(
-            f"flash_attn.linear_attn.{fn}: gradients through a value gate gv have no CUDA kernel yet (the "
-            f"chunked GLA backward covers the key gates gk); CPU tensors run the PyTorch reference (move the "
-            f"inputs with .cpu())")
     if reverse:
-        (q, k, v, gk), initial_state, cu_seqlens = _reversed_inputs((q, k, v, gk), initial_state, cu_seqlens)
-    o, ht = GLAFunction.apply(q, k, v, gk, initial_state, scale, output_final_state, cu_seqlens, mode == "recurrent")
+        (q, k, v, gk, gv), initial_state, cu_seqlens = _reversed_inputs((q, k, v, gk, gv), initial_state,
+                                                                        cu_seqlens)
+    o, ht = GLAFunction.apply(q, k, v, gk, gv, initial_state, scale, output_final_state, cu_seqlens,
+                              mode == "recurrent")
     return _reversed_outputs(o, ht, cu_seqlens) if reverse else (o, ht)

@@ -4,8 +4,8 @@ CPU tensors run flash_attn.reference_linear (differentiable through autograd). C
 run the kernels of csrc/linear_attn (._kernels) when the inputs are fp16/bf16 with K and
 V <= 256 (other dims padded); fp32 CUDA inputs and larger head dims run the reference on
 the device. GLA (per-key gates) runs its chunked kernels (chunk_gla, and the backward of
-fused_recurrent_gla, whose forward is token by token); only gradients through
-fused_recurrent_gla's value gate gv raise NotImplementedError.
+fused_recurrent_gla, whose forward is token by token); with a value gate gv,
+fused_recurrent_gla's backward is token by token too (csrc/linear_attn/recurrent_grad.cuh).
 """
 from ..reference_linear import linear_attn_chunk_ref, linear_attn_recurrent_ref
 from . import _kernels

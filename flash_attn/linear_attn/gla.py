@@ -31,6 +31,8 @@ def fused_recurrent_gla(q, k, v, gk=None, gv=None, scale=None, initial_state=Non
 
     gk [B, T, H, K] and gv [B, T, H, V] log-gates, each optional; other
     arguments as chunk_gla, plus reverse (run each sequence backwards).
+    Differentiable in every input (on CUDA: with gv by a token-by-token
+    backward kernel, else by chunk_gla's backward).
     Returns (o [B, T, H, V] in q.dtype, final_state fp32 or None).
     """
     dims, scale = check_common(q, k, v, scale, initial_state, output_final_state, cu_seqlens, None,

@@ -3,8 +3,11 @@
 
 namespace linear_attn {
 
-template cudaError_t run_recurrent<Fp16, 64>(const RecurrentParams&, cudaStream_t);
-template cudaError_t run_recurrent<Fp16, 128>(const RecurrentParams&, cudaStream_t);
-template cudaError_t run_recurrent<Fp16, 256>(const RecurrentParams&, cudaStream_t);
+template cudaError_t run_recurrent<Fp16, 64, false>(const RecurrentParams&, cudaStream_t);
+template cudaError_t run_recurrent<Fp16, 128, false>(const RecurrentParams&, cudaStream_t);
+template cudaError_t run_recurrent<Fp16, 256, false>(const RecurrentParams&, cudaStream_t);
+template cudaError_t run_recurrent<Fp16, 64, true>(const RecurrentParams&, cudaStream_t);
+template cudaError_t run_recurrent<Fp16, 128, true>(const RecurrentParams&, cudaStream_t);
+template cudaError_t run_recurrent<Fp16, 256, true>(const RecurrentParams&, cudaStream_t);
 
 }  // namespace linear_attn
