@@ -172,10 +172,13 @@ def run(kind, dtype, b=1, sq=1, sk=1, hq=1, hk=1, d=64, causal=False, window=(-1
 
 def linear_cases(quick):
     """(label, kwargs) of the linear-attention calls: op chunk_gla / fused_recurrent_gla /
-    chunk_simple_gla, batch B x T or varlen lens, H heads, head dims K, V."""
+    fused_recurrent_gla_gv (with a value gate: its own backward kernel) / chunk_simple_gla,
+    batch B x T or varlen lens, H heads, head dims K, V."""
     out = [
         ("chunk_gla 2x65 K64 V64", dict(op="chunk_gla", B=2, T=65, H=2, K=64, V=64)),
         ("chunk_gla varlen empty seqs K100 V72", dict(op="chunk_gla", lens=[0, 65, 1, 130, 0], H=2, K=100, V=72)),
+        ("fused_recurrent_gla gk+gv varlen reverse K100 V72", dict(op="fused_recurrent_gla_gv", lens=[40, 0, 33], H=2,
+                                                                   K=100, V=72)),
     ]
     if not quick:
         out += [
@@ -215,10 +218,11 @@ def run_linear(dtype, op, H, K, V, B=1, T=None, lens=None):
         o, ht = la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
     else:
         g = leaf(B, T, H, K, dt=torch.float32, gate=True)
-        o, ht = la.fused_recurrent_gla(q, k, v, gk=g, initial_state=h0, output_final_state=True, reverse=True,
+        gv = leaf(B, T, H, V, dt=torch.float32, gate=True) if op == "fused_recurrent_gla_gv" else None
+        o, ht = la.fused_recurrent_gla(q, k, v, gk=g, gv=gv, initial_state=h0, output_final_state=True, reverse=True,
                                        cu_seqlens=cu)
-    grads = torch.autograd.grad((o.float() * torch.randn_like(o, dtype=torch.float32)).sum() + ht.sum(),
-                                (q, k, v, g, h0))
+    inputs = (q, k, v, g, h0) + ((gv,) if op == "fused_recurrent_gla_gv" else ())
+    grads = torch.autograd.grad((o.float() * torch.randn_like(o, dtype=torch.float32)).sum() + ht.sum(), inputs)
     torch.cuda.synchronize()
     return all(bool(torch.isfinite(t).all()) for t in (o, ht, *grads))
 
