@@ -46,7 +46,8 @@ elif [ ${#FILES[@]} -eq 0 ]; then
     # dropout (hd128, bf16), the paged-KV forward (hd256 bf16 unsplit: the one-stage
     # pipeline; hd64 fp16 split: the one-warp decode tile, 32 rows per thread), the backward
     # with both score modifiers (hd128, bf16), and the backward's 64-row tile with its 4-warp
-    # dQ kernel (hd256, fp16).
+    # dQ kernel (hd256, fp16; its dK/dV kernel has one stage in the sm80 code and two in the
+    # sm90 code: flash_bwd_dk_dv_kernel_by_arch).
     FILES=("$INST/flash_fwd_hdim128_bf16_plain_sm80.cu"
            "$INST/flash_fwd_hdim64_fp16_alibi_softcap_sm80.cu"
            "$INST/flash_fwd_hdim256_bf16_softcap_sm80.cu"
