@@ -35,6 +35,7 @@ without a GPU (for CPU tests). The commit comes from $FLASH_ATTN_GIT_COMMIT, els
     PYTHONPATH=/path/to/fla-core python benchmarks/benchmark_linear.py
     python benchmarks/benchmark_linear.py --mode fwd --ops chunk_simple_gla --shapes 8x2048,1x65536
     python benchmarks/benchmark_linear.py --mode decode --batches 1,8,32,128
+    python benchmarks/benchmark_linear.py --grid fla-gla        (fla-core's own grid; also fla-retention)
     python benchmarks/benchmark_linear.py --dry-run
 """
 import argparse
@@ -52,6 +53,19 @@ DEFAULT_OPS = ("chunk_simple_gla", "chunk_retention", "chunk_gla")
 ALL_OPS = ("chunk_simple_gla", "chunk_retention", "chunk_gla", "chunk_linear_attn")
 DECODE_OPS = ("fused_recurrent_simple_gla", "fused_recurrent_retention", "fused_recurrent_gla")
 DEFAULT_BATCHES = (1, 8, 32, 128)
+# --grid: the issue's shapes (ANCHORS.md, the default) or the grids of fla-core's own op
+# benchmarks (flash-linear-attention benchmarks/ops/): benchmark_gla.py times chunk_gla and
+# chunk_retention at B 16, H 8, D 128, T = 128 * 2^i up to 16384; benchmark_retention.py
+# times chunk_retention at B 4, H 8, D 256 over the same T. A grid sets --shapes, --heads
+# and --head-dim (and --ops where the op list was left at its default); the JSON's "grid"
+# says which one ran.
+FLA_T = tuple(128 * 2 ** i for i in range(8))
+GRIDS = {
+    "anchors": {"shapes": DEFAULT_SHAPES, "heads": 16, "head_dim": 128, "ops": DEFAULT_OPS},
+    "fla-gla": {"shapes": tuple((16, t) for t in FLA_T), "heads": 8, "head_dim": 128,
+                "ops": ("chunk_gla", "chunk_simple_gla", "chunk_retention")},
+    "fla-retention": {"shapes": tuple((4, t) for t in FLA_T), "heads": 8, "head_dim": 256, "ops": ("chunk_retention",)},
+}
 FLA_MODULES = {"chunk_simple_gla": "fla.ops.simple_gla", "chunk_retention": "fla.ops.retention",
                "chunk_gla": "fla.ops.gla", "chunk_linear_attn": "fla.ops.linear_attn",
                "fused_recurrent_simple_gla": "fla.ops.simple_gla",
@@ -129,8 +143,18 @@ def parse_args(argv=None):
     p.add_argument("--no-fla", action="store_true", help="time ours only")
     p.add_argument("--no-softmax", action="store_true",
                    help="leave out the softmax-attention rows (flash_attn_func, causal) of the crossover")
+    p.add_argument("--grid", choices=tuple(GRIDS), default=None,
+                   help="a preset of shapes, heads and head dim: anchors (the issue's, the default values), "
+                        "fla-gla or fla-retention (fla-core's own op benchmarks); overrides --shapes, --heads, "
+                        "--head-dim, and --ops unless given")
     p.add_argument("--dry-run", action="store_true", help="no GPU: made-up timings through the same path")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.grid is not None:
+        grid = GRIDS[args.grid]
+        args.shapes, args.heads, args.head_dim = list(grid["shapes"]), grid["heads"], grid["head_dim"]
+        if args.ops == list(DEFAULT_OPS):
+            args.ops = list(grid["ops"])
+    return args
 
 
 # --------------------------------------------------------------------------- rows
@@ -442,10 +466,19 @@ def print_summary(doc, log=print):
             + (f"; faster from T = {c['linear_faster_from_T']}" if c["linear_faster_from_T"] else "; never faster"))
 
 
+def grid_name(args):
+    """The --grid preset the shapes, heads and head dim match, else "custom"."""
+    for name, grid in GRIDS.items():
+        if (args.grid in (None, name) and [tuple(x) for x in args.shapes] == list(grid["shapes"])
+                and (args.heads, args.head_dim) == (grid["heads"], grid["head_dim"])):
+            return name
+    return "custom"
+
+
 def assemble(args, rows, env, commit, fla_version):
     chunked = bool(set(args.mode) & set(CHUNK_MODES))
     doc = {"benchmark": "linear_attn", "commit": commit, "env": env, "fla_version": fla_version,
-           "dtype": args.dtype, "heads": args.heads, "head_dim": args.head_dim,
+           "dtype": args.dtype, "heads": args.heads, "head_dim": args.head_dim, "grid": grid_name(args),
            "shapes": [f"{B}x{T}" for B, T in args.shapes] if chunked else [],
            "ops": list(args.ops) if chunked else [], "modes": list(args.mode),
            "timing": {"method": "triton.testing.do_bench median (flash_attn._bench.time_ms)",
@@ -470,7 +503,8 @@ def assemble(args, rows, env, commit, fla_version):
 
 def write_json(doc, args):
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"linear_{'-'.join(args.mode)}_{_slug(doc['env'].get('device') or 'gpu')}_" \
+    grid = f"{args.grid}_" if args.grid not in (None, "anchors") else ""
+    path = args.out_dir / f"linear_{grid}{'-'.join(args.mode)}_{_slug(doc['env'].get('device') or 'gpu')}_" \
                           f"{_slug(doc['commit'])}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     plot(doc, path.with_suffix(".png"))

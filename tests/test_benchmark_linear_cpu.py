@@ -147,3 +147,24 @@ def test_dry_run_without_softmax_and_plot(bl, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     png = path.with_suffix(".png")
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_grids(bl, tmp_path, monkeypatch):
+    """--grid presets: fla-core's own op-benchmark grids set shapes, heads, head dim and ops
+    (explicit --ops win), name the JSON file, and are recorded in it."""
+    args = bl.parse_args([])
+    assert args.grid is None and bl.grid_name(args) == "anchors"
+    args = bl.parse_args(["--grid", "fla-gla"])
+    assert args.shapes == [(16, 128 * 2 ** i) for i in range(8)] and (args.heads, args.head_dim) == (8, 128)
+    assert args.ops == ["chunk_gla", "chunk_simple_gla", "chunk_retention"] and bl.grid_name(args) == "fla-gla"
+    args = bl.parse_args(["--grid", "fla-retention", "--ops", "chunk_simple_gla"])
+    assert args.shapes[-1] == (4, 16384) and args.head_dim == 256 and args.ops == ["chunk_simple_gla"]
+    assert bl.grid_name(bl.parse_args(["--shapes", "2x64"])) == "custom"
+    with pytest.raises(SystemExit):
+        bl.parse_args(["--grid", "nope"])
+    monkeypatch.setenv("FLASH_ATTN_GIT_COMMIT", "abc123")
+    doc, path = bl.main(["--dry-run", "--out-dir", str(tmp_path), "--grid", "fla-retention", "--mode", "fwd",
+                         "--no-softmax"], log=lambda _: None)
+    assert path == tmp_path / "linear_fla-retention_fwd_dry-run_abc123.json"
+    saved = json.loads(path.read_text())
+    assert saved["grid"] == "fla-retention" and saved["head_dim"] == 256 and len(saved["results"]) == 8
