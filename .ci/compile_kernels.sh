@@ -59,8 +59,9 @@ elif [ ${#FILES[@]} -eq 0 ]; then
     # linear attention (csrc/linear_attn, seconds per file): chunk states, chunk outputs
     # (R 128 bf16, R 256 fp16), the gate gradient, the token-by-token recurrence, masked
     # linear attention (its pass at R 128, bf16, and its mask gradient), and GLA's per-key
-    # chunk states, output / dv (bf16) and dq / dk / dg (fp16)
+    # chunk states, output / dv (bf16) and dq / dk / dg (fp16), and the one-pass forward (bf16)
     FILES+=("$REPO/csrc/linear_attn/instantiations/chunk_state_bf16.cu"
+            "$REPO/csrc/linear_attn/instantiations/chunk_fused_bf16.cu"
             "$REPO/csrc/linear_attn/instantiations/chunk_output_bf16_r128.cu"
             "$REPO/csrc/linear_attn/instantiations/chunk_output_fp16_r256.cu"
             "$REPO/csrc/linear_attn/gate_grad.cu"

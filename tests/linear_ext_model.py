@@ -149,6 +149,42 @@ class LinearExtModel:
                     prod = (inter * ds[start:stop]).reshape(L, H, N // 64, 64).sum(-1)  # [L, H, tiles]
                     rd[:, start:stop] = prod.permute(2, 0, 1).to(rowdot.dtype)
 
+    def chunk_fused_tile_v(self, k_dim):
+        """The V tile of chunk_fused_fwd (tile_size.h: chunk_fused_tile_v)."""
+        return 64 if k_dim <= 128 else 32
+
+    def chunk_fused_fwd(self, q, k, v, g, gamma, init, out, final_state, cu_seqlens, scale):
+        """The one-pass forward (chunk_fused.cuh), chunk by chunk with the running state S:
+          o_r = scale exp(b_r) q_r S_c + scale sum_{j <= r} exp(b_r - b_j) (q_r . k_j) v_j
+          S_{c+1} = exp(b_L) S_c + sum_j exp(b_L - b_j) k_j^T v_j
+        S_c rounded to q's dtype where the kernel takes it as an MMA operand (q S_c), as the
+        two-pass forward's stored chunk states are; the running S itself is not rounded."""
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        assert V % self.chunk_fused_tile_v(K) == 0
+        qs, ks = (t.reshape(B * T, H, K).double().cpu() for t in (q, k))
+        vs = v.reshape(B * T, H, V).double().cpu()
+        g, gamma = (None if t is None else t.cpu() for t in (g, gamma))
+        outs = out.view(B * T, H, V)
+        for n, (bos, eos, _) in enumerate(sequences(B, T, cu_seqlens, None)):
+            S = init[n].double().cpu().clone() if init is not None else torch.zeros(H, K, V, dtype=torch.float64)
+            for _, start, stop in _chunk_rows(bos, eos):
+                Q, Kc, Vc = qs[start:stop], ks[start:stop], vs[start:stop]
+                b = _cumgate(g, gamma, start, stop, H)  # [L, H]
+                bl = b[-1]
+                Sr = S.to(q.dtype).double()
+                inter = torch.einsum("lhk,hkv->lhv", Q, Sr) * torch.exp(b)[..., None]
+                i = torch.arange(stop - start)
+                keep = i[None, :] <= i[:, None]  # [row, col]
+                bt = b.t()  # [H, L]
+                D = torch.exp((bt[:, :, None] - bt[:, None, :]).masked_fill(~keep, -math.inf))
+                scores = torch.einsum("ihk,jhk->hij", Q, Kc) * D
+                o = scale * inter + scale * torch.einsum("hij,jhv->ihv", scores, Vc)
+                outs[start:stop] = o.to(out.dtype)
+                S = torch.exp(bl)[:, None, None] * S + torch.einsum("lhk,lh,lhv->hkv", Kc, torch.exp(bl - b), Vc)
+            if final_state is not None:
+                final_state[n] = S.to(final_state.dtype)
+
     def gate_grad(self, q, k, v, dout, g, gamma, rq, rk, pair, dg, cu_seqlens, chunk_offsets, scale):
         """dg_l = pair_c + sum_{j < l} rk_j + sum_{i >= l} (rq_i + rowsum_i(A) - colsum_i(A)) per chunk."""
         B, T, H, K = q.shape

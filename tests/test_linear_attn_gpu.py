@@ -424,6 +424,132 @@ def test_deterministic():
             assert torch.equal(a, b)
 
 
+# --------------------------------------------------------------------------- one-pass forward (chunk_fused_fwd)
+# csrc/linear_attn/chunk_fused.cuh: chunk_state + chunk_output in one kernel, behind
+# FLASH_ATTN_LINEAR_FUSED_FWD=1 on the route (flash_attn/linear_attn/_kernels.py: use_fused_forward).
+
+def _fused_cases():
+    """(dt, T, K, V, gate, scale, states, lens): every T at K = V = 128, every head-dim pair at two
+    T, the gates and dtypes, scale 0.1, no initial / final state, and varlen with empty sequences."""
+    cases = [("bf16", t, 128, 128, "g", 1.0, True, None) for t in (1, 17, 63, 64, 65, 500, 2048)]
+    cases += [("bf16", t, k, v, "g", 1.0, True, None) for t in (65, 500)
+              for k, v in ((64, 64), (256, 256), (64, 256), (256, 64), (128, 256), (256, 128))]
+    cases += [(dt, t, 128, 128, gate, 1.0, True, None) for dt in DTYPES for gate in ("g", "gamma", None)
+              for t in (63, 2048)]
+    cases += [(dt, 500, k, k, gate, 0.1, states, None) for dt in DTYPES for k in (64, 256)
+              for gate in ("g", "gamma") for states in (True, False)]
+    cases += [(dt, None, k, k, "g", 0.3, states, EMPTY_LENS) for dt in DTYPES for k in (64, 128, 256)
+              for states in (True, False)]
+    if QUICK:
+        cases = [c for c in cases if c[1] in (65, 2048, None) and c[2] == 128]
+    return [pytest.param(*c, id=f"{c[0]}-T{c[1] if c[7] is None else 'varlen'}-K{c[2]}-V{c[3]}-{c[4]}-s{c[5]}-"
+                         f"{'states' if c[6] else 'nostates'}") for c in cases]
+
+
+@pytest.mark.parametrize("dt,T,K,V,gate,scale,states,lens", _fused_cases())
+def test_chunk_fused_fwd_kernel(dt, T, K, V, gate, scale, states, lens):
+    """The kernel against the two-pass forward (chunk_state + chunk_output, same inputs) and the
+    fp32 recurrence: o and the final state."""
+    dtype = DTYPES[dt]
+    B, T, H = (2, T, 3) if lens is None else (1, sum(lens), 2)
+    N = B if lens is None else len(lens)
+    q, k, v, g, gamma, h0 = make_inputs(B, T, H, K, V, gate, 1.0, dtype, N=N)
+    h0 = h0 if states else None
+    s = seqs(B, T, lens)
+    poison_allocator(((B, T, H, V), dtype), ((N, H, K, V), torch.float32))
+    o = torch.empty(B, T, H, V, device="cuda", dtype=dtype)
+    final = torch.empty(N, H, K, V, device="cuda", dtype=torch.float32) if states else None
+    ext().chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, s.cu, scale)
+    # the two passes (chunk_state, chunk_output) called directly, whatever the switch says
+    final2 = torch.empty(N, H, K, V, device="cuda", dtype=torch.float32) if states else None
+    h = _kernels._states(ext(), k, v, g, gamma, h0, s, final2)
+    o2 = torch.empty_like(v)
+    ext().chunk_output(q, k, v, h, o2, None, None, g, gamma, s.cu, s.offsets, scale, scale, False, False)
+    o_ref, ht_ref = linear_attn_recurrent_ref(q.float(), k.float(), v.float(), g=g, g_gamma=gamma, scale=scale,
+                                              initial_state=h0, output_final_state=True, cu_seqlens=s.cu)
+    check("o vs two-pass", o, o2, OUT_TOL)
+    check("o vs reference", o, o_ref, OUT_TOL)
+    if states:
+        check("final_state vs two-pass", final, final2, 1e-4)  # the same fp32 sums in the same order
+        check("final_state vs reference", final, ht_ref, OUT_TOL)
+        if lens is not None:  # empty sequences: the state passes through
+            assert torch.equal(final[0], h0[0]) and torch.equal(final[4], h0[4])
+
+
+class _Spy:
+    """The extension with the names of the launchers the route takes from it recorded."""
+
+    def __init__(self, mod):
+        self.mod, self.calls = mod, []
+
+    def __getattr__(self, name):
+        if name != "chunk_fused_tile_v":
+            self.calls.append(name)
+        return getattr(self.mod, name)
+
+
+@pytest.fixture
+def fused_switch(monkeypatch):
+    """fused_switch(on, sms=None) -> a spy on the extension; sets FLASH_ATTN_LINEAR_FUSED_FWD and,
+    with sms, the SM count the route compares the grid with."""
+    def set_switch(on, sms=None):
+        monkeypatch.setenv(_kernels.FUSED_FWD_ENV, "1" if on else "0")
+        if sms is not None:
+            monkeypatch.setattr(_kernels, "num_sms", lambda device: sms)
+        spy = _Spy(_kernels._load()[0])
+        monkeypatch.setattr(_kernels, "extension", lambda: spy)
+        return spy
+    return set_switch
+
+
+@pytest.mark.parametrize("op,kwargs,K,V,lens", [
+    (la.chunk_simple_gla, dict(g="g"), 128, 128, None),
+    (la.chunk_simple_gla, dict(g="g"), 100, 100, None),  # padded to 128
+    (la.chunk_simple_gla, dict(g="g"), 64, 256, EMPTY_LENS),
+    (la.chunk_retention, dict(), 256, 256, None),
+    (la.chunk_lightning_attn, dict(layer_idx=1, num_layers=3), 64, 64, None),
+    (la.chunk_linear_attn, dict(normalize=False), 128, 128, None),
+], ids=["simple_gla", "simple_gla-K100", "simple_gla-varlen", "retention-K256", "lightning-K64", "linear"])
+def test_fused_forward_switch_routes(fused_switch, op, kwargs, K, V, lens):
+    """Switch on (and a grid that fills the GPU): the op runs chunk_fused_fwd alone and gives the
+    switch-off result; the backward after it is the usual one."""
+    B, T, H = (2, 300, 4) if lens is None else (1, sum(lens), 4)
+    N = B if lens is None else len(lens)
+    q, k, v, g, _, h0 = make_inputs(B, T, H, K, V, "g", 1.0, torch.bfloat16, N=N)
+    kwargs = {n: (g if x == "g" else x) for n, x in kwargs.items()}
+    cu = None if lens is None else offsets(lens)
+    spy = fused_switch(False)
+    o_off, ht_off = op(q, k, v, **kwargs, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    assert "chunk_fused_fwd" not in spy.calls
+    spy = fused_switch(True, sms=1)
+    poison_allocator(((B, T, H, V), torch.bfloat16), ((N, H, K, V), torch.float32))
+    o_on, ht_on = op(q, k, v, **kwargs, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    assert spy.calls == ["chunk_fused_fwd"], spy.calls
+    check("o", o_on, o_off.float(), OUT_TOL)
+    check("final_state", ht_on, ht_off, 1e-4)
+    if op is la.chunk_simple_gla:  # gradients through the one-pass forward
+        w = rand(*o_on.shape, seed=11).float()
+        grads = []
+        for on in (False, True):
+            fused_switch(on, sms=1)
+            leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+            o, ht = op(*leaves[:3], g=leaves[3], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu)
+            ((o.float() * w).sum() + ht.sum()).backward()
+            grads.append([x.grad for x in leaves])
+        for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), *grads):
+            assert torch.equal(a, b), name  # the backward does not depend on the forward's path
+
+
+def test_fused_forward_follows_the_sm_count(fused_switch):
+    """With the device's own SM count: B * H * (V / BV) >= SMs takes the one-pass forward."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for heads, want in ((1, False), (sms, True)):  # B = 1, V = 128 (BV 64): 2 * heads CTAs
+        q, k, v, g, _, h0 = make_inputs(1, 200, heads, 128, 128, "g", 1.0, torch.bfloat16)
+        spy = fused_switch(True)
+        la.chunk_simple_gla(q, k, v, g=g, initial_state=h0)
+        assert ("chunk_fused_fwd" in spy.calls) == want, (heads, sms, spy.calls)
+
+
 # --------------------------------------------------------------------------- GLA: launchers vs the model
 
 def gla_cum(g, s):

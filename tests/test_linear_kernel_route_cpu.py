@@ -25,8 +25,8 @@ class CountingModel(LinearExtModel):
 
     def __getattribute__(self, name):
         attr = object.__getattribute__(self, name)
-        if name in ("chunk_state", "chunk_output", "gate_grad", "recurrent", "recurrent_grad", "gla_cumsum",
-                    "gla_output", "gla_grad"):
+        if name in ("chunk_state", "chunk_output", "chunk_fused_fwd", "gate_grad", "recurrent", "recurrent_grad",
+                    "gla_cumsum", "gla_output", "gla_grad"):
             object.__getattribute__(self, "calls").append(name)
         return attr
 
@@ -226,6 +226,107 @@ def test_bf16_route_dtypes_and_accuracy(model):
     (o.float().sum() + ht.sum()).backward()
     assert [x.grad.dtype for x in leaves] == [torch.bfloat16] * 4 + [torch.float32]
     check_bf16_against_reference(o, ht, leaves)
+
+
+# --------------------------------------------------------------------------- one-pass forward (switch)
+# FLASH_ATTN_LINEAR_FUSED_FWD=1 routes the chunked forward of the scalar-gate ops to chunk_fused_fwd
+# when N * H * (V / BV) >= the SM count (_kernels.num_sms, replaced here); off by default.
+
+@pytest.fixture
+def fused(model, monkeypatch):
+    """The switch on and a GPU of `sms` SMs (default 1: every grid fills it); returns the model."""
+    monkeypatch.setenv(_kernels.FUSED_FWD_ENV, "1")
+    model.sms = 1
+    monkeypatch.setattr(_kernels, "num_sms", lambda device: model.sms)
+    return model
+
+
+def test_fused_forward_is_off_by_default(model, monkeypatch):
+    monkeypatch.delenv(_kernels.FUSED_FWD_ENV, raising=False)
+    q, k, v, g, _, h0 = make(2, 70, 2, 64, 64)
+    la.chunk_simple_gla(q, k, v, g=g, initial_state=h0, output_final_state=True)
+    assert "chunk_fused_fwd" not in model.calls and "chunk_output" in model.calls
+    for off in ("0", "", "false"):
+        monkeypatch.setenv(_kernels.FUSED_FWD_ENV, off)
+        assert not _kernels.fused_forward_enabled()
+
+
+@pytest.mark.parametrize("gate", ["g", "gamma", None], ids=["g", "gamma", "nogate"])
+@pytest.mark.parametrize("T,K,V", SHAPES, ids=[f"T{t}-K{k}-V{v}" for t, k, v in SHAPES])
+def test_fused_forward_matches_reference(fused, T, K, V, gate):
+    q, k, v, g, gamma, h0 = make(2, T, 2, K, V, gate)
+    o, ht = la.chunk_simple_gla(q, k, v, g=g, g_gamma=gamma, scale=0.3, initial_state=h0, output_final_state=True)
+    o_ref, ht_ref = linear_attn_recurrent_ref(q, k, v, g=g, g_gamma=gamma, scale=0.3, initial_state=h0,
+                                              output_final_state=True)
+    close(o, o_ref)
+    close(ht, ht_ref)
+    assert fused.calls == ["chunk_fused_fwd"]  # no chunk states, no second pass
+
+
+def test_fused_forward_varlen_and_no_states(fused):
+    lens = [0, 65, 1, 64, 0, 30]
+    q, k, v, g, _, h0 = make(1, sum(lens), 2, 64, 64, N=len(lens))
+    o, ht = la.chunk_simple_gla(q, k, v, g=g, initial_state=h0, output_final_state=True, cu_seqlens=cu(lens))
+    o_ref, ht_ref = linear_attn_recurrent_ref(q, k, v, g=g, initial_state=h0, output_final_state=True,
+                                              cu_seqlens=cu(lens))
+    close(o, o_ref)
+    close(ht, ht_ref)
+    assert torch.equal(ht[0], h0[0]) and torch.equal(ht[4], h0[4])
+    o2, ht2 = la.chunk_simple_gla(q, k, v, g=g, cu_seqlens=cu(lens))  # no initial, no final state
+    close(o2, linear_attn_recurrent_ref(q, k, v, g=g, cu_seqlens=cu(lens))[0])
+    assert ht2 is None
+    assert fused.calls == ["chunk_fused_fwd"] * 2
+
+
+def test_fused_forward_only_when_the_grid_fills_the_gpu(fused):
+    # N * H * (V / BV): 2 * 2 * (128 / 64) = 8 CTAs at K = 64; 2 * 2 * (128 / 32) = 16 at K = 256
+    for K, sms, want in ((64, 8, True), (64, 9, False), (256, 16, True), (256, 17, False)):
+        fused.calls.clear()
+        fused.sms = sms
+        q, k, v, g, _, h0 = make(2, 70, 2, K, 128)
+        o, ht = la.chunk_simple_gla(q, k, v, g=g, initial_state=h0, output_final_state=True)
+        close(o, linear_attn_recurrent_ref(q, k, v, g=g, initial_state=h0)[0])
+        assert ("chunk_fused_fwd" in fused.calls) == want, (K, sms)
+        assert ("chunk_output" in fused.calls) != want, (K, sms)
+
+
+def test_fused_forward_ops_and_backward(fused):
+    q, k, v, _, _, h0 = make(2, 70, 4, 64, 64, gate=None)
+    gamma = retention_log_decay(4).double()
+    o, ht = la.chunk_retention(q, k, v, initial_state=h0, output_final_state=True)
+    o_ref, ht_ref = linear_attn_recurrent_ref(q, k, v, g_gamma=gamma, initial_state=h0, output_final_state=True)
+    close(o, o_ref)
+    close(ht, ht_ref)
+    o = la.chunk_lightning_attn(q, k, v, layer_idx=1, num_layers=4)[0]
+    close(o, linear_attn_recurrent_ref(q, k, v, g_gamma=lightning_log_decay(4, 1, 4).double())[0])
+    assert "chunk_output" not in fused.calls
+    # the backward recomputes the states itself: the two-pass backward after a one-pass forward
+    q, k, v, g, _, h0 = make(2, 70, 2, 64, 64)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+    o, ht = la.chunk_simple_gla(*leaves[:3], g=leaves[3], initial_state=leaves[4], output_final_state=True)
+    (o.sum() + ht.sum()).backward()
+    refs = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+    o_r, ht_r = linear_attn_recurrent_ref(*refs[:3], g=refs[3], initial_state=refs[4], output_final_state=True)
+    (o_r.sum() + ht_r.sum()).backward()
+    for a, b in zip(leaves, refs):
+        close(a.grad, b.grad, 2e-5)
+    assert "chunk_fused_fwd" in fused.calls and "gate_grad" in fused.calls
+
+
+def test_fused_model_matches_two_pass_model_in_bf16():
+    """The model's one-pass forward against its chunk_state + chunk_output in bf16, where both
+    round the chunk states to bf16 for q S_c: what the GPU test asks of the two kernels."""
+    m = LinearExtModel()
+    q, k, v, g, _, h0 = make(2, 130, 2, 64, 128, dtype=torch.bfloat16)
+    seqs = _kernels.Seqs(2, 130, None, q.device)
+    o1, f1 = torch.empty_like(v), torch.empty(2, 2, 64, 128)
+    m.chunk_fused_fwd(q, k, v, g.float(), None, h0, o1, f1, None, 0.5)
+    states, f2 = torch.empty(seqs.slots, 2, 64, 128, dtype=torch.bfloat16), torch.empty(2, 2, 64, 128)
+    m.chunk_state(k, v, g.float(), None, h0, states, f2, None, None, 1.0, False)
+    o2 = torch.empty_like(v)
+    m.chunk_output(q, k, v, states, o2, None, None, g.float(), None, None, None, 0.5, 0.5, False, False)
+    assert rms_ratio(o1, o2) < 2e-3  # bf16 output rounding at most
+    assert torch.equal(f1, f2)
 
 
 # --------------------------------------------------------------------------- GLA (per-key gates)

@@ -393,6 +393,46 @@ void chunk_output(const Tensor& x, const Tensor& y, const Tensor& z, const Tenso
   }));
 }
 
+// The scalar-gate forward in one pass (chunk_fused.cuh): q, k [B, T, H, K]; v, out [B, T, H, V];
+// g [B, T, H] or gamma [H] fp32 (or neither); init / final_state fp32 [N_seq, H, K, V], each optional.
+// The same o and final state as chunk_state + chunk_output (x = q, y = k, z = v, lower, both scales
+// = scale), with no states in global memory. K in {64, 128, 256}; V a multiple of the V tile.
+void chunk_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& g, const OptTensor& gamma,
+                     const OptTensor& init, Tensor& out, const OptTensor& final_state, const OptTensor& cu_seqlens,
+                     double scale) {
+  check_operands({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}}, q, q.scalar_type());
+  const auto [B, T, H, K, V] = check_tokens({&q, "q"}, "[B, T, H, K]", {&k, "k"}, {&v, "v"}, {&out, "out"});
+  const int bv = la::chunk_fused_tile_v(static_cast<int>(K));
+  CHECK_ARG(V % bv == 0 && V > 0, "V must be a multiple of ", bv, " (K = ", K, "), got ", V);
+  c10::cuda::CUDAGuard guard(q.device());
+  la::ChunkFusedParams p;
+  p.seq = seq_params(q, cu_seqlens, std::nullopt, 0, false);
+  p.gate = gate_params(g, gamma, q);
+  check_opt(init, "init", q, at::kFloat, {p.seq.num_seqs, H, K, V});
+  check_opt(final_state, "final_state", q, at::kFloat, {p.seq.num_seqs, H, K, V});
+  CHECK_ARG(H < 65536 && V / bv < 65536, "H and V / ", bv, " must be below 65536 (grid y, z), got ", H, " and ",
+            V / bv);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.init = float_data_or_null(init);
+  p.final_state = float_data_or_null(final_state);
+  p.k_dim = static_cast<int>(K);
+  p.v_dim = static_cast<int>(V);
+  p.scale = static_cast<float>(scale);
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_launch("chunk_fused_fwd", dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    return dispatch_head_dim(K, [&](auto kd) {
+      constexpr int kK = decltype(kd)::value;
+      return la::run_chunk_fused_fwd<decltype(tag), kK, la::chunk_fused_tile_v(kK)>(p, stream);
+    });
+  }));
+}
+
+// The V tile of chunk_fused_fwd for a K (tile_size.h), for the route's grid-size test.
+int64_t chunk_fused_tile_v(int64_t k_dim) { return la::chunk_fused_tile_v(static_cast<int>(k_dim)); }
+
 // dg [B, T, H] fp32 for scalar gates, per chunk (gate_grad.cu): q, k [B, T, H, K], v, dout
 // [B, T, H, V]; rq, rk fp32 [K / 64, B, T, H] (chunk_output's inter-part row dots); pair fp32
 // [S, H, tiles] (chunk_state's reverse pair_dot).
@@ -629,6 +669,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("y"), py::arg("z"), py::arg("m"), py::arg("out"), py::arg("dot"), py::arg("rowdot"),
         py::arg("g"), py::arg("gamma"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("inter_scale"),
         py::arg("intra_scale"), py::arg("trans_m"), py::arg("upper"));
+  m.def("chunk_fused_fwd", &chunk_fused_fwd,
+        "Scalar-gate chunked forward in one pass (o and the final state; no chunk states in memory)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("gamma"), py::arg("init"), py::arg("out"),
+        py::arg("final_state"), py::arg("cu_seqlens"), py::arg("scale"));
+  m.def("chunk_fused_tile_v", &chunk_fused_tile_v, "The V tile (BV) chunk_fused_fwd uses for a K",
+        py::arg("k_dim"));
   m.def("gate_grad", &gate_grad, "Scalar log-gate gradient, chunk by chunk", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("dout"), py::arg("g"), py::arg("gamma"), py::arg("rq"), py::arg("rk"), py::arg("pair"),
         py::arg("dg"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("scale"));

@@ -90,6 +90,22 @@ struct ChunkOutputParams {
   float intra_scale = 1.f;
 };
 
+// chunk_fused_fwd (chunk_fused.cuh): the scalar-gate forward o (and the final state) in one pass,
+// one (sequence, head, BV-column V tile) per CTA; chunk_state + chunk_output without the states.
+struct ChunkFusedParams {
+  SeqParams seq;                  // chunk_offsets / num_slots unused
+  GateParams gate;
+  const void* q = nullptr;        // [tokens, heads, k_dim]
+  const void* k = nullptr;        // [tokens, heads, k_dim]
+  const void* v = nullptr;        // [tokens, heads, v_dim]
+  void* out = nullptr;            // [tokens, heads, v_dim]
+  const float* init = nullptr;    // [num_seqs, heads, k_dim, v_dim] fp32 h0, or null (zeros)
+  float* final_state = nullptr;   // [num_seqs, heads, k_dim, v_dim] fp32 h_T, or null
+  int k_dim = 0;                  // 64, 128 or 256 (a template parameter)
+  int v_dim = 0;                  // multiple of BV (tile_size.h: chunk_fused_tile_v)
+  float scale = 1.f;              // o = scale * (inter-chunk + intra-chunk parts)
+};
+
 // gate_grad: the scalar log-gates' gradient, every chunk in parallel (gate_grad.cu).
 struct GateGradParams {
   SeqParams seq;
@@ -189,6 +205,9 @@ cudaError_t run_chunk_state(const ChunkStateParams& p, cudaStream_t stream);
 
 template <typename Dtype, int R, int BN, bool kTransM, bool kUpper>
 cudaError_t run_chunk_output(const ChunkOutputParams& p, cudaStream_t stream);
+
+template <typename Dtype, int K, int BV>
+cudaError_t run_chunk_fused_fwd(const ChunkFusedParams& p, cudaStream_t stream);
 
 template <typename Dtype>
 cudaError_t run_gate_grad(const GateGradParams& p, cudaStream_t stream);

@@ -20,6 +20,15 @@ constexpr int chunk_state_tile_n(int64_t num_seqs, int64_t heads, int r_dim, int
 // warp), so R = 256 keeps BN = 64 (104 KB, and 128 accumulator registers would spill).
 constexpr int chunk_output_tile_n(int r_dim, int n_dim) { return r_dim <= 128 && n_dim % 128 == 0 ? 128 : 64; }
 
+// chunk_fused_fwd: the V tile. The fp32 state K x BV lives in the registers of 128 threads, at most
+// 64 per thread next to the output tile and the scores (no spills): BV = 64 up to K = 128, 32 at
+// K = 256. Its grid is B * H * (V / BV) CTAs, each walking a whole sequence, so the route uses it only
+// when that fills the GPU (flash_attn/linear_attn/_kernels.py mirrors this choice).
+constexpr int chunk_fused_tile_v(int k_dim) { return k_dim <= 128 ? 64 : 32; }
+
+static_assert(chunk_fused_tile_v(64) == 64 && chunk_fused_tile_v(128) == 64 && chunk_fused_tile_v(256) == 32,
+              "chunk_fused_fwd tiles");
+
 // gla_output: the N tile. GLA's scores A are recomputed by every N tile of a chunk, and their
 // diagonal sub-chunk blocks are elementwise work (exp per key) that no tensor core does, so
 // the widest tile that fits: 128 columns (16 x 128 fp32 accumulators per warp next to the 16 x 64

@@ -9,6 +9,9 @@ allocated before the launchers run (they only write into what they are given).
 Forward (chunk size 64, csrc/linear_attn/linear_params.h has the formulas):
     chunk_state  (k, v)            -> h [slots, H, K, V]: the state entering every chunk
     chunk_output (q, k, h, v)      -> o
+  or, with FLASH_ATTN_LINEAR_FUSED_FWD=1 and enough (sequence, head, V tile) CTAs to fill the GPU
+  (use_fused_forward), both in one pass that keeps the states in registers:
+    chunk_fused_fwd (q, k, v)      -> o (csrc/linear_attn/chunk_fused.cuh; not yet the default)
 Backward (h recomputed):
     chunk_state  (q, do, reverse)  -> dH [slots, H, K, V]: the gradient leaving every chunk; dh0
     chunk_output (k, q, dH, do)    -> dv
@@ -33,6 +36,7 @@ backward is token by token too (csrc/linear_attn/recurrent_grad.cuh has the form
 """
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -177,10 +181,44 @@ def _states(ext, x, z, g, gamma, init, seqs, final, scale=1.0, reverse=False, pa
     return states
 
 
+FUSED_FWD_ENV = "FLASH_ATTN_LINEAR_FUSED_FWD"
+
+
+def fused_forward_enabled():
+    """Whether FLASH_ATTN_LINEAR_FUSED_FWD asks for the one-pass forward (default off)."""
+    return os.environ.get(FUSED_FWD_ENV, "0").strip().lower() not in ("", "0", "false", "off", "no")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sms(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device):
+    """The SM count of a CUDA device (tests of the route on the CPU replace this)."""
+    return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def use_fused_forward(ext, q, v, seqs):
+    """The one-pass forward (chunk_fused_fwd) when the switch is on, the extension has it and its
+    grid, one CTA per (sequence, head, V tile) each walking a whole sequence, has at least one CTA
+    per SM; else (long single sequences, few heads) the two-pass forward, whose chunk_output has a
+    CTA per chunk."""
+    if not fused_forward_enabled() or not hasattr(ext, "chunk_fused_tile_v"):  # (older builds lack it)
+        return False
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    bv = ext.chunk_fused_tile_v(K)
+    return V % bv == 0 and seqs.num_seqs * H * (V // bv) >= num_sms(q.device)
+
+
 def chunk_forward(ext, q, k, v, g, gamma, scale, h0, output_final_state, seqs):
     """Padded, contiguous inputs -> (o, h_T fp32 or None)."""
     N, H, K, V = seqs.num_seqs, q.shape[2], q.shape[3], v.shape[3]
     final = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    if use_fused_forward(ext, q, v, seqs):
+        o = torch.empty_like(v)
+        ext.chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, seqs.cu, scale)
+        return o, final
     h = _states(ext, k, v, g, gamma, h0, seqs, final)
     o = torch.empty_like(v)
     ext.chunk_output(q, k, v, h, o, None, None, g, gamma, seqs.cu, seqs.offsets, scale, scale, False, False)

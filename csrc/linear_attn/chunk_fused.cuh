@@ -1,0 +1,285 @@
+// chunk_fused_fwd: the simple-GLA forward (scalar gates g / gamma / none) in one kernel. One CTA
+// per (sequence, head, BV-column V tile) walks the chunks of its sequence in order with the
+// running state S [K, BV] in fp32 registers, and per chunk c (b = chunk-local cumulative log-gate):
+//
+//   o_r       = scale * exp(b_r) (q_r S_c) + scale * sum_{j <= r} exp(b_r - b_j) (q_r . k_j) v_j
+//   S_{c + 1} = exp(b_L) S_c + sum_j exp(b_L - b_j) k_j^T v_j
+//
+// which is chunk_state (forward) followed by chunk_output (x = q, y = k, z = v, lower) without the
+// states' round trip through global memory. As there, S_c is rounded to the input dtype where it is
+// an MMA operand (q S_c) and kept in fp32 otherwise, and every product is the same sequence of
+// m16n8k16 MMAs, so the two paths agree to rounding (bit for bit, barring the compiler's FMA choices).
+//
+// Threads: 128 (4 warps). State: warp w owns the rows 64 m + 16 w .. 64 m + 16 w + 15 of S for
+// m < K / 64, all BV columns: K * BV / 128 fp32 registers per thread (64 at K = 128, BV = 64 and at
+// K = 256, BV = 32; 32 at K = 64, BV = 64). Output: warp w owns the chunk rows 16 w .. 16 w + 15
+// (BV / 2 accumulators, 32 for the 16 x 64 scores, 16 for their 16-bit A fragments).
+// Shared memory (16-bit tiles, swizzled): 2 stages of (q 64 x K, k 64 x K, v 64 x BV, 64 raw gates)
+// plus S_c as an MMA operand (K x BV):
+//   K 64,  BV 64:  2 * (8 + 8 + 8 KB + 256 B) + 8 KB  =  57.5 KB
+//   K 128, BV 64:  2 * (16 + 16 + 8 KB + 256 B) + 16 KB = 96.5 KB  (two CTAs per SM on sm90)
+//   K 256, BV 32:  2 * (32 + 32 + 4 KB + 256 B) + 16 KB = 152.5 KB (one CTA per SM; sm80 allows 163 KB)
+//
+// Per chunk i (loads of chunk i + 1 in flight meanwhile, cp.async, two stages):
+//   1. wait for chunk i's tiles; warp 0 scans its gates into sb; every thread writes its part of
+//      S_c (rounded) into ss; __syncthreads
+//   2. o: scores q_w k^T (the causal 16-column blocks only) and q_w S_c over K, the decay mask and
+//      the scales in registers, + (P) v; stored straight from the accumulators (rows past the end
+//      of the sequence are not written)
+//   3. S: decay by exp(b_L), + k^T (w v) with w_j = exp(b_L - b_j) folded into v's B fragments
+//   4. __syncthreads (ss, sb and the stage are free for chunk i + 1)
+// Steps 2 and 3 are independent (both read only q, k, v, sb and ss), so their MMAs interleave.
+#pragma once
+
+#include "chunk_info.cuh"
+#include "mma.cuh"
+
+namespace linear_attn {
+
+constexpr int kFusedStages = 2;
+constexpr int kFusedThreads = 128;
+
+template <int K, int BV>
+constexpr int chunk_fused_smem_bytes() {
+  return kFusedStages * ((2 * kChunk * K + kChunk * BV) * 2 + kChunk * 4) + K * BV * 2;
+}
+
+static_assert(chunk_fused_smem_bytes<128, 64>() == 98816, "K 128, BV 64: 96.5 KB");
+static_assert(chunk_fused_smem_bytes<256, 32>() <= 163 * 1024, "K 256, BV 32 fits an sm80 SM");
+
+template <typename Tag, int K, int BV>
+__global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const ChunkFusedParams p) {
+  using E = Elem<Tag>;
+  using T = typename E::T;
+  constexpr int kThreads = kFusedThreads;
+  constexpr int MT = K / 64;     // 16-row state m tiles per warp
+  constexpr int NT8 = BV / 8;    // n tiles of 8 columns (state and output)
+  static_assert(K == 64 || K == 128 || K == 256, "K is 64, 128 or 256");
+  static_assert(BV == 32 || BV == 64, "V tiles of 32 or 64 columns");
+  static_assert(K * BV / kThreads <= 64, "at most 64 fp32 state registers per thread");
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sq = reinterpret_cast<T*>(smem_raw);              // [stage] (chunk row, k) swizzled
+  T* sk = sq + kFusedStages * kChunk * K;               // [stage] (chunk row, k) swizzled
+  T* sv = sk + kFusedStages * kChunk * K;               // [stage] (chunk row, n) swizzled
+  T* ss = sv + kFusedStages * kChunk * BV;              // S_c: (k, n) swizzled
+  float* graw = reinterpret_cast<float*>(ss + K * BV);  // [stage] [kChunk] raw gates
+  __shared__ float sb[kChunk];                          // chunk-local cumulative log-gate
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int seq = blockIdx.x, head = blockIdx.y, H = p.seq.heads;
+  const int n0 = blockIdx.z * BV;
+  const SeqRange sr = sequence_range(p.seq, seq);
+  const int nchunks = static_cast<int>((sr.eos - sr.bos + kChunk - 1) / kChunk);
+
+  const int64_t ldk = static_cast<int64_t>(H) * K, ldv = static_cast<int64_t>(H) * p.v_dim;
+  const T* qg = static_cast<const T*>(p.q) + static_cast<int64_t>(head) * K;
+  const T* kg = static_cast<const T*>(p.k) + static_cast<int64_t>(head) * K;
+  const T* vg = static_cast<const T*>(p.v) + static_cast<int64_t>(head) * p.v_dim + n0;
+  T* og = static_cast<T*>(p.out) + static_cast<int64_t>(head) * p.v_dim + n0;
+  const int64_t state_base = (static_cast<int64_t>(seq) * H + head) * K * p.v_dim;
+
+  // st[m][nt][0..1] = S (64 m + 16 warp + g, n0 + 8 nt + 2 t4 + {0, 1}); [2..3] the row + 8
+  float st[MT][NT8][4];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+#pragma unroll
+    for (int nt = 0; nt < NT8; ++nt) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int64_t off = state_base + static_cast<int64_t>(64 * m + 16 * warp + g + 8 * half) * p.v_dim +
+                            n0 + 8 * nt + 2 * t4;
+        float2 v = make_float2(0.f, 0.f);
+        if (p.init != nullptr) v = *reinterpret_cast<const float2*>(p.init + off);
+        st[m][nt][2 * half] = v.x;
+        st[m][nt][2 * half + 1] = v.y;
+      }
+    }
+  }
+
+  auto chunk_start = [&](int i) { return sr.bos + static_cast<int64_t>(i) * kChunk; };
+  auto chunk_rows = [&](int i) {
+    return static_cast<int>(min(static_cast<int64_t>(kChunk), sr.eos - chunk_start(i)));
+  };
+  auto issue = [&](int i) {
+    const int stage = i % kFusedStages;
+    const int64_t start = chunk_start(i);
+    const int rows = chunk_rows(i);
+    load_tile<kChunk, K, kThreads>(sq + stage * kChunk * K, qg + start * ldk, ldk, rows, tid);
+    load_tile<kChunk, K, kThreads>(sk + stage * kChunk * K, kg + start * ldk, ldk, rows, tid);
+    load_tile<kChunk, BV, kThreads>(sv + stage * kChunk * BV, vg + start * ldv, ldv, rows, tid);
+    if (warp == 0) chunk_gate_load_async(p.gate, start, rows, head, H, graw + stage * kChunk, lane);
+  };
+
+  if (nchunks > 0) issue(0);
+  cp_async_commit();
+  for (int i = 0; i < nchunks; ++i) {
+    const int stage = i % kFusedStages;
+    if (i + 1 < nchunks) issue(i + 1);
+    cp_async_commit();
+    const int64_t row0 = chunk_start(i);
+    const int rows = chunk_rows(i);
+    cp_async_wait<kFusedStages - 1>();  // chunk i's group has landed (this thread's copies)
+    if (warp == 0) chunk_gate_scan(p.gate, graw + stage * kChunk, rows, head, sb, lane);
+    // ---- 1. S_c as an MMA operand, in the input dtype
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+#pragma unroll
+      for (int nt = 0; nt < NT8; ++nt) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int r = 64 * m + 16 * warp + g + 8 * half, c = 8 * nt + 2 * t4;
+          *reinterpret_cast<uint32_t*>(ss + swz<BV>(r, c)) = E::pack(st[m][nt][2 * half], st[m][nt][2 * half + 1]);
+        }
+      }
+    }
+    __syncthreads();  // the stage's tiles (every thread's copies), sb and ss are visible
+    const T* qs = sq + stage * kChunk * K;
+    const T* ks = sk + stage * kChunk * K;
+    const T* vs = sv + stage * kChunk * BV;
+
+    // ---- 2. the chunk's output rows 16 warp .. 16 warp + 15
+    {
+      float s[8][4];   // scores q_w k^T: 16 rows x 64 chunk columns
+      float o[NT8][4]; // 16 rows x BV
+      zero_frags(s);
+      zero_frags(o);
+#pragma unroll
+      for (int kk = 0; kk < K / 16; ++kk) {
+        uint32_t a[4];
+        load_a<K>(a, qs, warp * 16, kk * 16, lane);
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+          if (np <= warp) {
+            uint32_t b[4];
+            load_b_nk<K>(b, ks, kk * 16, np * 16, lane);
+            E::mma(s[2 * np], a, b[0], b[1]);
+            E::mma(s[2 * np + 1], a, b[2], b[3]);
+          }
+        }
+        mma_b<E, BV, BLayout::kKN>(o, a, ss, kk * 16, lane);  // q S_c
+      }
+      float br[2];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        br[half] = sb[warp * 16 + g + 8 * half];
+        const float rs = p.scale * __expf(br[half]);
+#pragma unroll
+        for (int nt = 0; nt < NT8; ++nt) {
+          o[nt][2 * half] *= rs;
+          o[nt][2 * half + 1] *= rs;
+        }
+      }
+      uint32_t pa[4][4];  // (scores * D * scale) as A fragments, one per 16-column block
+#pragma unroll
+      for (int blk = 0; blk < 4; ++blk) {
+        float pv[2][4];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int nt = 2 * blk + j;
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = warp * 16 + g + 8 * (e >> 1);
+            const int c = nt * 8 + 2 * t4 + (e & 1);
+            pv[j][e] = c <= r ? s[nt][e] * p.scale * __expf(br[e >> 1] - sb[c]) : 0.f;
+          }
+        }
+        pa[blk][0] = E::pack(pv[0][0], pv[0][1]);
+        pa[blk][1] = E::pack(pv[0][2], pv[0][3]);
+        pa[blk][2] = E::pack(pv[1][0], pv[1][1]);
+        pa[blk][3] = E::pack(pv[1][2], pv[1][3]);
+      }
+#pragma unroll
+      for (int blk = 0; blk < 4; ++blk) {
+        if (blk <= warp) mma_b<E, BV, BLayout::kKN>(o, pa[blk], vs, blk * 16, lane);
+      }
+      T* orow = og + row0 * ldv;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int r = warp * 16 + g + 8 * half;
+        if (r < rows) {
+#pragma unroll
+          for (int nt = 0; nt < NT8; ++nt) {
+            *reinterpret_cast<uint32_t*>(orow + r * ldv + nt * 8 + 2 * t4) =
+                E::pack(o[nt][2 * half], o[nt][2 * half + 1]);
+          }
+        }
+      }
+    }
+
+    // ---- 3. the state leaving the chunk
+    {
+      const float bl = sb[kChunk - 1];
+      const float decay = __expf(bl);
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+#pragma unroll
+        for (int nt = 0; nt < NT8; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) st[m][nt][e] *= decay;
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < kChunk / 16; ++kk) {
+        uint32_t a[MT][4];  // k^T (state rows 64 m + 16 warp .., chunk rows 16 kk ..)
+#pragma unroll
+        for (int m = 0; m < MT; ++m) load_a_t<K>(a[m], ks, 64 * m + 16 * warp, kk * 16, lane);
+        // weights of the chunk rows this thread's B fragments hold: 16 kk + 2 t4 + {0, 1, 8, 9}
+        float w[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) w[e] = __expf(bl - sb[kk * 16 + 2 * t4 + (e & 1) + 8 * (e >> 1)]);
+#pragma unroll
+        for (int np = 0; np < NT8 / 2; ++np) {
+          uint32_t b[4];
+          load_b_kn<BV>(b, vs, kk * 16, np * 16, lane);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float2 f = E::unpack(b[e]);
+            const int wi = (e & 1) * 2;  // b[0], b[2]: rows 2 t4, 2 t4 + 1; b[1], b[3]: those + 8
+            b[e] = E::pack(f.x * w[wi], f.y * w[wi + 1]);
+          }
+#pragma unroll
+          for (int m = 0; m < MT; ++m) {
+            E::mma(st[m][2 * np], a[m], b[0], b[1]);
+            E::mma(st[m][2 * np + 1], a[m], b[2], b[3]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // everyone is done with ss, sb and this stage before they are rewritten
+  }
+  cp_async_wait<0>();
+
+  if (p.final_state != nullptr) {
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+#pragma unroll
+      for (int nt = 0; nt < NT8; ++nt) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int64_t off = state_base + static_cast<int64_t>(64 * m + 16 * warp + g + 8 * half) * p.v_dim +
+                              n0 + 8 * nt + 2 * t4;
+          *reinterpret_cast<float2*>(p.final_state + off) = make_float2(st[m][nt][2 * half], st[m][nt][2 * half + 1]);
+        }
+      }
+    }
+  }
+}
+
+template <typename Tag, int K, int BV>
+cudaError_t run_chunk_fused_fwd(const ChunkFusedParams& p, cudaStream_t stream) {
+  if (p.seq.num_seqs == 0 || p.seq.heads == 0 || p.v_dim == 0) return cudaSuccess;
+  if (p.k_dim != K || p.v_dim % BV != 0) return cudaErrorInvalidValue;
+  constexpr int smem = chunk_fused_smem_bytes<K, BV>();
+  auto kernel = chunk_fused_fwd_kernel<Tag, K, BV>;
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(p.seq.num_seqs, p.seq.heads, p.v_dim / BV);
+  kernel<<<grid, kFusedThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace linear_attn
