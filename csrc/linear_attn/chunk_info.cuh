@@ -143,4 +143,37 @@ __device__ __forceinline__ void chunk_gate_cumsum(const GateParams& gate, int64_
   b_smem[lane + 32] = hi;
 }
 
+// The intra-chunk scores of a warp's 16 rows as A fragments of (S * D) z: s holds the
+// 16 x 64 scores x_w y^T (m16n8 accumulators, 8 column tiles), br the chunk-local
+// cumulative log-gates of this thread's two rows, sb the chunk's. D[r, c] = exp(b_r - b_c)
+// for c <= r (lower) or exp(b_c - b_r) for c >= r (upper), 0 elsewhere; times `scale`.
+// pa[blk]: the A fragment of the 16-column block blk. (chunk_output and chunk_fused.)
+template <typename E, bool kUpper>
+__device__ __forceinline__ void decayed_score_frags(uint32_t (&pa)[4][4], const float (&s)[8][4],
+                                                    const float (&br)[2], const float* sb, float scale,
+                                                    int warp, int lane) {
+  const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int blk = 0; blk < 4; ++blk) {
+    float pv[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int nt = 2 * blk + j;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = warp * 16 + g + 8 * (e >> 1);
+        const int c = nt * 8 + 2 * t4 + (e & 1);
+        const float bc = sb[c];
+        const bool keep = kUpper ? c >= r : c <= r;
+        const float expo = kUpper ? bc - br[e >> 1] : br[e >> 1] - bc;
+        pv[j][e] = keep ? s[nt][e] * scale * __expf(expo) : 0.f;
+      }
+    }
+    pa[blk][0] = E::pack(pv[0][0], pv[0][1]);
+    pa[blk][1] = E::pack(pv[0][2], pv[0][3]);
+    pa[blk][2] = E::pack(pv[1][0], pv[1][1]);
+    pa[blk][3] = E::pack(pv[1][2], pv[1][3]);
+  }
+}
+
 }  // namespace linear_attn

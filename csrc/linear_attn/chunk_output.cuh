@@ -123,27 +123,7 @@ __global__ void __launch_bounds__(128) chunk_output_kernel(const ChunkOutputPara
     }
   }
   uint32_t pa[4][4];  // (S * D) as A fragments, one per 16-column block
-#pragma unroll
-  for (int blk = 0; blk < 4; ++blk) {
-    float pv[2][4];
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int nt = 2 * blk + j;
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = warp * 16 + g + 8 * (e >> 1);
-        const int c = nt * 8 + 2 * t4 + (e & 1);
-        const float bc = sb[c];
-        const bool keep = kUpper ? c >= r : c <= r;
-        const float expo = kUpper ? bc - br[e >> 1] : br[e >> 1] - bc;
-        pv[j][e] = keep ? s[nt][e] * p.intra_scale * __expf(expo) : 0.f;
-      }
-    }
-    pa[blk][0] = E::pack(pv[0][0], pv[0][1]);
-    pa[blk][1] = E::pack(pv[0][2], pv[0][3]);
-    pa[blk][2] = E::pack(pv[1][0], pv[1][1]);
-    pa[blk][3] = E::pack(pv[1][2], pv[1][3]);
-  }
+  decayed_score_frags<E, kUpper>(pa, s, br, sb, p.intra_scale, warp, lane);
 #pragma unroll
   for (int blk = 0; blk < 4; ++blk) {
     if (kept(blk)) mma_b<E, BN, BLayout::kKN>(o, pa[blk], sz, blk * 16, lane);
