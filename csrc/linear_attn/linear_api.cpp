@@ -468,6 +468,31 @@ void gate_grad(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
                dispatch_dtype(q.scalar_type(), [&](auto tag) { return la::run_gate_grad<decltype(tag)>(p, stream); }));
 }
 
+// What recurrent and recurrent_grad share: the sequences, the per-key / per-value gates gk
+// [B, T, H, K] and gv [B, T, H, V] fp32, q, k, v, the initial state fp32 [N_seq, H, K, V], the
+// sizes, scale and direction (the caller has checked q, k, v and holds the device guard).
+la::RecurrentParams recurrent_params(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& gk,
+                                     const OptTensor& gv, const OptTensor& init, const OptTensor& cu_seqlens,
+                                     const OptTensor& chunk_offsets, double scale, bool reverse) {
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = q.size(3), V = v.size(3);
+  la::RecurrentParams p;
+  p.seq = seq_params(q, cu_seqlens, chunk_offsets, 0, false);
+  check_opt(gk, "gk", q, at::kFloat, {B, T, H, K});
+  check_opt(gv, "gv", q, at::kFloat, {B, T, H, V});
+  check_opt(init, "init", q, at::kFloat, {p.seq.num_seqs, H, K, V});
+  p.gk = float_data_or_null(gk);
+  p.gv = float_data_or_null(gv);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.init = float_data_or_null(init);
+  p.k_dim = static_cast<int>(K);
+  p.v_dim = static_cast<int>(V);
+  p.scale = static_cast<float>(scale);
+  p.reverse = reverse;
+  return p;
+}
+
 // Token by token: q, k [B, T, H, K]; v, out [B, T, H, V]; g [B, T, H] or gamma [H] fp32;
 // gk [B, T, H, K], gv [B, T, H, V] fp32; init / final_state fp32 [N_seq, H, K, V].
 void recurrent(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& g, const OptTensor& gamma,
@@ -478,25 +503,11 @@ void recurrent(const Tensor& q, const Tensor& k, const Tensor& v, const OptTenso
   const auto [B, T, H, K, V] = check_tokens({&q, "q"}, "[B, T, H, K]", {&k, "k"}, {&v, "v"}, {&out, "out"});
   CHECK_ARG(V % 32 == 0 && V > 0, "V must be a multiple of 32, got ", V);
   c10::cuda::CUDAGuard guard(q.device());
-  la::RecurrentParams p;
-  p.seq = seq_params(q, cu_seqlens, chunk_offsets, 0, false);
+  la::RecurrentParams p = recurrent_params(q, k, v, gk, gv, init, cu_seqlens, chunk_offsets, scale, reverse);
   p.gate = gate_params(g, gamma, q);
-  check_opt(gk, "gk", q, at::kFloat, {B, T, H, K});
-  check_opt(gv, "gv", q, at::kFloat, {B, T, H, V});
-  check_opt(init, "init", q, at::kFloat, {p.seq.num_seqs, H, K, V});
   check_opt(final_state, "final_state", q, at::kFloat, {p.seq.num_seqs, H, K, V});
-  p.gk = float_data_or_null(gk);
-  p.gv = float_data_or_null(gv);
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
   p.out = out.data_ptr();
-  p.init = float_data_or_null(init);
   p.final_state = float_data_or_null(final_state);
-  p.k_dim = static_cast<int>(K);
-  p.v_dim = static_cast<int>(V);
-  p.scale = static_cast<float>(scale);
-  p.reverse = reverse;
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch("recurrent", dispatch_dtype(q.scalar_type(), [&](auto tag) {
     return dispatch_head_dim(K, [&](auto kd) {
@@ -521,24 +532,14 @@ void recurrent_grad(const Tensor& q, const Tensor& k, const Tensor& v, const Opt
   CHECK_ARG(gk.has_value() == dgk_part.has_value(), "dgk_part is given exactly when gk is");
   CHECK_ARG(gv.has_value() == dgv.has_value(), "dgv is given exactly when gv is");
   c10::cuda::CUDAGuard guard(q.device());
-  la::RecurrentParams p;
-  p.seq = seq_params(q, cu_seqlens, chunk_offsets, 0, false);
+  la::RecurrentParams p = recurrent_params(q, k, v, gk, gv, init, cu_seqlens, chunk_offsets, scale, reverse);
   const int64_t N = p.seq.num_seqs;
-  check_opt(gk, "gk", q, at::kFloat, {B, T, H, K});
-  check_opt(gv, "gv", q, at::kFloat, {B, T, H, V});
-  check_opt(init, "init", q, at::kFloat, {N, H, K, V});
   check_opt(dfinal, "dfinal", q, at::kFloat, {N, H, K, V});
   check_opt(dinit, "dinit", q, at::kFloat, {N, H, K, V});
   check_opt(dq_part, "dq_part", q, at::kFloat, {V / 32, B, T, H, K});
   check_opt(dk_part, "dk_part", q, at::kFloat, {V / 32, B, T, H, K});
   check_opt(dgk_part, "dgk_part", q, at::kFloat, {V / 32, B, T, H, K});
   check_opt(dgv, "dgv", q, at::kFloat, {B, T, H, V});
-  p.gk = float_data_or_null(gk);
-  p.gv = float_data_or_null(gv);
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.init = float_data_or_null(init);
   p.dout = dout.data_ptr();
   p.dfinal = float_data_or_null(dfinal);
   p.dq_part = dq_part.data_ptr<float>();
@@ -547,10 +548,6 @@ void recurrent_grad(const Tensor& q, const Tensor& k, const Tensor& v, const Opt
   p.dv = dv.data_ptr();
   p.dgv = float_data_or_null(dgv);
   p.dinit = float_data_or_null(dinit);
-  p.k_dim = static_cast<int>(K);
-  p.v_dim = static_cast<int>(V);
-  p.scale = static_cast<float>(scale);
-  p.reverse = reverse;
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch("recurrent_grad", dispatch_dtype(q.scalar_type(), [&](auto tag) {
     return dispatch_head_dim(K, [&](auto kd) {
