@@ -137,6 +137,11 @@ do_build() {
         echo "slowest compile units (s) of $nlog:"
         awk -F'\t' 'NR > 1 { n = split($4, a, "/"); printf "%7.1f  %s\n", ($2 - $1) / 1000, a[n] }' "$nlog" \
             | sort -rn | head -n 8
+        # the sum over units against the span: with MAX_JOBS jobs the build cannot take less
+        # than sum / MAX_JOBS, nor less than the slowest unit
+        awk -F'\t' 'NR > 1 { s += ($2 - $1) / 1000; n++; if ($2 > e) e = $2; if (b == "" || $1 < b) b = $1 }
+            END { if (n) printf "  %d units, %.0f s of compile time in all, %.0f s from first start to last end\n",
+                  n, s, (e - b) / 1000 }' "$nlog"
     done < <(find "$REPO/build" -name .ninja_log 2>/dev/null)
     grep -E "flash_attn: (building|skipping)" "$OUT/build.log" | head -n 3
     if [ "$rc" -ne 0 ]; then
