@@ -80,7 +80,11 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
   T* og = static_cast<T*>(p.out) + static_cast<int64_t>(head) * p.v_dim + n0;
   const int64_t state_base = (static_cast<int64_t>(seq) * H + head) * K * p.v_dim;
 
-  // st[m][nt][0..1] = S (64 m + 16 warp + g, n0 + 8 nt + 2 t4 + {0, 1}); [2..3] the row + 8
+  // st[m][nt][0..1] = S (64 m + 16 warp + g, n0 + 8 nt + 2 t4 + {0, 1}); [2..3] the row + 8;
+  // state_at: where st[m][nt][2 half ..] lives in an fp32 [N, H, K, V] state
+  auto state_at = [&](int m, int nt, int half) {
+    return state_base + static_cast<int64_t>(64 * m + 16 * warp + g + 8 * half) * p.v_dim + n0 + 8 * nt + 2 * t4;
+  };
   float st[MT][NT8][4];
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
@@ -88,8 +92,7 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
     for (int nt = 0; nt < NT8; ++nt) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int64_t off = state_base + static_cast<int64_t>(64 * m + 16 * warp + g + 8 * half) * p.v_dim +
-                            n0 + 8 * nt + 2 * t4;
+        const int64_t off = state_at(m, nt, half);
         float2 v = make_float2(0.f, 0.f);
         if (p.init != nullptr) v = *reinterpret_cast<const float2*>(p.init + off);
         st[m][nt][2 * half] = v.x;
@@ -241,9 +244,8 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
       for (int nt = 0; nt < NT8; ++nt) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-          const int64_t off = state_base + static_cast<int64_t>(64 * m + 16 * warp + g + 8 * half) * p.v_dim +
-                              n0 + 8 * nt + 2 * t4;
-          *reinterpret_cast<float2*>(p.final_state + off) = make_float2(st[m][nt][2 * half], st[m][nt][2 * half + 1]);
+          *reinterpret_cast<float2*>(p.final_state + state_at(m, nt, half)) =
+              make_float2(st[m][nt][2 * half], st[m][nt][2 * half + 1]);
         }
       }
     }
