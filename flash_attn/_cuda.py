@@ -223,10 +223,10 @@ def kvcache_forward(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seq
     the int32 cache_seqlens goes to it as it is, and the decode step runs no torch op besides
     the kernels), and where cache_seqlens places writes (the append) or rotations it is clamped
     here into 0..s_cache - s_new first. Bad values give wrong numbers, never an access outside.
-    num_splits (split-KV, flash-attn semantics: 0 = chosen by the extension from the grid size,
-    the SM count and the cache capacity, 1 = no split, n = up to n shares of each sequence's
-    keys) goes to the extension as is: the kernel cuts each sequence's actual key range on the
-    device, so nothing is read back here.
+    num_splits (split-KV: 0 = chosen by the extension, the grid from the grid size, the SM
+    count and the cache capacity, 1 = no split, n = up to n shares of each sequence's keys)
+    goes to the extension as is: the kernel takes each sequence's share count and cut from its
+    actual key range on the device (split_kv.h split_share), so nothing is read back here.
 
     block_table (paged KV: caches (num_blocks, page_block_size, hk, d), block_table int32
     (b, max_num_blocks_per_seq), no cache_batch_idx): the new keys are written into their pages

@@ -216,10 +216,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     length as in flash_attn_func, softmax_scale and softcap likewise.
     num_splits: split-KV on CUDA: each sequence's keys are cut into up to num_splits
         shares processed in parallel and merged by a combine kernel, which fills the GPU
-        when batch x heads is small and the cache long. 0 (default) = chosen from the grid
-        size, the SM count and the cache capacity; 1 = no split. Capped at 128 and at the
-        key blocks; ignored (unsplit, same result) where no split kernel exists (head dims
-        other than 64/128/256 after padding, builds with FLASH_ATTN_DISABLE_SPLITKV=1).
+        when batch x heads is small and the cache long. 0 (default) = chosen from the actual
+        cache_seqlens: the grid is sized on the host from the grid size, the SM count and
+        the cache capacity (no device value is read, so a captured CUDA graph replays with
+        new cache_seqlens), and the kernel runs, per sequence, only as many shares as its
+        actual key count calls for (at least two key blocks each; the others are empty);
+        1 = no split. Capped at 128 and at the key blocks; ignored (unsplit, same result)
+        where no split kernel exists (head dims other than 64/128/256 after padding, builds
+        with FLASH_ATTN_DISABLE_SPLITKV=1).
     return_softmax_lse: also return softmax_lse fp32 (batch, nheads, seqlen_q).
     Forward only (no backward), as in flash-attn.
 

@@ -731,3 +731,14 @@ def test_cuda_route_checks_the_build_before_writing(monkeypatch):
     with pytest.raises(RuntimeError, match="built without CUDA kernels"):
         _cuda.kvcache_forward(*route_args(kw))
     assert torch.equal(kw["k_cache"], kc)
+
+
+def test_split_share_host(tmp_path_factory):
+    """split_kv.h's split_share on the host (tests/cpp/split_share_host.cpp, g++): the shares of
+    every visible range up to 300 key blocks and every split count tile it in order, the first
+    min(num_splits, blocks / kMinShareBlocks) non-empty and balanced, the rest empty, so a
+    cache filled to a fraction of its capacity runs as many shares as its length calls for."""
+    from test_dropout_cpu import build_host_program
+
+    run = build_host_program(tmp_path_factory, "split_share_host")(300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr

@@ -7,6 +7,7 @@
 
 #include "block_info.h"
 #include "flash.h"
+#include "tile_size.h"
 
 namespace flash {
 
@@ -28,14 +29,24 @@ __forceinline__ __device__ void wait_for_prior_grid() {
 #endif
 }
 
-// Narrows a CTA's visible key blocks [n_min, n_max) to share `split` of `num_splits`.
-// The cut is taken from this sequence's own range (its actual key count, seqused_k
-// included), read on the device, so no host read of the lengths is needed. Shares differ
-// by at most one block; they are empty only when there are fewer blocks than splits.
+// Narrows a CTA's visible key blocks [n_min, n_max) to share `split` of the shares this
+// sequence uses. The host sizes the grid (num_splits) from the cache capacity, since it
+// reads no lengths (so a captured CUDA graph replays with new cache_seqlens); the count and
+// the cut come from this sequence's actual visible range (seqused_k / cache_seqlens, the
+// window), read here on the device: the first min(num_splits, n / kMinShareBlocks) shares
+// (at least one) get the n blocks, differing by at most one block, and the rest are empty
+// (lse -inf, weight 0 in the combine). A cache filled to a fraction of its capacity thus
+// runs as many working shares as its length calls for, not slivers of one or zero blocks.
 __forceinline__ __device__ void split_share(int &n_min, int &n_max, int split, int num_splits) {
-  const int64_t n = max(n_max - n_min, 0);
-  const int lo = n_min + int(n * split / num_splits);
-  n_max = n_min + int(n * (split + 1) / num_splits);
+  const int64_t n = n_max > n_min ? n_max - n_min : 0;
+  const int64_t by_length = n / kMinShareBlocks;
+  const int used = int(by_length < num_splits ? (by_length > 1 ? by_length : 1) : num_splits);
+  if (split >= used) {
+    n_max = n_min;  // an empty share
+    return;
+  }
+  const int lo = n_min + int(n * split / used);
+  n_max = n_min + int(n * (split + 1) / used);
   n_min = lo;
 }
 

@@ -100,7 +100,11 @@ constexpr BwdTile bwd_dq_tile(BwdTile t) {
 // (query block, sequence, head) is cut into. The kernel cuts each sequence's actual key
 // range on the device; the host sees only capacities, so n_blocks below comes from
 // max_seqlen_k (an upper bound: shorter sequences get shorter shares).
-constexpr int kMaxSplits = 128;  // as flash-attn; also bounds the combine's loop per row
+constexpr int kMaxSplits = 128;
+// Key blocks a split-KV share keeps at the least (when the sequence has that many): the host
+// heuristics cap the split count with it, and the kernel (split_share) leaves the shares of
+// a shorter sequence past n_blocks / kMinShareBlocks empty instead of cutting its keys finer.
+constexpr int kMinShareBlocks = 2;  // as flash-attn; also bounds the combine's loop per row
 
 // The largest split count the grid and the keys allow: at most one key block per share,
 // kMaxSplits, and heads * splits <= 65535 (the split kernel's gridDim.z).
@@ -127,7 +131,7 @@ constexpr int clamp_num_splits(long long splits, int n_blocks, int heads) {
 constexpr int num_splits_heuristic(long long ctas, int num_sms, int n_blocks, int heads) {
   if (ctas <= 0 || num_sms <= 0 || ctas * 5 >= (long long)num_sms * 4) { return 1; }
   const long long want = 2LL * num_sms / ctas;
-  const int blocks_cap = n_blocks / 2 > 1 ? n_blocks / 2 : 1;
+  const int blocks_cap = n_blocks / kMinShareBlocks > 1 ? n_blocks / kMinShareBlocks : 1;
   return clamp_num_splits(want < blocks_cap ? want : blocks_cap, n_blocks, heads);
 }
 // The cases above, checked at compile time: the examples; a full grid; short caches; the
@@ -165,7 +169,7 @@ constexpr int fwd_ctas_per_sm(FwdTile t, int head_dim, int smem_per_sm) {
 // (32 x 8k: 1 share 3.02, 3 shares 2.92), so they keep num_splits_heuristic.
 constexpr int num_splits_heuristic_paged(long long ctas, long long slots, int n_blocks, int heads) {
   if (ctas <= 0 || slots <= 0 || ctas >= 2 * slots) { return 1; }
-  const int blocks_cap = n_blocks / 2 > 1 ? n_blocks / 2 : 1;
+  const int blocks_cap = n_blocks / kMinShareBlocks > 1 ? n_blocks / kMinShareBlocks : 1;
   const int max_s = clamp_num_splits(blocks_cap, n_blocks, heads);
   int best = 1;
   long long best_fill_num = 0, best_fill_den = 1;  // fill of the last wave as a fraction
