@@ -85,21 +85,24 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
   auto state_at = [&](int m, int nt, int half) {
     return state_base + static_cast<int64_t>(64 * m + 16 * warp + g + 8 * half) * p.v_dim + n0 + 8 * nt + 2 * t4;
   };
-  float st[MT][NT8][4];
+  // each_pair(f): f(m, nt, half) for every pair st[m][nt][2 half], st[m][nt][2 half + 1] this thread holds
+  auto each_pair = [&](auto&& f) {
 #pragma unroll
-  for (int m = 0; m < MT; ++m) {
+    for (int m = 0; m < MT; ++m) {
 #pragma unroll
-    for (int nt = 0; nt < NT8; ++nt) {
+      for (int nt = 0; nt < NT8; ++nt) {
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int64_t off = state_at(m, nt, half);
-        float2 v = make_float2(0.f, 0.f);
-        if (p.init != nullptr) v = *reinterpret_cast<const float2*>(p.init + off);
-        st[m][nt][2 * half] = v.x;
-        st[m][nt][2 * half + 1] = v.y;
+        for (int half = 0; half < 2; ++half) f(m, nt, half);
       }
     }
-  }
+  };
+  float st[MT][NT8][4];
+  each_pair([&](int m, int nt, int half) {
+    float2 v = make_float2(0.f, 0.f);
+    if (p.init != nullptr) v = *reinterpret_cast<const float2*>(p.init + state_at(m, nt, half));
+    st[m][nt][2 * half] = v.x;
+    st[m][nt][2 * half + 1] = v.y;
+  });
 
   auto chunk_start = [&](int i) { return sr.bos + static_cast<int64_t>(i) * kChunk; };
   auto chunk_rows = [&](int i) {
@@ -126,17 +129,10 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
     cp_async_wait<kFusedStages - 1>();  // chunk i's group has landed (this thread's copies)
     if (warp == 0) chunk_gate_scan(p.gate, graw + stage * kChunk, rows, head, sb, lane);
     // ---- 1. S_c as an MMA operand, in the input dtype
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-#pragma unroll
-      for (int nt = 0; nt < NT8; ++nt) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int r = 64 * m + 16 * warp + g + 8 * half, c = 8 * nt + 2 * t4;
-          *reinterpret_cast<uint32_t*>(ss + swz<BV>(r, c)) = E::pack(st[m][nt][2 * half], st[m][nt][2 * half + 1]);
-        }
-      }
-    }
+    each_pair([&](int m, int nt, int half) {
+      const int r = 64 * m + 16 * warp + g + 8 * half, c = 8 * nt + 2 * t4;
+      *reinterpret_cast<uint32_t*>(ss + swz<BV>(r, c)) = E::pack(st[m][nt][2 * half], st[m][nt][2 * half + 1]);
+    });
     __syncthreads();  // the stage's tiles (every thread's copies), sb and ss are visible
     const T* qs = sq + stage * kChunk * K;
     const T* ks = sk + stage * kChunk * K;
@@ -238,17 +234,10 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
   cp_async_wait<0>();
 
   if (p.final_state != nullptr) {
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-#pragma unroll
-      for (int nt = 0; nt < NT8; ++nt) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          *reinterpret_cast<float2*>(p.final_state + state_at(m, nt, half)) =
-              make_float2(st[m][nt][2 * half], st[m][nt][2 * half + 1]);
-        }
-      }
-    }
+    each_pair([&](int m, int nt, int half) {
+      *reinterpret_cast<float2*>(p.final_state + state_at(m, nt, half)) =
+          make_float2(st[m][nt][2 * half], st[m][nt][2 * half + 1]);
+    });
   }
 }
 
