@@ -179,6 +179,8 @@ def linear_cases(quick):
         ("chunk_gla varlen empty seqs K100 V72", dict(op="chunk_gla", lens=[0, 65, 1, 130, 0], H=2, K=100, V=72)),
         ("fused_recurrent_gla gk+gv varlen reverse K100 V72", dict(op="fused_recurrent_gla_gv", lens=[40, 0, 33], H=2,
                                                                    K=100, V=72)),
+        # few CTAs, so the one-pass forward cuts the sequences into segments (_kernels.fused_plan)
+        ("chunk_simple_gla segments varlen", dict(op="chunk_simple_gla", lens=[0, 700, 1, 333], H=1, K=128, V=128)),
     ]
     if not quick:
         out += [
@@ -187,6 +189,8 @@ def linear_cases(quick):
             ("fused_recurrent_gla varlen reverse", dict(op="fused_recurrent_gla", lens=[40, 0, 90], H=2, K=64, V=128)),
             ("chunk_simple_gla varlen empty seqs", dict(op="chunk_simple_gla", lens=[0, 65, 1, 130, 0], H=2, K=64,
                                                         V=128)),
+            ("chunk_simple_gla segments 1x600 K256 V64", dict(op="chunk_simple_gla", B=1, T=600, H=1, K=256, V=64)),
+            ("chunk_simple_gla segments 1x1000 K64 V64", dict(op="chunk_simple_gla", B=1, T=1000, H=1, K=64, V=64)),
         ]
     return out
 

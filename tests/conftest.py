@@ -31,10 +31,15 @@ def ieee_fp32_matmul():
 @pytest.fixture
 def route_to_model(monkeypatch):
     """route_to_model(m) sends CPU tensors (float64 too) down flash_attn.linear_attn's CUDA route
-    with m, a model of flash_attn_linear_cuda, as the extension; returns m."""
+    with m, a model of flash_attn_linear_cuda, as the extension; returns m. The chunked forward
+    takes the two-pass route (FLASH_ATTN_LINEAR_FUSED_FWD=0) unless a test turns the one-pass
+    route back on, with a stand-in SM count m.sms (default 1)."""
     from flash_attn.linear_attn import _kernels
 
     def route(m):
+        monkeypatch.setenv(_kernels.FUSED_FWD_ENV, "0")
+        m.sms = 1
+        monkeypatch.setattr(_kernels, "num_sms", lambda device: m.sms)
         monkeypatch.setattr(_kernels, "extension", lambda: m)
         monkeypatch.setattr(_kernels, "on_kernel_device", lambda x: True)
         monkeypatch.setattr(_kernels, "KERNEL_DTYPES", (torch.float16, torch.bfloat16, torch.float32, torch.float64))

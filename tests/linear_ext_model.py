@@ -153,12 +153,17 @@ class LinearExtModel:
         """The V tile of chunk_fused_fwd (tile_size.h: chunk_fused_tile_v)."""
         return 64 if k_dim <= 128 else 32
 
-    def chunk_fused_fwd(self, q, k, v, g, gamma, init, out, final_state, cu_seqlens, scale):
+    def chunk_fused_fwd(self, q, k, v, g, gamma, init, out, final_state, cu_seqlens, scale, seg_chunks=0,
+                        seg_state=None, seg_decay=None):
         """The one-pass forward (chunk_fused.cuh), chunk by chunk with the running state S:
           o_r = scale exp(b_r) q_r S_c + scale sum_{j <= r} exp(b_r - b_j) (q_r . k_j) v_j
           S_{c+1} = exp(b_L) S_c + sum_j exp(b_L - b_j) k_j^T v_j
         S_c rounded to q's dtype where the kernel takes it as an MMA operand (q S_c), as the
-        two-pass forward's stored chunk states are; the running S itself is not rounded."""
+        two-pass forward's stored chunk states are; the running S itself is not rounded.
+        With seg_chunks > 0 and seg_state of S > 1 segments per sequence, as the kernel's two
+        launches: pass 1 writes each segment's local state L_j (from zeros) and log-decay d_j
+        (the sum of its chunks' b_L) into seg_state / seg_decay; pass 2 starts segment j from
+        the fold S <- exp(d_s) S + L_s over s < j, beginning at init."""
         B, T, H, K = q.shape
         V = v.shape[-1]
         assert V % self.chunk_fused_tile_v(K) == 0
@@ -166,12 +171,18 @@ class LinearExtModel:
         vs = v.reshape(B * T, H, V).double().cpu()
         g, gamma = (None if t is None else t.cpu() for t in (g, gamma))
         outs = out.view(B * T, H, V)
-        for n, (bos, eos, _) in enumerate(sequences(B, T, cu_seqlens, None)):
-            S = init[n].double().cpu().clone() if init is not None else torch.zeros(H, K, V, dtype=torch.float64)
-            for _, start, stop in _chunk_rows(bos, eos):
-                Q, Kc, Vc = qs[start:stop], ks[start:stop], vs[start:stop]
-                b = _cumgate(g, gamma, start, stop, H)  # [L, H]
-                bl = b[-1]
+        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        S_per = 1 if seg_chunks == 0 else seg_state.shape[0] // N
+        assert seg_chunks == 0 or (seg_state.shape == (N * S_per, H, K, V) and seg_decay.shape == (N * S_per, H)
+                                   and S_per * seg_chunks * 64 >= T)
+
+        def step(S, start, stop, write):
+            """One chunk from the state S entering it: its output rows (when write) and the state
+            leaving it, with b_L."""
+            Q, Kc, Vc = qs[start:stop], ks[start:stop], vs[start:stop]
+            b = _cumgate(g, gamma, start, stop, H)  # [L, H]
+            bl = b[-1]
+            if write:
                 Sr = S.to(q.dtype).double()
                 inter = torch.einsum("lhk,hkv->lhv", Q, Sr) * torch.exp(b)[..., None]
                 i = torch.arange(stop - start)
@@ -181,7 +192,28 @@ class LinearExtModel:
                 scores = torch.einsum("ihk,jhk->hij", Q, Kc) * D
                 o = scale * inter + scale * torch.einsum("hij,jhv->ihv", scores, Vc)
                 outs[start:stop] = o.to(out.dtype)
-                S = torch.exp(bl)[:, None, None] * S + torch.einsum("lhk,lh,lhv->hkv", Kc, torch.exp(bl - b), Vc)
+            return torch.exp(bl)[:, None, None] * S + torch.einsum("lhk,lh,lhv->hkv", Kc, torch.exp(bl - b), Vc), bl
+
+        for n, (bos, eos, _) in enumerate(sequences(B, T, cu_seqlens, None)):
+            chunks = list(_chunk_rows(bos, eos))
+            per = seg_chunks if S_per > 1 else max(len(chunks), 1)
+            segs = [chunks[i:i + per] for i in range(0, len(chunks), per)] or [[]]
+            assert len(segs) <= S_per
+            # S_in: the state entering segment j (the fold); S: pass 2's running state within it
+            S_in = init[n].double().cpu().clone() if init is not None else torch.zeros(H, K, V, dtype=torch.float64)
+            for j, seg in enumerate(segs):
+                if j > 0:  # pass 1 of segment j - 1, then its fold into S_in
+                    L, d = torch.zeros(H, K, V, dtype=torch.float64), torch.zeros(H, dtype=torch.float64)
+                    for _, start, stop in segs[j - 1]:
+                        L, bl = step(L, start, stop, False)
+                        d = d + bl
+                    seg_state[n * S_per + j - 1] = L.to(seg_state.dtype)
+                    seg_decay[n * S_per + j - 1] = d.to(seg_decay.dtype)
+                    S_in = torch.exp(seg_decay[n * S_per + j - 1].double())[:, None, None] * S_in + \
+                        seg_state[n * S_per + j - 1].double()
+                S = S_in
+                for _, start, stop in seg:
+                    S, _ = step(S, start, stop, True)
             if final_state is not None:
                 final_state[n] = S.to(final_state.dtype)
 

@@ -18,6 +18,8 @@ caching allocator, so an element a kernel never writes shows.
 Environment: FLASH_ATTN_TEST_QUICK=1 (subset), FLASH_ATTN_REQUIRE_CUDA=1 (fail, not skip,
 when the GPU or the extension is missing).
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -425,31 +427,42 @@ def test_deterministic():
 
 
 # --------------------------------------------------------------------------- one-pass forward (chunk_fused_fwd)
-# csrc/linear_attn/chunk_fused.cuh: chunk_state + chunk_output in one kernel, behind
-# FLASH_ATTN_LINEAR_FUSED_FWD=1 on the route (flash_attn/linear_attn/_kernels.py: use_fused_forward).
+# csrc/linear_attn/chunk_fused.cuh: chunk_state + chunk_output in one kernel, the default forward
+# of the scalar-gate ops (FLASH_ATTN_LINEAR_FUSED_FWD=0 turns it off; _kernels.fused_plan), with
+# the sequences cut into segments where the grid would be smaller than the GPU.
 
 def _fused_cases():
-    """(dt, T, K, V, gate, scale, states, lens): every T at K = V = 128, every head-dim pair at two
-    T, the gates and dtypes, scale 0.1, no initial / final state, and varlen with empty sequences."""
-    cases = [("bf16", t, 128, 128, "g", 1.0, True, None) for t in (1, 17, 63, 64, 65, 500, 2048)]
-    cases += [("bf16", t, k, v, "g", 1.0, True, None) for t in (65, 500)
+    """(dt, T, K, V, gate, scale, states, lens, seg_chunks): every T at K = V = 128, every head-dim
+    pair at two T, the gates and dtypes, scale 0.1, no initial / final state, varlen with empty
+    sequences; and the same in segments (seg_chunks > 0: a last segment shorter, segments of one
+    chunk, a last chunk of 1 row, varlen sequences of fewer chunks than others' segments)."""
+    cases = [("bf16", t, 128, 128, "g", 1.0, True, None, 0) for t in (1, 17, 63, 64, 65, 500, 2048)]
+    cases += [("bf16", t, k, v, "g", 1.0, True, None, 0) for t in (65, 500)
               for k, v in ((64, 64), (256, 256), (64, 256), (256, 64), (128, 256), (256, 128))]
-    cases += [(dt, t, 128, 128, gate, 1.0, True, None) for dt in DTYPES for gate in ("g", "gamma", None)
+    cases += [(dt, t, 128, 128, gate, 1.0, True, None, 0) for dt in DTYPES for gate in ("g", "gamma", None)
               for t in (63, 2048)]
-    cases += [(dt, 500, k, k, gate, 0.1, states, None) for dt in DTYPES for k in (64, 256)
+    cases += [(dt, 500, k, k, gate, 0.1, states, None, 0) for dt in DTYPES for k in (64, 256)
               for gate in ("g", "gamma") for states in (True, False)]
-    cases += [(dt, None, k, k, "g", 0.3, states, EMPTY_LENS) for dt in DTYPES for k in (64, 128, 256)
+    cases += [(dt, None, k, k, "g", 0.3, states, EMPTY_LENS, 0) for dt in DTYPES for k in (64, 128, 256)
               for states in (True, False)]
+    # segments
+    cases += [(dt, 2048, 128, 128, gate, 1.0, True, None, sc) for dt in DTYPES for gate in ("g", "gamma", None)
+              for sc in (3, 8)]
+    cases += [("bf16", t, k, k, "g", 0.5, states, None, sc) for t, sc in ((65, 1), (129, 1), (500, 2), (1000, 4))
+              for k in (64, 128, 256) for states in (True, False)]
+    cases += [(dt, None, k, k, gate, 0.3, True, EMPTY_LENS, sc) for dt in DTYPES for k in (64, 128, 256)
+              for gate in ("g", None) for sc in (1, 2)]
     if QUICK:
         cases = [c for c in cases if c[1] in (65, 2048, None) and c[2] == 128]
     return [pytest.param(*c, id=f"{c[0]}-T{c[1] if c[7] is None else 'varlen'}-K{c[2]}-V{c[3]}-{c[4]}-s{c[5]}-"
-                         f"{'states' if c[6] else 'nostates'}") for c in cases]
+                         f"{'states' if c[6] else 'nostates'}" + (f"-seg{c[8]}" if c[8] else ""))
+            for c in cases]
 
 
-@pytest.mark.parametrize("dt,T,K,V,gate,scale,states,lens", _fused_cases())
-def test_chunk_fused_fwd_kernel(dt, T, K, V, gate, scale, states, lens):
+@pytest.mark.parametrize("dt,T,K,V,gate,scale,states,lens,seg_chunks", _fused_cases())
+def test_chunk_fused_fwd_kernel(dt, T, K, V, gate, scale, states, lens, seg_chunks):
     """The kernel against the two-pass forward (chunk_state + chunk_output, same inputs) and the
-    fp32 recurrence: o and the final state."""
+    fp32 recurrence: o and the final state. With segments, the workspace starts as NaN."""
     dtype = DTYPES[dt]
     B, T, H = (2, T, 3) if lens is None else (1, sum(lens), 2)
     N = B if lens is None else len(lens)
@@ -459,7 +472,13 @@ def test_chunk_fused_fwd_kernel(dt, T, K, V, gate, scale, states, lens):
     poison_allocator(((B, T, H, V), dtype), ((N, H, K, V), torch.float32))
     o = torch.empty(B, T, H, V, device="cuda", dtype=dtype)
     final = torch.empty(N, H, K, V, device="cuda", dtype=torch.float32) if states else None
-    ext().chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, s.cu, scale)
+    if seg_chunks:
+        S = -(-(-(-T // 64)) // seg_chunks)  # segments per sequence: ceil(ceil(T / 64) / seg_chunks)
+        seg_state = torch.full((N * S, H, K, V), math.nan, device="cuda")
+        seg_decay = torch.full((N * S, H), math.nan, device="cuda")
+        ext().chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, s.cu, scale, seg_chunks, seg_state, seg_decay)
+    else:
+        ext().chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, s.cu, scale)
     # the two passes (chunk_state, chunk_output) called directly, whatever the switch says
     final2 = torch.empty(N, H, K, V, device="cuda", dtype=torch.float32) if states else None
     h = _kernels._states(ext(), k, v, g, gamma, h0, s, final2)
@@ -470,10 +489,29 @@ def test_chunk_fused_fwd_kernel(dt, T, K, V, gate, scale, states, lens):
     check("o vs two-pass", o, o2, OUT_TOL)
     check("o vs reference", o, o_ref, OUT_TOL)
     if states:
-        check("final_state vs two-pass", final, final2, 1e-4)  # the same fp32 sums in the same order
+        # the same fp32 sums in the same order without segments; regrouped with them
+        check("final_state vs two-pass", final, final2, 1e-4 if not seg_chunks else 1e-3)
         check("final_state vs reference", final, ht_ref, OUT_TOL)
         if lens is not None:  # empty sequences: the state passes through
             assert torch.equal(final[0], h0[0]) and torch.equal(final[4], h0[4])
+
+
+def test_chunk_fused_fwd_segment_arguments():
+    """Bad segment workspaces are refused before any launch."""
+    q, k, v, g, _, h0 = make_inputs(2, 300, 2, 128, 128, "g", 1.0, torch.bfloat16)
+    o = torch.empty_like(v)
+    f32 = dict(device="cuda", dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="seg_state and seg_decay"):
+        ext().chunk_fused_fwd(q, k, v, g, None, h0, o, None, None, 1.0, 2)
+    with pytest.raises(RuntimeError, match="must cover T"):  # 2 x 2 chunks < 5 chunks
+        ext().chunk_fused_fwd(q, k, v, g, None, h0, o, None, None, 1.0, 2, torch.empty(4, 2, 128, 128, **f32),
+                              torch.empty(4, 2, **f32))
+    with pytest.raises(RuntimeError, match="seg_decay"):
+        ext().chunk_fused_fwd(q, k, v, g, None, h0, o, None, None, 1.0, 2, torch.empty(6, 2, 128, 128, **f32),
+                              torch.empty(6, 3, **f32))
+    with pytest.raises(RuntimeError, match="seg_state"):
+        ext().chunk_fused_fwd(q, k, v, g, None, h0, o, None, None, 1.0, 2, torch.empty(5, 2, 128, 128, **f32),
+                              torch.empty(5, 2, **f32))
 
 
 class _Spy:
@@ -540,14 +578,29 @@ def test_fused_forward_switch_routes(fused_switch, op, kwargs, K, V, lens):
             assert torch.equal(a, b), name  # the backward does not depend on the forward's path
 
 
-def test_fused_forward_follows_the_sm_count(fused_switch):
-    """With the device's own SM count: B * H * (V / BV) >= SMs takes the one-pass forward."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for heads, want in ((1, False), (sms, True)):  # B = 1, V = 128 (BV 64): 2 * heads CTAs
-        q, k, v, g, _, h0 = make_inputs(1, 200, heads, 128, 128, "g", 1.0, torch.bfloat16)
-        spy = fused_switch(True)
-        la.chunk_simple_gla(q, k, v, g=g, initial_state=h0)
-        assert ("chunk_fused_fwd" in spy.calls) == want, (heads, sms, spy.calls)
+@pytest.mark.parametrize("lens", [None, (0, 3000, 64, 900, 1)], ids=["batched", "varlen"])
+def test_fused_forward_segments_on_the_device(fused_switch, lens):
+    """With the device's own SM count, a grid of few CTAs (1 sequence or a packed row, 2 heads)
+    runs in segments (fused_plan), and equals the two-pass forward and the reference, gradients
+    included."""
+    B, T, H = (1, 4000, 2) if lens is None else (1, sum(lens), 2)
+    N = B if lens is None else len(lens)
+    q, k, v, g, _, h0 = make_inputs(B, T, H, 128, 128, "g", 1.0, torch.bfloat16, N=N)
+    cu = None if lens is None else offsets(lens)
+    spy = fused_switch(True)
+    seg_chunks, segments = _kernels.fused_plan(spy, q, v, seqs(B, T, lens))
+    assert seg_chunks > 0 and segments > 1, (seg_chunks, segments)
+    poison_allocator(((B, T, H, 128), torch.bfloat16), ((N, H, 128, 128), torch.float32))
+    o_on, ht_on = la.chunk_simple_gla(q, k, v, g=g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    assert spy.calls == ["chunk_fused_fwd"], spy.calls
+    fused_switch(False)
+    o_off, ht_off = la.chunk_simple_gla(q, k, v, g=g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    o_ref, ht_ref = linear_attn_recurrent_ref(q.float(), k.float(), v.float(), g=g, initial_state=h0,
+                                              output_final_state=True, cu_seqlens=cu)
+    check("o vs two-pass", o_on, o_off, OUT_TOL)
+    check("o vs reference", o_on, o_ref, OUT_TOL)
+    check("final_state vs two-pass", ht_on, ht_off, 1e-3)
+    check("final_state vs reference", ht_on, ht_ref, OUT_TOL)
 
 
 # --------------------------------------------------------------------------- GLA: launchers vs the model

@@ -228,27 +228,32 @@ def test_bf16_route_dtypes_and_accuracy(model):
     check_bf16_against_reference(o, ht, leaves)
 
 
-# --------------------------------------------------------------------------- one-pass forward (switch)
-# FLASH_ATTN_LINEAR_FUSED_FWD=1 routes the chunked forward of the scalar-gate ops to chunk_fused_fwd
-# when N * H * (V / BV) >= the SM count (_kernels.num_sms, replaced here); off by default.
+# --------------------------------------------------------------------------- one-pass forward
+# The chunked forward of the scalar-gate ops runs chunk_fused_fwd unless FLASH_ATTN_LINEAR_FUSED_FWD=0;
+# when N * H * (V / BV) is below the SM count (_kernels.num_sms, replaced here) it cuts the
+# sequences into segments (fused_plan).
 
 @pytest.fixture
 def fused(model, monkeypatch):
-    """The switch on and a GPU of `sms` SMs (default 1: every grid fills it); returns the model."""
-    monkeypatch.setenv(_kernels.FUSED_FWD_ENV, "1")
-    model.sms = 1
-    monkeypatch.setattr(_kernels, "num_sms", lambda device: model.sms)
+    """The default switch (on) and a GPU of model.sms SMs (1: every grid fills it); returns the model."""
+    monkeypatch.delenv(_kernels.FUSED_FWD_ENV, raising=False)
     return model
 
 
-def test_fused_forward_is_off_by_default(model, monkeypatch):
-    monkeypatch.delenv(_kernels.FUSED_FWD_ENV, raising=False)
+def test_fused_forward_is_on_by_default_and_can_be_turned_off(fused, monkeypatch):
+    model = fused
+    assert _kernels.fused_forward_enabled()
     q, k, v, g, _, h0 = make(2, 70, 2, 64, 64)
-    la.chunk_simple_gla(q, k, v, g=g, initial_state=h0, output_final_state=True)
-    assert "chunk_fused_fwd" not in model.calls and "chunk_output" in model.calls
-    for off in ("0", "", "false"):
+    o_on, ht_on = la.chunk_simple_gla(q, k, v, g=g, initial_state=h0, output_final_state=True)
+    assert model.calls == ["chunk_fused_fwd"]
+    for off in ("0", "", "false", "off"):
         monkeypatch.setenv(_kernels.FUSED_FWD_ENV, off)
         assert not _kernels.fused_forward_enabled()
+    model.calls.clear()
+    o_off, ht_off = la.chunk_simple_gla(q, k, v, g=g, initial_state=h0, output_final_state=True)
+    assert "chunk_fused_fwd" not in model.calls and "chunk_output" in model.calls
+    close(o_on, o_off)
+    close(ht_on, ht_off)
 
 
 @pytest.mark.parametrize("gate", ["g", "gamma", None], ids=["g", "gamma", "nogate"])
@@ -278,16 +283,57 @@ def test_fused_forward_varlen_and_no_states(fused):
     assert fused.calls == ["chunk_fused_fwd"] * 2
 
 
-def test_fused_forward_only_when_the_grid_fills_the_gpu(fused):
-    # N * H * (V / BV): 2 * 2 * (128 / 64) = 8 CTAs at K = 64; 2 * 2 * (128 / 32) = 16 at K = 256
-    for K, sms, want in ((64, 8, True), (64, 9, False), (256, 16, True), (256, 17, False)):
-        fused.calls.clear()
-        fused.sms = sms
-        q, k, v, g, _, h0 = make(2, 70, 2, K, 128)
-        o, ht = la.chunk_simple_gla(q, k, v, g=g, initial_state=h0, output_final_state=True)
-        close(o, linear_attn_recurrent_ref(q, k, v, g=g, initial_state=h0)[0])
-        assert ("chunk_fused_fwd" in fused.calls) == want, (K, sms)
-        assert ("chunk_output" in fused.calls) != want, (K, sms)
+class _PlanExt:
+    def chunk_fused_tile_v(self, k_dim):
+        return 64 if k_dim <= 128 else 32
+
+
+@pytest.mark.parametrize("B,T,H,K,V,sms,want", [
+    (2, 70, 2, 64, 128, 8, (0, 1)),         # 8 CTAs fill 8 SMs
+    (2, 70, 2, 64, 128, 9, (0, 1)),         # 2 chunks: too short to cut
+    (2, 4096, 16, 128, 128, 132, (16, 4)),  # 64 CTAs: 4 segments (264 // 64) of 16 chunks
+    (1, 65536, 16, 128, 128, 132, (128, 8)),  # 32 CTAs: 8 segments of 128 chunks, 256 CTAs
+    (1, 1000, 16, 128, 128, 132, (4, 4)),     # 16 chunks: 4 segments of the least 4 chunks
+    (1, 400, 16, 128, 128, 132, (0, 1)),      # 7 chunks: too few for two segments of 4
+    (1, 16384, 16, 128, 128, 132, (32, 8)),   # 256 chunks in 8 segments -> 256 CTAs
+    (4, 4096, 16, 128, 128, 132, (32, 2)),    # 128 CTAs -> two segments each
+    (1, 600, 1, 256, 256, 132, (5, 2)),       # 10 chunks: at least 4 chunks per segment
+    (1, 1 << 20, 1, 64, 64, 132, (512, 32)),  # at most 32 segments
+], ids=["fills", "short", "2x4096", "1x65536", "1x1000", "1x400", "1x16384", "4x4096", "min-chunks", "max-segments"])
+def test_fused_plan(monkeypatch, B, T, H, K, V, sms, want):
+    """fused_plan's segments: (seg_chunks, segments per sequence), covering every chunk."""
+    monkeypatch.delenv(_kernels.FUSED_FWD_ENV, raising=False)
+    monkeypatch.setattr(_kernels, "num_sms", lambda device: sms)
+    q = torch.empty(B, T, H, K, device="meta")
+    v = torch.empty(B, T, H, V, device="meta")
+    plan = _kernels.fused_plan(_PlanExt(), q, v, _kernels.Seqs(B, T, None, q.device))
+    assert plan == want
+    seg_chunks, segs = plan
+    chunks = -(-T // 64)
+    assert seg_chunks == 0 or (segs * seg_chunks >= chunks and (segs - 1) * seg_chunks < chunks)
+
+
+@pytest.mark.parametrize("lens", [None, [0, 700, 65, 300, 1]], ids=["batched", "varlen"])
+@pytest.mark.parametrize("gate", ["g", "gamma", None], ids=["g", "gamma", "nogate"])
+def test_fused_forward_segments_match_reference(fused, lens, gate):
+    """Many SMs, few CTAs: the sequences run in segments (seg_state / seg_decay folded in)."""
+    fused.sms = 1000
+    (q, k, v, g, gamma, h0), cu_ = make_case(600, 64, 64, lens, gate=gate)
+    seen = []
+    real = fused.chunk_fused_fwd
+
+    def spy(*args, **kw):
+        seen.append(args[10:] if len(args) > 10 else ())
+        return real(*args, **kw)
+    fused.chunk_fused_fwd = spy
+    o, ht = la.chunk_simple_gla(q, k, v, g=g, g_gamma=gamma, scale=0.7, initial_state=h0, output_final_state=True,
+                                cu_seqlens=cu_)
+    o_ref, ht_ref = linear_attn_recurrent_ref(q, k, v, g=g, g_gamma=gamma, scale=0.7, initial_state=h0,
+                                              output_final_state=True, cu_seqlens=cu_)
+    close(o, o_ref)
+    close(ht, ht_ref)
+    (seg_chunks, seg_state, seg_decay), = seen
+    assert seg_chunks >= 4 and seg_state.shape[0] > (1 if lens is None else 5)  # cut into segments
 
 
 def test_fused_forward_ops_and_backward(fused):
@@ -327,6 +373,12 @@ def test_fused_model_matches_two_pass_model_in_bf16():
     m.chunk_output(q, k, v, states, o2, None, None, g.float(), None, None, None, 0.5, 0.5, False, False)
     assert rms_ratio(o1, o2) < 2e-3  # bf16 output rounding at most
     assert torch.equal(f1, f2)
+    # in segments of 1 chunk (3 per sequence): the states regroup, the result does not change
+    o3, f3 = torch.empty_like(v), torch.empty(2, 2, 64, 128)
+    m.chunk_fused_fwd(q, k, v, g.float(), None, h0, o3, f3, None, 0.5, 1, torch.empty(6, 2, 64, 128),
+                      torch.empty(6, 2))
+    assert rms_ratio(o3, o1) < 2e-3
+    assert rms_ratio(f3, f1) < 1e-6
 
 
 # --------------------------------------------------------------------------- GLA (per-key gates)

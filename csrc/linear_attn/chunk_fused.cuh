@@ -29,6 +29,19 @@
 //   3. S: decay by exp(b_L), + k^T (w v) with w_j = exp(b_L - b_j) folded into v's B fragments
 //   4. __syncthreads (ss, sb and the stage are free for chunk i + 1)
 // Steps 2 and 3 are independent (both read only q, k, v, sb and ss), so their MMAs interleave.
+//
+// Segments (seg_chunks > 0): one CTA per (sequence, head, V tile) has too little parallelism when
+// B * H * (V / BV) is below the GPU's CTA slots (long sequences, few heads). Then each sequence is
+// cut into segments of seg_chunks chunks (the last one shorter), and two launches run:
+//   pass 1 (kStateOnly): the CTA of segment j (all but the last) walks its chunks from a zero state
+//          doing step 3 only: its local state L_j = sum_j' exp(b_end - b_j') k_j'^T v_j' over the
+//          segment, into seg_state, and the segment's whole log-decay d_j (sum of its gates) into
+//          seg_decay;
+//   pass 2: the CTA of segment j starts from S = fold over s < j of S <- exp(d_s) S + L_s, from h0
+//          (or zeros), which is the state entering the segment, then runs steps 1-4 over its chunks;
+//          the last segment writes the final state.
+// Every segment boundary is a chunk boundary, so the chunks and their MMAs are those of one pass;
+// only the fp32 sums of the states regroup (rounding differences, not a different result).
 #pragma once
 
 #include "chunk_info.cuh"
@@ -39,15 +52,18 @@ namespace linear_attn {
 constexpr int kFusedStages = 2;
 constexpr int kFusedThreads = 128;
 
-template <int K, int BV>
+// Pass 1 (kStateOnly) has no q tiles and no S_c operand: 48.5 KB at K 128, BV 64.
+template <int K, int BV, bool kStateOnly = false>
 constexpr int chunk_fused_smem_bytes() {
-  return kFusedStages * ((2 * kChunk * K + kChunk * BV) * 2 + kChunk * 4) + K * BV * 2;
+  return kFusedStages * (((kStateOnly ? 1 : 2) * kChunk * K + kChunk * BV) * 2 + kChunk * 4) +
+         (kStateOnly ? 0 : K * BV * 2);
 }
 
 static_assert(chunk_fused_smem_bytes<128, 64>() == 98816, "K 128, BV 64: 96.5 KB");
+static_assert(chunk_fused_smem_bytes<128, 64, true>() == 49664, "pass 1 at K 128, BV 64: 48.5 KB");
 static_assert(chunk_fused_smem_bytes<256, 32>() <= 163 * 1024, "K 256, BV 32 fits an sm80 SM");
 
-template <typename Tag, int K, int BV>
+template <typename Tag, int K, int BV, bool kStateOnly>
 __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const ChunkFusedParams p) {
   using E = Elem<Tag>;
   using T = typename E::T;
@@ -58,20 +74,27 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
   static_assert(BV == 32 || BV == 64, "V tiles of 32 or 64 columns");
   static_assert(K * BV / kThreads <= 64, "at most 64 fp32 state registers per thread");
 
+  constexpr int kQStages = kStateOnly ? 0 : kFusedStages;  // pass 1 reads no q
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* sq = reinterpret_cast<T*>(smem_raw);              // [stage] (chunk row, k) swizzled
-  T* sk = sq + kFusedStages * kChunk * K;               // [stage] (chunk row, k) swizzled
-  T* sv = sk + kFusedStages * kChunk * K;               // [stage] (chunk row, n) swizzled
-  T* ss = sv + kFusedStages * kChunk * BV;              // S_c: (k, n) swizzled
-  float* graw = reinterpret_cast<float*>(ss + K * BV);  // [stage] [kChunk] raw gates
-  __shared__ float sb[kChunk];                          // chunk-local cumulative log-gate
+  T* sq = reinterpret_cast<T*>(smem_raw);                   // [stage] (chunk row, k) swizzled
+  T* sk = sq + kQStages * kChunk * K;                        // [stage] (chunk row, k) swizzled
+  T* sv = sk + kFusedStages * kChunk * K;                    // [stage] (chunk row, n) swizzled
+  T* ss = sv + kFusedStages * kChunk * BV;                   // S_c: (k, n) swizzled (not in pass 1)
+  float* graw = reinterpret_cast<float*>(ss + (kStateOnly ? 0 : K * BV));  // [stage] [kChunk] raw gates
+  __shared__ float sb[kChunk];                               // chunk-local cumulative log-gate
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
-  const int seq = blockIdx.x, head = blockIdx.y, H = p.seq.heads;
+  const int seq = blockIdx.x / p.max_segs, seg = blockIdx.x % p.max_segs;
+  const int head = blockIdx.y, H = p.seq.heads;
   const int n0 = blockIdx.z * BV;
   const SeqRange sr = sequence_range(p.seq, seq);
   const int nchunks = static_cast<int>((sr.eos - sr.bos + kChunk - 1) / kChunk);
+  // this CTA's chunks [c_begin, c_end): the whole sequence without segments
+  const int per_seg = p.seg_chunks > 0 ? p.seg_chunks : max(nchunks, 1);
+  const int nsegs = max(1, (nchunks + per_seg - 1) / per_seg);  // an empty sequence has one (empty) segment
+  if (seg >= nsegs || (kStateOnly && seg == nsegs - 1)) return;  // pass 1 never needs the last segment's L
+  const int c_begin = seg * per_seg, c_end = min(nchunks, c_begin + per_seg);
 
   const int64_t ldk = static_cast<int64_t>(H) * K, ldv = static_cast<int64_t>(H) * p.v_dim;
   const T* qg = static_cast<const T*>(p.q) + static_cast<int64_t>(head) * K;
@@ -79,11 +102,14 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
   const T* vg = static_cast<const T*>(p.v) + static_cast<int64_t>(head) * p.v_dim + n0;
   T* og = static_cast<T*>(p.out) + static_cast<int64_t>(head) * p.v_dim + n0;
   const int64_t state_base = (static_cast<int64_t>(seq) * H + head) * K * p.v_dim;
+  // segment s of this sequence in seg_state [N * max_segs, H, K, V] and seg_decay [N * max_segs, H]
+  auto seg_row = [&](int s) { return (static_cast<int64_t>(seq) * p.max_segs + s) * H + head; };
 
   // st[m][nt][0..1] = S (64 m + 16 warp + g, n0 + 8 nt + 2 t4 + {0, 1}); [2..3] the row + 8;
-  // state_at: where st[m][nt][2 half ..] lives in an fp32 [N, H, K, V] state
-  auto state_at = [&](int m, int nt, int half) {
-    return state_base + static_cast<int64_t>(64 * m + 16 * warp + g + 8 * half) * p.v_dim + n0 + 8 * nt + 2 * t4;
+  // state_at: where st[m][nt][2 half ..] lives in an fp32 [.., K, V] state whose (K, V) matrix
+  // starts at `base` (state_base: this sequence and head in an [N, H, K, V] state)
+  auto state_at = [&](int m, int nt, int half, int64_t base) {
+    return base + static_cast<int64_t>(64 * m + 16 * warp + g + 8 * half) * p.v_dim + n0 + 8 * nt + 2 * t4;
   };
   // each_pair(f): f(m, nt, half) for every pair st[m][nt][2 half], st[m][nt][2 half + 1] this thread holds
   auto each_pair = [&](auto&& f) {
@@ -99,10 +125,23 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
   float st[MT][NT8][4];
   each_pair([&](int m, int nt, int half) {
     float2 v = make_float2(0.f, 0.f);
-    if (p.init != nullptr) v = *reinterpret_cast<const float2*>(p.init + state_at(m, nt, half));
+    if (!kStateOnly && p.init != nullptr) v = *reinterpret_cast<const float2*>(p.init + state_at(m, nt, half, state_base));
     st[m][nt][2 * half] = v.x;
     st[m][nt][2 * half + 1] = v.y;
   });
+  if constexpr (!kStateOnly) {
+    // the state entering segment seg: the earlier segments' pass-1 results folded in order
+    for (int s = 0; s < seg; ++s) {
+      const float decay = __expf(p.seg_decay[seg_row(s)]);
+      const int64_t base = seg_row(s) * K * p.v_dim;
+      each_pair([&](int m, int nt, int half) {
+        const float2 l = *reinterpret_cast<const float2*>(p.seg_state + state_at(m, nt, half, base));
+        st[m][nt][2 * half] = fmaf(decay, st[m][nt][2 * half], l.x);
+        st[m][nt][2 * half + 1] = fmaf(decay, st[m][nt][2 * half + 1], l.y);
+      });
+    }
+  }
+  float seg_log_decay = 0.f;  // pass 1: the sum of the segment's gates (the b_L of its chunks)
 
   auto chunk_start = [&](int i) { return sr.bos + static_cast<int64_t>(i) * kChunk; };
   auto chunk_rows = [&](int i) {
@@ -112,34 +151,36 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
     const int stage = i % kFusedStages;
     const int64_t start = chunk_start(i);
     const int rows = chunk_rows(i);
-    load_tile<kChunk, K, kThreads>(sq + stage * kChunk * K, qg + start * ldk, ldk, rows, tid);
+    if constexpr (!kStateOnly) load_tile<kChunk, K, kThreads>(sq + stage * kChunk * K, qg + start * ldk, ldk, rows, tid);
     load_tile<kChunk, K, kThreads>(sk + stage * kChunk * K, kg + start * ldk, ldk, rows, tid);
     load_tile<kChunk, BV, kThreads>(sv + stage * kChunk * BV, vg + start * ldv, ldv, rows, tid);
     if (warp == 0) chunk_gate_load_async(p.gate, start, rows, head, H, graw + stage * kChunk, lane);
   };
 
-  if (nchunks > 0) issue(0);
+  if (c_begin < c_end) issue(c_begin);
   cp_async_commit();
-  for (int i = 0; i < nchunks; ++i) {
-    const int stage = i % kFusedStages;
-    if (i + 1 < nchunks) issue(i + 1);
+  for (int i = c_begin; i < c_end; ++i) {
+    const int stage = (i - c_begin) % kFusedStages;
+    if (i + 1 < c_end) issue(i + 1);
     cp_async_commit();
     const int64_t row0 = chunk_start(i);
     const int rows = chunk_rows(i);
     cp_async_wait<kFusedStages - 1>();  // chunk i's group has landed (this thread's copies)
     if (warp == 0) chunk_gate_scan(p.gate, graw + stage * kChunk, rows, head, sb, lane);
     // ---- 1. S_c as an MMA operand, in the input dtype
-    each_pair([&](int m, int nt, int half) {
-      const int r = 64 * m + 16 * warp + g + 8 * half, c = 8 * nt + 2 * t4;
-      *reinterpret_cast<uint32_t*>(ss + swz<BV>(r, c)) = E::pack(st[m][nt][2 * half], st[m][nt][2 * half + 1]);
-    });
+    if constexpr (!kStateOnly) {
+      each_pair([&](int m, int nt, int half) {
+        const int r = 64 * m + 16 * warp + g + 8 * half, c = 8 * nt + 2 * t4;
+        *reinterpret_cast<uint32_t*>(ss + swz<BV>(r, c)) = E::pack(st[m][nt][2 * half], st[m][nt][2 * half + 1]);
+      });
+    }
     __syncthreads();  // the stage's tiles (every thread's copies), sb and ss are visible
     const T* qs = sq + stage * kChunk * K;
     const T* ks = sk + stage * kChunk * K;
     const T* vs = sv + stage * kChunk * BV;
 
     // ---- 2. the chunk's output rows 16 warp .. 16 warp + 15
-    {
+    if constexpr (!kStateOnly) {
       float s[8][4];   // scores q_w k^T: 16 rows x 64 chunk columns
       float o[NT8][4]; // 16 rows x BV
       zero_frags(s);
@@ -194,6 +235,7 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
     {
       const float bl = sb[kChunk - 1];
       const float decay = __expf(bl);
+      seg_log_decay += bl;
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
 #pragma unroll
@@ -233,27 +275,45 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
   }
   cp_async_wait<0>();
 
-  if (p.final_state != nullptr) {
+  if constexpr (kStateOnly) {
+    const int64_t base = seg_row(seg) * K * p.v_dim;
     each_pair([&](int m, int nt, int half) {
-      *reinterpret_cast<float2*>(p.final_state + state_at(m, nt, half)) =
+      *reinterpret_cast<float2*>(p.seg_state + state_at(m, nt, half, base)) =
+          make_float2(st[m][nt][2 * half], st[m][nt][2 * half + 1]);
+    });
+    if (blockIdx.z == 0 && tid == 0) p.seg_decay[seg_row(seg)] = seg_log_decay;  // the same in every V tile
+  } else if (p.final_state != nullptr && seg == nsegs - 1) {
+    each_pair([&](int m, int nt, int half) {
+      *reinterpret_cast<float2*>(p.final_state + state_at(m, nt, half, state_base)) =
           make_float2(st[m][nt][2 * half], st[m][nt][2 * half + 1]);
     });
   }
 }
 
-template <typename Tag, int K, int BV>
-cudaError_t run_chunk_fused_fwd(const ChunkFusedParams& p, cudaStream_t stream) {
-  if (p.seq.num_seqs == 0 || p.seq.heads == 0 || p.v_dim == 0) return cudaSuccess;
-  if (p.k_dim != K || p.v_dim % BV != 0) return cudaErrorInvalidValue;
-  constexpr int smem = chunk_fused_smem_bytes<K, BV>();
-  auto kernel = chunk_fused_fwd_kernel<Tag, K, BV>;
+// One launch of the kernel (grid: sequences x segments, heads, V tiles).
+template <typename Tag, int K, int BV, bool kStateOnly>
+cudaError_t launch_chunk_fused(const ChunkFusedParams& p, cudaStream_t stream) {
+  constexpr int smem = chunk_fused_smem_bytes<K, BV, kStateOnly>();
+  auto kernel = chunk_fused_fwd_kernel<Tag, K, BV, kStateOnly>;
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid(p.seq.num_seqs, p.seq.heads, p.v_dim / BV);
+  const dim3 grid(p.seq.num_seqs * p.max_segs, p.seq.heads, p.v_dim / BV);
   kernel<<<grid, kFusedThreads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename Tag, int K, int BV>
+cudaError_t run_chunk_fused_fwd(const ChunkFusedParams& p, cudaStream_t stream) {
+  if (p.seq.num_seqs == 0 || p.seq.heads == 0 || p.v_dim == 0) return cudaSuccess;
+  if (p.k_dim != K || p.v_dim % BV != 0 || p.max_segs < 1) return cudaErrorInvalidValue;
+  if (p.max_segs > 1) {  // segments: pass 1, the local states
+    if (p.seg_chunks < 1 || p.seg_state == nullptr || p.seg_decay == nullptr) return cudaErrorInvalidValue;
+    const cudaError_t err = launch_chunk_fused<Tag, K, BV, true>(p, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return launch_chunk_fused<Tag, K, BV, false>(p, stream);
 }
 
 }  // namespace linear_attn

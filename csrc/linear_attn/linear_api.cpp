@@ -397,9 +397,13 @@ void chunk_output(const Tensor& x, const Tensor& y, const Tensor& z, const Tenso
 // g [B, T, H] or gamma [H] fp32 (or neither); init / final_state fp32 [N_seq, H, K, V], each optional.
 // The same o and final state as chunk_state + chunk_output (x = q, y = k, z = v, lower, both scales
 // = scale), with no states in global memory. K in {64, 128, 256}; V a multiple of the V tile.
+// seg_chunks > 0 cuts every sequence into segments of that many chunks, each its own CTA (two
+// launches, chunk_fused.cuh); seg_state fp32 [N_seq * S, H, K, V] and seg_decay fp32 [N_seq * S, H]
+// are then its workspace, S (segments per sequence) their first size / N_seq, with
+// S * seg_chunks * 64 >= T so that every sequence's chunks are covered.
 void chunk_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& g, const OptTensor& gamma,
                      const OptTensor& init, Tensor& out, const OptTensor& final_state, const OptTensor& cu_seqlens,
-                     double scale) {
+                     double scale, int64_t seg_chunks, const OptTensor& seg_state, const OptTensor& seg_decay) {
   check_operands({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}}, q, q.scalar_type());
   const auto [B, T, H, K, V] = check_tokens({&q, "q"}, "[B, T, H, K]", {&k, "k"}, {&v, "v"}, {&out, "out"});
   const int bv = la::chunk_fused_tile_v(static_cast<int>(K));
@@ -421,6 +425,25 @@ void chunk_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Op
   p.k_dim = static_cast<int>(K);
   p.v_dim = static_cast<int>(V);
   p.scale = static_cast<float>(scale);
+  CHECK_ARG(seg_chunks >= 0, "seg_chunks must be >= 0, got ", seg_chunks);
+  if (seg_chunks > 0) {
+    const int64_t N = p.seq.num_seqs;
+    CHECK_ARG(seg_state.has_value() && seg_decay.has_value(), "seg_chunks > 0 needs seg_state and seg_decay");
+    CHECK_ARG(N > 0 && seg_state->dim() == 4 && seg_state->size(0) % N == 0 && seg_state->size(0) > 0,
+              "seg_state must be [N_seq * S, H, K, V] with S >= 1 (N_seq = ", N, "), got ", seg_state->sizes());
+    const int64_t S = seg_state->size(0) / N;
+    check_opt(seg_state, "seg_state", q, at::kFloat, {N * S, H, K, V});
+    check_opt(seg_decay, "seg_decay", q, at::kFloat, {N * S, H});
+    CHECK_ARG(S * seg_chunks * 64 >= T, "seg_state's ", S, " segments of seg_chunks = ", seg_chunks,
+              " chunks must cover T = ", T, " tokens");
+    CHECK_ARG(N * S < (int64_t{1} << 31), "N_seq * segments must be below 2^31 (grid x), got ", N * S);
+    if (S > 1) {  // one segment per sequence is the plain one-pass grid
+      p.seg_chunks = static_cast<int>(std::min<int64_t>(seg_chunks, T / 64 + 1));
+      p.max_segs = static_cast<int>(S);
+      p.seg_state = seg_state->data_ptr<float>();
+      p.seg_decay = seg_decay->data_ptr<float>();
+    }
+  }
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch("chunk_fused_fwd", dispatch_dtype(q.scalar_type(), [&](auto tag) {
     return dispatch_head_dim(K, [&](auto kd) {
@@ -669,7 +692,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chunk_fused_fwd", &chunk_fused_fwd,
         "Scalar-gate chunked forward in one pass (o and the final state; no chunk states in memory)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("gamma"), py::arg("init"), py::arg("out"),
-        py::arg("final_state"), py::arg("cu_seqlens"), py::arg("scale"));
+        py::arg("final_state"), py::arg("cu_seqlens"), py::arg("scale"), py::arg("seg_chunks") = 0,
+        py::arg("seg_state") = py::none(), py::arg("seg_decay") = py::none());
   m.def("chunk_fused_tile_v", &chunk_fused_tile_v, "The V tile (BV) chunk_fused_fwd uses for a K",
         py::arg("k_dim"));
   m.def("gate_grad", &gate_grad, "Scalar log-gate gradient, chunk by chunk", py::arg("q"), py::arg("k"),

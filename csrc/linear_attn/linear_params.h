@@ -104,6 +104,12 @@ struct ChunkFusedParams {
   int k_dim = 0;                  // 64, 128 or 256 (a template parameter)
   int v_dim = 0;                  // multiple of BV (tile_size.h: chunk_fused_tile_v)
   float scale = 1.f;              // o = scale * (inter-chunk + intra-chunk parts)
+  // Segments (chunk_fused.cuh): 0 = one CTA walks a whole sequence; else chunks per segment, with
+  // max_segs * seg_chunks >= every sequence's chunk count
+  int seg_chunks = 0;
+  int max_segs = 1;               // segments per sequence in the grid (1 without segments)
+  float* seg_state = nullptr;     // [num_seqs * max_segs, heads, k_dim, v_dim] fp32 workspace (pass 1)
+  float* seg_decay = nullptr;     // [num_seqs * max_segs, heads] fp32 workspace: each segment's log-decay
 };
 
 // gate_grad: the scalar log-gates' gradient, every chunk in parallel (gate_grad.cu).

@@ -9,9 +9,10 @@ allocated before the launchers run (they only write into what they are given).
 Forward (chunk size 64, csrc/linear_attn/linear_params.h has the formulas):
     chunk_state  (k, v)            -> h [slots, H, K, V]: the state entering every chunk
     chunk_output (q, k, h, v)      -> o
-  or, with FLASH_ATTN_LINEAR_FUSED_FWD=1 and enough (sequence, head, V tile) CTAs to fill the GPU
-  (use_fused_forward), both in one pass that keeps the states in registers:
-    chunk_fused_fwd (q, k, v)      -> o (csrc/linear_attn/chunk_fused.cuh; not yet the default)
+  or, by default (FLASH_ATTN_LINEAR_FUSED_FWD=0 turns it off; fused_plan), both in one pass that
+  keeps the states in registers, one CTA per (sequence, head, V tile), and where those are fewer
+  than the SMs, per segment of a sequence too (a first launch gives each segment's local state):
+    chunk_fused_fwd (q, k, v)      -> o (csrc/linear_attn/chunk_fused.cuh)
 Backward (h recomputed):
     chunk_state  (q, do, reverse)  -> dH [slots, H, K, V]: the gradient leaving every chunk; dh0
     chunk_output (k, q, dH, do)    -> dv
@@ -182,11 +183,17 @@ def _states(ext, x, z, g, gamma, init, seqs, final, scale=1.0, reverse=False, pa
 
 
 FUSED_FWD_ENV = "FLASH_ATTN_LINEAR_FUSED_FWD"
+# Segments: the grid aims at FUSED_CTAS_PER_SM CTAs per SM (two fit at K = 128), with at most
+# FUSED_MAX_SEGMENTS per sequence (each CTA folds the earlier segments' states in, so their count
+# is a cost) and at least FUSED_MIN_SEGMENT_CHUNKS chunks in each.
+FUSED_CTAS_PER_SM = 2
+FUSED_MAX_SEGMENTS = 32
+FUSED_MIN_SEGMENT_CHUNKS = 4
 
 
 def fused_forward_enabled():
-    """Whether FLASH_ATTN_LINEAR_FUSED_FWD asks for the one-pass forward (default off)."""
-    return os.environ.get(FUSED_FWD_ENV, "0").strip().lower() not in ("", "0", "false", "off", "no")
+    """Whether the one-pass forward may run (FLASH_ATTN_LINEAR_FUSED_FWD=0 turns it off)."""
+    return os.environ.get(FUSED_FWD_ENV, "1").strip().lower() not in ("", "0", "false", "off", "no")
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,25 +206,46 @@ def num_sms(device):
     return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def use_fused_forward(ext, q, v, seqs):
-    """The one-pass forward (chunk_fused_fwd) when the switch is on, the extension has it and its
-    grid, one CTA per (sequence, head, V tile) each walking a whole sequence, has at least one CTA
-    per SM; else (long single sequences, few heads) the two-pass forward, whose chunk_output has a
-    CTA per chunk."""
+def fused_plan(ext, q, v, seqs):
+    """None (the two-pass forward) or (seg_chunks, segments per sequence) for chunk_fused_fwd.
+
+    One CTA per (sequence, head, V tile) walks its sequence's chunks in order. When those CTAs
+    are at least the SMs: no segments, (0, 1). Else each sequence is cut into segments of
+    seg_chunks chunks (a CTA each), as many as FUSED_CTAS_PER_SM CTAs per SM hold, within the
+    limits above. The chunk count per sequence is bounded by ceil(T / 64) (T: the padded length, or all
+    tokens when packed), which needs no device-to-host copy of cu_seqlens."""
     if not fused_forward_enabled() or not hasattr(ext, "chunk_fused_tile_v"):  # (older builds lack it)
-        return False
-    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+        return None
+    T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
     bv = ext.chunk_fused_tile_v(K)
-    return V % bv == 0 and seqs.num_seqs * H * (V // bv) >= num_sms(q.device)
+    if V % bv:
+        return None
+    ctas, sms = seqs.num_seqs * H * (V // bv), num_sms(q.device)
+    chunks = math.ceil(T / CHUNK)
+    if ctas >= sms or chunks < 2 * FUSED_MIN_SEGMENT_CHUNKS:
+        return 0, 1
+    # rounded down: one more segment than fits would start a second, nearly empty wave
+    segments = min(FUSED_CTAS_PER_SM * sms // max(ctas, 1), FUSED_MAX_SEGMENTS, chunks // FUSED_MIN_SEGMENT_CHUNKS)
+    if segments < 2:
+        return 0, 1
+    seg_chunks = math.ceil(chunks / segments)
+    return seg_chunks, math.ceil(chunks / seg_chunks)
 
 
 def chunk_forward(ext, q, k, v, g, gamma, scale, h0, output_final_state, seqs):
     """Padded, contiguous inputs -> (o, h_T fp32 or None)."""
     N, H, K, V = seqs.num_seqs, q.shape[2], q.shape[3], v.shape[3]
     final = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    if use_fused_forward(ext, q, v, seqs):
+    plan = fused_plan(ext, q, v, seqs)
+    if plan is not None:
+        seg_chunks, segments = plan
         o = torch.empty_like(v)
-        ext.chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, seqs.cu, scale)
+        if segments > 1:  # the segments' local states and log-decays (chunk_fused.cuh, pass 1)
+            seg_state = q.new_empty(N * segments, H, K, V, dtype=torch.float32)
+            seg_decay = q.new_empty(N * segments, H, dtype=torch.float32)
+            ext.chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, seqs.cu, scale, seg_chunks, seg_state, seg_decay)
+        else:
+            ext.chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, seqs.cu, scale)
         return o, final
     h = _states(ext, k, v, g, gamma, h0, seqs, final)
     o = torch.empty_like(v)
