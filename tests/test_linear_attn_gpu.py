@@ -501,15 +501,15 @@ def test_chunk_fused_fwd_segment_arguments():
     q, k, v, g, _, h0 = make_inputs(2, 300, 2, 128, 128, "g", 1.0, torch.bfloat16)
     o = torch.empty_like(v)
     f32 = dict(device="cuda", dtype=torch.float32)
-    with pytest.raises(RuntimeError, match="seg_state and seg_decay"):
+    with pytest.raises(ValueError, match="seg_state and seg_decay"):
         ext().chunk_fused_fwd(q, k, v, g, None, h0, o, None, None, 1.0, 2)
-    with pytest.raises(RuntimeError, match="must cover T"):  # 2 x 2 chunks < 5 chunks
+    with pytest.raises(ValueError, match="must cover T"):  # 2 x 2 chunks < 5 chunks
         ext().chunk_fused_fwd(q, k, v, g, None, h0, o, None, None, 1.0, 2, torch.empty(4, 2, 128, 128, **f32),
                               torch.empty(4, 2, **f32))
-    with pytest.raises(RuntimeError, match="seg_decay"):
+    with pytest.raises(ValueError, match="seg_decay"):
         ext().chunk_fused_fwd(q, k, v, g, None, h0, o, None, None, 1.0, 2, torch.empty(6, 2, 128, 128, **f32),
                               torch.empty(6, 3, **f32))
-    with pytest.raises(RuntimeError, match="seg_state"):
+    with pytest.raises(ValueError, match="seg_state"):
         ext().chunk_fused_fwd(q, k, v, g, None, h0, o, None, None, 1.0, 2, torch.empty(5, 2, 128, 128, **f32),
                               torch.empty(5, 2, **f32))
 

@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
     return static_cast<int>(min(static_cast<int64_t>(kChunk), sr.eos - chunk_start(i)));
   };
   auto issue = [&](int i) {
-    const int stage = i % kFusedStages;
+    const int stage = (i - c_begin) % kFusedStages;  // as the loop below counts stages
     const int64_t start = chunk_start(i);
     const int rows = chunk_rows(i);
     if constexpr (!kStateOnly) load_tile<kChunk, K, kThreads>(sq + stage * kChunk * K, qg + start * ldk, ldk, rows, tid);

@@ -22,8 +22,8 @@ constexpr int chunk_output_tile_n(int r_dim, int n_dim) { return r_dim <= 128 &&
 
 // chunk_fused_fwd: the V tile. The fp32 state K x BV lives in the registers of 128 threads, at most
 // 64 per thread next to the output tile and the scores (no spills): BV = 64 up to K = 128, 32 at
-// K = 256. Its grid is B * H * (V / BV) CTAs, each walking a whole sequence, so the route uses it only
-// when that fills the GPU (flash_attn/linear_attn/_kernels.py mirrors this choice).
+// K = 256. Its grid is B * H * (V / BV) CTAs, each walking a whole sequence; where that is below the
+// SM count the route cuts the sequences into segments (flash_attn/linear_attn/_kernels.py: fused_plan).
 constexpr int chunk_fused_tile_v(int k_dim) { return k_dim <= 128 ? 64 : 32; }
 
 static_assert(chunk_fused_tile_v(64) == 64 && chunk_fused_tile_v(128) == 64 && chunk_fused_tile_v(256) == 32,

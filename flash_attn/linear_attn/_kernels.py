@@ -228,7 +228,10 @@ def fused_plan(ext, q, v, seqs):
     segments = min(FUSED_CTAS_PER_SM * sms // max(ctas, 1), FUSED_MAX_SEGMENTS, chunks // FUSED_MIN_SEGMENT_CHUNKS)
     if segments < 2:
         return 0, 1
-    seg_chunks = math.ceil(chunks / segments)
+    # an even chunk count per segment: every segment then starts on the kernel's first stage of
+    # its two-stage ring. The kernel counts stages from each segment's start (odd counts are
+    # right too), but only even ones have run on a GPU yet (benchmarks/tune/NOTES.md).
+    seg_chunks = 2 * math.ceil(chunks / (2 * segments))
     return seg_chunks, math.ceil(chunks / seg_chunks)
 
 
