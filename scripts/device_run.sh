@@ -113,9 +113,18 @@ install_wheels() {
     shopt -s nullglob
     local wheels=("$REPO"/.whl/*.whl)
     shopt -u nullglob
-    if [ ${#wheels[@]} -gt 0 ]; then
+    # a wheel already installed (its NAME-VERSION.dist-info is there) is left alone: reinstalling
+    # would give the CUTLASS headers new mtimes, and ninja would then recompile every kernel
+    local todo=() w base
+    for w in "${wheels[@]}"; do
+        base=$(basename "$w")
+        [ -d "/tmp/site/$(echo "$base" | cut -d- -f1-2).dist-info" ] || todo+=("$w")
+    done
+    if [ ${#todo[@]} -gt 0 ]; then
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/site "${wheels[@]}" || return 1
+            --target /tmp/site "${todo[@]}" || return 1
+    fi
+    if [ ${#wheels[@]} -gt 0 ]; then
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
 }
