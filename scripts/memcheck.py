@@ -181,6 +181,10 @@ def linear_cases(quick):
                                                                    K=100, V=72)),
         # few CTAs, so the one-pass forward cuts the sequences into segments (_kernels.fused_plan)
         ("chunk_simple_gla segments varlen", dict(op="chunk_simple_gla", lens=[0, 700, 1, 333], H=1, K=128, V=128)),
+        # the same with chunk_state in segments too (the two-pass forward and the backward's passes)
+        ("chunk_simple_gla segmented states varlen", dict(op="chunk_simple_gla", lens=[0, 700, 1, 333], H=1, K=128,
+                                                          V=128, env={"FLASH_ATTN_LINEAR_SEGMENTED_STATES": "1",
+                                                                      "FLASH_ATTN_LINEAR_FUSED_FWD": "0"})),
     ]
     if not quick:
         out += [
@@ -195,9 +199,22 @@ def linear_cases(quick):
     return out
 
 
-def run_linear(dtype, op, H, K, V, B=1, T=None, lens=None):
-    """One forward and backward (initial and final states, gradients of every input); True
-    when everything is finite."""
+def run_linear(dtype, op, H, K, V, B=1, T=None, lens=None, env=None):
+    """One forward and backward (initial and final states, gradients of every input), with the
+    environment variables `env` set meanwhile; True when everything is finite."""
+    saved = {name: os.environ.get(name) for name in env or {}}
+    os.environ.update(env or {})
+    try:
+        return _run_linear(dtype, op, H, K, V, B, T, lens)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _run_linear(dtype, op, H, K, V, B, T, lens):
     import torch.nn.functional as F
 
     import flash_attn.linear_attn as la

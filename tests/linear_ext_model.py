@@ -74,22 +74,34 @@ class LinearExtModel:
     """Same call signatures as flash_attn_linear_cuda."""
 
     def chunk_state(self, x, z, g, gamma, init, states, final_state, cu_seqlens, chunk_offsets, scale, reverse,
-                    pair_states=None, pair_dot=None, tile_n=0, gk_cum=None):
+                    pair_states=None, pair_dot=None, tile_n=0, gk_cum=None, seg_chunks=0, seg_state=None,
+                    seg_decay=None):
         """pair_dot gets exp(b_L) <dH_c, h_c> in its first tile (the kernel spreads it over tiles).
         gk_cum [B, T, H, R]: GLA's chunk-local cumulative per-key gates (gla_cumsum) instead of g / gamma:
         forward h_{c+1} = diag(exp(b_L)) h_c + sum_j (x_j * exp(b_L - b_j))^T z_j, reverse
-        dH_{c-1} = diag(exp(b_L)) dH_c + scale sum_i (x_i * exp(b_i))^T z_i."""
+        dH_{c-1} = diag(exp(b_L)) dH_c + scale sum_i (x_i * exp(b_i))^T z_i.
+        Segments (seg_chunks > 0, seg_state of S > 1 per sequence; scalar gates), as the kernel's
+        two launches: pass 1 writes the local result L_s (from zeros) and log-decay d_s (the sum of
+        the chunks' b_L) of every segment a later one needs (reverse: an earlier one) into
+        seg_state / seg_decay; pass 2 starts each segment from the fold S <- exp(d_s) S + L_s over
+        the segments before it (reverse: after it, last first), beginning at init."""
         B, T, H, R = x.shape
         N = z.shape[-1]
         xs = x.reshape(B * T, H, R).double().cpu()
         zs = z.reshape(B * T, H, N).double().cpu()
         g, gamma = (None if t is None else t.cpu() for t in (g, gamma))
         if gk_cum is not None:
-            assert g is None and gamma is None and pair_dot is None
+            assert g is None and gamma is None and pair_dot is None and seg_chunks == 0
             bs = gk_cum.reshape(B * T, H, R).double().cpu()
-        for n, (bos, eos, first) in enumerate(sequences(B, T, cu_seqlens, chunk_offsets)):
-            S = init[n].double().cpu().clone() if init is not None else torch.zeros(H, R, N, dtype=torch.float64)
-            chunks = _chunk_rows(bos, eos)
+        seqs = sequences(B, T, cu_seqlens, chunk_offsets)
+        S_per = 1 if seg_chunks == 0 else seg_state.shape[0] // len(seqs)
+        assert seg_chunks == 0 or (seg_state.shape == (len(seqs) * S_per, H, R, N)
+                                   and seg_decay.shape == (len(seqs) * S_per, H) and S_per * seg_chunks * 64 >= T)
+
+        def walk(S, chunks, first, write):
+            """The recurrence over `chunks` (in their order) from S; writes states (and pair_dot)
+            when `write`. Returns the state after them and the sum of their b_L."""
+            d = torch.zeros(H, dtype=torch.float64)
             for c, start, stop in (reversed(chunks) if reverse else chunks):
                 if gk_cum is not None:
                     if first + c < states.shape[0]:
@@ -102,7 +114,7 @@ class LinearExtModel:
                     continue
                 b = _cumgate(g, gamma, start, stop, H)  # [L, H]
                 bl = b[-1]
-                if first + c < states.shape[0]:
+                if write and first + c < states.shape[0]:
                     states[first + c] = S.to(states.dtype)
                     if pair_dot is not None:
                         h = pair_states[first + c].double().cpu()
@@ -111,6 +123,27 @@ class LinearExtModel:
                 w = scale * torch.exp(b) if reverse else torch.exp(bl - b)
                 S = torch.exp(bl)[:, None, None] * S + torch.einsum("lhr,lh,lhn->hrn", xs[start:stop], w,
                                                                     zs[start:stop])
+                d = d + bl
+            return S, d
+
+        for n, (bos, eos, first) in enumerate(seqs):
+            S0 = init[n].double().cpu().clone() if init is not None else torch.zeros(H, R, N, dtype=torch.float64)
+            chunks = _chunk_rows(bos, eos)
+            per = seg_chunks if S_per > 1 else max(len(chunks), 1)
+            segs = [chunks[i:i + per] for i in range(0, len(chunks), per)] or [[]]
+            assert len(segs) <= S_per
+            order = list(range(len(segs)))[::-1] if reverse else list(range(len(segs)))
+            for s in order[:-1]:  # pass 1: every segment but the one at the far end of the walk
+                L, d = walk(torch.zeros(H, R, N, dtype=torch.float64), segs[s], first, False)
+                seg_state[n * S_per + s] = L.to(seg_state.dtype)
+                seg_decay[n * S_per + s] = d.to(seg_decay.dtype)
+            S_in = S0
+            for i, s in enumerate(order):  # pass 2
+                if i > 0:
+                    p = order[i - 1]
+                    S_in = torch.exp(seg_decay[n * S_per + p].double())[:, None, None] * S_in + \
+                        seg_state[n * S_per + p].double()
+                S, _ = walk(S_in, segs[s], first, True)
             if final_state is not None:
                 final_state[n] = S.to(final_state.dtype)
 

@@ -6,6 +6,8 @@ flash_attn.reference_linear, without a GPU. With float64 inputs only the route's
 states and row dots round, so it must match the reference to ~1e-6; in bf16 the dtype
 plumbing and the tolerances of the GPU tests are checked. The kernels
 themselves are compared with the same model in tests/test_linear_attn_gpu.py."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -358,6 +360,111 @@ def test_fused_forward_ops_and_backward(fused):
     for a, b in zip(leaves, refs):
         close(a.grad, b.grad, 2e-5)
     assert "chunk_fused_fwd" in fused.calls and "gate_grad" in fused.calls
+
+
+# --------------------------------------------------------------------------- segmented chunk states
+# FLASH_ATTN_LINEAR_SEGMENTED_STATES=1 cuts the chunk_state passes (two-pass forward, the backward's
+# h and dH) into segments when their CTAs are fewer than two per SM (_kernels.states_plan).
+
+SEG_CASES = [
+    ("g-T700", "g", 700, 64, 64, None),
+    ("gamma-T600-K100", "gamma", 600, 100, 72, None),
+    ("nogate-T520", None, 520, 64, 64, None),
+    ("g-varlen", "g", None, 64, 64, [0, 700, 1, 333, 64]),
+]
+
+
+@pytest.fixture
+def segmented(model, monkeypatch):
+    """Segmented chunk states on, the two-pass forward (so its chunk_state is segmented too), and
+    a GPU of many SMs: every chunk_state call here is cut into segments."""
+    monkeypatch.setenv(_kernels.SEGMENTED_STATES_ENV, "1")
+    model.sms = 1000
+    seen = []
+    real = model.chunk_state
+
+    def spy(*args, **kw):
+        seen.append(kw.get("seg_chunks", args[15] if len(args) > 15 else 0))
+        return real(*args, **kw)
+    model.chunk_state = spy
+    model.seg_calls = seen
+    return model
+
+
+@pytest.mark.parametrize("with_final", [True, False], ids=["final", "nofinal"])
+@pytest.mark.parametrize("case", SEG_CASES, ids=[c[0] for c in SEG_CASES])
+def test_segmented_states_forward_and_backward(segmented, case, with_final):
+    _, gate, T, K, V, lens = case
+    (q, k, v, g, gamma, h0), offsets = make_case(T, K, V, lens, gate=gate)
+    w_o, w_s = loss_weights(v.shape, h0.shape)
+
+    def run(fn):
+        leaves = [None if x is None else x.clone().requires_grad_(True) for x in (q, k, v, g, gamma, h0)]
+        o, ht = fn(*leaves[:3], g=leaves[3], g_gamma=leaves[4], scale=0.4, initial_state=leaves[5],
+                   output_final_state=with_final, cu_seqlens=offsets)
+        loss = (o * w_o).sum() + ((ht * w_s).sum() if with_final else 0)
+        loss.backward()
+        return [o, ht] + [None if x is None else x.grad for x in leaves]
+
+    got = run(la.chunk_simple_gla)
+    ref = run(lambda *a, **kw: linear_attn_recurrent_ref(*a, **kw))
+    for name, a, b in zip(("o", "ht", "dq", "dk", "dv", "dg", "dgamma", "dh0"), got, ref):
+        if b is None:
+            assert a is None, name
+        else:
+            close(a, b, 2e-5 if name in ("dg", "dgamma") else 1e-6)
+    # forward h, backward h and the reverse dH: all three cut into segments
+    assert len(segmented.seg_calls) == 3 and all(c > 0 for c in segmented.seg_calls), segmented.seg_calls
+
+
+def test_segmented_states_off_by_default(model, monkeypatch):
+    monkeypatch.delenv(_kernels.SEGMENTED_STATES_ENV, raising=False)
+    model.sms = 1000
+    q = torch.empty(1, 65536, 16, 128, device="meta")
+    assert not _kernels.segmented_states_enabled()
+    assert _kernels.states_plan(model, q, q, _kernels.Seqs(1, 65536, None, q.device)) is None
+
+
+@pytest.mark.parametrize("B,T,H,R,Z,sms,want", [
+    (1, 65536, 16, 128, 128, 132, (128, 8)),   # 64 CTAs of 64 x 64: 8 segments (528 // 64)
+    (8, 2048, 16, 128, 128, 132, None),        # 512 CTAs >= 2 per SM
+    (1, 16384, 16, 128, 128, 132, (32, 8)),
+    (1, 300, 16, 128, 128, 132, None),         # 5 chunks: too short to cut
+    (2, 8192, 4, 256, 256, 132, (32, 4)),      # 2 * 4 * 16 = 128 CTAs: 4 segments (528 // 128)
+], ids=["1x65536", "8x2048", "1x16384", "short", "K256"])
+def test_states_plan(monkeypatch, B, T, H, R, Z, sms, want):
+    monkeypatch.setenv(_kernels.SEGMENTED_STATES_ENV, "1")
+    monkeypatch.setattr(_kernels, "num_sms", lambda device: sms)
+    x = torch.empty(B, T, H, R, device="meta")
+    z = torch.empty(B, T, H, Z, device="meta")
+    assert _kernels.states_plan(None, x, z, _kernels.Seqs(B, T, None, x.device)) == want
+
+
+def test_segmented_model_matches_whole_model():
+    """The model's chunk_state in segments (forward and reverse with pair_dot, odd and even
+    segment lengths) equals its one-walk chunk_state: states, final state and pair_dot."""
+    m = LinearExtModel()
+    q, k, v, g, _, h0 = make(2, 700, 2, 64, 128)
+    seqs = _kernels.Seqs(2, 700, None, q.device)
+    h = torch.empty(seqs.slots, 2, 64, 128, dtype=F64)
+    m.chunk_state(k, v, g, None, h0, h, None, None, None, 1.0, False)
+    for reverse in (False, True):
+        for seg_chunks in (1, 3, 4):
+            S = -(-11 // seg_chunks)
+            outs = []
+            for sc in (0, seg_chunks):
+                st, fin = torch.empty(seqs.slots, 2, 64, 128, dtype=F64), torch.empty(2, 2, 64, 128)
+                pair = torch.empty(seqs.slots, 2, 2, dtype=torch.float32) if reverse else None
+                ws = (torch.full((2 * S, 2, 64, 128), math.nan), torch.full((2 * S, 2), math.nan)) if sc else (None,
+                                                                                                               None)
+                m.chunk_state(q if reverse else k, v, g, None, h0, st, fin, None, None, 0.5, reverse,
+                              h if reverse else None, pair, 0, None, sc, *ws)
+                outs.append((st, fin, pair))
+            (a_st, a_fin, a_pair), (b_st, b_fin, b_pair) = outs
+            close(b_st, a_st)
+            close(b_fin.double(), a_fin.double())
+            if reverse:
+                close(b_pair.double(), a_pair.double())
 
 
 def test_fused_model_matches_two_pass_model_in_bf16():

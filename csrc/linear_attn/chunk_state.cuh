@@ -16,6 +16,18 @@
 // 16w .. 16w + 15. Per chunk: store it, decay it, and add x^T (w * z) as mma.sync with the
 // 64 chunk rows as the reduction (x^T through ldmatrix.trans, the per-row weights w folded
 // into z's fragments). x / z tiles and the gates are prefetched kStages - 1 chunks ahead.
+//
+// Segments (scalar gates only; seg_chunks > 0, max_segs > 1): the chain of chunks is what limits
+// a long sequence, so each sequence is cut into segments of seg_chunks chunks, a CTA each, and
+// run_chunk_state makes two launches (as chunk_fused.cuh does for the forward):
+//   pass 1 (p.seg_pass): every segment that a later one needs (forward: all but the last;
+//          reverse: all but the first) walks its chunks from a zero state, writing no states:
+//          its local result L into seg_state and its log-decay d (the sum of its chunks' b_L)
+//          into seg_decay;
+//   pass 2: each segment starts from the fold S <- exp(d_s) S + L_s, from init, over the segments
+//          before it (reverse: after it, from the last one down), which is the state at its
+//          boundary, then writes its chunks' states as above; the segment at the sequence's end
+//          (reverse: start) writes the final state.
 #pragma once
 
 #include "chunk_info.cuh"
@@ -56,17 +68,31 @@ __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
-  const int seq = blockIdx.x, head = blockIdx.y, H = p.seq.heads;
+  const int seq = blockIdx.x / p.max_segs, seg = blockIdx.x % p.max_segs;
+  const int head = blockIdx.y, H = p.seq.heads;
   const int n_tiles = p.n_dim / BN;
   const int r0 = (blockIdx.z / n_tiles) * BR, n0 = (blockIdx.z % n_tiles) * BN;
   const SeqRange sr = sequence_range(p.seq, seq);
   const int nchunks = static_cast<int>((sr.eos - sr.bos + kChunk - 1) / kChunk);
+  // this CTA's chunks [c_begin, c_end): the whole sequence without segments
+  const int per_seg = p.seg_chunks > 0 ? p.seg_chunks : max(nchunks, 1);
+  const int nsegs = max(1, (nchunks + per_seg - 1) / per_seg);  // an empty sequence has one (empty) segment
+  const int last_needed = kReverse ? 0 : nsegs - 1;  // the segment whose local result nobody folds in
+  if (seg >= nsegs || (p.seg_pass && seg == last_needed)) return;
+  const int c_begin = seg * per_seg, c_end = min(nchunks, c_begin + per_seg);
+  const int count = c_end - c_begin;
 
   const int64_t ldx = static_cast<int64_t>(H) * p.r_dim, ldz = static_cast<int64_t>(H) * p.n_dim;
   const T* xg = static_cast<const T*>(p.x) + static_cast<int64_t>(head) * p.r_dim + r0;
   const T* zg = static_cast<const T*>(p.z) + static_cast<int64_t>(head) * p.n_dim + n0;
   const float* bg = kPerKey ? p.gk_cum + static_cast<int64_t>(head) * p.r_dim + r0 : nullptr;
   const int64_t state_base = (static_cast<int64_t>(seq) * H + head) * p.r_dim * p.n_dim;
+  // segment s of this sequence in seg_state [N * max_segs, H, R, N] and seg_decay [N * max_segs, H]
+  auto seg_row = [&](int s) { return (static_cast<int64_t>(seq) * p.max_segs + s) * H + head; };
+  // where acc[nt][2 half ..] lives in an fp32 (R, N) state matrix starting at `base`
+  auto acc_at = [&](int nt, int half, int64_t base) {
+    return base + static_cast<int64_t>(r0 + warp * 16 + g + 8 * half) * p.n_dim + n0 + nt * 8 + 2 * t4;
+  };
 
   // acc[nt][0..1] = state (r0 + 16 warp + g, n0 + 8 nt + 2 t4 + {0, 1}); [2..3] the row g + 8
   float acc[NT8][4];
@@ -74,14 +100,34 @@ __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams
   for (int nt = 0; nt < NT8; ++nt) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int64_t off = state_base + static_cast<int64_t>(r0 + warp * 16 + g + 8 * half) * p.n_dim +
-                          n0 + nt * 8 + 2 * t4;
-      acc[nt][2 * half] = p.init == nullptr ? 0.f : p.init[off];
-      acc[nt][2 * half + 1] = p.init == nullptr ? 0.f : p.init[off + 1];
+      const int64_t off = acc_at(nt, half, state_base);
+      const bool from_init = p.init != nullptr && !p.seg_pass;
+      acc[nt][2 * half] = from_init ? p.init[off] : 0.f;
+      acc[nt][2 * half + 1] = from_init ? p.init[off + 1] : 0.f;
     }
   }
+  if (!p.seg_pass) {
+    // the state at this segment's boundary: the other segments' pass-1 results folded in order
+    // (forward: segments 0 .. seg - 1; reverse: the last one down to seg + 1)
+    const int nfold = kReverse ? nsegs - 1 - seg : seg;
+    for (int f = 0; f < nfold; ++f) {
+      const int s = kReverse ? nsegs - 1 - f : f;
+      const float decay = __expf(p.seg_decay[seg_row(s)]);
+      const int64_t base = seg_row(s) * p.r_dim * p.n_dim;
+#pragma unroll
+      for (int nt = 0; nt < NT8; ++nt) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const float2 l = *reinterpret_cast<const float2*>(p.seg_state + acc_at(nt, half, base));
+          acc[nt][2 * half] = fmaf(decay, acc[nt][2 * half], l.x);
+          acc[nt][2 * half + 1] = fmaf(decay, acc[nt][2 * half + 1], l.y);
+        }
+      }
+    }
+  }
+  float seg_log_decay = 0.f;  // pass 1: the sum of the segment's b_L
 
-  auto chunk_of = [&](int i) { return kReverse ? nchunks - 1 - i : i; };
+  auto chunk_of = [&](int i) { return kReverse ? c_end - 1 - i : c_begin + i; };
   auto chunk_start = [&](int i) { return sr.bos + static_cast<int64_t>(chunk_of(i)) * kChunk; };
   auto chunk_rows = [&](int i) {
     return static_cast<int>(min(static_cast<int64_t>(kChunk), sr.eos - chunk_start(i)));
@@ -101,12 +147,12 @@ __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams
 
 #pragma unroll
   for (int i = 0; i < kStages - 1; ++i) {
-    if (i < nchunks) issue(i);
+    if (i < count) issue(i);
     cp_async_commit();
   }
-  for (int i = 0; i < nchunks; ++i) {
+  for (int i = 0; i < count; ++i) {
     const int stage = i % kStages;
-    if (i + kStages - 1 < nchunks) issue(i + kStages - 1);
+    if (i + kStages - 1 < count) issue(i + kStages - 1);
     cp_async_commit();
     const int c = chunk_of(i);
     const int rows = chunk_rows(i);
@@ -120,7 +166,7 @@ __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams
 
     // The state at this chunk boundary.
     const int slot = sr.first_slot + c;
-    if (slot < p.seq.num_slots) {
+    if (!p.seg_pass && slot < p.seq.num_slots) {
       T* st = static_cast<T*>(p.states) + (static_cast<int64_t>(slot) * H + head) * p.r_dim * p.n_dim;
 #pragma unroll
       for (int nt = 0; nt < NT8; ++nt) {
@@ -133,7 +179,7 @@ __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams
     }
 
     const float* gt = graw + stage * kGateTileFloats;  // kPerKey: (chunk row, r), rows past the end = the last
-    const bool pair = !kPerKey && kReverse && p.pair_dot != nullptr && slot < p.seq.num_slots;
+    const bool pair = !kPerKey && kReverse && p.pair_dot != nullptr && !p.seg_pass && slot < p.seq.num_slots;
     if (pair) {
       // <dH_c, h_c> over this thread's elements (dH_c in fp32 registers, h_c as stored)
       const T* hp = static_cast<const T*>(p.pair_states) + (static_cast<int64_t>(slot) * H + head) * p.r_dim * p.n_dim;
@@ -159,6 +205,7 @@ __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams
       for (int half = 0; half < 2; ++half) blr[half] = gt[gate_at(kChunk - 1, warp * 16 + g + 8 * half)];
     }
     const float decay = __expf(bl);
+    seg_log_decay += bl;
 #pragma unroll
     for (int nt = 0; nt < NT8; ++nt) {
 #pragma unroll
@@ -215,30 +262,45 @@ __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams
   }
   cp_async_wait<0>();
 
-  if (p.final_state != nullptr) {
+  // pass 1: the segment's local result; else the final state, from the segment at the end
+  // (reverse: the start) of the sequence
+  const bool at_end = seg == (kReverse ? 0 : nsegs - 1);
+  float* out = p.seg_pass ? p.seg_state : (at_end ? p.final_state : nullptr);
+  const int64_t out_base = p.seg_pass ? seg_row(seg) * p.r_dim * p.n_dim : state_base;
+  if (out != nullptr) {
 #pragma unroll
     for (int nt = 0; nt < NT8; ++nt) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int64_t off = state_base + static_cast<int64_t>(r0 + warp * 16 + g + 8 * half) * p.n_dim +
-                            n0 + nt * 8 + 2 * t4;
-        *reinterpret_cast<float2*>(p.final_state + off) = make_float2(acc[nt][2 * half], acc[nt][2 * half + 1]);
+        *reinterpret_cast<float2*>(out + acc_at(nt, half, out_base)) =
+            make_float2(acc[nt][2 * half], acc[nt][2 * half + 1]);
       }
     }
   }
+  if (p.seg_pass && blockIdx.z == 0 && tid == 0) p.seg_decay[seg_row(seg)] = seg_log_decay;  // same in every tile
 }
 
 template <typename Tag, int BN, bool kReverse, bool kPerKey>
 cudaError_t run_chunk_state(const ChunkStateParams& p, cudaStream_t stream) {
   if (p.seq.num_seqs == 0 || p.seq.heads == 0) return cudaSuccess;
-  if ((p.gk_cum != nullptr) != kPerKey) return cudaErrorInvalidValue;
+  if ((p.gk_cum != nullptr) != kPerKey || p.max_segs < 1 || p.seg_pass) return cudaErrorInvalidValue;
+  if (p.max_segs > 1 && (kPerKey || p.seg_chunks < 1 || p.seg_state == nullptr || p.seg_decay == nullptr)) {
+    return cudaErrorInvalidValue;  // segments: scalar gates only (one log-decay per segment and head)
+  }
   constexpr int smem = chunk_state_smem_bytes<BN, kPerKey>();
   auto kernel = chunk_state_kernel<Tag, BN, kReverse, kPerKey>;
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid(p.seq.num_seqs, p.seq.heads, (p.r_dim / 64) * (p.n_dim / BN));
+  const dim3 grid(p.seq.num_seqs * p.max_segs, p.seq.heads, (p.r_dim / 64) * (p.n_dim / BN));
+  if (p.max_segs > 1) {  // pass 1: the segments' local results
+    ChunkStateParams local = p;
+    local.seg_pass = 1;
+    kernel<<<grid, 128, smem, stream>>>(local);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
   kernel<<<grid, 128, smem, stream>>>(p);
   return cudaGetLastError();
 }

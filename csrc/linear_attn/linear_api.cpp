@@ -279,15 +279,43 @@ void masked_mask_grad(const Tensor& q, const Tensor& k, const Tensor& v, const T
 
 // ---------------------------------------------------------------- launchers
 
+// Segments (chunk_state.cuh, chunk_fused.cuh): seg_chunks > 0 cuts every sequence into segments of
+// that many chunks, each its own CTA; seg_state fp32 [N_seq * S, H, R, N] and seg_decay fp32
+// [N_seq * S, H] are then the kernels' workspace, S (segments per sequence) their first size / N_seq,
+// with S * seg_chunks * 64 >= T so that every sequence's chunks are covered. S = 1 is no segments.
+template <typename Params>
+void set_segments(Params& p, int64_t seg_chunks, const OptTensor& seg_state, const OptTensor& seg_decay,
+                  const Tensor& like, int64_t N, int64_t H, int64_t R, int64_t C, int64_t T) {
+  CHECK_ARG(seg_chunks >= 0, "seg_chunks must be >= 0, got ", seg_chunks);
+  if (seg_chunks == 0) return;
+  CHECK_ARG(seg_state.has_value() && seg_decay.has_value(), "seg_chunks > 0 needs seg_state and seg_decay");
+  CHECK_ARG(N > 0 && seg_state->dim() == 4 && seg_state->size(0) % N == 0 && seg_state->size(0) > 0,
+            "seg_state must be [N_seq * S, H, R, N] with S >= 1 (N_seq = ", N, "), got ", seg_state->sizes());
+  const int64_t S = seg_state->size(0) / N;
+  check_opt(seg_state, "seg_state", like, at::kFloat, {N * S, H, R, C});
+  check_opt(seg_decay, "seg_decay", like, at::kFloat, {N * S, H});
+  CHECK_ARG(S * seg_chunks * 64 >= T, "seg_state's ", S, " segments of seg_chunks = ", seg_chunks,
+            " chunks must cover T = ", T, " tokens");
+  CHECK_ARG(N * S < (int64_t{1} << 31), "N_seq * segments must be below 2^31 (grid x), got ", N * S);
+  if (S > 1) {
+    p.seg_chunks = static_cast<int>(std::min<int64_t>(seg_chunks, T / 64 + 1));
+    p.max_segs = static_cast<int>(S);
+    p.seg_state = seg_state->data_ptr<float>();
+    p.seg_decay = seg_decay->data_ptr<float>();
+  }
+}
+
 // The state at every chunk boundary (see chunk_state.cuh). x [B, T, H, R], z [B, T, H, N];
 // states [S, H, R, N] in x's dtype; init / final_state fp32 [N_seq, H, R, N].
 // Reverse only: pair_states [S, H, R, N] (the forward states) and pair_dot fp32
 // [S, H, (R / 64) * (N / 32)] get exp(b_L) <dH_c, h_c> per tile (both or neither).
 // GLA: gk_cum fp32 [B, T, H, R] (gla_cumsum's per-key cumulative gates) instead of g / gamma.
+// seg_chunks, seg_state, seg_decay: segments (set_segments; scalar gates only).
 void chunk_state(const Tensor& x, const Tensor& z, const OptTensor& g, const OptTensor& gamma, const OptTensor& init,
                  Tensor& states, const OptTensor& final_state, const OptTensor& cu_seqlens,
                  const OptTensor& chunk_offsets, double scale, bool reverse, const OptTensor& pair_states,
-                 const OptTensor& pair_dot, int64_t tile_n, const OptTensor& gk_cum) {
+                 const OptTensor& pair_dot, int64_t tile_n, const OptTensor& gk_cum, int64_t seg_chunks,
+                 const OptTensor& seg_state, const OptTensor& seg_decay) {
   check_dense(x, "x", x);
   check_dense(z, "z", x);
   check_dense(states, "states", x);
@@ -326,6 +354,8 @@ void chunk_state(const Tensor& x, const Tensor& z, const OptTensor& g, const Opt
   const int bn = tile_n > 0 ? static_cast<int>(tile_n)
                             : la::chunk_state_tile_n(p.seq.num_seqs, H, p.r_dim, p.n_dim, num_sms(x.get_device()));
   CHECK_ARG(bn == 32 || bn == 64, "tile_n must be 0 (auto), 32 or 64, got ", tile_n);
+  set_segments(p, seg_chunks, seg_state, seg_decay, x, p.seq.num_seqs, H, R, N, x.size(1));
+  CHECK_ARG(p.max_segs == 1 || !per_key, "segments (seg_chunks > 0) are for scalar gates, not gk_cum");
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch("chunk_state", dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using Tag = decltype(tag);
@@ -397,10 +427,7 @@ void chunk_output(const Tensor& x, const Tensor& y, const Tensor& z, const Tenso
 // g [B, T, H] or gamma [H] fp32 (or neither); init / final_state fp32 [N_seq, H, K, V], each optional.
 // The same o and final state as chunk_state + chunk_output (x = q, y = k, z = v, lower, both scales
 // = scale), with no states in global memory. K in {64, 128, 256}; V a multiple of the V tile.
-// seg_chunks > 0 cuts every sequence into segments of that many chunks, each its own CTA (two
-// launches, chunk_fused.cuh); seg_state fp32 [N_seq * S, H, K, V] and seg_decay fp32 [N_seq * S, H]
-// are then its workspace, S (segments per sequence) their first size / N_seq, with
-// S * seg_chunks * 64 >= T so that every sequence's chunks are covered.
+// seg_chunks, seg_state, seg_decay: segments (set_segments), two launches (chunk_fused.cuh).
 void chunk_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& g, const OptTensor& gamma,
                      const OptTensor& init, Tensor& out, const OptTensor& final_state, const OptTensor& cu_seqlens,
                      double scale, int64_t seg_chunks, const OptTensor& seg_state, const OptTensor& seg_decay) {
@@ -425,25 +452,7 @@ void chunk_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Op
   p.k_dim = static_cast<int>(K);
   p.v_dim = static_cast<int>(V);
   p.scale = static_cast<float>(scale);
-  CHECK_ARG(seg_chunks >= 0, "seg_chunks must be >= 0, got ", seg_chunks);
-  if (seg_chunks > 0) {
-    const int64_t N = p.seq.num_seqs;
-    CHECK_ARG(seg_state.has_value() && seg_decay.has_value(), "seg_chunks > 0 needs seg_state and seg_decay");
-    CHECK_ARG(N > 0 && seg_state->dim() == 4 && seg_state->size(0) % N == 0 && seg_state->size(0) > 0,
-              "seg_state must be [N_seq * S, H, K, V] with S >= 1 (N_seq = ", N, "), got ", seg_state->sizes());
-    const int64_t S = seg_state->size(0) / N;
-    check_opt(seg_state, "seg_state", q, at::kFloat, {N * S, H, K, V});
-    check_opt(seg_decay, "seg_decay", q, at::kFloat, {N * S, H});
-    CHECK_ARG(S * seg_chunks * 64 >= T, "seg_state's ", S, " segments of seg_chunks = ", seg_chunks,
-              " chunks must cover T = ", T, " tokens");
-    CHECK_ARG(N * S < (int64_t{1} << 31), "N_seq * segments must be below 2^31 (grid x), got ", N * S);
-    if (S > 1) {  // one segment per sequence is the plain one-pass grid
-      p.seg_chunks = static_cast<int>(std::min<int64_t>(seg_chunks, T / 64 + 1));
-      p.max_segs = static_cast<int>(S);
-      p.seg_state = seg_state->data_ptr<float>();
-      p.seg_decay = seg_decay->data_ptr<float>();
-    }
-  }
+  set_segments(p, seg_chunks, seg_state, seg_decay, q, p.seq.num_seqs, H, K, V, T);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch("chunk_fused_fwd", dispatch_dtype(q.scalar_type(), [&](auto tag) {
     return dispatch_head_dim(K, [&](auto kd) {
@@ -684,7 +693,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("z"), py::arg("g"), py::arg("gamma"), py::arg("init"), py::arg("states"), py::arg("final_state"),
         py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("scale"), py::arg("reverse"),
         py::arg("pair_states") = py::none(), py::arg("pair_dot") = py::none(), py::arg("tile_n") = 0,
-        py::arg("gk_cum") = py::none());
+        py::arg("gk_cum") = py::none(), py::arg("seg_chunks") = 0, py::arg("seg_state") = py::none(),
+        py::arg("seg_decay") = py::none());
   m.def("chunk_output", &chunk_output, "Per-chunk output: inter-chunk state product plus masked intra-chunk part",
         py::arg("x"), py::arg("y"), py::arg("z"), py::arg("m"), py::arg("out"), py::arg("dot"), py::arg("rowdot"),
         py::arg("g"), py::arg("gamma"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("inter_scale"),

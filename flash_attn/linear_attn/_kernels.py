@@ -21,6 +21,9 @@ Backward (h recomputed):
     (the reverse chunk_state also gives exp(b_L) <dH_c, h_c> per chunk, and the dq / dk
      chunk_outputs q . dq_inter, k . dk_inter per row)
     gate_grad      (q, k, v, do)   -> dg, chunk by chunk (csrc/linear_attn/gate_grad.cu)
+With FLASH_ATTN_LINEAR_SEGMENTED_STATES=1 (off by default until it has run on a GPU; states_plan)
+every scalar-gate chunk_state above is cut into segments where its CTAs are few (long sequences):
+a first launch gives each segment's local state, the second folds them in (chunk_state.cuh).
 GLA (per-key gates g [B, T, H, K]) has its own output and gradient kernels around the same
 chunk_state (with per-key weights):
     gla_cumsum   (g)                -> b: the chunk-local cumulative gates every GLA kernel reads
@@ -174,8 +177,17 @@ def _states(ext, x, z, g, gamma, init, seqs, final, scale=1.0, reverse=False, pa
     B, T, H, R = x.shape
     states = x.new_empty(seqs.slots, H, R, z.shape[-1])
     if gk_cum is None:
-        ext.chunk_state(x, z, g, gamma, init, states, final, seqs.cu, seqs.offsets, scale, reverse, pair_states,
-                        pair_dot)
+        plan = states_plan(ext, x, z, seqs)
+        if plan is not None:  # segments: two launches (chunk_state.cuh), 64-column tiles
+            seg_chunks, segments = plan
+            N, Z = seqs.num_seqs, z.shape[-1]
+            seg_state = x.new_empty(N * segments, H, R, Z, dtype=torch.float32)
+            seg_decay = x.new_empty(N * segments, H, dtype=torch.float32)
+            ext.chunk_state(x, z, g, gamma, init, states, final, seqs.cu, seqs.offsets, scale, reverse, pair_states,
+                            pair_dot, 64, None, seg_chunks, seg_state, seg_decay)
+        else:
+            ext.chunk_state(x, z, g, gamma, init, states, final, seqs.cu, seqs.offsets, scale, reverse, pair_states,
+                            pair_dot)
     else:
         ext.chunk_state(x, z, None, None, init, states, final, seqs.cu, seqs.offsets, scale, reverse, None, None, 0,
                         gk_cum)
@@ -184,11 +196,16 @@ def _states(ext, x, z, g, gamma, init, seqs, final, scale=1.0, reverse=False, pa
 
 FUSED_FWD_ENV = "FLASH_ATTN_LINEAR_FUSED_FWD"
 # Segments: the grid aims at FUSED_CTAS_PER_SM CTAs per SM (two fit at K = 128), with at most
-# FUSED_MAX_SEGMENTS per sequence (each CTA folds the earlier segments' states in, so their count
-# is a cost) and at least FUSED_MIN_SEGMENT_CHUNKS chunks in each.
+# MAX_SEGMENTS per sequence (each CTA folds the earlier segments' states in, so their count
+# is a cost) and at least MIN_SEGMENT_CHUNKS chunks in each.
 FUSED_CTAS_PER_SM = 2
-FUSED_MAX_SEGMENTS = 32
-FUSED_MIN_SEGMENT_CHUNKS = 4
+MAX_SEGMENTS = 32
+MIN_SEGMENT_CHUNKS = 4
+
+
+SEGMENTED_STATES_ENV = "FLASH_ATTN_LINEAR_SEGMENTED_STATES"
+# chunk_state's CTAs (64 x 64 state tiles, ~49 KB of shared memory) fit four per SM
+STATES_CTAS_PER_SM = 4
 
 
 def fused_forward_enabled():
@@ -206,26 +223,22 @@ def num_sms(device):
     return _device_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def fused_plan(ext, q, v, seqs):
-    """None (the two-pass forward) or (seg_chunks, segments per sequence) for chunk_fused_fwd.
+def segmented_states_enabled():
+    """Whether chunk_state may cut sequences into segments (FLASH_ATTN_LINEAR_SEGMENTED_STATES=1;
+    default off: not yet run on a GPU, benchmarks/tune/NOTES.md)."""
+    return os.environ.get(SEGMENTED_STATES_ENV, "0").strip().lower() not in ("", "0", "false", "off", "no")
 
-    One CTA per (sequence, head, V tile) walks its sequence's chunks in order. When those CTAs
-    are at least the SMs: no segments, (0, 1). Else each sequence is cut into segments of
-    seg_chunks chunks (a CTA each), as many as FUSED_CTAS_PER_SM CTAs per SM hold, within the
-    limits above. The chunk count per sequence is bounded by ceil(T / 64) (T: the padded length, or all
-    tokens when packed), which needs no device-to-host copy of cu_seqlens."""
-    if not fused_forward_enabled() or not hasattr(ext, "chunk_fused_tile_v"):  # (older builds lack it)
-        return None
-    T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
-    bv = ext.chunk_fused_tile_v(K)
-    if V % bv:
-        return None
-    ctas, sms = seqs.num_seqs * H * (V // bv), num_sms(q.device)
+
+def _segment_plan(ctas, slots, T):
+    """(seg_chunks, segments per sequence) for a grid of `ctas` CTAs per segment set and `slots`
+    resident CTAs on the GPU: (0, 1) when the CTAs fill the SMs (`slots` / the CTAs per SM) or
+    the sequences are too short to cut; else as many segments as the slots hold, at most
+    MAX_SEGMENTS (each CTA folds the earlier segments' states in, so their count is a cost),
+    at least MIN_SEGMENT_CHUNKS chunks each, of an even chunk count. The chunk count per
+    sequence is bounded by ceil(T / 64) (T: the padded length, or all tokens when packed), which
+    needs no device-to-host copy of cu_seqlens."""
     chunks = math.ceil(T / CHUNK)
-    if ctas >= sms or chunks < 2 * FUSED_MIN_SEGMENT_CHUNKS:
-        return 0, 1
-    # rounded down: one more segment than fits would start a second, nearly empty wave
-    segments = min(FUSED_CTAS_PER_SM * sms // max(ctas, 1), FUSED_MAX_SEGMENTS, chunks // FUSED_MIN_SEGMENT_CHUNKS)
+    segments = min(slots // max(ctas, 1), MAX_SEGMENTS, chunks // MIN_SEGMENT_CHUNKS)
     if segments < 2:
         return 0, 1
     # an even chunk count per segment: every segment then starts on the kernel's first stage of
@@ -233,6 +246,38 @@ def fused_plan(ext, q, v, seqs):
     # right too), but only even ones have run on a GPU yet (benchmarks/tune/NOTES.md).
     seg_chunks = 2 * math.ceil(chunks / (2 * segments))
     return seg_chunks, math.ceil(chunks / seg_chunks)
+
+
+def states_plan(ext, x, z, seqs):
+    """None (chunk_state walks whole sequences) or (seg_chunks, segments per sequence) when
+    segmented states are on and the (sequence, head, 64 x 64 tile) CTAs are fewer than two per SM."""
+    if not segmented_states_enabled():
+        return None
+    T, H, R, Z = x.shape[1], x.shape[2], x.shape[3], z.shape[3]
+    ctas, sms = seqs.num_seqs * H * (R // 64) * (Z // 64), num_sms(x.device)
+    if ctas >= 2 * sms:
+        return None
+    plan = _segment_plan(ctas, STATES_CTAS_PER_SM * sms, T)
+    return None if plan[1] == 1 else plan
+
+
+def fused_plan(ext, q, v, seqs):
+    """None (the two-pass forward) or (seg_chunks, segments per sequence) for chunk_fused_fwd.
+
+    One CTA per (sequence, head, V tile) walks its sequence's chunks in order. When those CTAs
+    are at least the SMs: no segments, (0, 1). Else each sequence is cut into segments of
+    seg_chunks chunks (a CTA each), as many as FUSED_CTAS_PER_SM CTAs per SM hold (_segment_plan)."""
+    if not fused_forward_enabled() or not hasattr(ext, "chunk_fused_tile_v"):  # (older builds lack it)
+        return None
+    T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
+    bv = ext.chunk_fused_tile_v(K)
+    if V % bv:
+        return None
+    ctas, sms = seqs.num_seqs * H * (V // bv), num_sms(q.device)
+    if ctas >= sms:
+        return 0, 1
+    # rounded down in _segment_plan: one more segment than fits would start a nearly empty wave
+    return _segment_plan(ctas, FUSED_CTAS_PER_SM * sms, T)
 
 
 def chunk_forward(ext, q, k, v, g, gamma, scale, h0, output_final_state, seqs):
