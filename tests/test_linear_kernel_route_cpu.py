@@ -185,8 +185,15 @@ GRAD_CASES = [
 @pytest.mark.parametrize("with_final", [True, False], ids=["final", "nofinal"])
 @pytest.mark.parametrize("case", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
 def test_backward_matches_reference(model, case, with_final):
-    _, gate, T, K, V, lens = case
     n = 0.1 if "n0.1" in case[0] else 1.0
+    check_route_against_reference(case, with_final, n)
+    assert "gate_grad" in model.calls if case[1] is not None else "gate_grad" not in model.calls
+
+
+def check_route_against_reference(case, with_final, n=1.0):
+    """chunk_simple_gla on the route against the float64 recurrence for a case row: o, the final
+    state and the gradients of q, k, v, g / gamma and h0 under a random linear loss."""
+    _, gate, T, K, V, lens = case
     (q, k, v, g, gamma, h0), offsets = make_case(T, K, V, lens, gate=gate, n=n)
     w_o, w_s = loss_weights(v.shape, h0.shape)
 
@@ -196,17 +203,16 @@ def test_backward_matches_reference(model, case, with_final):
                    output_final_state=with_final, cu_seqlens=offsets)
         loss = (o * w_o).sum() + ((ht * w_s).sum() if with_final else 0)
         loss.backward()
-        return [None if x is None else x.grad for x in leaves]
+        return [o, ht] + [None if x is None else x.grad for x in leaves]
 
     got = run(la.chunk_simple_gla)
     ref = run(lambda *a, **kw: linear_attn_recurrent_ref(*a, **kw))
-    for name, a, b in zip(("dq", "dk", "dv", "dg", "dgamma", "dh0"), got, ref):
+    for name, a, b in zip(("o", "ht", "dq", "dk", "dv", "dg", "dgamma", "dh0"), got, ref):
         if b is None:
             assert a is None, name
         else:
             # the gate gradient is an fp32 reverse cumsum of fp32 row dots (as in the kernels)
             close(a, b, 2e-5 if name in ("dg", "dgamma") else 1e-6)
-    assert "gate_grad" in model.calls if gate is not None else "gate_grad" not in model.calls
 
 
 def check_bf16_against_reference(o, ht, leaves):
@@ -394,25 +400,7 @@ def segmented(model, monkeypatch):
 @pytest.mark.parametrize("with_final", [True, False], ids=["final", "nofinal"])
 @pytest.mark.parametrize("case", SEG_CASES, ids=[c[0] for c in SEG_CASES])
 def test_segmented_states_forward_and_backward(segmented, case, with_final):
-    _, gate, T, K, V, lens = case
-    (q, k, v, g, gamma, h0), offsets = make_case(T, K, V, lens, gate=gate)
-    w_o, w_s = loss_weights(v.shape, h0.shape)
-
-    def run(fn):
-        leaves = [None if x is None else x.clone().requires_grad_(True) for x in (q, k, v, g, gamma, h0)]
-        o, ht = fn(*leaves[:3], g=leaves[3], g_gamma=leaves[4], scale=0.4, initial_state=leaves[5],
-                   output_final_state=with_final, cu_seqlens=offsets)
-        loss = (o * w_o).sum() + ((ht * w_s).sum() if with_final else 0)
-        loss.backward()
-        return [o, ht] + [None if x is None else x.grad for x in leaves]
-
-    got = run(la.chunk_simple_gla)
-    ref = run(lambda *a, **kw: linear_attn_recurrent_ref(*a, **kw))
-    for name, a, b in zip(("o", "ht", "dq", "dk", "dv", "dg", "dgamma", "dh0"), got, ref):
-        if b is None:
-            assert a is None, name
-        else:
-            close(a, b, 2e-5 if name in ("dg", "dgamma") else 1e-6)
+    check_route_against_reference(case, with_final)
     # forward h, backward h and the reverse dH: all three cut into segments
     assert len(segmented.seg_calls) == 3 and all(c > 0 for c in segmented.seg_calls), segmented.seg_calls
 
