@@ -185,6 +185,8 @@ def linear_cases(quick):
         ("chunk_simple_gla segmented states varlen", dict(op="chunk_simple_gla", lens=[0, 700, 1, 333], H=1, K=128,
                                                           V=128, env={"FLASH_ATTN_LINEAR_SEGMENTED_STATES": "1",
                                                                       "FLASH_ATTN_LINEAR_FUSED_FWD": "0"})),
+        ("chunk_gla segmented states varlen", dict(op="chunk_gla", lens=[0, 700, 1, 333], H=1, K=128, V=128,
+                                                   env={"FLASH_ATTN_LINEAR_SEGMENTED_STATES": "1"})),
     ]
     if not quick:
         out += [

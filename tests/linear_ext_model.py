@@ -80,9 +80,9 @@ class LinearExtModel:
         gk_cum [B, T, H, R]: GLA's chunk-local cumulative per-key gates (gla_cumsum) instead of g / gamma:
         forward h_{c+1} = diag(exp(b_L)) h_c + sum_j (x_j * exp(b_L - b_j))^T z_j, reverse
         dH_{c-1} = diag(exp(b_L)) dH_c + scale sum_i (x_i * exp(b_i))^T z_i.
-        Segments (seg_chunks > 0, seg_state of S > 1 per sequence; scalar gates), as the kernel's
-        two launches: pass 1 writes the local result L_s (from zeros) and log-decay d_s (the sum of
-        the chunks' b_L) of every segment a later one needs (reverse: an earlier one) into
+        Segments (seg_chunks > 0, seg_state of S > 1 per sequence), as the kernel's two launches:
+        pass 1 writes the local result L_s (from zeros) and log-decay d_s (the sum of the chunks'
+        b_L; [H, R] with gk_cum) of every segment a later one needs (reverse: an earlier one) into
         seg_state / seg_decay; pass 2 starts each segment from the fold S <- exp(d_s) S + L_s over
         the segments before it (reverse: after it, last first), beginning at init."""
         B, T, H, R = x.shape
@@ -91,26 +91,28 @@ class LinearExtModel:
         zs = z.reshape(B * T, H, N).double().cpu()
         g, gamma = (None if t is None else t.cpu() for t in (g, gamma))
         if gk_cum is not None:
-            assert g is None and gamma is None and pair_dot is None and seg_chunks == 0
+            assert g is None and gamma is None and pair_dot is None
             bs = gk_cum.reshape(B * T, H, R).double().cpu()
         seqs = sequences(B, T, cu_seqlens, chunk_offsets)
         S_per = 1 if seg_chunks == 0 else seg_state.shape[0] // len(seqs)
+        decay_shape = (len(seqs) * S_per, H) + ((R,) if gk_cum is not None else ())
         assert seg_chunks == 0 or (seg_state.shape == (len(seqs) * S_per, H, R, N)
-                                   and seg_decay.shape == (len(seqs) * S_per, H) and S_per * seg_chunks * 64 >= T)
+                                   and seg_decay.shape == decay_shape and S_per * seg_chunks * 64 >= T)
 
         def walk(S, chunks, first, write):
             """The recurrence over `chunks` (in their order) from S; writes states (and pair_dot)
             when `write`. Returns the state after them and the sum of their b_L."""
-            d = torch.zeros(H, dtype=torch.float64)
+            d = torch.zeros((H, R) if gk_cum is not None else (H,), dtype=torch.float64)
             for c, start, stop in (reversed(chunks) if reverse else chunks):
                 if gk_cum is not None:
-                    if first + c < states.shape[0]:
+                    if write and first + c < states.shape[0]:
                         states[first + c] = S.to(states.dtype)
                     b = bs[start:stop]  # [L, H, R]
                     bl = b[-1]
                     w = scale * _exp0(b) if reverse else _exp0(bl - b)
                     S = torch.exp(bl)[..., None] * S + torch.einsum("lhr,lhn->hrn", xs[start:stop] * w,
                                                                     zs[start:stop])
+                    d = d + bl
                     continue
                 b = _cumgate(g, gamma, start, stop, H)  # [L, H]
                 bl = b[-1]
@@ -141,8 +143,8 @@ class LinearExtModel:
             for i, s in enumerate(order):  # pass 2
                 if i > 0:
                     p = order[i - 1]
-                    S_in = torch.exp(seg_decay[n * S_per + p].double())[:, None, None] * S_in + \
-                        seg_state[n * S_per + p].double()
+                    decay = torch.exp(seg_decay[n * S_per + p].double())  # [H] or (gk_cum) [H, R]
+                    S_in = decay.reshape(H, -1, 1) * S_in + seg_state[n * S_per + p].double()
                 S, _ = walk(S_in, segs[s], first, True)
             if final_state is not None:
                 final_state[n] = S.to(final_state.dtype)

@@ -118,7 +118,7 @@ def check_chunk_state(dt, R, N, gate, reverse, tile_n, lens, seg_chunks=0):
     if seg_chunks:
         S = -(-(-(-T // 64)) // seg_chunks)  # segments per sequence: ceil(ceil(T / 64) / seg_chunks)
         ws = (torch.full((s.num_seqs * S, H, R, N), math.nan, device="cuda"),
-              torch.full((s.num_seqs * S, H), math.nan, device="cuda"))
+              torch.full((s.num_seqs * S, H) + ((R,) if gate == "gla" else ()), math.nan, device="cuda"))
     ext().chunk_state(x, z, g, gamma, init, states, final, s.cu, s.offsets, 0.7, reverse, fwd, pair, tile_n, b,
                       seg_chunks, *ws)
     states_ref = torch.zeros(s.slots, H, R, N, dtype=torch.float64)
@@ -146,9 +146,9 @@ STATE_SEG_CASES = [
                  id=f"{dt}-R{r}-N{n}-{gate}-{'rev' if rev else 'fwd'}-bn{tile}-{'varlen' if lens else 'batched'}-"
                  f"seg{sc}")
     for dt, r, n, gate, rev, tile, lens, sc in [
-        (dt, 128, 128, gate, rev, 64, None, sc) for dt in DTYPES for gate in ("g", "gamma", None)
+        (dt, 128, 128, gate, rev, 64, None, sc) for dt in DTYPES for gate in ("g", "gamma", None, "gla")
         for rev in (False, True) for sc in (1, 2, 3)
-    ] + [(dt, r, n, "g", rev, tile, (0, 65, 1, 200, 0), sc) for dt in DTYPES for r, n, tile in
+    ] + [("bf16", 128, 64, "gla", rev, 32, (0, 65, 1, 200, 0), sc) for rev in (False, True) for sc in (1, 2)] + [(dt, r, n, "g", rev, tile, (0, 65, 1, 200, 0), sc) for dt in DTYPES for r, n, tile in
          ((64, 256, 32), (256, 64, 64)) for rev in (False, True) for sc in (1, 2)]
 ]
 
@@ -159,13 +159,13 @@ def test_chunk_state_kernel_segments(dt, R, N, gate, reverse, tile_n, lens, seg_
 
 
 def test_chunk_state_segment_arguments():
-    """Segments are for scalar gates; the workspace must cover T."""
+    """GLA's seg_decay has a log-decay per state row; the workspace must cover T."""
     s = seqs(2, 200, None)
     x = rand(2, 200, 2, 64, dtype=torch.bfloat16, seed=1)
     states = torch.empty(s.slots, 2, 64, 64, device="cuda", dtype=torch.bfloat16)
     ws = (torch.empty(4, 2, 64, 64, device="cuda"), torch.empty(4, 2, device="cuda"))
     b = gla_cum(gates(2, 200, 2, 64, n=0.5), s)
-    with pytest.raises(ValueError, match="scalar gates"):
+    with pytest.raises(ValueError, match="seg_decay"):  # [4, 2] where GLA needs [4, 2, 64]
         ext().chunk_state(x, x, None, None, None, states, None, None, None, 1.0, False, None, None, 64, b, 2, *ws)
     with pytest.raises(ValueError, match="must cover T"):  # 2 segments of 1 chunk < 4 chunks
         ext().chunk_state(x, x, gates(2, 200, 2), None, None, states, None, None, None, 1.0, False, None, None, 64,
@@ -644,13 +644,17 @@ def test_fused_forward_segments_on_the_device(fused_switch, lens):
     check("final_state vs reference", ht_on, ht_ref, OUT_TOL)
 
 
+@pytest.mark.parametrize("op", ["simple_gla", "gla"])
 @pytest.mark.parametrize("lens", [None, (0, 3000, 64, 900, 1)], ids=["batched", "varlen"])
-def test_segmented_states_on_the_device(monkeypatch, lens):
+def test_segmented_states_on_the_device(monkeypatch, lens, op):
     """FLASH_ATTN_LINEAR_SEGMENTED_STATES=1 with the device's SM count: the two-pass forward and the
-    backward (h, dH and the gate gradient's pair dots) in segments equal the whole-sequence route."""
+    backward (h, dH and the gate gradient's pair dots; GLA's per-key decays) in segments equal the
+    whole-sequence route."""
     B, T, H = (1, 4000, 2) if lens is None else (1, sum(lens), 2)
     N = B if lens is None else len(lens)
     q, k, v, g, _, h0 = make_inputs(B, T, H, 128, 128, "g", 1.0, torch.bfloat16, N=N)
+    if op == "gla":
+        g = gates(B, T, H, 128, n=4.0)
     cu = None if lens is None else offsets(lens)
     w = rand(B, T, H, 128, seed=11).float()
     monkeypatch.setenv(_kernels.FUSED_FWD_ENV, "0")
@@ -659,8 +663,11 @@ def test_segmented_states_on_the_device(monkeypatch, lens):
         monkeypatch.setenv(_kernels.SEGMENTED_STATES_ENV, on)
         assert (_kernels.states_plan(None, k, v, seqs(B, T, lens)) is not None) == (on == "1")
         leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
-        o, ht = la.chunk_simple_gla(*leaves[:3], g=leaves[3], initial_state=leaves[4], output_final_state=True,
-                                    cu_seqlens=cu)
+        if op == "gla":
+            o, ht = la.chunk_gla(*leaves[:4], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu)
+        else:
+            o, ht = la.chunk_simple_gla(*leaves[:3], g=leaves[3], initial_state=leaves[4], output_final_state=True,
+                                        cu_seqlens=cu)
         ((o.float() * w).sum() + ht.sum()).backward()
         results.append([o, ht] + [x.grad for x in leaves])
     for name, a, b in zip(("o", "ht", "dq", "dk", "dv", "dg", "dh0"), *results):

@@ -453,6 +453,20 @@ def test_segmented_model_matches_whole_model():
             close(b_fin.double(), a_fin.double())
             if reverse:
                 close(b_pair.double(), a_pair.double())
+    # GLA's per-key gates: one log-decay per state row
+    gk = F.logsigmoid(torch.randn(2, 700, 2, 64, dtype=F64)) / 4
+    b = torch.empty_like(gk)
+    m.gla_cumsum(gk, b, None, None, seqs.slots)
+    for reverse in (False, True):
+        outs = []
+        for sc in (0, 3):
+            st, fin = torch.empty(seqs.slots, 2, 64, 128, dtype=F64), torch.empty(2, 2, 64, 128)
+            ws = (torch.full((8, 2, 64, 128), math.nan), torch.full((8, 2, 64), math.nan)) if sc else (None, None)
+            m.chunk_state(q if reverse else k, v, None, None, h0, st, fin, None, None, 0.5, reverse, None, None, 0, b,
+                          sc, *ws)
+            outs.append((st, fin))
+        close(outs[1][0], outs[0][0])
+        close(outs[1][1].double(), outs[0][1].double())
 
 
 def test_fused_model_matches_two_pass_model_in_bf16():
@@ -526,6 +540,13 @@ def test_gla_forward_matches_reference(model, case, mode):
 @pytest.mark.parametrize("with_final", [True, False], ids=["final", "nofinal"])
 @pytest.mark.parametrize("case", GLA_CASES, ids=[c[0] for c in GLA_CASES])
 def test_gla_backward_matches_reference(model, case, with_final):
+    check_gla_route_against_reference(case, with_final)
+    assert {"gla_cumsum", "gla_output", "gla_grad"} <= set(model.calls)
+
+
+def check_gla_route_against_reference(case, with_final):
+    """chunk_gla on the route against the float64 recurrence for a GLA case row: the gradients of
+    q, k, v, g and h0 under a random linear loss."""
     _, T, K, V, n, scale, lens = case
     (q, k, v, _, _, h0), offsets = make_case(T, K, V, lens, gate=None)
     g = gla_gates(*q.shape, n)  # [B, T, H, K] like q
@@ -543,7 +564,13 @@ def test_gla_backward_matches_reference(model, case, with_final):
     ref = run(lambda q, k, v, g, **kw: linear_attn_recurrent_ref(q, k, v, g=g, **kw))
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), got, ref):
         close(a, b, gla_tol(n) * (20 if name == "dg" else 1))
-    assert {"gla_cumsum", "gla_output", "gla_grad"} <= set(model.calls)
+
+
+@pytest.mark.parametrize("lens", [None, [0, 600, 1, 333]], ids=["batched", "varlen"])
+def test_gla_segmented_states(segmented, lens):
+    """chunk_gla with its chunk_state passes (forward h, backward h, reverse dH) in segments."""
+    check_gla_route_against_reference(("seg", 600, 64, 64, 1.0, 0.5, lens), True)
+    assert len(segmented.seg_calls) == 3 and all(c > 0 for c in segmented.seg_calls), segmented.seg_calls
 
 
 @pytest.mark.parametrize("reverse", [False, True])

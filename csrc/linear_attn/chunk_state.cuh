@@ -17,13 +17,13 @@
 // 64 chunk rows as the reduction (x^T through ldmatrix.trans, the per-row weights w folded
 // into z's fragments). x / z tiles and the gates are prefetched kStages - 1 chunks ahead.
 //
-// Segments (scalar gates only; seg_chunks > 0, max_segs > 1): the chain of chunks is what limits
+// Segments (seg_chunks > 0, max_segs > 1): the chain of chunks is what limits
 // a long sequence, so each sequence is cut into segments of seg_chunks chunks, a CTA each, and
 // run_chunk_state makes two launches (as chunk_fused.cuh does for the forward):
 //   pass 1 (p.seg_pass): every segment that a later one needs (forward: all but the last;
 //          reverse: all but the first) walks its chunks from a zero state, writing no states:
-//          its local result L into seg_state and its log-decay d (the sum of its chunks' b_L)
-//          into seg_decay;
+//          its local result L into seg_state and its log-decay d (the sum of its chunks' b_L;
+//          kPerKey: one per state row, the sum of the rows' b_L) into seg_decay;
 //   pass 2: each segment starts from the fold S <- exp(d_s) S + L_s, from init, over the segments
 //          before it (reverse: after it, from the last one down), which is the state at its
 //          boundary, then writes its chunks' states as above; the segment at the sequence's end
@@ -88,7 +88,12 @@ __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams
   const float* bg = kPerKey ? p.gk_cum + static_cast<int64_t>(head) * p.r_dim + r0 : nullptr;
   const int64_t state_base = (static_cast<int64_t>(seq) * H + head) * p.r_dim * p.n_dim;
   // segment s of this sequence in seg_state [N * max_segs, H, R, N] and seg_decay [N * max_segs, H]
+  // (kPerKey: [N * max_segs, H, R])
   auto seg_row = [&](int s) { return (static_cast<int64_t>(seq) * p.max_segs + s) * H + head; };
+  // where the log-decay of this thread's state row 16 warp + g + 8 half is in seg_decay
+  auto decay_at = [&](int s, int half) {
+    return kPerKey ? seg_row(s) * p.r_dim + r0 + warp * 16 + g + 8 * half : seg_row(s);
+  };
   // where acc[nt][2 half ..] lives in an fp32 (R, N) state matrix starting at `base`
   auto acc_at = [&](int nt, int half, int64_t base) {
     return base + static_cast<int64_t>(r0 + warp * 16 + g + 8 * half) * p.n_dim + n0 + nt * 8 + 2 * t4;
@@ -112,20 +117,20 @@ __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams
     const int nfold = kReverse ? nsegs - 1 - seg : seg;
     for (int f = 0; f < nfold; ++f) {
       const int s = kReverse ? nsegs - 1 - f : f;
-      const float decay = __expf(p.seg_decay[seg_row(s)]);
+      const float decay[2] = {__expf(p.seg_decay[decay_at(s, 0)]), __expf(p.seg_decay[decay_at(s, 1)])};
       const int64_t base = seg_row(s) * p.r_dim * p.n_dim;
 #pragma unroll
       for (int nt = 0; nt < NT8; ++nt) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const float2 l = *reinterpret_cast<const float2*>(p.seg_state + acc_at(nt, half, base));
-          acc[nt][2 * half] = fmaf(decay, acc[nt][2 * half], l.x);
-          acc[nt][2 * half + 1] = fmaf(decay, acc[nt][2 * half + 1], l.y);
+          acc[nt][2 * half] = fmaf(decay[half], acc[nt][2 * half], l.x);
+          acc[nt][2 * half + 1] = fmaf(decay[half], acc[nt][2 * half + 1], l.y);
         }
       }
     }
   }
-  float seg_log_decay = 0.f;  // pass 1: the sum of the segment's b_L
+  float seg_log_decay[2] = {0.f, 0.f};  // pass 1: the sum of the segment's b_L (of this thread's rows)
 
   auto chunk_of = [&](int i) { return kReverse ? c_end - 1 - i : c_begin + i; };
   auto chunk_start = [&](int i) { return sr.bos + static_cast<int64_t>(chunk_of(i)) * kChunk; };
@@ -205,7 +210,8 @@ __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams
       for (int half = 0; half < 2; ++half) blr[half] = gt[gate_at(kChunk - 1, warp * 16 + g + 8 * half)];
     }
     const float decay = __expf(bl);
-    seg_log_decay += bl;
+    seg_log_decay[0] += blr[0];
+    seg_log_decay[1] += blr[1];
 #pragma unroll
     for (int nt = 0; nt < NT8; ++nt) {
 #pragma unroll
@@ -277,15 +283,24 @@ __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams
       }
     }
   }
-  if (p.seg_pass && blockIdx.z == 0 && tid == 0) p.seg_decay[seg_row(seg)] = seg_log_decay;  // same in every tile
+  if (p.seg_pass) {  // the same in every N tile (and, scalar gates, every row): one writer per value
+    if constexpr (kPerKey) {
+      if (blockIdx.z % n_tiles == 0 && t4 == 0) {
+        p.seg_decay[decay_at(seg, 0)] = seg_log_decay[0];
+        p.seg_decay[decay_at(seg, 1)] = seg_log_decay[1];
+      }
+    } else {
+      if (blockIdx.z == 0 && tid == 0) p.seg_decay[decay_at(seg, 0)] = seg_log_decay[0];
+    }
+  }
 }
 
 template <typename Tag, int BN, bool kReverse, bool kPerKey>
 cudaError_t run_chunk_state(const ChunkStateParams& p, cudaStream_t stream) {
   if (p.seq.num_seqs == 0 || p.seq.heads == 0) return cudaSuccess;
   if ((p.gk_cum != nullptr) != kPerKey || p.max_segs < 1 || p.seg_pass) return cudaErrorInvalidValue;
-  if (p.max_segs > 1 && (kPerKey || p.seg_chunks < 1 || p.seg_state == nullptr || p.seg_decay == nullptr)) {
-    return cudaErrorInvalidValue;  // segments: scalar gates only (one log-decay per segment and head)
+  if (p.max_segs > 1 && (p.seg_chunks < 1 || p.seg_state == nullptr || p.seg_decay == nullptr)) {
+    return cudaErrorInvalidValue;
   }
   constexpr int smem = chunk_state_smem_bytes<BN, kPerKey>();
   auto kernel = chunk_state_kernel<Tag, BN, kReverse, kPerKey>;

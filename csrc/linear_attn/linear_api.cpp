@@ -283,9 +283,10 @@ void masked_mask_grad(const Tensor& q, const Tensor& k, const Tensor& v, const T
 // that many chunks, each its own CTA; seg_state fp32 [N_seq * S, H, R, N] and seg_decay fp32
 // [N_seq * S, H] are then the kernels' workspace, S (segments per sequence) their first size / N_seq,
 // with S * seg_chunks * 64 >= T so that every sequence's chunks are covered. S = 1 is no segments.
+// per_row: seg_decay is [N_seq * S, H, R] (per-key gates: one log-decay per state row).
 template <typename Params>
 void set_segments(Params& p, int64_t seg_chunks, const OptTensor& seg_state, const OptTensor& seg_decay,
-                  const Tensor& like, int64_t N, int64_t H, int64_t R, int64_t C, int64_t T) {
+                  const Tensor& like, int64_t N, int64_t H, int64_t R, int64_t C, int64_t T, bool per_row = false) {
   CHECK_ARG(seg_chunks >= 0, "seg_chunks must be >= 0, got ", seg_chunks);
   if (seg_chunks == 0) return;
   CHECK_ARG(seg_state.has_value() && seg_decay.has_value(), "seg_chunks > 0 needs seg_state and seg_decay");
@@ -293,7 +294,11 @@ void set_segments(Params& p, int64_t seg_chunks, const OptTensor& seg_state, con
             "seg_state must be [N_seq * S, H, R, N] with S >= 1 (N_seq = ", N, "), got ", seg_state->sizes());
   const int64_t S = seg_state->size(0) / N;
   check_opt(seg_state, "seg_state", like, at::kFloat, {N * S, H, R, C});
-  check_opt(seg_decay, "seg_decay", like, at::kFloat, {N * S, H});
+  if (per_row) {
+    check_opt(seg_decay, "seg_decay", like, at::kFloat, {N * S, H, R});
+  } else {
+    check_opt(seg_decay, "seg_decay", like, at::kFloat, {N * S, H});
+  }
   CHECK_ARG(S * seg_chunks * 64 >= T, "seg_state's ", S, " segments of seg_chunks = ", seg_chunks,
             " chunks must cover T = ", T, " tokens");
   CHECK_ARG(N * S < (int64_t{1} << 31), "N_seq * segments must be below 2^31 (grid x), got ", N * S);
@@ -310,7 +315,7 @@ void set_segments(Params& p, int64_t seg_chunks, const OptTensor& seg_state, con
 // Reverse only: pair_states [S, H, R, N] (the forward states) and pair_dot fp32
 // [S, H, (R / 64) * (N / 32)] get exp(b_L) <dH_c, h_c> per tile (both or neither).
 // GLA: gk_cum fp32 [B, T, H, R] (gla_cumsum's per-key cumulative gates) instead of g / gamma.
-// seg_chunks, seg_state, seg_decay: segments (set_segments; scalar gates only).
+// seg_chunks, seg_state, seg_decay: segments (set_segments; seg_decay [.., H, R] with gk_cum).
 void chunk_state(const Tensor& x, const Tensor& z, const OptTensor& g, const OptTensor& gamma, const OptTensor& init,
                  Tensor& states, const OptTensor& final_state, const OptTensor& cu_seqlens,
                  const OptTensor& chunk_offsets, double scale, bool reverse, const OptTensor& pair_states,
@@ -354,8 +359,7 @@ void chunk_state(const Tensor& x, const Tensor& z, const OptTensor& g, const Opt
   const int bn = tile_n > 0 ? static_cast<int>(tile_n)
                             : la::chunk_state_tile_n(p.seq.num_seqs, H, p.r_dim, p.n_dim, num_sms(x.get_device()));
   CHECK_ARG(bn == 32 || bn == 64, "tile_n must be 0 (auto), 32 or 64, got ", tile_n);
-  set_segments(p, seg_chunks, seg_state, seg_decay, x, p.seq.num_seqs, H, R, N, x.size(1));
-  CHECK_ARG(p.max_segs == 1 || !per_key, "segments (seg_chunks > 0) are for scalar gates, not gk_cum");
+  set_segments(p, seg_chunks, seg_state, seg_decay, x, p.seq.num_seqs, H, R, N, x.size(1), per_key);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch("chunk_state", dispatch_dtype(x.scalar_type(), [&](auto tag) {
     using Tag = decltype(tag);

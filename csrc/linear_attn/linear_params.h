@@ -70,12 +70,13 @@ struct ChunkStateParams {
   int r_dim = 0;                   // multiple of 64
   int n_dim = 0;                   // multiple of 64
   float scale = 1.f;               // reverse: the weight of q_i^T do_i is scale * exp(b_i)
-  // Segments (chunk_state.cuh; scalar gates only): 0 = one CTA walks a whole sequence; else chunks
-  // per segment, with max_segs * seg_chunks >= every sequence's chunk count
+  // Segments (chunk_state.cuh): 0 = one CTA walks a whole sequence; else chunks per segment, with
+  // max_segs * seg_chunks >= every sequence's chunk count
   int seg_chunks = 0;
   int max_segs = 1;                // segments per sequence in the grid (1 without segments)
   float* seg_state = nullptr;      // [num_seqs * max_segs, heads, r_dim, n_dim] fp32 workspace (pass 1)
   float* seg_decay = nullptr;      // [num_seqs * max_segs, heads] fp32 workspace: each segment's log-decay
+                                   // (GLA, gk_cum: [num_seqs * max_segs, heads, r_dim], one per state row)
   int seg_pass = 0;                // set by run_chunk_state for pass 1; 0 from the caller
 };
 

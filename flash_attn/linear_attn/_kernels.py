@@ -22,7 +22,7 @@ Backward (h recomputed):
      chunk_outputs q . dq_inter, k . dk_inter per row)
     gate_grad      (q, k, v, do)   -> dg, chunk by chunk (csrc/linear_attn/gate_grad.cu)
 With FLASH_ATTN_LINEAR_SEGMENTED_STATES=1 (off by default until it has run on a GPU; states_plan)
-every scalar-gate chunk_state above is cut into segments where its CTAs are few (long sequences):
+every chunk_state here (GLA's too) is cut into segments where its CTAs are few (long sequences):
 a first launch gives each segment's local state, the second folds them in (chunk_state.cuh).
 GLA (per-key gates g [B, T, H, K]) has its own output and gradient kernels around the same
 chunk_state (with per-key weights):
@@ -176,21 +176,19 @@ def _states(ext, x, z, g, gamma, init, seqs, final, scale=1.0, reverse=False, pa
             gk_cum=None):
     B, T, H, R = x.shape
     states = x.new_empty(seqs.slots, H, R, z.shape[-1])
-    if gk_cum is None:
-        plan = states_plan(ext, x, z, seqs)
-        if plan is not None:  # segments: two launches (chunk_state.cuh), 64-column tiles
-            seg_chunks, segments = plan
-            N, Z = seqs.num_seqs, z.shape[-1]
-            seg_state = x.new_empty(N * segments, H, R, Z, dtype=torch.float32)
-            seg_decay = x.new_empty(N * segments, H, dtype=torch.float32)
-            ext.chunk_state(x, z, g, gamma, init, states, final, seqs.cu, seqs.offsets, scale, reverse, pair_states,
-                            pair_dot, 64, None, seg_chunks, seg_state, seg_decay)
-        else:
-            ext.chunk_state(x, z, g, gamma, init, states, final, seqs.cu, seqs.offsets, scale, reverse, pair_states,
-                            pair_dot)
-    else:
-        ext.chunk_state(x, z, None, None, init, states, final, seqs.cu, seqs.offsets, scale, reverse, None, None, 0,
-                        gk_cum)
+    plan = states_plan(ext, x, z, seqs)
+    if plan is None:
+        ext.chunk_state(x, z, g, gamma, init, states, final, seqs.cu, seqs.offsets, scale, reverse, pair_states,
+                        pair_dot, 0, gk_cum)
+        return states
+    # segments: two launches (chunk_state.cuh), 64-column tiles; per-key gates have a log-decay
+    # per state row
+    seg_chunks, segments = plan
+    N = seqs.num_seqs * segments
+    seg_state = x.new_empty(N, H, R, z.shape[-1], dtype=torch.float32)
+    seg_decay = x.new_empty((N, H, R) if gk_cum is not None else (N, H), dtype=torch.float32)
+    ext.chunk_state(x, z, g, gamma, init, states, final, seqs.cu, seqs.offsets, scale, reverse, pair_states,
+                    pair_dot, 64, gk_cum, seg_chunks, seg_state, seg_decay)
     return states
 
 
