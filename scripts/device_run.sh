@@ -22,6 +22,9 @@
 #              keeps the timings on disk with TRITON_CACHE_AUTOTUNING=1, so this stage restores
 #              them from .triton_autotune.tar (ignored; carry it) and writes the updated set back
 #              to $OUT/triton_autotune.tar: copy that to the repo root for the next machine.
+#   linseg     the segmented linear-attention passes: their GPU tests (-k "fused or segment", junit
+#              $OUT/linseg.xml), then benchmark_linear.py --mode fwd,fwdbwd --no-fla --no-softmax with
+#              FLASH_ATTN_LINEAR_SEGMENTED_STATES=0 and =1 (JSON into $OUT/segstates_off, _on)
 #   demo       python -m flash_attn
 #
 # Environment passed through: FLASH_ATTN_CUDA_ARCHS (default 90 here), MAX_JOBS (16), NVCC_THREADS,
@@ -263,6 +266,20 @@ for stage in "${STAGES[@]}"; do
         # only the autotune timings (small JSON files), not the compiled kernels
         ( cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 |
             tar --null -cf "$OUT/triton_autotune.tar" -T - ) || true
+        ;;
+    linseg)
+        need_build linseg || continue
+        rm -f "$OUT/linseg.xml"
+        FLASH_ATTN_REQUIRE_CUDA=1 run_stage linseg "$PY" -m pytest "$REPO/tests/test_linear_attn_gpu.py" -m cuda \
+            -k "fused or segment" -p no:cacheprovider -q -rfEs --tb=short --junitxml="$OUT/linseg.xml" "${XDIST[@]}"
+        SUMMARY[-1]="${SUMMARY[-1]} $(junit_counts "$OUT/linseg.xml")"
+        for on in 0 1; do
+            name=$([ "$on" = 1 ] && echo on || echo off)
+            mkdir -p "$OUT/segstates_$name"
+            FLASH_ATTN_LINEAR_SEGMENTED_STATES=$on run_stage "linseg-ab-$name" "$PY" \
+                "$REPO/benchmarks/benchmark_linear.py" --mode fwd,fwdbwd --no-fla --no-softmax \
+                --out-dir "$OUT/segstates_$name"
+        done
         ;;
     demo)
         need_build demo || continue
