@@ -41,6 +41,15 @@ def _chunk_rows(bos, eos):
     return [(c, bos + c * CHUNK, min(bos + (c + 1) * CHUNK, eos)) for c in range(math.ceil((eos - bos) / CHUNK))]
 
 
+def _segments(chunks, seg_chunks, max_segs):
+    """A sequence's chunks cut into segments of seg_chunks (0: one segment), as the kernels cut
+    them; an empty sequence has one empty segment."""
+    per = seg_chunks or max(len(chunks), 1)
+    segs = [chunks[i:i + per] for i in range(0, len(chunks), per)] or [[]]
+    assert len(segs) <= max_segs
+    return segs
+
+
 def _exp0(x, used=None):
     """exp(x) for exponents that must be <= 0 (wherever `used`, a broadcastable bool mask)."""
     bad = x > 0 if used is None else (x > 0) & used
@@ -131,9 +140,7 @@ class LinearExtModel:
         for n, (bos, eos, first) in enumerate(seqs):
             S0 = init[n].double().cpu().clone() if init is not None else torch.zeros(H, R, N, dtype=torch.float64)
             chunks = _chunk_rows(bos, eos)
-            per = seg_chunks if S_per > 1 else max(len(chunks), 1)
-            segs = [chunks[i:i + per] for i in range(0, len(chunks), per)] or [[]]
-            assert len(segs) <= S_per
+            segs = _segments(chunks, seg_chunks if S_per > 1 else 0, S_per)
             order = list(range(len(segs)))[::-1] if reverse else list(range(len(segs)))
             for s in order[:-1]:  # pass 1: every segment but the one at the far end of the walk
                 L, d = walk(torch.zeros(H, R, N, dtype=torch.float64), segs[s], first, False)
@@ -231,9 +238,7 @@ class LinearExtModel:
 
         for n, (bos, eos, _) in enumerate(sequences(B, T, cu_seqlens, None)):
             chunks = list(_chunk_rows(bos, eos))
-            per = seg_chunks if S_per > 1 else max(len(chunks), 1)
-            segs = [chunks[i:i + per] for i in range(0, len(chunks), per)] or [[]]
-            assert len(segs) <= S_per
+            segs = _segments(chunks, seg_chunks if S_per > 1 else 0, S_per)
             # S_in: the state entering segment j (the fold); S: pass 2's running state within it
             S_in = init[n].double().cpu().clone() if init is not None else torch.zeros(H, K, V, dtype=torch.float64)
             for j, seg in enumerate(segs):

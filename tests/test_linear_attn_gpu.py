@@ -661,7 +661,7 @@ def test_segmented_states_on_the_device(monkeypatch, lens, op):
     results = []
     for on in ("0", "1"):
         monkeypatch.setenv(_kernels.SEGMENTED_STATES_ENV, on)
-        assert (_kernels.states_plan(None, k, v, seqs(B, T, lens)) is not None) == (on == "1")
+        assert (_kernels.states_plan(k, v, seqs(B, T, lens)) is not None) == (on == "1")
         leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
         if op == "gla":
             o, ht = la.chunk_gla(*leaves[:4], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu)

@@ -410,7 +410,7 @@ def test_segmented_states_off_by_default(model, monkeypatch):
     model.sms = 1000
     q = torch.empty(1, 65536, 16, 128, device="meta")
     assert not _kernels.segmented_states_enabled()
-    assert _kernels.states_plan(model, q, q, _kernels.Seqs(1, 65536, None, q.device)) is None
+    assert _kernels.states_plan(q, q, _kernels.Seqs(1, 65536, None, q.device)) is None
 
 
 @pytest.mark.parametrize("B,T,H,R,Z,sms,want", [
@@ -425,7 +425,7 @@ def test_states_plan(monkeypatch, B, T, H, R, Z, sms, want):
     monkeypatch.setattr(_kernels, "num_sms", lambda device: sms)
     x = torch.empty(B, T, H, R, device="meta")
     z = torch.empty(B, T, H, Z, device="meta")
-    assert _kernels.states_plan(None, x, z, _kernels.Seqs(B, T, None, x.device)) == want
+    assert _kernels.states_plan(x, z, _kernels.Seqs(B, T, None, x.device)) == want
 
 
 def test_segmented_model_matches_whole_model():

@@ -176,20 +176,25 @@ def _states(ext, x, z, g, gamma, init, seqs, final, scale=1.0, reverse=False, pa
             gk_cum=None):
     B, T, H, R = x.shape
     states = x.new_empty(seqs.slots, H, R, z.shape[-1])
-    plan = states_plan(ext, x, z, seqs)
+    plan = states_plan(x, z, seqs)
     if plan is None:
         ext.chunk_state(x, z, g, gamma, init, states, final, seqs.cu, seqs.offsets, scale, reverse, pair_states,
                         pair_dot, 0, gk_cum)
         return states
-    # segments: two launches (chunk_state.cuh), 64-column tiles; per-key gates have a log-decay
-    # per state row
+    # segments: two launches (chunk_state.cuh), 64-column tiles
     seg_chunks, segments = plan
-    N = seqs.num_seqs * segments
-    seg_state = x.new_empty(N, H, R, z.shape[-1], dtype=torch.float32)
-    seg_decay = x.new_empty((N, H, R) if gk_cum is not None else (N, H), dtype=torch.float32)
     ext.chunk_state(x, z, g, gamma, init, states, final, seqs.cu, seqs.offsets, scale, reverse, pair_states,
-                    pair_dot, 64, gk_cum, seg_chunks, seg_state, seg_decay)
+                    pair_dot, 64, gk_cum, seg_chunks, *_segment_workspace(x, z, seqs, segments, gk_cum is not None))
     return states
+
+
+def _segment_workspace(x, z, seqs, segments, per_row=False):
+    """The segment kernels' workspace: seg_state fp32 [N * segments, H, R, Z] (each segment's
+    local state) and seg_decay fp32 [N * segments, H] (its log-decay; [.., H, R] with per_row,
+    GLA's per-key gates)."""
+    N, H, R, Z = seqs.num_seqs * segments, x.shape[2], x.shape[3], z.shape[3]
+    return (x.new_empty(N, H, R, Z, dtype=torch.float32),
+            x.new_empty((N, H, R) if per_row else (N, H), dtype=torch.float32))
 
 
 FUSED_FWD_ENV = "FLASH_ATTN_LINEAR_FUSED_FWD"
@@ -206,9 +211,14 @@ SEGMENTED_STATES_ENV = "FLASH_ATTN_LINEAR_SEGMENTED_STATES"
 STATES_CTAS_PER_SM = 4
 
 
+def _env_switch(name, default):
+    """An on/off environment variable: "", 0, false, off and no are off."""
+    return os.environ.get(name, default).strip().lower() not in ("", "0", "false", "off", "no")
+
+
 def fused_forward_enabled():
     """Whether the one-pass forward may run (FLASH_ATTN_LINEAR_FUSED_FWD=0 turns it off)."""
-    return os.environ.get(FUSED_FWD_ENV, "1").strip().lower() not in ("", "0", "false", "off", "no")
+    return _env_switch(FUSED_FWD_ENV, "1")
 
 
 @functools.lru_cache(maxsize=None)
@@ -224,7 +234,7 @@ def num_sms(device):
 def segmented_states_enabled():
     """Whether chunk_state may cut sequences into segments (FLASH_ATTN_LINEAR_SEGMENTED_STATES=1;
     default off: not yet run on a GPU, benchmarks/tune/NOTES.md)."""
-    return os.environ.get(SEGMENTED_STATES_ENV, "0").strip().lower() not in ("", "0", "false", "off", "no")
+    return _env_switch(SEGMENTED_STATES_ENV, "0")
 
 
 def _segment_plan(ctas, slots, T):
@@ -246,7 +256,7 @@ def _segment_plan(ctas, slots, T):
     return seg_chunks, math.ceil(chunks / seg_chunks)
 
 
-def states_plan(ext, x, z, seqs):
+def states_plan(x, z, seqs):
     """None (chunk_state walks whole sequences) or (seg_chunks, segments per sequence) when
     segmented states are on and the (sequence, head, 64 x 64 tile) CTAs are fewer than two per SM."""
     if not segmented_states_enabled():
@@ -286,12 +296,9 @@ def chunk_forward(ext, q, k, v, g, gamma, scale, h0, output_final_state, seqs):
     if plan is not None:
         seg_chunks, segments = plan
         o = torch.empty_like(v)
-        if segments > 1:  # the segments' local states and log-decays (chunk_fused.cuh, pass 1)
-            seg_state = q.new_empty(N * segments, H, K, V, dtype=torch.float32)
-            seg_decay = q.new_empty(N * segments, H, dtype=torch.float32)
-            ext.chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, seqs.cu, scale, seg_chunks, seg_state, seg_decay)
-        else:
-            ext.chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, seqs.cu, scale)
+        # with segments: their local states and log-decays (chunk_fused.cuh, pass 1)
+        ws = _segment_workspace(q, v, seqs, segments) if segments > 1 else (None, None)
+        ext.chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, seqs.cu, scale, seg_chunks, *ws)
         return o, final
     h = _states(ext, k, v, g, gamma, h0, seqs, final)
     o = torch.empty_like(v)
