@@ -75,8 +75,8 @@ int main() {
       p.is_bf16 = true;
       if (ATOMIC) {
         p.dq_accum_ptr = dq_accum;
-        p.dq_accum_row_stride = row;
-        p.dq_accum_head_stride = d;
+        p.dq_accum_row_stride = d;  // head-major, as flash_api.cpp allocates it
+        p.dq_accum_head_stride = int64_t(s) * d;
         p.dq_accum_batch_stride = batch;
       }
 

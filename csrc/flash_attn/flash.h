@@ -131,9 +131,10 @@ struct Flash_bwd_params : public Flash_fwd_params {
   float *__restrict__ softmax_d_ptr;
   float scale_qk;  // the softmax scale applied to q.k (d score / d (q.k) without softcap)
 
-  // Default (non-deterministic) path: an fp32 dQ accumulator in q's layout ([b, sq, h, d]
-  // or [total_q, h, d]), zeroed by the host, into which the dK/dV kernel adds
-  // scale_qk * dS K with atomics (so dQ's summation order varies; dK, dV do not).
+  // Default (non-deterministic) path: an fp32 dQ accumulator, head-major ([b, h, sq, d] or
+  // [h, total_q, d], so dq_accum_row_stride must equal the kernel's head dim), zeroed by
+  // the host, into which the dK/dV kernel adds dS K with atomics (so dQ's summation order
+  // varies; dK, dV do not); the host multiplies by scale_qk when it converts it to dq.
   // nullptr: deterministic path, the separate dQ kernel writes dq_ptr.
   float *__restrict__ dq_accum_ptr;
   index_t dq_accum_batch_stride, dq_accum_row_stride, dq_accum_head_stride;

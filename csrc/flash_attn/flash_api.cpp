@@ -587,6 +587,7 @@ void set_bwd_params(flash::Flash_bwd_params &p, const at::Tensor &dout, const at
   if (dq_accum.defined()) {
     p.dq_accum_ptr = dq_accum.data_ptr<float>();
     set_strides(dq_accum, p.dq_accum_batch_stride, p.dq_accum_row_stride, p.dq_accum_head_stride);
+    TORCH_CHECK(p.dq_accum_row_stride == dq_accum.size(-1), "dq_accum must be head-major (rows d floats apart)");
   }
   p.do_ptr = dout.data_ptr();
   p.dq_ptr = dq.data_ptr();
@@ -650,7 +651,8 @@ struct BwdBuffers {
   at::Tensor dq, dk, dv;
   // One gradient per query head, k's shape with h heads; dk/dv themselves without GQA.
   at::Tensor dk_exp, dv_exp;
-  // Non-deterministic path: zeroed fp32 dQ accumulator in q's shape (undefined otherwise).
+  // Non-deterministic path: zeroed fp32 dQ accumulator, a head-major buffer viewed in q's
+  // shape (undefined otherwise).
   at::Tensor dq_accum;
 };
 
@@ -661,7 +663,13 @@ BwdBuffers prepare_bwd(at::Tensor &q, at::Tensor &k, at::Tensor &v, at::Tensor &
                        const std::optional<at::Tensor> &dv_, bool deterministic) {
   for (at::Tensor *t : {&q, &k, &v, &dout, &out}) { *t = vector_aligned(*t); }
   BwdBuffers g{grad_buffer(dq_, q, "dq"), grad_buffer(dk_, k, "dk"), grad_buffer(dv_, v, "dv"), {}, {}, {}};
-  if (!deterministic) { g.dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat)); }
+  if (!deterministic) {
+    // Head-major, (b, h, sq, d) or (h, total_q, d), seen through a view in q's shape: the
+    // kernel's atomics then step kHeadDim floats per row (compile-time addresses).
+    const auto f32 = q.options().dtype(at::kFloat);
+    g.dq_accum = q.dim() == 4 ? at::zeros({q.size(0), q.size(2), q.size(1), q.size(3)}, f32).permute({0, 2, 1, 3})
+                              : at::zeros({q.size(1), q.size(0), q.size(2)}, f32).permute({1, 0, 2});
+  }
   if (k.size(-2) == q.size(-2)) {
     g.dk_exp = g.dk;
     g.dv_exp = g.dv;
@@ -707,7 +715,7 @@ std::vector<at::Tensor> bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Ten
     set_bwd_params(p, dout, dq, dk_exp, dv_exp, softmax_d, dq_accum, float(softmax_scale));
     set_bwd_dropout(p, p_dropout, rng_state, q);
     run_bwd(p, p_dropout > 0.0, c10::cuda::getCurrentCUDAStream().stream());
-    if (dq_accum.defined()) { dq.copy_(dq_accum); }
+    if (dq_accum.defined()) { at::mul_out(dq, dq_accum, softmax_scale); }  // the kernel adds unscaled dS K
   } else {
     dq.zero_();
     dk_exp.zero_();
@@ -767,7 +775,7 @@ std::vector<at::Tensor> varlen_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, 
     set_bwd_params(p, dout, dq, dk_exp, dv_exp, softmax_d, dq_accum, float(softmax_scale));
     set_bwd_dropout(p, p_dropout, rng_state, q);
     run_bwd(p, p_dropout > 0.0, c10::cuda::getCurrentCUDAStream().stream());
-    if (dq_accum.defined()) { dq.copy_(dq_accum); }
+    if (dq_accum.defined()) { at::mul_out(dq, dq_accum, softmax_scale); }  // the kernel adds unscaled dS K
   }
   if (gqa) {
     at::sum_out(dk, dk_exp.view({total_k, h_k, h / h_k, d}), {2});

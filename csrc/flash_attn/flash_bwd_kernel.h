@@ -38,7 +38,7 @@ __forceinline__ __device__ int acc_row(int r) {
 }
 
 // P = exp(score - lse) and dS = P (Z dP - D) [* (1 - t^2) with softcap, t = tanh value],
-// in place: s becomes P, dp becomes dS. lse_of / d_of give (row, col) -> lse, D; with
+// in place: s becomes P, dp becomes dS. lse_of / d_of give (row, col) -> lse * log2(e), D; with
 // dropout, z_of gives Z = 1 / p_keep for a kept element and 0 for a dropped one.
 template <bool Is_softcap, bool Is_dropout, typename TensorS, typename TensorDP, typename TensorT, typename LseOf,
           typename DOf, typename ZOf>
@@ -48,7 +48,7 @@ __forceinline__ __device__ void probs_and_dscores(TensorS &s, TensorDP &dp, Tens
   for (int r = 0; r < size<0>(s); ++r) {
     CUTE_UNROLL
     for (int c = 0; c < size<1>(s); ++c) {
-      const float p = exp2f(s(r, c) * scale_log2 - lse_of(r, c) * float(M_LOG2E));
+      const float p = exp2f(s(r, c) * scale_log2 - lse_of(r, c));
       float dpz = dp(r, c);
       if constexpr (Is_dropout) { dpz *= z_of(r, c); }
       float ds = p * (dpz - d_of(r, c));
@@ -59,12 +59,14 @@ __forceinline__ __device__ void probs_and_dscores(TensorS &s, TensorDP &dp, Tens
   }
 }
 
-// dQ_partial (queries x d) = scale_qk * dS K for one (key block, query block) step,
-// added into the fp32 accumulator. sdSt: dS as (queries, keys) in shared memory; sKt:
-// the stationary K as (d, keys). Query rows at or past `rows` (padding) are skipped.
+// dQ_partial (queries x d) = dS K for one (key block, query block) step, added into the
+// fp32 accumulator, whose rows are kHeadDim floats apart (the host lays it out head-major,
+// (b, h, seqlen_q, d), and applies the softmax scale when it converts it to dq): every
+// address is this thread's base plus a compile-time offset. sdSt: dS as (queries, keys) in
+// shared memory; sKt: the stationary K as (d, keys). Query rows at or past `rows`
+// (padding of the last query block) are skipped.
 template <typename Ktraits, typename SdSt, typename SKt>
-__forceinline__ __device__ void accumulate_dq(SdSt const &sdSt, SKt const &sKt, float *dq_accum,
-                                              int64_t row_stride, int rows, float scale) {
+__forceinline__ __device__ void accumulate_dq(SdSt const &sdSt, SKt const &sKt, float *dq_accum, int rows) {
   constexpr int kCols = Ktraits::kBlockCols;
   constexpr int kHeadDim = Ktraits::kHeadDim;
   typename Ktraits::TiledMmaDq mma;
@@ -82,26 +84,33 @@ __forceinline__ __device__ void accumulate_dq(SdSt const &sdSt, SKt const &sKt, 
   // Accumulator elements (i, i + 1), i even, are columns (c, c + 1) of one row: sm90 adds
   // them with one 8-byte vector atomic (half the atomic operations and L2 sectors).
   static_assert(decltype(size<0>(acc))::value == 4);
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc); i += 2) {
-    const int row = get<0>(coord(i)), col = get<1>(coord(i));
-    if (row < rows) {
-      float *dst = dq_accum + row * row_stride + col;
+  auto add = [&](int i) {
+    float *dst = dq_accum + get<0>(coord(i)) * kHeadDim + get<1>(coord(i));
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      atomicAdd(reinterpret_cast<float2 *>(dst), make_float2(acc(i) * scale, acc(i + 1) * scale));
+    atomicAdd(reinterpret_cast<float2 *>(dst), make_float2(acc(i), acc(i + 1)));
 #else
-      atomicAdd(dst, acc(i) * scale);
-      atomicAdd(dst + 1, acc(i + 1) * scale);
+    atomicAdd(dst, acc(i));
+    atomicAdd(dst + 1, acc(i + 1));
 #endif
+  };
+  if (rows >= kCols) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc); i += 2) { add(i); }
+  } else {
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc); i += 2) {
+      if (get<0>(coord(i)) < rows) { add(i); }
     }
   }
 }
 
 // The key-stationary view of the score modifiers for any fragment layout: st and coord
 // are one thread's (keys, queries) accumulator and its coordinates within the tile, whose
-// first key is n0 and first query m0. Adds the ALiBi bias and masks (to -inf) keys past
-// seqlen_k and (key, query) pairs outside the window.
-template <bool Has_alibi, typename ScoreModT, typename TensorS, typename TensorC>
+// first key is n0 and first query m0. Adds the ALiBi bias and, with Mask, sets keys past
+// seqlen_k and (key, query) pairs outside the window to -inf. The caller runs it with
+// Mask only for tiles that block_needs_mask flags: the per-element test costs about as
+// many instructions as the rest of the step's elementwise work.
+template <bool Has_alibi, bool Mask, typename ScoreModT, typename TensorS, typename TensorC>
 __forceinline__ __device__ void mask_scores_transposed(const ScoreModT &sm, TensorS &st, TensorC const &coord, int n0,
                                                        int m0) {
   const int shift = sm.seqlen_k - sm.seqlen_q;
@@ -110,9 +119,11 @@ __forceinline__ __device__ void mask_scores_transposed(const ScoreModT &sm, Tens
     const int key = n0 + get<0>(coord(i));
     const int diag = m0 + get<1>(coord(i)) + shift;  // the key aligned with this query
     if constexpr (Has_alibi) { st(i) -= sm.alibi_slope * float(abs(diag - key)); }
-    const bool visible = key < sm.seqlen_k && (sm.window_left < 0 || key >= diag - sm.window_left) &&
-                         (sm.window_right < 0 || key <= diag + sm.window_right);
-    if (!visible) { st(i) = -INFINITY; }
+    if constexpr (Mask) {
+      const bool visible = key < sm.seqlen_k && (sm.window_left < 0 || key >= diag - sm.window_left) &&
+                           (sm.window_right < 0 || key <= diag + sm.window_right);
+      if (!visible) { st(i) = -INFINITY; }
+    }
   }
 }
 
@@ -191,7 +202,7 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
   Tensor sdO = make_tensor(sQ.data() + cosize(SmemCols{}), SmemCols{});
   Tensor sQt = make_tensor(sQ.data(), typename Ktraits::SmemLayoutColsT{});    // (D, C, stages)
   Tensor sdOt = make_tensor(sdO.data(), typename Ktraits::SmemLayoutColsT{});  // (D, C, stages)
-  // lse and D of the streamed queries: [stages][C] each.
+  // lse (times log2(e), for exp2) and D of the streamed queries: [stages][C] each.
   float *s_lse = reinterpret_cast<float *>(smem + 2 * Ktraits::kSmemRowsBytes + 2 * Ktraits::kSmemColsBytes);
   float *s_d = s_lse + kStages * kCols;
   Tensor sP = make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem + Ktraits::kSmemPOffset)),
@@ -259,7 +270,7 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
     cute::cp_async_fence();
     for (int i = tidx; i < kCols; i += Ktraits::kNThreads) {
       const bool real = m0 + i < seq.seqlen_q;
-      s_lse[stage * kCols + i] = real ? lse[m0 + i] : INFINITY;
+      s_lse[stage * kCols + i] = real ? lse[m0 + i] * float(M_LOG2E) : INFINITY;
       s_d[stage * kCols + i] = real ? dsum[m0 + i] : 0.f;
     }
   };
@@ -285,7 +296,13 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
     score_mod.transform(acc_st);
     Tensor t_st = make_fragment_like(acc_st);  // tanh values, for the softcap derivative
     if constexpr (Is_softcap) { copy(acc_st, t_st); }
-    mask_scores_transposed<Has_alibi>(score_mod, acc_st, tScS, n0, m0);
+    // Keys past seqlen_k or pairs outside the window exist only in a few tiles (the last key
+    // block, the diagonal band); everywhere else only ALiBi (if any) is added.
+    if (score_mod.block_needs_mask(m0, m0 + kCols, n0, kRows)) {
+      mask_scores_transposed<Has_alibi, true>(score_mod, acc_st, tScS, n0, m0);
+    } else if constexpr (Has_alibi) {
+      mask_scores_transposed<true, false>(score_mod, acc_st, tScS, n0, m0);
+    }
 
     Tensor acc_dpt = partition_fragment_C(mma_sdp, Shape<Int<kRows>, Int<kCols>>{});
     clear(acc_dpt);
@@ -296,7 +313,7 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
     CUTE_UNROLL
     for (int i = 0; i < size(acc_st); ++i) {
       const int col = get<1>(tScS(i));
-      const float pr = exp2f(acc_st(i) * p.scale_softmax_log2 - st_lse[col] * float(M_LOG2E));
+      const float pr = exp2f(acc_st(i) * p.scale_softmax_log2 - st_lse[col]);
       float dpz = acc_dpt(i), pz = pr;
       if constexpr (Is_dropout) {
         const float z = dropout.keep(m0 + col, n0 + get<0>(tScS(i))) ? p.rp_keep : 0.f;
@@ -315,8 +332,7 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
     gemm_smem_smem(mma_dkv, acc_dv, tdVrP, tdVrdOt, tdVsP, tdVsdOt(_, _, _, stage), dkv_copy_A, dkv_copy_Bt);
     gemm_smem_smem(mma_dkv, acc_dk, tdKrdS, tdKrQt, tdKsdS, tdKsQt(_, _, _, stage), dkv_copy_A, dkv_copy_Bt);
     if constexpr (Accum_dq) {
-      accumulate_dq<Ktraits>(sdSt, sKt, dq_accum + int64_t(m0) * p.dq_accum_row_stride, p.dq_accum_row_stride,
-                             seq.seqlen_q - m0, p.scale_qk);
+      accumulate_dq<Ktraits>(sdSt, sKt, dq_accum + int64_t(m0) * kHeadDim, seq.seqlen_q - m0);
     }
     // One stage: every thread is done with sQ, sdO and the stats before the next loads.
     if constexpr (kStages == 1) { __syncthreads(); }
@@ -429,14 +445,14 @@ __forceinline__ __device__ void compute_dq_tile(const Flash_bwd_params &p, int m
   copy_rows_guarded(gmem_copy, tdOgdO, tdOsdO, tRc, m1 - m0);
   cute::cp_async_fence();
 
-  // lse and D of this thread's query rows (rows past seqlen_q: P = 0).
+  // lse * log2(e) and D of this thread's query rows (rows past seqlen_q: P = 0).
   Tensor acc_shape = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kCols>>{});
   constexpr int kNRows = decltype(size<0>(acc_layout_rowcol(acc_shape.layout())))::value;
   float row_lse[kNRows], row_d[kNRows];
   CUTE_UNROLL
   for (int r = 0; r < kNRows; ++r) {
     const int row = m0 + acc_row<kNWarps>(r);
-    row_lse[r] = row < m1 ? lse[row] : INFINITY;
+    row_lse[r] = row < m1 ? lse[row] * float(M_LOG2E) : INFINITY;
     row_d[r] = row < m1 ? dsum[row] : 0.f;
   }
 
@@ -464,7 +480,7 @@ __forceinline__ __device__ void compute_dq_tile(const Flash_bwd_params &p, int m
     Tensor t_s = make_fragment_like(acc_s);
     if constexpr (Is_softcap) { copy(acc_s, t_s); }
     Tensor s = make_tensor(acc_s.data(), acc_layout_rowcol(acc_s.layout()));  // (queries, keys)
-    score_mod.template apply<kNWarps>(s, m0, n0, true);
+    score_mod.template apply<kNWarps>(s, m0, n0, score_mod.block_needs_mask(m0, m1, n0, kCols));
 
     Tensor acc_dp = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kCols>>{});
     clear(acc_dp);

@@ -105,38 +105,6 @@ struct ScoreMod {
       }
     }
   }
-
-  // The backward's key-stationary view: s is (keys, queries), rows from n0, columns
-  // from m0, same fragment layout as in apply(). Always masks (cheap next to the five
-  // products per step of the backward).
-  template <int kNWarps, typename TensorS>
-  __forceinline__ __device__ void apply_transposed(TensorS &s, int n0, int m0) const {
-    static_assert(decltype(size<0, 0>(s))::value == 2 && decltype(size<1, 0>(s))::value == 2);
-    const int lane = threadIdx.x % 32;
-    const int key_base = n0 + (threadIdx.x / 32) * 16 + lane / 4;
-    const int query_base = m0 + (lane % 4) * 2;
-    const int shift = seqlen_k - seqlen_q;
-    CUTE_UNROLL
-    for (int mi = 0; mi < size<0, 1>(s); ++mi) {
-      CUTE_UNROLL
-      for (int i = 0; i < 2; ++i) {
-        const int r = i + 2 * mi;
-        const int key = key_base + mi * 16 * kNWarps + 8 * i;
-        CUTE_UNROLL
-        for (int nj = 0; nj < size<1, 1>(s); ++nj) {
-          CUTE_UNROLL
-          for (int j = 0; j < 2; ++j) {
-            const int c = j + 2 * nj;
-            const int diag = query_base + nj * 8 + j + shift;
-            if constexpr (Has_alibi) { s(r, c) -= alibi_slope * float(abs(diag - key)); }
-            const bool visible = key < seqlen_k && (window_left < 0 || key >= diag - window_left) &&
-                                 (window_right < 0 || key <= diag + window_right);
-            if (!visible) { s(r, c) = -INFINITY; }
-          }
-        }
-      }
-    }
-  }
 };
 
 }  // namespace flash
