@@ -166,6 +166,23 @@ struct GlaOutputParams {
   float intra_scale = 1.f;
 };
 
+// gla_fused_fwd (gla_fused.cuh): GLA's forward o (and the final state) in one pass, one (sequence,
+// head, BV-column V tile) per CTA; chunk_state (kPerKey, forward) + gla_output (lower, both scales =
+// scale) without the states.
+struct GlaFusedParams {
+  SeqParams seq;                  // chunk_offsets / num_slots unused
+  const void* q = nullptr;        // [tokens, heads, k_dim]
+  const void* k = nullptr;        // [tokens, heads, k_dim]
+  const void* v = nullptr;        // [tokens, heads, v_dim]
+  const float* b = nullptr;       // [tokens, heads, k_dim] fp32 cumulative gates (gla_cumsum)
+  void* out = nullptr;            // [tokens, heads, v_dim]
+  const float* init = nullptr;    // [num_seqs, heads, k_dim, v_dim] fp32 h0, or null (zeros)
+  float* final_state = nullptr;   // [num_seqs, heads, k_dim, v_dim] fp32 h_T, or null
+  int k_dim = 0;                  // 64, 128 or 256 (a template parameter)
+  int v_dim = 0;                  // multiple of BV (tile_size.h: gla_fused_tile_v)
+  float scale = 1.f;              // o = scale * (inter-chunk + intra-chunk parts)
+};
+
 // gla_grad (gla_grad.cuh): dq, dk and the per-key dg of GLA, one (chunk, head, 64 keys) per CTA.
 struct GlaGradParams {
   SeqParams seq;
@@ -234,6 +251,9 @@ cudaError_t run_gla_cumsum(const GlaCumsumParams& p, cudaStream_t stream);
 
 template <typename Dtype, int BN, bool kUpper>
 cudaError_t run_gla_output(const GlaOutputParams& p, cudaStream_t stream);
+
+template <typename Dtype, int K, int BV>
+cudaError_t run_gla_fused_fwd(const GlaFusedParams& p, cudaStream_t stream);
 
 template <typename Dtype>
 cudaError_t run_gla_grad(const GlaGradParams& p, cudaStream_t stream);
