@@ -646,6 +646,48 @@ void gla_output(const Tensor& x, const Tensor& y, const Tensor& z, const Tensor&
   }));
 }
 
+// GLA's forward in one pass (gla_fused.cuh): q, k [B, T, H, K]; v, out [B, T, H, V]; b fp32
+// [B, T, H, K] (gla_cumsum); init / final_state fp32 [N_seq, H, K, V], each optional. The same o and
+// final state as chunk_state (gk_cum = b) + gla_output (lower, both scales = scale), with no states
+// in global memory. K in {64, 128, 256}; V a multiple of the V tile (gla_fused_tile_v).
+void gla_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& b, const OptTensor& init,
+                   Tensor& out, const OptTensor& final_state, const OptTensor& cu_seqlens, double scale) {
+  check_operands({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}}, q, q.scalar_type());
+  const auto [B, T, H, K, V] = check_tokens({&q, "q"}, "[B, T, H, K]", {&k, "k"}, {&v, "v"}, {&out, "out"});
+  CHECK_ARG(K == 64 || K == 128 || K == 256, "K must be 64, 128 or 256 (pad in Python), got ", K);
+  const int bv = la::gla_fused_tile_v(static_cast<int>(K));
+  CHECK_ARG(V % bv == 0 && V > 0, "V must be a multiple of ", bv, " (K = ", K, "), got ", V);
+  check_operands({{&b, "b"}}, q, at::kFloat);
+  check_shape(b, "b", q.sizes());
+  c10::cuda::CUDAGuard guard(q.device());
+  la::GlaFusedParams p;
+  p.seq = seq_params(q, cu_seqlens, std::nullopt, 0, false);
+  check_opt(init, "init", q, at::kFloat, {p.seq.num_seqs, H, K, V});
+  check_opt(final_state, "final_state", q, at::kFloat, {p.seq.num_seqs, H, K, V});
+  CHECK_ARG(H < 65536 && V / bv < 65536, "H and V / ", bv, " must be below 65536 (grid y, z), got ", H, " and ",
+            V / bv);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.b = b.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.init = float_data_or_null(init);
+  p.final_state = float_data_or_null(final_state);
+  p.k_dim = static_cast<int>(K);
+  p.v_dim = static_cast<int>(V);
+  p.scale = static_cast<float>(scale);
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  check_launch("gla_fused_fwd", dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    return dispatch_head_dim(K, [&](auto kd) {
+      constexpr int kK = decltype(kd)::value;
+      return la::run_gla_fused_fwd<decltype(tag), kK, la::gla_fused_tile_v(kK)>(p, stream);
+    });
+  }));
+}
+
+// The V tile of gla_fused_fwd for a K (tile_size.h), for the route's grid-size test.
+int64_t gla_fused_tile_v(int64_t k_dim) { return la::gla_fused_tile_v(static_cast<int>(k_dim)); }
+
 // dq, dk [B, T, H, K] and dg fp32 [B, T, H, K] of GLA (gla_grad.cuh): q, k [B, T, H, K]; v, dout
 // [B, T, H, V]; b fp32 [B, T, H, K]; h, dh [S, H, K, V] (chunk_state forward / reverse).
 void gla_grad(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, const Tensor& b,
@@ -728,6 +770,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "GLA per-chunk output: inter-chunk state product plus per-key-decayed intra-chunk part (o, or dv)",
         py::arg("x"), py::arg("y"), py::arg("z"), py::arg("m"), py::arg("b"), py::arg("out"), py::arg("cu_seqlens"),
         py::arg("chunk_offsets"), py::arg("inter_scale"), py::arg("intra_scale"), py::arg("upper"));
+  m.def("gla_fused_fwd", &gla_fused_fwd,
+        "GLA chunked forward in one pass (o and the final state; no chunk states in memory)", py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("b"), py::arg("init"), py::arg("out"), py::arg("final_state"),
+        py::arg("cu_seqlens"), py::arg("scale"));
+  m.def("gla_fused_tile_v", &gla_fused_tile_v, "The V tile (BV) gla_fused_fwd uses for a K", py::arg("k_dim"));
   m.def("gla_grad", &gla_grad, "GLA backward: dq, dk and the per-key gate gradient, chunk by chunk",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dout"), py::arg("b"), py::arg("h"), py::arg("dh"),
         py::arg("dq"), py::arg("dk"), py::arg("dg"), py::arg("cu_seqlens"), py::arg("chunk_offsets"),
