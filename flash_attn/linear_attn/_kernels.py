@@ -28,6 +28,9 @@ GLA (per-key gates g [B, T, H, K]) has its own output and gradient kernels aroun
 chunk_state (with per-key weights):
     gla_cumsum   (g)                -> b: the chunk-local cumulative gates every GLA kernel reads
     chunk_state  (k, v, b)          -> h;  gla_output (q, k, v, h, b) -> o
+  or, by default where its CTAs fill the SMs (gla_fused_ok; the same switch as chunk_fused_fwd),
+  both in one pass with the states in registers, one CTA per (sequence, head, V tile):
+    gla_fused_fwd (q, k, v, b)      -> o (csrc/linear_attn/gla_fused.cuh)
   backward:
     chunk_state  (q, do, b, reverse) -> dH, dh0
     gla_output   (k, q, do, dH, b, upper) -> dv
@@ -384,10 +387,25 @@ def gla_cumsum(ext, g, seqs):
     return b
 
 
+def gla_fused_ok(ext, q, v, seqs):
+    """Whether GLA's forward runs in one pass (gla_fused_fwd): the switch is on
+    (FLASH_ATTN_LINEAR_FUSED_FWD), the extension has it, and its one CTA per (sequence, head,
+    V tile) fill the SMs (it has no segments; else the three-launch forward)."""
+    if not fused_forward_enabled() or not hasattr(ext, "gla_fused_tile_v"):  # (older builds lack it)
+        return False
+    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+    bv = ext.gla_fused_tile_v(K)
+    return V % bv == 0 and seqs.num_seqs * H * (V // bv) >= num_sms(q.device)
+
+
 def gla_chunk_forward(ext, q, k, v, b, scale, h0, output_final_state, seqs):
     """Padded, contiguous inputs and b = gla_cumsum(g) -> (o, h_T fp32 or None)."""
     N, H, K, V = seqs.num_seqs, q.shape[2], q.shape[3], v.shape[3]
     final = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
+    if gla_fused_ok(ext, q, v, seqs):
+        o = torch.empty_like(v)
+        ext.gla_fused_fwd(q, k, v, b, h0, o, final, seqs.cu, scale)
+        return o, final
     h = _states(ext, k, v, None, None, h0, seqs, final, gk_cum=b)
     o = torch.empty_like(v)
     ext.gla_output(q, k, v, h, b, o, seqs.cu, seqs.offsets, scale, scale, False)
