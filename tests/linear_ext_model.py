@@ -6,8 +6,8 @@ CPU tests run flash_attn.linear_attn's CUDA route (._kernels) on this model, whi
 orchestration and its math (operands, scales, masks, slots, gate gradient) against the
 reference; GPU tests compare each kernel with it on the same inputs.
 
-The GLA launchers (gla_cumsum, chunk_state with gk_cum, gla_output, gla_grad) follow the
-kernels' algorithm step by step, not just their definitions: 16-row sub-chunks, the
+The GLA launchers (gla_cumsum, chunk_state with gk_cum, gla_output, gla_grad, gla_fused_fwd)
+follow the kernels' algorithm step by step, not just their definitions: 16-row sub-chunks, the
 reference rows of the off-diagonal sub-chunk blocks, elementwise diagonal blocks and the
 chunk-local gate gradient. Every exponential goes through _exp0, which asserts that its
 argument is <= 0 wherever the result is used, so the route's CPU tests also check that
@@ -77,6 +77,37 @@ def _cumgate(g, gamma, start, stop, H):
     else:
         rows = torch.zeros(L, H, dtype=torch.float64)
     return rows.cumsum(0)
+
+
+def _gla_chunk_output(X, Y, Z, Bc, M, inter_scale, intra_scale, upper):
+    """One chunk of gla_output (all [64, H, .] with rows past the end zero, Bc's clamped; M [H, R, N])
+    as gla_output.cuh computes it: 16-row sub-chunks (warp w owns rows 16w..16w+15), the blocks
+    off the diagonal through the reference row p of the warp's sub-chunk (its first row, lower;
+    its last row, upper), the diagonal blocks elementwise. Returns [64, H, N]."""
+    H, N = M.shape[0], M.shape[-1]
+    tri = torch.ones(SUB, SUB, dtype=torch.bool)
+    keep = (tri.triu() if upper else tri.tril())[:, :, None, None]  # [r, c, 1, 1]
+    inter = torch.zeros(CHUNK, H, N, dtype=torch.float64)
+    A = torch.zeros(H, CHUNK, CHUNK, dtype=torch.float64)
+    for w in range(CHUNK // SUB):
+        rows = slice(SUB * w, SUB * w + SUB)
+        p = Bc[SUB * w + SUB - 1] if upper else Bc[SUB * w]  # [H, R] the reference row
+        if upper:
+            xo = X[rows] * _exp0(p - Bc[rows])
+            xi = xo * _exp0(Bc[-1] - p)  # exp(b_L - b_r) = exp(p - b_r) exp(b_L - p)
+        else:
+            xo = X[rows] * _exp0(Bc[rows] - p)
+            xi = xo * _exp0(p)           # exp(b_r) = exp(b_r - p) exp(p)
+        inter[rows] = torch.einsum("rhd,hdn->rhn", xi, M)
+        for J in (range(w + 1, CHUNK // SUB) if upper else range(w)):
+            cols = slice(SUB * J, SUB * J + SUB)
+            yo = Y[cols] * (_exp0(Bc[cols] - p) if upper else _exp0(p - Bc[cols]))
+            A[:, rows, cols] = torch.einsum("rhd,chd->hrc", xo, yo)
+        D = Bc[rows]  # [16, H, R]
+        expo = (D[None, :] - D[:, None]) if upper else (D[:, None] - D[None, :])  # [r, c, H, R]
+        diag = (X[rows][:, None] * Y[rows][None, :] * _exp0(expo, keep)).sum(-1)  # [r, c, H]
+        A[:, rows, rows] = diag.permute(2, 0, 1)
+    return inter_scale * inter + intra_scale * torch.einsum("hrc,chn->rhn", A, Z)
 
 
 class LinearExtModel:
@@ -396,8 +427,6 @@ class LinearExtModel:
         zs = z.reshape(B * T, H, N).double().cpu()
         bs = b.reshape(B * T, H, R).double().cpu()
         outs = out.view(B * T, H, N)
-        tri = torch.ones(SUB, SUB, dtype=torch.bool)
-        keep = (tri.triu() if upper else tri.tril())[:, :, None, None]  # [r, c, 1, 1]
         for bos, eos, first in sequences(B, T, cu_seqlens, chunk_offsets):
             for c, start, stop in _chunk_rows(bos, eos):
                 slot = first + c
@@ -405,29 +434,37 @@ class LinearExtModel:
                     continue
                 X, Y, Z = (_pad_rows(t[start:stop]) for t in (xs, ys, zs))
                 Bc = _pad_rows(bs[start:stop], clamp=True)  # [64, H, R]
-                M = m[slot].double().cpu()  # [H, R, N]
-                inter = torch.zeros(CHUNK, H, N, dtype=torch.float64)
-                A = torch.zeros(H, CHUNK, CHUNK, dtype=torch.float64)
-                for w in range(CHUNK // SUB):
-                    rows = slice(SUB * w, SUB * w + SUB)
-                    p = Bc[SUB * w + SUB - 1] if upper else Bc[SUB * w]  # [H, R] the reference row
-                    if upper:
-                        xo = X[rows] * _exp0(p - Bc[rows])
-                        xi = xo * _exp0(Bc[-1] - p)  # exp(b_L - b_r) = exp(p - b_r) exp(b_L - p)
-                    else:
-                        xo = X[rows] * _exp0(Bc[rows] - p)
-                        xi = xo * _exp0(p)           # exp(b_r) = exp(b_r - p) exp(p)
-                    inter[rows] = torch.einsum("rhd,hdn->rhn", xi, M)
-                    for J in (range(w + 1, CHUNK // SUB) if upper else range(w)):
-                        cols = slice(SUB * J, SUB * J + SUB)
-                        yo = Y[cols] * (_exp0(Bc[cols] - p) if upper else _exp0(p - Bc[cols]))
-                        A[:, rows, cols] = torch.einsum("rhd,chd->hrc", xo, yo)
-                    D = Bc[rows]  # [16, H, R]
-                    expo = (D[None, :] - D[:, None]) if upper else (D[:, None] - D[None, :])  # [r, c, H, R]
-                    diag = (X[rows][:, None] * Y[rows][None, :] * _exp0(expo, keep)).sum(-1)  # [r, c, H]
-                    A[:, rows, rows] = diag.permute(2, 0, 1)
-                o = inter_scale * inter + intra_scale * torch.einsum("hrc,chn->rhn", A, Z)
+                o = _gla_chunk_output(X, Y, Z, Bc, m[slot].double().cpu(), inter_scale, intra_scale, upper)
                 outs[start:stop] = o[:stop - start].to(out.dtype)
+
+    def gla_fused_tile_v(self, k_dim):
+        """The V tile of gla_fused_fwd (tile_size.h: gla_fused_tile_v)."""
+        return 64 if k_dim <= 128 else 32
+
+    def gla_fused_fwd(self, q, k, v, b, init, out, final_state, cu_seqlens, scale):
+        """GLA's one-pass forward (gla_fused.cuh), chunk by chunk with the running state S:
+          o  = gla_output's lower output with M = S_c rounded to q's dtype (the kernel's MMA operand),
+               both scales = scale
+          S <- diag(exp(b_L)) S + sum_j (k_j * exp(b_L - b_j))^T v_j   (not rounded)
+        which is chunk_state (gk_cum = b) + gla_output without the stored states."""
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        assert K in (64, 128, 256) and V % self.gla_fused_tile_v(K) == 0 and b.shape == q.shape
+        qs, ks = (t.reshape(B * T, H, K).double().cpu() for t in (q, k))
+        vs = v.reshape(B * T, H, V).double().cpu()
+        bs = b.reshape(B * T, H, K).double().cpu()
+        outs = out.view(B * T, H, V)
+        for n, (bos, eos, _) in enumerate(sequences(B, T, cu_seqlens, None)):
+            S = init[n].double().cpu().clone() if init is not None else torch.zeros(H, K, V, dtype=torch.float64)
+            for _, start, stop in _chunk_rows(bos, eos):
+                X, Y, Z = (_pad_rows(t[start:stop]) for t in (qs, ks, vs))
+                Bc = _pad_rows(bs[start:stop], clamp=True)  # [64, H, K]
+                o = _gla_chunk_output(X, Y, Z, Bc, S.to(q.dtype).double(), scale, scale, False)
+                outs[start:stop] = o[:stop - start].to(out.dtype)
+                bl = Bc[-1]  # [H, K]
+                S = _exp0(bl)[..., None] * S + torch.einsum("lhk,lhv->hkv", Y * _exp0(bl - Bc), Z)
+            if final_state is not None:
+                final_state[n] = S.to(final_state.dtype)
 
     def gla_grad(self, q, k, v, dout, b, h, dh, dq, dk, dg, cu_seqlens, chunk_offsets, scale):
         """dq, dk and dg of GLA per chunk (gla_grad.cu), with h_c / dH_c the states entering /

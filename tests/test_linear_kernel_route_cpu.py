@@ -28,7 +28,7 @@ class CountingModel(LinearExtModel):
     def __getattribute__(self, name):
         attr = object.__getattribute__(self, name)
         if name in ("chunk_state", "chunk_output", "chunk_fused_fwd", "gate_grad", "recurrent", "recurrent_grad",
-                    "gla_cumsum", "gla_output", "gla_grad"):
+                    "gla_cumsum", "gla_output", "gla_grad", "gla_fused_fwd"):
             object.__getattribute__(self, "calls").append(name)
         return attr
 
@@ -722,6 +722,112 @@ def test_gla_algorithm_is_exact_in_float64(lens):
     for name, a, r in (("o", o, o_r), ("ht", ht, ht_r), ("dq", dq, leaves[0].grad), ("dk", dk, leaves[1].grad),
                        ("dv", dv, leaves[2].grad), ("dg", dg, leaves[3].grad), ("dh0", dh0, leaves[4].grad)):
         assert rms_ratio(a, r) < 1e-12, name
+
+
+# --------------------------------------------------------------------------- GLA: one-pass forward
+# chunk_gla's forward runs gla_fused_fwd (gla_cumsum, then one pass) when the one-pass switch is on
+# and its N * H * (V / BV) CTAs fill the SMs (gla_fused_ok); else the three launches.
+
+@pytest.mark.parametrize("case", GLA_CASES, ids=[c[0] for c in GLA_CASES])
+def test_gla_fused_forward_matches_reference(fused, case):
+    _, T, K, V, n, scale, lens = case
+    (q, k, v, _, _, h0), offsets = make_case(T, K, V, lens, gate=None)
+    g = gla_gates(*q.shape, n)
+    o, ht = la.chunk_gla(q, k, v, g, scale=scale, initial_state=h0, output_final_state=True, cu_seqlens=offsets)
+    o_ref, ht_ref = linear_attn_recurrent_ref(q, k, v, g=g, scale=scale, initial_state=h0, output_final_state=True,
+                                              cu_seqlens=offsets)
+    close(o, o_ref, gla_tol(n))
+    close(ht, ht_ref, gla_tol(n))
+    assert fused.calls == ["gla_cumsum", "gla_fused_fwd"]  # no chunk states, no gla_output
+    if lens is not None:  # empty sequences: the state passes through
+        assert torch.equal(ht[0], h0[0]) and torch.equal(ht[4], h0[4])
+
+
+def test_gla_fused_forward_varlen_without_states(fused):
+    lens = [0, 65, 1, 64, 0, 30]
+    q, k, v, _, _, _ = make(1, sum(lens), 2, 64, 64, gate=None, h0=False)
+    g = gla_gates(*q.shape)
+    o, ht = la.chunk_gla(q, k, v, g, cu_seqlens=cu(lens))
+    assert ht is None
+    close(o, linear_attn_recurrent_ref(q, k, v, g=g, cu_seqlens=cu(lens))[0])
+    assert fused.calls == ["gla_cumsum", "gla_fused_fwd"]
+
+
+def test_gla_fused_forward_switch_and_grid(fused, monkeypatch):
+    """The switch off, a grid below the SM count, or an extension without gla_fused_fwd: the
+    three launches, with the same result."""
+    q, k, v, _, _, h0 = make(2, 100, 2, 64, 128, gate=None)  # 2 x 2 x 2 = 8 CTAs
+    g = gla_gates(*q.shape)
+
+    def run():
+        fused.calls.clear()
+        return la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+
+    fused.sms = 8
+    o_on, ht_on = run()
+    assert fused.calls == ["gla_cumsum", "gla_fused_fwd"]
+    three = ["gla_cumsum", "chunk_state", "gla_output"]
+    fused.sms = 9
+    o_few, ht_few = run()
+    assert fused.calls == three
+    fused.sms = 1
+    monkeypatch.setenv(_kernels.FUSED_FWD_ENV, "0")
+    o_off, ht_off = run()
+    assert fused.calls == three
+    monkeypatch.delenv(_kernels.FUSED_FWD_ENV)
+
+    class Older(CountingModel):  # a build from before gla_fused_fwd
+        def __getattribute__(self, name):
+            if name in ("gla_fused_fwd", "gla_fused_tile_v"):
+                raise AttributeError(name)
+            return super().__getattribute__(name)
+
+    older = Older()
+    older.sms = 1
+    monkeypatch.setattr(_kernels, "extension", lambda: older)
+    o_old, ht_old = la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    assert older.calls == three
+    for o, ht in ((o_few, ht_few), (o_off, ht_off), (o_old, ht_old)):
+        close(o_on, o)
+        close(ht_on, ht)
+
+
+def test_gla_fused_forward_then_backward(fused):
+    """The backward recomputes the states itself (chunk_state): gradients after a one-pass forward."""
+    check_gla_route_against_reference(("fused", 130, 64, 72, 1.0, 0.5, [0, 65, 1, 64]), True)
+    assert "gla_fused_fwd" in fused.calls and "gla_output" in fused.calls and "gla_grad" in fused.calls
+
+
+def test_gla_fused_very_negative_gates(fused):
+    """Gates of -1000 and logsigmoid(x) / 0.01 through the one pass: the model raises if any used
+    exponent is > 0."""
+    q, k, v, _, _, h0 = make(1, 200, 2, 64, 64, gate=None)
+    g = gla_gates(1, 200, 2, 64, n=0.01)
+    g[:, ::3, :, ::2] = -1000.0
+    o, ht = la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+    o_r, ht_r = linear_attn_recurrent_ref(q, k, v, g=g, initial_state=h0, output_final_state=True)
+    assert fused.calls == ["gla_cumsum", "gla_fused_fwd"]
+    close(o, o_r, gla_tol(0.01))
+    close(ht, ht_r, gla_tol(0.01))
+
+
+@pytest.mark.parametrize("K,V", [(64, 128), (128, 64), (256, 64)])
+def test_gla_fused_model_matches_three_launch_model_in_bf16(K, V):
+    """The model's one-pass forward against its chunk_state + gla_output in bf16, where both round
+    the chunk states to bf16 for q S_c: what the GPU test asks of the two paths."""
+    m = LinearExtModel()
+    q, k, v, _, _, h0 = make(2, 130, 2, K, V, gate=None, dtype=torch.bfloat16)
+    seqs = _kernels.Seqs(2, 130, None, q.device)
+    b = torch.empty(2, 130, 2, K)
+    m.gla_cumsum(gla_gates(2, 130, 2, K).float(), b, None, None, seqs.slots)
+    o1, f1 = torch.empty_like(v), torch.empty(2, 2, K, V)
+    m.gla_fused_fwd(q, k, v, b, h0, o1, f1, None, 0.5)
+    states, f2 = torch.empty(seqs.slots, 2, K, V, dtype=torch.bfloat16), torch.empty(2, 2, K, V)
+    m.chunk_state(k, v, None, None, h0, states, f2, None, None, 1.0, False, gk_cum=b)
+    o2 = torch.empty_like(v)
+    m.gla_output(q, k, v, states, b, o2, None, None, 0.5, 0.5, False)
+    assert torch.equal(o1, o2)  # the same float64 arithmetic on the same rounded states
+    assert torch.equal(f1, f2)
 
 
 def test_gla_bad_arguments_fail_before_the_kernels(model):
