@@ -1,8 +1,9 @@
 """GPU tests of the linear-attention kernels (csrc/linear_attn, extension flash_attn_linear_cuda).
-GLA (per-key gates: gla_cumsum, chunk_state with gk_cum, gla_output, gla_grad; chunk_gla and
-fused_recurrent_gla) has its own section near the end (select it with -k gla), and the
-token-by-token backward of fused_recurrent_gla with a value gate gv (recurrent_grad) the last
-one (select it with -k "value_gate or recurrent_grad").
+GLA (per-key gates: gla_cumsum, chunk_state with gk_cum, gla_output, gla_grad, the one-pass
+gla_fused_fwd; chunk_gla and fused_recurrent_gla) has its own section near the end (select it
+with -k gla; the one-pass forward alone with -k gla_fused), and the token-by-token backward of
+fused_recurrent_gla with a value gate gv (recurrent_grad) the last one (select it with
+-k "value_gate or recurrent_grad").
 
 Two layers:
   1. each launcher against tests/linear_ext_model.py (a float64 model of it) on the same
@@ -562,7 +563,7 @@ class _Spy:
         self.mod, self.calls = mod, []
 
     def __getattr__(self, name):
-        if name != "chunk_fused_tile_v":
+        if name not in ("chunk_fused_tile_v", "gla_fused_tile_v"):
             self.calls.append(name)
         return getattr(self.mod, name)
 
@@ -901,6 +902,125 @@ def test_gla_deterministic():
                        inputs, w, 1.0) for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- GLA: one-pass forward (gla_fused_fwd)
+# csrc/linear_attn/gla_fused.cuh: chunk_state (per-key) + gla_output in one kernel, chunk_gla's forward
+# when FLASH_ATTN_LINEAR_FUSED_FWD is on and its N * H * (V / BV) CTAs fill the SMs (_kernels.gla_fused_ok).
+
+def gla_fused_gates(B, T, H, K, n):
+    """logsigmoid(x) / n, or (n = "neg") logsigmoid(x) / 0.01 with every third row's even keys at -1000."""
+    if n != "neg":
+        return gates(B, T, H, K, n=n, seed=5)
+    g = gates(B, T, H, K, n=0.01, seed=5)
+    g[:, ::3, :, ::2] = -1000.0
+    return g
+
+
+def _gla_fused_cases():
+    """(dt, T, K, V, n, scale, states, lens): every T at K = V = 128, the head-dim pairs at two T,
+    the gate sizes (and very negative gates) in both dtypes with and without initial / final
+    states, varlen with empty sequences."""
+    cases = [("bf16", t, 128, 128, 1.0, 1.0, True, None) for t in (1, 63, 64, 65, 500, 2048)]
+    cases += [("bf16", t, k, v, 1.0, 1.0, True, None) for t in (65, 500)
+              for k, v in ((64, 64), (256, 256), (64, 256), (256, 64), (128, 256), (64, 128))]
+    cases += [(dt, 500, k, k, n, 0.1, states, None) for dt in DTYPES for k in (64, 128, 256)
+              for n in (0.1, 1.0, 10.0, "neg") for states in (True, False)]
+    cases += [(dt, 2048, 128, 128, 1.0, 1.0, True, None) for dt in DTYPES]
+    cases += [(dt, None, k, k, 1.0, 0.3, states, EMPTY_LENS) for dt in DTYPES for k in (64, 128, 256)
+              for states in (True, False)]
+    if QUICK:
+        cases = [c for c in cases if c[1] in (65, 2048, None) and c[2] == 128]
+    return [pytest.param(*c, id=f"{c[0]}-T{c[1] if c[7] is None else 'varlen'}-K{c[2]}-V{c[3]}-n{c[4]}-s{c[5]}-"
+                         f"{'states' if c[6] else 'nostates'}") for c in cases]
+
+
+@pytest.mark.parametrize("dt,T,K,V,n,scale,states,lens", _gla_fused_cases())
+def test_gla_fused_fwd_kernel(dt, T, K, V, n, scale, states, lens):
+    """The kernel against the three-launch forward (chunk_state with gk_cum + gla_output, the same b)
+    and the fp32 recurrence: o and the final state (outputs NaN-poisoned)."""
+    dtype = DTYPES[dt]
+    B, T, H = (2, T, 3) if lens is None else (1, sum(lens), 2)
+    N = B if lens is None else len(lens)
+    q, k, v, _, _, h0 = make_inputs(B, T, H, K, V, None, 1.0, dtype, N=N)
+    h0 = h0 if states else None
+    g = gla_fused_gates(B, T, H, K, n)
+    s = seqs(B, T, lens)
+    b = torch.empty_like(g)
+    ext().gla_cumsum(g, b, s.cu, s.offsets, s.slots)
+    poison_allocator(((B, T, H, V), dtype), ((N, H, K, V), torch.float32))
+    o = torch.empty(B, T, H, V, device="cuda", dtype=dtype)
+    final = torch.empty(N, H, K, V, device="cuda", dtype=torch.float32) if states else None
+    ext().gla_fused_fwd(q, k, v, b, h0, o, final, s.cu, scale)
+    # the three launches called directly, whatever the switch says
+    final2 = torch.empty(N, H, K, V, device="cuda", dtype=torch.float32) if states else None
+    h = _kernels._states(ext(), k, v, None, None, h0, s, final2, gk_cum=b)
+    o2 = torch.empty_like(v)
+    ext().gla_output(q, k, v, h, b, o2, s.cu, s.offsets, scale, scale, False)
+    o_ref, ht_ref = linear_attn_recurrent_ref(q.float(), k.float(), v.float(), g=g, scale=scale, initial_state=h0,
+                                              output_final_state=True, cu_seqlens=s.cu)
+    check("o vs three-launch", o, o2, OUT_TOL)
+    check("o vs reference", o, o_ref, OUT_TOL)
+    if states:
+        check("final_state vs three-launch", final, final2, 1e-4)  # the same fp32 sums in the same order
+        check("final_state vs reference", final, ht_ref, OUT_TOL)
+        if lens is not None:  # empty sequences: the state passes through
+            assert torch.equal(final[0], h0[0]) and torch.equal(final[4], h0[4])
+
+
+def test_gla_fused_fwd_arguments():
+    """Malformed calls are refused, naming the argument, before any launch."""
+    q, k, v, _, _, h0 = make_inputs(2, 100, 2, 128, 128, None, 1.0, torch.bfloat16)
+    b = torch.zeros(2, 100, 2, 128, device="cuda")
+    o = torch.empty_like(v)
+    with pytest.raises(ValueError, match="K must be 64, 128 or 256"):
+        q2 = q[..., :96].contiguous()
+        ext().gla_fused_fwd(q2, q2, v, b[..., :96].contiguous(), None, o, None, None, 1.0)
+    with pytest.raises(ValueError, match="V must be a multiple of 64"):
+        ext().gla_fused_fwd(q, k, v[..., :96].contiguous(), b, None, o[..., :96].contiguous(), None, None, 1.0)
+    with pytest.raises(ValueError, match="b must be"):
+        ext().gla_fused_fwd(q, k, v, b.bfloat16(), None, o, None, None, 1.0)
+    with pytest.raises(ValueError, match="b must have shape"):
+        ext().gla_fused_fwd(q, k, v, b[:, :50].contiguous(), None, o, None, None, 1.0)
+    with pytest.raises(ValueError, match="init must have shape"):
+        ext().gla_fused_fwd(q, k, v, b, h0[:1].contiguous(), o, None, None, 1.0)
+    with pytest.raises(ValueError, match="final_state must be"):
+        ext().gla_fused_fwd(q, k, v, b, None, o, h0.half(), None, 1.0)
+
+
+@pytest.mark.parametrize("K,V,lens", [(128, 128, None), (100, 100, None), (64, 256, EMPTY_LENS), (256, 72, None)],
+                         ids=["K128", "K100-padded", "varlen-K64-V256", "K256-V72-padded"])
+def test_gla_fused_forward_switch_routes(fused_switch, K, V, lens):
+    """chunk_gla with the switch on (and a grid that fills the GPU) runs gla_cumsum and gla_fused_fwd
+    alone and gives the switch-off (three-launch) result; the gradients do not depend on the path."""
+    B, T, H = (2, 300, 4) if lens is None else (1, sum(lens), 4)
+    N = B if lens is None else len(lens)
+    q, k, v, g, h0 = make_gla_inputs(B, T, H, K, V, 1.0, torch.bfloat16, N=N)
+    cu = None if lens is None else offsets(lens)
+    spy = fused_switch(False)
+    o_off, ht_off = la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    assert "gla_fused_fwd" not in spy.calls and "gla_output" in spy.calls
+    spy = fused_switch(True, sms=1)
+    kd, vd = _kernels.kernel_head_dim(K), _kernels.kernel_head_dim(V)  # the kernel's padded outputs
+    poison_allocator(((B, T, H, vd), torch.bfloat16), ((N, H, kd, vd), torch.float32))
+    o_on, ht_on = la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+    assert spy.calls == ["gla_cumsum", "gla_fused_fwd"], spy.calls
+    check("o", o_on, o_off.float(), OUT_TOL)
+    check("final_state", ht_on, ht_off, 1e-4)
+    o_ref, ht_ref = linear_attn_recurrent_ref(q.float(), k.float(), v.float(), g=g, initial_state=h0,
+                                              output_final_state=True, cu_seqlens=cu)
+    check("o vs reference", o_on, o_ref, OUT_TOL)
+    check("final_state vs reference", ht_on, ht_ref, OUT_TOL)
+    w = rand(*o_on.shape, seed=11).float()
+    grads = []
+    for on in (False, True):
+        fused_switch(on, sms=1)
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+        o, ht = la.chunk_gla(*leaves[:3], leaves[3], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu)
+        ((o.float() * w).sum() + ht.sum()).backward()
+        grads.append([x.grad for x in leaves])
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), *grads):
+        assert torch.equal(a, b), name  # the backward does not depend on the forward's path
 
 
 # --------------------------------------------------------------------------- GLA with gv: the token-by-token backward
