@@ -187,11 +187,17 @@ def linear_cases(quick):
                                                                       "FLASH_ATTN_LINEAR_FUSED_FWD": "0"})),
         ("chunk_gla segmented states varlen", dict(op="chunk_gla", lens=[0, 700, 1, 333], H=1, K=128, V=128,
                                                    env={"FLASH_ATTN_LINEAR_SEGMENTED_STATES": "1"})),
+        # 5 sequences x 14 heads x 2 V tiles = 140 CTAs, at least the SMs of an H100 / H200 (132): GLA's
+        # one-pass forward (gla_fused_fwd; _kernels.gla_fused_ok), rows past the sequences' ends unwritten
+        ("chunk_gla one pass varlen empty seqs K100 V72", dict(op="chunk_gla", lens=[0, 65, 1, 130, 0], H=14, K=100,
+                                                               V=72)),
     ]
     if not quick:
         out += [
             ("chunk_gla 1x129 K256 V192", dict(op="chunk_gla", B=1, T=129, H=1, K=256, V=192)),
             ("chunk_gla 1x17 K128 V256", dict(op="chunk_gla", B=1, T=17, H=3, K=128, V=256)),
+            # 2 x 34 heads x 2 V tiles of 32 = 136 CTAs: the one-pass forward at K = 256
+            ("chunk_gla one pass 2x129 K256 V64", dict(op="chunk_gla", B=2, T=129, H=34, K=256, V=64)),
             ("fused_recurrent_gla varlen reverse", dict(op="fused_recurrent_gla", lens=[40, 0, 90], H=2, K=64, V=128)),
             ("chunk_simple_gla varlen empty seqs", dict(op="chunk_simple_gla", lens=[0, 65, 1, 130, 0], H=2, K=64,
                                                         V=128)),
