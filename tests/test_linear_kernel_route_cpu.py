@@ -305,7 +305,7 @@ class _PlanExt:
     (1, 400, 16, 128, 128, 132, (0, 1)),      # 7 chunks: too few for two segments of 4
     (1, 16384, 16, 128, 128, 132, (32, 8)),   # 256 chunks in 8 segments -> 256 CTAs
     (4, 4096, 16, 128, 128, 132, (32, 2)),    # 128 CTAs -> two segments each
-    (1, 600, 1, 256, 256, 132, (6, 2)),       # 10 chunks: at least 4 per segment, an even count
+    (1, 600, 1, 256, 256, 132, (5, 2)),       # 10 chunks: two segments of 5 (odd lengths ran on the H100, 766b2f8)
     (1, 1 << 20, 1, 64, 64, 132, (512, 32)),  # at most 32 segments
 ], ids=["fills", "short", "2x4096", "1x65536", "1x1000", "1x400", "1x16384", "4x4096", "min-chunks", "max-segments"])
 def test_fused_plan(monkeypatch, B, T, H, K, V, sms, want):
@@ -318,8 +318,7 @@ def test_fused_plan(monkeypatch, B, T, H, K, V, sms, want):
     assert plan == want
     seg_chunks, segs = plan
     chunks = -(-T // 64)
-    assert seg_chunks == 0 or (segs * seg_chunks >= chunks and (segs - 1) * seg_chunks < chunks
-                               and seg_chunks % 2 == 0)
+    assert seg_chunks == 0 or (segs * seg_chunks >= chunks and (segs - 1) * seg_chunks < chunks)
 
 
 @pytest.mark.parametrize("lens", [None, [0, 700, 65, 300, 1]], ids=["batched", "varlen"])

@@ -245,17 +245,14 @@ def _segment_plan(ctas, slots, T):
     resident CTAs on the GPU: (0, 1) when the CTAs fill the SMs (`slots` / the CTAs per SM) or
     the sequences are too short to cut; else as many segments as the slots hold, at most
     MAX_SEGMENTS (each CTA folds the earlier segments' states in, so their count is a cost),
-    at least MIN_SEGMENT_CHUNKS chunks each, of an even chunk count. The chunk count per
-    sequence is bounded by ceil(T / 64) (T: the padded length, or all tokens when packed), which
-    needs no device-to-host copy of cu_seqlens."""
+    at least MIN_SEGMENT_CHUNKS chunks each. The chunk count per sequence is bounded by
+    ceil(T / 64) (T: the padded length, or all tokens when packed), which needs no device-to-host
+    copy of cu_seqlens."""
     chunks = math.ceil(T / CHUNK)
     segments = min(slots // max(ctas, 1), MAX_SEGMENTS, chunks // MIN_SEGMENT_CHUNKS)
     if segments < 2:
         return 0, 1
-    # an even chunk count per segment: every segment then starts on the kernel's first stage of
-    # its two-stage ring. The kernel counts stages from each segment's start (odd counts are
-    # right too), but only even ones have run on a GPU yet (benchmarks/tune/NOTES.md).
-    seg_chunks = 2 * math.ceil(chunks / (2 * segments))
+    seg_chunks = math.ceil(chunks / segments)
     return seg_chunks, math.ceil(chunks / seg_chunks)
 
 
