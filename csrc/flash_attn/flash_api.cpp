@@ -715,7 +715,8 @@ std::vector<at::Tensor> bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Ten
     set_bwd_params(p, dout, dq, dk_exp, dv_exp, softmax_d, dq_accum, float(softmax_scale));
     set_bwd_dropout(p, p_dropout, rng_state, q);
     run_bwd(p, p_dropout > 0.0, c10::cuda::getCurrentCUDAStream().stream());
-    if (dq_accum.defined()) { at::mul_out(dq, dq_accum, softmax_scale); }  // the kernel adds unscaled dS K
+    // the kernel adds unscaled dS K (mul_out cannot cast fp32 to dq's dtype: scale, then copy)
+    if (dq_accum.defined()) { dq.copy_(dq_accum.mul_(softmax_scale)); }
   } else {
     dq.zero_();
     dk_exp.zero_();
@@ -775,7 +776,8 @@ std::vector<at::Tensor> varlen_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, 
     set_bwd_params(p, dout, dq, dk_exp, dv_exp, softmax_d, dq_accum, float(softmax_scale));
     set_bwd_dropout(p, p_dropout, rng_state, q);
     run_bwd(p, p_dropout > 0.0, c10::cuda::getCurrentCUDAStream().stream());
-    if (dq_accum.defined()) { at::mul_out(dq, dq_accum, softmax_scale); }  // the kernel adds unscaled dS K
+    // the kernel adds unscaled dS K (mul_out cannot cast fp32 to dq's dtype: scale, then copy)
+    if (dq_accum.defined()) { dq.copy_(dq_accum.mul_(softmax_scale)); }
   }
   if (gqa) {
     at::sum_out(dk, dk_exp.view({total_k, h_k, h / h_k, d}), {2});
