@@ -243,8 +243,10 @@ def test_bf16_route_dtypes_and_accuracy(model):
 
 @pytest.fixture
 def fused(model, monkeypatch):
-    """The default switch (on) and a GPU of model.sms SMs (1: every grid fills it); returns the model."""
+    """The default switch (on) and a GPU of model.sms SMs (1: every grid fills it); returns the model.
+    chunk_gla's one-pass forward (off by default, its own switch) is turned on too."""
     monkeypatch.delenv(_kernels.FUSED_FWD_ENV, raising=False)
+    monkeypatch.setenv(_kernels.GLA_FUSED_FWD_ENV, "1")
     return model
 
 

@@ -28,8 +28,10 @@ GLA (per-key gates g [B, T, H, K]) has its own output and gradient kernels aroun
 chunk_state (with per-key weights):
     gla_cumsum   (g)                -> b: the chunk-local cumulative gates every GLA kernel reads
     chunk_state  (k, v, b)          -> h;  gla_output (q, k, v, h, b) -> o
-  or, by default where its CTAs fill the SMs (gla_fused_ok; the same switch as chunk_fused_fwd),
-  both in one pass with the states in registers, one CTA per (sequence, head, V tile):
+  or, with FLASH_ATTN_LINEAR_GLA_FUSED_FWD=1 (off by default: slower on the H100, since each V
+  tile's CTA recomputes the intra-chunk scores; benchmarks/tune/NOTES.md) where its CTAs fill
+  the SMs (gla_fused_ok), both in one pass with the states in registers, one CTA per
+  (sequence, head, V tile):
     gla_fused_fwd (q, k, v, b)      -> o (csrc/linear_attn/gla_fused.cuh)
   backward:
     chunk_state  (q, do, b, reverse) -> dH, dh0
@@ -236,7 +238,8 @@ def num_sms(device):
 
 def segmented_states_enabled():
     """Whether chunk_state may cut sequences into segments (FLASH_ATTN_LINEAR_SEGMENTED_STATES=1;
-    default off: not yet run on a GPU, benchmarks/tune/NOTES.md)."""
+    default off: on the H100 at 766b2f8 it sped up only chunk_simple_gla's forward + backward on
+    long single sequences and slowed other cases by up to 14%, benchmarks/tune/NOTES.md)."""
     return _env_switch(SEGMENTED_STATES_ENV, "0")
 
 
@@ -384,11 +387,18 @@ def gla_cumsum(ext, g, seqs):
     return b
 
 
+GLA_FUSED_FWD_ENV = "FLASH_ATTN_LINEAR_GLA_FUSED_FWD"
+
+
 def gla_fused_ok(ext, q, v, seqs):
-    """Whether GLA's forward runs in one pass (gla_fused_fwd): the switch is on
-    (FLASH_ATTN_LINEAR_FUSED_FWD), the extension has it, and its one CTA per (sequence, head,
-    V tile) fill the SMs (it has no segments; else the three-launch forward)."""
-    if not fused_forward_enabled() or not hasattr(ext, "gla_fused_tile_v"):  # (older builds lack it)
+    """Whether GLA's forward runs in one pass (gla_fused_fwd): its switch is on
+    (FLASH_ATTN_LINEAR_GLA_FUSED_FWD=1, default off: at 8x2048 it took 0.815 ms against 0.731 ms
+    for the three launches, f20592b), the one-pass switch too (FLASH_ATTN_LINEAR_FUSED_FWD), the
+    extension has it, and its one CTA per (sequence, head, V tile) fill the SMs (it has no
+    segments; else the three-launch forward)."""
+    if not (_env_switch(GLA_FUSED_FWD_ENV, "0") and fused_forward_enabled()):
+        return False
+    if not hasattr(ext, "gla_fused_tile_v"):  # (older builds lack it)
         return False
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
     bv = ext.gla_fused_tile_v(K)
