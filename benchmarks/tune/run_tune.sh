@@ -3,7 +3,7 @@
 # Usage (on the GPU machine, repo root):
 #   benchmarks/tune/run_tune.sh "128:128:64:4:2 bwd:128:64:32:4 ..."
 # Forward variants are HDIM:BM:BN:WARPS[:STAGES]; backward variants bwd:HDIM:ROWS:COLS:WARPS[:STAGES]
-# (the default path, atomic dQ) or bwddet:... (the deterministic path: dQ accumulator copies per split); decoding
+# (the default path, atomic dQ) or bwddet:... (the deterministic kernel pair); decoding
 # (split-KV forward + combine at the ANCHORS decode shapes) dec:HDIM:BM:BN:WARPS[:STAGES[:PAGE]]
 # (PAGE > 0: the paged-KV kernels on caches in pages of PAGE rows).
 # Prints ptxas registers/spills, local-memory instructions in SASS, and the timings.

@@ -1,16 +1,15 @@
-// Tile tuning harness for the backward kernel (dK/dV with dQ atomics), torch-free like
+// Tile tuning harness for the backward kernels (dK/dV and dQ), torch-free like
 // tune_fwd.cu. One binary per variant:
 //   nvcc -std=c++20 -O3 --use_fast_math --expt-relaxed-constexpr -gencode arch=compute_90,code=sm_90 \
 //        -I csrc/flash_attn -I csrc/common -I $CUTLASS/include -DHDIM=128 -DROWS=64 -DCOLS=32 -DWARPS=4 -DSTAGES=2 tune_bwd.cu
-// -DATOMIC=1 (default) times the default path (one CTA per key block, one dQ accumulator);
-// -DATOMIC=0 the deterministic one (deterministic_bwd_splits CTAs per (sequence, head), one
-// accumulator copy each). The timed call includes zeroing the accumulator and the
-// D = rowsum(dO * O) pass, not the host's sum of the copies and conversion to dq (torch ops).
+// -DATOMIC=1 (default) times the default path (dK/dV kernel with atomic dQ, the timed
+// call includes zeroing the fp32 accumulator); -DATOMIC=0 the deterministic kernel pair.
+// Both include the D = rowsum(dO * O) pass. The fp32 -> bf16 conversion of dQ (a torch
+// copy on the host side) is not included.
 // Prints one line per shape: hdim, tile, causal, seqlen, ms, TFLOP/s (2.5 x forward FLOPs).
 // Inputs are random bf16; lse and D are set to fixed finite values (timing only, the
 // numbers are not checked: tests/test_flash_attn_bwd_gpu.py does that).
 #include <cmath>
-#include <string>
 
 #include "tune_common.cuh"
 #include "flash_bwd_launch_template.h"
@@ -51,12 +50,7 @@ int main() {
       const size_t n = size_t(b) * s * h * d, rows = size_t(b) * h * s;
       std::vector<Element *> bufs(8);  // q k v o do (random) dq dk dv
       for (int i = 0; i < 8; ++i) { bufs[i] = i < 5 ? random_alloc<Element>(n, 7 + i) : device_alloc<Element>(n); }
-      int sms = 0;
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
-      const int splits = ATOMIC ? 0 : flash::deterministic_bwd_splits(b * h, sms, (s + 127) / 128);
-      const size_t copies = splits > 0 ? splits : 1;
-      float *dq_accum = device_alloc<float>(n * copies), *lse = device_alloc<float>(rows),
-            *dsum = device_alloc<float>(rows);
+      float *dq_accum = device_alloc<float>(n), *lse = device_alloc<float>(rows), *dsum = device_alloc<float>(rows);
       fill_value<<<1024, 256>>>(lse, rows, 6.f);
       fill_value<<<1024, 256>>>(dsum, rows, 0.1f);
 
@@ -79,22 +73,22 @@ int main() {
       p.window_size_left = -1;
       p.window_size_right = causal ? 0 : -1;
       p.is_bf16 = true;
-      p.dq_accum_ptr = dq_accum;
-      p.dq_accum_row_stride = d;  // head-major, as flash_api.cpp allocates it
-      p.dq_accum_head_stride = int64_t(s) * d;
-      p.dq_accum_batch_stride = batch;
-      p.dq_accum_splits = splits;
-      p.dq_accum_split_stride = int64_t(n);
+      if (ATOMIC) {
+        p.dq_accum_ptr = dq_accum;
+        p.dq_accum_row_stride = d;  // head-major, as flash_api.cpp allocates it
+        p.dq_accum_head_stride = int64_t(s) * d;
+        p.dq_accum_batch_stride = batch;
+      }
 
       const float med = median_ms(
           [&] {
-            cudaMemsetAsync(dq_accum, 0, n * copies * sizeof(float), 0);
+            if (ATOMIC) { cudaMemsetAsync(dq_accum, 0, n * sizeof(float), 0); }
             return flash::run_flash_bwd<Ktraits, false, false>(p, 0);
           },
           5, 20);
       const double flops = 2.5 * 4.0 * b * h * double(s) * s * d / (causal ? 2 : 1);
       std::printf("bwd%s hdim %d tile %dx%dx%dw%ds causal %d seqlen %5d  %.3f ms  %.1f TFLOP/s\n",
-                  ATOMIC ? "" : ("-det" + std::to_string(splits)).c_str(), HDIM, ROWS, COLS, WARPS, STAGES, causal, s, med, flops / med / 1e9);
+                  ATOMIC ? "" : "-det", HDIM, ROWS, COLS, WARPS, STAGES, causal, s, med, flops / med / 1e9);
       for (auto ptr : bufs) { cudaFree(ptr); }
       cudaFree(lse);
       cudaFree(dsum);

@@ -131,17 +131,13 @@ struct Flash_bwd_params : public Flash_fwd_params {
   float *__restrict__ softmax_d_ptr;
   float scale_qk;  // the softmax scale applied to q.k (d score / d (q.k) without softcap)
 
-  // The fp32 dQ accumulator (required), head-major ([b, h, sq, d] or [h, total_q, d], so
-  // dq_accum_row_stride must equal the kernel's head dim), zeroed by the host, into which
-  // the dK/dV kernel adds dS K with atomics; the host multiplies by scale_qk when it
-  // converts it to dq. dq_ptr itself is not written by the kernels.
+  // Default (non-deterministic) path: an fp32 dQ accumulator, head-major ([b, h, sq, d] or
+  // [h, total_q, d], so dq_accum_row_stride must equal the kernel's head dim), zeroed by
+  // the host, into which the dK/dV kernel adds dS K with atomics (so dQ's summation order
+  // varies; dK, dV do not); the host multiplies by scale_qk when it converts it to dq.
+  // nullptr: deterministic path, the separate dQ kernel writes dq_ptr.
   float *__restrict__ dq_accum_ptr;
   index_t dq_accum_batch_stride, dq_accum_row_stride, dq_accum_head_stride;
-  // Deterministic dQ: dq_accum_splits > 0 CTAs per (sequence, head), CTA x adding into the
-  // accumulator copy at dq_accum_ptr + x * dq_accum_split_stride (the host sums the copies).
-  // 0: one CTA per key block, all adding into the one copy (faster; the order varies).
-  int dq_accum_splits;
-  index_t dq_accum_split_stride;
 };
 
 template <typename Element, int kHeadDim, bool Has_alibi, bool Is_softcap, bool Is_dropout>

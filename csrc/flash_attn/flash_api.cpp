@@ -578,6 +578,29 @@ void run_bwd(flash::Flash_bwd_params &p, bool is_dropout, cudaStream_t stream) {
   TORCH_CHECK(err == cudaSuccess, "flash_attn backward kernel launch failed: ", cudaGetErrorString(err));
 }
 
+// Fills the gradient fields of p. dk_exp/dv_exp hold one gradient per query head
+// (reduced over GQA groups by the caller); softmax_d = rowsum(dO * O) in lse's layout.
+// dq_accum: the fp32 accumulator of the atomic (non-deterministic) path, or undefined.
+void set_bwd_params(flash::Flash_bwd_params &p, const at::Tensor &dout, const at::Tensor &dq,
+                    const at::Tensor &dk_exp, const at::Tensor &dv_exp, const at::Tensor &softmax_d,
+                    const at::Tensor &dq_accum, float softmax_scale) {
+  if (dq_accum.defined()) {
+    p.dq_accum_ptr = dq_accum.data_ptr<float>();
+    set_strides(dq_accum, p.dq_accum_batch_stride, p.dq_accum_row_stride, p.dq_accum_head_stride);
+    TORCH_CHECK(p.dq_accum_row_stride == dq_accum.size(-1), "dq_accum must be head-major (rows d floats apart)");
+  }
+  p.do_ptr = dout.data_ptr();
+  p.dq_ptr = dq.data_ptr();
+  p.dk_ptr = dk_exp.data_ptr();
+  p.dv_ptr = dv_exp.data_ptr();
+  set_strides(dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride);
+  set_strides(dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
+  set_strides(dk_exp, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
+  set_strides(dv_exp, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
+  p.softmax_d_ptr = softmax_d.data_ptr<float>();
+  p.scale_qk = softmax_scale;
+}
+
 void check_bwd_inputs(const at::Tensor &dout, const at::Tensor &q, const at::Tensor &out, const at::Tensor &lse,
                       at::IntArrayRef lse_shape) {
   CHECK_ARG(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
@@ -628,36 +651,25 @@ struct BwdBuffers {
   at::Tensor dq, dk, dv;
   // One gradient per query head, k's shape with h heads; dk/dv themselves without GQA.
   at::Tensor dk_exp, dv_exp;
-  // The zeroed fp32 dQ accumulator: max(splits, 1) head-major copies, (copies, b, h, sq, d)
-  // or (copies, h, total_q, d), and the first copy viewed in q's shape (the kernel's atomics
-  // then step kHeadDim floats per row: compile-time addresses).
-  at::Tensor dq_accum_copies, dq_accum;
-  int splits = 0;  // flash.h dq_accum_splits: 0 = one CTA per key block (non-deterministic)
+  // Non-deterministic path: zeroed fp32 dQ accumulator, a head-major buffer viewed in q's
+  // shape (undefined otherwise).
+  at::Tensor dq_accum;
 };
 
-// The split count of a deterministic backward (tile_size.h); key blocks counted in 128 rows
-// (the largest tile's), so that no split is left without a block.
-int deterministic_splits(int64_t bh, int64_t max_seqlen_k, const at::Device &device) {
-  return flash::deterministic_bwd_splits(int(std::min<int64_t>(bh, 1 << 30)), sm_count(device.index()),
-                                         int(std::min<int64_t>((max_seqlen_k + 127) / 128, 1 << 30)));
-}
-
 // Aligns the inputs for cp.async (in place) and allocates the gradient buffers of one
-// backward call, batched or varlen (batch: the sequence count).
+// backward call, batched or varlen.
 BwdBuffers prepare_bwd(at::Tensor &q, at::Tensor &k, at::Tensor &v, at::Tensor &dout, at::Tensor &out,
                        const std::optional<at::Tensor> &dq_, const std::optional<at::Tensor> &dk_,
-                       const std::optional<at::Tensor> &dv_, bool deterministic, int64_t batch,
-                       int64_t max_seqlen_k) {
+                       const std::optional<at::Tensor> &dv_, bool deterministic) {
   for (at::Tensor *t : {&q, &k, &v, &dout, &out}) { *t = vector_aligned(*t); }
-  BwdBuffers g{grad_buffer(dq_, q, "dq"), grad_buffer(dk_, k, "dk"), grad_buffer(dv_, v, "dv"), {}, {}, {}, {}};
-  const bool varlen = q.dim() == 3;
-  const int64_t h = q.size(-2);
-  if (deterministic) { g.splits = deterministic_splits(batch * h, max_seqlen_k, q.device()); }
-  const auto f32 = q.options().dtype(at::kFloat);
-  const int64_t copies = std::max(g.splits, 1);
-  g.dq_accum_copies = varlen ? at::zeros({copies, h, q.size(0), q.size(2)}, f32)
-                             : at::zeros({copies, q.size(0), h, q.size(1), q.size(3)}, f32);
-  g.dq_accum = varlen ? g.dq_accum_copies[0].permute({1, 0, 2}) : g.dq_accum_copies[0].permute({0, 2, 1, 3});
+  BwdBuffers g{grad_buffer(dq_, q, "dq"), grad_buffer(dk_, k, "dk"), grad_buffer(dv_, v, "dv"), {}, {}, {}};
+  if (!deterministic) {
+    // Head-major, (b, h, sq, d) or (h, total_q, d), seen through a view in q's shape: the
+    // kernel's atomics then step kHeadDim floats per row (compile-time addresses).
+    const auto f32 = q.options().dtype(at::kFloat);
+    g.dq_accum = q.dim() == 4 ? at::zeros({q.size(0), q.size(2), q.size(1), q.size(3)}, f32).permute({0, 2, 1, 3})
+                              : at::zeros({q.size(1), q.size(0), q.size(2)}, f32).permute({1, 0, 2});
+  }
   if (k.size(-2) == q.size(-2)) {
     g.dk_exp = g.dk;
     g.dv_exp = g.dv;
@@ -668,35 +680,6 @@ BwdBuffers prepare_bwd(at::Tensor &q, at::Tensor &k, at::Tensor &v, at::Tensor &
     g.dv_exp = at::empty(shape, v.options());
   }
   return g;
-}
-
-// dq = softmax_scale * (the sum of the accumulator copies, in copy order: deterministic).
-void convert_dq(const BwdBuffers &g, float softmax_scale) {
-  at::Tensor total = g.splits > 1 ? g.dq_accum_copies.sum(0) : g.dq_accum_copies[0];
-  total.mul_(softmax_scale);
-  g.dq.copy_(g.dq.dim() == 3 ? total.permute({1, 0, 2}) : total.permute({0, 2, 1, 3}));
-}
-
-// Fills the gradient fields of p. dk_exp/dv_exp hold one gradient per query head
-// (reduced over GQA groups by the caller); softmax_d = rowsum(dO * O) in lse's layout.
-// g: the buffers of prepare_bwd (dq itself is written by convert_dq, not the kernels).
-void set_bwd_params(flash::Flash_bwd_params &p, const at::Tensor &dout, const BwdBuffers &g,
-                    const at::Tensor &softmax_d, float softmax_scale) {
-  p.dq_accum_ptr = g.dq_accum.data_ptr<float>();
-  set_strides(g.dq_accum, p.dq_accum_batch_stride, p.dq_accum_row_stride, p.dq_accum_head_stride);
-  TORCH_CHECK(p.dq_accum_row_stride == g.dq_accum.size(-1), "dq_accum must be head-major (rows d floats apart)");
-  p.dq_accum_splits = g.splits;
-  p.dq_accum_split_stride = g.dq_accum_copies.stride(0);
-  p.do_ptr = dout.data_ptr();
-  p.dq_ptr = g.dq.data_ptr();
-  p.dk_ptr = g.dk_exp.data_ptr();
-  p.dv_ptr = g.dv_exp.data_ptr();
-  set_strides(dout, p.do_batch_stride, p.do_row_stride, p.do_head_stride);
-  set_strides(g.dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
-  set_strides(g.dk_exp, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
-  set_strides(g.dv_exp, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
-  p.softmax_d_ptr = softmax_d.data_ptr<float>();
-  p.scale_qk = softmax_scale;
 }
 
 // dout, q, out: (b, sq, h, d); k, v: (b, sk, h_k, d); softmax_lse fp32 (b, h, sq).
@@ -717,7 +700,7 @@ std::vector<at::Tensor> bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Ten
     return {unpad_grad(g[0], d, dq_, "dq"), unpad_grad(g[1], d, dk_, "dk"), unpad_grad(g[2], d, dv_, "dv"), g[3]};
   }
   c10::cuda::CUDAGuard guard{q.device()};
-  BwdBuffers g = prepare_bwd(q, k, v, dout, out, dq_, dk_, dv_, deterministic, b, sk);
+  auto [dq, dk, dv, dk_exp, dv_exp, dq_accum] = prepare_bwd(q, k, v, dout, out, dq_, dk_, dv_, deterministic);
   const bool gqa = h != h_k;
   // D = rowsum(dO * O) in fp32, laid out like the lse: (b, h, sq); the kernels fill it.
   at::Tensor softmax_d = at::zeros({b, h, sq}, q.options().dtype(at::kFloat));
@@ -729,20 +712,21 @@ std::vector<at::Tensor> bwd(at::Tensor dout, at::Tensor q, at::Tensor k, at::Ten
     p.seqlen_k = sk;
     p.total_q = b * sq;
     p.total_k = b * sk;
-    set_bwd_params(p, dout, g, softmax_d, float(softmax_scale));
+    set_bwd_params(p, dout, dq, dk_exp, dv_exp, softmax_d, dq_accum, float(softmax_scale));
     set_bwd_dropout(p, p_dropout, rng_state, q);
     run_bwd(p, p_dropout > 0.0, c10::cuda::getCurrentCUDAStream().stream());
-    convert_dq(g, float(softmax_scale));
+    // the kernel adds unscaled dS K (mul_out cannot cast fp32 to dq's dtype: scale, then copy)
+    if (dq_accum.defined()) { dq.copy_(dq_accum.mul_(softmax_scale)); }
   } else {
-    g.dq.zero_();
-    g.dk_exp.zero_();
-    g.dv_exp.zero_();
+    dq.zero_();
+    dk_exp.zero_();
+    dv_exp.zero_();
   }
   if (gqa) {
-    at::sum_out(g.dk, g.dk_exp.view({b, sk, h_k, h / h_k, d}), {3});
-    at::sum_out(g.dv, g.dv_exp.view({b, sk, h_k, h / h_k, d}), {3});
+    at::sum_out(dk, dk_exp.view({b, sk, h_k, h / h_k, d}), {3});
+    at::sum_out(dv, dv_exp.view({b, sk, h_k, h / h_k, d}), {3});
   }
-  return {g.dq, g.dk, g.dv, softmax_d};
+  return {dq, dk, dv, softmax_d};
 }
 
 // Varlen: dout, q, out (total_q, h, d); k, v (total_k, h_k, d); softmax_lse (h, total_q).
@@ -771,15 +755,14 @@ std::vector<at::Tensor> varlen_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, 
   const int b = cu_seqlens_q.numel() - 1;
   CHECK_ARG(b >= 0 && cu_seqlens_k.numel() == b + 1, "cu_seqlens_q and cu_seqlens_k must have batch + 1 entries");
   c10::cuda::CUDAGuard guard{q.device()};
-  BwdBuffers g = prepare_bwd(q, k, v, dout, out, dq_, dk_, dv_, deterministic, b, max_seqlen_k);
+  auto [dq, dk, dv, dk_exp, dv_exp, dq_accum] = prepare_bwd(q, k, v, dout, out, dq_, dk_, dv_, deterministic);
   const bool gqa = h != h_k;
   // D in the lse's layout (h, total_q); rows outside every sequence stay 0.
   at::Tensor softmax_d = at::zeros({h, total_q}, q.options().dtype(at::kFloat));
-  // Rows outside every sequence get no gradient from the kernels: start from zero (dq's
-  // accumulator rows there stay zero too).
-  g.dq.zero_();
-  g.dk_exp.zero_();
-  g.dv_exp.zero_();
+  // Rows outside every sequence get no gradient from the kernels: start from zero.
+  dq.zero_();
+  dk_exp.zero_();
+  dv_exp.zero_();
   if (b > 0 && total_q > 0 && total_k > 0 && max_seqlen_q > 0 && max_seqlen_k > 0) {
     flash::Flash_bwd_params p{};
     set_common_params(p, q, k, v, out, softmax_lse, alibi_slopes, b, float(softmax_scale), int(window_left),
@@ -790,16 +773,17 @@ std::vector<at::Tensor> varlen_bwd(at::Tensor dout, at::Tensor q, at::Tensor k, 
     p.total_k = total_k;
     p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
     p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
-    set_bwd_params(p, dout, g, softmax_d, float(softmax_scale));
+    set_bwd_params(p, dout, dq, dk_exp, dv_exp, softmax_d, dq_accum, float(softmax_scale));
     set_bwd_dropout(p, p_dropout, rng_state, q);
     run_bwd(p, p_dropout > 0.0, c10::cuda::getCurrentCUDAStream().stream());
-    convert_dq(g, float(softmax_scale));
+    // the kernel adds unscaled dS K (mul_out cannot cast fp32 to dq's dtype: scale, then copy)
+    if (dq_accum.defined()) { dq.copy_(dq_accum.mul_(softmax_scale)); }
   }
   if (gqa) {
-    at::sum_out(g.dk, g.dk_exp.view({total_k, h_k, h / h_k, d}), {2});
-    at::sum_out(g.dv, g.dv_exp.view({total_k, h_k, h / h_k, d}), {2});
+    at::sum_out(dk, dk_exp.view({total_k, h_k, h / h_k, d}), {2});
+    at::sum_out(dv, dv_exp.view({total_k, h_k, h / h_k, d}), {2});
   }
-  return {g.dq, g.dk, g.dv, softmax_d};
+  return {dq, dk, dv, softmax_d};
 }
 #endif  // FLASH_ATTN_HAS_BWD
 

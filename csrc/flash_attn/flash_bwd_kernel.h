@@ -1,16 +1,15 @@
-// Backward kernel (mma.sync): one CTA per (key block, sequence, query head) keeps K, V
-// stationary and streams query blocks: S^T = K Q^T, P^T = exp(S^T - lse), dP^T = V dO^T,
-// dS^T = P^T (dP^T - D), dV += P^T dO, dK += dS^T Q, and dQ += dS K of each step added
-// into an fp32 accumulator with atomics: 5 matrix products per tile pair, as in
-// FlashAttention-2. dK and dV are bitwise reproducible (one CTA owns each key block).
-// dQ's atomics are reproducible too with splits (deterministic=True): the grid then has
-// dq_accum_splits CTAs along the key blocks, CTA x walks the key blocks x, x + splits, ...
-// in order and adds into its own copy x of the accumulator, so every address receives its
-// terms from one thread in a fixed order; the host sums the copies in a fixed order. Without
-// splits each key block has its own CTA and all add into one copy (fastest, order varies).
+// Backward kernels (mma.sync):
+// - dK/dV: one CTA per (key block, sequence, query head) keeps K, V stationary and
+//   streams query blocks: S^T = K Q^T, P^T = exp(S^T - lse), dP^T = V dO^T,
+//   dS^T = P^T (dP^T - D), dV += P^T dO, dK += dS^T Q. With Accum_dq (the default,
+//   non-deterministic path) it also adds dQ += dS K of each step into an fp32
+//   accumulator with atomics: 5 matrix products per tile pair, as in FlashAttention-2.
+// - dQ (deterministic path): one CTA per (query block, sequence, head) keeps Q, dO
+//   stationary and streams key blocks: S = Q K^T, P, dP = dO V^T, dS, dQ += dS K.
+//   With it, no atomics anywhere: every gradient is bitwise reproducible.
 // D = rowsum(dO * O) per query row and the forward's lse come precomputed. The score
 // modifiers match the forward (score_mod.h); with softcap, dS carries the tanh
-// derivative. dK is scaled by the softmax scale at the end; the host scales dQ.
+// derivative. dQ and dK are scaled by the softmax scale at the end.
 #pragma once
 
 #include <cmath>
@@ -27,6 +26,38 @@
 namespace flash {
 
 using namespace cute;
+
+// Column (within the tile) of element (r, c) of a (rows, cols) accumulator view of the
+// dQ kernel: n-atom * 8 + 2 * (lane % 4) + j, with c = j + 2 * n-atom.
+__forceinline__ __device__ int acc_col(int c) { return (c / 2) * 8 + (threadIdx.x % 4) * 2 + c % 2; }
+// Row (within the tile) of row r = i + 2 * m-tile of a (rows, cols) accumulator view of
+// the 1-D (warps along rows) MMA of the dQ kernel.
+template <int kNWarps>
+__forceinline__ __device__ int acc_row(int r) {
+  return (r / 2) * 16 * kNWarps + (threadIdx.x / 32) * 16 + (threadIdx.x % 32) / 4 + 8 * (r % 2);
+}
+
+// P = exp(score - lse) and dS = P (Z dP - D) [* (1 - t^2) with softcap, t = tanh value],
+// in place: s becomes P, dp becomes dS. lse_of / d_of give (row, col) -> lse * log2(e), D; with
+// dropout, z_of gives Z = 1 / p_keep for a kept element and 0 for a dropped one.
+template <bool Is_softcap, bool Is_dropout, typename TensorS, typename TensorDP, typename TensorT, typename LseOf,
+          typename DOf, typename ZOf>
+__forceinline__ __device__ void probs_and_dscores(TensorS &s, TensorDP &dp, TensorT const &t, float scale_log2,
+                                                  LseOf lse_of, DOf d_of, ZOf z_of) {
+  CUTE_UNROLL
+  for (int r = 0; r < size<0>(s); ++r) {
+    CUTE_UNROLL
+    for (int c = 0; c < size<1>(s); ++c) {
+      const float p = exp2f(s(r, c) * scale_log2 - lse_of(r, c));
+      float dpz = dp(r, c);
+      if constexpr (Is_dropout) { dpz *= z_of(r, c); }
+      float ds = p * (dpz - d_of(r, c));
+      if constexpr (Is_softcap) { ds *= 1.f - t(r, c) * t(r, c); }
+      s(r, c) = p;
+      dp(r, c) = ds;
+    }
+  }
+}
 
 // dQ_partial (queries x d) = dS K for one (key block, query block) step, added into the
 // fp32 accumulator, whose rows are kHeadDim floats apart (the host lays it out head-major,
@@ -107,10 +138,8 @@ __forceinline__ __device__ void acc_to_smem(TiledMma const &mma, Acc const &acc,
   copy(copy_c, src, dst);
 }
 
-// dq_accum_split: the offset (floats) of this CTA's copy of the dQ accumulator.
-template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout>
-__forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, int n_block, int bidb, int bidh,
-                                                   int64_t dq_accum_split) {
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Accum_dq>
+__forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, int n_block, int bidb, int bidh) {
   using Element = typename Ktraits::Element;
   constexpr int kRows = Ktraits::kBlockRows;  // keys
   constexpr int kCols = Ktraits::kBlockCols;  // queries
@@ -149,8 +178,11 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
   const int64_t stat_off = seq.lse_offset(p, bidb, bidh);
   const float *lse = p.softmax_lse_ptr + stat_off;
   const float *dsum = p.softmax_d_ptr + stat_off;
-  float *dq_accum = p.dq_accum_ptr + dq_accum_split +
-                    seq.q_offset(p.dq_accum_batch_stride, p.dq_accum_row_stride, bidb) + bidh * p.dq_accum_head_stride;
+  float *dq_accum = nullptr;
+  if constexpr (Accum_dq) {
+    dq_accum = p.dq_accum_ptr + seq.q_offset(p.dq_accum_batch_stride, p.dq_accum_row_stride, bidb) +
+               bidh * p.dq_accum_head_stride;
+  }
 
   Tensor gK = local_tile(mK, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(n_block, 0));   // (R, D)
   Tensor gV = local_tile(mV, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(n_block, 0));
@@ -299,7 +331,9 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
 
     gemm_smem_smem(mma_dkv, acc_dv, tdVrP, tdVrdOt, tdVsP, tdVsdOt(_, _, _, stage), dkv_copy_A, dkv_copy_Bt);
     gemm_smem_smem(mma_dkv, acc_dk, tdKrdS, tdKrQt, tdKsdS, tdKsQt(_, _, _, stage), dkv_copy_A, dkv_copy_Bt);
-    accumulate_dq<Ktraits>(sdSt, sKt, dq_accum + int64_t(m0) * kHeadDim, seq.seqlen_q - m0);
+    if constexpr (Accum_dq) {
+      accumulate_dq<Ktraits>(sdSt, sKt, dq_accum + int64_t(m0) * kHeadDim, seq.seqlen_q - m0);
+    }
     // One stage: every thread is done with sQ, sdO and the stats before the next loads.
     if constexpr (kStages == 1) { __syncthreads(); }
   }
@@ -314,46 +348,197 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
   store_acc_tile<Ktraits>(mma_dkv, acc_dv, sV, gdV, n1 - n0);
 }
 
-// The key blocks of CTA blockIdx.x: that one block (Split = false: one CTA per key block, the
-// shared accumulator), or every dq_accum_splits-th block from it, in order, into its own
-// accumulator copy (Split = true, deterministic). Two kernels rather than one with both
-// paths: registers are allocated per kernel, and the loop's live state made the single-block
-// path spill (d = 128 with ALiBi and softcap: 200 bytes).
-template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Split>
-__forceinline__ __device__ void compute_dk_dv_blocks(const Flash_bwd_params &p) {
-  if constexpr (!Split) {
-    compute_dk_dv_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout>(p, blockIdx.x, blockIdx.y, blockIdx.z, 0);
-  } else {
-    const int n_blocks = (p.seqlen_k + Ktraits::kBlockRows - 1) / Ktraits::kBlockRows;
-    const int64_t split = int64_t(blockIdx.x) * p.dq_accum_split_stride;
-    for (int n_block = blockIdx.x; n_block < n_blocks; n_block += gridDim.x) {
-      compute_dk_dv_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout>(p, n_block, blockIdx.y, blockIdx.z, split);
-      __syncthreads();  // the block's epilogue read K's and V's shared memory; the next one refills it
-    }
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout>
+__forceinline__ __device__ void compute_dq_tile(const Flash_bwd_params &p, int m_block, int bidb, int bidh) {
+  using Element = typename Ktraits::Element;
+  constexpr int kRows = Ktraits::kBlockRows;  // queries
+  constexpr int kCols = Ktraits::kBlockCols;  // keys
+  constexpr int kHeadDim = Ktraits::kHeadDim;
+  constexpr int kNWarps = Ktraits::kNWarps;
+  static_assert(kRows % (16 * kNWarps) == 0, "the 1-D MMA stacks 16-row warp tiles along the queries: "
+                "launch this kernel with traits of bwd_dq_tile(tile)");
+  const int tidx = threadIdx.x;
+
+  const SeqInfo seq(p, bidb);
+  const int m0 = m_block * kRows;
+  if (m0 >= seq.seqlen_q) { return; }
+  const int m1 = min(m0 + kRows, seq.seqlen_q);
+  const int shift = seq.seqlen_k - seq.seqlen_q;
+  int n_block_min = 0;
+  int n_block_max = (seq.seqlen_k + kCols - 1) / kCols;
+  if (p.window_size_left >= 0) { n_block_min = max(0, (m0 + shift - p.window_size_left) / kCols); }
+  if (p.window_size_right >= 0) {
+    const int last_key = m1 - 1 + shift + p.window_size_right;
+    n_block_max = min(n_block_max, last_key < 0 ? 0 : last_key / kCols + 1);
   }
+
+  const int bidh_kv = bidh / p.h_h_k_ratio;
+  auto q_tensor = [&](void *ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
+    return make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(ptr) + seq.q_offset(batch_stride, row_stride, bidb) +
+                                     bidh * head_stride),
+                       make_shape(seq.seqlen_q, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
+  };
+  auto kv_tensor = [&](void *ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
+    return make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(ptr) + seq.k_offset(batch_stride, row_stride, bidb) +
+                                     bidh_kv * head_stride),
+                       make_shape(seq.seqlen_k, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
+  };
+  Tensor mQ = q_tensor(p.q_ptr, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
+  Tensor mdO = q_tensor(p.do_ptr, p.do_batch_stride, p.do_row_stride, p.do_head_stride);
+  Tensor mdQ = q_tensor(p.dq_ptr, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
+  Tensor mK = kv_tensor(p.k_ptr, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
+  Tensor mV = kv_tensor(p.v_ptr, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
+  const int64_t stat_off = seq.lse_offset(p, bidb, bidh);
+  const float *lse = p.softmax_lse_ptr + stat_off;
+  const float *dsum = p.softmax_d_ptr + stat_off;
+
+  Tensor gQ = local_tile(mQ, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(m_block, 0));   // (R, D)
+  Tensor gdO = local_tile(mdO, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(m_block, 0));
+  Tensor gdQ = local_tile(mdQ, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(m_block, 0));
+  Tensor gK = local_tile(mK, Shape<Int<kCols>, Int<kHeadDim>>{}, make_coord(_, 0));  // (C, D, nblocks)
+  Tensor gV = local_tile(mV, Shape<Int<kCols>, Int<kHeadDim>>{}, make_coord(_, 0));
+
+  extern __shared__ char smem[];
+  using SmemRows = typename Ktraits::SmemLayoutRows;
+  using SmemCols = typename Ktraits::SmemLayoutCols;
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem)), SmemRows{})(_, _, 0);  // (R, D)
+  Tensor sdO = make_tensor(sQ.data() + cosize(SmemRows{}), SmemRows{})(_, _, 0);
+  constexpr int kStages = Ktraits::kStages;
+  Tensor sK = make_tensor(sdO.data() + cosize(SmemRows{}), SmemCols{});  // (C, D, stages)
+  Tensor sV = make_tensor(sK.data() + cosize(SmemCols{}), SmemCols{});
+  Tensor sKt = make_tensor(sK.data(), typename Ktraits::SmemLayoutColsT{});  // (D, C, stages)
+
+  typename Ktraits::GmemTiledCopyQKV gmem_copy;
+  auto gmem_thr = gmem_copy.get_thread_slice(tidx);
+  Tensor tQgQ = gmem_thr.partition_S(gQ);
+  Tensor tQsQ = gmem_thr.partition_D(sQ);
+  Tensor tdOgdO = gmem_thr.partition_S(gdO);
+  Tensor tdOsdO = gmem_thr.partition_D(sdO);
+  Tensor tKgK = gmem_thr.partition_S(gK);  // (CPY, CPY_C, CPY_D, nblocks)
+  Tensor tKsK = gmem_thr.partition_D(sK);  // (CPY, CPY_C, CPY_D, stages)
+  Tensor tVgV = gmem_thr.partition_S(gV);
+  Tensor tVsV = gmem_thr.partition_D(sV);
+  Tensor tRc = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kRows>{}, Int<kHeadDim>{})));
+  Tensor tCc = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kCols>{}, Int<kHeadDim>{})));
+
+  typename Ktraits::TiledMma tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(tidx);
+  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);    // (MMA, MMA_R, MMA_D)
+  Tensor tSrdO = thr_mma.partition_fragment_A(sdO);
+  Tensor tSrK = thr_mma.partition_fragment_B(sK(_, _, 0));    // (MMA, MMA_C, MMA_D)
+  Tensor tSrV = thr_mma.partition_fragment_B(sV(_, _, 0));
+  Tensor tdQrKt = thr_mma.partition_fragment_B(
+      make_tensor(sK.data(), make_layout(Shape<Int<kHeadDim>, Int<kCols>>{})));  // (MMA, MMA_D, MMA_C)
+  Tensor acc_dq = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kHeadDim>>{});
+  clear(acc_dq);
+
+  auto smem_copy_A = make_tiled_copy_A(typename Ktraits::SmemCopyAtom{}, tiled_mma);
+  auto smem_copy_B = make_tiled_copy_B(typename Ktraits::SmemCopyAtom{}, tiled_mma);
+  auto smem_copy_Bt = make_tiled_copy_B(typename Ktraits::SmemCopyAtomTransposed{}, tiled_mma);
+  Tensor tSsQ = smem_copy_A.get_thread_slice(tidx).partition_S(sQ);
+  Tensor tSsdO = smem_copy_A.get_thread_slice(tidx).partition_S(sdO);
+  Tensor tSsK = smem_copy_B.get_thread_slice(tidx).partition_S(sK);  // (CPY, CPY_C, CPY_D, stages)
+  Tensor tSsV = smem_copy_B.get_thread_slice(tidx).partition_S(sV);
+  Tensor tOsKt = smem_copy_Bt.get_thread_slice(tidx).partition_S(sKt);  // (CPY, CPY_D, CPY_C, stages)
+
+  copy_rows_guarded(gmem_copy, tQgQ, tQsQ, tRc, m1 - m0);
+  copy_rows_guarded(gmem_copy, tdOgdO, tdOsdO, tRc, m1 - m0);
+  cute::cp_async_fence();
+
+  // lse * log2(e) and D of this thread's query rows (rows past seqlen_q: P = 0).
+  Tensor acc_shape = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kCols>>{});
+  constexpr int kNRows = decltype(size<0>(acc_layout_rowcol(acc_shape.layout())))::value;
+  float row_lse[kNRows], row_d[kNRows];
+  CUTE_UNROLL
+  for (int r = 0; r < kNRows; ++r) {
+    const int row = m0 + acc_row<kNWarps>(r);
+    row_lse[r] = row < m1 ? lse[row] * float(M_LOG2E) : INFINITY;
+    row_d[r] = row < m1 ? dsum[row] : 0.f;
+  }
+
+  const ScoreMod<Has_alibi, Is_softcap, Is_dropout> score_mod(p, seq.seqlen_q, seq.seqlen_k, bidb, bidh);
+  const DropoutOrNone<Is_dropout> dropout(p, bidb, bidh);
+  // Issues the loads of key block n_block (rows guarded against seqlen_k) into `stage`.
+  auto load_key_block = [&](int n_block, int stage) {
+    const int n0 = n_block * kCols;
+    copy_rows_guarded(gmem_copy, tKgK(_, _, _, n_block), tKsK(_, _, _, stage), tCc, seq.seqlen_k - n0);
+    copy_rows_guarded(gmem_copy, tVgV(_, _, _, n_block), tVsV(_, _, _, stage), tCc, seq.seqlen_k - n0);
+    cute::cp_async_fence();
+  };
+  if (kStages == 2 && n_block_max > n_block_min) { load_key_block(n_block_max - 1, 0); }
+  for (int n_block = n_block_max - 1, stage = 0; n_block >= n_block_min; --n_block, stage ^= (kStages - 1)) {
+    const int n0 = n_block * kCols;
+    if constexpr (kStages == 1) { load_key_block(n_block, 0); }
+    cute::cp_async_wait<0>();
+    __syncthreads();  // as in the dK/dV kernel
+    if (kStages == 2 && n_block > n_block_min) { load_key_block(n_block - 1, stage ^ 1); }
+
+    Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kCols>>{});  // (MMA, MMA_R, MMA_C)
+    clear(acc_s);
+    gemm_smem_smem(tiled_mma, acc_s, tSrQ, tSrK, tSsQ, tSsK(_, _, _, stage), smem_copy_A, smem_copy_B);
+    score_mod.transform(acc_s);
+    Tensor t_s = make_fragment_like(acc_s);
+    if constexpr (Is_softcap) { copy(acc_s, t_s); }
+    Tensor s = make_tensor(acc_s.data(), acc_layout_rowcol(acc_s.layout()));  // (queries, keys)
+    score_mod.template apply<kNWarps>(s, m0, n0, score_mod.block_needs_mask(m0, m1, n0, kCols));
+
+    Tensor acc_dp = partition_fragment_C(tiled_mma, Shape<Int<kRows>, Int<kCols>>{});
+    clear(acc_dp);
+    gemm_smem_smem(tiled_mma, acc_dp, tSrdO, tSrV, tSsdO, tSsV(_, _, _, stage), smem_copy_A, smem_copy_B);
+    Tensor dp = make_tensor(acc_dp.data(), acc_layout_rowcol(acc_dp.layout()));
+    Tensor tt = make_tensor(t_s.data(), acc_layout_rowcol(t_s.layout()));
+    probs_and_dscores<Is_softcap, Is_dropout>(
+        s, dp, tt, p.scale_softmax_log2, [&](int r, int) { return row_lse[r]; }, [&](int r, int) { return row_d[r]; },
+        [&](int r, int c) {
+          if constexpr (Is_dropout) {
+            return dropout.keep(m0 + acc_row<kNWarps>(r), n0 + acc_col(c)) ? p.rp_keep : 0.f;
+          } else {
+            return 1.f;
+          }
+        });
+
+    Tensor rdS = convert_type<Element>(acc_dp);
+    Tensor tOrdS = make_tensor(rdS.data(), acc_layout_as_A(rdS.layout()));
+    gemm_reg_smem(tiled_mma, acc_dq, tOrdS, tdQrKt, tOsKt(_, _, _, stage), smem_copy_Bt);
+    if constexpr (kStages == 1) { __syncthreads(); }  // every thread is done with sK, sV
+  }
+
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_dq); ++i) { acc_dq(i) *= p.scale_qk; }
+  // Stage dQ in Q's space once every thread is past its last read of it (and, with no
+  // key block at all, once Q's loads have landed).
+  cute::cp_async_wait<0>();
+  __syncthreads();
+  store_acc_tile<Ktraits>(tiled_mma, acc_dq, sQ, gdQ, m1 - m0);
 }
 
-// Grid: (key blocks, or dq_accum_splits with Split, batch, query heads).
-template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Split>
+// Grids: (key blocks, batch, query heads) and (query blocks, batch, query heads).
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Accum_dq>
 __global__ void __launch_bounds__(Ktraits::kNThreads, 1)
     flash_bwd_dk_dv_kernel(__grid_constant__ const Flash_bwd_params p) {
-  compute_dk_dv_blocks<Ktraits, Has_alibi, Is_softcap, Is_dropout, Split>(p);
+  compute_dk_dv_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout, Accum_dq>(p, blockIdx.x, blockIdx.y, blockIdx.z);
 }
 
 // The dK/dV kernel with a tile per architecture: Ktraits90 where the code was compiled for
 // sm90 or later (__CUDA_ARCH__, so the PTX that actually runs decides), Ktraits elsewhere.
 // One symbol for both, so the host launches it once and passes the shared memory of the
 // traits that match the binary (run_flash_bwd reads the kernel's PTX version).
-template <typename Ktraits, typename Ktraits90, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Split>
+template <typename Ktraits, typename Ktraits90, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Accum_dq>
 __global__ void __launch_bounds__(Ktraits::kNThreads, 1)
     flash_bwd_dk_dv_kernel_by_arch(__grid_constant__ const Flash_bwd_params p) {
   static_assert(Ktraits::kNThreads == Ktraits90::kNThreads && Ktraits::kBlockRows == Ktraits90::kBlockRows,
                 "the host's grid and block must fit both tiles");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  compute_dk_dv_blocks<Ktraits90, Has_alibi, Is_softcap, Is_dropout, Split>(p);
+  compute_dk_dv_tile<Ktraits90, Has_alibi, Is_softcap, Is_dropout, Accum_dq>(p, blockIdx.x, blockIdx.y, blockIdx.z);
 #else
-  compute_dk_dv_blocks<Ktraits, Has_alibi, Is_softcap, Is_dropout, Split>(p);
+  compute_dk_dv_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout, Accum_dq>(p, blockIdx.x, blockIdx.y, blockIdx.z);
 #endif
+}
+
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout>
+__global__ void __launch_bounds__(Ktraits::kNThreads, 1)
+    flash_bwd_dq_kernel(__grid_constant__ const Flash_bwd_params p) {
+  compute_dq_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout>(p, blockIdx.x, blockIdx.y, blockIdx.z);
 }
 
 }  // namespace flash

@@ -22,14 +22,14 @@ cudaError_t allow_smem(Kernel kernel, int smem_bytes) {
 // device: one kernel when the two traits agree, else flash_bwd_dk_dv_kernel_by_arch with the
 // shared memory of the traits its running code was compiled with (the PTX version of the
 // function: a build whose sm90 code came from compute_80 PTX runs the sm80 tile there).
-template <typename Ktraits, typename Ktraits90, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Split>
+template <typename Ktraits, typename Ktraits90, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Accum_dq>
 cudaError_t dk_dv_kernel_for_device(void (**kernel)(const Flash_bwd_params), int *smem_bytes) {
   if constexpr (std::is_same_v<Ktraits, Ktraits90>) {
-    *kernel = &flash_bwd_dk_dv_kernel<Ktraits, Has_alibi, Is_softcap, Is_dropout, Split>;
+    *kernel = &flash_bwd_dk_dv_kernel<Ktraits, Has_alibi, Is_softcap, Is_dropout, Accum_dq>;
     *smem_bytes = Ktraits::kSmemBytesDkDv;
     return cudaSuccess;
   } else {
-    *kernel = &flash_bwd_dk_dv_kernel_by_arch<Ktraits, Ktraits90, Has_alibi, Is_softcap, Is_dropout, Split>;
+    *kernel = &flash_bwd_dk_dv_kernel_by_arch<Ktraits, Ktraits90, Has_alibi, Is_softcap, Is_dropout, Accum_dq>;
     cudaFuncAttributes attr{};
     const cudaError_t err = cudaFuncGetAttributes(&attr, *kernel);
     if (err != cudaSuccess) { return err; }
@@ -38,15 +38,13 @@ cudaError_t dk_dv_kernel_for_device(void (**kernel)(const Flash_bwd_params), int
   }
 }
 
-// D = rowsum(dO * O) first; then the dK/dV kernel, which adds dQ into the fp32 accumulator
-// params.dq_accum_ptr (required; the host converts it to dq afterwards): one CTA per key
-// block, or (params.dq_accum_splits > 0, deterministic) that many CTAs per (sequence, head),
-// each walking its key blocks into its own accumulator copy. Ktraits90: the dK/dV tile where
-// the code runs as sm90 (bwd_tile_sm90); the grid follows Ktraits (same block rows).
+// D = rowsum(dO * O) first; then either the dK/dV kernel with atomic dQ accumulation
+// (params.dq_accum_ptr set: the host converts the accumulator to dq afterwards) or the
+// deterministic pair, dK/dV then dQ. Ktraits90: the dK/dV tile where the code runs as sm90
+// (bwd_tile_sm90); the dQ kernel and the grids follow Ktraits.
 template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout = false, typename Ktraits90 = Ktraits>
 cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
   if (params.b == 0 || params.h == 0 || params.seqlen_q == 0) { return cudaSuccess; }
-  if (params.dq_accum_ptr == nullptr || params.dq_accum_splits < 0) { return cudaErrorInvalidValue; }
   using Element = typename Ktraits::Element;
   constexpr int kHeadDim = Ktraits::kHeadDim;
   constexpr int kDotRows = dot_rows_per_cta<kHeadDim>();
@@ -56,17 +54,37 @@ cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
   if (err != cudaSuccess) { return err; }
 
   const int num_n_blocks = (params.seqlen_k + Ktraits::kBlockRows - 1) / Ktraits::kBlockRows;
-  if (num_n_blocks == 0) { return cudaSuccess; }
+  const int num_m_blocks = (params.seqlen_q + Ktraits::kBlockRows - 1) / Ktraits::kBlockRows;
   void (*dk_dv_kernel)(const Flash_bwd_params) = nullptr;
-  int smem_bytes = 0;
-  err = params.dq_accum_splits > 0
-            ? dk_dv_kernel_for_device<Ktraits, Ktraits90, Has_alibi, Is_softcap, Is_dropout, true>(&dk_dv_kernel,
-                                                                                                  &smem_bytes)
-            : dk_dv_kernel_for_device<Ktraits, Ktraits90, Has_alibi, Is_softcap, Is_dropout, false>(&dk_dv_kernel,
-                                                                                                   &smem_bytes);
-  if (err != cudaSuccess || (err = allow_smem(dk_dv_kernel, smem_bytes)) != cudaSuccess) { return err; }
-  const int grid_x = params.dq_accum_splits > 0 ? params.dq_accum_splits : num_n_blocks;
-  dk_dv_kernel<<<dim3(grid_x, params.b, params.h), Ktraits::kNThreads, smem_bytes, stream>>>(params);
+  int smem_bytes_dk_dv = 0;
+  if (params.dq_accum_ptr != nullptr) {
+    err = dk_dv_kernel_for_device<Ktraits, Ktraits90, Has_alibi, Is_softcap, Is_dropout, true>(&dk_dv_kernel,
+                                                                                                &smem_bytes_dk_dv);
+    if (err != cudaSuccess || (err = allow_smem(dk_dv_kernel, smem_bytes_dk_dv)) != cudaSuccess) { return err; }
+    if (num_n_blocks > 0) {
+      dk_dv_kernel<<<dim3(num_n_blocks, params.b, params.h), Ktraits::kNThreads, smem_bytes_dk_dv, stream>>>(params);
+    }
+    return cudaGetLastError();
+  }
+  // The dQ kernel's traits: Ktraits itself unless its tile has fewer than 16 query rows
+  // per warp (d = 256), which runs the dQ kernel with fewer warps and a shorter key step
+  // (bwd_dq_tile in tile_size.h).
+  using DqTraits = BwdKernelTraits<kHeadDim, Element, bwd_dq_tile(Ktraits::kTile)>;
+  static_assert(DqTraits::kBlockRows == Ktraits::kBlockRows);
+  err = dk_dv_kernel_for_device<Ktraits, Ktraits90, Has_alibi, Is_softcap, Is_dropout, false>(&dk_dv_kernel,
+                                                                                               &smem_bytes_dk_dv);
+  if (err != cudaSuccess) { return err; }
+  auto dq_kernel = &flash_bwd_dq_kernel<DqTraits, Has_alibi, Is_softcap, Is_dropout>;
+  constexpr int smem_bytes = DqTraits::kSmemBytes;
+  if ((err = allow_smem(dk_dv_kernel, smem_bytes_dk_dv)) != cudaSuccess) { return err; }
+  if ((err = allow_smem(dq_kernel, smem_bytes)) != cudaSuccess) { return err; }
+  if (num_n_blocks > 0) {
+    dk_dv_kernel<<<dim3(num_n_blocks, params.b, params.h), Ktraits::kNThreads, smem_bytes_dk_dv, stream>>>(params);
+    if ((err = cudaGetLastError()) != cudaSuccess) { return err; }
+  }
+  if (num_m_blocks > 0) {
+    dq_kernel<<<dim3(num_m_blocks, params.b, params.h), DqTraits::kNThreads, smem_bytes, stream>>>(params);
+  }
   return cudaGetLastError();
 }
 

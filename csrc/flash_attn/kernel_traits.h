@@ -98,6 +98,8 @@ struct BwdKernelTraits : MmaCopyTraits<kHeadDim_, Element_, kTile_.n_warps> {
   static constexpr int kBlockRows = kTile_.block_rows;
   static constexpr int kBlockCols = kTile_.block_cols;
   static constexpr int kStages = kTile_.stream_stages;
+  // kBlockRows % (16 * n_warps) == 0 binds only the dQ kernel's 1-D MMA (Base::TiledMma):
+  // compute_dq_tile asserts it, and the launcher gives it bwd_dq_tile's warps.
   static_assert(kBlockRows % 16 == 0 && kBlockCols % 16 == 0);
   static_assert(kStages == 1 || kStages == 2);
 
@@ -149,8 +151,11 @@ struct BwdKernelTraits : MmaCopyTraits<kHeadDim_, Element_, kTile_.n_warps> {
   // Accumulator fragments to shared memory: each thread holds pairs of adjacent columns.
   using SmemCopyAtomP = Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element_>;
 
-  // dK/dV kernel: [K, V (rows)] [Q, dO (cols, stages)] [lse, D (stages)] [P^T] [dS^T].
+  // dK/dV kernel: [K, V (rows)] [Q, dO (cols, stages)] [lse, D (stages)] [P^T] [dS^T];
+  // dQ kernel (deterministic path): the first three, sized by its own traits
+  // (bwd_dq_tile: the same rows and stages; at d = 256 fewer warps and key columns).
   static constexpr int kSmemPOffset = (2 * kSmemRowsBytes + 2 * kSmemColsBytes + kSmemStatsBytes + 127) / 128 * 128;
+  static constexpr int kSmemBytes = 2 * kSmemRowsBytes + 2 * kSmemColsBytes + kSmemStatsBytes;
   static constexpr int kSmemBytesDkDv = kSmemPOffset + 2 * kSmemPBytes;
 };
 

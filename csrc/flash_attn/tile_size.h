@@ -48,10 +48,11 @@ constexpr FwdTile fwd_split_tile(int head_dim) {
                            : FwdTile{16, 32, 1, 2};
 }
 
-// Backward tiles: block_rows of the stationary operand (keys), block_cols of the streamed
-// one (queries). The dK/dV kernel keeps two (rows x d) fp32 accumulators and two
-// (rows x cols) score tiles in registers, so the streamed step shrinks as d grows. Kernels
-// exist for d = 64, 128 and 256; flash_api.cpp pads the others up to the next of them.
+// Backward tiles: block_rows of the stationary operand (keys for dK/dV, queries for
+// dQ), block_cols of the streamed one. The dK/dV kernel keeps two (rows x d) fp32
+// accumulators and two (rows x cols) score tiles in registers, so the streamed step
+// shrinks as d grows. Kernels exist for d = 64, 128 and 256; flash_api.cpp pads the
+// others up to the next of them.
 struct BwdTile {
   int block_rows;
   int block_cols;
@@ -77,35 +78,23 @@ constexpr BwdTile bwd_tile(int head_dim) {
 // get two stages (~208 KB, more than sm80's 163 KB). tune_bwd.cu on the H100 (bf16, 16k
 // tokens, TFLOP/s nc 2k / nc 8k / c 2k / c 8k): one stage 169 / 177 / 157 / 178, two stages
 // 188 / 199 / 172 / 200 (benchmarks/tune/tune_bwd_36849f3_h100.txt). Every other head dim
-// keeps bwd_tile.
+// keeps bwd_tile. The dQ kernel of the deterministic pair keeps bwd_dq_tile(bwd_tile(d)).
 constexpr BwdTile bwd_tile_sm90(int head_dim) {
   return head_dim > 128 ? BwdTile{64, 64, 8, 2} : bwd_tile(head_dim);
 }
 
-// Deterministic backward: how many CTAs per (sequence, head) share its n_blocks key blocks
-// (each walks every splits-th block into its own fp32 dQ accumulator copy; the host sums
-// the copies). The time goes as (waves of bh * splits CTAs, one per SM: every backward tile
-// needs most of an SM's shared memory) x (key blocks per CTA); the smallest split count
-// with the least time wins (memory: one accumulator copy per split), at most
-// kMaxDeterministicSplits.
-constexpr int kMaxDeterministicSplits = 8;
-constexpr int deterministic_bwd_splits(int bh, int sms, int n_blocks) {
-  if (bh <= 0 || sms <= 0 || n_blocks <= 1) { return 1; }
-  int best = 1;
-  int64_t best_time = 0;
-  for (int s = 1; s <= kMaxDeterministicSplits && s <= n_blocks; ++s) {
-    const int64_t waves = (int64_t(bh) * s + sms - 1) / sms;
-    const int64_t time = waves * ((n_blocks + s - 1) / s);
-    if (s == 1 || time < best_time) {
-      best = s;
-      best_time = time;
-    }
-  }
-  return best;
+// The deterministic dQ kernel stacks its warps along its block_rows queries, 16 rows
+// each (one 1-D MMA for S, dP and dQ, so that dS stays in registers). A tile with fewer
+// than 16 * n_warps rows (d = 256: 64 rows, 8 warps) runs that kernel with
+// block_rows / 16 warps and its key step shrunk in proportion, so that each thread holds
+// as many scores as in the dK/dV kernel (d = 256: 64 x 32, 4 warps; with 64 keys the
+// dropout variant spilled 1.2 KB on sm90, with 32 about 70 bytes). Every other tile is
+// returned unchanged (the same kernel as before).
+constexpr BwdTile bwd_dq_tile(BwdTile t) {
+  if (t.block_rows % (16 * t.n_warps) == 0) { return t; }
+  const int warps = t.block_rows / 16;
+  return BwdTile{t.block_rows, t.block_cols * warps / t.n_warps, warps, t.stream_stages};
 }
-static_assert(deterministic_bwd_splits(32, 132, 128) == 4, "1 x 16k, 32 heads: 128 CTAs of 32 blocks");
-static_assert(deterministic_bwd_splits(256, 132, 16) == 1, "8 x 2k, 32 heads: the heads fill the GPU");
-static_assert(deterministic_bwd_splits(8, 132, 3) == 3, "at most one split per key block");
 
 // Split-KV (flash_attn_with_kvcache's num_splits): how many shares of the key blocks each
 // (query block, sequence, head) is cut into. The kernel cuts each sequence's actual key
