@@ -43,6 +43,10 @@ __global__ void fill_value(float *x, size_t n, float value) {
 }
 
 int main() {
+  if (ATOMIC && !flash::bwd_atomic_dq(HDIM)) {
+    std::printf("hdim %d has no atomic backward kernel (tile_size.h bwd_atomic_dq): time it with -DATOMIC=0\n", HDIM);
+    return 1;
+  }
   const int seqlens[] = {2048, 8192};
   for (int causal = 0; causal < 2; ++causal) {
     for (int s : seqlens) {

@@ -663,11 +663,8 @@ BwdBuffers prepare_bwd(at::Tensor &q, at::Tensor &k, at::Tensor &v, at::Tensor &
                        const std::optional<at::Tensor> &dv_, bool deterministic) {
   for (at::Tensor *t : {&q, &k, &v, &dout, &out}) { *t = vector_aligned(*t); }
   BwdBuffers g{grad_buffer(dq_, q, "dq"), grad_buffer(dk_, k, "dk"), grad_buffer(dv_, v, "dv"), {}, {}, {}};
-  // d = 256 always takes the deterministic pair: on the H100 it was as fast or faster there
-  // (bf16, 16k tokens, TFLOP/s, pair vs atomic: non-causal 204 vs 188 at 2k, 214 vs 211 at
-  // 16k; causal 175 vs 160 at 2k, 207 vs 213 at 16k; attn_bwd_..._1cb462f.json) and needs no
-  // fp32 accumulator.
-  if (!deterministic && q.size(-1) != 256) {
+  // Some head dims take the deterministic pair by default too (tile_size.h bwd_atomic_dq).
+  if (!deterministic && flash::bwd_atomic_dq(int(q.size(-1)))) {
     // Head-major, (b, h, sq, d) or (h, total_q, d), seen through a view in q's shape: the
     // kernel's atomics then step kHeadDim floats per row (compile-time addresses).
     const auto f32 = q.options().dtype(at::kFloat);

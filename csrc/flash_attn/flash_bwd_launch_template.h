@@ -39,14 +39,16 @@ cudaError_t dk_dv_kernel_for_device(void (**kernel)(const Flash_bwd_params), int
 }
 
 // D = rowsum(dO * O) first; then either the dK/dV kernel with atomic dQ accumulation
-// (params.dq_accum_ptr set: the host converts the accumulator to dq afterwards) or the
-// deterministic pair, dK/dV then dQ. Ktraits90: the dK/dV tile where the code runs as sm90
-// (bwd_tile_sm90); the dQ kernel and the grids follow Ktraits.
+// (params.dq_accum_ptr set, head dims with bwd_atomic_dq: the host converts the accumulator
+// to dq afterwards) or the deterministic pair, dK/dV then dQ. Ktraits90: the dK/dV tile
+// where the code runs as sm90 (bwd_tile_sm90); the dQ kernel and the grids follow Ktraits.
 template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout = false, typename Ktraits90 = Ktraits>
 cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
   if (params.b == 0 || params.h == 0 || params.seqlen_q == 0) { return cudaSuccess; }
   using Element = typename Ktraits::Element;
   constexpr int kHeadDim = Ktraits::kHeadDim;
+  // A head dim without the atomic kernel (tile_size.h bwd_atomic_dq) always runs the pair.
+  if (!bwd_atomic_dq(kHeadDim) && params.dq_accum_ptr != nullptr) { return cudaErrorInvalidValue; }
   constexpr int kDotRows = dot_rows_per_cta<kHeadDim>();
   flash_bwd_dot_do_o_kernel<Element, kHeadDim>
       <<<dim3((params.seqlen_q + kDotRows - 1) / kDotRows, params.b, params.h), kDotThreads, 0, stream>>>(params);
@@ -57,14 +59,16 @@ cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
   const int num_m_blocks = (params.seqlen_q + Ktraits::kBlockRows - 1) / Ktraits::kBlockRows;
   void (*dk_dv_kernel)(const Flash_bwd_params) = nullptr;
   int smem_bytes_dk_dv = 0;
-  if (params.dq_accum_ptr != nullptr) {
-    err = dk_dv_kernel_for_device<Ktraits, Ktraits90, Has_alibi, Is_softcap, Is_dropout, true>(&dk_dv_kernel,
-                                                                                                &smem_bytes_dk_dv);
-    if (err != cudaSuccess || (err = allow_smem(dk_dv_kernel, smem_bytes_dk_dv)) != cudaSuccess) { return err; }
-    if (num_n_blocks > 0) {
-      dk_dv_kernel<<<dim3(num_n_blocks, params.b, params.h), Ktraits::kNThreads, smem_bytes_dk_dv, stream>>>(params);
+  if constexpr (bwd_atomic_dq(kHeadDim)) {
+    if (params.dq_accum_ptr != nullptr) {
+      err = dk_dv_kernel_for_device<Ktraits, Ktraits90, Has_alibi, Is_softcap, Is_dropout, true>(&dk_dv_kernel,
+                                                                                                  &smem_bytes_dk_dv);
+      if (err != cudaSuccess || (err = allow_smem(dk_dv_kernel, smem_bytes_dk_dv)) != cudaSuccess) { return err; }
+      if (num_n_blocks > 0) {
+        dk_dv_kernel<<<dim3(num_n_blocks, params.b, params.h), Ktraits::kNThreads, smem_bytes_dk_dv, stream>>>(params);
+      }
+      return cudaGetLastError();
     }
-    return cudaGetLastError();
   }
   // The dQ kernel's traits: Ktraits itself unless its tile has fewer than 16 query rows
   // per warp (d = 256), which runs the dQ kernel with fewer warps and a shorter key step

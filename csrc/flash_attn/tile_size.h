@@ -83,6 +83,14 @@ constexpr BwdTile bwd_tile_sm90(int head_dim) {
   return head_dim > 128 ? BwdTile{64, 64, 8, 2} : bwd_tile(head_dim);
 }
 
+// Whether the default (deterministic=False) backward of a head dim adds dQ with atomics inside
+// the dK/dV kernel; else it runs the deterministic pair too. d = 256: the pair was faster at
+// short sequences and within 3% at long ones on the H100 (bf16, 16k tokens, TFLOP/s, pair vs
+// atomic: non-causal 204 vs 188 at 2k, 214 vs 211 at 16k; causal 175 vs 160 at 2k, 207 vs 213
+// at 16k; benchmarks/results/attn_bwd_nvidia-h100-80gb-hbm3_1cb462f.json) and needs no fp32
+// dQ buffer, so the atomic kernel is not even instantiated there.
+constexpr bool bwd_atomic_dq(int head_dim) { return head_dim != 256; }
+
 // The deterministic dQ kernel stacks its warps along its block_rows queries, 16 rows
 // each (one 1-D MMA for S, dP and dQ, so that dS stays in registers). A tile with fewer
 // than 16 * n_warps rows (d = 256: 64 rows, 8 warps) runs that kernel with
