@@ -21,7 +21,7 @@ Backward (h recomputed):
     (the reverse chunk_state also gives exp(b_L) <dH_c, h_c> per chunk, and the dq / dk
      chunk_outputs q . dq_inter, k . dk_inter per row)
     gate_grad      (q, k, v, do)   -> dg, chunk by chunk (csrc/linear_attn/gate_grad.cu)
-With FLASH_ATTN_LINEAR_SEGMENTED_STATES=1 (off by default until it has run on a GPU; states_plan)
+With FLASH_ATTN_LINEAR_SEGMENTED_STATES=1 (off by default: mixed on the H100; states_plan)
 every chunk_state here (GLA's too) is cut into segments where its CTAs are few (long sequences):
 a first launch gives each segment's local state, the second folds them in (chunk_state.cuh).
 GLA (per-key gates g [B, T, H, K]) has its own output and gradient kernels around the same
