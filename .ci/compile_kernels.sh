@@ -59,7 +59,8 @@ elif [ ${#FILES[@]} -eq 0 ]; then
     # linear attention (csrc/linear_attn, seconds per file): chunk states, chunk outputs
     # (R 128 bf16, R 256 fp16), the gate gradient, the token-by-token recurrence, masked
     # linear attention (its pass at R 128, bf16, and its mask gradient), and GLA's per-key
-    # chunk states, output / dv (bf16) and dq / dk / dg (fp16), and the one-pass forward (bf16)
+    # chunk states, output / dv (bf16) and dq / dk / dg (fp16), and the one-pass forward (bf16),
+    # GLA's at K = V = 128 too (its 256-thread kernel, at the register limit)
     FILES+=("$REPO/csrc/linear_attn/instantiations/chunk_state_bf16.cu"
             "$REPO/csrc/linear_attn/instantiations/chunk_fused_bf16.cu"
             "$REPO/csrc/linear_attn/instantiations/chunk_output_bf16_r128.cu"
@@ -70,7 +71,8 @@ elif [ ${#FILES[@]} -eq 0 ]; then
             "$REPO/csrc/linear_attn/instantiations/mask_grad_bf16.cu"
             "$REPO/csrc/linear_attn/instantiations/chunk_state_gla_bf16.cu"
             "$REPO/csrc/linear_attn/instantiations/gla_output_bf16.cu"
-            "$REPO/csrc/linear_attn/instantiations/gla_grad_fp16.cu")
+            "$REPO/csrc/linear_attn/instantiations/gla_grad_fp16.cu"
+            "$REPO/csrc/linear_attn/instantiations/gla_fused_bf16_k128_bv128.cu")
 fi
 for f in "${FILES[@]}"; do
     if [ ! -f "$f" ]; then

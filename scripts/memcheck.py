@@ -187,9 +187,10 @@ def linear_cases(quick):
                                                                       "FLASH_ATTN_LINEAR_FUSED_FWD": "0"})),
         ("chunk_gla segmented states varlen", dict(op="chunk_gla", lens=[0, 700, 1, 333], H=1, K=128, V=128,
                                                    env={"FLASH_ATTN_LINEAR_SEGMENTED_STATES": "1"})),
-        # 5 sequences x 14 heads x 2 V tiles = 140 CTAs, at least the SMs of an H100 / H200 (132): GLA's
-        # one-pass forward (gla_fused_fwd; _kernels.gla_fused_ok), rows past the sequences' ends unwritten
-        ("chunk_gla one pass varlen empty seqs K100 V72", dict(op="chunk_gla", lens=[0, 65, 1, 130, 0], H=14, K=100,
+        # 5 sequences x 28 heads x 1 V tile (K, V padded to 128: the 256-thread kernel's 128 columns) =
+        # 140 CTAs, at least the SMs of an H100 / H200 (132): GLA's one-pass forward (gla_fused_fwd;
+        # _kernels.gla_fused_ok), rows past the sequences' ends unwritten
+        ("chunk_gla one pass varlen empty seqs K100 V72", dict(op="chunk_gla", lens=[0, 65, 1, 130, 0], H=28, K=100,
                                                                V=72)),
     ]
     if not quick:

@@ -437,8 +437,11 @@ class LinearExtModel:
                 o = _gla_chunk_output(X, Y, Z, Bc, m[slot].double().cpu(), inter_scale, intra_scale, upper)
                 outs[start:stop] = o[:stop - start].to(out.dtype)
 
-    def gla_fused_tile_v(self, k_dim):
-        """The V tile of gla_fused_fwd (tile_size.h: gla_fused_tile_v)."""
+    def gla_fused_tile_v(self, k_dim, v_dim):
+        """The V tile of gla_fused_fwd (tile_size.h: gla_fused_tile_v): 128 at K = 128 when V allows
+        it (the 256-thread kernel, A once per 128 V columns), else 64, or 32 at K = 256."""
+        if k_dim == 128 and v_dim % 128 == 0:
+            return 128
         return 64 if k_dim <= 128 else 32
 
     def gla_fused_fwd(self, q, k, v, b, init, out, final_state, cu_seqlens, scale):
@@ -449,7 +452,7 @@ class LinearExtModel:
         which is chunk_state (gk_cum = b) + gla_output without the stored states."""
         B, T, H, K = q.shape
         V = v.shape[-1]
-        assert K in (64, 128, 256) and V % self.gla_fused_tile_v(K) == 0 and b.shape == q.shape
+        assert K in (64, 128, 256) and V % self.gla_fused_tile_v(K, V) == 0 and b.shape == q.shape
         qs, ks = (t.reshape(B * T, H, K).double().cpu() for t in (q, k))
         vs = v.reshape(B * T, H, V).double().cpu()
         bs = b.reshape(B * T, H, K).double().cpu()

@@ -920,12 +920,13 @@ def gla_fused_gates(B, T, H, K, n):
 
 
 def _gla_fused_cases():
-    """(dt, T, K, V, n, scale, states, lens): every T at K = V = 128, the head-dim pairs at two T,
+    """(dt, T, K, V, n, scale, states, lens): every T at K = V = 128, the head-dim pairs at two T (K = 128:
+    V 128 and 256 take the 256-thread kernel with 128-column V tiles, V 192 the 128-thread one),
     the gate sizes (and very negative gates) in both dtypes with and without initial / final
     states, varlen with empty sequences."""
     cases = [("bf16", t, 128, 128, 1.0, 1.0, True, None) for t in (1, 63, 64, 65, 500, 2048)]
     cases += [("bf16", t, k, v, 1.0, 1.0, True, None) for t in (65, 500)
-              for k, v in ((64, 64), (256, 256), (64, 256), (256, 64), (128, 256), (64, 128))]
+              for k, v in ((64, 64), (256, 256), (64, 256), (256, 64), (128, 256), (64, 128), (128, 192))]
     cases += [(dt, 500, k, k, n, 0.1, states, None) for dt in DTYPES for k in (64, 128, 256)
               for n in (0.1, 1.0, 10.0, "neg") for states in (True, False)]
     cases += [(dt, 2048, 128, 128, 1.0, 1.0, True, None) for dt in DTYPES]

@@ -793,6 +793,31 @@ def test_gla_fused_forward_switch_and_grid(fused, monkeypatch):
         close(ht_on, ht)
 
 
+def test_gla_fused_forward_grid_at_k128(fused):
+    """K = 128 with V a multiple of 128: one CTA per (sequence, head, 128 V columns) (the 256-thread
+    kernel), else 64-column tiles; the grid may leave 1/16 of the SMs idle (128 CTAs on 132)."""
+    assert [fused.gla_fused_tile_v(k, v) for k, v in ((128, 128), (128, 256), (128, 192), (64, 128), (256, 256))] \
+        == [128, 128, 64, 64, 32]
+    q, k, v, _, _, h0 = make(2, 70, 3, 128, 256, gate=None)  # 2 x 3 x 2 = 12 CTAs
+    g = gla_gates(*q.shape)
+    three = ["gla_cumsum", "chunk_state", "gla_output"]
+    for sms, calls in ((12, ["gla_cumsum", "gla_fused_fwd"]), (13, three), (132, three)):
+        fused.sms = sms
+        fused.calls.clear()
+        la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+        assert fused.calls == calls, sms
+    q, k, v, _, _, h0 = make(8, 3, 16, 128, 128, gate=None, seed=1)  # 8 x 16 = 128 CTAs
+    g = gla_gates(*q.shape)
+    for sms, calls in ((132, ["gla_cumsum", "gla_fused_fwd"]), (137, three)):
+        fused.sms = sms
+        fused.calls.clear()
+        o, ht = la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+        assert fused.calls == calls, sms
+        o_ref, ht_ref = linear_attn_recurrent_ref(q, k, v, g=g, initial_state=h0, output_final_state=True)
+        close(o, o_ref)
+        close(ht, ht_ref)
+
+
 def test_gla_fused_forward_then_backward(fused):
     """The backward recomputes the states itself (chunk_state): gradients after a one-pass forward."""
     check_gla_route_against_reference(("fused", 130, 64, 72, 1.0, 0.5, [0, 65, 1, 64]), True)

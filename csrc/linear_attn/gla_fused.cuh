@@ -1,6 +1,11 @@
 // gla_fused_fwd: GLA's forward (per-key gates) in one kernel. One CTA per (sequence, head, BV-column
 // V tile) walks the chunks of its sequence in order with the running state S [K, BV] in fp32
-// registers. With b the chunk-local cumulative per-key log-gate (gla_cumsum; gla_gates.cuh), per
+// registers. Two kernels (tile_size.h: gla_fused_tile_v picks BV): gla_fused_fwd_kernel, 128
+// threads, BV = 64 (K 64, 128) or 32 (K 256), described first; and at K = 128 with V a multiple
+// of 128, gla_fused_fwd_wide_kernel, 256 threads, BV = 128, which computes the intra-chunk scores
+// A once per 128 V columns instead of once per 64 (A, exponent-heavy, was most of the cost: with
+// BV = 64 the one-pass forward took 0.815 ms against 0.731 ms for the three launches at 8 x 2048,
+// H 16, K = V = 128), described in its own section further down. With b the chunk-local cumulative per-key log-gate (gla_cumsum; gla_gates.cuh), per
 // chunk c:
 //
 //   o_r       = scale * (q_r * exp(b_r)) S_c + scale * sum_{j <= r} A_rj v_j,
@@ -38,7 +43,8 @@
 // Shared memory per stage: q, k (2 x 64 x K x 2 B), v (64 x BV x 2 B), the gates (K / 64 tiles of
 // 64 x 68 floats, 17 KB each); plus S_c as an MMA operand (K x BV x 2 B):
 //   K 64,  BV 64, 2 stages: 2 * (16 + 8 + 17 KB) + 8 KB  =  90 KB
-//   K 128, BV 64, 1 stage:  32 + 8 + 34 KB + 16 KB       =  90 KB  (two CTAs per SM on sm90)
+//   K 128, BV 64, 1 stage:  32 + 8 + 34 KB + 16 KB       =  90 KB  (two CTAs per SM on sm90; V not a
+//                                                                  multiple of 128 only)
 //   K 256, BV 32, 1 stage:  64 + 4 + 68 KB + 16 KB       = 152 KB  (one CTA per SM; sm80 allows 163 KB)
 // The fp32 gates double a stage against chunk_fused's, so K >= 128 has a single stage: its loads
 // are not overlapped inside the CTA; the second CTA on the SM (K = 128, sm90) hides them.
@@ -87,7 +93,7 @@ __global__ void __launch_bounds__(kGlaFusedThreads) gla_fused_fwd_kernel(const G
   constexpr int kStages = gla_fused_stages<K>();
   constexpr int kSlab = kChunk * 64;   // elements of a 64 x 64 slab of q or k
   static_assert(K == 64 || K == 128 || K == 256, "K is 64, 128 or 256");
-  static_assert(BV == 32 || BV == 64, "V tiles of 32 or 64 columns");
+  static_assert(BV == 32 || BV == 64, "V tiles of 32 or 64 columns (BV 128 at K 128: the wide kernel below)");
   static_assert(K * BV / kThreads <= 64, "at most 64 fp32 state registers per thread");
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -332,19 +338,368 @@ __global__ void __launch_bounds__(kGlaFusedThreads) gla_fused_fwd_kernel(const G
   }
 }
 
-// One launch (grid: sequences, heads, V tiles).
+// ---------------------------------------------------------------- K = 128, BV = 128: A once per chunk
+// gla_fused_fwd_wide_kernel: the same forward with the whole 128-column V tile in one CTA of 256
+// threads, so A (the exponent-heavy part) is computed once per (sequence, head, chunk, 128 V
+// columns) instead of once per 64 V columns. Warp w = 4 half + sub (sub, half in 0..3, 0..1):
+//   A:     the partial A of sub-chunk sub over key slab half (keys 64 half .. 64 half + 63): the
+//          blocks left of the diagonal as rebased MMAs and the slab's part of the diagonal block
+//          elementwise (gla_diag_scores), 16 x 64 fp32. The two partials of a sub-chunk are
+//          added through shared memory (8 x 4 KB, fragment order, aliasing S_c's tile) after a
+//          barrier of the pair (bar.sync 1 + sub, 64 threads); both warps hold the same sum.
+//   q e^b: the warp writes its rebased-and-decayed q (ai, the 16-bit A fragments of q * exp(b),
+//          exactly the old kernel's) over its own quadrant of the q tile (rows of sub, slab half;
+//          no other warp reads that quadrant), so after a __syncthreads every warp reads the
+//          decayed q of its rows over all 128 keys.
+//   o:     rows 16 sub .. 16 sub + 15, V columns 64 half .. 64 half + 63 (32 registers):
+//          scale * (q e^b) S_c over the 128 keys (S_c from shared memory, rounded) + scale * A v.
+//   S:     rows 64 half + 16 sub .. + 15 (key slab half, the slab this warp's gate tile and k
+//          fragments are in), all 128 columns: 64 fp32 registers; the weights exp(b_L - b_j) are
+//          then taken once per state row, not once per V half.
+// Exponents as in the kernel above (reference row 16 sub, every exponent <= 0); the 16-bit
+// rounding points are the same (S_c and q e^b where they are MMA operands, A before A v); only
+// A's fp32 sum over the 128 keys is two partial sums of 64 added, instead of one chain.
+//
+// Shared memory (bytes): q, k two stages of 2 x 64 x 64 x 2 (2 x 16 KB each), v two stages of
+// 64 x 128 x 2 (2 x 16 KB), S_c 128 x 128 x 2 = 32 KB (also the partial-A exchange, 8 warps x
+// 16 x 64 x 4 = 32 KB, after a __syncthreads), one stage of gates 2 x 64 x 68 x 4 = 34 KB:
+//   32 + 32 + 32 + 32 + 34 KB = 165888 B = 162 KB  (sm80 allows 163 KB; one CTA per SM)
+// q, k, v of chunk i + 1 are loaded during chunk i (cp.async); the gates of chunk i + 1 are issued
+// as soon as the last warp is done with chunk i's (after the state update), so only their tail
+// is exposed.
+//
+// Per chunk i:
+//   0. issue q, k, v of chunk i + 1; wait for chunk i's q, k, v and gates
+//   1. write S_c (this warp's rows, rounded) into ss; __syncthreads
+//   2. A's partial (diagonal block, then per 16-key step the rebased q and the blocks left of the
+//      diagonal); the decayed q over this warp's quadrant of the q tile; __syncthreads
+//   3. o = (q e^b) S_c over the 128 keys (MMAs; ss)
+//   4. S: decay by exp(b_L), + (k * w)^T v for this warp's 16 rows, 128 columns
+//   5. __syncthreads (ss and the gates free); issue chunk i + 1's gates; partial A into the
+//      exchange (ss), pair barrier, A = own + partner's
+//   6. o = scale * o + (scale * A) v; store; __syncthreads (the stage and ss free)
+constexpr int kGlaFusedWideThreads = 256;
+
+constexpr int gla_fused_wide_smem_bytes() {
+  return (2 * 2 * 2 * kChunk * 64 + 2 * kChunk * 128 + 128 * 128) * 2 + 2 * kGateTileFloats * 4;
+}
+
+static_assert(gla_fused_wide_smem_bytes() == 165888, "K 128, BV 128: 162 KB");
+static_assert(gla_fused_wide_smem_bytes() <= 163 * 1024, "K 128, BV 128 fits an sm80 SM");
+static_assert(8 * 16 * 64 * 4 == 128 * 128 * 2, "the partial-A exchange fills S_c's tile exactly");
+
+template <typename Tag>
+__global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_kernel(const GlaFusedParams p) {
+  using E = Elem<Tag>;
+  using T = typename E::T;
+  constexpr int K = 128, BV = 128;
+  constexpr int kThreads = kGlaFusedWideThreads;
+  constexpr int MT = K / 64;           // 64-key slabs
+  constexpr int NT8 = BV / 8;          // the state's n tiles (all 128 columns)
+  constexpr int NO8 = 64 / 8;          // the output's n tiles (the warp's 64 columns)
+  constexpr int kSlab = kChunk * 64;   // elements of a 64 x 64 slab of q or k
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sq = reinterpret_cast<T*>(smem_raw);          // [stage][slab] (chunk row, key) swizzled, 64 x 64
+  T* sk = sq + 2 * MT * kSlab;                     // [stage][slab] (chunk row, key) swizzled, 64 x 64
+  T* sv = sk + 2 * MT * kSlab;                     // [stage] (chunk row, n) swizzled, 64 x 128
+  T* ss = sv + 2 * kChunk * BV;                    // S_c: (key, n) swizzled, 128 x 128
+  float* sx = reinterpret_cast<float*>(ss);        // the partial-A exchange: [warp][8][32 lanes][4]
+  float* sg = reinterpret_cast<float*>(ss + K * BV);  // [slab] gate tiles (chunk row, key)
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int sub = warp & 3, half = warp >> 2;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int seq = blockIdx.x, head = blockIdx.y, H = p.seq.heads;
+  const int n0 = blockIdx.z * BV;
+  const SeqRange sr = sequence_range(p.seq, seq);
+  const int nchunks = static_cast<int>((sr.eos - sr.bos + kChunk - 1) / kChunk);
+
+  const int64_t ldk = static_cast<int64_t>(H) * K, ldv = static_cast<int64_t>(H) * p.v_dim;
+  const T* qg = static_cast<const T*>(p.q) + static_cast<int64_t>(head) * K;
+  const T* kg = static_cast<const T*>(p.k) + static_cast<int64_t>(head) * K;
+  const float* bg = p.b + static_cast<int64_t>(head) * K;
+  const T* vg = static_cast<const T*>(p.v) + static_cast<int64_t>(head) * p.v_dim + n0;
+  T* og = static_cast<T*>(p.out) + static_cast<int64_t>(head) * p.v_dim + n0 + 64 * half;
+  const int64_t state_base = (static_cast<int64_t>(seq) * H + head) * K * p.v_dim;
+
+  // st[nt][0..1] = S (srow, n0 + 8 nt + 2 t4 + {0, 1}), srow = 64 half + 16 sub + g; [2..3] row + 8.
+  const int srow = 64 * half + 16 * sub + g;
+  auto state_at = [&](int nt, int h2) {
+    return state_base + static_cast<int64_t>(srow + 8 * h2) * p.v_dim + n0 + 8 * nt + 2 * t4;
+  };
+  float st[NT8][4];
+#pragma unroll
+  for (int nt = 0; nt < NT8; ++nt) {
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      float2 v = make_float2(0.f, 0.f);
+      if (p.init != nullptr) v = *reinterpret_cast<const float2*>(p.init + state_at(nt, h2));
+      st[nt][2 * h2] = v.x;
+      st[nt][2 * h2 + 1] = v.y;
+    }
+  }
+
+  auto chunk_start = [&](int i) { return sr.bos + static_cast<int64_t>(i) * kChunk; };
+  auto chunk_rows = [&](int i) {
+    return static_cast<int>(min(static_cast<int64_t>(kChunk), sr.eos - chunk_start(i)));
+  };
+  auto issue_qkv = [&](int i) {
+    const int stage = i & 1;
+    const int64_t start = chunk_start(i);
+    const int rows = chunk_rows(i);
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const int slab = stage * MT + m;
+      load_tile<kChunk, 64, kThreads>(sq + slab * kSlab, qg + start * ldk + 64 * m, ldk, rows, tid);
+      load_tile<kChunk, 64, kThreads>(sk + slab * kSlab, kg + start * ldk + 64 * m, ldk, rows, tid);
+    }
+    load_tile<kChunk, BV, kThreads>(sv + stage * kChunk * BV, vg + start * ldv, ldv, rows, tid);
+  };
+  auto issue_gates = [&](int i) {
+    const int64_t start = chunk_start(i);
+    const int rows = chunk_rows(i);
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      load_gate_tile<kThreads>(sg + m * kGateTileFloats, bg + start * ldk + 64 * m, ldk, rows, tid);
+    }
+  };
+
+  if (nchunks > 0) {
+    issue_qkv(0);
+    issue_gates(0);
+  }
+  cp_async_commit();
+  for (int i = 0; i < nchunks; ++i) {
+    const int stage = i & 1;
+    // ---- 0. chunk i + 1's q, k, v into the other stage (free since the end of chunk i - 1)
+    if (i + 1 < nchunks) issue_qkv(i + 1);
+    cp_async_commit();
+    const int64_t row0 = chunk_start(i);
+    const int rows = chunk_rows(i);
+    cp_async_wait<1>();  // all but the group just issued: chunk i's q, k, v and gates (this thread's copies)
+    // ---- 1. S_c as an MMA operand, in the input dtype
+#pragma unroll
+    for (int nt = 0; nt < NT8; ++nt) {
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        *reinterpret_cast<uint32_t*>(ss + swz<BV>(srow + 8 * h2, 8 * nt + 2 * t4)) =
+            E::pack(st[nt][2 * h2], st[nt][2 * h2 + 1]);
+      }
+    }
+    __syncthreads();  // the tiles (every thread's copies) and ss are visible
+    T* qs = sq + stage * MT * kSlab;
+    const T* ks = sk + stage * MT * kSlab;
+    const T* vs = sv + stage * kChunk * BV;
+
+    // ---- 2. A's partial over key slab `half` for the rows of sub-chunk `sub`; q e^b in place
+    float s[8][4];  // A: 16 rows x 64 chunk columns (this slab's part)
+    zero_frags(s);
+    {
+      T* qm = qs + half * kSlab;
+      const T* km = ks + half * kSlab;
+      const float* gt = sg + half * kGateTileFloats;
+      const int pr = sub * kSub;  // the reference row
+      {
+        // the diagonal block, elementwise (before q's quadrant is overwritten below)
+        float d0f[4] = {0.f, 0.f, 0.f, 0.f}, d1f[4] = {0.f, 0.f, 0.f, 0.f};
+        gla_diag_scores<false, E>(d0f, d1f, qm, km, gt, sub, g, t4);
+#pragma unroll
+        for (int blk = 0; blk < 4; ++blk) {
+          if (blk != sub) continue;
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            s[2 * blk][e] = d0f[e];
+            s[2 * blk + 1][e] = d1f[e];
+          }
+        }
+      }
+#pragma unroll 1
+      for (int kk = 0; kk < 4; ++kk) {
+        float bp[2][2], ic[2][2];  // [ch][j]: b at the reference row; exp(b_p), the inter factor
+#pragma unroll
+        for (int ch = 0; ch < 2; ++ch) {
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            bp[ch][j] = gt[gate_at(pr, kk * 16 + 2 * t4 + 8 * ch + j)];
+            ic[ch][j] = __expf(bp[ch][j]);
+          }
+        }
+        uint32_t a[4], ao[4], ai[4];
+        load_a<64>(a, qm, sub * kSub, kk * 16, lane);
+#pragma unroll
+        for (int i4 = 0; i4 < 4; ++i4) {
+          const int r = sub * kSub + g + 8 * (i4 & 1), ch = i4 >> 1, d = kk * 16 + 2 * t4 + 8 * ch;
+          const float2 f = E::unpack(a[i4]);
+          const float x0 = f.x * __expf(gt[gate_at(r, d)] - bp[ch][0]);
+          const float x1 = f.y * __expf(gt[gate_at(r, d + 1)] - bp[ch][1]);
+          ao[i4] = E::pack(x0, x1);
+          ai[i4] = E::pack(x0 * ic[ch][0], x1 * ic[ch][1]);
+        }
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+          if (np >= sub) continue;
+          uint32_t kb[4];
+          load_b_nk<64>(kb, km, kk * 16, np * 16, lane);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int c = np * 16 + g + 8 * (e >> 1), ch = e & 1, d = kk * 16 + 2 * t4 + 8 * ch;
+            const float2 f = E::unpack(kb[e]);
+            kb[e] = E::pack(f.x * __expf(bp[ch][0] - gt[gate_at(c, d)]),
+                            f.y * __expf(bp[ch][1] - gt[gate_at(c, d + 1)]));
+          }
+          E::mma(s[2 * np], ao, kb[0], kb[1]);
+          E::mma(s[2 * np + 1], ao, kb[2], kb[3]);
+        }
+        // q e^b over q's own entries: only this warp reads this quadrant (its rows, this slab)
+        __syncwarp();  // every lane's ldmatrix of step kk is done
+#pragma unroll
+        for (int i4 = 0; i4 < 4; ++i4) {
+          const int r = sub * kSub + g + 8 * (i4 & 1), d = kk * 16 + 2 * t4 + 8 * (i4 >> 1);
+          *reinterpret_cast<uint32_t*>(qm + swz<64>(r, d)) = ai[i4];
+        }
+      }
+    }
+    __syncthreads();  // q e^b of both slabs is in the q tile
+
+    // ---- 3. the inter-chunk part: (q e^b) (16 x 128) times S_c (128 x this warp's 64 columns)
+    float o[NO8][4];  // 16 rows x 64 columns
+    zero_frags(o);
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        uint32_t ae[4];
+        load_a<64>(ae, qs + m * kSlab, sub * kSub, kk * 16, lane);
+        // columns 64 half ..: swz<128>(r, 64 half + c) = swz<128>(r, c) + 64 half
+        mma_b<E, BV, BLayout::kKN>(o, ae, ss + 64 * half, 64 * m + kk * 16, lane);
+      }
+    }
+
+    // ---- 4. the state leaving the chunk: rows srow, srow + 8 (key slab half), all 128 columns
+    {
+      const float* gt = sg + half * kGateTileFloats;
+      const int kr = 16 * sub + g;  // the rows' keys inside the slab
+      float blr[2];
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        blr[h2] = gt[gate_at(kChunk - 1, kr + 8 * h2)];
+        const float decay = __expf(blr[h2]);
+#pragma unroll
+        for (int nt = 0; nt < NT8; ++nt) {
+          st[nt][2 * h2] *= decay;
+          st[nt][2 * h2 + 1] *= decay;
+        }
+      }
+#pragma unroll 1
+      for (int kk = 0; kk < kChunk / 16; ++kk) {
+        uint32_t a[4];  // (k * w)^T (state rows srow .., chunk rows 16 kk ..)
+        load_a_t<64>(a, ks + half * kSlab, 16 * sub, kk * 16, lane);
+#pragma unroll
+        for (int i4 = 0; i4 < 4; ++i4) {
+          const int r = kr + 8 * (i4 & 1), j = kk * 16 + 2 * t4 + 8 * (i4 >> 1);
+          const float2 f = E::unpack(a[i4]);
+          a[i4] = E::pack(f.x * __expf(blr[i4 & 1] - gt[gate_at(j, r)]),
+                          f.y * __expf(blr[i4 & 1] - gt[gate_at(j + 1, r)]));
+        }
+#pragma unroll
+        for (int np = 0; np < NT8 / 2; ++np) {
+          uint32_t b[4];
+          load_b_kn<BV>(b, vs, kk * 16, np * 16, lane);
+          E::mma(st[2 * np], a, b[0], b[1]);
+          E::mma(st[2 * np + 1], a, b[2], b[3]);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with ss (step 3) and the gates (steps 2, 4)
+    if (i + 1 < nchunks) issue_gates(i + 1);
+    cp_async_commit();
+
+    // ---- 5. A = the two slabs' partials, through the exchange (ss's bytes)
+    {
+      float4* mine = reinterpret_cast<float4*>(sx) + warp * 8 * 32;
+      const float4* other = reinterpret_cast<const float4*>(sx) + (warp ^ 4) * 8 * 32;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (j > 2 * sub + 1) continue;  // blocks right of the diagonal are zero
+        mine[j * 32 + lane] = make_float4(s[j][0], s[j][1], s[j][2], s[j][3]);
+      }
+      asm volatile("bar.sync %0, %1;\n" ::"r"(1 + sub), "n"(64) : "memory");  // the pair's partials are written
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (j > 2 * sub + 1) continue;
+        const float4 x = other[j * 32 + lane];
+        s[j][0] += x.x;
+        s[j][1] += x.y;
+        s[j][2] += x.z;
+        s[j][3] += x.w;
+      }
+    }
+
+    // ---- 6. o = scale * inter + (scale * A) v; rows past the end of the sequence are not written
+#pragma unroll
+    for (int nt = 0; nt < NO8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[nt][e] *= p.scale;
+    }
+#pragma unroll
+    for (int blk = 0; blk < 4; ++blk) {
+      if (blk > sub) continue;
+      uint32_t pa[4];
+      pa[0] = E::pack(s[2 * blk][0] * p.scale, s[2 * blk][1] * p.scale);
+      pa[1] = E::pack(s[2 * blk][2] * p.scale, s[2 * blk][3] * p.scale);
+      pa[2] = E::pack(s[2 * blk + 1][0] * p.scale, s[2 * blk + 1][1] * p.scale);
+      pa[3] = E::pack(s[2 * blk + 1][2] * p.scale, s[2 * blk + 1][3] * p.scale);
+      mma_b<E, BV, BLayout::kKN>(o, pa, vs + 64 * half, blk * 16, lane);
+    }
+    T* orow = og + row0 * ldv;
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+      const int r = sub * kSub + g + 8 * h2;
+      if (r < rows) {
+#pragma unroll
+        for (int nt = 0; nt < NO8; ++nt) {
+          *reinterpret_cast<uint32_t*>(orow + r * ldv + nt * 8 + 2 * t4) = E::pack(o[nt][2 * h2], o[nt][2 * h2 + 1]);
+        }
+      }
+    }
+    __syncthreads();  // the stage's q, k, v and the exchange are free before they are rewritten
+  }
+  cp_async_wait<0>();
+
+  if (p.final_state != nullptr) {
+#pragma unroll
+    for (int nt = 0; nt < NT8; ++nt) {
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        *reinterpret_cast<float2*>(p.final_state + state_at(nt, h2)) = make_float2(st[nt][2 * h2], st[nt][2 * h2 + 1]);
+      }
+    }
+  }
+}
+
+// One launch (grid: sequences, heads, V tiles): K = 128 with BV = 128 (tile_size.h: gla_fused_tile_v)
+// takes gla_fused_fwd_wide_kernel, every other (K, BV) gla_fused_fwd_kernel.
 template <typename Tag, int K, int BV>
 cudaError_t run_gla_fused_fwd(const GlaFusedParams& p, cudaStream_t stream) {
   if (p.seq.num_seqs == 0 || p.seq.heads == 0 || p.v_dim == 0) return cudaSuccess;
   if (p.k_dim != K || p.v_dim % BV != 0 || p.b == nullptr) return cudaErrorInvalidValue;
-  constexpr int smem = gla_fused_smem_bytes<K, BV>();
-  auto kernel = gla_fused_fwd_kernel<Tag, K, BV>;
+  constexpr bool kWide = K == 128 && BV == 128;
+  constexpr int smem = kWide ? gla_fused_wide_smem_bytes() : gla_fused_smem_bytes<K, BV>();
+  constexpr int threads = kWide ? kGlaFusedWideThreads : kGlaFusedThreads;
+  auto kernel = [] {
+    if constexpr (kWide) {
+      return gla_fused_fwd_wide_kernel<Tag>;
+    } else {
+      return gla_fused_fwd_kernel<Tag, K, BV>;
+    }
+  }();
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
   }
   const dim3 grid(p.seq.num_seqs, p.seq.heads, p.v_dim / BV);
-  kernel<<<grid, kGlaFusedThreads, smem, stream>>>(p);
+  kernel<<<grid, threads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

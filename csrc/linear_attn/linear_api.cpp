@@ -649,13 +649,14 @@ void gla_output(const Tensor& x, const Tensor& y, const Tensor& z, const Tensor&
 // GLA's forward in one pass (gla_fused.cuh): q, k [B, T, H, K]; v, out [B, T, H, V]; b fp32
 // [B, T, H, K] (gla_cumsum); init / final_state fp32 [N_seq, H, K, V], each optional. The same o and
 // final state as chunk_state (gk_cum = b) + gla_output (lower, both scales = scale), with no states
-// in global memory. K in {64, 128, 256}; V a multiple of the V tile (gla_fused_tile_v).
+// in global memory. K in {64, 128, 256}; V a multiple of the V tile (gla_fused_tile_v: 128 at K = 128
+// when V allows it, the 256-thread kernel; else 64, or 32 at K = 256).
 void gla_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& b, const OptTensor& init,
                    Tensor& out, const OptTensor& final_state, const OptTensor& cu_seqlens, double scale) {
   check_operands({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}}, q, q.scalar_type());
   const auto [B, T, H, K, V] = check_tokens({&q, "q"}, "[B, T, H, K]", {&k, "k"}, {&v, "v"}, {&out, "out"});
   CHECK_ARG(K == 64 || K == 128 || K == 256, "K must be 64, 128 or 256 (pad in Python), got ", K);
-  const int bv = la::gla_fused_tile_v(static_cast<int>(K));
+  const int bv = la::gla_fused_tile_v(static_cast<int>(K), V);
   CHECK_ARG(V % bv == 0 && V > 0, "V must be a multiple of ", bv, " (K = ", K, "), got ", V);
   check_operands({{&b, "b"}}, q, at::kFloat);
   check_shape(b, "b", q.sizes());
@@ -680,13 +681,16 @@ void gla_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   check_launch("gla_fused_fwd", dispatch_dtype(q.scalar_type(), [&](auto tag) {
     return dispatch_head_dim(K, [&](auto kd) {
       constexpr int kK = decltype(kd)::value;
-      return la::run_gla_fused_fwd<decltype(tag), kK, la::gla_fused_tile_v(kK)>(p, stream);
+      if constexpr (kK == 128) {
+        if (bv == 128) return la::run_gla_fused_fwd<decltype(tag), 128, 128>(p, stream);
+      }
+      return la::run_gla_fused_fwd<decltype(tag), kK, la::gla_fused_narrow_tile_v(kK)>(p, stream);
     });
   }));
 }
 
-// The V tile of gla_fused_fwd for a K (tile_size.h), for the route's grid-size test.
-int64_t gla_fused_tile_v(int64_t k_dim) { return la::gla_fused_tile_v(static_cast<int>(k_dim)); }
+// The V tile of gla_fused_fwd for a K and V (tile_size.h), for the route's grid-size test.
+int64_t gla_fused_tile_v(int64_t k_dim, int64_t v_dim) { return la::gla_fused_tile_v(static_cast<int>(k_dim), v_dim); }
 
 // dq, dk [B, T, H, K] and dg fp32 [B, T, H, K] of GLA (gla_grad.cuh): q, k [B, T, H, K]; v, dout
 // [B, T, H, V]; b fp32 [B, T, H, K]; h, dh [S, H, K, V] (chunk_state forward / reverse).
@@ -774,7 +778,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "GLA chunked forward in one pass (o and the final state; no chunk states in memory)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("b"), py::arg("init"), py::arg("out"), py::arg("final_state"),
         py::arg("cu_seqlens"), py::arg("scale"));
-  m.def("gla_fused_tile_v", &gla_fused_tile_v, "The V tile (BV) gla_fused_fwd uses for a K", py::arg("k_dim"));
+  m.def("gla_fused_tile_v", &gla_fused_tile_v, "The V tile (BV) gla_fused_fwd uses for a K and V", py::arg("k_dim"),
+        py::arg("v_dim"));
   m.def("gla_grad", &gla_grad, "GLA backward: dq, dk and the per-key gate gradient, chunk by chunk",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dout"), py::arg("b"), py::arg("h"), py::arg("dh"),
         py::arg("dq"), py::arg("dk"), py::arg("dg"), py::arg("cu_seqlens"), py::arg("chunk_offsets"),

@@ -29,14 +29,21 @@ constexpr int chunk_fused_tile_v(int k_dim) { return k_dim <= 128 ? 64 : 32; }
 static_assert(chunk_fused_tile_v(64) == 64 && chunk_fused_tile_v(128) == 64 && chunk_fused_tile_v(256) == 32,
               "chunk_fused_fwd tiles");
 
-// gla_fused_fwd: the V tile, for the same reason as chunk_fused_fwd's (the fp32 state K x BV in at
-// most 64 registers per thread, next to A and o): 64 up to K = 128, 32 at K = 256. Its shared
-// memory (the fp32 gate tiles) is in gla_fused.cuh. The route runs it only where its
-// B * H * (V / BV) CTAs are at least the SMs (it has no segments).
-constexpr int gla_fused_tile_v(int k_dim) { return chunk_fused_tile_v(k_dim); }
+// gla_fused_fwd: the V tile. Every V tile's CTA recomputes the chunk's scores A, GLA's expensive
+// part (exp per key, elementwise diagonal blocks), so at K = 128 with V a multiple of 128 one CTA
+// of 256 threads takes 128 columns (gla_fused.cuh: gla_fused_fwd_wide_kernel, A once per 128 V
+// columns, the fp32 state 128 x 128 over 8 warps). Else the 128-thread kernel's tile, for the same
+// reason as chunk_fused_fwd's (the fp32 state K x BV in at most 64 registers per thread, next to A
+// and o): 64 up to K = 128, 32 at K = 256 (gla_fused_narrow_tile_v). Shared memory (the fp32 gate
+// tiles) is in gla_fused.cuh. The route runs it only where its B * H * (V / BV) CTAs are at least
+// the SMs (it has no segments).
+constexpr int gla_fused_narrow_tile_v(int k_dim) { return chunk_fused_tile_v(k_dim); }
+constexpr int gla_fused_tile_v(int k_dim, int64_t v_dim) {
+  return k_dim == 128 && v_dim % 128 == 0 ? 128 : gla_fused_narrow_tile_v(k_dim);
+}
 
-static_assert(gla_fused_tile_v(64) == 64 && gla_fused_tile_v(128) == 64 && gla_fused_tile_v(256) == 32,
-              "gla_fused_fwd tiles");
+static_assert(gla_fused_tile_v(64, 128) == 64 && gla_fused_tile_v(128, 128) == 128 && gla_fused_tile_v(128, 256) == 128 &&
+              gla_fused_tile_v(128, 192) == 64 && gla_fused_tile_v(256, 256) == 32, "gla_fused_fwd tiles");
 
 // gla_output: the N tile. GLA's scores A are recomputed by every N tile of a chunk, and their
 // diagonal sub-chunk blocks are elementwise work (exp per key) that no tensor core does, so

@@ -393,16 +393,20 @@ GLA_FUSED_FWD_ENV = "FLASH_ATTN_LINEAR_GLA_FUSED_FWD"
 def gla_fused_ok(ext, q, v, seqs):
     """Whether GLA's forward runs in one pass (gla_fused_fwd): its switch is on
     (FLASH_ATTN_LINEAR_GLA_FUSED_FWD=1, default off: at 8x2048 it took 0.815 ms against 0.731 ms
-    for the three launches, f20592b), the one-pass switch too (FLASH_ATTN_LINEAR_FUSED_FWD), the
-    extension has it, and its one CTA per (sequence, head, V tile) fill the SMs (it has no
-    segments; else the three-launch forward)."""
+    for the three launches, f20592b, with 64-column V tiles; K = V = 128 now takes one 256-thread CTA
+    per 128 V columns, which computes A once: unmeasured), the one-pass switch too
+    (FLASH_ATTN_LINEAR_FUSED_FWD), the extension has it, and its one CTA per (sequence, head, V
+    tile) fill the SMs to within 1/16 (it has no segments; else the three-launch forward). The
+    slack admits 8 x 16 heads at K = V = 128 (128 CTAs) on a 132-SM H100: one CTA per SM either
+    way (the 128-column kernel takes 162 KB of shared memory), 4 SMs idle."""
     if not (_env_switch(GLA_FUSED_FWD_ENV, "0") and fused_forward_enabled()):
         return False
     if not hasattr(ext, "gla_fused_tile_v"):  # (older builds lack it)
         return False
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
-    bv = ext.gla_fused_tile_v(K)
-    return V % bv == 0 and seqs.num_seqs * H * (V // bv) >= num_sms(q.device)
+    bv = ext.gla_fused_tile_v(K, V)
+    sms = num_sms(q.device)
+    return V % bv == 0 and seqs.num_seqs * H * (V // bv) >= sms - sms // 16
 
 
 def gla_chunk_forward(ext, q, k, v, b, scale, h0, output_final_state, seqs):
