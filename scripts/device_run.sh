@@ -25,6 +25,11 @@
 #   linseg     the segmented linear-attention passes: their GPU tests (-k "fused or segment", junit
 #              $OUT/linseg.xml), then benchmark_linear.py --mode fwd,fwdbwd --no-fla --no-softmax with
 #              FLASH_ATTN_LINEAR_SEGMENTED_STATES=0 and =1 (JSON into $OUT/segstates_off, _on)
+#   glafused   chunk_gla's GPU tests (-k gla, junit $OUT/glafused.xml), then benchmark_linear.py --ops
+#              chunk_gla --mode fwd --no-fla --no-softmax with FLASH_ATTN_LINEAR_GLA_FUSED_FWD=0 and =1
+#              (JSON into $OUT/glafused_off, _on)
+#   tunedq     benchmarks/tune/run_tune.sh on the hd64 backward with the dQ warp grid 2 x 4 and 4 x 2
+#              ($OUT/tune_dq_grid.txt; needs no build)
 #   demo       python -m flash_attn
 #
 # Environment passed through: FLASH_ATTN_CUDA_ARCHS (default 90 here), MAX_JOBS (16), NVCC_THREADS,
@@ -281,13 +286,32 @@ for stage in "${STAGES[@]}"; do
                 --out-dir "$OUT/segstates_$name"
         done
         ;;
+    glafused)
+        need_build glafused || continue
+        rm -f "$OUT/glafused.xml"
+        FLASH_ATTN_REQUIRE_CUDA=1 run_stage glafused "$PY" -m pytest "$REPO/tests/test_linear_attn_gpu.py" -m cuda \
+            -k gla -p no:cacheprovider -q -rfEs --tb=short --junitxml="$OUT/glafused.xml" "${XDIST[@]}"
+        SUMMARY[-1]="${SUMMARY[-1]} $(junit_counts "$OUT/glafused.xml")"
+        for on in 0 1; do
+            name=$([ "$on" = 1 ] && echo on || echo off)
+            mkdir -p "$OUT/glafused_$name"
+            FLASH_ATTN_LINEAR_GLA_FUSED_FWD=$on run_stage "glafused-ab-$name" "$PY" \
+                "$REPO/benchmarks/benchmark_linear.py" --ops chunk_gla --mode fwd --no-fla --no-softmax \
+                --out-dir "$OUT/glafused_$name"
+        done
+        ;;
+    tunedq)
+        # the backward's dQ warp grid at d = 64: the library's (2 x 4) against 4 x 2
+        run_stage tunedq bash -c "cd '$REPO' && benchmarks/tune/run_tune.sh 'bwd:64:128:128:8:2 bwd:64:128:128:8:2:4' \
+            | tee '$OUT/tune_dq_grid.txt'"
+        ;;
     demo)
         need_build demo || continue
         run_stage demo "$PY" -m flash_attn
         ;;
     *)
         log "unknown stage '$stage' (stages: build test quicktest hf bench quickbench memcheck bwdmemcheck racecheck" \
-            "linmemcheck linracecheck linbench demo)"
+            "linmemcheck linracecheck linbench linseg glafused tunedq demo)"
         SUMMARY+=("$(printf '%-11s %-6s %5s   %s' "$stage" FAIL - "unknown stage")")
         FAILED=$((FAILED + 1))
         ;;

@@ -115,14 +115,22 @@ struct BwdKernelTraits : MmaCopyTraits<kHeadDim_, Element_, kTile_.n_warps> {
   // whole streamed operand from shared memory (FlashAttention-2's layouts):
   //   S^T = K Q^T, dP^T = V dO^T   (rows x cols): warps 4 along rows x 2 along cols
   //   dV += P^T dO, dK += dS^T Q    (rows x d):    warps 4 along rows x 2 along d
-  //   dQ  = dS K                    (cols x d):    warps 2 along cols x 4 along d
+  //   dQ  = dS K                    (cols x d):    warps kDqWarpsM along cols x the rest along d
   // P^T and dS^T go through shared memory between them. Each warp step is 16 wide in N so
   // one ldmatrix.x4 feeds two n-atoms.
   static constexpr int kNWarps = kTile_.n_warps;
   static_assert(kNWarps == 4 || kNWarps == 8);
   static constexpr int kWarpsRows = kNWarps / 2 < kBlockRows / 16 ? kNWarps / 2 : kBlockRows / 16;
   static constexpr int kWarpsOther = kNWarps / kWarpsRows;
+  // dQ's warp grid: 2 along cols unless the tile is narrower. Each warp reads (cols / M) x rows
+  // of dS^T and (d / N) x rows of K from shared memory; at d = 64 (128 x 128 tile) 4 x 2 would
+  // read 8K elements per warp instead of 10K. benchmarks/tune/run_tune.sh times such grids with
+  // -DFLASH_ATTN_TUNE_DQ_WARPS_M (never set by setup.py).
+#ifdef FLASH_ATTN_TUNE_DQ_WARPS_M
+  static constexpr int kDqWarpsM = FLASH_ATTN_TUNE_DQ_WARPS_M;
+#else
   static constexpr int kDqWarpsM = kBlockCols / 16 < 2 ? kBlockCols / 16 : 2;
+#endif
   static constexpr int kDqWarpsN = kNWarps / kDqWarpsM;
   static_assert(kBlockRows % (16 * kWarpsRows) == 0 && kBlockCols % (16 * kWarpsOther) == 0);
   static_assert(kHeadDim_ % (16 * kWarpsOther) == 0 && kHeadDim_ % (16 * kDqWarpsN) == 0);
