@@ -574,7 +574,7 @@ def fused_switch(monkeypatch):
     with sms, the SM count the route compares the grid with."""
     def set_switch(on, sms=None):
         monkeypatch.setenv(_kernels.FUSED_FWD_ENV, "1" if on else "0")
-        monkeypatch.setenv(_kernels.GLA_FUSED_FWD_ENV, "1" if on else "0")  # chunk_gla's, off by default
+        monkeypatch.setenv(_kernels.GLA_FUSED_FWD_ENV, "1" if on else "0")  # chunk_gla's, every tile
         if sms is not None:
             monkeypatch.setattr(_kernels, "num_sms", lambda device: sms)
         spy = _Spy(_kernels._load()[0])
@@ -907,7 +907,8 @@ def test_gla_deterministic():
 
 # --------------------------------------------------------------------------- GLA: one-pass forward (gla_fused_fwd)
 # csrc/linear_attn/gla_fused.cuh: chunk_state (per-key) + gla_output in one kernel, chunk_gla's forward
-# when FLASH_ATTN_LINEAR_GLA_FUSED_FWD=1 (default off) and FLASH_ATTN_LINEAR_FUSED_FWD are on and its
+# when FLASH_ATTN_LINEAR_GLA_FUSED_FWD allows its tile (default: the 256-thread kernel only; these
+# tests set 1) and FLASH_ATTN_LINEAR_FUSED_FWD are on and its
 # N * H * (V / BV) CTAs fill the SMs (_kernels.gla_fused_ok).
 
 def gla_fused_gates(B, T, H, K, n):

@@ -875,3 +875,27 @@ def test_gla_bad_arguments_fail_before_the_kernels(model):
             call()
         assert text in str(info.value), str(info.value)
     assert model.calls == []
+
+
+def test_gla_fused_forward_default_is_the_wide_kernel_only(fused, monkeypatch):
+    """FLASH_ATTN_LINEAR_GLA_FUSED_FWD unset ("auto"): one pass only where the 256-thread kernel
+    runs (K = 128, V a multiple of 128); the narrower tiles need =1; =0 is off everywhere."""
+    fused.sms = 1
+    three = ["gla_cumsum", "chunk_state", "gla_output"]
+    one = ["gla_cumsum", "gla_fused_fwd"]
+    # (V 192 and K 100 are padded to 256 and 128)
+    shapes = {(128, 128): one, (128, 256): one, (128, 192): one, (100, 128): one, (64, 128): three, (256, 256): three}
+    for env, expect in ((None, None), ("auto", None), ("1", one), ("0", three), ("off", three)):
+        if env is None:
+            monkeypatch.delenv(_kernels.GLA_FUSED_FWD_ENV, raising=False)
+        else:
+            monkeypatch.setenv(_kernels.GLA_FUSED_FWD_ENV, env)
+        for (K, V), auto in shapes.items():
+            q, k, v, _, _, h0 = make(1, 70, 1, K, V, gate=None)
+            g = gla_gates(*q.shape)
+            fused.calls.clear()
+            o, ht = la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+            assert fused.calls == (expect or auto), (env, K, V)
+            o_ref, ht_ref = linear_attn_recurrent_ref(q, k, v, g=g, initial_state=h0, output_final_state=True)
+            close(o, o_ref)
+            close(ht, ht_ref)

@@ -122,14 +122,28 @@ struct BwdKernelTraits : MmaCopyTraits<kHeadDim_, Element_, kTile_.n_warps> {
   static_assert(kNWarps == 4 || kNWarps == 8);
   static constexpr int kWarpsRows = kNWarps / 2 < kBlockRows / 16 ? kNWarps / 2 : kBlockRows / 16;
   static constexpr int kWarpsOther = kNWarps / kWarpsRows;
-  // dQ's warp grid: 2 along cols unless the tile is narrower. Each warp reads (cols / M) x rows
-  // of dS^T and (d / N) x rows of K from shared memory; at d = 64 (128 x 128 tile) 4 x 2 would
-  // read 8K elements per warp instead of 10K. benchmarks/tune/run_tune.sh times such grids with
-  // -DFLASH_ATTN_TUNE_DQ_WARPS_M (never set by setup.py).
+  // dQ's warp grid: each warp reads (cols / M) x rows of dS^T and (d / N) x rows of K from
+  // shared memory, so M minimises cols / M + d / N (ties: 2). d = 64 (128 x 128 tile): 4 x 2,
+  // 8K elements per warp instead of 10K with 2 x 4, 3-5% faster on the H100
+  // (benchmarks/tune/tune_dq_grid_415954903cfa_h100.txt); d = 128 and 256 keep 2 x 4.
+  // benchmarks/tune/run_tune.sh times other grids with -DFLASH_ATTN_TUNE_DQ_WARPS_M (never set
+  // by setup.py).
+  static constexpr int dq_warps_m() {
+    int best = 0, best_reads = 0;
+    for (int m : {2, 1, 4}) {
+      if (m > kNWarps || kBlockCols % (16 * m) != 0 || kHeadDim_ % (16 * (kNWarps / m)) != 0) { continue; }
+      const int reads = kBlockCols / m + kHeadDim_ / (kNWarps / m);
+      if (best == 0 || reads < best_reads) {
+        best = m;
+        best_reads = reads;
+      }
+    }
+    return best;
+  }
 #ifdef FLASH_ATTN_TUNE_DQ_WARPS_M
   static constexpr int kDqWarpsM = FLASH_ATTN_TUNE_DQ_WARPS_M;
 #else
-  static constexpr int kDqWarpsM = kBlockCols / 16 < 2 ? kBlockCols / 16 : 2;
+  static constexpr int kDqWarpsM = dq_warps_m();
 #endif
   static constexpr int kDqWarpsN = kNWarps / kDqWarpsM;
   static_assert(kBlockRows % (16 * kWarpsRows) == 0 && kBlockCols % (16 * kWarpsOther) == 0);

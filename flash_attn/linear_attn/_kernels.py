@@ -28,10 +28,10 @@ GLA (per-key gates g [B, T, H, K]) has its own output and gradient kernels aroun
 chunk_state (with per-key weights):
     gla_cumsum   (g)                -> b: the chunk-local cumulative gates every GLA kernel reads
     chunk_state  (k, v, b)          -> h;  gla_output (q, k, v, h, b) -> o
-  or, with FLASH_ATTN_LINEAR_GLA_FUSED_FWD=1 (off by default: slower on the H100, since each V
-  tile's CTA recomputes the intra-chunk scores; benchmarks/tune/NOTES.md) where its CTAs fill
-  the SMs (gla_fused_ok), both in one pass with the states in registers, one CTA per
-  (sequence, head, V tile):
+  or, where its CTAs fill the SMs (gla_fused_ok; by default only at K = 128 with V a multiple
+  of 128, whose 256-thread kernel computes the intra-chunk scores once per 128 V columns;
+  FLASH_ATTN_LINEAR_GLA_FUSED_FWD=1 allows the narrower tiles, 0 turns it off), both in one
+  pass with the states in registers, one CTA per (sequence, head, V tile):
     gla_fused_fwd (q, k, v, b)      -> o (csrc/linear_attn/gla_fused.cuh)
   backward:
     chunk_state  (q, do, b, reverse) -> dH, dh0
@@ -388,23 +388,36 @@ def gla_cumsum(ext, g, seqs):
 
 
 GLA_FUSED_FWD_ENV = "FLASH_ATTN_LINEAR_GLA_FUSED_FWD"
+GLA_FUSED_WIDE_TILE_V = 128  # tile_size.h gla_fused_tile_v: the 256-thread kernel's V tile
+
+
+def gla_fused_mode():
+    """FLASH_ATTN_LINEAR_GLA_FUSED_FWD: "auto" (unset, the default) runs GLA's one-pass forward
+    where it takes the 256-thread kernel (K = 128, V a multiple of 128: A computed once per 128 V
+    columns; 0.730 -> 0.522 ms at 8x2048 on the H100, benchmarks/results/gla_fused_wide_ab/);
+    on (1) with the 128-thread kernel too, whose V tiles each recompute the scores A (0.815 vs
+    0.731 ms at 8x2048, f20592b); off (0) never. Any mode needs FLASH_ATTN_LINEAR_FUSED_FWD on."""
+    raw = os.environ.get(GLA_FUSED_FWD_ENV, "auto").strip().lower()
+    if raw == "auto":
+        return "auto"
+    return "on" if _env_switch(GLA_FUSED_FWD_ENV, "0") else "off"
 
 
 def gla_fused_ok(ext, q, v, seqs):
-    """Whether GLA's forward runs in one pass (gla_fused_fwd): its switch is on
-    (FLASH_ATTN_LINEAR_GLA_FUSED_FWD=1, default off: at 8x2048 it took 0.815 ms against 0.731 ms
-    for the three launches, f20592b, with 64-column V tiles; K = V = 128 now takes one 256-thread CTA
-    per 128 V columns, which computes A once: unmeasured), the one-pass switch too
-    (FLASH_ATTN_LINEAR_FUSED_FWD), the extension has it, and its one CTA per (sequence, head, V
-    tile) fill the SMs to within 1/16 (it has no segments; else the three-launch forward). The
-    slack admits 8 x 16 heads at K = V = 128 (128 CTAs) on a 132-SM H100: one CTA per SM either
-    way (the 128-column kernel takes 162 KB of shared memory), 4 SMs idle."""
-    if not (_env_switch(GLA_FUSED_FWD_ENV, "0") and fused_forward_enabled()):
+    """Whether GLA's forward runs in one pass (gla_fused_fwd): gla_fused_mode allows this tile,
+    the extension has it, and its one CTA per (sequence, head, V tile) fill the SMs to within
+    1/16 (it has no segments; else the three-launch forward). The slack admits 8 x 16 heads at
+    K = V = 128 (128 CTAs) on a 132-SM H100: one CTA per SM either way (the 128-column kernel
+    takes 162 KB of shared memory), 4 SMs idle."""
+    mode = gla_fused_mode()
+    if mode == "off" or not fused_forward_enabled():
         return False
     if not hasattr(ext, "gla_fused_tile_v"):  # (older builds lack it)
         return False
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
     bv = ext.gla_fused_tile_v(K, V)
+    if mode == "auto" and bv != GLA_FUSED_WIDE_TILE_V:
+        return False
     sms = num_sms(q.device)
     return V % bv == 0 and seqs.num_seqs * H * (V // bv) >= sms - sms // 16
 
