@@ -485,10 +485,14 @@ class GLAFunction(torch.autograd.Function):
         if recurrent:
             o, ht = recurrent_forward(ext, qp, kp, vp, None, None, scale, h0p, output_final_state, seqs, gk=gp,
                                       gv=gvp)
+            ctx.gates_cumulative = False
         else:
             assert gvp is None, "the chunked GLA kernels have no value gate"
-            o, ht = gla_chunk_forward(ext, qp, kp, vp, gla_cumsum(ext, gp, seqs), scale, h0p, output_final_state,
-                                      seqs)
+            # the backward needs only b: it is saved in place of the gates (same size, fp32), and
+            # the backward's gla_cumsum launch is saved too
+            gp = gla_cumsum(ext, gp, seqs)
+            o, ht = gla_chunk_forward(ext, qp, kp, vp, gp, scale, h0p, output_final_state, seqs)
+            ctx.gates_cumulative = True
         ctx.save_for_backward(qp, kp, vp, gp, gvp, h0p)
         ctx.seqs, ctx.scale, ctx.dims = seqs, scale, dims
         ctx.g_dtype = None if g is None else g.dtype
@@ -505,7 +509,7 @@ class GLAFunction(torch.autograd.Function):
         dhtp = _pad_state(dht, kd, vd)
         dgv = None
         if gvp is None:
-            b = gla_cumsum(ext, gp, ctx.seqs)
+            b = gp if ctx.gates_cumulative else gla_cumsum(ext, gp, ctx.seqs)
             dq, dk, dv, dg, dh0 = gla_chunk_backward(ext, qp, kp, vp, b, ctx.scale, h0p, dop, dhtp, ctx.seqs)
         else:
             dq, dk, dv, dg, dgv, dh0 = recurrent_backward(ext, qp, kp, vp, gp, gvp, ctx.scale, h0p, dop, dhtp,
