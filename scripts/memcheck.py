@@ -187,9 +187,11 @@ def linear_cases(quick):
                                                                       "FLASH_ATTN_LINEAR_FUSED_FWD": "0"})),
         ("chunk_gla segmented states varlen", dict(op="chunk_gla", lens=[0, 700, 1, 333], H=1, K=128, V=128,
                                                    env={"FLASH_ATTN_LINEAR_SEGMENTED_STATES": "1"})),
+        # K = V = 128 on 2 CTAs: GLA's one-pass forward from raw gates, in segments (two launches)
+        ("chunk_gla one pass segments varlen", dict(op="chunk_gla", lens=[0, 1500, 1, 700, 0], H=2, K=128, V=128)),
         # 5 sequences x 28 heads x 1 V tile (K, V padded to 128: the 256-thread kernel's 128 columns) =
         # 140 CTAs, at least the SMs of an H100 / H200 (132): GLA's one-pass forward (gla_fused_fwd;
-        # _kernels.gla_fused_ok), rows past the sequences' ends unwritten
+        # _kernels.gla_fused_plan), rows past the sequences' ends unwritten
         ("chunk_gla one pass varlen empty seqs K100 V72", dict(op="chunk_gla", lens=[0, 65, 1, 130, 0], H=28, K=100,
                                                                V=72)),
     ]

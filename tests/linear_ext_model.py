@@ -444,28 +444,68 @@ class LinearExtModel:
             return 128
         return 64 if k_dim <= 128 else 32
 
-    def gla_fused_fwd(self, q, k, v, b, init, out, final_state, cu_seqlens, scale):
+    def gla_fused_fwd(self, q, k, v, b, init, out, final_state, cu_seqlens, scale, g=None, b_out=None,
+                      seg_chunks=0, seg_state=None, seg_decay=None):
         """GLA's one-pass forward (gla_fused.cuh), chunk by chunk with the running state S:
           o  = gla_output's lower output with M = S_c rounded to q's dtype (the kernel's MMA operand),
                both scales = scale
           S <- diag(exp(b_L)) S + sum_j (k_j * exp(b_L - b_j))^T v_j   (not rounded)
-        which is chunk_state (gk_cum = b) + gla_output without the stored states."""
+        which is chunk_state (gk_cum = b) + gla_output without the stored states. The 256-thread
+        kernel (K = 128, V a multiple of 128) also takes raw gates g instead of b (summed per
+        chunk, b into b_out when given) and segments as chunk_fused_fwd's, with a log-decay per
+        key: pass 1 writes each segment's local state L_j and d_j = the sum of its chunks' b_L
+        [H, K]; pass 2 starts segment j from the fold S <- diag(exp(d_s)) S + L_s over s < j."""
         B, T, H, K = q.shape
         V = v.shape[-1]
-        assert K in (64, 128, 256) and V % self.gla_fused_tile_v(K, V) == 0 and b.shape == q.shape
+        wide = self.gla_fused_tile_v(K, V) == 128
+        assert K in (64, 128, 256) and V % self.gla_fused_tile_v(K, V) == 0
+        assert (b is None) != (g is None), "exactly one of b and g"
+        assert wide or (g is None and seg_chunks == 0), "raw gates and segments: the 256-thread kernel only"
+        assert b_out is None or g is not None
+        if g is not None:
+            assert g.shape == q.shape and g.dtype == torch.float32
+            b = torch.empty_like(g)
+            LinearExtModel.gla_cumsum(self, g, b, cu_seqlens, None, 0)  # (not counted as a launch)
+            if b_out is not None:
+                assert b_out.shape == q.shape and b_out.dtype == torch.float32
+                b_out.copy_(b)
+        assert b.shape == q.shape
+        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        S_per = 1 if seg_chunks == 0 else seg_state.shape[0] // N
+        assert seg_chunks == 0 or (seg_state.shape == (N * S_per, H, K, V) and seg_decay.shape == (N * S_per, H, K)
+                                   and S_per * seg_chunks * 64 >= T)
         qs, ks = (t.reshape(B * T, H, K).double().cpu() for t in (q, k))
         vs = v.reshape(B * T, H, V).double().cpu()
         bs = b.reshape(B * T, H, K).double().cpu()
         outs = out.view(B * T, H, V)
-        for n, (bos, eos, _) in enumerate(sequences(B, T, cu_seqlens, None)):
-            S = init[n].double().cpu().clone() if init is not None else torch.zeros(H, K, V, dtype=torch.float64)
-            for _, start, stop in _chunk_rows(bos, eos):
-                X, Y, Z = (_pad_rows(t[start:stop]) for t in (qs, ks, vs))
-                Bc = _pad_rows(bs[start:stop], clamp=True)  # [64, H, K]
+
+        def step(S, start, stop, write):
+            """One chunk from the state S entering it: its output rows (when write), the state
+            leaving it and b_L [H, K]."""
+            X, Y, Z = (_pad_rows(t[start:stop]) for t in (qs, ks, vs))
+            Bc = _pad_rows(bs[start:stop], clamp=True)  # [64, H, K]
+            if write:
                 o = _gla_chunk_output(X, Y, Z, Bc, S.to(q.dtype).double(), scale, scale, False)
                 outs[start:stop] = o[:stop - start].to(out.dtype)
-                bl = Bc[-1]  # [H, K]
-                S = _exp0(bl)[..., None] * S + torch.einsum("lhk,lhv->hkv", Y * _exp0(bl - Bc), Z)
+            bl = Bc[-1]  # [H, K]
+            return _exp0(bl)[..., None] * S + torch.einsum("lhk,lhv->hkv", Y * _exp0(bl - Bc), Z), bl
+
+        for n, (bos, eos, _) in enumerate(sequences(B, T, cu_seqlens, None)):
+            segs = _segments(list(_chunk_rows(bos, eos)), seg_chunks if S_per > 1 else 0, S_per)
+            S_in = init[n].double().cpu().clone() if init is not None else torch.zeros(H, K, V, dtype=torch.float64)
+            for j, seg in enumerate(segs):
+                if j > 0:  # pass 1 of segment j - 1, then its fold into S_in
+                    L, d = torch.zeros(H, K, V, dtype=torch.float64), torch.zeros(H, K, dtype=torch.float64)
+                    for _, start, stop in segs[j - 1]:
+                        L, bl = step(L, start, stop, False)
+                        d = d + bl
+                    seg_state[n * S_per + j - 1] = L.to(seg_state.dtype)
+                    seg_decay[n * S_per + j - 1] = d.to(seg_decay.dtype)
+                    S_in = torch.exp(seg_decay[n * S_per + j - 1].double())[..., None] * S_in + \
+                        seg_state[n * S_per + j - 1].double()
+                S = S_in
+                for _, start, stop in seg:
+                    S, _ = step(S, start, stop, True)
             if final_state is not None:
                 final_state[n] = S.to(final_state.dtype)
 

@@ -769,6 +769,101 @@ def test_gla_grad_kernel(dt, K, V, n, lens):
         check(name, got, ref, OUT_TOL)
 
 
+def _gla_wide_segment_cases():
+    """(B, T, H, lens, segments, dtype): the 256-thread kernel (K = V = 128) from raw gates, in
+    segments of odd and even lengths (the last one shorter), varlen with empty sequences."""
+    cases = [(1, 2048, 2, None, 4, "bf16"),    # 32 chunks: 4 segments of 8
+             (1, 1000, 1, None, 3, "bf16"),    # 16 chunks: 6, 6, 4
+             (2, 700, 1, None, 2, "fp16"),     # 11 chunks: 6, 5
+             (1, 65, 2, None, 1, "bf16"),      # no segments (2 chunks), raw gates
+             (1, None, 2, EMPTY_LENS + (1500,), 3, "bf16")]
+    return [pytest.param(*c, id=f"B{c[0]}-T{c[1]}-H{c[2]}-{'varlen' if c[3] else 'batched'}-S{c[4]}-{c[5]}")
+            for c in cases]
+
+
+@pytest.mark.parametrize("B,T,H,lens,segments,dt", _gla_wide_segment_cases())
+def test_gla_fused_wide_raw_gates_and_segments(B, T, H, lens, segments, dt):
+    """gla_fused_fwd at K = V = 128 from raw gates g (summed in the kernel; b_out bitwise
+    gla_cumsum's b) and in segments (pass 1 local states and per-key log-decays, pass 2 the fold):
+    o and the final state against the same kernel from b without segments (the same sums), the
+    three launches and the fp32 recurrence; outputs NaN-poisoned."""
+    dtype = DTYPES[dt]
+    T = sum(lens) if lens is not None else T
+    N = B if lens is None else len(lens)
+    q, k, v, _, _, h0 = make_inputs(B, T, H, 128, 128, None, 1.0, dtype, N=N)
+    g = gla_fused_gates(B, T, H, 128, 1.0)
+    s = seqs(B, T, lens)
+    b = torch.empty_like(g)
+    ext().gla_cumsum(g, b, s.cu, s.offsets, s.slots)
+    chunks = -(-T // 64)
+    seg_chunks = -(-chunks // segments) if segments > 1 else 0
+    ws = _kernels._segment_workspace(q, v, s, segments, per_row=True) if segments > 1 else (None, None)
+    poison_allocator(((B, T, H, 128), dtype), ((N, H, 128, 128), torch.float32), ((B, T, H, 128), torch.float32))
+    o = torch.empty(B, T, H, 128, device="cuda", dtype=dtype)
+    final = torch.empty(N, H, 128, 128, device="cuda", dtype=torch.float32)
+    b_out = torch.full_like(g, float("nan"))
+    ext().gla_fused_fwd(q, k, v, None, h0, o, final, s.cu, 1.0, g, b_out, seg_chunks, *ws)
+    # rows of b_out are those of the sequences (between them: padding rows of none when packed)
+    assert torch.equal(b_out, b), "b_out must be gla_cumsum's b bit for bit"
+    o1, final1 = torch.empty_like(o), torch.empty_like(final)
+    ext().gla_fused_fwd(q, k, v, b, h0, o1, final1, s.cu, 1.0)
+    if segments == 1:
+        assert torch.equal(o, o1) and torch.equal(final, final1)  # raw gates change nothing else
+    else:
+        check("o vs unsegmented", o, o1, OUT_TOL)
+        check("final_state vs unsegmented", final, final1, 1e-4)
+    h = _kernels._states(ext(), k, v, None, None, h0, s, None, gk_cum=b)
+    o2 = torch.empty_like(v)
+    ext().gla_output(q, k, v, h, b, o2, s.cu, s.offsets, 1.0, 1.0, False)
+    o_ref, ht_ref = linear_attn_recurrent_ref(q.float(), k.float(), v.float(), g=g, initial_state=h0,
+                                              output_final_state=True, cu_seqlens=s.cu)
+    check("o vs three-launch", o, o2, OUT_TOL)
+    check("o vs reference", o, o_ref, OUT_TOL)
+    check("final_state vs reference", final, ht_ref, OUT_TOL)
+    if lens is not None:  # empty sequences: the state passes through
+        assert torch.equal(final[0], h0[0]) and torch.equal(final[4], h0[4])
+
+
+def test_gla_fused_wide_segments_route(fused_switch, monkeypatch):
+    """chunk_gla at K = V = 128 by default (no switch set) on a GPU of more SMs than the grid:
+    one gla_fused_fwd call in segments, no gla_cumsum in the forward or the backward (b_out),
+    the same gradients as the three-launch route."""
+    B, T, H = 1, 3000, 2
+    q, k, v, g, h0 = make_gla_inputs(B, T, H, 128, 128, 1.0, torch.bfloat16)
+    spy = fused_switch(True, sms=16)
+    monkeypatch.delenv(_kernels.GLA_FUSED_FWD_ENV)  # the default
+    assert _kernels.gla_fused_plan(spy, q, v, seqs(B, T, None))[1] > 1
+    w = rand(B, T, H, 128, seed=11).float()
+    grads = []
+    for on in (True, False):
+        if not on:
+            spy = fused_switch(False)
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+        o, ht = la.chunk_gla(*leaves[:3], leaves[3], initial_state=leaves[4], output_final_state=True)
+        ((o.float() * w).sum() + ht.sum()).backward()
+        grads.append([o, ht] + [x.grad for x in leaves])
+        if on:
+            assert spy.calls[0] == "gla_fused_fwd" and "gla_cumsum" not in spy.calls, spy.calls
+    for name, a, c in zip(("o", "final_state", "dq", "dk", "dv", "dg", "dh0"), *grads):
+        if name in ("o", "final_state"):
+            check(name, a, c.float() if name == "o" else c, OUT_TOL)
+        else:
+            assert torch.equal(a, c), name  # the backward sees the same b and recomputes the states
+
+
+def test_gla_fused_raw_gate_arguments():
+    """Raw gates, b_out and segments: the 256-thread kernel only, one of b and g."""
+    q, k, v, _, _, _ = make_inputs(1, 100, 2, 64, 64, None, 1.0, torch.bfloat16)
+    g = torch.zeros(1, 100, 2, 64, device="cuda")
+    o = torch.empty_like(v)
+    with pytest.raises(ValueError, match="raw gates g and segments need the 256-thread kernel"):
+        ext().gla_fused_fwd(q, k, v, None, None, o, None, None, 1.0, g)
+    with pytest.raises(ValueError, match="exactly one of b"):
+        ext().gla_fused_fwd(q, k, v, g, None, o, None, None, 1.0, g)
+    with pytest.raises(ValueError, match="b_out needs raw gates"):
+        ext().gla_fused_fwd(q, k, v, g, None, o, None, None, 1.0, None, torch.empty_like(g))
+
+
 # --------------------------------------------------------------------------- GLA: the ops vs the recurrence
 
 def make_gla_inputs(B, T, H, K, V, n, dtype, seed=0, N=None):
@@ -909,7 +1004,7 @@ def test_gla_deterministic():
 # csrc/linear_attn/gla_fused.cuh: chunk_state (per-key) + gla_output in one kernel, chunk_gla's forward
 # when FLASH_ATTN_LINEAR_GLA_FUSED_FWD allows its tile (default: the 256-thread kernel only; these
 # tests set 1) and FLASH_ATTN_LINEAR_FUSED_FWD are on and its
-# N * H * (V / BV) CTAs fill the SMs (_kernels.gla_fused_ok).
+# N * H * (V / BV) CTAs fill the SMs (_kernels.gla_fused_plan).
 
 def gla_fused_gates(B, T, H, K, n):
     """logsigmoid(x) / n, or (n = "neg") logsigmoid(x) / 0.01 with every third row's even keys at -1000."""
@@ -1008,7 +1103,8 @@ def test_gla_fused_forward_switch_routes(fused_switch, K, V, lens):
     kd, vd = _kernels.kernel_head_dim(K), _kernels.kernel_head_dim(V)  # the kernel's padded outputs
     poison_allocator(((B, T, H, vd), torch.bfloat16), ((N, H, kd, vd), torch.float32))
     o_on, ht_on = la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True, cu_seqlens=cu)
-    assert spy.calls == ["gla_cumsum", "gla_fused_fwd"], spy.calls
+    wide = kd == 128 and vd % 128 == 0  # the 256-thread kernel sums the raw gates itself
+    assert spy.calls == (["gla_fused_fwd"] if wide else ["gla_cumsum", "gla_fused_fwd"]), spy.calls
     check("o", o_on, o_off.float(), OUT_TOL)
     check("final_state", ht_on, ht_off, 1e-4)
     o_ref, ht_ref = linear_attn_recurrent_ref(q.float(), k.float(), v.float(), g=g, initial_state=h0,

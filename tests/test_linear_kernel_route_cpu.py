@@ -727,7 +727,15 @@ def test_gla_algorithm_is_exact_in_float64(lens):
 
 # --------------------------------------------------------------------------- GLA: one-pass forward
 # chunk_gla's forward runs gla_fused_fwd (gla_cumsum, then one pass) when the one-pass switch is on
-# and its N * H * (V / BV) CTAs fill the SMs (gla_fused_ok); else the three launches.
+# and its N * H * (V / BV) CTAs fill the SMs (gla_fused_plan); else the three launches.
+
+def one_pass_calls(K, V):
+    """The launches of chunk_gla's one-pass forward: the 256-thread kernel (K = 128, V a multiple
+    of 128 after padding) sums the raw gates itself; the 128-thread one after gla_cumsum."""
+    if _kernels.kernel_head_dim(K) == 128 and _kernels.kernel_head_dim(V) % 128 == 0:
+        return ["gla_fused_fwd"]
+    return ["gla_cumsum", "gla_fused_fwd"]
+
 
 @pytest.mark.parametrize("case", GLA_CASES, ids=[c[0] for c in GLA_CASES])
 def test_gla_fused_forward_matches_reference(fused, case):
@@ -739,7 +747,7 @@ def test_gla_fused_forward_matches_reference(fused, case):
                                               cu_seqlens=offsets)
     close(o, o_ref, gla_tol(n))
     close(ht, ht_ref, gla_tol(n))
-    assert fused.calls == ["gla_cumsum", "gla_fused_fwd"]  # no chunk states, no gla_output
+    assert fused.calls == one_pass_calls(K, V)  # no chunk states, no gla_output
     if lens is not None:  # empty sequences: the state passes through
         assert torch.equal(ht[0], h0[0]) and torch.equal(ht[4], h0[4])
 
@@ -751,7 +759,7 @@ def test_gla_fused_forward_varlen_without_states(fused):
     o, ht = la.chunk_gla(q, k, v, g, cu_seqlens=cu(lens))
     assert ht is None
     close(o, linear_attn_recurrent_ref(q, k, v, g=g, cu_seqlens=cu(lens))[0])
-    assert fused.calls == ["gla_cumsum", "gla_fused_fwd"]
+    assert fused.calls == one_pass_calls(64, 64)
 
 
 def test_gla_fused_forward_switch_and_grid(fused, monkeypatch):
@@ -801,14 +809,14 @@ def test_gla_fused_forward_grid_at_k128(fused):
     q, k, v, _, _, h0 = make(2, 70, 3, 128, 256, gate=None)  # 2 x 3 x 2 = 12 CTAs
     g = gla_gates(*q.shape)
     three = ["gla_cumsum", "chunk_state", "gla_output"]
-    for sms, calls in ((12, ["gla_cumsum", "gla_fused_fwd"]), (13, three), (132, three)):
+    for sms, calls in ((12, ["gla_fused_fwd"]), (13, three), (132, three)):  # (T = 70: too short for segments)
         fused.sms = sms
         fused.calls.clear()
         la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
         assert fused.calls == calls, sms
     q, k, v, _, _, h0 = make(8, 3, 16, 128, 128, gate=None, seed=1)  # 8 x 16 = 128 CTAs
     g = gla_gates(*q.shape)
-    for sms, calls in ((132, ["gla_cumsum", "gla_fused_fwd"]), (137, three)):
+    for sms, calls in ((132, ["gla_fused_fwd"]), (137, three)):
         fused.sms = sms
         fused.calls.clear()
         o, ht = la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
@@ -882,10 +890,11 @@ def test_gla_fused_forward_default_is_the_wide_kernel_only(fused, monkeypatch):
     runs (K = 128, V a multiple of 128); the narrower tiles need =1; =0 is off everywhere."""
     fused.sms = 1
     three = ["gla_cumsum", "chunk_state", "gla_output"]
-    one = ["gla_cumsum", "gla_fused_fwd"]
+    one = ["gla_fused_fwd"]  # (the 256-thread kernel sums the gates itself)
     # (V 192 and K 100 are padded to 256 and 128)
     shapes = {(128, 128): one, (128, 256): one, (128, 192): one, (100, 128): one, (64, 128): three, (256, 256): three}
-    for env, expect in ((None, None), ("auto", None), ("1", one), ("0", three), ("off", three)):
+    narrow = ["gla_cumsum", "gla_fused_fwd"]
+    for env, expect in ((None, None), ("auto", None), ("1", "on"), ("0", three), ("off", three)):
         if env is None:
             monkeypatch.delenv(_kernels.GLA_FUSED_FWD_ENV, raising=False)
         else:
@@ -895,7 +904,61 @@ def test_gla_fused_forward_default_is_the_wide_kernel_only(fused, monkeypatch):
             g = gla_gates(*q.shape)
             fused.calls.clear()
             o, ht = la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
-            assert fused.calls == (expect or auto), (env, K, V)
+            want = (one if auto == one else narrow) if expect == "on" else (expect or auto)
+            assert fused.calls == want, (env, K, V)
             o_ref, ht_ref = linear_attn_recurrent_ref(q, k, v, g=g, initial_state=h0, output_final_state=True)
             close(o, o_ref)
             close(ht, ht_ref)
+
+
+class SegmentSpy(CountingModel):
+    """Records gla_fused_fwd's segment arguments (seg_chunks, segments per sequence)."""
+
+    def __init__(self):
+        super().__init__()
+        self.segs = []
+
+    def gla_fused_fwd(self, *args, **kwargs):
+        seg_chunks, seg_state = (args[11], args[12]) if len(args) > 12 else (0, None)
+        self.segs.append((seg_chunks, None if seg_state is None else seg_state.shape[0]))
+        return super().gla_fused_fwd(*args, **kwargs)
+
+
+@pytest.mark.parametrize("B,T,H,lens,sms,segments", [
+    (1, 600, 2, None, 8, 2),                 # 10 chunks, 2 CTAs: 2 segments of 5
+    (1, 1000, 1, None, 3, 3),                # 16 chunks, 1 CTA: 3 segments of 6 (the last shorter)
+    (1, 1065, 1, [0, 300, 1, 700, 64], 20, 4),  # 5 sequences, 4 segment slots each, most sequences fewer
+], ids=["two", "uneven", "varlen-empty"])
+def test_gla_fused_wide_segments(route_to_model, monkeypatch, B, T, H, lens, sms, segments):
+    """The 256-thread kernel (K = V = 128) with fewer CTAs than SMs cuts each sequence into
+    segments (pass 1: local states and per-key log-decays; pass 2: the fold, then the chunks):
+    o, the final state and the gradients (through b_out) against the float64 recurrence."""
+    spy = route_to_model(SegmentSpy())
+    for env in (_kernels.GLA_FUSED_FWD_ENV, _kernels.FUSED_FWD_ENV):  # the defaults (one pass on)
+        monkeypatch.delenv(env, raising=False)
+    spy.sms = sms
+    N = B if lens is None else len(lens)
+    q, k, v, _, _, h0 = make(B, T, H, 128, 128, gate=None, N=N)
+    g = gla_gates(*q.shape)
+    o, ht = la.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True,
+                         cu_seqlens=None if lens is None else cu(lens))
+    assert spy.calls == ["gla_fused_fwd"] and spy.segs == [(math.ceil(math.ceil(T / 64) / segments), N * segments)]
+    o_ref, ht_ref = linear_attn_recurrent_ref(q, k, v, g=g, initial_state=h0, output_final_state=True,
+                                              cu_seqlens=None if lens is None else cu(lens))
+    close(o, o_ref)
+    close(ht, ht_ref)
+    if lens is not None:
+        assert torch.equal(ht[0], h0[0])  # the empty sequence passes its state through
+
+
+@pytest.mark.parametrize("lens", [None, [0, 600, 1, 333]], ids=["batched", "varlen"])
+def test_gla_fused_wide_segments_then_backward(route_to_model, monkeypatch, lens):
+    """Gradients after the segmented one-pass forward: it writes b (b_out) for the backward,
+    which then runs no gla_cumsum."""
+    spy = route_to_model(SegmentSpy())
+    for env in (_kernels.GLA_FUSED_FWD_ENV, _kernels.FUSED_FWD_ENV):
+        monkeypatch.delenv(env, raising=False)
+    spy.sms = 12 if lens is None else 24  # 2 x 2 CTAs (or 4 sequences x 2 heads): 2 or 3 segments
+    check_gla_route_against_reference(("wide-seg", 600, 128, 128, 1.0, 0.5, lens), True)
+    assert "gla_cumsum" not in spy.calls and "gla_grad" in spy.calls, spy.calls
+    assert spy.segs and all(n > 0 for n, _ in spy.segs), spy.segs

@@ -388,7 +388,7 @@ static_assert(gla_fused_wide_smem_bytes() == 165888, "K 128, BV 128: 162 KB");
 static_assert(gla_fused_wide_smem_bytes() <= 163 * 1024, "K 128, BV 128 fits an sm80 SM");
 static_assert(8 * 16 * 64 * 4 == 128 * 128 * 2, "the partial-A exchange fills S_c's tile exactly");
 
-template <typename Tag>
+template <typename Tag, bool kStateOnly>
 __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_kernel(const GlaFusedParams p) {
   using E = Elem<Tag>;
   using T = typename E::T;
@@ -410,23 +410,35 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int sub = warp & 3, half = warp >> 2;
   const int g = lane >> 2, t4 = lane & 3;
-  const int seq = blockIdx.x, head = blockIdx.y, H = p.seq.heads;
+  const int seq = blockIdx.x / p.max_segs, seg = blockIdx.x % p.max_segs;
+  const int head = blockIdx.y, H = p.seq.heads;
   const int n0 = blockIdx.z * BV;
   const SeqRange sr = sequence_range(p.seq, seq);
   const int nchunks = static_cast<int>((sr.eos - sr.bos + kChunk - 1) / kChunk);
+  // this CTA's chunks [c_begin, c_end): the whole sequence without segments (as chunk_fused.cuh)
+  const int per_seg = p.seg_chunks > 0 ? p.seg_chunks : max(nchunks, 1);
+  const int nsegs = max(1, (nchunks + per_seg - 1) / per_seg);  // an empty sequence has one (empty) segment
+  if (seg >= nsegs || (kStateOnly && seg == nsegs - 1)) return;  // pass 1 never needs the last segment's L
+  const int c_begin = seg * per_seg, c_end = min(nchunks, c_begin + per_seg);
 
   const int64_t ldk = static_cast<int64_t>(H) * K, ldv = static_cast<int64_t>(H) * p.v_dim;
   const T* qg = static_cast<const T*>(p.q) + static_cast<int64_t>(head) * K;
   const T* kg = static_cast<const T*>(p.k) + static_cast<int64_t>(head) * K;
-  const float* bg = p.b + static_cast<int64_t>(head) * K;
+  // the gates: b, or raw g summed per chunk here (scan_gate_column), b then going to b_out (pass 2)
+  const bool raw = p.b == nullptr;
+  const float* bg = (raw ? p.g : p.b) + static_cast<int64_t>(head) * K;
+  float* bout = !kStateOnly && raw && p.b_out != nullptr ? p.b_out + static_cast<int64_t>(head) * K : nullptr;
   const T* vg = static_cast<const T*>(p.v) + static_cast<int64_t>(head) * p.v_dim + n0;
   T* og = static_cast<T*>(p.out) + static_cast<int64_t>(head) * p.v_dim + n0 + 64 * half;
   const int64_t state_base = (static_cast<int64_t>(seq) * H + head) * K * p.v_dim;
+  // segment s of this sequence in seg_state [N * max_segs, H, K, V] and seg_decay [N * max_segs, H, K]
+  auto seg_row = [&](int s) { return (static_cast<int64_t>(seq) * p.max_segs + s) * H + head; };
 
-  // st[nt][0..1] = S (srow, n0 + 8 nt + 2 t4 + {0, 1}), srow = 64 half + 16 sub + g; [2..3] row + 8.
+  // st[nt][0..1] = S (srow, n0 + 8 nt + 2 t4 + {0, 1}), srow = 64 half + 16 sub + g; [2..3] row + 8;
+  // state_at: where they live in an fp32 [.., K, V] state whose (K, V) matrix starts at `base`
   const int srow = 64 * half + 16 * sub + g;
-  auto state_at = [&](int nt, int h2) {
-    return state_base + static_cast<int64_t>(srow + 8 * h2) * p.v_dim + n0 + 8 * nt + 2 * t4;
+  auto state_at = [&](int nt, int h2, int64_t base) {
+    return base + static_cast<int64_t>(srow + 8 * h2) * p.v_dim + n0 + 8 * nt + 2 * t4;
   };
   float st[NT8][4];
 #pragma unroll
@@ -434,11 +446,29 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
 #pragma unroll
     for (int h2 = 0; h2 < 2; ++h2) {
       float2 v = make_float2(0.f, 0.f);
-      if (p.init != nullptr) v = *reinterpret_cast<const float2*>(p.init + state_at(nt, h2));
+      if (!kStateOnly && p.init != nullptr) v = *reinterpret_cast<const float2*>(p.init + state_at(nt, h2, state_base));
       st[nt][2 * h2] = v.x;
       st[nt][2 * h2 + 1] = v.y;
     }
   }
+  if constexpr (!kStateOnly) {
+    // the state entering segment seg: the earlier segments' pass-1 results folded in order,
+    // S <- exp(d_s) S + L_s with d_s the segment's log-decay of the row's key
+    for (int s = 0; s < seg; ++s) {
+      const int64_t base = seg_row(s) * K * p.v_dim;
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        const float decay = __expf(p.seg_decay[seg_row(s) * K + srow + 8 * h2]);
+#pragma unroll
+        for (int nt = 0; nt < NT8; ++nt) {
+          const float2 l = *reinterpret_cast<const float2*>(p.seg_state + state_at(nt, h2, base));
+          st[nt][2 * h2] = fmaf(decay, st[nt][2 * h2], l.x);
+          st[nt][2 * h2 + 1] = fmaf(decay, st[nt][2 * h2 + 1], l.y);
+        }
+      }
+    }
+  }
+  float seg_log_decay[2] = {0.f, 0.f};  // pass 1: the sums of the segment's b_L for rows srow, srow + 8
 
   auto chunk_start = [&](int i) { return sr.bos + static_cast<int64_t>(i) * kChunk; };
   auto chunk_rows = [&](int i) {
@@ -451,7 +481,9 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       const int slab = stage * MT + m;
-      load_tile<kChunk, 64, kThreads>(sq + slab * kSlab, qg + start * ldk + 64 * m, ldk, rows, tid);
+      if constexpr (!kStateOnly) {
+        load_tile<kChunk, 64, kThreads>(sq + slab * kSlab, qg + start * ldk + 64 * m, ldk, rows, tid);
+      }
       load_tile<kChunk, 64, kThreads>(sk + slab * kSlab, kg + start * ldk + 64 * m, ldk, rows, tid);
     }
     load_tile<kChunk, BV, kThreads>(sv + stage * kChunk * BV, vg + start * ldv, ldv, rows, tid);
@@ -461,33 +493,46 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
     const int rows = chunk_rows(i);
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
-      load_gate_tile<kThreads>(sg + m * kGateTileFloats, bg + start * ldk + 64 * m, ldk, rows, tid);
+      if (raw) {
+        load_raw_gate_tile<kThreads>(sg + m * kGateTileFloats, bg + start * ldk + 64 * m, ldk, rows, tid);
+      } else {
+        load_gate_tile<kThreads>(sg + m * kGateTileFloats, bg + start * ldk + 64 * m, ldk, rows, tid);
+      }
     }
   };
 
-  if (nchunks > 0) {
-    issue_qkv(0);
-    issue_gates(0);
+  if (c_begin < c_end) {
+    issue_qkv(c_begin);
+    issue_gates(c_begin);
   }
   cp_async_commit();
-  for (int i = 0; i < nchunks; ++i) {
+  for (int i = c_begin; i < c_end; ++i) {
     const int stage = i & 1;
     // ---- 0. chunk i + 1's q, k, v into the other stage (free since the end of chunk i - 1)
-    if (i + 1 < nchunks) issue_qkv(i + 1);
+    if (i + 1 < c_end) issue_qkv(i + 1);
     cp_async_commit();
     const int64_t row0 = chunk_start(i);
     const int rows = chunk_rows(i);
     cp_async_wait<1>();  // all but the group just issued: chunk i's q, k, v and gates (this thread's copies)
     // ---- 1. S_c as an MMA operand, in the input dtype
+    if constexpr (!kStateOnly) {
 #pragma unroll
-    for (int nt = 0; nt < NT8; ++nt) {
+      for (int nt = 0; nt < NT8; ++nt) {
 #pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) {
-        *reinterpret_cast<uint32_t*>(ss + swz<BV>(srow + 8 * h2, 8 * nt + 2 * t4)) =
-            E::pack(st[nt][2 * h2], st[nt][2 * h2 + 1]);
+        for (int h2 = 0; h2 < 2; ++h2) {
+          *reinterpret_cast<uint32_t*>(ss + swz<BV>(srow + 8 * h2, 8 * nt + 2 * t4)) =
+              E::pack(st[nt][2 * h2], st[nt][2 * h2 + 1]);
+        }
       }
     }
     __syncthreads();  // the tiles (every thread's copies) and ss are visible
+    if (raw) {  // raw gates: b by one thread per key column (warps 0..3), then visible to all
+      if (tid < K) {
+        scan_gate_column(sg + (tid >> 6) * kGateTileFloats, tid & 63,
+                         bout != nullptr ? bout + row0 * ldk + tid : nullptr, ldk, rows);
+      }
+      __syncthreads();
+    }
     T* qs = sq + stage * MT * kSlab;
     const T* ks = sk + stage * MT * kSlab;
     const T* vs = sv + stage * kChunk * BV;
@@ -495,7 +540,7 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
     // ---- 2. A's partial over key slab `half` for the rows of sub-chunk `sub`; q e^b in place
     float s[8][4];  // A: 16 rows x 64 chunk columns (this slab's part)
     zero_frags(s);
-    {
+    if constexpr (!kStateOnly) {
       T* qm = qs + half * kSlab;
       const T* km = ks + half * kSlab;
       const float* gt = sg + half * kGateTileFloats;
@@ -560,13 +605,13 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
         }
       }
     }
-    __syncthreads();  // q e^b of both slabs is in the q tile
+    if constexpr (!kStateOnly) __syncthreads();  // q e^b of both slabs is in the q tile
 
     // ---- 3. the inter-chunk part: (q e^b) (16 x 128) times S_c (128 x this warp's 64 columns)
     float o[NO8][4];  // 16 rows x 64 columns
     zero_frags(o);
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
+    for (int m = 0; m < (kStateOnly ? 0 : MT); ++m) {
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         uint32_t ae[4];
@@ -584,6 +629,7 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) {
         blr[h2] = gt[gate_at(kChunk - 1, kr + 8 * h2)];
+        seg_log_decay[h2] += blr[h2];
         const float decay = __expf(blr[h2]);
 #pragma unroll
         for (int nt = 0; nt < NT8; ++nt) {
@@ -612,8 +658,9 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
       }
     }
     __syncthreads();  // every warp is done with ss (step 3) and the gates (steps 2, 4)
-    if (i + 1 < nchunks) issue_gates(i + 1);
+    if (i + 1 < c_end) issue_gates(i + 1);
     cp_async_commit();
+    if constexpr (kStateOnly) continue;  // (the barrier above also frees the stage)
 
     // ---- 5. A = the two slabs' partials, through the exchange (ss's bytes)
     {
@@ -667,40 +714,66 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
   }
   cp_async_wait<0>();
 
-  if (p.final_state != nullptr) {
+  if constexpr (kStateOnly) {  // this segment's local state and per-key log-decay
+    const int64_t base = seg_row(seg) * K * p.v_dim;
 #pragma unroll
     for (int nt = 0; nt < NT8; ++nt) {
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) {
-        *reinterpret_cast<float2*>(p.final_state + state_at(nt, h2)) = make_float2(st[nt][2 * h2], st[nt][2 * h2 + 1]);
+        *reinterpret_cast<float2*>(p.seg_state + state_at(nt, h2, base)) = make_float2(st[nt][2 * h2], st[nt][2 * h2 + 1]);
+      }
+    }
+    if (blockIdx.z == 0 && t4 == 0) {  // the same in every V tile
+      p.seg_decay[seg_row(seg) * K + srow] = seg_log_decay[0];
+      p.seg_decay[seg_row(seg) * K + srow + 8] = seg_log_decay[1];
+    }
+  } else if (p.final_state != nullptr && seg == nsegs - 1) {
+#pragma unroll
+    for (int nt = 0; nt < NT8; ++nt) {
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        *reinterpret_cast<float2*>(p.final_state + state_at(nt, h2, state_base)) =
+            make_float2(st[nt][2 * h2], st[nt][2 * h2 + 1]);
       }
     }
   }
 }
 
-// One launch (grid: sequences, heads, V tiles): K = 128 with BV = 128 (tile_size.h: gla_fused_tile_v)
-// takes gla_fused_fwd_wide_kernel, every other (K, BV) gla_fused_fwd_kernel.
-template <typename Tag, int K, int BV>
-cudaError_t run_gla_fused_fwd(const GlaFusedParams& p, cudaStream_t stream) {
-  if (p.seq.num_seqs == 0 || p.seq.heads == 0 || p.v_dim == 0) return cudaSuccess;
-  if (p.k_dim != K || p.v_dim % BV != 0 || p.b == nullptr) return cudaErrorInvalidValue;
-  constexpr bool kWide = K == 128 && BV == 128;
-  constexpr int smem = kWide ? gla_fused_wide_smem_bytes() : gla_fused_smem_bytes<K, BV>();
-  constexpr int threads = kWide ? kGlaFusedWideThreads : kGlaFusedThreads;
-  auto kernel = [] {
-    if constexpr (kWide) {
-      return gla_fused_fwd_wide_kernel<Tag>;
-    } else {
-      return gla_fused_fwd_kernel<Tag, K, BV>;
-    }
-  }();
+template <typename Kernel>
+cudaError_t launch_gla_fused(Kernel kernel, int smem, int threads, dim3 grid, const GlaFusedParams& p,
+                             cudaStream_t stream) {
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid(p.seq.num_seqs, p.seq.heads, p.v_dim / BV);
   kernel<<<grid, threads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+// K = 128 with BV = 128 (tile_size.h: gla_fused_tile_v) takes gla_fused_fwd_wide_kernel (grid:
+// sequences x segments, heads, V tiles; with segments, pass 1 first), every other (K, BV)
+// gla_fused_fwd_kernel (grid: sequences, heads, V tiles; b only, no segments).
+template <typename Tag, int K, int BV>
+cudaError_t run_gla_fused_fwd(const GlaFusedParams& p, cudaStream_t stream) {
+  if (p.seq.num_seqs == 0 || p.seq.heads == 0 || p.v_dim == 0) return cudaSuccess;
+  if (p.k_dim != K || p.v_dim % BV != 0 || (p.b == nullptr) == (p.g == nullptr) || p.max_segs < 1) {
+    return cudaErrorInvalidValue;
+  }
+  if constexpr (K == 128 && BV == 128) {
+    const dim3 grid(p.seq.num_seqs * p.max_segs, p.seq.heads, p.v_dim / BV);
+    constexpr int smem = gla_fused_wide_smem_bytes();
+    if (p.max_segs > 1) {  // segments: pass 1, the local states
+      if (p.seg_chunks < 1 || p.seg_state == nullptr || p.seg_decay == nullptr) return cudaErrorInvalidValue;
+      const cudaError_t err =
+          launch_gla_fused(gla_fused_fwd_wide_kernel<Tag, true>, smem, kGlaFusedWideThreads, grid, p, stream);
+      if (err != cudaSuccess) return err;
+    }
+    return launch_gla_fused(gla_fused_fwd_wide_kernel<Tag, false>, smem, kGlaFusedWideThreads, grid, p, stream);
+  } else {
+    if (p.b == nullptr || p.max_segs > 1) return cudaErrorInvalidValue;
+    return launch_gla_fused(gla_fused_fwd_kernel<Tag, K, BV>, gla_fused_smem_bytes<K, BV>(), kGlaFusedThreads,
+                            dim3(p.seq.num_seqs, p.seq.heads, p.v_dim / BV), p, stream);
+  }
 }
 
 }  // namespace linear_attn

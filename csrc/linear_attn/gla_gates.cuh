@@ -42,4 +42,44 @@ __device__ __forceinline__ void load_gate_tile(float* tile, const float* gbase, 
   }
 }
 
+// Raw gates g (before gla_cumsum) into a gate tile: rows at or past valid_rows (>= 0) are zeros,
+// no decay, so that after scan_gate_column they hold the last row's b, as load_gate_tile's copies
+// would. All NT threads take part (cp.async; the caller commits and waits).
+template <int NT>
+__device__ __forceinline__ void load_raw_gate_tile(float* tile, const float* gbase, int64_t ld, int valid_rows,
+                                                   int tid) {
+  constexpr int kChunksPerRow = 64 / 4;
+  constexpr int kChunks = kChunk * kChunksPerRow;
+  static_assert(kChunks % NT == 0, "gate tile copies split evenly over the threads");
+#pragma unroll
+  for (int i = 0; i < kChunks / NT; ++i) {
+    const int idx = tid + i * NT;
+    const int r = idx / kChunksPerRow;
+    const int c = (idx % kChunksPerRow) * 4;
+    const bool valid = r < valid_rows;
+    cp_async16(tile + gate_at(r, c), valid ? gbase + r * ld + c : gbase, valid);
+  }
+}
+
+// Column col of a gate tile of raw gates -> b in place, the inclusive sum down its 64 rows, and
+// rows < valid_rows of it into b_out (row r at b_out + r * ld) unless null. The same sums in the
+// same order as gla_cumsum (rows loaded ahead, added in row order), so b is bitwise gla_cumsum's
+// and non-increasing down the chunk for gates <= 0. One thread per column.
+__device__ __forceinline__ void scan_gate_column(float* tile, int col, float* b_out, int64_t ld, int valid_rows) {
+  constexpr int kBatch = 16;  // rows loaded ahead of their sums
+  float acc = 0.f;
+#pragma unroll
+  for (int r0 = 0; r0 < kChunk; r0 += kBatch) {
+    float x[kBatch];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) x[i] = tile[gate_at(r0 + i, col)];
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      acc += x[i];
+      tile[gate_at(r0 + i, col)] = acc;
+      if (b_out != nullptr && r0 + i < valid_rows) b_out[(r0 + i) * ld] = acc;
+    }
+  }
+}
+
 }  // namespace linear_attn

@@ -651,15 +651,28 @@ void gla_output(const Tensor& x, const Tensor& y, const Tensor& z, const Tensor&
 // final state as chunk_state (gk_cum = b) + gla_output (lower, both scales = scale), with no states
 // in global memory. K in {64, 128, 256}; V a multiple of the V tile (gla_fused_tile_v: 128 at K = 128
 // when V allows it, the 256-thread kernel; else 64, or 32 at K = 256).
-void gla_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& b, const OptTensor& init,
-                   Tensor& out, const OptTensor& final_state, const OptTensor& cu_seqlens, double scale) {
+// The 256-thread kernel only: g fp32 [B, T, H, K] (raw gates) instead of b, summed per chunk in the
+// kernel, with b_out fp32 [B, T, H, K] (optional) getting b; seg_chunks, seg_state [N_seq * S, H, K,
+// V], seg_decay [N_seq * S, H, K]: segments (set_segments), two launches (gla_fused.cuh).
+void gla_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& b, const OptTensor& init,
+                   Tensor& out, const OptTensor& final_state, const OptTensor& cu_seqlens, double scale,
+                   const OptTensor& g, const OptTensor& b_out, int64_t seg_chunks, const OptTensor& seg_state,
+                   const OptTensor& seg_decay) {
   check_operands({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}}, q, q.scalar_type());
   const auto [B, T, H, K, V] = check_tokens({&q, "q"}, "[B, T, H, K]", {&k, "k"}, {&v, "v"}, {&out, "out"});
   CHECK_ARG(K == 64 || K == 128 || K == 256, "K must be 64, 128 or 256 (pad in Python), got ", K);
   const int bv = la::gla_fused_tile_v(static_cast<int>(K), V);
   CHECK_ARG(V % bv == 0 && V > 0, "V must be a multiple of ", bv, " (K = ", K, "), got ", V);
-  check_operands({{&b, "b"}}, q, at::kFloat);
-  check_shape(b, "b", q.sizes());
+  CHECK_ARG(b.has_value() != g.has_value(), "give exactly one of b (cumulative gates) and g (raw gates)");
+  const bool wide = bv == 128;
+  CHECK_ARG(wide || (!g.has_value() && seg_chunks == 0),
+            "raw gates g and segments need the 256-thread kernel (K = 128, V a multiple of 128), got K = ", K,
+            ", V = ", V);
+  CHECK_ARG(!b_out.has_value() || g.has_value(), "b_out needs raw gates g");
+  const Tensor& gates = b.has_value() ? *b : *g;
+  check_operands({{&gates, b.has_value() ? "b" : "g"}}, q, at::kFloat);
+  check_shape(gates, b.has_value() ? "b" : "g", q.sizes());
+  check_opt(b_out, "b_out", q, at::kFloat, q.sizes());
   c10::cuda::CUDAGuard guard(q.device());
   la::GlaFusedParams p;
   p.seq = seq_params(q, cu_seqlens, std::nullopt, 0, false);
@@ -670,19 +683,22 @@ void gla_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  p.b = b.data_ptr<float>();
+  p.b = b.has_value() ? b->data_ptr<float>() : nullptr;
+  p.g = g.has_value() ? g->data_ptr<float>() : nullptr;
+  p.b_out = float_data_or_null(b_out);
   p.out = out.data_ptr();
   p.init = float_data_or_null(init);
   p.final_state = float_data_or_null(final_state);
   p.k_dim = static_cast<int>(K);
   p.v_dim = static_cast<int>(V);
   p.scale = static_cast<float>(scale);
+  set_segments(p, seg_chunks, seg_state, seg_decay, q, p.seq.num_seqs, H, K, V, T, /*per_row=*/true);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch("gla_fused_fwd", dispatch_dtype(q.scalar_type(), [&](auto tag) {
     return dispatch_head_dim(K, [&](auto kd) {
       constexpr int kK = decltype(kd)::value;
       if constexpr (kK == 128) {
-        if (bv == 128) return la::run_gla_fused_fwd<decltype(tag), 128, 128>(p, stream);
+        if (wide) return la::run_gla_fused_fwd<decltype(tag), 128, 128>(p, stream);
       }
       return la::run_gla_fused_fwd<decltype(tag), kK, la::gla_fused_narrow_tile_v(kK)>(p, stream);
     });
@@ -777,7 +793,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gla_fused_fwd", &gla_fused_fwd,
         "GLA chunked forward in one pass (o and the final state; no chunk states in memory)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("b"), py::arg("init"), py::arg("out"), py::arg("final_state"),
-        py::arg("cu_seqlens"), py::arg("scale"));
+        py::arg("cu_seqlens"), py::arg("scale"), py::arg("g") = py::none(), py::arg("b_out") = py::none(),
+        py::arg("seg_chunks") = 0, py::arg("seg_state") = py::none(), py::arg("seg_decay") = py::none());
   m.def("gla_fused_tile_v", &gla_fused_tile_v, "The V tile (BV) gla_fused_fwd uses for a K and V", py::arg("k_dim"),
         py::arg("v_dim"));
   m.def("gla_grad", &gla_grad, "GLA backward: dq, dk and the per-key gate gradient, chunk by chunk",

@@ -174,13 +174,22 @@ struct GlaFusedParams {
   const void* q = nullptr;        // [tokens, heads, k_dim]
   const void* k = nullptr;        // [tokens, heads, k_dim]
   const void* v = nullptr;        // [tokens, heads, v_dim]
-  const float* b = nullptr;       // [tokens, heads, k_dim] fp32 cumulative gates (gla_cumsum)
+  const float* b = nullptr;       // [tokens, heads, k_dim] fp32 cumulative gates (gla_cumsum), or null:
+  const float* g = nullptr;       // [tokens, heads, k_dim] fp32 raw gates instead (the 256-thread kernel
+                                  // only), summed per chunk in shared memory
+  float* b_out = nullptr;         // with g: [tokens, heads, k_dim] fp32, gets b (for the backward), or null
   void* out = nullptr;            // [tokens, heads, v_dim]
   const float* init = nullptr;    // [num_seqs, heads, k_dim, v_dim] fp32 h0, or null (zeros)
   float* final_state = nullptr;   // [num_seqs, heads, k_dim, v_dim] fp32 h_T, or null
   int k_dim = 0;                  // 64, 128 or 256 (a template parameter)
   int v_dim = 0;                  // multiple of BV (tile_size.h: gla_fused_tile_v)
   float scale = 1.f;              // o = scale * (inter-chunk + intra-chunk parts)
+  // Segments (the 256-thread kernel only; see chunk_fused.cuh): 0 = one CTA walks a whole
+  // sequence; else chunks per segment, with max_segs * seg_chunks >= every sequence's chunk count
+  int seg_chunks = 0;
+  int max_segs = 1;               // segments per sequence in the grid (1 without segments)
+  float* seg_state = nullptr;     // [num_seqs * max_segs, heads, k_dim, v_dim] fp32 workspace (pass 1)
+  float* seg_decay = nullptr;     // [num_seqs * max_segs, heads, k_dim] fp32: each segment's log-decay per key
 };
 
 // gla_grad (gla_grad.cuh): dq, dk and the per-key dg of GLA, one (chunk, head, 64 keys) per CTA.

@@ -28,7 +28,7 @@ GLA (per-key gates g [B, T, H, K]) has its own output and gradient kernels aroun
 chunk_state (with per-key weights):
     gla_cumsum   (g)                -> b: the chunk-local cumulative gates every GLA kernel reads
     chunk_state  (k, v, b)          -> h;  gla_output (q, k, v, h, b) -> o
-  or, where its CTAs fill the SMs (gla_fused_ok; by default only at K = 128 with V a multiple
+  or, where its CTAs fill the SMs (gla_fused_plan; by default only at K = 128 with V a multiple
   of 128, whose 256-thread kernel computes the intra-chunk scores once per 128 V columns;
   FLASH_ATTN_LINEAR_GLA_FUSED_FWD=1 allows the narrower tiles, 0 turns it off), both in one
   pass with the states in registers, one CTA per (sequence, head, V tile):
@@ -389,6 +389,7 @@ def gla_cumsum(ext, g, seqs):
 
 GLA_FUSED_FWD_ENV = "FLASH_ATTN_LINEAR_GLA_FUSED_FWD"
 GLA_FUSED_WIDE_TILE_V = 128  # tile_size.h gla_fused_tile_v: the 256-thread kernel's V tile
+GLA_FUSED_CTAS_PER_SM = 1    # the 256-thread kernel's 162 KB of shared memory: one CTA per SM
 
 
 def gla_fused_mode():
@@ -403,37 +404,56 @@ def gla_fused_mode():
     return "on" if _env_switch(GLA_FUSED_FWD_ENV, "0") else "off"
 
 
-def gla_fused_ok(ext, q, v, seqs):
-    """Whether GLA's forward runs in one pass (gla_fused_fwd): gla_fused_mode allows this tile,
-    the extension has it, and its one CTA per (sequence, head, V tile) fill the SMs to within
-    1/16 (it has no segments; else the three-launch forward). The slack admits 8 x 16 heads at
-    K = V = 128 (128 CTAs) on a 132-SM H100: one CTA per SM either way (the 128-column kernel
-    takes 162 KB of shared memory), 4 SMs idle."""
+def gla_fused_plan(ext, q, v, seqs):
+    """None (the three-launch forward) or (seg_chunks, segments per sequence, wide) for
+    gla_fused_fwd: gla_fused_mode allows this tile and the extension has it. Its one CTA per
+    (sequence, head, V tile) walks the sequence's chunks in order. When they fill the SMs to
+    within 1/16: (0, 1). The slack admits 8 x 16 heads at K = V = 128 (128 CTAs) on a 132-SM
+    H100: one CTA per SM either way (the 256-thread kernel takes 162 KB of shared memory), 4 SMs
+    idle. Else the 256-thread kernel (wide) cuts the sequences into segments, one CTA per SM
+    (_segment_plan), and the narrow one is not used. wide: the kernel sums the raw gates itself
+    (no gla_cumsum launch)."""
     mode = gla_fused_mode()
     if mode == "off" or not fused_forward_enabled():
-        return False
+        return None
     if not hasattr(ext, "gla_fused_tile_v"):  # (older builds lack it)
-        return False
-    H, K, V = q.shape[2], q.shape[3], v.shape[3]
+        return None
+    T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
     bv = ext.gla_fused_tile_v(K, V)
-    if mode == "auto" and bv != GLA_FUSED_WIDE_TILE_V:
-        return False
-    sms = num_sms(q.device)
-    return V % bv == 0 and seqs.num_seqs * H * (V // bv) >= sms - sms // 16
+    wide = bv == GLA_FUSED_WIDE_TILE_V
+    if (mode == "auto" and not wide) or V % bv:
+        return None
+    ctas, sms = seqs.num_seqs * H * (V // bv), num_sms(q.device)
+    if ctas >= sms - sms // 16:
+        return 0, 1, wide
+    if not wide:
+        return None
+    seg_chunks, segments = _segment_plan(ctas, GLA_FUSED_CTAS_PER_SM * sms, T)
+    return (seg_chunks, segments, True) if segments > 1 else None
 
 
-def gla_chunk_forward(ext, q, k, v, b, scale, h0, output_final_state, seqs):
-    """Padded, contiguous inputs and b = gla_cumsum(g) -> (o, h_T fp32 or None)."""
+def gla_chunk_forward(ext, q, k, v, g, scale, h0, output_final_state, seqs, keep_b=True):
+    """Padded, contiguous inputs, g the raw fp32 gates -> (o, h_T fp32 or None, b = gla_cumsum(g)
+    or None). b is what the backward needs; with keep_b=False it may be None (the 256-thread
+    one-pass kernel sums the gates itself and writes b out only when asked)."""
     N, H, K, V = seqs.num_seqs, q.shape[2], q.shape[3], v.shape[3]
     final = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    if gla_fused_ok(ext, q, v, seqs):
-        o = torch.empty_like(v)
-        ext.gla_fused_fwd(q, k, v, b, h0, o, final, seqs.cu, scale)
-        return o, final
-    h = _states(ext, k, v, None, None, h0, seqs, final, gk_cum=b)
     o = torch.empty_like(v)
+    plan = gla_fused_plan(ext, q, v, seqs)
+    if plan is not None and plan[2]:
+        seg_chunks, segments, _ = plan
+        b = torch.empty_like(g) if keep_b else None
+        # with segments: their local states and per-key log-decays (gla_fused.cuh, pass 1)
+        ws = _segment_workspace(q, v, seqs, segments, per_row=True) if segments > 1 else (None, None)
+        ext.gla_fused_fwd(q, k, v, None, h0, o, final, seqs.cu, scale, g, b, seg_chunks, *ws)
+        return o, final, b
+    b = gla_cumsum(ext, g, seqs)
+    if plan is not None:
+        ext.gla_fused_fwd(q, k, v, b, h0, o, final, seqs.cu, scale)
+        return o, final, b
+    h = _states(ext, k, v, None, None, h0, seqs, final, gk_cum=b)
     ext.gla_output(q, k, v, h, b, o, seqs.cu, seqs.offsets, scale, scale, False)
-    return o, final
+    return o, final, b
 
 
 def gla_chunk_backward(ext, q, k, v, b, scale, h0, do, dht, seqs):
@@ -490,9 +510,10 @@ class GLAFunction(torch.autograd.Function):
             assert gvp is None, "the chunked GLA kernels have no value gate"
             # the backward needs only b: it is saved in place of the gates (same size, fp32), and
             # the backward's gla_cumsum launch is saved too
-            gp = gla_cumsum(ext, gp, seqs)
-            o, ht = gla_chunk_forward(ext, qp, kp, vp, gp, scale, h0p, output_final_state, seqs)
-            ctx.gates_cumulative = True
+            keep_b = any(ctx.needs_input_grad[:6])  # (grad mode is off inside forward)
+            o, ht, b = gla_chunk_forward(ext, qp, kp, vp, gp, scale, h0p, output_final_state, seqs, keep_b)
+            ctx.gates_cumulative = b is not None
+            gp = gp if b is None else b
         ctx.save_for_backward(qp, kp, vp, gp, gvp, h0p)
         ctx.seqs, ctx.scale, ctx.dims = seqs, scale, dims
         ctx.g_dtype = None if g is None else g.dtype
