@@ -23,12 +23,19 @@
 // and the result times exp(b_i - b_p) or exp(b_p - b_j); the diagonal blocks are elementwise.
 //
 // Phase 1 walks V in 64-column slabs: dA = do v^T, do h_c^T and v dH_c^T (this CTA's 64 keys) by
-// mma.sync, and rowsum(dH_c * h_c). Phase 2 loads q, k and the gate tile of the key slab and
-// shares dA through shared memory (bf16 off the diagonal for the MMAs, fp32 diagonal blocks).
-// Phase 3 turns the per-row terms of dg into the prefix / suffix sums down the chunk.
+// mma.sync, and rowsum(dH_c * h_c). A slab is four 64 x 64 tiles (do, v: chunk rows x v; h_c,
+// dH_c: keys x v), 32 KB in 16 bits; with kStages = 2 slab i + 1 is in flight while slab i is
+// multiplied, with one stage every slab's load waits for the one before it to be consumed. The
+// kernel is latency-bound (two CTAs of 4 warps per SM), so the loads are issued as early as
+// they can be: slab 0 (and slab 1 with two stages), then q, k and the gate tile of the key slab
+// (used only in phase 2, in regions of their own) in a cp.async group of their own, so that they
+// land during phase 1. gla_grad_stages picks kStages by the shared memory per SM.
+// Phase 2 shares dA through shared memory (bf16 off the diagonal for the MMAs, fp32 diagonal
+// blocks). Phase 3 turns the per-row terms of dg into the prefix / suffix sums down the chunk.
 #pragma once
 
 #include "chunk_info.cuh"
+#include "device_info.h"
 #include "gla_gates.cuh"
 #include "gla_output.cuh"
 #include "mma.cuh"
@@ -37,37 +44,63 @@ namespace linear_attn {
 
 constexpr int kDiagPitch = kSub + 1;  // fp32 diagonal blocks of dA: [4][16][17], conflict-free by row and column
 
-template <typename T>
+// kStages stages of phase 1's slab (do, v, h, dH: 4 x 64 x 64, 32 KB in 16 bits; phase 3 reuses
+// stage 0 as two fp32 64 x 64 tiles), then the regions that phase 1 leaves alone: q and k
+// (loaded during phase 1), dA, the gate tile (loaded during phase 1), dA's diagonal blocks and
+// the halves of rowsum(dH_c * h_c). 77.75 KB with one stage, 109.75 KB with two.
+template <typename T, int kStages>
 constexpr int gla_grad_smem_bytes() {
-  return 4 * kChunk * 64 * static_cast<int>(sizeof(T))   // phase 1: do, v, h, dH slabs (phase 3: two fp32 tiles)
-         + 2 * kChunk * 64 * static_cast<int>(sizeof(T))  // q, k slabs
-         + kChunk * 64 * static_cast<int>(sizeof(T))      // dA off the diagonal
-         + kGateTileFloats * 4                            // gate tile
-         + 4 * kSub * kDiagPitch * 4                      // dA diagonal blocks
-         + 2 * 64 * 4;                                    // rowsum(dH_c * h_c) halves
+  return kStages * 4 * kChunk * 64 * static_cast<int>(sizeof(T))  // phase 1: do, v, h, dH slabs per stage
+         + 2 * kChunk * 64 * static_cast<int>(sizeof(T))          // q, k slabs
+         + kChunk * 64 * static_cast<int>(sizeof(T))              // dA off the diagonal
+         + kGateTileFloats * 4                                    // gate tile
+         + 4 * kSub * kDiagPitch * 4                              // dA diagonal blocks
+         + 2 * 64 * 4;                                            // rowsum(dH_c * h_c) halves
+}
+
+static_assert(gla_grad_smem_bytes<__half, 1>() == 79616, "one stage: 77.75 KB");
+static_assert(gla_grad_smem_bytes<__half, 2>() == 112384, "two stages: 109.75 KB");
+static_assert(2 * (gla_grad_smem_bytes<__half, 2>() + 1024) <= 228 * 1024,
+              "two stages: two CTAs (plus 1 KB reserved each) per sm90 SM");
+static_assert(2 * (gla_grad_smem_bytes<__half, 1>() + 1024) <= 164 * 1024,
+              "one stage: two CTAs (plus 1 KB reserved each) per sm80 SM");
+static_assert(2 * kChunk * 64 * 4 <= 4 * kChunk * 64 * 2, "phase 3's two fp32 tiles fit in stage 0");
+
+// Two stages where two CTAs of the two-stage kernel fit an SM (sm90: 2 x (109.75 + 1) KB of
+// 228 KB), else one, whose 77.75 KB keeps what fitted before: two CTAs per sm80 SM (2 x 110.75 KB
+// would be over its 164 KB: one CTA of 4 warps), one per sm86 / sm89 SM (100 KB: the two-stage
+// kernel would not launch there at all).
+template <typename T>
+inline int gla_grad_stages(int device) {
+  const int per_sm = flash::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(device);
+  const int reserved = flash::cached_device_attribute<cudaDevAttrReservedSharedMemoryPerBlock>(device);
+  return per_sm >= 2 * (gla_grad_smem_bytes<T, 2>() + (reserved > 0 ? reserved : 1024)) ? 2 : 1;
 }
 
 // fp32 64 x 64 tile, 4-float groups XOR-swizzled by row: a column read by 32 threads (one per
 // column) and the C-fragment float2 writes spread over the banks
 __device__ __forceinline__ int f32_at(int row, int col) { return row * 64 + (col ^ ((row & 7) << 2)); }
 
-// Two CTAs per SM (78 KB of shared memory each): up to 255 registers per thread, which the
-// three 16 x 64 fp32 accumulator sets of phase 1 and the dq / dk passes need without spilling
-// (without the bound, ptxas aimed at 168 and spilled on sm90).
-template <typename Tag>
+// Two CTAs per SM (sm90: two stages, 109.75 KB of shared memory each; sm80: one stage, 77.75 KB;
+// sm86 / sm89 fit one): up to 255 registers per thread, which the three 16 x 64 fp32 accumulator
+// sets of phase 1 and the dq / dk passes need without spilling (without the bound, ptxas aimed at
+// 168 and spilled on sm90).
+template <typename Tag, int kStages>
 __global__ void __launch_bounds__(128, 2) gla_grad_kernel(const GlaGradParams p) {
   using E = Elem<Tag>;
   using T = typename E::T;
   constexpr int kThreads = 128;
+  constexpr int kTile = kChunk * 64;      // elements of one 64 x 64 tile (chunk rows or keys x 64)
+  constexpr int kStageElems = 4 * kTile;  // one stage: do, v, h, dH
+  static_assert(kStages == 1 || kStages == 2, "one or two stages of phase 1's slabs");
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* sdo = reinterpret_cast<T*>(smem_raw);  // (chunk row, v) swizzled      phase 1
-  T* sv = sdo + kChunk * 64;                 // (chunk row, v) swizzled      phase 1
-  T* sh = sv + kChunk * 64;                  // (key d, v) swizzled: h_c     phase 1
-  T* sdh = sh + 64 * 64;                     // (key d, v) swizzled: dH_c    phase 1
-  float* sxs = reinterpret_cast<float*>(smem_raw);  // (chunk row, d) f32_at: q*dq - k*ki   phase 2-3
-  float* sys = sxs + kChunk * 64;                   // (chunk row, d) f32_at: k*ks          phase 2-3
-  T* sq = sdh + 64 * 64;                     // (chunk row, d) swizzled
+  // stage s of phase 1 at s1 + s * kStageElems: do (chunk row, v), v (chunk row, v), h_c (key d,
+  // v), dH_c (key d, v), each swizzled, at offsets 0, 1, 2, 3 x kTile
+  T* s1 = reinterpret_cast<T*>(smem_raw);
+  float* sxs = reinterpret_cast<float*>(smem_raw);  // (chunk row, d) f32_at: q*dq - k*ki   phase 2-3 (stage 0)
+  float* sys = sxs + kChunk * 64;                   // (chunk row, d) f32_at: k*ks          phase 2-3 (stage 0)
+  T* sq = s1 + kStages * kStageElems;        // (chunk row, d) swizzled
   T* sk = sq + kChunk * 64;                  // (chunk row, d) swizzled
   T* sda = sk + kChunk * 64;                 // (i, j) swizzled: dA, blocks below the diagonal
   float* gt = reinterpret_cast<float*>(sda + kChunk * 64);  // (chunk row, d) gate tile
@@ -86,6 +119,34 @@ __global__ void __launch_bounds__(128, 2) gla_grad_kernel(const GlaGradParams p)
   const int64_t voff = row0 * ldv + static_cast<int64_t>(head) * p.v_dim;
   const int64_t soff = ((static_cast<int64_t>(blockIdx.x) * H + head) * p.k_dim + d0) * p.v_dim;
 
+  // ------------------------------------------------ loads: phase 1's first slabs, phase 2's operands
+  // cp.async groups, oldest first (cp_async_wait<N> leaves the N newest pending):
+  //   two stages: slab 0, slab 1 (empty when V = 64), {q, k, gates}, then slab i + 1 committed in
+  //               iteration i >= 1 after its barrier; slab i is waited for with <2>, <1>, <0> for
+  //               i = 0, 1, >= 2 (nothing newer than slab i >= 2 is committed before its wait)
+  //   one stage:  slab 0, {q, k, gates}, then slab i + 1 committed at the end of iteration i;
+  //               slab 0 is waited for with <1>, every later one with <0>
+  // {q, k, gates} is needed only in phase 2, and the wait before phase 2 covers it.
+  auto issue_slab = [&](int i) {  // V columns 64 i .. 64 i + 63 into stage i % kStages
+    T* st = s1 + (i % kStages) * kStageElems;
+    const int v0 = i * 64;
+    load_tile<kChunk, 64, kThreads>(st, static_cast<const T*>(p.dout) + voff + v0, ldv, cc.rows, tid);
+    load_tile<kChunk, 64, kThreads>(st + kTile, static_cast<const T*>(p.v) + voff + v0, ldv, cc.rows, tid);
+    load_tile<64, 64, kThreads>(st + 2 * kTile, static_cast<const T*>(p.h) + soff + v0, p.v_dim, 64, tid);
+    load_tile<64, 64, kThreads>(st + 3 * kTile, static_cast<const T*>(p.dh) + soff + v0, p.v_dim, 64, tid);
+  };
+  const int nslabs = p.v_dim / 64;
+  issue_slab(0);
+  cp_async_commit();
+  if constexpr (kStages == 2) {
+    if (nslabs > 1) issue_slab(1);
+    cp_async_commit();
+  }
+  load_tile<kChunk, 64, kThreads>(sq, static_cast<const T*>(p.q) + koff, ldk, cc.rows, tid);
+  load_tile<kChunk, 64, kThreads>(sk, static_cast<const T*>(p.k) + koff, ldk, cc.rows, tid);
+  load_gate_tile<kThreads>(gt, p.b + koff, ldk, cc.rows, tid);
+  cp_async_commit();
+
   // ------------------------------------------------ phase 1: reductions over V
   float s[8][4], dqi[8][4], dks[8][4];  // dA (16 rows x 64 chunk columns); do h^T, v dH^T (16 rows x 64 keys)
   zero_frags(s);
@@ -93,15 +154,33 @@ __global__ void __launch_bounds__(128, 2) gla_grad_kernel(const GlaGradParams p)
   zero_frags(dks);
   float pair = 0.f;  // row d = tid & 63 of rowsum(dH_c * h_c), over the V half tid >> 6
 #pragma unroll 1
-  for (int v0 = 0; v0 < p.v_dim; v0 += 64) {
-    if (v0 > 0) __syncthreads();  // every warp is done with the previous slab
-    load_tile<kChunk, 64, kThreads>(sdo, static_cast<const T*>(p.dout) + voff + v0, ldv, cc.rows, tid);
-    load_tile<kChunk, 64, kThreads>(sv, static_cast<const T*>(p.v) + voff + v0, ldv, cc.rows, tid);
-    load_tile<64, 64, kThreads>(sh, static_cast<const T*>(p.h) + soff + v0, p.v_dim, 64, tid);
-    load_tile<64, 64, kThreads>(sdh, static_cast<const T*>(p.dh) + soff + v0, p.v_dim, 64, tid);
-    cp_async_commit();
-    cp_async_wait<0>();
+  for (int i = 0; i < nslabs; ++i) {
+    if constexpr (kStages == 2) {
+      if (i == 0) {
+        cp_async_wait<2>();
+      } else if (i == 1) {
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+    } else {
+      if (i == 0) {
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+    }
+    // slab i (every thread's copies) is visible, and every warp is done with slab i - 1, whose
+    // stage slab i + 1 overwrites (two stages)
     __syncthreads();
+    if (kStages == 2 && i >= 1 && i + 1 < nslabs) {
+      issue_slab(i + 1);
+      cp_async_commit();
+    }
+    const T* sdo = s1 + (i % kStages) * kStageElems;  // (chunk row, v) swizzled
+    const T* sv = sdo + kTile;                         // (chunk row, v) swizzled
+    const T* sh = sv + kTile;                          // (key d, v) swizzled: h_c
+    const T* sdh = sh + kTile;                         // (key d, v) swizzled: dH_c
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       uint32_t ado[4], av[4];
@@ -135,14 +214,16 @@ __global__ void __launch_bounds__(128, 2) gla_grad_kernel(const GlaGradParams p)
         for (int e = 0; e < 8; ++e) pair += hv[e] * dv[e];
       }
     }
+    if (kStages == 1 && i + 1 < nslabs) {
+      __syncthreads();  // every warp is done with slab i, whose stage slab i + 1 overwrites
+      issue_slab(i + 1);
+      cp_async_commit();
+    }
   }
-  __syncthreads();  // phase-1 tiles are dead from here (phase 3 reuses them)
+  // No barrier here: phase 2's writes below (spair, sda, sdiag) are outside phase 1's stages,
+  // which die at the barrier after them (the dq pass then writes sxs over stage 0).
 
-  // ------------------------------------------------ phase 2: q, k, gates; dA shared
-  load_tile<kChunk, 64, kThreads>(sq, static_cast<const T*>(p.q) + koff, ldk, cc.rows, tid);
-  load_tile<kChunk, 64, kThreads>(sk, static_cast<const T*>(p.k) + koff, ldk, cc.rows, tid);
-  load_gate_tile<kThreads>(gt, p.b + koff, ldk, cc.rows, tid);
-  cp_async_commit();
+  // ------------------------------------------------ phase 2: dA shared (q, k, gates landing)
   spair[tid] = pair;  // [tid >> 6][tid & 63]
 #pragma unroll
   for (int nt = 0; nt < 8; ++nt) {
@@ -216,8 +297,9 @@ __global__ void __launch_bounds__(128, 2) gla_grad_kernel(const GlaGradParams p)
       }
     }
     // diagonal: dq_i += sum_{c <= i} dA_ic k_c exp(b_i - b_c) over the block's columns c; rows
-    // g (columns 0..g) and g + 8 (columns 0..g + 8) of the block
-#pragma unroll 1
+    // g (columns 0..g) and g + 8 (columns 0..g + 8) of the block; two columns a step, so that
+    // the second's shared-memory loads overlap the first's math (same sums, same order)
+#pragma unroll 2
     for (int c = 0; c < kSub; ++c) {
       const int row_c = warp * kSub + c;
       const bool lo = c <= g, hi = c <= g + 8;
@@ -295,8 +377,8 @@ __global__ void __launch_bounds__(128, 2) gla_grad_kernel(const GlaGradParams p)
       }
     }
     // diagonal: ki_j += sum_{i >= j} dA_ij q_i exp(b_i - b_j) over the block's rows i; rows j = g
-    // (i = g..15) and g + 8 (i = g + 8..15) of the block
-#pragma unroll 1
+    // (i = g..15) and g + 8 (i = g + 8..15) of the block; two rows a step, as for dq
+#pragma unroll 2
     for (int i = 0; i < kSub; ++i) {
       const int row_i = warp * kSub + i;
       const bool lo = i >= g, hi = i >= g + 8;
@@ -362,18 +444,27 @@ __global__ void __launch_bounds__(128, 2) gla_grad_kernel(const GlaGradParams p)
   for (int r = tid >> 6; r < cc.rows; r += 2) dgg[r * ldk + d] = pair_d + sxs[f32_at(r, d)] + sys[f32_at(r, d)];
 }
 
-template <typename Tag>
-cudaError_t run_gla_grad(const GlaGradParams& p, cudaStream_t stream) {
-  if (p.seq.num_slots == 0 || p.seq.heads == 0 || p.k_dim == 0) return cudaSuccess;
-  if (p.k_dim % 64 != 0 || p.v_dim % 64 != 0 || p.v_dim == 0) return cudaErrorInvalidValue;
-  constexpr int smem = gla_grad_smem_bytes<typename Elem<Tag>::T>();
-  auto kernel = gla_grad_kernel<Tag>;
+template <typename Tag, int kStages>
+cudaError_t launch_gla_grad(const GlaGradParams& p, cudaStream_t stream) {
+  constexpr int smem = gla_grad_smem_bytes<typename Elem<Tag>::T, kStages>();
+  auto kernel = gla_grad_kernel<Tag, kStages>;
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
   }
   kernel<<<dim3(p.seq.num_slots, p.seq.heads, p.k_dim / 64), 128, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+template <typename Tag>
+cudaError_t run_gla_grad(const GlaGradParams& p, cudaStream_t stream) {
+  if (p.seq.num_slots == 0 || p.seq.heads == 0 || p.k_dim == 0) return cudaSuccess;
+  if (p.k_dim % 64 != 0 || p.v_dim % 64 != 0 || p.v_dim == 0) return cudaErrorInvalidValue;
+  int device = 0;
+  const cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  return gla_grad_stages<typename Elem<Tag>::T>(device) == 2 ? launch_gla_grad<Tag, 2>(p, stream)
+                                                             : launch_gla_grad<Tag, 1>(p, stream);
 }
 
 }  // namespace linear_attn
