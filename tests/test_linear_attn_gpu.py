@@ -815,7 +815,7 @@ def test_gla_fused_wide_raw_gates_and_segments(B, T, H, lens, segments, dt):
     h = _kernels._states(ext(), k, v, None, None, h0, s, None, gk_cum=b)
     o2 = torch.empty_like(v)
     ext().gla_output(q, k, v, h, b, o2, s.cu, s.offsets, 1.0, 1.0, False)
-    o_ref, ht_ref = linear_attn_recurrent_ref(q.float(), k.float(), v.float(), g=g, initial_state=h0,
+    o_ref, ht_ref = linear_attn_recurrent_ref(q.float(), k.float(), v.float(), g=g, scale=1.0, initial_state=h0,
                                               output_final_state=True, cu_seqlens=s.cu)
     check("o vs three-launch", o, o2, OUT_TOL)
     check("o vs reference", o, o_ref, OUT_TOL)
