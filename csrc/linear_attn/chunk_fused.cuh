@@ -91,10 +91,9 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
   const SeqRange sr = sequence_range(p.seq, seq);
   const int nchunks = static_cast<int>((sr.eos - sr.bos + kChunk - 1) / kChunk);
   // this CTA's chunks [c_begin, c_end): the whole sequence without segments
-  const int per_seg = p.seg_chunks > 0 ? p.seg_chunks : max(nchunks, 1);
-  const int nsegs = max(1, (nchunks + per_seg - 1) / per_seg);  // an empty sequence has one (empty) segment
+  const SegmentRange segs = segment_range(nchunks, p.seg_chunks, seg);
+  const int nsegs = segs.count, c_begin = segs.begin, c_end = segs.end;
   if (seg >= nsegs || (kStateOnly && seg == nsegs - 1)) return;  // pass 1 never needs the last segment's L
-  const int c_begin = seg * per_seg, c_end = min(nchunks, c_begin + per_seg);
 
   const int64_t ldk = static_cast<int64_t>(H) * K, ldv = static_cast<int64_t>(H) * p.v_dim;
   const T* qg = static_cast<const T*>(p.q) + static_cast<int64_t>(head) * K;

@@ -10,6 +10,24 @@
 
 namespace linear_attn {
 
+// Segments of a sequence (chunk_state.cuh, chunk_fused.cuh, gla_fused.cuh): its nchunks chunks
+// cut into segments of seg_chunks chunks (the last one shorter; seg_chunks = 0: one segment);
+// an empty sequence has one (empty) segment. Segment seg covers chunks [begin, end).
+struct SegmentRange {
+  int count = 1;  // segments of this sequence
+  int begin = 0;
+  int end = 0;
+};
+
+__device__ __forceinline__ SegmentRange segment_range(int nchunks, int seg_chunks, int seg) {
+  SegmentRange r;
+  const int per_seg = seg_chunks > 0 ? seg_chunks : max(nchunks, 1);
+  r.count = max(1, (nchunks + per_seg - 1) / per_seg);
+  r.begin = seg * per_seg;
+  r.end = min(nchunks, r.begin + per_seg);
+  return r;
+}
+
 struct SeqRange {
   int64_t bos = 0;  // first row of the sequence
   int64_t eos = 0;  // one past its last row (eos >= bos)

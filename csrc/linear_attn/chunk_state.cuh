@@ -75,11 +75,10 @@ __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams
   const SeqRange sr = sequence_range(p.seq, seq);
   const int nchunks = static_cast<int>((sr.eos - sr.bos + kChunk - 1) / kChunk);
   // this CTA's chunks [c_begin, c_end): the whole sequence without segments
-  const int per_seg = p.seg_chunks > 0 ? p.seg_chunks : max(nchunks, 1);
-  const int nsegs = max(1, (nchunks + per_seg - 1) / per_seg);  // an empty sequence has one (empty) segment
+  const SegmentRange segs = segment_range(nchunks, p.seg_chunks, seg);
+  const int nsegs = segs.count, c_begin = segs.begin, c_end = segs.end;
   const int last_needed = kReverse ? 0 : nsegs - 1;  // the segment whose local result nobody folds in
   if (seg >= nsegs || (p.seg_pass && seg == last_needed)) return;
-  const int c_begin = seg * per_seg, c_end = min(nchunks, c_begin + per_seg);
   const int count = c_end - c_begin;
 
   const int64_t ldx = static_cast<int64_t>(H) * p.r_dim, ldz = static_cast<int64_t>(H) * p.n_dim;

@@ -415,11 +415,10 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
   const int n0 = blockIdx.z * BV;
   const SeqRange sr = sequence_range(p.seq, seq);
   const int nchunks = static_cast<int>((sr.eos - sr.bos + kChunk - 1) / kChunk);
-  // this CTA's chunks [c_begin, c_end): the whole sequence without segments (as chunk_fused.cuh)
-  const int per_seg = p.seg_chunks > 0 ? p.seg_chunks : max(nchunks, 1);
-  const int nsegs = max(1, (nchunks + per_seg - 1) / per_seg);  // an empty sequence has one (empty) segment
+  // this CTA's chunks [c_begin, c_end): the whole sequence without segments
+  const SegmentRange segs = segment_range(nchunks, p.seg_chunks, seg);
+  const int nsegs = segs.count, c_begin = segs.begin, c_end = segs.end;
   if (seg >= nsegs || (kStateOnly && seg == nsegs - 1)) return;  // pass 1 never needs the last segment's L
-  const int c_begin = seg * per_seg, c_end = min(nchunks, c_begin + per_seg);
 
   const int64_t ldk = static_cast<int64_t>(H) * K, ldv = static_cast<int64_t>(H) * p.v_dim;
   const T* qg = static_cast<const T*>(p.q) + static_cast<int64_t>(head) * K;
@@ -494,7 +493,7 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
 #pragma unroll
     for (int m = 0; m < MT; ++m) {
       if (raw) {
-        load_raw_gate_tile<kThreads>(sg + m * kGateTileFloats, bg + start * ldk + 64 * m, ldk, rows, tid);
+        load_gate_tile<kThreads, true>(sg + m * kGateTileFloats, bg + start * ldk + 64 * m, ldk, rows, tid);
       } else {
         load_gate_tile<kThreads>(sg + m * kGateTileFloats, bg + start * ldk + 64 * m, ldk, rows, tid);
       }

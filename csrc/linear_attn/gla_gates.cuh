@@ -25,9 +25,11 @@ constexpr int kGateTileFloats = kChunk * kGatePitch;
 __device__ __forceinline__ int gate_at(int row, int col) { return row * kGatePitch + col; }
 
 // rows [0, kChunk) x cols [0, 64) of b (row r at gbase + r * ld) into a gate tile; rows at or
-// past valid_rows (>= 1) copy row valid_rows - 1. All NT threads take part (cp.async; the
-// caller commits and waits).
-template <int NT>
+// past valid_rows (>= 1) copy row valid_rows - 1. With kRaw, raw gates g (before gla_cumsum)
+// instead, and rows at or past valid_rows (>= 0) are zeros, no decay, so that after
+// scan_gate_column they hold the last row's b, as the copies would. All NT threads take part
+// (cp.async; the caller commits and waits).
+template <int NT, bool kRaw = false>
 __device__ __forceinline__ void load_gate_tile(float* tile, const float* gbase, int64_t ld, int valid_rows, int tid) {
   constexpr int kChunksPerRow = 64 / 4;  // 16-byte chunks
   constexpr int kChunks = kChunk * kChunksPerRow;
@@ -37,27 +39,13 @@ __device__ __forceinline__ void load_gate_tile(float* tile, const float* gbase, 
     const int idx = tid + i * NT;
     const int r = idx / kChunksPerRow;
     const int c = (idx % kChunksPerRow) * 4;
-    const int src = r < valid_rows ? r : valid_rows - 1;
-    cp_async16(tile + gate_at(r, c), gbase + src * ld + c, true);
-  }
-}
-
-// Raw gates g (before gla_cumsum) into a gate tile: rows at or past valid_rows (>= 0) are zeros,
-// no decay, so that after scan_gate_column they hold the last row's b, as load_gate_tile's copies
-// would. All NT threads take part (cp.async; the caller commits and waits).
-template <int NT>
-__device__ __forceinline__ void load_raw_gate_tile(float* tile, const float* gbase, int64_t ld, int valid_rows,
-                                                   int tid) {
-  constexpr int kChunksPerRow = 64 / 4;
-  constexpr int kChunks = kChunk * kChunksPerRow;
-  static_assert(kChunks % NT == 0, "gate tile copies split evenly over the threads");
-#pragma unroll
-  for (int i = 0; i < kChunks / NT; ++i) {
-    const int idx = tid + i * NT;
-    const int r = idx / kChunksPerRow;
-    const int c = (idx % kChunksPerRow) * 4;
-    const bool valid = r < valid_rows;
-    cp_async16(tile + gate_at(r, c), valid ? gbase + r * ld + c : gbase, valid);
+    if constexpr (kRaw) {
+      const bool valid = r < valid_rows;
+      cp_async16(tile + gate_at(r, c), valid ? gbase + r * ld + c : gbase, valid);
+    } else {
+      const int src = r < valid_rows ? r : valid_rows - 1;
+      cp_async16(tile + gate_at(r, c), gbase + src * ld + c, true);
+    }
   }
 }
 
