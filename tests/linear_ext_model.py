@@ -445,7 +445,7 @@ class LinearExtModel:
         return 64 if k_dim <= 128 else 32
 
     def gla_fused_fwd(self, q, k, v, b, init, out, final_state, cu_seqlens, scale, g=None, b_out=None,
-                      seg_chunks=0, seg_state=None, seg_decay=None):
+                      seg_chunks=0, seg_state=None, seg_decay=None, h_out=None, chunk_offsets=None):
         """GLA's one-pass forward (gla_fused.cuh), chunk by chunk with the running state S:
           o  = gla_output's lower output with M = S_c rounded to q's dtype (the kernel's MMA operand),
                both scales = scale
@@ -454,7 +454,9 @@ class LinearExtModel:
         kernel (K = 128, V a multiple of 128) also takes raw gates g instead of b (summed per
         chunk, b into b_out when given) and segments as chunk_fused_fwd's, with a log-decay per
         key: pass 1 writes each segment's local state L_j and d_j = the sum of its chunks' b_L
-        [H, K]; pass 2 starts segment j from the fold S <- diag(exp(d_s)) S + L_s over s < j."""
+        [H, K]; pass 2 starts segment j from the fold S <- diag(exp(d_s)) S + L_s over s < j.
+        h_out (the 256-thread kernel): every chunk's entering state, rounded to q's dtype, at its
+        slot (chunk_offsets with cu_seqlens), as chunk_state stores it."""
         B, T, H, K = q.shape
         V = v.shape[-1]
         wide = self.gla_fused_tile_v(K, V) == 128
@@ -462,6 +464,8 @@ class LinearExtModel:
         assert (b is None) != (g is None), "exactly one of b and g"
         assert wide or (g is None and seg_chunks == 0), "raw gates and segments: the 256-thread kernel only"
         assert b_out is None or g is not None
+        assert h_out is None or (wide and h_out.dtype == q.dtype and h_out.shape[1:] == (H, K, V)
+                                 and (cu_seqlens is None or chunk_offsets is not None))
         if g is not None:
             assert g.shape == q.shape and g.dtype == torch.float32
             b = torch.empty_like(g)
@@ -479,9 +483,11 @@ class LinearExtModel:
         bs = b.reshape(B * T, H, K).double().cpu()
         outs = out.view(B * T, H, V)
 
-        def step(S, start, stop, write):
+        def step(S, start, stop, write, slot=None):
             """One chunk from the state S entering it: its output rows (when write), the state
-            leaving it and b_L [H, K]."""
+            leaving it and b_L [H, K]; with slot, S into h_out there."""
+            if slot is not None:
+                h_out[slot] = S.to(h_out.dtype)
             X, Y, Z = (_pad_rows(t[start:stop]) for t in (qs, ks, vs))
             Bc = _pad_rows(bs[start:stop], clamp=True)  # [64, H, K]
             if write:
@@ -490,7 +496,7 @@ class LinearExtModel:
             bl = Bc[-1]  # [H, K]
             return _exp0(bl)[..., None] * S + torch.einsum("lhk,lhv->hkv", Y * _exp0(bl - Bc), Z), bl
 
-        for n, (bos, eos, _) in enumerate(sequences(B, T, cu_seqlens, None)):
+        for n, (bos, eos, first) in enumerate(sequences(B, T, cu_seqlens, chunk_offsets)):
             segs = _segments(list(_chunk_rows(bos, eos)), seg_chunks if S_per > 1 else 0, S_per)
             S_in = init[n].double().cpu().clone() if init is not None else torch.zeros(H, K, V, dtype=torch.float64)
             for j, seg in enumerate(segs):
@@ -504,8 +510,8 @@ class LinearExtModel:
                     S_in = torch.exp(seg_decay[n * S_per + j - 1].double())[..., None] * S_in + \
                         seg_state[n * S_per + j - 1].double()
                 S = S_in
-                for _, start, stop in seg:
-                    S, _ = step(S, start, stop, True)
+                for c, start, stop in seg:
+                    S, _ = step(S, start, stop, True, None if h_out is None else first + c)
             if final_state is not None:
                 final_state[n] = S.to(final_state.dtype)
 

@@ -571,6 +571,15 @@ def check_gla_route_against_reference(case, with_final):
 def test_gla_segmented_states(segmented, lens):
     """chunk_gla with its chunk_state passes (forward h, backward h, reverse dH) in segments."""
     check_gla_route_against_reference(("seg", 600, 64, 64, 1.0, 0.5, lens), True)
+    # the forward's h (kept for the backward, gla_save_states) and the reverse dH
+    assert len(segmented.seg_calls) == 2 and all(c > 0 for c in segmented.seg_calls), segmented.seg_calls
+
+
+@pytest.mark.parametrize("lens", [None, [0, 600, 1, 333]], ids=["batched", "varlen"])
+def test_gla_segmented_states_recomputed(segmented, monkeypatch, lens):
+    """FLASH_ATTN_LINEAR_GLA_SAVE_STATES=0: the backward recomputes h (three segmented passes)."""
+    monkeypatch.setenv(_kernels.GLA_SAVE_STATES_ENV, "0")
+    check_gla_route_against_reference(("seg", 600, 64, 64, 1.0, 0.5, lens), True)
     assert len(segmented.seg_calls) == 3 and all(c > 0 for c in segmented.seg_calls), segmented.seg_calls
 
 
@@ -951,14 +960,18 @@ def test_gla_fused_wide_segments(route_to_model, monkeypatch, B, T, H, lens, sms
         assert torch.equal(ht[0], h0[0])  # the empty sequence passes its state through
 
 
+@pytest.mark.parametrize("save", ["1", "0"], ids=["states-kept", "states-recomputed"])
 @pytest.mark.parametrize("lens", [None, [0, 600, 1, 333]], ids=["batched", "varlen"])
-def test_gla_fused_wide_segments_then_backward(route_to_model, monkeypatch, lens):
+def test_gla_fused_wide_segments_then_backward(route_to_model, monkeypatch, lens, save):
     """Gradients after the segmented one-pass forward: it writes b (b_out) for the backward,
-    which then runs no gla_cumsum."""
+    which then runs no gla_cumsum, and the chunk states (h_out) unless
+    FLASH_ATTN_LINEAR_GLA_SAVE_STATES=0, so the backward's only chunk_state is the reverse dH."""
+    monkeypatch.setenv(_kernels.GLA_SAVE_STATES_ENV, save)
     spy = route_to_model(SegmentSpy())
     for env in (_kernels.GLA_FUSED_FWD_ENV, _kernels.FUSED_FWD_ENV):
         monkeypatch.delenv(env, raising=False)
     spy.sms = 12 if lens is None else 24  # 2 x 2 CTAs (or 4 sequences x 2 heads): 2 or 3 segments
     check_gla_route_against_reference(("wide-seg", 600, 128, 128, 1.0, 0.5, lens), True)
     assert "gla_cumsum" not in spy.calls and "gla_grad" in spy.calls, spy.calls
+    assert spy.calls.count("chunk_state") == (1 if save == "1" else 2), spy.calls
     assert spy.segs and all(n > 0 for n, _ in spy.segs), spy.segs

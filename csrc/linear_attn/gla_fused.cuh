@@ -532,6 +532,17 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
       }
       __syncthreads();
     }
+    if (!kStateOnly && p.h_out != nullptr) {
+      // S_c as chunk_state stores it (the state entering chunk i, in the input dtype), for the
+      // backward: ss (swizzled 16-byte groups) -> h_out[slot i] rows, coalesced 16-byte stores
+      T* hrow = static_cast<T*>(p.h_out) + (static_cast<int64_t>(sr.first_slot + i) * H + head) * K * p.v_dim + n0;
+#pragma unroll
+      for (int j = 0; j < K * BV / 8 / kThreads; ++j) {
+        const int idx = tid + j * kThreads, r = idx / (BV / 8), c = (idx % (BV / 8)) * 8;
+        *reinterpret_cast<uint4*>(hrow + static_cast<int64_t>(r) * p.v_dim + c) =
+            *reinterpret_cast<const uint4*>(ss + swz<BV>(r, c));
+      }
+    }
     T* qs = sq + stage * MT * kSlab;
     const T* ks = sk + stage * MT * kSlab;
     const T* vs = sv + stage * kChunk * BV;

@@ -653,11 +653,13 @@ void gla_output(const Tensor& x, const Tensor& y, const Tensor& z, const Tensor&
 // when V allows it, the 256-thread kernel; else 64, or 32 at K = 256).
 // The 256-thread kernel only: g fp32 [B, T, H, K] (raw gates) instead of b, summed per chunk in the
 // kernel, with b_out fp32 [B, T, H, K] (optional) getting b; seg_chunks, seg_state [N_seq * S, H, K,
-// V], seg_decay [N_seq * S, H, K]: segments (set_segments), two launches (gla_fused.cuh).
+// V], seg_decay [N_seq * S, H, K]: segments (set_segments), two launches (gla_fused.cuh); h_out [S, H,
+// K, V] in q's dtype (optional) gets every chunk's entering state as chunk_state would (chunk_offsets
+// [N_seq + 1] int32 with cu_seqlens, as chunk_state's).
 void gla_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& b, const OptTensor& init,
                    Tensor& out, const OptTensor& final_state, const OptTensor& cu_seqlens, double scale,
                    const OptTensor& g, const OptTensor& b_out, int64_t seg_chunks, const OptTensor& seg_state,
-                   const OptTensor& seg_decay) {
+                   const OptTensor& seg_decay, const OptTensor& h_out, const OptTensor& chunk_offsets) {
   check_operands({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}}, q, q.scalar_type());
   const auto [B, T, H, K, V] = check_tokens({&q, "q"}, "[B, T, H, K]", {&k, "k"}, {&v, "v"}, {&out, "out"});
   CHECK_ARG(K == 64 || K == 128 || K == 256, "K must be 64, 128 or 256 (pad in Python), got ", K);
@@ -669,13 +671,25 @@ void gla_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
             "raw gates g and segments need the 256-thread kernel (K = 128, V a multiple of 128), got K = ", K,
             ", V = ", V);
   CHECK_ARG(!b_out.has_value() || g.has_value(), "b_out needs raw gates g");
+  CHECK_ARG(wide || !h_out.has_value(), "h_out needs the 256-thread kernel (K = 128, V a multiple of 128)");
+  CHECK_ARG(!h_out.has_value() || !cu_seqlens.has_value() || chunk_offsets.has_value(),
+            "h_out with cu_seqlens needs chunk_offsets");
   const Tensor& gates = b.has_value() ? *b : *g;
   check_operands({{&gates, b.has_value() ? "b" : "g"}}, q, at::kFloat);
   check_shape(gates, b.has_value() ? "b" : "g", q.sizes());
   check_opt(b_out, "b_out", q, at::kFloat, q.sizes());
   c10::cuda::CUDAGuard guard(q.device());
   la::GlaFusedParams p;
-  p.seq = seq_params(q, cu_seqlens, std::nullopt, 0, false);
+  p.seq = seq_params(q, cu_seqlens, h_out.has_value() ? chunk_offsets : std::nullopt,
+                     h_out.has_value() ? h_out->size(0) : 0, false);
+  if (h_out.has_value()) {
+    check_operands({{&*h_out, "h_out"}}, q, q.scalar_type());
+    check_shape(*h_out, "h_out", {h_out->size(0), H, K, V});
+    // every chunk's slot is inside h_out (chunk_offsets are the caller's, as for chunk_state)
+    CHECK_ARG(cu_seqlens.has_value() || h_out->size(0) == B * ((T + 63) / 64), "h_out must have B * ceil(T / 64) = ",
+              B * ((T + 63) / 64), " slots, got ", h_out->size(0));
+    p.h_out = h_out->data_ptr();
+  }
   check_opt(init, "init", q, at::kFloat, {p.seq.num_seqs, H, K, V});
   check_opt(final_state, "final_state", q, at::kFloat, {p.seq.num_seqs, H, K, V});
   CHECK_ARG(H < 65536 && V / bv < 65536, "H and V / ", bv, " must be below 65536 (grid y, z), got ", H, " and ",
@@ -794,7 +808,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "GLA chunked forward in one pass (o and the final state; no chunk states in memory)", py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("b"), py::arg("init"), py::arg("out"), py::arg("final_state"),
         py::arg("cu_seqlens"), py::arg("scale"), py::arg("g") = py::none(), py::arg("b_out") = py::none(),
-        py::arg("seg_chunks") = 0, py::arg("seg_state") = py::none(), py::arg("seg_decay") = py::none());
+        py::arg("seg_chunks") = 0, py::arg("seg_state") = py::none(), py::arg("seg_decay") = py::none(),
+        py::arg("h_out") = py::none(), py::arg("chunk_offsets") = py::none());
   m.def("gla_fused_tile_v", &gla_fused_tile_v, "The V tile (BV) gla_fused_fwd uses for a K and V", py::arg("k_dim"),
         py::arg("v_dim"));
   m.def("gla_grad", &gla_grad, "GLA backward: dq, dk and the per-key gate gradient, chunk by chunk",

@@ -178,6 +178,9 @@ struct GlaFusedParams {
   const float* g = nullptr;       // [tokens, heads, k_dim] fp32 raw gates instead (the 256-thread kernel
                                   // only), summed per chunk in shared memory
   float* b_out = nullptr;         // with g: [tokens, heads, k_dim] fp32, gets b (for the backward), or null
+  void* h_out = nullptr;          // the 256-thread kernel: [num_slots, heads, k_dim, v_dim] in q's dtype, gets
+                                  // the state entering each chunk as chunk_state writes it (seq.chunk_offsets
+                                  // with cu_seqlens), or null
   void* out = nullptr;            // [tokens, heads, v_dim]
   const float* init = nullptr;    // [num_seqs, heads, k_dim, v_dim] fp32 h0, or null (zeros)
   float* final_state = nullptr;   // [num_seqs, heads, k_dim, v_dim] fp32 h_T, or null

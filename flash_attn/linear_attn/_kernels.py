@@ -33,7 +33,7 @@ chunk_state (with per-key weights):
   FLASH_ATTN_LINEAR_GLA_FUSED_FWD=1 allows the narrower tiles, 0 turns it off), both in one
   pass with the states in registers, one CTA per (sequence, head, V tile):
     gla_fused_fwd (q, k, v, b)      -> o (csrc/linear_attn/gla_fused.cuh)
-  backward:
+  backward (h: the forward's, kept when gradients are needed, gla_save_states; else recomputed):
     chunk_state  (q, do, b, reverse) -> dH, dh0
     gla_output   (k, q, do, dH, b, upper) -> dv
     gla_grad     (q, k, v, do, b, h, dH)  -> dq, dk, dg (chunk-local, csrc/linear_attn/gla_grad.cuh)
@@ -432,10 +432,24 @@ def gla_fused_plan(ext, q, v, seqs):
     return (seg_chunks, segments, True) if segments > 1 else None
 
 
-def gla_chunk_forward(ext, q, k, v, g, scale, h0, output_final_state, seqs, keep_b=True):
+GLA_SAVE_STATES_ENV = "FLASH_ATTN_LINEAR_GLA_SAVE_STATES"
+
+
+def gla_save_states():
+    """Whether chunk_gla's forward keeps its chunk states h [chunks, H, K, V] (input dtype, twice
+    q's size) for the backward when gradients are needed, instead of the backward recomputing
+    them (one chunk_state pass, ~0.23 ms at 8x2048 x 16 heads, K = V = 128, on an H100).
+    FLASH_ATTN_LINEAR_GLA_SAVE_STATES=0 trades that time back for the memory."""
+    return _env_switch(GLA_SAVE_STATES_ENV, "1")
+
+
+def gla_chunk_forward(ext, q, k, v, g, scale, h0, output_final_state, seqs, keep_b=True, keep_h=False):
     """Padded, contiguous inputs, g the raw fp32 gates -> (o, h_T fp32 or None, b = gla_cumsum(g)
-    or None). b is what the backward needs; with keep_b=False it may be None (the 256-thread
-    one-pass kernel sums the gates itself and writes b out only when asked)."""
+    or None, h or None). b is what the backward needs; with keep_b=False it may be None (the
+    256-thread one-pass kernel sums the gates itself and writes b out only when asked). With
+    keep_h, h is the chunk states (chunk_state's [slots, H, K, V] in q's dtype) where the path
+    gives them: the three launches compute them anyway, the 256-thread kernel writes them out;
+    the 128-thread one-pass kernel does not (None)."""
     N, H, K, V = seqs.num_seqs, q.shape[2], q.shape[3], v.shape[3]
     final = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
     o = torch.empty_like(v)
@@ -443,23 +457,27 @@ def gla_chunk_forward(ext, q, k, v, g, scale, h0, output_final_state, seqs, keep
     if plan is not None and plan[2]:
         seg_chunks, segments, _ = plan
         b = torch.empty_like(g) if keep_b else None
+        h = q.new_empty(seqs.slots, H, K, V) if keep_h else None
         # with segments: their local states and per-key log-decays (gla_fused.cuh, pass 1)
         ws = _segment_workspace(q, v, seqs, segments, per_row=True) if segments > 1 else (None, None)
-        ext.gla_fused_fwd(q, k, v, None, h0, o, final, seqs.cu, scale, g, b, seg_chunks, *ws)
-        return o, final, b
+        ext.gla_fused_fwd(q, k, v, None, h0, o, final, seqs.cu, scale, g, b, seg_chunks, *ws, h,
+                          seqs.offsets if h is not None else None)
+        return o, final, b, h
     b = gla_cumsum(ext, g, seqs)
     if plan is not None:
         ext.gla_fused_fwd(q, k, v, b, h0, o, final, seqs.cu, scale)
-        return o, final, b
+        return o, final, b, None
     h = _states(ext, k, v, None, None, h0, seqs, final, gk_cum=b)
     ext.gla_output(q, k, v, h, b, o, seqs.cu, seqs.offsets, scale, scale, False)
-    return o, final, b
+    return o, final, b, (h if keep_h else None)
 
 
-def gla_chunk_backward(ext, q, k, v, b, scale, h0, do, dht, seqs):
-    """Padded, contiguous inputs -> (dq, dk, dv, dg fp32 [B, T, H, K], dh0 fp32)."""
+def gla_chunk_backward(ext, q, k, v, b, scale, h0, do, dht, seqs, h=None):
+    """Padded, contiguous inputs (h: the forward's chunk states, or None to recompute them) ->
+    (dq, dk, dv, dg fp32 [B, T, H, K], dh0 fp32)."""
     H, K, V = q.shape[2], q.shape[3], v.shape[3]
-    h = _states(ext, k, v, None, None, h0, seqs, None, gk_cum=b)
+    if h is None:
+        h = _states(ext, k, v, None, None, h0, seqs, None, gk_cum=b)
     dh0 = q.new_empty(seqs.num_seqs, H, K, V, dtype=torch.float32)
     dH = _states(ext, q, do, None, None, dht, seqs, dh0, scale=scale, reverse=True, gk_cum=b)
     cu, off = seqs.cu, seqs.offsets
@@ -505,16 +523,17 @@ class GLAFunction(torch.autograd.Function):
         if recurrent:
             o, ht = recurrent_forward(ext, qp, kp, vp, None, None, scale, h0p, output_final_state, seqs, gk=gp,
                                       gv=gvp)
-            ctx.gates_cumulative = False
+            ctx.gates_cumulative, h = False, None
         else:
             assert gvp is None, "the chunked GLA kernels have no value gate"
             # the backward needs only b: it is saved in place of the gates (same size, fp32), and
             # the backward's gla_cumsum launch is saved too
             keep_b = any(ctx.needs_input_grad[:6])  # (grad mode is off inside forward)
-            o, ht, b = gla_chunk_forward(ext, qp, kp, vp, gp, scale, h0p, output_final_state, seqs, keep_b)
+            o, ht, b, h = gla_chunk_forward(ext, qp, kp, vp, gp, scale, h0p, output_final_state, seqs, keep_b,
+                                            keep_b and gla_save_states())
             ctx.gates_cumulative = b is not None
             gp = gp if b is None else b
-        ctx.save_for_backward(qp, kp, vp, gp, gvp, h0p)
+        ctx.save_for_backward(qp, kp, vp, gp, gvp, h0p, h)
         ctx.seqs, ctx.scale, ctx.dims = seqs, scale, dims
         ctx.g_dtype = None if g is None else g.dtype
         ctx.gv_dtype = None if gv is None else gv.dtype
@@ -523,7 +542,7 @@ class GLAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        qp, kp, vp, gp, gvp, h0p = ctx.saved_tensors
+        qp, kp, vp, gp, gvp, h0p, h = ctx.saved_tensors
         K, V, kd, vd = ctx.dims
         ext = extension()
         dop = _pad_last(do.to(vp.dtype), vd)
@@ -531,7 +550,7 @@ class GLAFunction(torch.autograd.Function):
         dgv = None
         if gvp is None:
             b = gp if ctx.gates_cumulative else gla_cumsum(ext, gp, ctx.seqs)
-            dq, dk, dv, dg, dh0 = gla_chunk_backward(ext, qp, kp, vp, b, ctx.scale, h0p, dop, dhtp, ctx.seqs)
+            dq, dk, dv, dg, dh0 = gla_chunk_backward(ext, qp, kp, vp, b, ctx.scale, h0p, dop, dhtp, ctx.seqs, h)
         else:
             dq, dk, dv, dg, dgv, dh0 = recurrent_backward(ext, qp, kp, vp, gp, gvp, ctx.scale, h0p, dop, dhtp,
                                                           ctx.seqs)
