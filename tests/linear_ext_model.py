@@ -227,7 +227,7 @@ class LinearExtModel:
         return 64 if k_dim <= 128 else 32
 
     def chunk_fused_fwd(self, q, k, v, g, gamma, init, out, final_state, cu_seqlens, scale, seg_chunks=0,
-                        seg_state=None, seg_decay=None):
+                        seg_state=None, seg_decay=None, h_out=None, chunk_offsets=None):
         """The one-pass forward (chunk_fused.cuh), chunk by chunk with the running state S:
           o_r = scale exp(b_r) q_r S_c + scale sum_{j <= r} exp(b_r - b_j) (q_r . k_j) v_j
           S_{c+1} = exp(b_L) S_c + sum_j exp(b_L - b_j) k_j^T v_j
@@ -236,7 +236,9 @@ class LinearExtModel:
         With seg_chunks > 0 and seg_state of S > 1 segments per sequence, as the kernel's two
         launches: pass 1 writes each segment's local state L_j (from zeros) and log-decay d_j
         (the sum of its chunks' b_L) into seg_state / seg_decay; pass 2 starts segment j from
-        the fold S <- exp(d_s) S + L_s over s < j, beginning at init."""
+        the fold S <- exp(d_s) S + L_s over s < j, beginning at init. h_out: every chunk's
+        entering state, rounded to q's dtype, at its slot (chunk_offsets with cu_seqlens), as
+        chunk_state stores it."""
         B, T, H, K = q.shape
         V = v.shape[-1]
         assert V % self.chunk_fused_tile_v(K) == 0
@@ -249,9 +251,14 @@ class LinearExtModel:
         assert seg_chunks == 0 or (seg_state.shape == (N * S_per, H, K, V) and seg_decay.shape == (N * S_per, H)
                                    and S_per * seg_chunks * 64 >= T)
 
-        def step(S, start, stop, write):
+        assert h_out is None or (h_out.dtype == q.dtype and h_out.shape[1:] == (H, K, V)
+                                 and (cu_seqlens is None or chunk_offsets is not None))
+
+        def step(S, start, stop, write, slot=None):
             """One chunk from the state S entering it: its output rows (when write) and the state
             leaving it, with b_L."""
+            if slot is not None:
+                h_out[slot] = S.to(h_out.dtype)
             Q, Kc, Vc = qs[start:stop], ks[start:stop], vs[start:stop]
             b = _cumgate(g, gamma, start, stop, H)  # [L, H]
             bl = b[-1]
@@ -267,7 +274,7 @@ class LinearExtModel:
                 outs[start:stop] = o.to(out.dtype)
             return torch.exp(bl)[:, None, None] * S + torch.einsum("lhk,lh,lhv->hkv", Kc, torch.exp(bl - b), Vc), bl
 
-        for n, (bos, eos, _) in enumerate(sequences(B, T, cu_seqlens, None)):
+        for n, (bos, eos, first) in enumerate(sequences(B, T, cu_seqlens, chunk_offsets)):
             chunks = list(_chunk_rows(bos, eos))
             segs = _segments(chunks, seg_chunks if S_per > 1 else 0, S_per)
             # S_in: the state entering segment j (the fold); S: pass 2's running state within it
@@ -283,8 +290,8 @@ class LinearExtModel:
                     S_in = torch.exp(seg_decay[n * S_per + j - 1].double())[:, None, None] * S_in + \
                         seg_state[n * S_per + j - 1].double()
                 S = S_in
-                for _, start, stop in seg:
-                    S, _ = step(S, start, stop, True)
+                for c, start, stop in seg:
+                    S, _ = step(S, start, stop, True, None if h_out is None else first + c)
             if final_state is not None:
                 final_state[n] = S.to(final_state.dtype)
 

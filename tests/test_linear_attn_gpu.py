@@ -504,7 +504,9 @@ def _fused_cases():
 @pytest.mark.parametrize("dt,T,K,V,gate,scale,states,lens,seg_chunks", _fused_cases())
 def test_chunk_fused_fwd_kernel(dt, T, K, V, gate, scale, states, lens, seg_chunks):
     """The kernel against the two-pass forward (chunk_state + chunk_output, same inputs) and the
-    fp32 recurrence: o and the final state. With segments, the workspace starts as NaN."""
+    fp32 recurrence: o and the final state; with states, also the chunk states it keeps for the
+    backward (h_out, NaN-poisoned) against chunk_state's. With segments, the workspace starts as
+    NaN."""
     dtype = DTYPES[dt]
     B, T, H = (2, T, 3) if lens is None else (1, sum(lens), 2)
     N = B if lens is None else len(lens)
@@ -514,16 +516,21 @@ def test_chunk_fused_fwd_kernel(dt, T, K, V, gate, scale, states, lens, seg_chun
     poison_allocator(((B, T, H, V), dtype), ((N, H, K, V), torch.float32))
     o = torch.empty(B, T, H, V, device="cuda", dtype=dtype)
     final = torch.empty(N, H, K, V, device="cuda", dtype=torch.float32) if states else None
+    h_out = torch.full((s.slots, H, K, V), math.nan, device="cuda", dtype=dtype) if states else None
+    kept = (h_out, s.offsets) if states else ()
     if seg_chunks:
         S = -(-(-(-T // 64)) // seg_chunks)  # segments per sequence: ceil(ceil(T / 64) / seg_chunks)
         seg_state = torch.full((N * S, H, K, V), math.nan, device="cuda")
         seg_decay = torch.full((N * S, H), math.nan, device="cuda")
-        ext().chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, s.cu, scale, seg_chunks, seg_state, seg_decay)
+        ext().chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, s.cu, scale, seg_chunks, seg_state, seg_decay, *kept)
     else:
-        ext().chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, s.cu, scale)
+        ext().chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, s.cu, scale, 0, None, None, *kept)
     # the two passes (chunk_state, chunk_output) called directly, whatever the switch says
     final2 = torch.empty(N, H, K, V, device="cuda", dtype=torch.float32) if states else None
     h = _kernels._states(ext(), k, v, g, gamma, h0, s, final2)
+    if states:
+        used = s.slots if lens is None else int(s.offsets[-1])  # (packed: Seqs.slots is an upper bound)
+        check("h_out vs chunk_state", h_out[:used], h[:used], OUT_TOL)
     o2 = torch.empty_like(v)
     ext().chunk_output(q, k, v, h, o2, None, None, g, gamma, s.cu, s.offsets, scale, scale, False, False)
     o_ref, ht_ref = linear_attn_recurrent_ref(q.float(), k.float(), v.float(), g=g, g_gamma=gamma, scale=scale,
@@ -554,6 +561,35 @@ def test_chunk_fused_fwd_segment_arguments():
     with pytest.raises(ValueError, match="seg_state"):
         ext().chunk_fused_fwd(q, k, v, g, None, h0, o, None, None, 1.0, 2, torch.empty(5, 2, 128, 128, **f32),
                               torch.empty(5, 2, **f32))
+
+
+@pytest.mark.parametrize("op,kwargs,B,T,lens,sms", [
+    (la.chunk_simple_gla, dict(g="g"), 2, 700, None, None),
+    (la.chunk_retention, dict(), 1, 3000, None, 64),        # segments (one pass on 64 "SMs")
+    (la.chunk_simple_gla, dict(g="g"), 1, None, EMPTY_LENS, None),
+], ids=["simple_gla", "retention-segments", "simple_gla-varlen"])
+def test_simple_gla_kept_states_gradients(fused_switch, monkeypatch, op, kwargs, B, T, lens, sms):
+    """FLASH_ATTN_LINEAR_SAVE_STATES=1: the forward's chunk states (h_out) feed the backward, whose
+    only chunk_state is then the reverse dH; the gradients equal the recomputing route's up to
+    the states' fp32 summation order."""
+    T = sum(lens) if lens is not None else T
+    N = B if lens is None else len(lens)
+    q, k, v, g, _, h0 = make_inputs(B, T, 4, 128, 128, "g", 1.0, torch.bfloat16, N=N)
+    cu = None if lens is None else offsets(lens)
+    w = rand(B, T, 4, 128, seed=11).float()
+    grads = []
+    for save in ("0", "1"):
+        monkeypatch.setenv(_kernels.SAVE_STATES_ENV, save)
+        spy = fused_switch(True, sms=sms)
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+        extra = dict(g=leaves[3]) if "g" in kwargs else {}
+        o, ht = op(*leaves[:3], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu, **extra)
+        ((o.float() * w).sum() + ht.sum()).backward()
+        grads.append([x.grad for x in leaves if x.grad is not None])
+        assert spy.calls[0] == "chunk_fused_fwd", spy.calls
+        assert spy.calls.count("chunk_state") == (1 if save == "1" else 2), spy.calls
+    for a, b in zip(*grads):
+        check("gradient", a, b, GRAD_TOL)
 
 
 class _Spy:
@@ -1134,7 +1170,7 @@ def test_gla_fused_forward_switch_routes(fused_switch, K, V, lens):
         ((o.float() * w).sum() + ht.sum()).backward()
         grads.append([x.grad for x in leaves])
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), *grads):
-        # the same backward kernels; the chunk states it reads are the forward's (gla_save_states),
+        # the same backward kernels; the chunk states it reads are the forward's (save_states),
         # the one-pass kernel's or chunk_state's, equal up to fp32 summation order
         check(name, a, b, GRAD_TOL)
 

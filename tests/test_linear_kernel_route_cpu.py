@@ -571,14 +571,14 @@ def check_gla_route_against_reference(case, with_final):
 def test_gla_segmented_states(segmented, lens):
     """chunk_gla with its chunk_state passes (forward h, backward h, reverse dH) in segments."""
     check_gla_route_against_reference(("seg", 600, 64, 64, 1.0, 0.5, lens), True)
-    # the forward's h (kept for the backward, gla_save_states) and the reverse dH
+    # the forward's h (kept for the backward, save_states) and the reverse dH
     assert len(segmented.seg_calls) == 2 and all(c > 0 for c in segmented.seg_calls), segmented.seg_calls
 
 
 @pytest.mark.parametrize("lens", [None, [0, 600, 1, 333]], ids=["batched", "varlen"])
 def test_gla_segmented_states_recomputed(segmented, monkeypatch, lens):
-    """FLASH_ATTN_LINEAR_GLA_SAVE_STATES=0: the backward recomputes h (three segmented passes)."""
-    monkeypatch.setenv(_kernels.GLA_SAVE_STATES_ENV, "0")
+    """FLASH_ATTN_LINEAR_SAVE_STATES=0: the backward recomputes h (three segmented passes)."""
+    monkeypatch.setenv(_kernels.SAVE_STATES_ENV, "0")
     check_gla_route_against_reference(("seg", 600, 64, 64, 1.0, 0.5, lens), True)
     assert len(segmented.seg_calls) == 3 and all(c > 0 for c in segmented.seg_calls), segmented.seg_calls
 
@@ -965,8 +965,8 @@ def test_gla_fused_wide_segments(route_to_model, monkeypatch, B, T, H, lens, sms
 def test_gla_fused_wide_segments_then_backward(route_to_model, monkeypatch, lens, save):
     """Gradients after the segmented one-pass forward: it writes b (b_out) for the backward,
     which then runs no gla_cumsum, and the chunk states (h_out) unless
-    FLASH_ATTN_LINEAR_GLA_SAVE_STATES=0, so the backward's only chunk_state is the reverse dH."""
-    monkeypatch.setenv(_kernels.GLA_SAVE_STATES_ENV, save)
+    FLASH_ATTN_LINEAR_SAVE_STATES=0, so the backward's only chunk_state is the reverse dH."""
+    monkeypatch.setenv(_kernels.SAVE_STATES_ENV, save)
     spy = route_to_model(SegmentSpy())
     for env in (_kernels.GLA_FUSED_FWD_ENV, _kernels.FUSED_FWD_ENV):
         monkeypatch.delenv(env, raising=False)
@@ -975,3 +975,37 @@ def test_gla_fused_wide_segments_then_backward(route_to_model, monkeypatch, lens
     assert "gla_cumsum" not in spy.calls and "gla_grad" in spy.calls, spy.calls
     assert spy.calls.count("chunk_state") == (1 if save == "1" else 2), spy.calls
     assert spy.segs and all(n > 0 for n, _ in spy.segs), spy.segs
+
+
+# --------------------------------------------------------------------------- kept chunk states
+# FLASH_ATTN_LINEAR_SAVE_STATES=1: the simple-GLA family's forward keeps its chunk states (the
+# one-pass kernel's h_out, or the two-pass forward's chunk_state) and the backward's only
+# chunk_state is the reverse dH; unset, only chunk_gla keeps them (_kernels.save_states).
+
+KEPT_STATE_CASES = [
+    ("g-T130", "g", 130, 64, 64, None),
+    ("g-T600-segments", "g", 600, 64, 64, None),  # one pass: 4 CTAs on 16 SMs, 2 segments
+    ("gamma-varlen", "gamma", None, 64, 64, [3, 0, 128]),
+]
+
+
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "two-pass"])
+@pytest.mark.parametrize("case", KEPT_STATE_CASES, ids=[c[0] for c in KEPT_STATE_CASES])
+def test_simple_gla_kept_states(model, monkeypatch, case, one_pass):
+    monkeypatch.setenv(_kernels.SAVE_STATES_ENV, "1")
+    if one_pass:
+        monkeypatch.delenv(_kernels.FUSED_FWD_ENV, raising=False)
+    model.sms = 16
+    check_route_against_reference(case, True)
+    assert model.calls.count("chunk_state") == (1 if one_pass else 2), model.calls  # forward (two-pass), dH
+    assert ("chunk_fused_fwd" in model.calls) == one_pass
+
+
+def test_simple_gla_states_recomputed_by_default(model, monkeypatch):
+    monkeypatch.delenv(_kernels.SAVE_STATES_ENV, raising=False)
+    monkeypatch.delenv(_kernels.FUSED_FWD_ENV, raising=False)
+    assert not _kernels.save_states("chunk") and _kernels.save_states("gla")
+    check_route_against_reference(GRAD_CASES[0], True)
+    assert model.calls.count("chunk_state") == 2, model.calls  # the backward's h recompute and dH
+    monkeypatch.setenv(_kernels.SAVE_STATES_ENV, "0")
+    assert not _kernels.save_states("gla")

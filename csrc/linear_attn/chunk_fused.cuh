@@ -73,6 +73,7 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
   static_assert(K == 64 || K == 128 || K == 256, "K is 64, 128 or 256");
   static_assert(BV == 32 || BV == 64, "V tiles of 32 or 64 columns");
   static_assert(K * BV / kThreads <= 64, "at most 64 fp32 state registers per thread");
+  static_assert(K * BV / 8 % kThreads == 0, "h_out's 16-byte groups split evenly over the threads");
 
   constexpr int kQStages = kStateOnly ? 0 : kFusedStages;  // pass 1 reads no q
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -174,6 +175,18 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
       });
     }
     __syncthreads();  // the stage's tiles (every thread's copies), sb and ss are visible
+    if (!kStateOnly && p.h_out != nullptr) {
+      // S_c as chunk_state stores it (the state entering chunk i, in the input dtype), for the
+      // backward: ss (swizzled 16-byte groups) -> h_out[slot i], this V tile, 16-byte stores; one
+      // group in flight per thread (unrolled, the loads ran ahead and cost registers: spills)
+      T* hrow = static_cast<T*>(p.h_out) + (static_cast<int64_t>(sr.first_slot + i) * H + head) * K * p.v_dim + n0;
+#pragma unroll 1
+      for (int j = 0; j < K * BV / 8 / kFusedThreads; ++j) {
+        const int idx = tid + j * kFusedThreads, r = idx / (BV / 8), c = (idx % (BV / 8)) * 8;
+        *reinterpret_cast<uint4*>(hrow + static_cast<int64_t>(r) * p.v_dim + c) =
+            *reinterpret_cast<const uint4*>(ss + swz<BV>(r, c));
+      }
+    }
     const T* qs = sq + stage * kChunk * K;
     const T* ks = sk + stage * kChunk * K;
     const T* vs = sv + stage * kChunk * BV;

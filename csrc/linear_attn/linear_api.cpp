@@ -427,22 +427,41 @@ void chunk_output(const Tensor& x, const Tensor& y, const Tensor& z, const Tenso
   }));
 }
 
+// The one-pass forwards' optional h_out [S, H, K, V] in q's dtype (every chunk's entering state, as
+// chunk_state writes it): checked, and its data, or null. With cu_seqlens the caller's chunk_offsets
+// place the chunks (as for chunk_state); batched, S must be B * ceil(T / 64).
+void* state_out_data(const OptTensor& h_out, const OptTensor& chunk_offsets, const OptTensor& cu_seqlens,
+                     const Tensor& q, int64_t B, int64_t T, int64_t H, int64_t K, int64_t V) {
+  if (!h_out.has_value()) return nullptr;
+  CHECK_ARG(!cu_seqlens.has_value() || chunk_offsets.has_value(), "h_out with cu_seqlens needs chunk_offsets");
+  check_operands({{&*h_out, "h_out"}}, q, q.scalar_type());
+  check_shape(*h_out, "h_out", {h_out->size(0), H, K, V});
+  CHECK_ARG(cu_seqlens.has_value() || h_out->size(0) == B * ((T + 63) / 64), "h_out must have B * ceil(T / 64) = ",
+            B * ((T + 63) / 64), " slots, got ", h_out->size(0));
+  return h_out->data_ptr();
+}
+
 // The scalar-gate forward in one pass (chunk_fused.cuh): q, k [B, T, H, K]; v, out [B, T, H, V];
 // g [B, T, H] or gamma [H] fp32 (or neither); init / final_state fp32 [N_seq, H, K, V], each optional.
 // The same o and final state as chunk_state + chunk_output (x = q, y = k, z = v, lower, both scales
 // = scale), with no states in global memory. K in {64, 128, 256}; V a multiple of the V tile.
 // seg_chunks, seg_state, seg_decay: segments (set_segments), two launches (chunk_fused.cuh).
+// h_out [S, H, K, V] in q's dtype (optional) gets every chunk's entering state as chunk_state would
+// (chunk_offsets [N_seq + 1] int32 with cu_seqlens, as chunk_state's).
 void chunk_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& g, const OptTensor& gamma,
                      const OptTensor& init, Tensor& out, const OptTensor& final_state, const OptTensor& cu_seqlens,
-                     double scale, int64_t seg_chunks, const OptTensor& seg_state, const OptTensor& seg_decay) {
+                     double scale, int64_t seg_chunks, const OptTensor& seg_state, const OptTensor& seg_decay,
+                     const OptTensor& h_out, const OptTensor& chunk_offsets) {
   check_operands({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}}, q, q.scalar_type());
   const auto [B, T, H, K, V] = check_tokens({&q, "q"}, "[B, T, H, K]", {&k, "k"}, {&v, "v"}, {&out, "out"});
   const int bv = la::chunk_fused_tile_v(static_cast<int>(K));
   CHECK_ARG(V % bv == 0 && V > 0, "V must be a multiple of ", bv, " (K = ", K, "), got ", V);
   c10::cuda::CUDAGuard guard(q.device());
   la::ChunkFusedParams p;
-  p.seq = seq_params(q, cu_seqlens, std::nullopt, 0, false);
+  p.seq = seq_params(q, cu_seqlens, h_out.has_value() ? chunk_offsets : std::nullopt,
+                     h_out.has_value() ? h_out->size(0) : 0, false);
   p.gate = gate_params(g, gamma, q);
+  p.h_out = state_out_data(h_out, chunk_offsets, cu_seqlens, q, B, T, H, K, V);
   check_opt(init, "init", q, at::kFloat, {p.seq.num_seqs, H, K, V});
   check_opt(final_state, "final_state", q, at::kFloat, {p.seq.num_seqs, H, K, V});
   CHECK_ARG(H < 65536 && V / bv < 65536, "H and V / ", bv, " must be below 65536 (grid y, z), got ", H, " and ",
@@ -673,7 +692,7 @@ void gla_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   CHECK_ARG(!b_out.has_value() || g.has_value(), "b_out needs raw gates g");
   CHECK_ARG(wide || !h_out.has_value(), "h_out needs the 256-thread kernel (K = 128, V a multiple of 128)");
   CHECK_ARG(!h_out.has_value() || !cu_seqlens.has_value() || chunk_offsets.has_value(),
-            "h_out with cu_seqlens needs chunk_offsets");
+            "h_out with cu_seqlens needs chunk_offsets");  // (before seq_params reads them)
   const Tensor& gates = b.has_value() ? *b : *g;
   check_operands({{&gates, b.has_value() ? "b" : "g"}}, q, at::kFloat);
   check_shape(gates, b.has_value() ? "b" : "g", q.sizes());
@@ -682,14 +701,7 @@ void gla_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   la::GlaFusedParams p;
   p.seq = seq_params(q, cu_seqlens, h_out.has_value() ? chunk_offsets : std::nullopt,
                      h_out.has_value() ? h_out->size(0) : 0, false);
-  if (h_out.has_value()) {
-    check_operands({{&*h_out, "h_out"}}, q, q.scalar_type());
-    check_shape(*h_out, "h_out", {h_out->size(0), H, K, V});
-    // every chunk's slot is inside h_out (chunk_offsets are the caller's, as for chunk_state)
-    CHECK_ARG(cu_seqlens.has_value() || h_out->size(0) == B * ((T + 63) / 64), "h_out must have B * ceil(T / 64) = ",
-              B * ((T + 63) / 64), " slots, got ", h_out->size(0));
-    p.h_out = h_out->data_ptr();
-  }
+  p.h_out = state_out_data(h_out, chunk_offsets, cu_seqlens, q, B, T, H, K, V);
   check_opt(init, "init", q, at::kFloat, {p.seq.num_seqs, H, K, V});
   check_opt(final_state, "final_state", q, at::kFloat, {p.seq.num_seqs, H, K, V});
   CHECK_ARG(H < 65536 && V / bv < 65536, "H and V / ", bv, " must be below 65536 (grid y, z), got ", H, " and ",
@@ -783,7 +795,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Scalar-gate chunked forward in one pass (o and the final state; no chunk states in memory)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("gamma"), py::arg("init"), py::arg("out"),
         py::arg("final_state"), py::arg("cu_seqlens"), py::arg("scale"), py::arg("seg_chunks") = 0,
-        py::arg("seg_state") = py::none(), py::arg("seg_decay") = py::none());
+        py::arg("seg_state") = py::none(), py::arg("seg_decay") = py::none(), py::arg("h_out") = py::none(),
+        py::arg("chunk_offsets") = py::none());
   m.def("chunk_fused_tile_v", &chunk_fused_tile_v, "The V tile (BV) chunk_fused_fwd uses for a K",
         py::arg("k_dim"));
   m.def("gate_grad", &gate_grad, "Scalar log-gate gradient, chunk by chunk", py::arg("q"), py::arg("k"),

@@ -101,7 +101,7 @@ struct ChunkOutputParams {
 // chunk_fused_fwd (chunk_fused.cuh): the scalar-gate forward o (and the final state) in one pass,
 // one (sequence, head, BV-column V tile) per CTA; chunk_state + chunk_output without the states.
 struct ChunkFusedParams {
-  SeqParams seq;                  // chunk_offsets / num_slots unused
+  SeqParams seq;                  // chunk_offsets: only with h_out and cu_seqlens; num_slots unused
   GateParams gate;
   const void* q = nullptr;        // [tokens, heads, k_dim]
   const void* k = nullptr;        // [tokens, heads, k_dim]
@@ -118,6 +118,8 @@ struct ChunkFusedParams {
   int max_segs = 1;               // segments per sequence in the grid (1 without segments)
   float* seg_state = nullptr;     // [num_seqs * max_segs, heads, k_dim, v_dim] fp32 workspace (pass 1)
   float* seg_decay = nullptr;     // [num_seqs * max_segs, heads] fp32 workspace: each segment's log-decay
+  void* h_out = nullptr;          // [num_slots, heads, k_dim, v_dim] in q's dtype, gets the state entering
+                                  // each chunk as chunk_state writes it (for the backward), or null
 };
 
 // gate_grad: the scalar log-gates' gradient, every chunk in parallel (gate_grad.cu).

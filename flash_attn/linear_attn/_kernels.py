@@ -33,7 +33,7 @@ chunk_state (with per-key weights):
   FLASH_ATTN_LINEAR_GLA_FUSED_FWD=1 allows the narrower tiles, 0 turns it off), both in one
   pass with the states in registers, one CTA per (sequence, head, V tile):
     gla_fused_fwd (q, k, v, b)      -> o (csrc/linear_attn/gla_fused.cuh)
-  backward (h: the forward's, kept when gradients are needed, gla_save_states; else recomputed):
+  backward (h: the forward's, kept when gradients are needed, save_states; else recomputed):
     chunk_state  (q, do, b, reverse) -> dH, dh0
     gla_output   (k, q, do, dH, b, upper) -> dv
     gla_grad     (q, k, v, do, b, h, dH)  -> dq, dk, dg (chunk-local, csrc/linear_attn/gla_grad.cuh)
@@ -291,22 +291,28 @@ def fused_plan(ext, q, v, seqs):
     return _segment_plan(ctas, FUSED_CTAS_PER_SM * sms, T)
 
 
-def chunk_forward(ext, q, k, v, g, gamma, scale, h0, output_final_state, seqs):
-    """Padded, contiguous inputs -> (o, h_T fp32 or None)."""
+def chunk_forward(ext, q, k, v, g, gamma, scale, h0, output_final_state, seqs, keep_h=False):
+    """Padded, contiguous inputs -> (o, h_T fp32 or None, h or None); with keep_h, h is the chunk
+    states (chunk_state's [slots, H, K, V] in q's dtype) for the backward: the one-pass kernel
+    writes them out (h_out), the two-pass forward computed them anyway."""
     N, H, K, V = seqs.num_seqs, q.shape[2], q.shape[3], v.shape[3]
     final = q.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
     plan = fused_plan(ext, q, v, seqs)
     if plan is not None:
         seg_chunks, segments = plan
         o = torch.empty_like(v)
+        h = q.new_empty(seqs.slots, H, K, V) if keep_h else None
         # with segments: their local states and log-decays (chunk_fused.cuh, pass 1)
         ws = _segment_workspace(q, v, seqs, segments) if segments > 1 else (None, None)
-        ext.chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, seqs.cu, scale, seg_chunks, *ws)
-        return o, final
+        if h is None:
+            ext.chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, seqs.cu, scale, seg_chunks, *ws)
+        else:
+            ext.chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, seqs.cu, scale, seg_chunks, *ws, h, seqs.offsets)
+        return o, final, h
     h = _states(ext, k, v, g, gamma, h0, seqs, final)
     o = torch.empty_like(v)
     ext.chunk_output(q, k, v, h, o, None, None, g, gamma, seqs.cu, seqs.offsets, scale, scale, False, False)
-    return o, final
+    return o, final, (h if keep_h else None)
 
 
 def recurrent_forward(ext, q, k, v, g, gamma, scale, h0, output_final_state, seqs, reverse=False, gk=None, gv=None):
@@ -317,11 +323,13 @@ def recurrent_forward(ext, q, k, v, g, gamma, scale, h0, output_final_state, seq
     return o, final
 
 
-def chunk_backward(ext, q, k, v, g, gamma, scale, h0, do, dht, seqs, need_dg):
-    """Padded, contiguous inputs -> (dq, dk, dv, dg fp32 [B, T, H] or None, dh0 fp32)."""
+def chunk_backward(ext, q, k, v, g, gamma, scale, h0, do, dht, seqs, need_dg, h=None):
+    """Padded, contiguous inputs (h: the forward's chunk states, or None to recompute them) ->
+    (dq, dk, dv, dg fp32 [B, T, H] or None, dh0 fp32)."""
     B, T, H, K = q.shape
     V = v.shape[3]
-    h = _states(ext, k, v, g, gamma, h0, seqs, None)
+    if h is None:
+        h = _states(ext, k, v, g, gamma, h0, seqs, None)
     dh0 = q.new_empty(seqs.num_seqs, H, K, V, dtype=torch.float32)
     # exp(b_L) <dH_c, h_c> per chunk and state tile: the gate gradient's inter-chunk term
     pair = q.new_empty(seqs.slots, H, (K // 64) * (V // 32), dtype=torch.float32) if need_dg else None
@@ -351,9 +359,13 @@ class SimpleGLAFunction(torch.autograd.Function):
         qp, kp, vp, h0p, dims = _pad_inputs(q, k, v, h0)
         g32, gamma32 = _gates(g, gamma)
         seqs = Seqs(q.shape[0], q.shape[1], cu_seqlens, q.device)
-        run = recurrent_forward if recurrent else chunk_forward
-        o, ht = run(ext, qp, kp, vp, g32, gamma32, scale, h0p, output_final_state, seqs)
-        ctx.save_for_backward(qp, kp, vp, g32, gamma32, h0p)
+        h = None
+        if recurrent:
+            o, ht = recurrent_forward(ext, qp, kp, vp, g32, gamma32, scale, h0p, output_final_state, seqs)
+        else:
+            keep_h = any(ctx.needs_input_grad[:6]) and save_states("chunk")  # (grad mode is off in forward)
+            o, ht, h = chunk_forward(ext, qp, kp, vp, g32, gamma32, scale, h0p, output_final_state, seqs, keep_h)
+        ctx.save_for_backward(qp, kp, vp, g32, gamma32, h0p, h)
         ctx.seqs, ctx.scale, ctx.dims = seqs, scale, dims
         ctx.g_dtype = None if g is None else g.dtype
         ctx.gamma_dtype = None if gamma is None else gamma.dtype
@@ -362,13 +374,13 @@ class SimpleGLAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        qp, kp, vp, g32, gamma32, h0p = ctx.saved_tensors
+        qp, kp, vp, g32, gamma32, h0p, h = ctx.saved_tensors
         K, V, kd, vd = ctx.dims
         need_dg = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         dop = _pad_last(do.to(vp.dtype), vd)
         dhtp = _pad_state(dht, kd, vd)
         dq, dk, dv, dg, dh0 = chunk_backward(extension(), qp, kp, vp, g32, gamma32, ctx.scale, h0p, dop, dhtp,
-                                             ctx.seqs, need_dg)
+                                             ctx.seqs, need_dg, h)
         dgate = dgamma = None
         if ctx.needs_input_grad[3]:
             dgate = dg.to(ctx.g_dtype)
@@ -432,15 +444,21 @@ def gla_fused_plan(ext, q, v, seqs):
     return (seg_chunks, segments, True) if segments > 1 else None
 
 
-GLA_SAVE_STATES_ENV = "FLASH_ATTN_LINEAR_GLA_SAVE_STATES"
+SAVE_STATES_ENV = "FLASH_ATTN_LINEAR_SAVE_STATES"
 
 
-def gla_save_states():
-    """Whether chunk_gla's forward keeps its chunk states h [chunks, H, K, V] (input dtype, twice
+def save_states(family):
+    """Whether a chunked forward keeps its chunk states h [chunks, H, K, V] (input dtype, twice
     q's size) for the backward when gradients are needed, instead of the backward recomputing
-    them (one chunk_state pass, ~0.23 ms at 8x2048 x 16 heads, K = V = 128, on an H100).
-    FLASH_ATTN_LINEAR_GLA_SAVE_STATES=0 trades that time back for the memory."""
-    return _env_switch(GLA_SAVE_STATES_ENV, "1")
+    them (one chunk_state pass: ~0.23 ms for chunk_gla at 8x2048 x 16 heads, K = V = 128, on an
+    H100; ~0.9 ms for the simple-GLA family at 1x65536). family: "gla" (chunk_gla) or "chunk"
+    (chunk_simple_gla / retention / lightning / linear_attn). FLASH_ATTN_LINEAR_SAVE_STATES:
+    unset ("auto"): chunk_gla only (GPU-tested at 7072b29; the simple-GLA family's kernel writes
+    them too, not yet run on a GPU); 1: every op; 0: none (the memory back for the recompute)."""
+    raw = os.environ.get(SAVE_STATES_ENV, "auto").strip().lower()
+    if raw == "auto":
+        return family == "gla"
+    return _env_switch(SAVE_STATES_ENV, "0")
 
 
 def gla_chunk_forward(ext, q, k, v, g, scale, h0, output_final_state, seqs, keep_b=True, keep_h=False):
@@ -530,7 +548,7 @@ class GLAFunction(torch.autograd.Function):
             # the backward's gla_cumsum launch is saved too
             keep_b = any(ctx.needs_input_grad[:6])  # (grad mode is off inside forward)
             o, ht, b, h = gla_chunk_forward(ext, qp, kp, vp, gp, scale, h0p, output_final_state, seqs, keep_b,
-                                            keep_b and gla_save_states())
+                                            keep_b and save_states("gla"))
             ctx.gates_cumulative = b is not None
             gp = gp if b is None else b
         ctx.save_for_backward(qp, kp, vp, gp, gvp, h0p, h)
