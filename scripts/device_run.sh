@@ -28,6 +28,10 @@
 #   glafused   chunk_gla's GPU tests (-k gla, junit $OUT/glafused.xml), then benchmark_linear.py --ops
 #              chunk_gla --mode fwd --no-fla --no-softmax with FLASH_ATTN_LINEAR_GLA_FUSED_FWD=0 and =1
 #              (JSON into $OUT/glafused_off, _on)
+#   savestates the simple-GLA family keeping its chunk states for the backward: GPU tests (-k "kept_states
+#              or chunk_fused_fwd_kernel or gla", junit $OUT/savestates.xml), then benchmark_linear.py --ops
+#              chunk_simple_gla,chunk_retention --mode fwdbwd --no-fla with FLASH_ATTN_LINEAR_SAVE_STATES=auto
+#              and =1 (JSON into $OUT/savestates_auto, _1)
 #   tunedq     benchmarks/tune/run_tune.sh on the hd64 backward with the dQ warp grid 2 x 4 and 4 x 2
 #              ($OUT/tune_dq_grid.txt; needs no build)
 #   demo       python -m flash_attn
@@ -300,6 +304,22 @@ for stage in "${STAGES[@]}"; do
                 --out-dir "$OUT/glafused_$name"
         done
         ;;
+    savestates)
+        # the simple-GLA family keeping its chunk states (FLASH_ATTN_LINEAR_SAVE_STATES=1): GPU tests,
+        # then forward + backward with the states recomputed (auto) and kept (1)
+        need_build savestates || continue
+        rm -f "$OUT/savestates.xml"
+        FLASH_ATTN_REQUIRE_CUDA=1 run_stage savestates "$PY" -m pytest "$REPO/tests/test_linear_attn_gpu.py" -m cuda \
+            -k "kept_states or chunk_fused_fwd_kernel or gla" -p no:cacheprovider -q -rfEs --tb=short \
+            --junitxml="$OUT/savestates.xml" "${XDIST[@]}"
+        SUMMARY[-1]="${SUMMARY[-1]} $(junit_counts "$OUT/savestates.xml")"
+        for on in auto 1; do
+            mkdir -p "$OUT/savestates_$on"
+            FLASH_ATTN_LINEAR_SAVE_STATES=$on run_stage "savestates-ab-$on" "$PY" \
+                "$REPO/benchmarks/benchmark_linear.py" --ops chunk_simple_gla,chunk_retention --mode fwdbwd --no-fla \
+                --no-softmax --out-dir "$OUT/savestates_$on"
+        done
+        ;;
     tunedq)
         # the backward's dQ warp grid at d = 64: the library's (2 x 4) against 4 x 2
         run_stage tunedq bash -c "cd '$REPO' && benchmarks/tune/run_tune.sh 'bwd:64:128:128:8:2 bwd:64:128:128:8:2:4' \
@@ -311,7 +331,7 @@ for stage in "${STAGES[@]}"; do
         ;;
     *)
         log "unknown stage '$stage' (stages: build test quicktest hf bench quickbench memcheck bwdmemcheck racecheck" \
-            "linmemcheck linracecheck linbench linseg glafused tunedq demo)"
+            "linmemcheck linracecheck linbench linseg glafused savestates tunedq demo)"
         SUMMARY+=("$(printf '%-11s %-6s %5s   %s' "$stage" FAIL - "unknown stage")")
         FAILED=$((FAILED + 1))
         ;;
