@@ -1,10 +1,10 @@
 // gla_cumsum: the chunk-local inclusive cumulative sum of GLA's per-key log-gates,
 //   b[t, h, d] = g[s, h, d] + g[s + 1, h, d] + ... + g[t, h, d],  s = the first row of t's chunk,
 // which every other GLA kernel reads instead of g (gla_gates.cuh). One CTA per (chunk, head,
-// 64 keys), one thread per key: the chunk's rows are loaded first (independent loads), then
-// added in row order, so that b is exactly non-increasing down a chunk for gates <= 0 (each
-// partial sum adds a non-positive number to the previous one).
+// 64 keys), one thread per key, summing as gla_gates.cuh's chunk_gate_cumsum does (the one-pass
+// forward sums raw gates with it too, to the same bits).
 #include "chunk_info.cuh"
+#include "gla_gates.cuh"
 
 namespace linear_attn {
 
@@ -14,19 +14,10 @@ __global__ void __launch_bounds__(64) gla_cumsum_kernel(const GlaCumsumParams p)
   const int head = blockIdx.y, d = blockIdx.z * 64 + threadIdx.x;
   const int64_t ld = static_cast<int64_t>(p.seq.heads) * p.k_dim;
   const int64_t base = cc.start * ld + static_cast<int64_t>(head) * p.k_dim + d;
-  constexpr int kBatch = 16;  // rows loaded ahead of their sums
-  float acc = 0.f;
-#pragma unroll
-  for (int r0 = 0; r0 < kChunk; r0 += kBatch) {
-    float x[kBatch];
-#pragma unroll
-    for (int i = 0; i < kBatch; ++i) x[i] = r0 + i < cc.rows ? p.g[base + (r0 + i) * ld] : 0.f;
-#pragma unroll
-    for (int i = 0; i < kBatch; ++i) {
-      acc += x[i];
-      if (r0 + i < cc.rows) p.out[base + (r0 + i) * ld] = acc;
-    }
-  }
+  chunk_gate_cumsum([&](int r) { return r < cc.rows ? p.g[base + r * ld] : 0.f; },
+                    [&](int r, float b) {
+                      if (r < cc.rows) p.out[base + r * ld] = b;
+                    });
 }
 
 cudaError_t run_gla_cumsum(const GlaCumsumParams& p, cudaStream_t stream) {

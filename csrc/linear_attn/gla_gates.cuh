@@ -49,25 +49,36 @@ __device__ __forceinline__ void load_gate_tile(float* tile, const float* gbase, 
   }
 }
 
-// Column col of a gate tile of raw gates -> b in place, the inclusive sum down its 64 rows, and
-// rows < valid_rows of it into b_out (row r at b_out + r * ld) unless null. The same sums in the
-// same order as gla_cumsum (rows loaded ahead, added in row order), so b is bitwise gla_cumsum's
-// and non-increasing down the chunk for gates <= 0. One thread per column.
-__device__ __forceinline__ void scan_gate_column(float* tile, int col, float* b_out, int64_t ld, int valid_rows) {
+// The inclusive sum down a chunk's rows of one key's gates, b_r = g_0 + ... + g_r: load(r) gives
+// g_r (0 past the chunk's end), store(r, b_r) takes the sums. Rows are loaded kBatch ahead of
+// their sums and added in row order, so b is non-increasing down the chunk for gates <= 0 (each
+// sum adds a non-positive number to the previous one), and gla_cumsum and scan_gate_column, which
+// both call this, give the same b bit for bit.
+template <typename Load, typename Store>
+__device__ __forceinline__ void chunk_gate_cumsum(Load&& load, Store&& store) {
   constexpr int kBatch = 16;  // rows loaded ahead of their sums
   float acc = 0.f;
 #pragma unroll
   for (int r0 = 0; r0 < kChunk; r0 += kBatch) {
     float x[kBatch];
 #pragma unroll
-    for (int i = 0; i < kBatch; ++i) x[i] = tile[gate_at(r0 + i, col)];
+    for (int i = 0; i < kBatch; ++i) x[i] = load(r0 + i);
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
       acc += x[i];
-      tile[gate_at(r0 + i, col)] = acc;
-      if (b_out != nullptr && r0 + i < valid_rows) b_out[(r0 + i) * ld] = acc;
+      store(r0 + i, acc);
     }
   }
+}
+
+// Column col of a gate tile of raw gates -> b in place (chunk_gate_cumsum), and rows <
+// valid_rows of it into b_out (row r at b_out + r * ld) unless null. One thread per column.
+__device__ __forceinline__ void scan_gate_column(float* tile, int col, float* b_out, int64_t ld, int valid_rows) {
+  chunk_gate_cumsum([&](int r) { return tile[gate_at(r, col)]; },
+                    [&](int r, float b) {
+                      tile[gate_at(r, col)] = b;
+                      if (b_out != nullptr && r < valid_rows) b_out[r * ld] = b;
+                    });
 }
 
 }  // namespace linear_attn
