@@ -50,6 +50,32 @@ def _segments(chunks, seg_chunks, max_segs):
     return segs
 
 
+def _one_pass_sequence(step, S_in, segs, first, h_out, seg_state, seg_decay, seg_row0):
+    """One sequence through a one-pass forward (chunk_fused.cuh, gla_fused.cuh) as its launches run
+    it: segment j's chunks from S_in, the state entering the sequence folded with the segments
+    before it. Pass 1 of segment j - 1 writes its local state L (from zeros) and log-decay d (the
+    sum of its chunks' b_L: [H], or [H, K] with per-key gates) at row seg_row0 + j - 1 of
+    seg_state / seg_decay; S_in <- exp(d) S_in + L. step(S, start, stop, write, slot) runs one
+    chunk (its output when write, S into h_out[slot] when slot is given) and returns (S', b_L).
+    Returns the sequence's final state."""
+    S = S_in
+    for j, seg in enumerate(segs):
+        if j > 0:  # pass 1 of segment j - 1, then its fold into S_in
+            L, d = torch.zeros_like(S_in), 0
+            for _, start, stop in segs[j - 1]:
+                L, bl = step(L, start, stop, False)
+                d = d + bl
+            row = seg_row0 + j - 1
+            seg_state[row] = L.to(seg_state.dtype)
+            seg_decay[row] = d.to(seg_decay.dtype)
+            decay = torch.exp(seg_decay[row].double())
+            S_in = decay.reshape(decay.shape + (1,) * (S_in.dim() - decay.dim())) * S_in + seg_state[row].double()
+        S = S_in
+        for c, start, stop in seg:
+            S, _ = step(S, start, stop, True, None if h_out is None else first + c)
+    return S
+
+
 def _exp0(x, used=None):
     """exp(x) for exponents that must be <= 0 (wherever `used`, a broadcastable bool mask)."""
     bad = x > 0 if used is None else (x > 0) & used
@@ -279,19 +305,7 @@ class LinearExtModel:
             segs = _segments(chunks, seg_chunks if S_per > 1 else 0, S_per)
             # S_in: the state entering segment j (the fold); S: pass 2's running state within it
             S_in = init[n].double().cpu().clone() if init is not None else torch.zeros(H, K, V, dtype=torch.float64)
-            for j, seg in enumerate(segs):
-                if j > 0:  # pass 1 of segment j - 1, then its fold into S_in
-                    L, d = torch.zeros(H, K, V, dtype=torch.float64), torch.zeros(H, dtype=torch.float64)
-                    for _, start, stop in segs[j - 1]:
-                        L, bl = step(L, start, stop, False)
-                        d = d + bl
-                    seg_state[n * S_per + j - 1] = L.to(seg_state.dtype)
-                    seg_decay[n * S_per + j - 1] = d.to(seg_decay.dtype)
-                    S_in = torch.exp(seg_decay[n * S_per + j - 1].double())[:, None, None] * S_in + \
-                        seg_state[n * S_per + j - 1].double()
-                S = S_in
-                for c, start, stop in seg:
-                    S, _ = step(S, start, stop, True, None if h_out is None else first + c)
+            S = _one_pass_sequence(step, S_in, segs, first, h_out, seg_state, seg_decay, n * S_per)
             if final_state is not None:
                 final_state[n] = S.to(final_state.dtype)
 
@@ -506,19 +520,7 @@ class LinearExtModel:
         for n, (bos, eos, first) in enumerate(sequences(B, T, cu_seqlens, chunk_offsets)):
             segs = _segments(list(_chunk_rows(bos, eos)), seg_chunks if S_per > 1 else 0, S_per)
             S_in = init[n].double().cpu().clone() if init is not None else torch.zeros(H, K, V, dtype=torch.float64)
-            for j, seg in enumerate(segs):
-                if j > 0:  # pass 1 of segment j - 1, then its fold into S_in
-                    L, d = torch.zeros(H, K, V, dtype=torch.float64), torch.zeros(H, K, dtype=torch.float64)
-                    for _, start, stop in segs[j - 1]:
-                        L, bl = step(L, start, stop, False)
-                        d = d + bl
-                    seg_state[n * S_per + j - 1] = L.to(seg_state.dtype)
-                    seg_decay[n * S_per + j - 1] = d.to(seg_decay.dtype)
-                    S_in = torch.exp(seg_decay[n * S_per + j - 1].double())[..., None] * S_in + \
-                        seg_state[n * S_per + j - 1].double()
-                S = S_in
-                for c, start, stop in seg:
-                    S, _ = step(S, start, stop, True, None if h_out is None else first + c)
+            S = _one_pass_sequence(step, S_in, segs, first, h_out, seg_state, seg_decay, n * S_per)
             if final_state is not None:
                 final_state[n] = S.to(final_state.dtype)
 
