@@ -441,6 +441,32 @@ void* state_out_data(const OptTensor& h_out, const OptTensor& chunk_offsets, con
   return h_out->data_ptr();
 }
 
+// What the one-pass forwards' parameters share (ChunkFusedParams, GlaFusedParams), checked and set:
+// the sequences, h_out (state_out_data), init / final_state fp32 [N_seq, H, K, V], the grid's y and
+// z (H, V / bv), the operands, K, V and the scale.
+template <typename Params>
+void set_one_pass_params(Params& p, const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
+                         const OptTensor& init, const OptTensor& final_state, const OptTensor& cu_seqlens,
+                         const OptTensor& h_out, const OptTensor& chunk_offsets, int bv, double scale) {
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), K = q.size(3), V = v.size(3);
+  p.h_out = state_out_data(h_out, chunk_offsets, cu_seqlens, q, B, T, H, K, V);
+  p.seq = seq_params(q, cu_seqlens, h_out.has_value() ? chunk_offsets : std::nullopt,
+                     h_out.has_value() ? h_out->size(0) : 0, false);
+  check_opt(init, "init", q, at::kFloat, {p.seq.num_seqs, H, K, V});
+  check_opt(final_state, "final_state", q, at::kFloat, {p.seq.num_seqs, H, K, V});
+  CHECK_ARG(H < 65536 && V / bv < 65536, "H and V / ", bv, " must be below 65536 (grid y, z), got ", H, " and ",
+            V / bv);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.out = out.data_ptr();
+  p.init = float_data_or_null(init);
+  p.final_state = float_data_or_null(final_state);
+  p.k_dim = static_cast<int>(K);
+  p.v_dim = static_cast<int>(V);
+  p.scale = static_cast<float>(scale);
+}
+
 // The scalar-gate forward in one pass (chunk_fused.cuh): q, k [B, T, H, K]; v, out [B, T, H, V];
 // g [B, T, H] or gamma [H] fp32 (or neither); init / final_state fp32 [N_seq, H, K, V], each optional.
 // The same o and final state as chunk_state + chunk_output (x = q, y = k, z = v, lower, both scales
@@ -458,23 +484,8 @@ void chunk_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Op
   CHECK_ARG(V % bv == 0 && V > 0, "V must be a multiple of ", bv, " (K = ", K, "), got ", V);
   c10::cuda::CUDAGuard guard(q.device());
   la::ChunkFusedParams p;
-  p.seq = seq_params(q, cu_seqlens, h_out.has_value() ? chunk_offsets : std::nullopt,
-                     h_out.has_value() ? h_out->size(0) : 0, false);
+  set_one_pass_params(p, q, k, v, out, init, final_state, cu_seqlens, h_out, chunk_offsets, bv, scale);
   p.gate = gate_params(g, gamma, q);
-  p.h_out = state_out_data(h_out, chunk_offsets, cu_seqlens, q, B, T, H, K, V);
-  check_opt(init, "init", q, at::kFloat, {p.seq.num_seqs, H, K, V});
-  check_opt(final_state, "final_state", q, at::kFloat, {p.seq.num_seqs, H, K, V});
-  CHECK_ARG(H < 65536 && V / bv < 65536, "H and V / ", bv, " must be below 65536 (grid y, z), got ", H, " and ",
-            V / bv);
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  p.out = out.data_ptr();
-  p.init = float_data_or_null(init);
-  p.final_state = float_data_or_null(final_state);
-  p.k_dim = static_cast<int>(K);
-  p.v_dim = static_cast<int>(V);
-  p.scale = static_cast<float>(scale);
   set_segments(p, seg_chunks, seg_state, seg_decay, q, p.seq.num_seqs, H, K, V, T);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch("chunk_fused_fwd", dispatch_dtype(q.scalar_type(), [&](auto tag) {
@@ -691,33 +702,16 @@ void gla_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
             ", V = ", V);
   CHECK_ARG(!b_out.has_value() || g.has_value(), "b_out needs raw gates g");
   CHECK_ARG(wide || !h_out.has_value(), "h_out needs the 256-thread kernel (K = 128, V a multiple of 128)");
-  CHECK_ARG(!h_out.has_value() || !cu_seqlens.has_value() || chunk_offsets.has_value(),
-            "h_out with cu_seqlens needs chunk_offsets");  // (before seq_params reads them)
   const Tensor& gates = b.has_value() ? *b : *g;
   check_operands({{&gates, b.has_value() ? "b" : "g"}}, q, at::kFloat);
   check_shape(gates, b.has_value() ? "b" : "g", q.sizes());
   check_opt(b_out, "b_out", q, at::kFloat, q.sizes());
   c10::cuda::CUDAGuard guard(q.device());
   la::GlaFusedParams p;
-  p.seq = seq_params(q, cu_seqlens, h_out.has_value() ? chunk_offsets : std::nullopt,
-                     h_out.has_value() ? h_out->size(0) : 0, false);
-  p.h_out = state_out_data(h_out, chunk_offsets, cu_seqlens, q, B, T, H, K, V);
-  check_opt(init, "init", q, at::kFloat, {p.seq.num_seqs, H, K, V});
-  check_opt(final_state, "final_state", q, at::kFloat, {p.seq.num_seqs, H, K, V});
-  CHECK_ARG(H < 65536 && V / bv < 65536, "H and V / ", bv, " must be below 65536 (grid y, z), got ", H, " and ",
-            V / bv);
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
+  set_one_pass_params(p, q, k, v, out, init, final_state, cu_seqlens, h_out, chunk_offsets, bv, scale);
   p.b = b.has_value() ? b->data_ptr<float>() : nullptr;
   p.g = g.has_value() ? g->data_ptr<float>() : nullptr;
   p.b_out = float_data_or_null(b_out);
-  p.out = out.data_ptr();
-  p.init = float_data_or_null(init);
-  p.final_state = float_data_or_null(final_state);
-  p.k_dim = static_cast<int>(K);
-  p.v_dim = static_cast<int>(V);
-  p.scale = static_cast<float>(scale);
   set_segments(p, seg_chunks, seg_state, seg_decay, q, p.seq.num_seqs, H, K, V, T, /*per_row=*/true);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch("gla_fused_fwd", dispatch_dtype(q.scalar_type(), [&](auto tag) {
