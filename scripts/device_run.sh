@@ -33,8 +33,6 @@
 #              chunk_simple_gla,chunk_retention --mode fwdbwd --no-fla with FLASH_ATTN_LINEAR_SAVE_STATES=auto
 #              and =1 (JSON into $OUT/savestates_auto, _1)
 #   linprofile benchmarks/tune/profile_linear.py $PROFILE_ARGS ($OUT/profile_linear_<commit>.txt)
-#   tunedqv4   run_tune.sh: the backward's dQ with 16-byte atomics (v4) against the default, d 64 / 128
-#              ($OUT/tune_dq_v4.txt; needs no build)
 #   tunedq     benchmarks/tune/run_tune.sh on the hd64 backward with the dQ warp grid 2 x 4 and 4 x 2
 #              ($OUT/tune_dq_grid.txt; needs no build)
 #   demo       python -m flash_attn
@@ -333,11 +331,6 @@ for stage in "${STAGES[@]}"; do
         [ -f "$REPO/.triton_autotune.tar" ] && tar -xf "$REPO/.triton_autotune.tar" -C "$TRITON_CACHE_DIR"
         run_stage linprofile bash -c "cd '$RUN_DIR' && '$PY' '$REPO/benchmarks/tune/profile_linear.py' ${PROFILE_ARGS:-} \
             | tee '$OUT/profile_linear_$COMMIT.txt'"
-        ;;
-    tunedqv4)
-        # the backward's dQ added with 16-byte atomics (v4) against the default, d = 64 and 128
-        run_stage tunedqv4 bash -c "cd '$REPO' && benchmarks/tune/run_tune.sh 'bwd:64:128:128:8:2 bwd:64:128:128:8:2:-:v4 \
-            bwd:128:128:64:8:2 bwd:128:128:64:8:2:-:v4' | tee '$OUT/tune_dq_v4.txt'"
         ;;
     tunedq)
         # the backward's dQ warp grid at d = 64: the library's (2 x 4) against 4 x 2

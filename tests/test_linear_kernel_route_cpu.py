@@ -384,8 +384,10 @@ SEG_CASES = [
 @pytest.fixture
 def segmented(model, monkeypatch):
     """Segmented chunk states on, the two-pass forward (so its chunk_state is segmented too), and
-    a GPU of many SMs: every chunk_state call here is cut into segments."""
+    a GPU of many SMs: every chunk_state call here is cut into segments. The backward recomputes
+    h (FLASH_ATTN_LINEAR_SAVE_STATES=0) so that all three passes are covered."""
     monkeypatch.setenv(_kernels.SEGMENTED_STATES_ENV, "1")
+    monkeypatch.setenv(_kernels.SAVE_STATES_ENV, "0")
     model.sms = 1000
     seen = []
     real = model.chunk_state
@@ -404,6 +406,14 @@ def test_segmented_states_forward_and_backward(segmented, case, with_final):
     check_route_against_reference(case, with_final)
     # forward h, backward h and the reverse dH: all three cut into segments
     assert len(segmented.seg_calls) == 3 and all(c > 0 for c in segmented.seg_calls), segmented.seg_calls
+
+
+@pytest.mark.parametrize("case", SEG_CASES[:2], ids=[c[0] for c in SEG_CASES[:2]])
+def test_segmented_states_with_kept_states(segmented, monkeypatch, case):
+    monkeypatch.delenv(_kernels.SAVE_STATES_ENV)  # default: the forward's h is kept
+    check_route_against_reference(case, True)
+    # forward h and the reverse dH; the backward reads the forward's h
+    assert len(segmented.seg_calls) == 2 and all(c > 0 for c in segmented.seg_calls), segmented.seg_calls
 
 
 def test_segmented_states_off_by_default(model, monkeypatch):
@@ -568,8 +578,9 @@ def check_gla_route_against_reference(case, with_final):
 
 
 @pytest.mark.parametrize("lens", [None, [0, 600, 1, 333]], ids=["batched", "varlen"])
-def test_gla_segmented_states(segmented, lens):
-    """chunk_gla with its chunk_state passes (forward h, backward h, reverse dH) in segments."""
+def test_gla_segmented_states(segmented, monkeypatch, lens):
+    """chunk_gla with its chunk_state passes (forward h, reverse dH) in segments."""
+    monkeypatch.delenv(_kernels.SAVE_STATES_ENV)  # default: the forward's h is kept
     check_gla_route_against_reference(("seg", 600, 64, 64, 1.0, 0.5, lens), True)
     # the forward's h (kept for the backward, save_states) and the reverse dH
     assert len(segmented.seg_calls) == 2 and all(c > 0 for c in segmented.seg_calls), segmented.seg_calls
@@ -980,7 +991,7 @@ def test_gla_fused_wide_segments_then_backward(route_to_model, monkeypatch, lens
 # --------------------------------------------------------------------------- kept chunk states
 # FLASH_ATTN_LINEAR_SAVE_STATES=1: the simple-GLA family's forward keeps its chunk states (the
 # one-pass kernel's h_out, or the two-pass forward's chunk_state) and the backward's only
-# chunk_state is the reverse dH; unset, only chunk_gla keeps them (_kernels.save_states).
+# chunk_state is the reverse dH; unset means the same (_kernels.save_states), =0 recomputes them.
 
 KEPT_STATE_CASES = [
     ("g-T130", "g", 130, 64, 64, None),
@@ -1001,11 +1012,14 @@ def test_simple_gla_kept_states(model, monkeypatch, case, one_pass):
     assert ("chunk_fused_fwd" in model.calls) == one_pass
 
 
-def test_simple_gla_states_recomputed_by_default(model, monkeypatch):
+def test_simple_gla_states_kept_by_default(model, monkeypatch):
     monkeypatch.delenv(_kernels.SAVE_STATES_ENV, raising=False)
     monkeypatch.delenv(_kernels.FUSED_FWD_ENV, raising=False)
-    assert not _kernels.save_states("chunk") and _kernels.save_states("gla")
+    assert _kernels.save_states("chunk") and _kernels.save_states("gla")
+    check_route_against_reference(GRAD_CASES[0], True)
+    assert model.calls.count("chunk_state") == 1, model.calls  # only the backward's dH
+    monkeypatch.setenv(_kernels.SAVE_STATES_ENV, "0")
+    assert not _kernels.save_states("gla") and not _kernels.save_states("chunk")
+    model.calls.clear()
     check_route_against_reference(GRAD_CASES[0], True)
     assert model.calls.count("chunk_state") == 2, model.calls  # the backward's h recompute and dH
-    monkeypatch.setenv(_kernels.SAVE_STATES_ENV, "0")
-    assert not _kernels.save_states("gla")

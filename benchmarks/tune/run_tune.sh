@@ -2,10 +2,9 @@
 # Compile tune_fwd.cu / tune_bwd.cu for several (head dim, tile) variants in parallel and time each.
 # Usage (on the GPU machine, repo root):
 #   benchmarks/tune/run_tune.sh "128:128:64:4:2 bwd:128:64:32:4 ..."
-# Forward variants are HDIM:BM:BN:WARPS[:STAGES]; backward variants bwd:HDIM:ROWS:COLS:WARPS[:STAGES[:DQM[:v4]]]
-# (the default path, atomic dQ; DQM = warps along the queries of the dQ product, "-" or absent: the
-# library's; v4: dQ added with 16-byte atomics after a lane-pair swap, sm90) or bwddet:... (the
-# deterministic kernel pair); decoding
+# Forward variants are HDIM:BM:BN:WARPS[:STAGES]; backward variants bwd:HDIM:ROWS:COLS:WARPS[:STAGES[:DQM]]
+# (the default path, atomic dQ; DQM = warps along the queries of the dQ product, default the
+# library's) or bwddet:... (the deterministic kernel pair); decoding
 # (split-KV forward + combine at the ANCHORS decode shapes) dec:HDIM:BM:BN:WARPS[:STAGES[:PAGE]]
 # (PAGE > 0: the paged-KV kernels on caches in pages of PAGE rows).
 # Prints ptxas registers/spills, local-memory instructions in SASS, and the timings.
@@ -23,11 +22,10 @@ mkdir -p "$DIR"
 # The nvcc defines and source for one variant spec.
 variant_args() {
   if [[ $1 == bwd* ]]; then
-    IFS=: read -r kind D R C W S Q X <<<"$1"
+    IFS=: read -r kind D R C W S Q <<<"$1"
     local atomic=1 dqm=""
     [ "$kind" = bwddet ] && atomic=0
-    [ -n "${Q:-}" ] && [ "$Q" != "-" ] && dqm="-DFLASH_ATTN_TUNE_DQ_WARPS_M=$Q"
-    [ "${X:-}" = v4 ] && dqm="$dqm -DFLASH_ATTN_TUNE_DQ_V4"
+    [ -n "${Q:-}" ] && dqm="-DFLASH_ATTN_TUNE_DQ_WARPS_M=$Q"
     echo "-DHDIM=$D -DROWS=$R -DCOLS=$C -DWARPS=$W -DSTAGES=${S:-1} -DATOMIC=$atomic $dqm benchmarks/tune/tune_bwd.cu"
   elif [[ $1 == dec:* ]]; then
     IFS=: read -r _ D M N W S P <<<"$1"

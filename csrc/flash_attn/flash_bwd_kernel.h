@@ -93,21 +93,6 @@ __forceinline__ __device__ void accumulate_dq(SdSt const &sdSt, SKt const &sKt, 
     atomicAdd(dst + 1, acc(i + 1));
 #endif
   };
-#if defined(FLASH_ATTN_TUNE_DQ_V4) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Tune-only (benchmarks/tune/run_tune.sh bwd:...:DQM:v4): one 16-byte atomic per 4 floats.
-  // Each MMA atom's values are (g, 2 t4 + {0, 1}) and (g + 8, 2 t4 + {0, 1}); lanes t4 and t4 ^ 1
-  // swap halves so the even one holds row g, columns 4 (t4 / 2) .. + 3 and the odd one row g + 8.
-  const bool even = (threadIdx.x & 1) == 0;
-  CUTE_UNROLL
-  for (int i = 0; i < size(acc); i += 4) {
-    const float s0 = even ? acc(i + 2) : acc(i), s1 = even ? acc(i + 3) : acc(i + 1);
-    const float r0 = __shfl_xor_sync(0xffffffffu, s0, 1), r1 = __shfl_xor_sync(0xffffffffu, s1, 1);
-    const int j = even ? i : i + 2;  // this lane's row after the swap; its first column is even's
-    const int row = get<0>(coord(j)), col = get<1>(coord(j)) - (even ? 0 : 2);
-    const float4 v = even ? make_float4(acc(i), acc(i + 1), r0, r1) : make_float4(r0, r1, acc(i + 2), acc(i + 3));
-    if (rows >= kCols || row < rows) { atomicAdd(reinterpret_cast<float4 *>(dq_accum + row * kHeadDim + col), v); }
-  }
-#else
   if (rows >= kCols) {
     CUTE_UNROLL
     for (int i = 0; i < size(acc); i += 2) { add(i); }
@@ -117,7 +102,6 @@ __forceinline__ __device__ void accumulate_dq(SdSt const &sdSt, SKt const &sKt, 
       if (get<0>(coord(i)) < rows) { add(i); }
     }
   }
-#endif
 }
 
 // The key-stationary view of the score modifiers for any fragment layout: st and coord

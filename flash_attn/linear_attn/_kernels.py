@@ -453,11 +453,12 @@ def save_states(family):
     them (one chunk_state pass: ~0.23 ms for chunk_gla at 8x2048 x 16 heads, K = V = 128, on an
     H100; ~0.9 ms for the simple-GLA family at 1x65536). family: "gla" (chunk_gla) or "chunk"
     (chunk_simple_gla / retention / lightning / linear_attn). FLASH_ATTN_LINEAR_SAVE_STATES:
-    unset ("auto"): chunk_gla only (GPU-tested at 7072b29; the simple-GLA family's kernel writes
-    them too, not yet run on a GPU); 1: every op; 0: none (the memory back for the recompute)."""
+    unset ("auto") or 1: every op (the simple-GLA family's forward + backward 14-20% faster on an
+    H100 at 7b9305c, benchmarks/results/save_states_ab/); 0: none (the memory back for the
+    recompute). family is kept so that a future per-op default has its hook."""
     raw = os.environ.get(SAVE_STATES_ENV, "auto").strip().lower()
     if raw == "auto":
-        return family == "gla"
+        return family in ("gla", "chunk")
     return _env_switch(SAVE_STATES_ENV, "0")
 
 
