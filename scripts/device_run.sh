@@ -33,6 +33,9 @@
 #              chunk_simple_gla,chunk_retention --mode fwdbwd --no-fla with FLASH_ATTN_LINEAR_SAVE_STATES=auto
 #              and =1 (JSON into $OUT/savestates_auto, _1)
 #   linprofile benchmarks/tune/profile_linear.py $PROFILE_ARGS ($OUT/profile_linear_<commit>.txt)
+#   glabwd     chunk_gla's one-kernel backward reverse pass: GPU tests (-k gla, junit $OUT/glabwd.xml), then
+#              benchmark_linear.py --ops chunk_gla --mode fwdbwd --no-fla with FLASH_ATTN_LINEAR_GLA_FUSED_BWD=0
+#              and =1 (JSON into $OUT/glabwd_0, _1)
 #   tunedq     benchmarks/tune/run_tune.sh on the hd64 backward with the dQ warp grid 2 x 4 and 4 x 2
 #              ($OUT/tune_dq_grid.txt; needs no build)
 #   demo       python -m flash_attn
@@ -331,6 +334,21 @@ for stage in "${STAGES[@]}"; do
         [ -f "$REPO/.triton_autotune.tar" ] && tar -xf "$REPO/.triton_autotune.tar" -C "$TRITON_CACHE_DIR"
         run_stage linprofile bash -c "cd '$RUN_DIR' && '$PY' '$REPO/benchmarks/tune/profile_linear.py' ${PROFILE_ARGS:-} \
             | tee '$OUT/profile_linear_$COMMIT.txt'"
+        ;;
+    glabwd)
+        # chunk_gla's backward reverse pass in one kernel: GLA GPU tests (-k gla), then forward +
+        # backward with FLASH_ATTN_LINEAR_GLA_FUSED_BWD=0 (chunk_state + gla_output) and =1
+        need_build glabwd || continue
+        rm -f "$OUT/glabwd.xml"
+        FLASH_ATTN_REQUIRE_CUDA=1 run_stage glabwd "$PY" -m pytest "$REPO/tests/test_linear_attn_gpu.py" -m cuda \
+            -k gla -p no:cacheprovider -q -rfEs --tb=short --junitxml="$OUT/glabwd.xml" "${XDIST[@]}"
+        SUMMARY[-1]="${SUMMARY[-1]} $(junit_counts "$OUT/glabwd.xml")"
+        for on in 0 1; do
+            mkdir -p "$OUT/glabwd_$on"
+            FLASH_ATTN_LINEAR_GLA_FUSED_BWD=$on run_stage "glabwd-ab-$on" "$PY" \
+                "$REPO/benchmarks/benchmark_linear.py" --ops chunk_gla --mode fwdbwd --no-fla --no-softmax \
+                --out-dir "$OUT/glabwd_$on"
+        done
         ;;
     tunedq)
         # the backward's dQ warp grid at d = 64: the library's (2 x 4) against 4 x 2

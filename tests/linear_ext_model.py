@@ -50,28 +50,35 @@ def _segments(chunks, seg_chunks, max_segs):
     return segs
 
 
-def _one_pass_sequence(step, S_in, segs, first, h_out, seg_state, seg_decay, seg_row0):
-    """One sequence through a one-pass forward (chunk_fused.cuh, gla_fused.cuh) as its launches run
-    it: segment j's chunks from S_in, the state entering the sequence folded with the segments
-    before it. Pass 1 of segment j - 1 writes its local state L (from zeros) and log-decay d (the
-    sum of its chunks' b_L: [H], or [H, K] with per-key gates) at row seg_row0 + j - 1 of
-    seg_state / seg_decay; S_in <- exp(d) S_in + L. step(S, start, stop, write, slot) runs one
-    chunk (its output when write, S into h_out[slot] when slot is given) and returns (S', b_L).
-    Returns the sequence's final state."""
+def _one_pass_sequence(step, S_in, segs, first, h_out, seg_state, seg_decay, seg_row0, reverse=False):
+    """One sequence through a one-pass kernel (chunk_fused.cuh, gla_fused.cuh) as its launches run
+    it, walking the chunks in order (reverse: from the last one down): each segment's chunks from
+    S_in, the state entering the sequence folded with the segments walked before it. Pass 1 of
+    segment s writes its local state L (from zeros) and log-decay d (the sum of its chunks' b_L:
+    [H], or [H, K] with per-key gates) at row seg_row0 + s of seg_state / seg_decay; S_in <-
+    exp(d) S_in + L. step(S, start, stop, write, slot) runs one chunk (its output when write, S
+    into h_out[slot] when slot is given) and returns (S', b_L). Returns the state after the walk."""
+    order = list(range(len(segs)))
+    if reverse:
+        order.reverse()
+
+    def walk(seg):
+        return list(reversed(seg)) if reverse else seg
     S = S_in
-    for j, seg in enumerate(segs):
-        if j > 0:  # pass 1 of segment j - 1, then its fold into S_in
+    for pos, j in enumerate(order):
+        if pos > 0:  # pass 1 of the segment walked before this one, then its fold into S_in
+            prev = order[pos - 1]
             L, d = torch.zeros_like(S_in), 0
-            for _, start, stop in segs[j - 1]:
+            for _, start, stop in walk(segs[prev]):
                 L, bl = step(L, start, stop, False)
                 d = d + bl
-            row = seg_row0 + j - 1
+            row = seg_row0 + prev
             seg_state[row] = L.to(seg_state.dtype)
             seg_decay[row] = d.to(seg_decay.dtype)
             decay = torch.exp(seg_decay[row].double())
             S_in = decay.reshape(decay.shape + (1,) * (S_in.dim() - decay.dim())) * S_in + seg_state[row].double()
         S = S_in
-        for c, start, stop in seg:
+        for c, start, stop in walk(segs[j]):
             S, _ = step(S, start, stop, True, None if h_out is None else first + c)
     return S
 
@@ -466,7 +473,7 @@ class LinearExtModel:
         return 64 if k_dim <= 128 else 32
 
     def gla_fused_fwd(self, q, k, v, b, init, out, final_state, cu_seqlens, scale, g=None, b_out=None,
-                      seg_chunks=0, seg_state=None, seg_decay=None, h_out=None, chunk_offsets=None):
+                      seg_chunks=0, seg_state=None, seg_decay=None, h_out=None, chunk_offsets=None, reverse=False):
         """GLA's one-pass forward (gla_fused.cuh), chunk by chunk with the running state S:
           o  = gla_output's lower output with M = S_c rounded to q's dtype (the kernel's MMA operand),
                both scales = scale
@@ -477,7 +484,13 @@ class LinearExtModel:
         key: pass 1 writes each segment's local state L_j and d_j = the sum of its chunks' b_L
         [H, K]; pass 2 starts segment j from the fold S <- diag(exp(d_s)) S + L_s over s < j.
         h_out (the 256-thread kernel): every chunk's entering state, rounded to q's dtype, at its
-        slot (chunk_offsets with cu_seqlens), as chunk_state stores it."""
+        slot (chunk_offsets with cu_seqlens), as chunk_state stores it.
+        reverse (the 256-thread kernel, b only): the backward's reverse pass, called with q = k,
+        k = q, v = do, init = dh_T, out = dv, final_state = dh_0, h_out = dH. Chunks from the last
+        one down with the running state D (entering: the gradient of the state leaving the chunk):
+          dv = gla_output's upper output with M = D rounded, inter scale 1, intra scale scale
+          D <- diag(exp(b_L)) D + scale * sum_r (k_r * exp(b_r))^T v_r   (here k = q, v = do)
+        which is chunk_state (reverse, gk_cum = b) + gla_output (upper) without the stored states."""
         B, T, H, K = q.shape
         V = v.shape[-1]
         wide = self.gla_fused_tile_v(K, V) == 128
@@ -485,6 +498,7 @@ class LinearExtModel:
         assert (b is None) != (g is None), "exactly one of b and g"
         assert wide or (g is None and seg_chunks == 0), "raw gates and segments: the 256-thread kernel only"
         assert b_out is None or g is not None
+        assert not reverse or (wide and b is not None), "reverse: the 256-thread kernel with b"
         assert h_out is None or (wide and h_out.dtype == q.dtype and h_out.shape[1:] == (H, K, V)
                                  and (cu_seqlens is None or chunk_offsets is not None))
         if g is not None:
@@ -512,15 +526,16 @@ class LinearExtModel:
             X, Y, Z = (_pad_rows(t[start:stop]) for t in (qs, ks, vs))
             Bc = _pad_rows(bs[start:stop], clamp=True)  # [64, H, K]
             if write:
-                o = _gla_chunk_output(X, Y, Z, Bc, S.to(q.dtype).double(), scale, scale, False)
+                o = _gla_chunk_output(X, Y, Z, Bc, S.to(q.dtype).double(), 1.0 if reverse else scale, scale, reverse)
                 outs[start:stop] = o[:stop - start].to(out.dtype)
             bl = Bc[-1]  # [H, K]
-            return _exp0(bl)[..., None] * S + torch.einsum("lhk,lhv->hkv", Y * _exp0(bl - Bc), Z), bl
+            weights = scale * _exp0(Bc) if reverse else _exp0(bl - Bc)
+            return _exp0(bl)[..., None] * S + torch.einsum("lhk,lhv->hkv", Y * weights, Z), bl
 
         for n, (bos, eos, first) in enumerate(sequences(B, T, cu_seqlens, chunk_offsets)):
             segs = _segments(list(_chunk_rows(bos, eos)), seg_chunks if S_per > 1 else 0, S_per)
             S_in = init[n].double().cpu().clone() if init is not None else torch.zeros(H, K, V, dtype=torch.float64)
-            S = _one_pass_sequence(step, S_in, segs, first, h_out, seg_state, seg_decay, n * S_per)
+            S = _one_pass_sequence(step, S_in, segs, first, h_out, seg_state, seg_decay, n * S_per, reverse)
             if final_state is not None:
                 final_state[n] = S.to(final_state.dtype)
 

@@ -606,11 +606,13 @@ class _Spy:
 
 @pytest.fixture
 def fused_switch(monkeypatch):
-    """fused_switch(on, sms=None) -> a spy on the extension; sets FLASH_ATTN_LINEAR_FUSED_FWD and,
-    with sms, the SM count the route compares the grid with."""
+    """fused_switch(on, sms=None) -> a spy on the extension; sets FLASH_ATTN_LINEAR_FUSED_FWD (and
+    chunk_gla's one-pass switches, forward and backward reverse pass) and, with sms, the SM count
+    the route compares the grid with."""
     def set_switch(on, sms=None):
         monkeypatch.setenv(_kernels.FUSED_FWD_ENV, "1" if on else "0")
         monkeypatch.setenv(_kernels.GLA_FUSED_FWD_ENV, "1" if on else "0")  # chunk_gla's, every tile
+        monkeypatch.setenv(_kernels.GLA_FUSED_BWD_ENV, "1" if on else "0")
         if sms is not None:
             monkeypatch.setattr(_kernels, "num_sms", lambda device: sms)
         spy = _Spy(_kernels._load()[0])
@@ -866,12 +868,15 @@ def test_gla_fused_wide_raw_gates_and_segments(B, T, H, lens, segments, dt):
 def test_gla_fused_wide_segments_route(fused_switch, monkeypatch):
     """chunk_gla at K = V = 128 by default (no switch set) on a GPU of more SMs than the grid:
     one gla_fused_fwd call in segments, no gla_cumsum in the forward or the backward (b_out),
-    no chunk_state for h in the backward (h_out), the gradients of the three-launch route."""
+    no chunk_state for h in the backward (h_out), the backward's reverse pass in the same kernel
+    (dv, dH; no chunk_state, no gla_output), the gradients of the three-launch route."""
     B, T, H = 1, 3000, 2
     q, k, v, g, h0 = make_gla_inputs(B, T, H, 128, 128, 1.0, torch.bfloat16)
     spy = fused_switch(True, sms=16)
-    monkeypatch.delenv(_kernels.GLA_FUSED_FWD_ENV)  # the default
+    monkeypatch.delenv(_kernels.GLA_FUSED_FWD_ENV)  # the defaults
+    monkeypatch.delenv(_kernels.GLA_FUSED_BWD_ENV)
     assert _kernels.gla_fused_plan(spy, q, v, seqs(B, T, None))[1] > 1
+    assert _kernels.gla_reverse_plan(spy, q, v, seqs(B, T, None))[1] > 1
     w = rand(B, T, H, 128, seed=11).float()
     grads = []
     for on in (True, False):
@@ -882,12 +887,68 @@ def test_gla_fused_wide_segments_route(fused_switch, monkeypatch):
         ((o.float() * w).sum() + ht.sum()).backward()
         grads.append([o, ht] + [x.grad for x in leaves])
         if on:
-            assert spy.calls[0] == "gla_fused_fwd" and "gla_cumsum" not in spy.calls, spy.calls
-            assert spy.calls.count("chunk_state") == 1, spy.calls  # the reverse dH only
+            assert spy.calls == ["gla_fused_fwd", "gla_fused_fwd", "gla_grad"], spy.calls
     for name, a, c in zip(("o", "final_state", "dq", "dk", "dv", "dg", "dh0"), *grads):
         # the backward sees the same b; its chunk states are the forward's (the one-pass kernel's
         # h_out or chunk_state's), equal up to fp32 summation order
         check(name, a, c.float() if name == "o" else c, OUT_TOL if name in ("o", "final_state") else GRAD_TOL)
+
+
+@pytest.mark.parametrize("B,T,H,lens,segments,dt", _gla_wide_segment_cases())
+def test_gla_fused_reverse_kernel(B, T, H, lens, segments, dt):
+    """gla_fused_fwd with reverse (the backward's dv and dH in one pass, chunks from the last one
+    down, segments folded from the sequence's end): dv, dH (h_out, every chunk's slot) and dh0
+    against chunk_state's reverse pass + gla_output (upper) and the float64 model, scale 0.3,
+    outputs NaN-poisoned."""
+    dtype, scale = DTYPES[dt], 0.3
+    T = sum(lens) if lens is not None else T
+    N = B if lens is None else len(lens)
+    q, k, do, _, _, dht = make_inputs(B, T, H, 128, 128, None, 1.0, dtype, N=N)
+    g = gla_fused_gates(B, T, H, 128, 1.0)
+    s = seqs(B, T, lens)
+    b = torch.empty_like(g)
+    ext().gla_cumsum(g, b, s.cu, s.offsets, s.slots)
+    chunks = -(-T // 64)
+    seg_chunks = -(-chunks // segments) if segments > 1 else 0
+    ws = _kernels._segment_workspace(q, do, s, segments, per_row=True) if segments > 1 else (None, None)
+    poison_allocator(((B, T, H, 128), dtype), ((N, H, 128, 128), torch.float32))
+    dv = torch.full((B, T, H, 128), float("nan"), device="cuda", dtype=dtype)
+    dh0 = torch.full((N, H, 128, 128), float("nan"), device="cuda", dtype=torch.float32)
+    dH = torch.full((s.slots, H, 128, 128), float("nan"), device="cuda", dtype=dtype)
+    ext().gla_fused_fwd(k, q, do, b, dht, dv, dh0, s.cu, scale, None, None, seg_chunks, *ws, dH, s.offsets,
+                        reverse=True)
+    # the two launches it replaces
+    dh0_2 = torch.empty_like(dh0)
+    dH_2 = _kernels._states(ext(), q, do, None, None, dht, s, dh0_2, scale=scale, reverse=True, gk_cum=b)
+    dv_2 = torch.empty_like(dv)
+    ext().gla_output(k, q, do, dH_2, b, dv_2, s.cu, s.offsets, 1.0, scale, True)
+    used = s.slots if lens is None else int(s.offsets[-1])  # (packed: Seqs.slots is an upper bound)
+    check("dH vs chunk_state", dH[:used], dH_2[:used], OUT_TOL)
+    check("dv vs two launches", dv, dv_2, OUT_TOL)
+    check("dh0 vs chunk_state", dh0, dh0_2, 1e-4 if segments == 1 else OUT_TOL)
+    # the float64 model of the same pass
+    ref = [torch.zeros(B, T, H, 128, dtype=torch.float64), torch.zeros(N, H, 128, 128, dtype=torch.float64),
+           torch.zeros(s.slots, H, 128, 128, dtype=torch.float64)]
+    MODEL.gla_fused_fwd(k, q, do, b, dht, ref[0], ref[1], s.cu, scale, h_out=ref[2], chunk_offsets=s.offsets,
+                        reverse=True)
+    check("dv vs model", dv, ref[0], OUT_TOL)
+    check("dh0 vs model", dh0, ref[1], OUT_TOL)
+    check("dH vs model", dH[:used], ref[2][:used], OUT_TOL)
+    if lens is not None:  # empty sequences: the gradient passes through
+        assert torch.equal(dh0[0], dht[0]) and torch.equal(dh0[4], dht[4])
+
+
+def test_gla_fused_reverse_arguments():
+    """reverse: the 256-thread kernel (K = 128, V a multiple of 128) from b, not raw gates."""
+    q, k, v, _, _, _ = make_inputs(1, 100, 2, 128, 128, None, 1.0, torch.bfloat16)
+    g = gla_fused_gates(1, 100, 2, 128, 1.0)
+    o = torch.empty_like(v)
+    with pytest.raises(ValueError, match="reverse"):
+        ext().gla_fused_fwd(q, k, v, None, None, o, None, None, 1.0, g, reverse=True)
+    q64, v64 = q[..., :64].contiguous(), v[..., :64].contiguous()
+    with pytest.raises(ValueError, match="reverse"):
+        ext().gla_fused_fwd(q64, q64, v64, g[..., :64].contiguous(), None, torch.empty_like(v64), None, None, 1.0,
+                            reverse=True)
 
 
 def test_gla_fused_raw_gate_arguments():

@@ -932,15 +932,17 @@ def test_gla_fused_forward_default_is_the_wide_kernel_only(fused, monkeypatch):
 
 
 class SegmentSpy(CountingModel):
-    """Records gla_fused_fwd's segment arguments (seg_chunks, segments per sequence)."""
+    """Records gla_fused_fwd's segment arguments (seg_chunks, segments per sequence) and reverse."""
 
     def __init__(self):
         super().__init__()
         self.segs = []
+        self.reverse = []  # its reverse argument per call
 
     def gla_fused_fwd(self, *args, **kwargs):
         seg_chunks, seg_state = (args[11], args[12]) if len(args) > 12 else (0, None)
         self.segs.append((seg_chunks, None if seg_state is None else seg_state.shape[0]))
+        self.reverse.append(kwargs.get("reverse", False))
         return super().gla_fused_fwd(*args, **kwargs)
 
 
@@ -971,20 +973,26 @@ def test_gla_fused_wide_segments(route_to_model, monkeypatch, B, T, H, lens, sms
         assert torch.equal(ht[0], h0[0])  # the empty sequence passes its state through
 
 
+@pytest.mark.parametrize("fused_bwd", ["1", "0"], ids=["reverse-one-pass", "reverse-two-launches"])
 @pytest.mark.parametrize("save", ["1", "0"], ids=["states-kept", "states-recomputed"])
 @pytest.mark.parametrize("lens", [None, [0, 600, 1, 333]], ids=["batched", "varlen"])
-def test_gla_fused_wide_segments_then_backward(route_to_model, monkeypatch, lens, save):
+def test_gla_fused_wide_segments_then_backward(route_to_model, monkeypatch, lens, save, fused_bwd):
     """Gradients after the segmented one-pass forward: it writes b (b_out) for the backward,
     which then runs no gla_cumsum, and the chunk states (h_out) unless
-    FLASH_ATTN_LINEAR_SAVE_STATES=0, so the backward's only chunk_state is the reverse dH."""
+    FLASH_ATTN_LINEAR_SAVE_STATES=0. The backward's reverse pass (dv, dH) is the same kernel
+    in reverse, in segments too (FLASH_ATTN_LINEAR_GLA_FUSED_BWD=0: chunk_state + gla_output)."""
     monkeypatch.setenv(_kernels.SAVE_STATES_ENV, save)
+    monkeypatch.setenv(_kernels.GLA_FUSED_BWD_ENV, fused_bwd)
     spy = route_to_model(SegmentSpy())
     for env in (_kernels.GLA_FUSED_FWD_ENV, _kernels.FUSED_FWD_ENV):
         monkeypatch.delenv(env, raising=False)
     spy.sms = 12 if lens is None else 24  # 2 x 2 CTAs (or 4 sequences x 2 heads): 2 or 3 segments
     check_gla_route_against_reference(("wide-seg", 600, 128, 128, 1.0, 0.5, lens), True)
     assert "gla_cumsum" not in spy.calls and "gla_grad" in spy.calls, spy.calls
-    assert spy.calls.count("chunk_state") == (1 if save == "1" else 2), spy.calls
+    one_pass = fused_bwd == "1"
+    assert spy.calls.count("chunk_state") == (save == "0") + (not one_pass), spy.calls
+    assert ("gla_output" in spy.calls) != one_pass, spy.calls
+    assert spy.reverse == ([False, True] if one_pass else [False]), spy.reverse
     assert spy.segs and all(n > 0 for n, _ in spy.segs), spy.segs
 
 

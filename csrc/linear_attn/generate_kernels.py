@@ -54,6 +54,11 @@ def gla_fused(tag, k, bv):
     return '#include "../gla_fused.cuh"\n', lines
 
 
+def gla_fused_reverse(tag):
+    lines = [f"template cudaError_t run_gla_fused_reverse<{tag}>(const GlaFusedParams&, cudaStream_t);"]
+    return '#include "../gla_fused.cuh"\n', lines
+
+
 def recurrent(tag):
     lines = [f"template cudaError_t run_recurrent<{tag}, {k}, {grad}>(const RecurrentParams&, cudaStream_t);"
              for grad in ("false", "true") for k in HEAD_DIMS]
@@ -84,6 +89,7 @@ def files():
             for bv in tiles:
                 suffix = "" if bv == tiles[0] else f"_bv{bv}"
                 yield f"gla_fused_{name}_k{k}{suffix}.cu", gla_fused(tag, k, bv)
+        yield f"gla_fused_reverse_{name}.cu", gla_fused_reverse(tag)  # the backward's dv + dH pass
         yield f"recurrent_{name}.cu", recurrent(tag)
         for r in HEAD_DIMS:
             yield f"masked_attn_{name}_r{r}.cu", masked_attn(tag, r)

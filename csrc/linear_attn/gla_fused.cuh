@@ -388,7 +388,7 @@ static_assert(gla_fused_wide_smem_bytes() == 165888, "K 128, BV 128: 162 KB");
 static_assert(gla_fused_wide_smem_bytes() <= 163 * 1024, "K 128, BV 128 fits an sm80 SM");
 static_assert(8 * 16 * 64 * 4 == 128 * 128 * 2, "the partial-A exchange fills S_c's tile exactly");
 
-template <typename Tag, bool kStateOnly>
+template <typename Tag, bool kStateOnly, bool kReverse>
 __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_kernel(const GlaFusedParams p) {
   using E = Elem<Tag>;
   using T = typename E::T;
@@ -418,13 +418,14 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
   // this CTA's chunks [c_begin, c_end): the whole sequence without segments
   const SegmentRange segs = segment_range(nchunks, p.seg_chunks, seg);
   const int nsegs = segs.count, c_begin = segs.begin, c_end = segs.end;
-  if (seg >= nsegs || (kStateOnly && seg == nsegs - 1)) return;  // pass 1 never needs the last segment's L
+  // pass 1 never needs the L of the segment the walk ends in (forward: the last; reverse: the first)
+  if (seg >= nsegs || (kStateOnly && seg == (kReverse ? 0 : nsegs - 1))) return;
 
   const int64_t ldk = static_cast<int64_t>(H) * K, ldv = static_cast<int64_t>(H) * p.v_dim;
   const T* qg = static_cast<const T*>(p.q) + static_cast<int64_t>(head) * K;
   const T* kg = static_cast<const T*>(p.k) + static_cast<int64_t>(head) * K;
   // the gates: b, or raw g summed per chunk here (scan_gate_column), b then going to b_out (pass 2)
-  const bool raw = p.b == nullptr;
+  const bool raw = !kReverse && p.b == nullptr;
   const float* bg = (raw ? p.g : p.b) + static_cast<int64_t>(head) * K;
   float* bout = !kStateOnly && raw && p.b_out != nullptr ? p.b_out + static_cast<int64_t>(head) * K : nullptr;
   const T* vg = static_cast<const T*>(p.v) + static_cast<int64_t>(head) * p.v_dim + n0;
@@ -451,9 +452,12 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
     }
   }
   if constexpr (!kStateOnly) {
-    // the state entering segment seg: the earlier segments' pass-1 results folded in order,
+    // the state entering segment seg: the pass-1 results of the segments walked before it folded
+    // in walk order (forward: 0 .. seg - 1; reverse: the last one down to seg + 1),
     // S <- exp(d_s) S + L_s with d_s the segment's log-decay of the row's key
-    for (int s = 0; s < seg; ++s) {
+    const int nfold = kReverse ? nsegs - 1 - seg : seg;
+    for (int f = 0; f < nfold; ++f) {
+      const int s = kReverse ? nsegs - 1 - f : f;
       const int64_t base = seg_row(s) * K * p.v_dim;
 #pragma unroll
       for (int h2 = 0; h2 < 2; ++h2) {
@@ -473,8 +477,7 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
   auto chunk_rows = [&](int i) {
     return static_cast<int>(min(static_cast<int64_t>(kChunk), sr.eos - chunk_start(i)));
   };
-  auto issue_qkv = [&](int i) {
-    const int stage = i & 1;
+  auto issue_qkv = [&](int i, int stage) {
     const int64_t start = chunk_start(i);
     const int rows = chunk_rows(i);
 #pragma unroll
@@ -500,15 +503,18 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
     }
   };
 
-  if (c_begin < c_end) {
-    issue_qkv(c_begin);
-    issue_gates(c_begin);
+  // the walk: step `it` takes chunk chunk_of(it) (reverse: from the segment's last chunk down)
+  const int nwalk = c_end - c_begin;
+  auto chunk_of = [&](int it) { return kReverse ? c_end - 1 - it : c_begin + it; };
+  if (nwalk > 0) {
+    issue_qkv(chunk_of(0), 0);
+    issue_gates(chunk_of(0));
   }
   cp_async_commit();
-  for (int i = c_begin; i < c_end; ++i) {
-    const int stage = i & 1;
-    // ---- 0. chunk i + 1's q, k, v into the other stage (free since the end of chunk i - 1)
-    if (i + 1 < c_end) issue_qkv(i + 1);
+  for (int it = 0; it < nwalk; ++it) {
+    const int i = chunk_of(it), stage = it & 1;
+    // ---- 0. the next chunk's q, k, v into the other stage (free since the end of the step before)
+    if (it + 1 < nwalk) issue_qkv(chunk_of(it + 1), stage ^ 1);
     cp_async_commit();
     const int64_t row0 = chunk_start(i);
     const int rows = chunk_rows(i);
@@ -554,11 +560,11 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
       T* qm = qs + half * kSlab;
       const T* km = ks + half * kSlab;
       const float* gt = sg + half * kGateTileFloats;
-      const int pr = sub * kSub;  // the reference row
+      const int pr = sub * kSub + (kReverse ? kSub - 1 : 0);  // the reference row (reverse: the last)
       {
         // the diagonal block, elementwise (before q's quadrant is overwritten below)
         float d0f[4] = {0.f, 0.f, 0.f, 0.f}, d1f[4] = {0.f, 0.f, 0.f, 0.f};
-        gla_diag_scores<false, E>(d0f, d1f, qm, km, gt, sub, g, t4);
+        gla_diag_scores<kReverse, E>(d0f, d1f, qm, km, gt, sub, g, t4);
 #pragma unroll
         for (int blk = 0; blk < 4; ++blk) {
           if (blk != sub) continue;
@@ -571,13 +577,15 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
       }
 #pragma unroll 1
       for (int kk = 0; kk < 4; ++kk) {
-        float bp[2][2], ic[2][2];  // [ch][j]: b at the reference row; exp(b_p), the inter factor
+        // [ch][j]: b at the reference row; the inter factor exp(b_p) (reverse: exp(b_L - b_p))
+        float bp[2][2], ic[2][2];
 #pragma unroll
         for (int ch = 0; ch < 2; ++ch) {
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            bp[ch][j] = gt[gate_at(pr, kk * 16 + 2 * t4 + 8 * ch + j)];
-            ic[ch][j] = __expf(bp[ch][j]);
+            const int d = kk * 16 + 2 * t4 + 8 * ch + j;
+            bp[ch][j] = gt[gate_at(pr, d)];
+            ic[ch][j] = __expf(kReverse ? gt[gate_at(kChunk - 1, d)] - bp[ch][j] : bp[ch][j]);
           }
         }
         uint32_t a[4], ao[4], ai[4];
@@ -586,22 +594,24 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
         for (int i4 = 0; i4 < 4; ++i4) {
           const int r = sub * kSub + g + 8 * (i4 & 1), ch = i4 >> 1, d = kk * 16 + 2 * t4 + 8 * ch;
           const float2 f = E::unpack(a[i4]);
-          const float x0 = f.x * __expf(gt[gate_at(r, d)] - bp[ch][0]);
-          const float x1 = f.y * __expf(gt[gate_at(r, d + 1)] - bp[ch][1]);
+          const float b0 = gt[gate_at(r, d)], b1 = gt[gate_at(r, d + 1)];
+          const float x0 = f.x * __expf(kReverse ? bp[ch][0] - b0 : b0 - bp[ch][0]);
+          const float x1 = f.y * __expf(kReverse ? bp[ch][1] - b1 : b1 - bp[ch][1]);
           ao[i4] = E::pack(x0, x1);
           ai[i4] = E::pack(x0 * ic[ch][0], x1 * ic[ch][1]);
         }
 #pragma unroll
         for (int np = 0; np < 4; ++np) {
-          if (np >= sub) continue;
+          if (kReverse ? np <= sub : np >= sub) continue;  // the blocks off the diagonal (reverse: right of it)
           uint32_t kb[4];
           load_b_nk<64>(kb, km, kk * 16, np * 16, lane);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int c = np * 16 + g + 8 * (e >> 1), ch = e & 1, d = kk * 16 + 2 * t4 + 8 * ch;
             const float2 f = E::unpack(kb[e]);
-            kb[e] = E::pack(f.x * __expf(bp[ch][0] - gt[gate_at(c, d)]),
-                            f.y * __expf(bp[ch][1] - gt[gate_at(c, d + 1)]));
+            const float b0 = gt[gate_at(c, d)], b1 = gt[gate_at(c, d + 1)];
+            kb[e] = E::pack(f.x * __expf(kReverse ? b0 - bp[ch][0] : bp[ch][0] - b0),
+                            f.y * __expf(kReverse ? b1 - bp[ch][1] : bp[ch][1] - b1));
           }
           E::mma(s[2 * np], ao, kb[0], kb[1]);
           E::mma(s[2 * np + 1], ao, kb[2], kb[3]);
@@ -655,8 +665,12 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
         for (int i4 = 0; i4 < 4; ++i4) {
           const int r = kr + 8 * (i4 & 1), j = kk * 16 + 2 * t4 + 8 * (i4 >> 1);
           const float2 f = E::unpack(a[i4]);
-          a[i4] = E::pack(f.x * __expf(blr[i4 & 1] - gt[gate_at(j, r)]),
-                          f.y * __expf(blr[i4 & 1] - gt[gate_at(j + 1, r)]));
+          const float b0 = gt[gate_at(j, r)], b1 = gt[gate_at(j + 1, r)];
+          if constexpr (kReverse) {  // scale * exp(b_j)
+            a[i4] = E::pack(f.x * (p.scale * __expf(b0)), f.y * (p.scale * __expf(b1)));
+          } else {                   // exp(b_L - b_j)
+            a[i4] = E::pack(f.x * __expf(blr[i4 & 1] - b0), f.y * __expf(blr[i4 & 1] - b1));
+          }
         }
 #pragma unroll
         for (int np = 0; np < NT8 / 2; ++np) {
@@ -668,7 +682,7 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
       }
     }
     __syncthreads();  // every warp is done with ss (step 3) and the gates (steps 2, 4)
-    if (i + 1 < c_end) issue_gates(i + 1);
+    if (it + 1 < nwalk) issue_gates(chunk_of(it + 1));
     cp_async_commit();
     if constexpr (kStateOnly) continue;  // (the barrier above also frees the stage)
 
@@ -676,15 +690,17 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
     {
       float4* mine = reinterpret_cast<float4*>(sx) + warp * 8 * 32;
       const float4* other = reinterpret_cast<const float4*>(sx) + (warp ^ 4) * 8 * 32;
+      // the n tiles of A that can be nonzero: up to the diagonal block (reverse: from it on)
+      auto kept = [&](int j) { return kReverse ? j >= 2 * sub : j <= 2 * sub + 1; };
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        if (j > 2 * sub + 1) continue;  // blocks right of the diagonal are zero
+        if (!kept(j)) continue;
         mine[j * 32 + lane] = make_float4(s[j][0], s[j][1], s[j][2], s[j][3]);
       }
       asm volatile("bar.sync %0, %1;\n" ::"r"(1 + sub), "n"(64) : "memory");  // the pair's partials are written
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        if (j > 2 * sub + 1) continue;
+        if (!kept(j)) continue;
         const float4 x = other[j * 32 + lane];
         s[j][0] += x.x;
         s[j][1] += x.y;
@@ -693,15 +709,18 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
       }
     }
 
-    // ---- 6. o = scale * inter + (scale * A) v; rows past the end of the sequence are not written
+    // ---- 6. o = scale * inter + (scale * A) v (reverse: dv = inter + (scale * A^T) do); rows past
+    // the end of the sequence are not written
+    if constexpr (!kReverse) {
 #pragma unroll
-    for (int nt = 0; nt < NO8; ++nt) {
+      for (int nt = 0; nt < NO8; ++nt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) o[nt][e] *= p.scale;
+        for (int e = 0; e < 4; ++e) o[nt][e] *= p.scale;
+      }
     }
 #pragma unroll
     for (int blk = 0; blk < 4; ++blk) {
-      if (blk > sub) continue;
+      if (kReverse ? blk < sub : blk > sub) continue;
       uint32_t pa[4];
       pa[0] = E::pack(s[2 * blk][0] * p.scale, s[2 * blk][1] * p.scale);
       pa[1] = E::pack(s[2 * blk][2] * p.scale, s[2 * blk][3] * p.scale);
@@ -737,7 +756,7 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
       p.seg_decay[seg_row(seg) * K + srow] = seg_log_decay[0];
       p.seg_decay[seg_row(seg) * K + srow + 8] = seg_log_decay[1];
     }
-  } else if (p.final_state != nullptr && seg == nsegs - 1) {
+  } else if (p.final_state != nullptr && seg == (kReverse ? 0 : nsegs - 1)) {
 #pragma unroll
     for (int nt = 0; nt < NT8; ++nt) {
 #pragma unroll
@@ -760,9 +779,24 @@ cudaError_t launch_gla_fused(Kernel kernel, int smem, int threads, dim3 grid, co
   return cudaGetLastError();
 }
 
-// K = 128 with BV = 128 (tile_size.h: gla_fused_tile_v) takes gla_fused_fwd_wide_kernel (grid:
-// sequences x segments, heads, V tiles; with segments, pass 1 first), every other (K, BV)
-// gla_fused_fwd_kernel (grid: sequences, heads, V tiles; b only, no segments).
+// The 256-thread kernel's launches (grid: sequences x segments, heads, V tiles; with segments,
+// pass 1 first), forward or reverse.
+template <typename Tag, bool kReverse>
+cudaError_t launch_gla_fused_wide(const GlaFusedParams& p, cudaStream_t stream) {
+  const dim3 grid(p.seq.num_seqs * p.max_segs, p.seq.heads, p.v_dim / 128);
+  constexpr int smem = gla_fused_wide_smem_bytes();
+  if (p.max_segs > 1) {  // segments: pass 1, the local states
+    if (p.seg_chunks < 1 || p.seg_state == nullptr || p.seg_decay == nullptr) return cudaErrorInvalidValue;
+    const cudaError_t err = launch_gla_fused(gla_fused_fwd_wide_kernel<Tag, true, kReverse>, smem,
+                                             kGlaFusedWideThreads, grid, p, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return launch_gla_fused(gla_fused_fwd_wide_kernel<Tag, false, kReverse>, smem, kGlaFusedWideThreads, grid, p,
+                          stream);
+}
+
+// K = 128 with BV = 128 (tile_size.h: gla_fused_tile_v) takes gla_fused_fwd_wide_kernel, every
+// other (K, BV) gla_fused_fwd_kernel (grid: sequences, heads, V tiles; b only, no segments).
 template <typename Tag, int K, int BV>
 cudaError_t run_gla_fused_fwd(const GlaFusedParams& p, cudaStream_t stream) {
   if (p.seq.num_seqs == 0 || p.seq.heads == 0 || p.v_dim == 0) return cudaSuccess;
@@ -770,20 +804,29 @@ cudaError_t run_gla_fused_fwd(const GlaFusedParams& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
   if constexpr (K == 128 && BV == 128) {
-    const dim3 grid(p.seq.num_seqs * p.max_segs, p.seq.heads, p.v_dim / BV);
-    constexpr int smem = gla_fused_wide_smem_bytes();
-    if (p.max_segs > 1) {  // segments: pass 1, the local states
-      if (p.seg_chunks < 1 || p.seg_state == nullptr || p.seg_decay == nullptr) return cudaErrorInvalidValue;
-      const cudaError_t err =
-          launch_gla_fused(gla_fused_fwd_wide_kernel<Tag, true>, smem, kGlaFusedWideThreads, grid, p, stream);
-      if (err != cudaSuccess) return err;
-    }
-    return launch_gla_fused(gla_fused_fwd_wide_kernel<Tag, false>, smem, kGlaFusedWideThreads, grid, p, stream);
+    return launch_gla_fused_wide<Tag, false>(p, stream);
   } else {
     if (p.b == nullptr || p.max_segs > 1) return cudaErrorInvalidValue;
     return launch_gla_fused(gla_fused_fwd_kernel<Tag, K, BV>, gla_fused_smem_bytes<K, BV>(), kGlaFusedThreads,
                             dim3(p.seq.num_seqs, p.seq.heads, p.v_dim / BV), p, stream);
   }
+}
+
+// GLA's backward reverse pass in one kernel (the 256-thread kernel with kReverse, K = 128, V a
+// multiple of 128), given the roles q = k, k = q, v = do, b = the forward's cumulative gates
+// (raw gates are not taken), init = dh_T, out = dv, final_state = dh_0, h_out = dH:
+//   dv_j = sum_{r >= j} scale A_rj do_r + (k_j * exp(b_L - b_j)) dH_c
+//   dH_{c-1} = diag(exp(b_L)) dH_c + scale * sum_r (q_r * exp(b_r))^T do_r
+// which is chunk_state (reverse, gk_cum = b) + gla_output (upper, inter 1, intra scale) with the
+// states kept in registers; h_out gets dH_c at chunk c's slot as chunk_state stores it.
+template <typename Tag>
+cudaError_t run_gla_fused_reverse(const GlaFusedParams& p, cudaStream_t stream) {
+  if (p.seq.num_seqs == 0 || p.seq.heads == 0 || p.v_dim == 0) return cudaSuccess;
+  if (p.k_dim != 128 || p.v_dim % 128 != 0 || p.b == nullptr || p.g != nullptr || p.b_out != nullptr ||
+      p.max_segs < 1) {
+    return cudaErrorInvalidValue;
+  }
+  return launch_gla_fused_wide<Tag, true>(p, stream);
 }
 
 }  // namespace linear_attn

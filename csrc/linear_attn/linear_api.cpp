@@ -686,13 +686,19 @@ void gla_output(const Tensor& x, const Tensor& y, const Tensor& z, const Tensor&
 // V], seg_decay [N_seq * S, H, K]: segments (set_segments), two launches (gla_fused.cuh); h_out [S, H,
 // K, V] in q's dtype (optional) gets every chunk's entering state as chunk_state would (chunk_offsets
 // [N_seq + 1] int32 with cu_seqlens, as chunk_state's).
+// reverse: the backward's reverse pass in the 256-thread kernel (run_gla_fused_reverse), with q = k,
+// k = q, v = do, b = the forward's b, init = dh_T, out = dv, final_state = dh_0, h_out = dH (the state
+// gradients leaving each chunk, as chunk_state's reverse pass writes them); b only, segments allowed.
 void gla_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& b, const OptTensor& init,
                    Tensor& out, const OptTensor& final_state, const OptTensor& cu_seqlens, double scale,
                    const OptTensor& g, const OptTensor& b_out, int64_t seg_chunks, const OptTensor& seg_state,
-                   const OptTensor& seg_decay, const OptTensor& h_out, const OptTensor& chunk_offsets) {
+                   const OptTensor& seg_decay, const OptTensor& h_out, const OptTensor& chunk_offsets, bool reverse) {
   check_operands({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}}, q, q.scalar_type());
   const auto [B, T, H, K, V] = check_tokens({&q, "q"}, "[B, T, H, K]", {&k, "k"}, {&v, "v"}, {&out, "out"});
   CHECK_ARG(K == 64 || K == 128 || K == 256, "K must be 64, 128 or 256 (pad in Python), got ", K);
+  CHECK_ARG(!reverse || (K == 128 && V % 128 == 0 && b.has_value() && !g.has_value()),
+            "reverse needs the 256-thread kernel (K = 128, V a multiple of 128) and b (not g), got K = ", K,
+            ", V = ", V);
   const int bv = la::gla_fused_tile_v(static_cast<int>(K), V);
   CHECK_ARG(V % bv == 0 && V > 0, "V must be a multiple of ", bv, " (K = ", K, "), got ", V);
   CHECK_ARG(b.has_value() != g.has_value(), "give exactly one of b (cumulative gates) and g (raw gates)");
@@ -718,6 +724,7 @@ void gla_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
     return dispatch_head_dim(K, [&](auto kd) {
       constexpr int kK = decltype(kd)::value;
       if constexpr (kK == 128) {
+        if (reverse) return la::run_gla_fused_reverse<decltype(tag)>(p, stream);
         if (wide) return la::run_gla_fused_fwd<decltype(tag), 128, 128>(p, stream);
       }
       return la::run_gla_fused_fwd<decltype(tag), kK, la::gla_fused_narrow_tile_v(kK)>(p, stream);
@@ -812,11 +819,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("y"), py::arg("z"), py::arg("m"), py::arg("b"), py::arg("out"), py::arg("cu_seqlens"),
         py::arg("chunk_offsets"), py::arg("inter_scale"), py::arg("intra_scale"), py::arg("upper"));
   m.def("gla_fused_fwd", &gla_fused_fwd,
-        "GLA chunked forward in one pass (o and the final state; no chunk states in memory)", py::arg("q"),
+        "GLA chunked forward in one pass (o, the final state, optionally the chunk states); reverse: the "
+        "backward's dv + dH pass",
+        py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("b"), py::arg("init"), py::arg("out"), py::arg("final_state"),
         py::arg("cu_seqlens"), py::arg("scale"), py::arg("g") = py::none(), py::arg("b_out") = py::none(),
         py::arg("seg_chunks") = 0, py::arg("seg_state") = py::none(), py::arg("seg_decay") = py::none(),
-        py::arg("h_out") = py::none(), py::arg("chunk_offsets") = py::none());
+        py::arg("h_out") = py::none(), py::arg("chunk_offsets") = py::none(), py::arg("reverse") = false);
   m.def("gla_fused_tile_v", &gla_fused_tile_v, "The V tile (BV) gla_fused_fwd uses for a K and V", py::arg("k_dim"),
         py::arg("v_dim"));
   m.def("gla_grad", &gla_grad, "GLA backward: dq, dk and the per-key gate gradient, chunk by chunk",

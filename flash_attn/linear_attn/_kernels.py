@@ -36,6 +36,9 @@ chunk_state (with per-key weights):
   backward (h: the forward's, kept when gradients are needed, save_states; else recomputed):
     chunk_state  (q, do, b, reverse) -> dH, dh0
     gla_output   (k, q, do, dH, b, upper) -> dv
+  or both in one reverse pass of the 256-thread kernel where the forward's would run it
+  (gla_reverse_plan; FLASH_ATTN_LINEAR_GLA_FUSED_BWD=0 turns it off):
+    gla_fused_fwd (k, q, do, b, reverse) -> dv, dH, dh0
     gla_grad     (q, k, v, do, b, h, dH)  -> dq, dk, dg (chunk-local, csrc/linear_attn/gla_grad.cuh)
 fused_recurrent_* run the token-by-token kernel forward; their backward is the chunked one
 (the same function of the inputs), except fused_recurrent_gla with a value gate gv, whose
@@ -430,18 +433,43 @@ def gla_fused_plan(ext, q, v, seqs):
         return None
     if not hasattr(ext, "gla_fused_tile_v"):  # (older builds lack it)
         return None
-    T, H, K, V = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
+    K, V = q.shape[3], v.shape[3]
     bv = ext.gla_fused_tile_v(K, V)
     wide = bv == GLA_FUSED_WIDE_TILE_V
     if (mode == "auto" and not wide) or V % bv:
         return None
-    ctas, sms = seqs.num_seqs * H * (V // bv), num_sms(q.device)
+    grid = _gla_one_pass_grid(q, v, seqs, bv, wide)
+    return None if grid is None else (*grid, wide)
+
+
+def _gla_one_pass_grid(q, v, seqs, bv, wide):
+    """(seg_chunks, segments per sequence) of a GLA one-pass kernel's grid, or None where the
+    chunk-parallel launches are the better choice: (0, 1) when its CTAs fill the SMs to within
+    1/16 (gla_fused_plan says why), else segments for the 256-thread kernel (wide) where the
+    sequences are long enough to cut (_segment_plan)."""
+    ctas, sms = seqs.num_seqs * q.shape[2] * (v.shape[3] // bv), num_sms(q.device)
     if ctas >= sms - sms // 16:
-        return 0, 1, wide
+        return 0, 1
     if not wide:
         return None
-    seg_chunks, segments = _segment_plan(ctas, GLA_FUSED_CTAS_PER_SM * sms, T)
-    return (seg_chunks, segments, True) if segments > 1 else None
+    seg_chunks, segments = _segment_plan(ctas, GLA_FUSED_CTAS_PER_SM * sms, q.shape[1])
+    return (seg_chunks, segments) if segments > 1 else None
+
+
+GLA_FUSED_BWD_ENV = "FLASH_ATTN_LINEAR_GLA_FUSED_BWD"
+
+
+def gla_reverse_plan(ext, q, v, seqs):
+    """None (chunk_state's reverse pass, then gla_output for dv) or (seg_chunks, segments) for
+    chunk_gla's backward reverse pass in one kernel (gla_fused_fwd with reverse: dv and the state
+    gradients dH, run_gla_fused_reverse in gla_fused.cuh): the 256-thread kernel only (K = 128,
+    V a multiple of 128), on the forward's grid rule (_gla_one_pass_grid).
+    FLASH_ATTN_LINEAR_GLA_FUSED_BWD=0 turns it off."""
+    if not _env_switch(GLA_FUSED_BWD_ENV, "1") or not hasattr(ext, "gla_fused_tile_v"):
+        return None
+    if ext.gla_fused_tile_v(q.shape[3], v.shape[3]) != GLA_FUSED_WIDE_TILE_V:
+        return None
+    return _gla_one_pass_grid(q, v, seqs, GLA_FUSED_WIDE_TILE_V, True)
 
 
 SAVE_STATES_ENV = "FLASH_ATTN_LINEAR_SAVE_STATES"
@@ -498,10 +526,17 @@ def gla_chunk_backward(ext, q, k, v, b, scale, h0, do, dht, seqs, h=None):
     if h is None:
         h = _states(ext, k, v, None, None, h0, seqs, None, gk_cum=b)
     dh0 = q.new_empty(seqs.num_seqs, H, K, V, dtype=torch.float32)
-    dH = _states(ext, q, do, None, None, dht, seqs, dh0, scale=scale, reverse=True, gk_cum=b)
     cu, off = seqs.cu, seqs.offsets
     dv = torch.empty_like(v)
-    ext.gla_output(k, q, do, dH, b, dv, cu, off, 1.0, scale, True)
+    plan = gla_reverse_plan(ext, q, v, seqs)
+    if plan is not None:  # dv and dH in one reverse pass (roles: q = k, k = q, v = do)
+        seg_chunks, segments = plan
+        dH = q.new_empty(seqs.slots, H, K, V)
+        ws = _segment_workspace(q, v, seqs, segments, per_row=True) if segments > 1 else (None, None)
+        ext.gla_fused_fwd(k, q, do, b, dht, dv, dh0, cu, scale, None, None, seg_chunks, *ws, dH, off, reverse=True)
+    else:
+        dH = _states(ext, q, do, None, None, dht, seqs, dh0, scale=scale, reverse=True, gk_cum=b)
+        ext.gla_output(k, q, do, dH, b, dv, cu, off, 1.0, scale, True)
     dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(b)
     ext.gla_grad(q, k, v, do, b, h, dH, dq, dk, dg, cu, off, scale)
     return dq, dk, dv, dg, dh0
