@@ -928,7 +928,7 @@ def test_gla_fused_reverse_kernel(B, T, H, lens, segments, dt):
     check("dh0 vs chunk_state", dh0, dh0_2, 1e-4 if segments == 1 else OUT_TOL)
     # the float64 model of the same pass
     ref = [torch.zeros(B, T, H, 128, dtype=torch.float64), torch.zeros(N, H, 128, 128, dtype=torch.float64),
-           torch.zeros(s.slots, H, 128, 128, dtype=torch.float64)]
+           torch.zeros(s.slots, H, 128, 128, dtype=dtype)]  # (h_out in q's dtype, as the kernel's)
     MODEL.gla_fused_fwd(k, q, do, b, dht, ref[0], ref[1], s.cu, scale, h_out=ref[2], chunk_offsets=s.offsets,
                         reverse=True)
     check("dv vs model", dv, ref[0], OUT_TOL)
