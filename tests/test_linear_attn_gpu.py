@@ -819,13 +819,9 @@ def _gla_wide_segment_cases():
             for c in cases]
 
 
-@pytest.mark.parametrize("B,T,H,lens,segments,dt", _gla_wide_segment_cases())
-def test_gla_fused_wide_raw_gates_and_segments(B, T, H, lens, segments, dt):
-    """gla_fused_fwd at K = V = 128 from raw gates g (summed in the kernel; b_out bitwise
-    gla_cumsum's b) and in segments (pass 1 local states and per-key log-decays, pass 2 the fold):
-    o and the final state against the same kernel from b without segments (the same sums), the
-    three launches and the fp32 recurrence; outputs NaN-poisoned."""
-    dtype = DTYPES[dt]
+def _gla_wide_segment_inputs(B, T, H, lens, segments, dtype):
+    """A _gla_wide_segment_cases row's inputs at K = V = 128: (T, N, q, k, v, the initial state,
+    raw gates g, seqs, b = gla_cumsum(g), seg_chunks, the segment workspace or (None, None))."""
     T = sum(lens) if lens is not None else T
     N = B if lens is None else len(lens)
     q, k, v, _, _, h0 = make_inputs(B, T, H, 128, 128, None, 1.0, dtype, N=N)
@@ -836,6 +832,17 @@ def test_gla_fused_wide_raw_gates_and_segments(B, T, H, lens, segments, dt):
     chunks = -(-T // 64)
     seg_chunks = -(-chunks // segments) if segments > 1 else 0
     ws = _kernels._segment_workspace(q, v, s, segments, per_row=True) if segments > 1 else (None, None)
+    return T, N, q, k, v, h0, g, s, b, seg_chunks, ws
+
+
+@pytest.mark.parametrize("B,T,H,lens,segments,dt", _gla_wide_segment_cases())
+def test_gla_fused_wide_raw_gates_and_segments(B, T, H, lens, segments, dt):
+    """gla_fused_fwd at K = V = 128 from raw gates g (summed in the kernel; b_out bitwise
+    gla_cumsum's b) and in segments (pass 1 local states and per-key log-decays, pass 2 the fold):
+    o and the final state against the same kernel from b without segments (the same sums), the
+    three launches and the fp32 recurrence; outputs NaN-poisoned."""
+    dtype = DTYPES[dt]
+    T, N, q, k, v, h0, g, s, b, seg_chunks, ws = _gla_wide_segment_inputs(B, T, H, lens, segments, dtype)
     poison_allocator(((B, T, H, 128), dtype), ((N, H, 128, 128), torch.float32), ((B, T, H, 128), torch.float32))
     o = torch.empty(B, T, H, 128, device="cuda", dtype=dtype)
     final = torch.empty(N, H, 128, 128, device="cuda", dtype=torch.float32)
@@ -901,16 +908,7 @@ def test_gla_fused_reverse_kernel(B, T, H, lens, segments, dt):
     against chunk_state's reverse pass + gla_output (upper) and the float64 model, scale 0.3,
     outputs NaN-poisoned."""
     dtype, scale = DTYPES[dt], 0.3
-    T = sum(lens) if lens is not None else T
-    N = B if lens is None else len(lens)
-    q, k, do, _, _, dht = make_inputs(B, T, H, 128, 128, None, 1.0, dtype, N=N)
-    g = gla_fused_gates(B, T, H, 128, 1.0)
-    s = seqs(B, T, lens)
-    b = torch.empty_like(g)
-    ext().gla_cumsum(g, b, s.cu, s.offsets, s.slots)
-    chunks = -(-T // 64)
-    seg_chunks = -(-chunks // segments) if segments > 1 else 0
-    ws = _kernels._segment_workspace(q, do, s, segments, per_row=True) if segments > 1 else (None, None)
+    T, N, q, k, do, dht, _, s, b, seg_chunks, ws = _gla_wide_segment_inputs(B, T, H, lens, segments, dtype)
     poison_allocator(((B, T, H, 128), dtype), ((N, H, 128, 128), torch.float32))
     dv = torch.full((B, T, H, 128), float("nan"), device="cuda", dtype=dtype)
     dh0 = torch.full((N, H, 128, 128), float("nan"), device="cuda", dtype=torch.float32)
