@@ -60,7 +60,7 @@ elif [ ${#FILES[@]} -eq 0 ]; then
     # (R 128 bf16, R 256 fp16), the gate gradient, the token-by-token recurrence, masked
     # linear attention (its pass at R 128, bf16, and its mask gradient), and GLA's per-key
     # chunk states, output / dv (bf16) and dq / dk / dg (fp16), and the one-pass forward (bf16),
-    # GLA's at K = V = 128 too (its 256-thread kernel, at the register limit)
+    # GLA's at K = V = 128 too (its 256-thread kernel, at the register limit) and its reverse pass (fp16)
     FILES+=("$REPO/csrc/linear_attn/instantiations/chunk_state_bf16.cu"
             "$REPO/csrc/linear_attn/instantiations/chunk_fused_bf16.cu"
             "$REPO/csrc/linear_attn/instantiations/chunk_output_bf16_r128.cu"
@@ -72,7 +72,8 @@ elif [ ${#FILES[@]} -eq 0 ]; then
             "$REPO/csrc/linear_attn/instantiations/chunk_state_gla_bf16.cu"
             "$REPO/csrc/linear_attn/instantiations/gla_output_bf16.cu"
             "$REPO/csrc/linear_attn/instantiations/gla_grad_fp16.cu"
-            "$REPO/csrc/linear_attn/instantiations/gla_fused_bf16_k128_bv128.cu")
+            "$REPO/csrc/linear_attn/instantiations/gla_fused_bf16_k128_bv128.cu"
+            "$REPO/csrc/linear_attn/instantiations/gla_fused_reverse_fp16.cu")
 fi
 for f in "${FILES[@]}"; do
     if [ ! -f "$f" ]; then
