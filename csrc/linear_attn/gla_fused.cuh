@@ -189,7 +189,6 @@ __global__ void __launch_bounds__(kGlaFusedThreads) gla_fused_fwd_kernel(const G
       float o[NT8][4]; // 16 rows x BV
       zero_frags(s);
       zero_frags(o);
-      const int pr = warp * kSub;  // the reference row
 #pragma unroll 1
       for (int m = 0; m < MT; ++m) {
         const T* qm = qs + m * kSlab;
@@ -197,60 +196,12 @@ __global__ void __launch_bounds__(kGlaFusedThreads) gla_fused_fwd_kernel(const G
         const float* gt = gs + m * kGateTileFloats;
 #pragma unroll 1
         for (int kk = 0; kk < 4; ++kk) {
-          // this thread's slab keys in step kk: d = 16 kk + 2 t4 + 8 ch + j
-          float bp[2][2], ic[2][2];  // [ch][j]: b at the reference row; exp(b_p), the inter factor
-#pragma unroll
-          for (int ch = 0; ch < 2; ++ch) {
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-              bp[ch][j] = gt[gate_at(pr, kk * 16 + 2 * t4 + 8 * ch + j)];
-              ic[ch][j] = __expf(bp[ch][j]);
-            }
-          }
-          // q's A fragment a[i] = (row 16 warp + g + 8 (i & 1), keys 16 kk + 2 t4 + 8 (i >> 1) + {0, 1}),
-          // rebased on the reference row (ao) and decayed to the chunk's start (ai)
-          uint32_t a[4], ao[4], ai[4];
-          load_a<64>(a, qm, warp * kSub, kk * 16, lane);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int r = warp * kSub + g + 8 * (i & 1), ch = i >> 1, d = kk * 16 + 2 * t4 + 8 * ch;
-            const float2 f = E::unpack(a[i]);
-            const float x0 = f.x * __expf(gt[gate_at(r, d)] - bp[ch][0]);
-            const float x1 = f.y * __expf(gt[gate_at(r, d + 1)] - bp[ch][1]);
-            ao[i] = E::pack(x0, x1);
-            ai[i] = E::pack(x0 * ic[ch][0], x1 * ic[ch][1]);
-          }
-          // A's blocks left of the diagonal: rebased k
-#pragma unroll
-          for (int np = 0; np < 4; ++np) {
-            if (np >= warp) continue;
-            uint32_t kb[4];  // kb[e] = k (chunk row 16 np + g + 8 (e >> 1), keys 16 kk + 2 t4 + 8 (e & 1) + {0, 1})
-            load_b_nk<64>(kb, km, kk * 16, np * 16, lane);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int c = np * 16 + g + 8 * (e >> 1), ch = e & 1, d = kk * 16 + 2 * t4 + 8 * ch;
-              const float2 f = E::unpack(kb[e]);
-              kb[e] = E::pack(f.x * __expf(bp[ch][0] - gt[gate_at(c, d)]),
-                              f.y * __expf(bp[ch][1] - gt[gate_at(c, d + 1)]));
-            }
-            E::mma(s[2 * np], ao, kb[0], kb[1]);
-            E::mma(s[2 * np + 1], ao, kb[2], kb[3]);
-          }
+          uint32_t ai[4];  // q * exp(b), q's A fragments of keys 16 kk ..
+          gla_rebased_step<false, E>(s, ai, qm, km, gt, warp, kk, lane);
           // the inter-chunk part: (q * exp(b)) times the slab's 64 rows of S_c
           mma_b<E, BV, BLayout::kKN>(o, ai, ss, 64 * m + kk * 16, lane);
         }
-        // A's diagonal block, elementwise
-        float d0f[4] = {0.f, 0.f, 0.f, 0.f}, d1f[4] = {0.f, 0.f, 0.f, 0.f};
-        gla_diag_scores<false, E>(d0f, d1f, qm, km, gt, warp, g, t4);
-#pragma unroll
-        for (int blk = 0; blk < 4; ++blk) {
-          if (blk != warp) continue;
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            s[2 * blk][e] += d0f[e];
-            s[2 * blk + 1][e] += d1f[e];
-          }
-        }
+        gla_add_diag<false, E>(s, qm, km, gt, warp, lane);  // A's diagonal block, elementwise
       }
       // o = scale * inter + (scale * A) v, A as 16-bit A fragments per 16-column block
 #pragma unroll
@@ -258,16 +209,7 @@ __global__ void __launch_bounds__(kGlaFusedThreads) gla_fused_fwd_kernel(const G
 #pragma unroll
         for (int e = 0; e < 4; ++e) o[nt][e] *= p.scale;
       }
-#pragma unroll
-      for (int blk = 0; blk < 4; ++blk) {
-        if (blk > warp) continue;
-        uint32_t pa[4];
-        pa[0] = E::pack(s[2 * blk][0] * p.scale, s[2 * blk][1] * p.scale);
-        pa[1] = E::pack(s[2 * blk][2] * p.scale, s[2 * blk][3] * p.scale);
-        pa[2] = E::pack(s[2 * blk + 1][0] * p.scale, s[2 * blk + 1][1] * p.scale);
-        pa[3] = E::pack(s[2 * blk + 1][2] * p.scale, s[2 * blk + 1][3] * p.scale);
-        mma_b<E, BV, BLayout::kKN>(o, pa, vs, blk * 16, lane);
-      }
+      gla_add_scores_times<false, E, BV>(o, s, p.scale, vs, warp, lane);
       T* orow = og + row0 * ldv;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
@@ -560,62 +502,13 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
       T* qm = qs + half * kSlab;
       const T* km = ks + half * kSlab;
       const float* gt = sg + half * kGateTileFloats;
-      const int pr = sub * kSub + (kReverse ? kSub - 1 : 0);  // the reference row (reverse: the last)
-      {
-        // the diagonal block, elementwise (before q's quadrant is overwritten below)
-        float d0f[4] = {0.f, 0.f, 0.f, 0.f}, d1f[4] = {0.f, 0.f, 0.f, 0.f};
-        gla_diag_scores<kReverse, E>(d0f, d1f, qm, km, gt, sub, g, t4);
-#pragma unroll
-        for (int blk = 0; blk < 4; ++blk) {
-          if (blk != sub) continue;
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            s[2 * blk][e] = d0f[e];
-            s[2 * blk + 1][e] = d1f[e];
-          }
-        }
-      }
+      // the diagonal block, elementwise (before q's quadrant is overwritten below)
+      gla_add_diag<kReverse, E>(s, qm, km, gt, sub, lane);
 #pragma unroll 1
       for (int kk = 0; kk < 4; ++kk) {
-        // [ch][j]: b at the reference row; the inter factor exp(b_p) (reverse: exp(b_L - b_p))
-        float bp[2][2], ic[2][2];
-#pragma unroll
-        for (int ch = 0; ch < 2; ++ch) {
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            const int d = kk * 16 + 2 * t4 + 8 * ch + j;
-            bp[ch][j] = gt[gate_at(pr, d)];
-            ic[ch][j] = __expf(kReverse ? gt[gate_at(kChunk - 1, d)] - bp[ch][j] : bp[ch][j]);
-          }
-        }
-        uint32_t a[4], ao[4], ai[4];
-        load_a<64>(a, qm, sub * kSub, kk * 16, lane);
-#pragma unroll
-        for (int i4 = 0; i4 < 4; ++i4) {
-          const int r = sub * kSub + g + 8 * (i4 & 1), ch = i4 >> 1, d = kk * 16 + 2 * t4 + 8 * ch;
-          const float2 f = E::unpack(a[i4]);
-          const float b0 = gt[gate_at(r, d)], b1 = gt[gate_at(r, d + 1)];
-          const float x0 = f.x * __expf(kReverse ? bp[ch][0] - b0 : b0 - bp[ch][0]);
-          const float x1 = f.y * __expf(kReverse ? bp[ch][1] - b1 : b1 - bp[ch][1]);
-          ao[i4] = E::pack(x0, x1);
-          ai[i4] = E::pack(x0 * ic[ch][0], x1 * ic[ch][1]);
-        }
-#pragma unroll
-        for (int np = 0; np < 4; ++np) {
-          if (kReverse ? np <= sub : np >= sub) continue;  // the blocks off the diagonal (reverse: right of it)
-          uint32_t kb[4];
-          load_b_nk<64>(kb, km, kk * 16, np * 16, lane);
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int c = np * 16 + g + 8 * (e >> 1), ch = e & 1, d = kk * 16 + 2 * t4 + 8 * ch;
-            const float2 f = E::unpack(kb[e]);
-            const float b0 = gt[gate_at(c, d)], b1 = gt[gate_at(c, d + 1)];
-            kb[e] = E::pack(f.x * __expf(kReverse ? b0 - bp[ch][0] : bp[ch][0] - b0),
-                            f.y * __expf(kReverse ? b1 - bp[ch][1] : bp[ch][1] - b1));
-          }
-          E::mma(s[2 * np], ao, kb[0], kb[1]);
-          E::mma(s[2 * np + 1], ao, kb[2], kb[3]);
-        }
+        // the blocks off the diagonal (reverse: right of it); ai: q e^b (reverse: e^(b_L - b))
+        uint32_t ai[4];
+        gla_rebased_step<kReverse, E>(s, ai, qm, km, gt, sub, kk, lane);
         // q e^b over q's own entries: only this warp reads this quadrant (its rows, this slab)
         __syncwarp();  // every lane's ldmatrix of step kk is done
 #pragma unroll
@@ -718,16 +611,7 @@ __global__ void __launch_bounds__(kGlaFusedWideThreads, 1) gla_fused_fwd_wide_ke
         for (int e = 0; e < 4; ++e) o[nt][e] *= p.scale;
       }
     }
-#pragma unroll
-    for (int blk = 0; blk < 4; ++blk) {
-      if (kReverse ? blk < sub : blk > sub) continue;
-      uint32_t pa[4];
-      pa[0] = E::pack(s[2 * blk][0] * p.scale, s[2 * blk][1] * p.scale);
-      pa[1] = E::pack(s[2 * blk][2] * p.scale, s[2 * blk][3] * p.scale);
-      pa[2] = E::pack(s[2 * blk + 1][0] * p.scale, s[2 * blk + 1][1] * p.scale);
-      pa[3] = E::pack(s[2 * blk + 1][2] * p.scale, s[2 * blk + 1][3] * p.scale);
-      mma_b<E, BV, BLayout::kKN>(o, pa, vs + 64 * half, blk * 16, lane);
-    }
+    gla_add_scores_times<kReverse, E, BV>(o, s, p.scale, vs + 64 * half, sub, lane);
     T* orow = og + row0 * ldv;
 #pragma unroll
     for (int h2 = 0; h2 < 2; ++h2) {

@@ -109,6 +109,91 @@ __device__ __forceinline__ void gla_diag_scores(float (&d0)[4], float (&d1)[4], 
   }
 }
 
+// Warp w's step kk (slab columns d = 16 kk + 2 t4 + 8 ch + j) of the scheme above over one
+// 64-column slab: x's A fragment a[i] = (row 16 w + g + 8 (i & 1), columns 16 kk + 2 t4 + 8 (i >> 1)
+// + {0, 1}) rebased on the reference row p (ao) adds the blocks of A off the diagonal into s (with
+// y's rows rebased the other way), and ai gets it decayed to the chunk's start (lower: exp(b_r))
+// or end (upper: exp(b_L - b_r)), the inter-chunk MMA operand.
+template <bool kUpper, typename E, typename T>
+__device__ __forceinline__ void gla_rebased_step(float (&s)[8][4], uint32_t (&ai)[4], const T* sx, const T* sy,
+                                                 const float* gt, int w, int kk, int lane) {
+  const int g = lane >> 2, t4 = lane & 3;
+  const int pr = w * kSub + (kUpper ? kSub - 1 : 0);  // the reference row
+  float bp[2][2], ic[2][2];  // [ch][j]: b at the reference row; the inter-chunk column factor
+#pragma unroll
+  for (int ch = 0; ch < 2; ++ch) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int d = kk * 16 + 2 * t4 + 8 * ch + j;
+      bp[ch][j] = gt[gate_at(pr, d)];
+      ic[ch][j] = __expf(kUpper ? gt[gate_at(kChunk - 1, d)] - bp[ch][j] : bp[ch][j]);
+    }
+  }
+  uint32_t a[4], ao[4];
+  load_a<64>(a, sx, w * kSub, kk * 16, lane);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = w * kSub + g + 8 * (i & 1), ch = i >> 1, d = kk * 16 + 2 * t4 + 8 * ch;
+    const float2 f = E::unpack(a[i]);
+    const float b0 = gt[gate_at(r, d)], b1 = gt[gate_at(r, d + 1)];
+    const float x0 = f.x * __expf(kUpper ? bp[ch][0] - b0 : b0 - bp[ch][0]);
+    const float x1 = f.y * __expf(kUpper ? bp[ch][1] - b1 : b1 - bp[ch][1]);
+    ao[i] = E::pack(x0, x1);
+    ai[i] = E::pack(x0 * ic[ch][0], x1 * ic[ch][1]);
+  }
+#pragma unroll
+  for (int np = 0; np < 4; ++np) {
+    if (kUpper ? np <= w : np >= w) continue;  // blocks off the diagonal only
+    uint32_t yb[4];  // yb[e] = y (chunk row 16 np + g + 8 (e >> 1), columns 16 kk + 2 t4 + 8 (e & 1) + {0, 1})
+    load_b_nk<64>(yb, sy, kk * 16, np * 16, lane);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int c = np * 16 + g + 8 * (e >> 1), ch = e & 1, d = kk * 16 + 2 * t4 + 8 * ch;
+      const float2 f = E::unpack(yb[e]);
+      const float b0 = gt[gate_at(c, d)], b1 = gt[gate_at(c, d + 1)];
+      yb[e] = E::pack(f.x * __expf(kUpper ? b0 - bp[ch][0] : bp[ch][0] - b0),
+                      f.y * __expf(kUpper ? b1 - bp[ch][1] : bp[ch][1] - b1));
+    }
+    E::mma(s[2 * np], ao, yb[0], yb[1]);
+    E::mma(s[2 * np + 1], ao, yb[2], yb[3]);
+  }
+}
+
+// Warp w's diagonal block of A over one slab (gla_diag_scores) added into s.
+template <bool kUpper, typename E, typename T>
+__device__ __forceinline__ void gla_add_diag(float (&s)[8][4], const T* sx, const T* sy, const float* gt, int w,
+                                             int lane) {
+  float d0f[4] = {0.f, 0.f, 0.f, 0.f}, d1f[4] = {0.f, 0.f, 0.f, 0.f};
+  gla_diag_scores<kUpper, E>(d0f, d1f, sx, sy, gt, w, lane >> 2, lane & 3);
+#pragma unroll
+  for (int blk = 0; blk < 4; ++blk) {
+    if (blk != w) continue;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[2 * blk][e] += d0f[e];
+      s[2 * blk + 1][e] += d1f[e];
+    }
+  }
+}
+
+// o += (scale * A) z for warp w's rows: A's kept 16-column blocks (lower: up to the diagonal;
+// upper: from it on) rounded to 16-bit A fragments, z the chunk rows x the tile's columns
+// ([k][n], COLS wide).
+template <bool kUpper, typename E, int COLS, int NT, typename T>
+__device__ __forceinline__ void gla_add_scores_times(float (&o)[NT][4], const float (&s)[8][4], float scale,
+                                                     const T* z, int w, int lane) {
+#pragma unroll
+  for (int blk = 0; blk < 4; ++blk) {
+    if (kUpper ? blk < w : blk > w) continue;
+    uint32_t pa[4];
+    pa[0] = E::pack(s[2 * blk][0] * scale, s[2 * blk][1] * scale);
+    pa[1] = E::pack(s[2 * blk][2] * scale, s[2 * blk][3] * scale);
+    pa[2] = E::pack(s[2 * blk + 1][0] * scale, s[2 * blk + 1][1] * scale);
+    pa[3] = E::pack(s[2 * blk + 1][2] * scale, s[2 * blk + 1][3] * scale);
+    mma_b<E, COLS, BLayout::kKN>(o, pa, z, blk * 16, lane);
+  }
+}
+
 template <typename Tag, int BN, bool kUpper>
 __global__ void __launch_bounds__(128) gla_output_kernel(const GlaOutputParams p) {
   using E = Elem<Tag>;
@@ -139,9 +224,6 @@ __global__ void __launch_bounds__(128) gla_output_kernel(const GlaOutputParams p
   const T* zg = static_cast<const T*>(p.z) + row0 * ldn + static_cast<int64_t>(head) * p.n_dim + n0;
   const T* mg = static_cast<const T*>(p.m) + (static_cast<int64_t>(blockIdx.x) * H + head) * p.r_dim * p.n_dim + n0;
 
-  const int pr = warp * kSub + (kUpper ? kSub - 1 : 0);  // this warp's reference row
-  auto off_diag = [&](int blk) { return kUpper ? blk > warp : blk < warp; };
-
   float s[8][4];    // A: (16 rows) x (64 chunk columns)
   float o[NT8][4];  // output tile: (16 rows) x (BN N columns)
   zero_frags(s);
@@ -161,81 +243,22 @@ __global__ void __launch_bounds__(128) gla_output_kernel(const GlaOutputParams p
 
 #pragma unroll 1
     for (int kk = 0; kk < 4; ++kk) {
-      // this thread's slab columns in step kk: d = 16 kk + 2 t4 + 8 ch + j
-      float bp[2][2], ic[2][2];  // [ch][j]: b at the reference row; the inter-chunk column factor
-#pragma unroll
-      for (int ch = 0; ch < 2; ++ch) {
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int d = kk * 16 + 2 * t4 + 8 * ch + j;
-          bp[ch][j] = gt[gate_at(pr, d)];
-          ic[ch][j] = __expf(kUpper ? gt[gate_at(kChunk - 1, d)] - bp[ch][j] : bp[ch][j]);
-        }
-      }
-      // x's A fragment: a[i] = (row 16 warp + g + 8 (i & 1), columns 16 kk + 2 t4 + 8 (i >> 1) + {0, 1}),
-      // rebased on the reference row (ao) and decayed to the chunk's start or end (ai)
-      uint32_t a[4], ao[4], ai[4];
-      load_a<64>(a, sx, warp * kSub, kk * 16, lane);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int r = warp * kSub + g + 8 * (i & 1), ch = i >> 1, d = kk * 16 + 2 * t4 + 8 * ch;
-        const float2 f = E::unpack(a[i]);
-        const float b0 = gt[gate_at(r, d)], b1 = gt[gate_at(r, d + 1)];
-        const float x0 = f.x * __expf(kUpper ? bp[ch][0] - b0 : b0 - bp[ch][0]);
-        const float x1 = f.y * __expf(kUpper ? bp[ch][1] - b1 : b1 - bp[ch][1]);
-        ao[i] = E::pack(x0, x1);
-        ai[i] = E::pack(x0 * ic[ch][0], x1 * ic[ch][1]);
-      }
-      // blocks of A off the diagonal: rebased columns of y
-#pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        if (!off_diag(np)) continue;
-        uint32_t yb[4];  // yb[e] = y (chunk row 16 np + g + 8 (e >> 1), columns 16 kk + 2 t4 + 8 (e & 1) + {0, 1})
-        load_b_nk<64>(yb, sy, kk * 16, np * 16, lane);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int c = np * 16 + g + 8 * (e >> 1), ch = e & 1, d = kk * 16 + 2 * t4 + 8 * ch;
-          const float2 f = E::unpack(yb[e]);
-          const float b0 = gt[gate_at(c, d)], b1 = gt[gate_at(c, d + 1)];
-          yb[e] = E::pack(f.x * __expf(kUpper ? b0 - bp[ch][0] : bp[ch][0] - b0),
-                          f.y * __expf(kUpper ? b1 - bp[ch][1] : bp[ch][1] - b1));
-        }
-        E::mma(s[2 * np], ao, yb[0], yb[1]);
-        E::mma(s[2 * np + 1], ao, yb[2], yb[3]);
-      }
+      uint32_t ai[4];
+      gla_rebased_step<kUpper, E>(s, ai, sx, sy, gt, warp, kk, lane);
       // the inter-chunk part: (decayed x) times the slab's rows of M
       mma_b<E, BN, BLayout::kKN>(o, ai, sm, kk * 16, lane);
     }
     // the diagonal block, elementwise
-    float d0f[4] = {0.f, 0.f, 0.f, 0.f}, d1f[4] = {0.f, 0.f, 0.f, 0.f};
-    gla_diag_scores<kUpper, E>(d0f, d1f, sx, sy, gt, warp, g, t4);
-#pragma unroll
-    for (int blk = 0; blk < 4; ++blk) {
-      if (blk != warp) continue;
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[2 * blk][e] += d0f[e];
-        s[2 * blk + 1][e] += d1f[e];
-      }
-    }
+    gla_add_diag<kUpper, E>(s, sx, sy, gt, warp, lane);
   }
 
-  // out = inter_scale * inter + (intra_scale * A) z, A as bf16 A fragments per 16-column block
+  // out = inter_scale * inter + (intra_scale * A) z, A as 16-bit A fragments per 16-column block
 #pragma unroll
   for (int nt = 0; nt < NT8; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) o[nt][e] *= p.inter_scale;
   }
-#pragma unroll
-  for (int blk = 0; blk < 4; ++blk) {
-    if (!(off_diag(blk) || blk == warp)) continue;
-    uint32_t pa[4];
-    pa[0] = E::pack(s[2 * blk][0] * p.intra_scale, s[2 * blk][1] * p.intra_scale);
-    pa[1] = E::pack(s[2 * blk][2] * p.intra_scale, s[2 * blk][3] * p.intra_scale);
-    pa[2] = E::pack(s[2 * blk + 1][0] * p.intra_scale, s[2 * blk + 1][1] * p.intra_scale);
-    pa[3] = E::pack(s[2 * blk + 1][2] * p.intra_scale, s[2 * blk + 1][3] * p.intra_scale);
-    mma_b<E, BN, BLayout::kKN>(o, pa, sz, blk * 16, lane);
-  }
+  gla_add_scores_times<kUpper, E, BN>(o, s, p.intra_scale, sz, warp, lane);
 
   // Epilogue: rows past the chunk's end are not written.
   T* og = static_cast<T*>(p.out) + row0 * ldn + static_cast<int64_t>(head) * p.n_dim + n0;
