@@ -14,13 +14,16 @@
 // m < K / 64, all BV columns: K * BV / 128 fp32 registers per thread (64 at K = 128, BV = 64 and at
 // K = 256, BV = 32; 32 at K = 64, BV = 64). Output: warp w owns the chunk rows 16 w .. 16 w + 15
 // (BV / 2 accumulators, 32 for the 16 x 64 scores, 16 for their 16-bit A fragments).
-// Shared memory (16-bit tiles, swizzled): 2 stages of (q 64 x K, k 64 x K, v 64 x BV, 64 raw gates)
+// Shared memory (16-bit tiles, swizzled): stages of (q 64 x K, k 64 x K, v 64 x BV, 64 raw gates)
 // plus S_c as an MMA operand (K x BV):
 //   K 64,  BV 64:  2 * (8 + 8 + 8 KB + 256 B) + 8 KB  =  57.5 KB
 //   K 128, BV 64:  2 * (16 + 16 + 8 KB + 256 B) + 16 KB = 96.5 KB  (two CTAs per SM on sm90)
-//   K 256, BV 32:  2 * (32 + 32 + 4 KB + 256 B) + 16 KB = 152.5 KB (one CTA per SM; sm80 allows 163 KB)
+//   K 256, BV 32:  1 * (32 + 32 + 4 KB + 256 B) + 16 KB = 84.25 KB (one stage: two CTAs per sm90 SM,
+//                  whose 256 CTAs at B 4 x H 8 x V 256 are then one wave on an H100, not two; the
+//                  other CTA hides the loads that one stage no longer overlaps; one CTA per sm80 SM)
 //
-// Per chunk i (loads of chunk i + 1 in flight meanwhile, cp.async, two stages):
+// Per chunk i (with two stages the loads of chunk i + 1 in flight meanwhile, cp.async; with one
+// they are issued after step 4):
 //   1. wait for chunk i's tiles; warp 0 scans its gates into sb; every thread writes its part of
 //      S_c (rounded) into ss; __syncthreads
 //   2. o: scores q_w k^T (the causal 16-column blocks only) and q_w S_c over K, the decay mask and
@@ -49,19 +52,24 @@
 
 namespace linear_attn {
 
-constexpr int kFusedStages = 2;
 constexpr int kFusedThreads = 128;
+
+// Stages of (q, k, v, gates): two, except the output pass at K = 256 (one: two CTAs per sm90 SM).
+template <int K, bool kStateOnly = false>
+constexpr int chunk_fused_stages() { return K == 256 && !kStateOnly ? 1 : 2; }
 
 // Pass 1 (kStateOnly) has no q tiles and no S_c operand: 48.5 KB at K 128, BV 64.
 template <int K, int BV, bool kStateOnly = false>
 constexpr int chunk_fused_smem_bytes() {
-  return kFusedStages * (((kStateOnly ? 1 : 2) * kChunk * K + kChunk * BV) * 2 + kChunk * 4) +
+  return chunk_fused_stages<K, kStateOnly>() * (((kStateOnly ? 1 : 2) * kChunk * K + kChunk * BV) * 2 + kChunk * 4) +
          (kStateOnly ? 0 : K * BV * 2);
 }
 
 static_assert(chunk_fused_smem_bytes<128, 64>() == 98816, "K 128, BV 64: 96.5 KB");
 static_assert(chunk_fused_smem_bytes<128, 64, true>() == 49664, "pass 1 at K 128, BV 64: 48.5 KB");
-static_assert(chunk_fused_smem_bytes<256, 32>() <= 163 * 1024, "K 256, BV 32 fits an sm80 SM");
+static_assert(chunk_fused_smem_bytes<256, 32>() == 86272, "K 256, BV 32: 84.25 KB");
+static_assert(2 * (chunk_fused_smem_bytes<256, 32>() + 256 + 1024) <= 228 * 1024,
+              "K 256, BV 32: two CTAs (plus the static gate sums and 1 KB reserved each) per sm90 SM");
 
 template <typename Tag, int K, int BV, bool kStateOnly>
 __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const ChunkFusedParams p) {
@@ -75,12 +83,13 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
   static_assert(K * BV / kThreads <= 64, "at most 64 fp32 state registers per thread");
   static_assert(K * BV / 8 % kThreads == 0, "h_out's 16-byte groups split evenly over the threads");
 
-  constexpr int kQStages = kStateOnly ? 0 : kFusedStages;  // pass 1 reads no q
+  constexpr int kStages = chunk_fused_stages<K, kStateOnly>();
+  constexpr int kQStages = kStateOnly ? 0 : kStages;  // pass 1 reads no q
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sq = reinterpret_cast<T*>(smem_raw);                   // [stage] (chunk row, k) swizzled
   T* sk = sq + kQStages * kChunk * K;                        // [stage] (chunk row, k) swizzled
-  T* sv = sk + kFusedStages * kChunk * K;                    // [stage] (chunk row, n) swizzled
-  T* ss = sv + kFusedStages * kChunk * BV;                   // S_c: (k, n) swizzled (not in pass 1)
+  T* sv = sk + kStages * kChunk * K;                         // [stage] (chunk row, n) swizzled
+  T* ss = sv + kStages * kChunk * BV;                        // S_c: (k, n) swizzled (not in pass 1)
   float* graw = reinterpret_cast<float*>(ss + (kStateOnly ? 0 : K * BV));  // [stage] [kChunk] raw gates
   __shared__ float sb[kChunk];                               // chunk-local cumulative log-gate
 
@@ -148,7 +157,7 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
     return static_cast<int>(min(static_cast<int64_t>(kChunk), sr.eos - chunk_start(i)));
   };
   auto issue = [&](int i) {
-    const int stage = (i - c_begin) % kFusedStages;  // as the loop below counts stages
+    const int stage = (i - c_begin) % kStages;  // as the loop below counts stages
     const int64_t start = chunk_start(i);
     const int rows = chunk_rows(i);
     if constexpr (!kStateOnly) load_tile<kChunk, K, kThreads>(sq + stage * kChunk * K, qg + start * ldk, ldk, rows, tid);
@@ -160,12 +169,12 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
   if (c_begin < c_end) issue(c_begin);
   cp_async_commit();
   for (int i = c_begin; i < c_end; ++i) {
-    const int stage = (i - c_begin) % kFusedStages;
-    if (i + 1 < c_end) issue(i + 1);
-    cp_async_commit();
+    const int stage = (i - c_begin) % kStages;
+    if (kStages > 1 && i + 1 < c_end) issue(i + 1);
+    cp_async_commit();  // (one stage: an empty group, so that the wait below counts the same)
     const int64_t row0 = chunk_start(i);
     const int rows = chunk_rows(i);
-    cp_async_wait<kFusedStages - 1>();  // chunk i's group has landed (this thread's copies)
+    cp_async_wait<1>();  // chunk i's group has landed (this thread's copies); the newest may not have
     if (warp == 0) chunk_gate_scan(p.gate, graw + stage * kChunk, rows, head, sb, lane);
     // ---- 1. S_c as an MMA operand, in the input dtype
     if constexpr (!kStateOnly) {
@@ -181,8 +190,8 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
       // group in flight per thread (unrolled, the loads ran ahead and cost registers: spills)
       T* hrow = static_cast<T*>(p.h_out) + (static_cast<int64_t>(sr.first_slot + i) * H + head) * K * p.v_dim + n0;
 #pragma unroll 1
-      for (int j = 0; j < K * BV / 8 / kFusedThreads; ++j) {
-        const int idx = tid + j * kFusedThreads, r = idx / (BV / 8), c = (idx % (BV / 8)) * 8;
+      for (int j = 0; j < K * BV / 8 / kThreads; ++j) {
+        const int idx = tid + j * kThreads, r = idx / (BV / 8), c = (idx % (BV / 8)) * 8;
         *reinterpret_cast<uint4*>(hrow + static_cast<int64_t>(r) * p.v_dim + c) =
             *reinterpret_cast<const uint4*>(ss + swz<BV>(r, c));
       }
@@ -284,6 +293,10 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
       }
     }
     __syncthreads();  // everyone is done with ss, sb and this stage before they are rewritten
+    if (kStages == 1 && i + 1 < c_end) {  // one stage: chunk i + 1's loads now that it is free
+      issue(i + 1);
+      cp_async_commit();
+    }
   }
   cp_async_wait<0>();
 
