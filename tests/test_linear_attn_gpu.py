@@ -563,6 +563,90 @@ def test_chunk_fused_fwd_segment_arguments():
                               torch.empty(5, 2, **f32))
 
 
+def _fused_wide_cases():
+    """(dt, T, V, gate, scale, states, lens): the 256-thread chunk_fused kernel (K = 128)."""
+    cases = [(dt, t, 128, gate, 0.3, states, None) for dt in DTYPES for t in (1, 17, 63, 64, 65, 113, 500, 2048)
+             for gate, states in (("g", True), ("gamma", False), (None, True))]
+    cases += [(dt, 300, 256, "g", 1.0, True, None) for dt in DTYPES]
+    cases += [(dt, None, 128, gate, 0.3, True, EMPTY_LENS) for dt in DTYPES for gate in ("g", None)]
+    if QUICK:
+        cases = [c for c in cases if c[1] in (65, 2048, None)]
+    return [pytest.param(*c, id=f"{c[0]}-T{c[1] if c[6] is None else 'varlen'}-V{c[2]}-{c[3]}-s{c[4]}-"
+                         f"{'states' if c[5] else 'nostates'}") for c in cases]
+
+
+@pytest.mark.parametrize("dt,T,V,gate,scale,states,lens", _fused_wide_cases())
+def test_chunk_fused_wide_kernel(dt, T, V, gate, scale, states, lens):
+    """chunk_fused_fwd with wide (256 threads, the scores once per 128 V columns) against the
+    128-thread kernel on the same inputs, the two-pass forward's chunk states (h_out,
+    NaN-poisoned) and the fp32 recurrence: o and the final state."""
+    dtype = DTYPES[dt]
+    B, T, H = (2, T, 3) if lens is None else (1, sum(lens), 2)
+    N = B if lens is None else len(lens)
+    q, k, v, g, gamma, h0 = make_inputs(B, T, H, 128, V, gate, 1.0, dtype, N=N)
+    h0 = h0 if states else None
+    s = seqs(B, T, lens)
+    poison_allocator(((B, T, H, V), dtype), ((N, H, 128, V), torch.float32))
+    o = torch.full((B, T, H, V), math.nan, device="cuda", dtype=dtype)
+    final = torch.full((N, H, 128, V), math.nan, device="cuda") if states else None
+    h_out = torch.full((s.slots, H, 128, V), math.nan, device="cuda", dtype=dtype) if states else None
+    kept = (h_out, s.offsets) if states else (None, None)
+    ext().chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, s.cu, scale, 0, None, None, *kept, wide=True)
+    o1 = torch.empty_like(o)
+    final1 = torch.empty_like(final) if states else None
+    ext().chunk_fused_fwd(q, k, v, g, gamma, h0, o1, final1, s.cu, scale, 0, None, None)
+    check("o vs 128-thread kernel", o, o1, OUT_TOL)
+    o_ref, ht_ref = linear_attn_recurrent_ref(q.float(), k.float(), v.float(), g=g, g_gamma=gamma, scale=scale,
+                                              initial_state=h0, output_final_state=True, cu_seqlens=s.cu)
+    check("o vs reference", o, o_ref, OUT_TOL)
+    if states:
+        check("final_state vs 128-thread kernel", final, final1, 1e-4)
+        check("final_state vs reference", final, ht_ref, OUT_TOL)
+        h = _kernels._states(ext(), k, v, g, gamma, h0, s, None)
+        used = s.slots if lens is None else int(s.offsets[-1])  # (packed: Seqs.slots is an upper bound)
+        check("h_out vs chunk_state", h_out[:used], h[:used], OUT_TOL)
+    if lens is not None and states:  # empty sequences: the state passes through
+        assert torch.equal(final[0], h0[0]) and torch.equal(final[4], h0[4])
+
+
+@pytest.mark.parametrize("op,lens", [(la.chunk_simple_gla, None), (la.chunk_retention, EMPTY_LENS)],
+                         ids=["simple_gla", "retention-varlen"])
+def test_chunk_fused_wide_route(fused_switch, monkeypatch, op, lens):
+    """On a GPU of as many SMs as the 256-thread kernel's CTAs, the route takes it (wide=True):
+    the outputs and gradients of the 128-thread route (FLASH_ATTN_LINEAR_FUSED_WIDE=0)."""
+    T = sum(lens) if lens is not None else 700
+    B, N = (2, 2) if lens is None else (1, len(lens))
+    q, k, v, g, _, h0 = make_inputs(B, T, 4, 128, 128, "g", 1.0, torch.bfloat16, N=N)
+    cu = None if lens is None else offsets(lens)
+    w = rand(B, T, 4, 128, seed=11).float()
+    outs = []
+    for wide in ("1", "0"):
+        monkeypatch.setenv(_kernels.FUSED_WIDE_ENV, wide)
+        spy = fused_switch(True, sms=N * 4)
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+        extra = dict(g=leaves[3]) if op is la.chunk_simple_gla else {}
+        o, ht = op(*leaves[:3], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu, **extra)
+        ((o.float() * w).sum() + ht.sum()).backward()
+        outs.append([o, ht] + [x.grad for x in leaves if x.grad is not None])
+        assert spy.calls[0] == "chunk_fused_fwd", spy.calls
+        assert _kernels.fused_wide(q, v, seqs(B, T, lens)) == (wide == "1")
+    names = ["o", "final_state", "dq", "dk", "dv"] + (["dg"] if op is la.chunk_simple_gla else []) + ["dh0"]
+    for name, a, b in zip(names, *outs, strict=True):
+        check(name, a.float(), b.float(), OUT_TOL if name in ("o", "final_state") else GRAD_TOL)
+
+
+def test_chunk_fused_wide_arguments():
+    """wide: K = 128, V a multiple of 128, no segments."""
+    q, k, v, g, _, _ = make_inputs(1, 100, 2, 64, 128, "g", 1.0, torch.bfloat16)
+    with pytest.raises(ValueError, match="wide"):
+        ext().chunk_fused_fwd(q, k, v, g, None, None, torch.empty_like(v), None, None, 1.0, wide=True)
+    q, k, v, g, _, _ = make_inputs(1, 300, 2, 128, 128, "g", 1.0, torch.bfloat16)
+    f32 = dict(device="cuda", dtype=torch.float32)
+    with pytest.raises(ValueError, match="wide"):
+        ext().chunk_fused_fwd(q, k, v, g, None, None, torch.empty_like(v), None, None, 1.0, 2,
+                              torch.empty(6, 2, 128, 128, **f32), torch.empty(6, 2, **f32), wide=True)
+
+
 @pytest.mark.parametrize("op,kwargs,B,T,lens,sms", [
     (la.chunk_simple_gla, dict(g="g"), 2, 700, None, None),
     (la.chunk_retention, dict(), 1, 3000, None, 64),        # segments (one pass on 64 "SMs")

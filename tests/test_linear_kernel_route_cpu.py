@@ -1031,3 +1031,41 @@ def test_simple_gla_states_kept_by_default(model, monkeypatch):
     model.calls.clear()
     check_route_against_reference(GRAD_CASES[0], True)
     assert model.calls.count("chunk_state") == 2, model.calls  # the backward's h recompute and dH
+
+
+# --------------------------------------------------------------------------- the 256-thread chunk_fused
+# At K = 128 with V a multiple of 128, where B * H * (V / 128) CTAs fill the SMs to within 1/16,
+# chunk_fused_fwd takes its 256-thread kernel (wide=True, no segments); FLASH_ATTN_LINEAR_FUSED_WIDE=0
+# keeps the 128-thread one.
+
+class WideSpy(CountingModel):
+    """Records chunk_fused_fwd's wide argument per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = []
+
+    def chunk_fused_fwd(self, *args, **kwargs):
+        self.wide.append(kwargs.get("wide", False))
+        return super().chunk_fused_fwd(*args, **kwargs)
+
+
+@pytest.mark.parametrize("case,sms,want", [
+    (("wide", "g", 130, 128, 128, None), 4, True),          # 2 sequences x 2 heads x 1 V tile = 4 CTAs
+    (("wide-V256", "gamma", 200, 128, 256, None), 8, True),
+    (("wide-varlen", "g", None, 128, 128, [3, 0, 128]), 6, True),
+    (("too-few", "g", 130, 128, 128, None), 64, False),      # segments instead (the 128-thread kernel)
+    (("K64", "g", 130, 64, 128, None), 1, False),
+    (("K100-padded", None, 130, 100, 128, None), 4, True),   # padded to K = 128
+], ids=["batched", "V256", "varlen", "too-few-ctas", "K64", "K100-padded"])
+def test_fused_wide_route(route_to_model, monkeypatch, case, sms, want):
+    spy = route_to_model(WideSpy())
+    spy.sms = sms
+    for env in (_kernels.FUSED_WIDE_ENV, _kernels.FUSED_FWD_ENV):
+        monkeypatch.delenv(env, raising=False)
+    check_route_against_reference(case, True)
+    assert spy.wide and spy.wide[0] == want, (spy.wide, spy.calls)
+    monkeypatch.setenv(_kernels.FUSED_WIDE_ENV, "0")
+    spy.wide.clear()
+    check_route_against_reference(case, True)
+    assert spy.wide and not any(spy.wide), spy.wide
