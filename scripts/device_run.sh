@@ -36,9 +36,6 @@
 #   glabwd     chunk_gla's one-kernel backward reverse pass: GPU tests (-k gla, junit $OUT/glabwd.xml), then
 #              benchmark_linear.py --ops chunk_gla --mode fwdbwd --no-fla with FLASH_ATTN_LINEAR_GLA_FUSED_BWD=0
 #              and =1 (JSON into $OUT/glabwd_0, _1)
-#   fusedwide  chunk_fused's 256-thread kernel: GPU tests (junit $OUT/fusedwide.xml), then benchmark_linear.py
-#              (simple GLA, retention; ANCHORS and --grid fla-gla; --no-fla) with FLASH_ATTN_LINEAR_FUSED_WIDE=0
-#              and =1 (JSON into $OUT/fusedwide_0, _1)
 #   tunedq     benchmarks/tune/run_tune.sh on the hd64 backward with the dQ warp grid 2 x 4 and 4 x 2
 #              ($OUT/tune_dq_grid.txt; needs no build)
 #   demo       python -m flash_attn
@@ -351,26 +348,6 @@ for stage in "${STAGES[@]}"; do
             FLASH_ATTN_LINEAR_GLA_FUSED_BWD=$on run_stage "glabwd-ab-$on" "$PY" \
                 "$REPO/benchmarks/benchmark_linear.py" --ops chunk_gla --mode fwdbwd --no-fla --no-softmax \
                 --out-dir "$OUT/glabwd_$on"
-        done
-        ;;
-    fusedwide)
-        # chunk_fused's 256-thread kernel: GPU tests (-k "wide or chunk_fused or kept_states"), then
-        # forward and forward + backward with FLASH_ATTN_LINEAR_FUSED_WIDE=0 and =1 at the ANCHORS
-        # shapes and on fla-core's fla-gla grid (simple GLA and retention)
-        need_build fusedwide || continue
-        rm -f "$OUT/fusedwide.xml"
-        FLASH_ATTN_REQUIRE_CUDA=1 run_stage fusedwide "$PY" -m pytest "$REPO/tests/test_linear_attn_gpu.py" -m cuda \
-            -k "wide or chunk_fused or kept_states" -p no:cacheprovider -q -rfEs --tb=short \
-            --junitxml="$OUT/fusedwide.xml" "${XDIST[@]}"
-        SUMMARY[-1]="${SUMMARY[-1]} $(junit_counts "$OUT/fusedwide.xml")"
-        for on in 0 1; do
-            mkdir -p "$OUT/fusedwide_$on"
-            FLASH_ATTN_LINEAR_FUSED_WIDE=$on run_stage "fusedwide-ab-$on" "$PY" \
-                "$REPO/benchmarks/benchmark_linear.py" --ops chunk_simple_gla,chunk_retention --no-fla --no-softmax \
-                --out-dir "$OUT/fusedwide_$on"
-            FLASH_ATTN_LINEAR_FUSED_WIDE=$on run_stage "fusedwide-grid-$on" "$PY" \
-                "$REPO/benchmarks/benchmark_linear.py" --grid fla-gla --ops chunk_simple_gla,chunk_retention --no-fla \
-                --no-softmax --out-dir "$OUT/fusedwide_$on"
         done
         ;;
     tunedq)

@@ -194,9 +194,6 @@ def linear_cases(quick):
         # _kernels.gla_fused_plan), rows past the sequences' ends unwritten
         ("chunk_gla one pass varlen empty seqs K100 V72", dict(op="chunk_gla", lens=[0, 65, 1, 130, 0], H=28, K=100,
                                                                V=72)),
-        # the same grid for the simple-GLA family: chunk_fused's 256-thread kernel (_kernels.fused_wide)
-        ("chunk_simple_gla wide varlen empty seqs K100 V72", dict(op="chunk_simple_gla", lens=[0, 65, 1, 130, 0], H=28,
-                                                                  K=100, V=72)),
     ]
     if not quick:
         out += [

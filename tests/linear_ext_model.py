@@ -260,7 +260,7 @@ class LinearExtModel:
         return 64 if k_dim <= 128 else 32
 
     def chunk_fused_fwd(self, q, k, v, g, gamma, init, out, final_state, cu_seqlens, scale, seg_chunks=0,
-                        seg_state=None, seg_decay=None, h_out=None, chunk_offsets=None, wide=False):
+                        seg_state=None, seg_decay=None, h_out=None, chunk_offsets=None):
         """The one-pass forward (chunk_fused.cuh), chunk by chunk with the running state S:
           o_r = scale exp(b_r) q_r S_c + scale sum_{j <= r} exp(b_r - b_j) (q_r . k_j) v_j
           S_{c+1} = exp(b_L) S_c + sum_j exp(b_L - b_j) k_j^T v_j
@@ -271,9 +271,7 @@ class LinearExtModel:
         (the sum of its chunks' b_L) into seg_state / seg_decay; pass 2 starts segment j from
         the fold S <- exp(d_s) S + L_s over s < j, beginning at init. h_out: every chunk's
         entering state, rounded to q's dtype, at its slot (chunk_offsets with cu_seqlens), as
-        chunk_state stores it. wide (the 256-thread kernel: K = 128, V a multiple of 128, no
-        segments) computes the same; only the kernel's summation order of the scores differs."""
-        assert not wide or (q.shape[-1] == 128 and v.shape[-1] % 128 == 0 and seg_chunks == 0)
+        chunk_state stores it."""
         B, T, H, K = q.shape
         V = v.shape[-1]
         assert V % self.chunk_fused_tile_v(K) == 0

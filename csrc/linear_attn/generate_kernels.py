@@ -49,11 +49,6 @@ def chunk_fused(tag):
     return '#include "../chunk_fused.cuh"\n', lines
 
 
-def chunk_fused_wide(tag):
-    lines = [f"template cudaError_t run_chunk_fused_wide<{tag}>(const ChunkFusedParams&, cudaStream_t);"]
-    return '#include "../chunk_fused_wide.cuh"\n', lines
-
-
 def gla_fused(tag, k, bv):
     lines = [f"template cudaError_t run_gla_fused_fwd<{tag}, {k}, {bv}>(const GlaFusedParams&, cudaStream_t);"]
     return '#include "../gla_fused.cuh"\n', lines
@@ -90,7 +85,6 @@ def files():
         for r in HEAD_DIMS:
             yield f"chunk_output_{name}_r{r}.cu", chunk_output(tag, r)
         yield f"chunk_fused_{name}.cu", chunk_fused(tag)
-        yield f"chunk_fused_wide_{name}.cu", chunk_fused_wide(tag)  # K = 128, 256 threads per 128 V columns
         for k, tiles in GLA_FUSED_TILES_V.items():  # one per (K, BV): each is a long compile
             for bv in tiles:
                 suffix = "" if bv == tiles[0] else f"_bv{bv}"

@@ -474,18 +474,13 @@ void set_one_pass_params(Params& p, const Tensor& q, const Tensor& k, const Tens
 // seg_chunks, seg_state, seg_decay: segments (set_segments), two launches (chunk_fused.cuh).
 // h_out [S, H, K, V] in q's dtype (optional) gets every chunk's entering state as chunk_state would
 // (chunk_offsets [N_seq + 1] int32 with cu_seqlens, as chunk_state's).
-// wide: the 256-thread kernel (chunk_fused_wide.cuh: the scores once per 128 V columns), K = 128, V a
-// multiple of 128, no segments.
 void chunk_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& g, const OptTensor& gamma,
                      const OptTensor& init, Tensor& out, const OptTensor& final_state, const OptTensor& cu_seqlens,
                      double scale, int64_t seg_chunks, const OptTensor& seg_state, const OptTensor& seg_decay,
-                     const OptTensor& h_out, const OptTensor& chunk_offsets, bool wide) {
+                     const OptTensor& h_out, const OptTensor& chunk_offsets) {
   check_operands({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&out, "out"}}, q, q.scalar_type());
   const auto [B, T, H, K, V] = check_tokens({&q, "q"}, "[B, T, H, K]", {&k, "k"}, {&v, "v"}, {&out, "out"});
-  CHECK_ARG(!wide || (K == 128 && V % 128 == 0 && seg_chunks == 0),
-            "wide needs K = 128, V a multiple of 128 and no segments, got K = ", K, ", V = ", V, ", seg_chunks = ",
-            seg_chunks);
-  const int bv = wide ? 128 : la::chunk_fused_tile_v(static_cast<int>(K));
+  const int bv = la::chunk_fused_tile_v(static_cast<int>(K));
   CHECK_ARG(V % bv == 0 && V > 0, "V must be a multiple of ", bv, " (K = ", K, "), got ", V);
   c10::cuda::CUDAGuard guard(q.device());
   la::ChunkFusedParams p;
@@ -494,7 +489,6 @@ void chunk_fused_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const Op
   set_segments(p, seg_chunks, seg_state, seg_decay, q, p.seq.num_seqs, H, K, V, T);
   const auto stream = c10::cuda::getCurrentCUDAStream().stream();
   check_launch("chunk_fused_fwd", dispatch_dtype(q.scalar_type(), [&](auto tag) {
-    if (wide) return la::run_chunk_fused_wide<decltype(tag)>(p, stream);
     return dispatch_head_dim(K, [&](auto kd) {
       constexpr int kK = decltype(kd)::value;
       return la::run_chunk_fused_fwd<decltype(tag), kK, la::chunk_fused_tile_v(kK)>(p, stream);
@@ -803,7 +797,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"), py::arg("gamma"), py::arg("init"), py::arg("out"),
         py::arg("final_state"), py::arg("cu_seqlens"), py::arg("scale"), py::arg("seg_chunks") = 0,
         py::arg("seg_state") = py::none(), py::arg("seg_decay") = py::none(), py::arg("h_out") = py::none(),
-        py::arg("chunk_offsets") = py::none(), py::arg("wide") = false);
+        py::arg("chunk_offsets") = py::none());
   m.def("chunk_fused_tile_v", &chunk_fused_tile_v, "The V tile (BV) chunk_fused_fwd uses for a K",
         py::arg("k_dim"));
   m.def("gate_grad", &gate_grad, "Scalar log-gate gradient, chunk by chunk", py::arg("q"), py::arg("k"),

@@ -270,9 +270,6 @@ template <typename Dtype, int K, int BV>
 cudaError_t run_gla_fused_fwd(const GlaFusedParams& p, cudaStream_t stream);
 
 template <typename Dtype>
-cudaError_t run_chunk_fused_wide(const ChunkFusedParams& p, cudaStream_t stream);
-
-template <typename Dtype>
 cudaError_t run_gla_fused_reverse(const GlaFusedParams& p, cudaStream_t stream);
 
 template <typename Dtype>

@@ -12,9 +12,7 @@ Forward (chunk size 64, csrc/linear_attn/linear_params.h has the formulas):
   or, by default (FLASH_ATTN_LINEAR_FUSED_FWD=0 turns it off; fused_plan), both in one pass that
   keeps the states in registers, one CTA per (sequence, head, V tile), and where those are fewer
   than the SMs, per segment of a sequence too (a first launch gives each segment's local state):
-    chunk_fused_fwd (q, k, v)      -> o (csrc/linear_attn/chunk_fused.cuh; at K = 128 with V a
-                                      multiple of 128 and enough CTAs, chunk_fused_wide.cuh:
-                                      fused_wide, FLASH_ATTN_LINEAR_FUSED_WIDE=0 turns it off)
+    chunk_fused_fwd (q, k, v)      -> o (csrc/linear_attn/chunk_fused.cuh)
 Backward (h recomputed):
     chunk_state  (q, do, reverse)  -> dH [slots, H, K, V]: the gradient leaving every chunk; dh0
     chunk_output (k, q, dH, do)    -> dv
@@ -296,23 +294,6 @@ def fused_plan(ext, q, v, seqs):
     return _segment_plan(ctas, FUSED_CTAS_PER_SM * sms, T)
 
 
-FUSED_WIDE_ENV = "FLASH_ATTN_LINEAR_FUSED_WIDE"
-
-
-def fused_wide(q, v, seqs):
-    """Whether chunk_fused_fwd takes its 256-thread kernel (csrc/linear_attn/chunk_fused_wide.cuh:
-    the chunk's scores once per 128 V columns instead of once per 64): K = 128, V a multiple of
-    128, and its B * H * (V / 128) CTAs (one per SM) fill the SMs to within 1/16, as for
-    gla_fused_plan (it has no segments). FLASH_ATTN_LINEAR_FUSED_WIDE=0 turns it off."""
-    if not _env_switch(FUSED_WIDE_ENV, "1"):
-        return False
-    H, K, V = q.shape[2], q.shape[3], v.shape[3]
-    if K != 128 or V % 128:
-        return False
-    ctas, sms = seqs.num_seqs * H * (V // 128), num_sms(q.device)
-    return ctas >= sms - sms // 16
-
-
 def chunk_forward(ext, q, k, v, g, gamma, scale, h0, output_final_state, seqs, keep_h=False):
     """Padded, contiguous inputs -> (o, h_T fp32 or None, h or None); with keep_h, h is the chunk
     states (chunk_state's [slots, H, K, V] in q's dtype) for the backward: the one-pass kernel
@@ -324,10 +305,6 @@ def chunk_forward(ext, q, k, v, g, gamma, scale, h0, output_final_state, seqs, k
         seg_chunks, segments = plan
         o = torch.empty_like(v)
         h = q.new_empty(seqs.slots, H, K, V) if keep_h else None
-        if fused_wide(q, v, seqs):  # (no segments: its CTAs fill the SMs)
-            ext.chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, seqs.cu, scale, 0, None, None, h,
-                                seqs.offsets if h is not None else None, wide=True)
-            return o, final, h
         # with segments: their local states and log-decays (chunk_fused.cuh, pass 1)
         ws = _segment_workspace(q, v, seqs, segments) if segments > 1 else (None, None)
         if h is None:
