@@ -95,13 +95,13 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
-  const int seq = blockIdx.x / p.max_segs, seg = blockIdx.x % p.max_segs;
+  const SegmentWalk walk = segment_walk(p.seq, p.max_segs, p.seg_chunks);
+  const int seq = walk.seq, seg = walk.seg;
   const int head = blockIdx.y, H = p.seq.heads;
   const int n0 = blockIdx.z * BV;
-  const SeqRange sr = sequence_range(p.seq, seq);
-  const int nchunks = static_cast<int>((sr.eos - sr.bos + kChunk - 1) / kChunk);
+  const SeqRange sr = walk.sr;
   // this CTA's chunks [c_begin, c_end): the whole sequence without segments
-  const SegmentRange segs = segment_range(nchunks, p.seg_chunks, seg);
+  const SegmentRange segs = walk.segs;
   const int nsegs = segs.count, c_begin = segs.begin, c_end = segs.end;
   if (seg >= nsegs || (kStateOnly && seg == nsegs - 1)) return;  // pass 1 never needs the last segment's L
 

@@ -52,6 +52,28 @@ __device__ __forceinline__ SeqRange sequence_range(const SeqParams& s, int n) {
   return r;
 }
 
+// What a CTA of the segmented sequential passes (chunk_state.cuh, chunk_fused.cuh, gla_fused.cuh;
+// grid x: sequences x max_segs segments) walks: its sequence, its segment of it, the sequence's
+// rows and chunk count, and the segment's chunks [segs.begin, segs.end) (without segments,
+// seg_chunks = 0: the whole sequence).
+struct SegmentWalk {
+  int seq = 0;
+  int seg = 0;
+  SeqRange sr;
+  int nchunks = 0;
+  SegmentRange segs;
+};
+
+__device__ __forceinline__ SegmentWalk segment_walk(const SeqParams& s, int max_segs, int seg_chunks) {
+  SegmentWalk w;
+  w.seq = blockIdx.x / max_segs;
+  w.seg = blockIdx.x % max_segs;
+  w.sr = sequence_range(s, w.seq);
+  w.nchunks = static_cast<int>((w.sr.eos - w.sr.bos + kChunk - 1) / kChunk);
+  w.segs = segment_range(w.nchunks, seg_chunks, w.seg);
+  return w;
+}
+
 // The chunk in state slot `slot` (the CTA's blockIdx.x): its sequence, its index in it and
 // its rows. valid is false for a slot no chunk occupies (varlen grids are sized by a bound).
 struct ChunkCoord {

@@ -68,14 +68,14 @@ __global__ void __launch_bounds__(128) chunk_state_kernel(const ChunkStateParams
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
-  const int seq = blockIdx.x / p.max_segs, seg = blockIdx.x % p.max_segs;
+  const SegmentWalk walk = segment_walk(p.seq, p.max_segs, p.seg_chunks);
+  const int seq = walk.seq, seg = walk.seg;
   const int head = blockIdx.y, H = p.seq.heads;
   const int n_tiles = p.n_dim / BN;
   const int r0 = (blockIdx.z / n_tiles) * BR, n0 = (blockIdx.z % n_tiles) * BN;
-  const SeqRange sr = sequence_range(p.seq, seq);
-  const int nchunks = static_cast<int>((sr.eos - sr.bos + kChunk - 1) / kChunk);
+  const SeqRange sr = walk.sr;
   // this CTA's chunks [c_begin, c_end): the whole sequence without segments
-  const SegmentRange segs = segment_range(nchunks, p.seg_chunks, seg);
+  const SegmentRange segs = walk.segs;
   const int nsegs = segs.count, c_begin = segs.begin, c_end = segs.end;
   const int last_needed = kReverse ? 0 : nsegs - 1;  // the segment whose local result nobody folds in
   if (seg >= nsegs || (p.seg_pass && seg == last_needed)) return;
