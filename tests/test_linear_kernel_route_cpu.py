@@ -1023,11 +1023,13 @@ def test_simple_gla_kept_states(model, monkeypatch, case, one_pass):
 def test_simple_gla_states_kept_by_default(model, monkeypatch):
     monkeypatch.delenv(_kernels.SAVE_STATES_ENV, raising=False)
     monkeypatch.delenv(_kernels.FUSED_FWD_ENV, raising=False)
-    assert _kernels.save_states("chunk") and _kernels.save_states("gla")
+    assert _kernels.save_states()
     check_route_against_reference(GRAD_CASES[0], True)
     assert model.calls.count("chunk_state") == 1, model.calls  # only the backward's dH
+    monkeypatch.setenv(_kernels.SAVE_STATES_ENV, "auto")
+    assert _kernels.save_states()
     monkeypatch.setenv(_kernels.SAVE_STATES_ENV, "0")
-    assert not _kernels.save_states("gla") and not _kernels.save_states("chunk")
+    assert not _kernels.save_states()
     model.calls.clear()
     check_route_against_reference(GRAD_CASES[0], True)
     assert model.calls.count("chunk_state") == 2, model.calls  # the backward's h recompute and dH

@@ -366,7 +366,7 @@ class SimpleGLAFunction(torch.autograd.Function):
         if recurrent:
             o, ht = recurrent_forward(ext, qp, kp, vp, g32, gamma32, scale, h0p, output_final_state, seqs)
         else:
-            keep_h = any(ctx.needs_input_grad[:6]) and save_states("chunk")  # (grad mode is off in forward)
+            keep_h = any(ctx.needs_input_grad[:6]) and save_states()  # (grad mode is off in forward)
             o, ht, h = chunk_forward(ext, qp, kp, vp, g32, gamma32, scale, h0p, output_final_state, seqs, keep_h)
         ctx.save_for_backward(qp, kp, vp, g32, gamma32, h0p, h)
         ctx.seqs, ctx.scale, ctx.dims = seqs, scale, dims
@@ -475,19 +475,15 @@ def gla_reverse_plan(ext, q, v, seqs):
 SAVE_STATES_ENV = "FLASH_ATTN_LINEAR_SAVE_STATES"
 
 
-def save_states(family):
+def save_states():
     """Whether a chunked forward keeps its chunk states h [chunks, H, K, V] (input dtype, twice
     q's size) for the backward when gradients are needed, instead of the backward recomputing
     them (one chunk_state pass: ~0.23 ms for chunk_gla at 8x2048 x 16 heads, K = V = 128, on an
-    H100; ~0.9 ms for the simple-GLA family at 1x65536). family: "gla" (chunk_gla) or "chunk"
-    (chunk_simple_gla / retention / lightning / linear_attn). FLASH_ATTN_LINEAR_SAVE_STATES:
-    unset ("auto") or 1: every op (the simple-GLA family's forward + backward 14-20% faster on an
-    H100 at 7b9305c, benchmarks/results/save_states_ab/); 0: none (the memory back for the
-    recompute). family is kept so that a future per-op default has its hook."""
-    raw = os.environ.get(SAVE_STATES_ENV, "auto").strip().lower()
-    if raw == "auto":
-        return family in ("gla", "chunk")
-    return _env_switch(SAVE_STATES_ENV, "0")
+    H100; ~0.9 ms for the simple-GLA family at 1x65536). Every chunked op: unset (the default),
+    "auto" or 1 keep them (the simple-GLA family's forward + backward 14-20% faster on an H100 at
+    7b9305c, benchmarks/results/save_states_ab/); FLASH_ATTN_LINEAR_SAVE_STATES=0 gives the
+    memory back for the recompute."""
+    return _env_switch(SAVE_STATES_ENV, "1")
 
 
 def gla_chunk_forward(ext, q, k, v, g, scale, h0, output_final_state, seqs, keep_b=True, keep_h=False):
@@ -584,7 +580,7 @@ class GLAFunction(torch.autograd.Function):
             # the backward's gla_cumsum launch is saved too
             keep_b = any(ctx.needs_input_grad[:6])  # (grad mode is off inside forward)
             o, ht, b, h = gla_chunk_forward(ext, qp, kp, vp, gp, scale, h0p, output_final_state, seqs, keep_b,
-                                            keep_b and save_states("gla"))
+                                            keep_b and save_states())
             ctx.gates_cumulative = b is not None
             gp = gp if b is None else b
         ctx.save_for_backward(qp, kp, vp, gp, gvp, h0p, h)
