@@ -203,8 +203,10 @@ def _cuda_extension(torch, archs, hdims, dtypes, variants):
     if backward:
         defines.append("-DFLASH_ATTN_HAS_BWD")
 
+    # sm90 code is built as sm_90a: the backward's warpgroup MMAs (wgmma) exist only there.
     gencode = []
     for a in archs:
+        a = "90a" if a == "90" else a
         gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
     nvcc_threads = os.environ.get("NVCC_THREADS", "2")
     nvcc_flags = [

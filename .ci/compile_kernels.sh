@@ -136,6 +136,7 @@ FLAGS=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
        "${FLAGS[@]}" -Xcompiler -fPIC
        -I"$REPO/csrc/flash_attn" -I"$REPO/csrc/common" -I"$CUTLASS_INC")
 for a in $ARCHS; do
+    [ "$a" = 90 ] && a=90a  # as setup.py: sm90 code is sm_90a (wgmma)
     FLAGS+=(-gencode "arch=compute_$a,code=sm_$a")
 done
 [ "$PTXAS_V" = 1 ] && FLAGS+=(-Xptxas -v)

@@ -11,6 +11,7 @@ Environment: FLASH_ATTN_TEST_QUICK=1 (subset), FLASH_ATTN_REQUIRE_CUDA=1 (fail, 
 when the extension or its backward is missing).
 """
 import itertools
+import os
 
 import pytest
 import torch
@@ -73,11 +74,42 @@ CASES = [
 ]
 
 
+def _expected_dk_dv_kernel(kernel_dim):
+    """90 where the wgmma dK/dV kernel must run (an sm90 device, a build with sm90 code, head
+    dim 64 or 128, FLASH_ATTN_BWD_SM90 not "0"), else 80 (the mma.sync kernel)."""
+    archs = [str(a) for a in build_info.build_config().get("archs", [])]
+    sm90 = torch.cuda.get_device_capability() == (9, 0) and "90" in archs
+    enabled = os.environ.get("FLASH_ATTN_BWD_SM90") != "0"
+    return 90 if sm90 and enabled and kernel_dim in (64, 128) else 80
+
+
 # deterministic=False: dQ accumulated with atomics in the dK/dV kernel (the default);
 # True: the separate dQ kernel, no atomics.
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("dtype_name,d,mask,alibi,softcap,ratio,seqlens", CASES)
 def test_bwd_matches_reference(dtype_name, d, mask, alibi, softcap, ratio, seqlens, deterministic):
+    _check_case(dtype_name, d, mask, alibi, softcap, ratio, seqlens, deterministic)
+
+
+# On sm90 the cases above run the wgmma dK/dV kernel at head dims 64 and 128; these run the
+# mma.sync kernel there too (it is what sm80 runs, and the fallback everywhere else).
+MMA_SYNC_CASES = [
+    pytest.param(dt, d, mask, alibi, softcap, 1, sl, id=f"{dt}-d{d}-{mask}-a{int(alibi)}-c{int(softcap)}-{sl[0]}x{sl[1]}")
+    for dt, d, mask, (alibi, softcap), sl in itertools.product(
+        DTYPES, (64, 128), ("full", "causal", "window"), ((False, False), (True, True)),
+        ((113, 203), (1023, 1024)))
+]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype_name,d,mask,alibi,softcap,ratio,seqlens", MMA_SYNC_CASES)
+def test_bwd_mma_sync_kernel_matches_reference(dtype_name, d, mask, alibi, softcap, ratio, seqlens,
+                                               deterministic, monkeypatch):
+    monkeypatch.setenv("FLASH_ATTN_BWD_SM90", "0")
+    _check_case(dtype_name, d, mask, alibi, softcap, ratio, seqlens, deterministic)
+
+
+def _check_case(dtype_name, d, mask, alibi, softcap, ratio, seqlens, deterministic):
     require_compiled(DTYPES[dtype_name], alibi=alibi, softcap=softcap)
     dk_ = _kernel_dim(d)
     ext = build_info.cuda_extension()
@@ -104,6 +136,7 @@ def test_bwd_matches_reference(dtype_name, d, mask, alibi, softcap, ratio, seqle
     dv = torch.full_like(vp, nan)
     dq, dk, dv, _ = ext.bwd(dop, qp, kp, vp, out, lse, dq, dk, dv, slopes, scale,
                             kernel_window[0], kernel_window[1], cap, deterministic)
+    assert ext.last_bwd_kernel() == _expected_dk_dv_kernel(dk_)
     dq, dk, dv = dq[..., :d], dk[..., :d], dv[..., :d]
 
     g32 = _ref_grads(q, k, v, dout, True, **kw)

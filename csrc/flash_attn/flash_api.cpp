@@ -815,5 +815,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("max_seqlen_k"), py::arg("alibi_slopes"), py::arg("softmax_scale"), py::arg("window_size_left"),
         py::arg("window_size_right"), py::arg("softcap"), py::arg("deterministic"), py::arg("p_dropout") = 0.0,
         py::arg("rng_state") = py::none());
+  m.def(
+      "last_bwd_kernel", [] { return flash::last_dk_dv_kernel.load(); },
+      "The dK/dV kernel of the last backward: 90 wgmma (sm90a), 80 mma.sync, 0 none yet");
 #endif
 }

@@ -127,6 +127,18 @@ __forceinline__ __device__ void mask_scores_transposed(const ScoreModT &sm, Tens
   }
 }
 
+// The query blocks [m_block_min, m_block_max) of block_m rows that see any key of [n0, n1):
+// key j is visible to query i for j in [i + shift - left, i + shift + right].
+__forceinline__ __device__ void query_blocks_seeing_keys(const Flash_bwd_params &p, const SeqInfo &seq, int n0,
+                                                         int n1, int block_m, int &m_block_min, int &m_block_max) {
+  const int shift = seq.seqlen_k - seq.seqlen_q;
+  int m_lo = 0, m_hi = seq.seqlen_q;
+  if (p.window_size_right >= 0) { m_lo = max(0, n0 - shift - p.window_size_right); }
+  if (p.window_size_left >= 0) { m_hi = min(m_hi, n1 - 1 - shift + p.window_size_left + 1); }
+  m_block_min = m_lo / block_m;
+  m_block_max = m_hi > m_lo ? (m_hi + block_m - 1) / block_m : m_block_min;
+}
+
 // Stores a (rows, cols) accumulator of `mma`, converted to Element, into a shared tile.
 template <typename Ktraits, typename TiledMma, typename Acc, typename STile>
 __forceinline__ __device__ void acc_to_smem(TiledMma const &mma, Acc const &acc, STile &s_tile) {
@@ -150,14 +162,8 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
   const int n0 = n_block * kRows;
   if (n0 >= seq.seqlen_k) { return; }
   const int n1 = min(n0 + kRows, seq.seqlen_k);
-  // Queries that see any key of [n0, n1): key j is visible to query i for
-  // j in [i + shift - left, i + shift + right].
-  const int shift = seq.seqlen_k - seq.seqlen_q;
-  int m_lo = 0, m_hi = seq.seqlen_q;
-  if (p.window_size_right >= 0) { m_lo = max(0, n0 - shift - p.window_size_right); }
-  if (p.window_size_left >= 0) { m_hi = min(m_hi, n1 - 1 - shift + p.window_size_left + 1); }
-  const int m_block_min = m_lo / kCols;
-  const int m_block_max = m_hi > m_lo ? (m_hi + kCols - 1) / kCols : m_block_min;
+  int m_block_min, m_block_max;
+  query_blocks_seeing_keys(p, seq, n0, n1, kCols, m_block_min, m_block_max);
 
   const int bidh_kv = bidh / p.h_h_k_ratio;
   const int64_t q_off = seq.q_offset(p.q_batch_stride, p.q_row_stride, bidb) + bidh * p.q_head_stride;

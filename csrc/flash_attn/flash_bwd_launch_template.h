@@ -1,12 +1,15 @@
 // Host launcher of the backward kernels for one (dtype, head dim, variant).
 #pragma once
 
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 #include <cuda_runtime_api.h>
 
 #include "flash.h"
 #include "flash_bwd_kernel.h"
+#include "flash_bwd_kernel_sm90.h"
 #include "flash_bwd_preprocess.h"
 #include "kernel_traits.h"
 
@@ -38,6 +41,42 @@ cudaError_t dk_dv_kernel_for_device(void (**kernel)(const Flash_bwd_params), int
   }
 }
 
+// Whether the wgmma dK/dV kernel (flash_bwd_kernel_sm90.h) runs for this call: head dim 64 or
+// 128, the device executes the kernel's sm90 code (PTX version 90: setup.py builds sm90 as
+// sm_90a, the only code with its body), and FLASH_ATTN_BWD_SM90 is not "0" (which keeps the
+// mma.sync kernel, for A/B timings and for testing that kernel on sm90).
+template <typename Kernel>
+bool sm90_bwd_runs(Kernel kernel) {
+  const char *env = std::getenv("FLASH_ATTN_BWD_SM90");
+  if (env != nullptr && std::strcmp(env, "0") == 0) { return false; }
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return attr.ptxVersion == 90;
+}
+
+// The wgmma dK/dV kernel (with atomic dQ when Accum_dq); false if it does not run here.
+template <typename Element, int kHeadDim, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Accum_dq>
+bool launch_dk_dv_sm90(Flash_bwd_params &params, cudaStream_t stream, cudaError_t &err) {
+  if constexpr (kHeadDim != 64 && kHeadDim != 128) {
+    return false;
+  } else {
+    using Traits = BwdSm90Traits<kHeadDim, Element>;
+    auto kernel = &flash_bwd_dk_dv_kernel_sm90<Traits, Has_alibi, Is_softcap, Is_dropout, Accum_dq>;
+    if (!sm90_bwd_runs(kernel)) { return false; }
+    last_dk_dv_kernel = 90;
+    if ((err = allow_smem(kernel, Traits::kSmemBytes)) != cudaSuccess) { return true; }
+    const int num_n_blocks = (params.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
+    if (num_n_blocks > 0) {
+      kernel<<<dim3(num_n_blocks, params.b, params.h), Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
+    }
+    err = cudaGetLastError();
+    return true;
+  }
+}
+
 // D = rowsum(dO * O) first; then either the dK/dV kernel with atomic dQ accumulation
 // (params.dq_accum_ptr set, head dims with bwd_atomic_dq: the host converts the accumulator
 // to dq afterwards) or the deterministic pair, dK/dV then dQ. Ktraits90: the dK/dV tile
@@ -45,6 +84,7 @@ cudaError_t dk_dv_kernel_for_device(void (**kernel)(const Flash_bwd_params), int
 template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout = false, typename Ktraits90 = Ktraits>
 cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
   if (params.b == 0 || params.h == 0 || params.seqlen_q == 0) { return cudaSuccess; }
+  last_dk_dv_kernel = 80;  // until launch_dk_dv_sm90 takes over
   using Element = typename Ktraits::Element;
   constexpr int kHeadDim = Ktraits::kHeadDim;
   // A head dim without the atomic kernel (tile_size.h bwd_atomic_dq) always runs the pair.
@@ -61,6 +101,9 @@ cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
   int smem_bytes_dk_dv = 0;
   if constexpr (bwd_atomic_dq(kHeadDim)) {
     if (params.dq_accum_ptr != nullptr) {
+      if (launch_dk_dv_sm90<Element, kHeadDim, Has_alibi, Is_softcap, Is_dropout, true>(params, stream, err)) {
+        return err;
+      }
       err = dk_dv_kernel_for_device<Ktraits, Ktraits90, Has_alibi, Is_softcap, Is_dropout, true>(&dk_dv_kernel,
                                                                                                   &smem_bytes_dk_dv);
       if (err != cudaSuccess || (err = allow_smem(dk_dv_kernel, smem_bytes_dk_dv)) != cudaSuccess) { return err; }
@@ -82,10 +125,13 @@ cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
   constexpr int smem_bytes = DqTraits::kSmemBytes;
   if ((err = allow_smem(dk_dv_kernel, smem_bytes_dk_dv)) != cudaSuccess) { return err; }
   if ((err = allow_smem(dq_kernel, smem_bytes)) != cudaSuccess) { return err; }
-  if (num_n_blocks > 0) {
-    dk_dv_kernel<<<dim3(num_n_blocks, params.b, params.h), Ktraits::kNThreads, smem_bytes_dk_dv, stream>>>(params);
-    if ((err = cudaGetLastError()) != cudaSuccess) { return err; }
+  if (!launch_dk_dv_sm90<Element, kHeadDim, Has_alibi, Is_softcap, Is_dropout, false>(params, stream, err)) {
+    if (num_n_blocks > 0) {
+      dk_dv_kernel<<<dim3(num_n_blocks, params.b, params.h), Ktraits::kNThreads, smem_bytes_dk_dv, stream>>>(params);
+      err = cudaGetLastError();
+    }
   }
+  if (err != cudaSuccess) { return err; }
   if (num_m_blocks > 0) {
     dq_kernel<<<dim3(num_m_blocks, params.b, params.h), DqTraits::kNThreads, smem_bytes, stream>>>(params);
   }

@@ -1,0 +1,342 @@
+// The dK/dV backward kernel on sm90a with warpgroup MMAs (wgmma), head dims 64 and 128.
+//
+// Same algorithm as compute_dk_dv_tile (flash_bwd_kernel.h): one CTA per (key block of 128,
+// sequence, query head) keeps K and V in shared memory and walks the query blocks that see
+// them, last first. Two warpgroups; warpgroup w owns keys [64 w, 64 w + 64) of the block.
+// Per query block of kBlockM rows:
+//   S^T  = K Q^T,  dP^T = V dO^T      SS wgmma (operands in shared memory), (keys, queries)
+//   P^T, dS^T in registers            the accumulators of S^T / dP^T, elementwise
+//   dV += P^T dO,  dK += dS^T Q       RS wgmma: P^T / dS^T straight from registers (the
+//                                     accumulator layout of a 64 x N wgmma is the A-register
+//                                     layout of a 64 x . x N one), Q / dO read transposed
+//   dQ  = dS K  (Accum_dq)            SS wgmma from dS^T staged in shared memory (the other
+//                                     warpgroup's keys are needed), then fp32 atomics.
+// The query tiles are loaded with cp.async (two stages) into the 128-byte-swizzled K-major
+// layout wgmma reads; the transposed views for dV, dK and dQ are the same bytes read as
+// MN-major operands. Loads by cp.async and the dS^T stores are generic-proxy writes, so a
+// proxy fence precedes the barrier that hands them to the wgmmas (async proxy).
+#pragma once
+
+#include <cmath>
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+
+#include "block_info.h"
+#include "dropout.h"
+#include "epilogue.h"
+#include "flash.h"
+#include "flash_bwd_kernel.h"
+#include "kernel_traits.h"
+#include "score_mod.h"
+#include "utils.h"
+
+namespace flash {
+
+using namespace cute;
+
+// kBlockM: queries per step (64 at d = 128, 128 at d = 64: then S^T and dP^T hold 64 fp32 per
+// thread each, dK and dV 32; at d = 128 the other way round, 32 and 64).
+template <int kHeadDim_, typename Element_, int kBlockM_ = kHeadDim_ <= 64 ? 128 : 64>
+struct BwdSm90Traits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockN = 128;  // keys per CTA, 64 per warpgroup
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kNWarps = 8;
+  static constexpr int kNThreads = 256;
+  static constexpr int kStages = 2;
+  static_assert(kHeadDim == 64 || kHeadDim == 128);
+  static_assert(kBlockM == 64 || kBlockM == 128);
+  // Global <-> shared copies and the epilogue: the mma.sync traits' atoms for 256 threads.
+  using CopyBase = MmaCopyTraits<kHeadDim, Element, kNWarps>;
+  using GmemTiledCopyQKV = typename CopyBase::GmemTiledCopyQKV;
+  using GmemTiledCopyO = typename CopyBase::GmemTiledCopyO;
+  using SmemCopyAtomO = typename CopyBase::SmemCopyAtomO;
+
+  using Atom = GMMA::Layout_K_SW128_Atom<Element>;  // 8 rows x 64 elements, 128-byte swizzle
+  using SmemLayoutK = decltype(tile_to_shape(Atom{}, Shape<Int<kBlockN>, Int<kHeadDim>>{}));  // (N, D)
+  using SmemLayoutKt = decltype(composition(
+      SmemLayoutK{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>>{}, Stride<Int<kBlockN>, _1>{})));  // (D, N)
+  using SmemLayoutQ = decltype(tile_to_shape(Atom{}, Shape<Int<kBlockM>, Int<kHeadDim>, Int<kStages>>{}));
+  using SmemLayoutQt = decltype(composition(
+      SmemLayoutQ{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockM>, Int<kStages>>{},
+                                 Stride<Int<kBlockM>, _1, Int<kBlockM * kHeadDim>>{})));  // (D, M, stages)
+  using SmemLayoutdSt = decltype(tile_to_shape(Atom{}, Shape<Int<kBlockN>, Int<kBlockM>>{}));  // (N, M)
+  using SmemLayoutdS = decltype(composition(
+      SmemLayoutdSt{}, make_layout(Shape<Int<kBlockM>, Int<kBlockN>>{}, Stride<Int<kBlockN>, _1>{})));  // (M, N)
+
+  // S^T, dP^T: (N, M) over K = D; each warpgroup 64 keys.
+  using TiledMmaSdP = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockM>, Int<kHeadDim>>, GMMA::Major::K,
+                           GMMA::Major::K>(),
+      Layout<Shape<_2, _1, _1>>{}));
+  // dV, dK: (N, D) over K = M; A from registers, B = dO^T / Q^T (MN-major).
+  using TiledMmaDkv = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, Int<kBlockM>>, GMMA::Major::K,
+                           GMMA::Major::MN>(),
+      Layout<Shape<_2, _1, _1>>{}));
+  // dQ: (M, D) over K = N; the warpgroups split M when it is 128, else D.
+  static constexpr int kDqWgM = kBlockM == 128 ? 2 : 1;
+  static constexpr int kDqWgN = 2 / kDqWgM;
+  using TiledMmaDq = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<Int<kBlockM / kDqWgM>, Int<kHeadDim / kDqWgN>, Int<kBlockN>>,
+                           GMMA::Major::MN, GMMA::Major::MN>(),
+      Layout<Shape<Int<kDqWgM>, Int<kDqWgN>, _1>>{}));
+
+  // Shared memory: [K][V][Q stages][dO stages][dS^T][lse stages][D stages]. Every swizzled
+  // tile starts at a multiple of 1024 bytes (the 128-byte swizzle repeats every 8 rows).
+  static constexpr int kKBytes = int(cosize_v<SmemLayoutK>) * int(sizeof(Element));
+  static constexpr int kQBytes = int(cosize_v<SmemLayoutQ>) * int(sizeof(Element));  // all stages
+  static constexpr int kdSBytes = int(cosize_v<SmemLayoutdSt>) * int(sizeof(Element));
+  static_assert(kKBytes % 1024 == 0 && kQBytes % 1024 == 0 && kdSBytes % 1024 == 0);
+  static constexpr int kOffV = kKBytes;
+  static constexpr int kOffQ = 2 * kKBytes;
+  static constexpr int kOffdO = kOffQ + kQBytes;
+  static constexpr int kOffdS = kOffdO + kQBytes;
+  static constexpr int kOffStats = kOffdS + kdSBytes;
+  static constexpr int kSmemBytes = kOffStats + 2 * kStages * kBlockM * int(sizeof(float));
+};
+
+// acc (+)= A B over the K mode for a warpgroup MMA; issued and committed, not waited for.
+// Zero_init: the first K slice overwrites the accumulator.
+template <bool Zero_init, typename TiledMma, typename FragA, typename FragB, typename Acc>
+__forceinline__ __device__ void wgmma_issue(TiledMma &mma, FragA const &a, FragB const &b, Acc &acc) {
+  constexpr bool kAInRegs = std::is_same_v<typename FragA::value_type, typename TiledMma::ValTypeA>;
+  if constexpr (kAInRegs) { warpgroup_fence_operand(const_cast<FragA &>(a)); }
+  warpgroup_fence_operand(acc);
+  warpgroup_arrive();
+  if constexpr (Zero_init) { mma.accumulate_ = GMMA::ScaleOut::Zero; }
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a); ++k) {
+    cute::gemm(mma, a(_, _, k), b(_, _, k), acc);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_fence_operand(acc);
+  if constexpr (kAInRegs) { warpgroup_fence_operand(const_cast<FragA &>(a)); }
+}
+
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Accum_dq>
+__forceinline__ __device__ void compute_dk_dv_tile_sm90(const Flash_bwd_params &p, int n_block, int bidb,
+                                                        int bidh) {
+  using Element = typename Ktraits::Element;
+  constexpr int kN = Ktraits::kBlockN;  // keys
+  constexpr int kM = Ktraits::kBlockM;  // queries
+  constexpr int kHeadDim = Ktraits::kHeadDim;
+  constexpr int kStages = Ktraits::kStages;
+  const int tidx = threadIdx.x;
+
+  const SeqInfo seq(p, bidb);
+  const int n0 = n_block * kN;
+  if (n0 >= seq.seqlen_k) { return; }
+  const int n1 = min(n0 + kN, seq.seqlen_k);
+  int m_block_min, m_block_max;
+  query_blocks_seeing_keys(p, seq, n0, n1, kM, m_block_min, m_block_max);
+
+  const int bidh_kv = bidh / p.h_h_k_ratio;
+  const int64_t q_off = seq.q_offset(p.q_batch_stride, p.q_row_stride, bidb) + bidh * p.q_head_stride;
+  const int64_t do_off = seq.q_offset(p.do_batch_stride, p.do_row_stride, bidb) + bidh * p.do_head_stride;
+  Tensor mQ = make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(p.q_ptr) + q_off),
+                          make_shape(seq.seqlen_q, Int<kHeadDim>{}), make_stride(p.q_row_stride, _1{}));
+  Tensor mdO = make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(p.do_ptr) + do_off),
+                           make_shape(seq.seqlen_q, Int<kHeadDim>{}), make_stride(p.do_row_stride, _1{}));
+  auto kv_tensor = [&](void *ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride, int head) {
+    return make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(ptr) + seq.k_offset(batch_stride, row_stride, bidb) +
+                                     head * head_stride),
+                       make_shape(seq.seqlen_k, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
+  };
+  Tensor mK = kv_tensor(p.k_ptr, p.k_batch_stride, p.k_row_stride, p.k_head_stride, bidh_kv);
+  Tensor mV = kv_tensor(p.v_ptr, p.v_batch_stride, p.v_row_stride, p.v_head_stride, bidh_kv);
+  Tensor mdK = kv_tensor(p.dk_ptr, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, bidh);
+  Tensor mdV = kv_tensor(p.dv_ptr, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, bidh);
+  const int64_t stat_off = seq.lse_offset(p, bidb, bidh);
+  const float *lse = p.softmax_lse_ptr + stat_off;
+  const float *dsum = p.softmax_d_ptr + stat_off;
+  float *dq_accum = nullptr;
+  if constexpr (Accum_dq) {
+    dq_accum = p.dq_accum_ptr + seq.q_offset(p.dq_accum_batch_stride, p.dq_accum_row_stride, bidb) +
+               bidh * p.dq_accum_head_stride;
+  }
+
+  Tensor gK = local_tile(mK, Shape<Int<kN>, Int<kHeadDim>>{}, make_coord(n_block, 0));  // (N, D)
+  Tensor gV = local_tile(mV, Shape<Int<kN>, Int<kHeadDim>>{}, make_coord(n_block, 0));
+  Tensor gdK = local_tile(mdK, Shape<Int<kN>, Int<kHeadDim>>{}, make_coord(n_block, 0));
+  Tensor gdV = local_tile(mdV, Shape<Int<kN>, Int<kHeadDim>>{}, make_coord(n_block, 0));
+  Tensor gQ = local_tile(mQ, Shape<Int<kM>, Int<kHeadDim>>{}, make_coord(_, 0));  // (M, D, mblocks)
+  Tensor gdO = local_tile(mdO, Shape<Int<kM>, Int<kHeadDim>>{}, make_coord(_, 0));
+
+  extern __shared__ char smem[];
+  auto smem_tile = [&](int offset, auto layout) {
+    return make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem + offset)), layout);
+  };
+  Tensor sK = smem_tile(0, typename Ktraits::SmemLayoutK{});  // (N, D)
+  Tensor sV = smem_tile(Ktraits::kOffV, typename Ktraits::SmemLayoutK{});
+  Tensor sKt = smem_tile(0, typename Ktraits::SmemLayoutKt{});  // (D, N)
+  Tensor sQ = smem_tile(Ktraits::kOffQ, typename Ktraits::SmemLayoutQ{});  // (M, D, stages)
+  Tensor sdO = smem_tile(Ktraits::kOffdO, typename Ktraits::SmemLayoutQ{});
+  Tensor sQt = smem_tile(Ktraits::kOffQ, typename Ktraits::SmemLayoutQt{});  // (D, M, stages)
+  Tensor sdOt = smem_tile(Ktraits::kOffdO, typename Ktraits::SmemLayoutQt{});
+  Tensor sdSt = smem_tile(Ktraits::kOffdS, typename Ktraits::SmemLayoutdSt{});  // (N, M)
+  Tensor sdS = smem_tile(Ktraits::kOffdS, typename Ktraits::SmemLayoutdS{});    // (M, N)
+  // lse (times log2(e), for exp2) and D of the streamed queries: [stages][M] each.
+  float *s_lse = reinterpret_cast<float *>(smem + Ktraits::kOffStats);
+  float *s_d = s_lse + kStages * kM;
+
+  typename Ktraits::GmemTiledCopyQKV gmem_copy;
+  auto gmem_thr = gmem_copy.get_thread_slice(tidx);
+  Tensor tKgK = gmem_thr.partition_S(gK);
+  Tensor tKsK = gmem_thr.partition_D(sK);
+  Tensor tVgV = gmem_thr.partition_S(gV);
+  Tensor tVsV = gmem_thr.partition_D(sV);
+  Tensor tQgQ = gmem_thr.partition_S(gQ);  // (CPY, CPY_M, CPY_D, mblocks)
+  Tensor tQsQ = gmem_thr.partition_D(sQ);  // (CPY, CPY_M, CPY_D, stages)
+  Tensor tdOgdO = gmem_thr.partition_S(gdO);
+  Tensor tdOsdO = gmem_thr.partition_D(sdO);
+  Tensor tNc = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kN>{}, Int<kHeadDim>{})));
+  Tensor tMc = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kM>{}, Int<kHeadDim>{})));
+
+  typename Ktraits::TiledMmaSdP mma_sdp;
+  auto thr_sdp = mma_sdp.get_thread_slice(tidx);
+  Tensor tSrK = thr_sdp.partition_fragment_A(sK);  // descriptors (MMA, MMA_N, MMA_D)
+  Tensor tSrV = thr_sdp.partition_fragment_A(sV);
+  Tensor tSrQ = thr_sdp.partition_fragment_B(sQ);  // (MMA, MMA_M, MMA_D, stages)
+  Tensor tSrdO = thr_sdp.partition_fragment_B(sdO);
+  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kN>, Int<kM>>{}));  // (key, query)
+
+  typename Ktraits::TiledMmaDkv mma_dkv;
+  auto thr_dkv = mma_dkv.get_thread_slice(tidx);
+  Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt);  // (MMA, MMA_D, MMA_M, stages)
+  Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);
+  // The A-register layout of P^T / dS^T: same element order as the S^T accumulator.
+  using ALayout = decltype(thr_dkv.partition_fragment_A(sdSt).layout());
+  Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<Int<kN>, Int<kHeadDim>>{});
+  Tensor acc_dv = partition_fragment_C(mma_dkv, Shape<Int<kN>, Int<kHeadDim>>{});
+  clear(acc_dk);
+  clear(acc_dv);
+
+  typename Ktraits::TiledMmaDq mma_dq;
+  auto thr_dq = mma_dq.get_thread_slice(tidx);
+  Tensor tdQrdS = thr_dq.partition_fragment_A(sdS);  // (MMA, MMA_M, MMA_N)
+  Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);  // (MMA, MMA_D, MMA_N)
+  Tensor tdQcdQ = thr_dq.partition_C(make_identity_tensor(Shape<Int<kM>, Int<kHeadDim>>{}));
+
+  copy_rows_guarded(gmem_copy, tKgK, tKsK, tNc, n1 - n0);
+  copy_rows_guarded(gmem_copy, tVgV, tVsV, tNc, n1 - n0);
+  cute::cp_async_fence();
+
+  // Issues the loads of query block m_block (rows past seqlen_q zero-filled) and writes its
+  // lse and D (padded queries: lse = +inf so P = 0, D = 0) into `stage`.
+  auto load_query_block = [&](int m_block, int stage) {
+    const int m0 = m_block * kM;
+    copy_rows_guarded(gmem_copy, tQgQ(_, _, _, m_block), tQsQ(_, _, _, stage), tMc, seq.seqlen_q - m0);
+    copy_rows_guarded(gmem_copy, tdOgdO(_, _, _, m_block), tdOsdO(_, _, _, stage), tMc, seq.seqlen_q - m0);
+    cute::cp_async_fence();
+    for (int i = tidx; i < kM; i += Ktraits::kNThreads) {
+      const bool real = m0 + i < seq.seqlen_q;
+      s_lse[stage * kM + i] = real ? lse[m0 + i] * float(M_LOG2E) : INFINITY;
+      s_d[stage * kM + i] = real ? dsum[m0 + i] : 0.f;
+    }
+  };
+
+  const ScoreMod<Has_alibi, Is_softcap, Is_dropout> score_mod(p, seq.seqlen_q, seq.seqlen_k, bidb, bidh);
+  const DropoutOrNone<Is_dropout> dropout(p, bidb, bidh);
+  if (m_block_max > m_block_min) { load_query_block(m_block_max - 1, 0); }
+  for (int m_block = m_block_max - 1, stage = 0; m_block >= m_block_min; --m_block, stage ^= 1) {
+    const int m0 = m_block * kM;
+    cute::cp_async_wait<0>();
+    cutlass::arch::fence_view_async_shared();  // cp.async / zero-fill writes -> wgmma reads
+    // This block's tiles and stats are in place; every warpgroup is done with the other
+    // stage and with sdS^T (each waited for its wgmmas), so both are refilled from here on.
+    __syncthreads();
+    if (m_block > m_block_min) { load_query_block(m_block - 1, stage ^ 1); }
+    const float *st_lse = s_lse + stage * kM;
+    const float *st_d = s_d + stage * kM;
+
+    Tensor acc_st = partition_fragment_C(mma_sdp, Shape<Int<kN>, Int<kM>>{});  // (MMA, MMA_N, MMA_M)
+    Tensor acc_dpt = partition_fragment_C(mma_sdp, Shape<Int<kN>, Int<kM>>{});
+    wgmma_issue<true>(mma_sdp, tSrK, tSrQ(_, _, _, stage), acc_st);
+    wgmma_issue<true>(mma_sdp, tSrV, tSrdO(_, _, _, stage), acc_dpt);
+    warpgroup_wait<1>();  // S^T is ready; dP^T may still run
+    score_mod.transform(acc_st);
+    Tensor t_st = make_fragment_like(acc_st);  // tanh values, for the softcap derivative
+    if constexpr (Is_softcap) { copy(acc_st, t_st); }
+    if (score_mod.block_needs_mask(m0, m0 + kM, n0, kN)) {
+      mask_scores_transposed<Has_alibi, true>(score_mod, acc_st, tScS, n0, m0);
+    } else if constexpr (Has_alibi) {
+      mask_scores_transposed<true, false>(score_mod, acc_st, tScS, n0, m0);
+    }
+    warpgroup_wait<0>();
+    // P^T = exp(S^T - lse), dS^T = P^T (dP^T - D) [* (1 - t^2) with softcap], per query
+    // column. With dropout (mask Z, 1 / p_keep where kept, 0 where dropped): dV takes
+    // (Z P)^T and dS^T = P^T (Z dP^T - D).
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_st); ++i) {
+      const int col = get<1>(tScS(i));
+      const float pr = exp2f(acc_st(i) * p.scale_softmax_log2 - st_lse[col]);
+      float dpz = acc_dpt(i), pz = pr;
+      if constexpr (Is_dropout) {
+        const float z = dropout.keep(m0 + col, n0 + get<0>(tScS(i))) ? p.rp_keep : 0.f;
+        dpz *= z;
+        pz *= z;
+      }
+      float ds = pr * (dpz - st_d[col]);
+      if constexpr (Is_softcap) { ds *= 1.f - t_st(i) * t_st(i); }
+      acc_st(i) = pz;
+      acc_dpt(i) = ds;
+    }
+    Tensor rP = convert_type<Element>(acc_st);
+    Tensor rdS = convert_type<Element>(acc_dpt);
+    Tensor tdVrP = make_tensor(rP.data(), ALayout{});
+    Tensor tdKrdS = make_tensor(rdS.data(), ALayout{});
+    wgmma_issue<false>(mma_dkv, tdVrP, tdVrdOt(_, _, _, stage), acc_dv);
+    wgmma_issue<false>(mma_dkv, tdKrdS, tdKrQt(_, _, _, stage), acc_dk);
+    if constexpr (Accum_dq) {
+      // dS^T to shared memory, for dQ = dS K over all 128 keys of both warpgroups.
+      auto copy_c = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_sdp);
+      auto thr_c = copy_c.get_thread_slice(tidx);
+      copy(copy_c, thr_c.retile_S(rdS), thr_c.partition_D(sdSt));
+      cutlass::arch::fence_view_async_shared();
+      __syncthreads();
+      Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kM>, Int<kHeadDim>>{});
+      wgmma_issue<true>(mma_dq, tdQrdS, tdQrKt, acc_dq);
+      warpgroup_wait<0>();
+      // Elements (i, i + 1), i even, are columns (c, c + 1) of one row: one 8-byte atomic.
+      float *dq_blk = dq_accum + int64_t(m0) * kHeadDim;
+      const int rows = seq.seqlen_q - m0;
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_dq); i += 2) {
+        const int r = get<0>(tdQcdQ(i));
+        if (rows >= kM || r < rows) {
+          atomicAdd(reinterpret_cast<float2 *>(dq_blk + r * kHeadDim + get<1>(tdQcdQ(i))),
+                    make_float2(acc_dq(i), acc_dq(i + 1)));
+        }
+      }
+    } else {
+      warpgroup_wait<0>();
+    }
+  }
+
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_dk); ++i) { acc_dk(i) *= p.scale_qk; }
+  // Stage dK, dV in K's and V's space once every thread is past its last read of them
+  // (and, with no step at all, once their loads have landed).
+  cute::cp_async_wait<0>();
+  __syncthreads();
+  store_acc_tile<Ktraits>(mma_dkv, acc_dk, sK, gdK, n1 - n0);
+  store_acc_tile<Ktraits>(mma_dkv, acc_dv, sV, gdV, n1 - n0);
+}
+
+// Grid: (key blocks of 128, batch, query heads), 256 threads. The body exists only in sm90a
+// code (wgmma); run_flash_bwd launches it only where the running binary is that code.
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Accum_dq>
+__global__ void __launch_bounds__(Ktraits::kNThreads, 1)
+    flash_bwd_dk_dv_kernel_sm90(__grid_constant__ const Flash_bwd_params p) {
+#if defined(__CUDA_ARCH__) && defined(CUTE_ARCH_MMA_SM90A_ENABLED)
+  compute_dk_dv_tile_sm90<Ktraits, Has_alibi, Is_softcap, Is_dropout, Accum_dq>(p, blockIdx.x, blockIdx.y,
+                                                                               blockIdx.z);
+#elif defined(__CUDA_ARCH__)
+  __trap();  // not sm90a code: the host never launches it here
+#endif
+}
+
+}  // namespace flash
