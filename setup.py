@@ -202,6 +202,8 @@ def _cuda_extension(torch, archs, hdims, dtypes, variants):
         defines.append("-DFLASH_ATTN_HAS_PAGEDKV")
     if backward:
         defines.append("-DFLASH_ATTN_HAS_BWD")
+    if "90" in archs:
+        defines.append("-DFLASH_ATTN_HAS_SM90A")  # the wgmma kernels exist (flash_api.cpp's routing)
 
     # sm90 code is built as sm_90a: the backward's warpgroup MMAs (wgmma) exist only there.
     gencode = []

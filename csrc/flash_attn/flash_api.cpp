@@ -9,6 +9,8 @@
 #include "arg_error.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <cmath>
 #include <mutex>
 #include <optional>
@@ -647,6 +649,22 @@ at::Tensor unpad_grad(const at::Tensor &g, int d, const std::optional<at::Tensor
   return *given;
 }
 
+// Whether the backward's wgmma kernels (flash_bwd_kernel_sm90.h) run for q's device: an sm90
+// device, a build with sm90a code, FLASH_ATTN_BWD_SM90 not "0". The launcher
+// (flash_bwd_launch_template.h, sm90_bwd_runs) decides the same from the kernels themselves.
+bool wgmma_bwd_runs(const at::Tensor &q) {
+#ifdef FLASH_ATTN_HAS_SM90A
+  const char *env = std::getenv("FLASH_ATTN_BWD_SM90");
+  if (env != nullptr && std::strcmp(env, "0") == 0) { return false; }
+  const int device = q.get_device();
+  return flash::cached_device_attribute<cudaDevAttrComputeCapabilityMajor>(device) == 9 &&
+         flash::cached_device_attribute<cudaDevAttrComputeCapabilityMinor>(device) == 0;
+#else
+  (void)q;
+  return false;
+#endif
+}
+
 struct BwdBuffers {
   at::Tensor dq, dk, dv;
   // One gradient per query head, k's shape with h heads; dk/dv themselves without GQA.
@@ -663,8 +681,10 @@ BwdBuffers prepare_bwd(at::Tensor &q, at::Tensor &k, at::Tensor &v, at::Tensor &
                        const std::optional<at::Tensor> &dv_, bool deterministic) {
   for (at::Tensor *t : {&q, &k, &v, &dout, &out}) { *t = vector_aligned(*t); }
   BwdBuffers g{grad_buffer(dq_, q, "dq"), grad_buffer(dk_, k, "dk"), grad_buffer(dv_, v, "dv"), {}, {}, {}};
-  // Some head dims take the deterministic pair by default too (tile_size.h bwd_atomic_dq).
-  if (!deterministic && flash::bwd_atomic_dq(int(q.size(-1)))) {
+  // Some head dims take the deterministic pair by default too (tile_size.h bwd_atomic_dq,
+  // bwd_atomic_dq_sm90 where the wgmma kernels run).
+  const int d = int(q.size(-1));
+  if (!deterministic && (wgmma_bwd_runs(q) ? flash::bwd_atomic_dq_sm90(d) : flash::bwd_atomic_dq(d))) {
     // Head-major, (b, h, sq, d) or (h, total_q, d), seen through a view in q's shape: the
     // kernel's atomics then step kHeadDim floats per row (compile-time addresses).
     const auto f32 = q.options().dtype(at::kFloat);

@@ -110,20 +110,23 @@ __forceinline__ __device__ void accumulate_dq(SdSt const &sdSt, SKt const &sKt, 
 // seqlen_k and (key, query) pairs outside the window to -inf. The caller runs it with
 // Mask only for tiles that block_needs_mask flags: the per-element test costs about as
 // many instructions as the rest of the step's elementwise work.
+template <bool Has_alibi, bool Mask, typename ScoreModT>
+__forceinline__ __device__ void mask_score(const ScoreModT &sm, float &score, int query, int key) {
+  const int diag = query + sm.seqlen_k - sm.seqlen_q;  // the key aligned with this query
+  if constexpr (Has_alibi) { score -= sm.alibi_slope * float(abs(diag - key)); }
+  if constexpr (Mask) {
+    const bool visible = key < sm.seqlen_k && (sm.window_left < 0 || key >= diag - sm.window_left) &&
+                         (sm.window_right < 0 || key <= diag + sm.window_right);
+    if (!visible) { score = -INFINITY; }
+  }
+}
+
 template <bool Has_alibi, bool Mask, typename ScoreModT, typename TensorS, typename TensorC>
 __forceinline__ __device__ void mask_scores_transposed(const ScoreModT &sm, TensorS &st, TensorC const &coord, int n0,
                                                        int m0) {
-  const int shift = sm.seqlen_k - sm.seqlen_q;
   CUTE_UNROLL
   for (int i = 0; i < size(st); ++i) {
-    const int key = n0 + get<0>(coord(i));
-    const int diag = m0 + get<1>(coord(i)) + shift;  // the key aligned with this query
-    if constexpr (Has_alibi) { st(i) -= sm.alibi_slope * float(abs(diag - key)); }
-    if constexpr (Mask) {
-      const bool visible = key < sm.seqlen_k && (sm.window_left < 0 || key >= diag - sm.window_left) &&
-                           (sm.window_right < 0 || key <= diag + sm.window_right);
-      if (!visible) { st(i) = -INFINITY; }
-    }
+    mask_score<Has_alibi, Mask>(sm, st(i), m0 + get<1>(coord(i)), n0 + get<0>(coord(i)));
   }
 }
 
@@ -137,6 +140,19 @@ __forceinline__ __device__ void query_blocks_seeing_keys(const Flash_bwd_params 
   if (p.window_size_left >= 0) { m_hi = min(m_hi, n1 - 1 - shift + p.window_size_left + 1); }
   m_block_min = m_lo / block_m;
   m_block_max = m_hi > m_lo ? (m_hi + block_m - 1) / block_m : m_block_min;
+}
+
+// The key blocks [n_block_min, n_block_max) of block_n keys that queries [m0, m1) see.
+__forceinline__ __device__ void key_blocks_seen_by_queries(const Flash_bwd_params &p, const SeqInfo &seq, int m0,
+                                                           int m1, int block_n, int &n_block_min, int &n_block_max) {
+  const int shift = seq.seqlen_k - seq.seqlen_q;
+  n_block_min = 0;
+  n_block_max = (seq.seqlen_k + block_n - 1) / block_n;
+  if (p.window_size_left >= 0) { n_block_min = max(0, (m0 + shift - p.window_size_left) / block_n); }
+  if (p.window_size_right >= 0) {
+    const int last_key = m1 - 1 + shift + p.window_size_right;
+    n_block_max = min(n_block_max, last_key < 0 ? 0 : last_key / block_n + 1);
+  }
 }
 
 // Stores a (rows, cols) accumulator of `mma`, converted to Element, into a shared tile.
@@ -369,14 +385,8 @@ __forceinline__ __device__ void compute_dq_tile(const Flash_bwd_params &p, int m
   const int m0 = m_block * kRows;
   if (m0 >= seq.seqlen_q) { return; }
   const int m1 = min(m0 + kRows, seq.seqlen_q);
-  const int shift = seq.seqlen_k - seq.seqlen_q;
-  int n_block_min = 0;
-  int n_block_max = (seq.seqlen_k + kCols - 1) / kCols;
-  if (p.window_size_left >= 0) { n_block_min = max(0, (m0 + shift - p.window_size_left) / kCols); }
-  if (p.window_size_right >= 0) {
-    const int last_key = m1 - 1 + shift + p.window_size_right;
-    n_block_max = min(n_block_max, last_key < 0 ? 0 : last_key / kCols + 1);
-  }
+  int n_block_min, n_block_max;
+  key_blocks_seen_by_queries(p, seq, m0, m1, kCols, n_block_min, n_block_max);
 
   const int bidh_kv = bidh / p.h_h_k_ratio;
   auto q_tensor = [&](void *ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {

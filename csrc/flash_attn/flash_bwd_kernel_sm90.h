@@ -1,4 +1,5 @@
-// The dK/dV backward kernel on sm90a with warpgroup MMAs (wgmma), head dims 64 and 128.
+// The backward kernels on sm90a with warpgroup MMAs (wgmma): dK/dV at head dims 64 and 128, the
+// deterministic path's dQ at 64, 128 and 256.
 //
 // Same algorithm as compute_dk_dv_tile (flash_bwd_kernel.h): one CTA per (key block of 128,
 // sequence, query head) keeps K and V in shared memory and walks the query blocks that see
@@ -324,6 +325,216 @@ __forceinline__ __device__ void compute_dk_dv_tile_sm90(const Flash_bwd_params &
   __syncthreads();
   store_acc_tile<Ktraits>(mma_dkv, acc_dk, sK, gdK, n1 - n0);
   store_acc_tile<Ktraits>(mma_dkv, acc_dv, sV, gdV, n1 - n0);
+}
+
+// The dQ kernel of the deterministic path on sm90a: one CTA per (block of 128 queries, sequence,
+// query head) keeps Q and dO in shared memory and walks the key blocks its queries see, last
+// first; warpgroup w owns queries [64 w, 64 w + 64) and needs nothing from the other one.
+//   S = Q K^T, dP = dO V^T   SS wgmma, (queries, keys)
+//   dS in registers          as in the dK/dV kernel, per query row
+//   dQ += dS K               RS wgmma, K read as (d, keys) (MN-major)
+// No atomics: dQ is written once, bf16, so it is bitwise reproducible.
+// kBlockN keys per step: 128 at d = 64, 64 at d = 128, 32 at d = 256 (dQ holds 32 / 64 / 128
+// fp32 per thread; at d = 256, Q and dO take 128 KB and two stages of K and V 64 KB).
+template <int kHeadDim_, typename Element_, int kBlockN_ = kHeadDim_ <= 64 ? 128 : kHeadDim_ <= 128 ? 64 : 32>
+struct BwdSm90DqTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 128;  // queries per CTA, 64 per warpgroup
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kNWarps = 8;
+  static constexpr int kNThreads = 256;
+  static constexpr int kStages = 2;
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256);
+  using CopyBase = MmaCopyTraits<kHeadDim, Element, kNWarps>;
+  using GmemTiledCopyQKV = typename CopyBase::GmemTiledCopyQKV;
+  using GmemTiledCopyO = typename CopyBase::GmemTiledCopyO;
+  using SmemCopyAtomO = typename CopyBase::SmemCopyAtomO;
+
+  using Atom = GMMA::Layout_K_SW128_Atom<Element>;
+  using SmemLayoutQ = decltype(tile_to_shape(Atom{}, Shape<Int<kBlockM>, Int<kHeadDim>>{}));  // (M, D)
+  using SmemLayoutK = decltype(tile_to_shape(Atom{}, Shape<Int<kBlockN>, Int<kHeadDim>, Int<kStages>>{}));
+  using SmemLayoutKt = decltype(composition(
+      SmemLayoutK{}, make_layout(Shape<Int<kHeadDim>, Int<kBlockN>, Int<kStages>>{},
+                                 Stride<Int<kBlockN>, _1, Int<kBlockN * kHeadDim>>{})));  // (D, N, stages)
+  // S, dP: (M, N) over K = D.
+  using TiledMmaSdP = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockN>, Int<kHeadDim>>, GMMA::Major::K,
+                           GMMA::Major::K>(),
+      Layout<Shape<_2, _1, _1>>{}));
+  // dQ: (M, D) over K = N; A = dS from registers, B = K^T (MN-major).
+  using TiledMmaDq = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, Int<kBlockN>>, GMMA::Major::K,
+                           GMMA::Major::MN>(),
+      Layout<Shape<_2, _1, _1>>{}));
+
+  // Shared memory: [Q][dO][K stages][V stages][lse][D].
+  static constexpr int kQBytes = int(cosize_v<SmemLayoutQ>) * int(sizeof(Element));
+  static constexpr int kKBytes = int(cosize_v<SmemLayoutK>) * int(sizeof(Element));  // all stages
+  static_assert(kQBytes % 1024 == 0 && kKBytes % 1024 == 0);
+  static constexpr int kOffdO = kQBytes;
+  static constexpr int kOffK = 2 * kQBytes;
+  static constexpr int kOffV = kOffK + kKBytes;
+  static constexpr int kOffStats = kOffV + kKBytes;
+  static constexpr int kSmemBytes = kOffStats + 2 * kBlockM * int(sizeof(float));
+};
+
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout>
+__forceinline__ __device__ void compute_dq_tile_sm90(const Flash_bwd_params &p, int m_block, int bidb, int bidh) {
+  using Element = typename Ktraits::Element;
+  constexpr int kM = Ktraits::kBlockM;  // queries
+  constexpr int kN = Ktraits::kBlockN;  // keys
+  constexpr int kHeadDim = Ktraits::kHeadDim;
+  const int tidx = threadIdx.x;
+
+  const SeqInfo seq(p, bidb);
+  const int m0 = m_block * kM;
+  if (m0 >= seq.seqlen_q) { return; }
+  const int m1 = min(m0 + kM, seq.seqlen_q);
+  int n_block_min, n_block_max;
+  key_blocks_seen_by_queries(p, seq, m0, m1, kN, n_block_min, n_block_max);
+
+  const int bidh_kv = bidh / p.h_h_k_ratio;
+  auto q_tensor = [&](void *ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
+    return make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(ptr) + seq.q_offset(batch_stride, row_stride, bidb) +
+                                     bidh * head_stride),
+                       make_shape(seq.seqlen_q, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
+  };
+  auto kv_tensor = [&](void *ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
+    return make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(ptr) + seq.k_offset(batch_stride, row_stride, bidb) +
+                                     bidh_kv * head_stride),
+                       make_shape(seq.seqlen_k, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
+  };
+  Tensor gQ = local_tile(q_tensor(p.q_ptr, p.q_batch_stride, p.q_row_stride, p.q_head_stride),
+                         Shape<Int<kM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (M, D)
+  Tensor gdO = local_tile(q_tensor(p.do_ptr, p.do_batch_stride, p.do_row_stride, p.do_head_stride),
+                          Shape<Int<kM>, Int<kHeadDim>>{}, make_coord(m_block, 0));
+  Tensor gdQ = local_tile(q_tensor(p.dq_ptr, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride),
+                          Shape<Int<kM>, Int<kHeadDim>>{}, make_coord(m_block, 0));
+  Tensor gK = local_tile(kv_tensor(p.k_ptr, p.k_batch_stride, p.k_row_stride, p.k_head_stride),
+                         Shape<Int<kN>, Int<kHeadDim>>{}, make_coord(_, 0));  // (N, D, nblocks)
+  Tensor gV = local_tile(kv_tensor(p.v_ptr, p.v_batch_stride, p.v_row_stride, p.v_head_stride),
+                         Shape<Int<kN>, Int<kHeadDim>>{}, make_coord(_, 0));
+  const int64_t stat_off = seq.lse_offset(p, bidb, bidh);
+
+  extern __shared__ char smem[];
+  auto smem_tile = [&](int offset, auto layout) {
+    return make_tensor(make_smem_ptr(reinterpret_cast<Element *>(smem + offset)), layout);
+  };
+  Tensor sQ = smem_tile(0, typename Ktraits::SmemLayoutQ{});  // (M, D)
+  Tensor sdO = smem_tile(Ktraits::kOffdO, typename Ktraits::SmemLayoutQ{});
+  Tensor sK = smem_tile(Ktraits::kOffK, typename Ktraits::SmemLayoutK{});  // (N, D, stages)
+  Tensor sV = smem_tile(Ktraits::kOffV, typename Ktraits::SmemLayoutK{});
+  Tensor sKt = smem_tile(Ktraits::kOffK, typename Ktraits::SmemLayoutKt{});  // (D, N, stages)
+  float *s_lse = reinterpret_cast<float *>(smem + Ktraits::kOffStats);  // lse * log2(e) per query row
+  float *s_d = s_lse + kM;
+
+  typename Ktraits::GmemTiledCopyQKV gmem_copy;
+  auto gmem_thr = gmem_copy.get_thread_slice(tidx);
+  Tensor tQgQ = gmem_thr.partition_S(gQ);
+  Tensor tQsQ = gmem_thr.partition_D(sQ);
+  Tensor tdOgdO = gmem_thr.partition_S(gdO);
+  Tensor tdOsdO = gmem_thr.partition_D(sdO);
+  Tensor tKgK = gmem_thr.partition_S(gK);  // (CPY, CPY_N, CPY_D, nblocks)
+  Tensor tKsK = gmem_thr.partition_D(sK);  // (CPY, CPY_N, CPY_D, stages)
+  Tensor tVgV = gmem_thr.partition_S(gV);
+  Tensor tVsV = gmem_thr.partition_D(sV);
+  Tensor tMc = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kM>{}, Int<kHeadDim>{})));
+  Tensor tNc = gmem_thr.partition_S(make_identity_tensor(make_shape(Int<kN>{}, Int<kHeadDim>{})));
+
+  typename Ktraits::TiledMmaSdP mma_sdp;
+  auto thr_sdp = mma_sdp.get_thread_slice(tidx);
+  Tensor tSrQ = thr_sdp.partition_fragment_A(sQ);  // descriptors (MMA, MMA_M, MMA_D)
+  Tensor tSrdO = thr_sdp.partition_fragment_A(sdO);
+  Tensor tSrK = thr_sdp.partition_fragment_B(sK);  // (MMA, MMA_N, MMA_D, stages)
+  Tensor tSrV = thr_sdp.partition_fragment_B(sV);
+  Tensor tScS = thr_sdp.partition_C(make_identity_tensor(Shape<Int<kM>, Int<kN>>{}));  // (query, key)
+
+  typename Ktraits::TiledMmaDq mma_dq;
+  auto thr_dq = mma_dq.get_thread_slice(tidx);
+  Tensor tdQrKt = thr_dq.partition_fragment_B(sKt);  // (MMA, MMA_D, MMA_N, stages)
+  // The A-register layout of dS: same element order as the S accumulator.
+  using ALayout = decltype(thr_dq.partition_fragment_A(smem_tile(0, Layout<Shape<Int<kM>, Int<kN>>>{})).layout());
+  Tensor acc_dq = partition_fragment_C(mma_dq, Shape<Int<kM>, Int<kHeadDim>>{});
+  clear(acc_dq);
+
+  copy_rows_guarded(gmem_copy, tQgQ, tQsQ, tMc, m1 - m0);
+  copy_rows_guarded(gmem_copy, tdOgdO, tdOsdO, tMc, m1 - m0);
+  for (int i = tidx; i < kM; i += Ktraits::kNThreads) {
+    const bool real = m0 + i < m1;  // padded rows: P = 0, D = 0
+    s_lse[i] = real ? p.softmax_lse_ptr[stat_off + m0 + i] * float(M_LOG2E) : INFINITY;
+    s_d[i] = real ? p.softmax_d_ptr[stat_off + m0 + i] : 0.f;
+  }
+  auto load_key_block = [&](int n_block, int stage) {
+    const int n0 = n_block * kN;
+    copy_rows_guarded(gmem_copy, tKgK(_, _, _, n_block), tKsK(_, _, _, stage), tNc, seq.seqlen_k - n0);
+    copy_rows_guarded(gmem_copy, tVgV(_, _, _, n_block), tVsV(_, _, _, stage), tNc, seq.seqlen_k - n0);
+    cute::cp_async_fence();
+  };
+
+  const ScoreMod<Has_alibi, Is_softcap, Is_dropout> score_mod(p, seq.seqlen_q, seq.seqlen_k, bidb, bidh);
+  const DropoutOrNone<Is_dropout> dropout(p, bidb, bidh);
+  if (n_block_max > n_block_min) { load_key_block(n_block_max - 1, 0); }  // (Q, dO join this group)
+  for (int n_block = n_block_max - 1, stage = 0; n_block >= n_block_min; --n_block, stage ^= 1) {
+    const int n0 = n_block * kN;
+    cute::cp_async_wait<0>();
+    cutlass::arch::fence_view_async_shared();
+    __syncthreads();  // as in the dK/dV kernel
+    if (n_block > n_block_min) { load_key_block(n_block - 1, stage ^ 1); }
+
+    Tensor acc_s = partition_fragment_C(mma_sdp, Shape<Int<kM>, Int<kN>>{});  // (MMA, MMA_M, MMA_N)
+    Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<kM>, Int<kN>>{});
+    wgmma_issue<true>(mma_sdp, tSrQ, tSrK(_, _, _, stage), acc_s);
+    wgmma_issue<true>(mma_sdp, tSrdO, tSrV(_, _, _, stage), acc_dp);
+    warpgroup_wait<1>();
+    score_mod.transform(acc_s);
+    Tensor t_s = make_fragment_like(acc_s);
+    if constexpr (Is_softcap) { copy(acc_s, t_s); }
+    if (score_mod.block_needs_mask(m0, m1, n0, kN)) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) {
+        mask_score<Has_alibi, true>(score_mod, acc_s(i), m0 + get<0>(tScS(i)), n0 + get<1>(tScS(i)));
+      }
+    } else if constexpr (Has_alibi) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_s); ++i) {
+        mask_score<true, false>(score_mod, acc_s(i), m0 + get<0>(tScS(i)), n0 + get<1>(tScS(i)));
+      }
+    }
+    warpgroup_wait<0>();
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_s); ++i) {
+      const int row = get<0>(tScS(i));
+      const float pr = exp2f(acc_s(i) * p.scale_softmax_log2 - s_lse[row]);
+      float dpz = acc_dp(i);
+      if constexpr (Is_dropout) {
+        dpz *= dropout.keep(m0 + row, n0 + get<1>(tScS(i))) ? p.rp_keep : 0.f;
+      }
+      float ds = pr * (dpz - s_d[row]);
+      if constexpr (Is_softcap) { ds *= 1.f - t_s(i) * t_s(i); }
+      acc_dp(i) = ds;
+    }
+    Tensor rdS = convert_type<Element>(acc_dp);
+    Tensor tdQrdS = make_tensor(rdS.data(), ALayout{});
+    wgmma_issue<false>(mma_dq, tdQrdS, tdQrKt(_, _, _, stage), acc_dq);
+    warpgroup_wait<0>();
+  }
+
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_dq); ++i) { acc_dq(i) *= p.scale_qk; }
+  cute::cp_async_wait<0>();
+  __syncthreads();
+  store_acc_tile<Ktraits>(mma_dq, acc_dq, sQ, gdQ, m1 - m0);
+}
+
+template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout>
+__global__ void __launch_bounds__(Ktraits::kNThreads, 1)
+    flash_bwd_dq_kernel_sm90(__grid_constant__ const Flash_bwd_params p) {
+#if defined(__CUDA_ARCH__) && defined(CUTE_ARCH_MMA_SM90A_ENABLED)
+  compute_dq_tile_sm90<Ktraits, Has_alibi, Is_softcap, Is_dropout>(p, blockIdx.x, blockIdx.y, blockIdx.z);
+#elif defined(__CUDA_ARCH__)
+  __trap();  // not sm90a code: the host never launches it here
+#endif
 }
 
 // Grid: (key blocks of 128, batch, query heads), 256 threads. The body exists only in sm90a

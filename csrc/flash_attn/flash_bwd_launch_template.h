@@ -60,7 +60,7 @@ bool sm90_bwd_runs(Kernel kernel) {
 // The wgmma dK/dV kernel (with atomic dQ when Accum_dq); false if it does not run here.
 template <typename Element, int kHeadDim, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Accum_dq>
 bool launch_dk_dv_sm90(Flash_bwd_params &params, cudaStream_t stream, cudaError_t &err) {
-  if constexpr (kHeadDim != 64 && kHeadDim != 128) {
+  if constexpr ((kHeadDim != 64 && kHeadDim != 128) || (Accum_dq && !bwd_atomic_dq_sm90(kHeadDim))) {
     return false;
   } else {
     using Traits = BwdSm90Traits<kHeadDim, Element>;
@@ -72,6 +72,23 @@ bool launch_dk_dv_sm90(Flash_bwd_params &params, cudaStream_t stream, cudaError_
     if (num_n_blocks > 0) {
       kernel<<<dim3(num_n_blocks, params.b, params.h), Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
     }
+    err = cudaGetLastError();
+    return true;
+  }
+}
+
+// The deterministic path's wgmma dQ kernel; false if it does not run here.
+template <typename Element, int kHeadDim, bool Has_alibi, bool Is_softcap, bool Is_dropout>
+bool launch_dq_sm90(Flash_bwd_params &params, cudaStream_t stream, cudaError_t &err) {
+  if constexpr (kHeadDim != 64 && kHeadDim != 128 && kHeadDim != 256) {
+    return false;
+  } else {
+    using Traits = BwdSm90DqTraits<kHeadDim, Element>;
+    auto kernel = &flash_bwd_dq_kernel_sm90<Traits, Has_alibi, Is_softcap, Is_dropout>;
+    if (!sm90_bwd_runs(kernel)) { return false; }
+    if ((err = allow_smem(kernel, Traits::kSmemBytes)) != cudaSuccess) { return true; }
+    const int num_m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+    kernel<<<dim3(num_m_blocks, params.b, params.h), Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
     err = cudaGetLastError();
     return true;
   }
@@ -132,6 +149,7 @@ cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
     }
   }
   if (err != cudaSuccess) { return err; }
+  if (launch_dq_sm90<Element, kHeadDim, Has_alibi, Is_softcap, Is_dropout>(params, stream, err)) { return err; }
   if (num_m_blocks > 0) {
     dq_kernel<<<dim3(num_m_blocks, params.b, params.h), DqTraits::kNThreads, smem_bytes, stream>>>(params);
   }

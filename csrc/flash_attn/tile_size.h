@@ -91,6 +91,13 @@ constexpr BwdTile bwd_tile_sm90(int head_dim) {
 // dQ buffer, so the atomic kernel is not even instantiated there.
 constexpr bool bwd_atomic_dq(int head_dim) { return head_dim != 256; }
 
+// The same choice where the wgmma kernels run (sm90a, flash_bwd_kernel_sm90.h): only d = 64 keeps
+// the atomic kernel. At d = 128 the pair (wgmma dK/dV without dQ, then the wgmma dQ kernel) was
+// 5-28% faster than the atomic wgmma kernel on the H100 (bf16, 16k tokens: non-causal 338 vs 303
+// TFLOP/s at 2k, 378 vs 360 at 16k; causal 270 vs 240 at 2k), and at d = 64 0-5% slower from 4k
+// (benchmarks/results/bwd_sm90_ab/). So there the atomic wgmma kernel is not even instantiated.
+constexpr bool bwd_atomic_dq_sm90(int head_dim) { return head_dim == 64; }
+
 // The deterministic dQ kernel stacks its warps along its block_rows queries, 16 rows
 // each (one 1-D MMA for S, dP and dQ, so that dS stays in registers). A tile with fewer
 // than 16 * n_warps rows (d = 256: 64 rows, 8 warps) runs that kernel with
