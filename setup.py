@@ -18,6 +18,11 @@ Environment flags (all optional):
                                    ignores num_splits and runs unsplit)
   FLASH_ATTN_DISABLE_BACKWARD=1    trim: forward kernels only
   FLASH_ATTN_DISABLE_LINEAR=1      skip the linear-attention extension (flash_attn_linear_cuda)
+  FLASH_ATTN_SM90_MMA_SYNC_BWD=1   also build the mma.sync backward kernels as sm90 code where the
+                                   wgmma ones replace them (head dims 64 and 128, and the dQ
+                                   kernel): FLASH_ATTN_BWD_SM90=0 then runs them on sm90, for A/B
+                                   timings and tests of the sm80 kernels on an H100 (default off:
+                                   they cost ~25% of a full sm90 build)
   CUTLASS_HOME                     CUTLASS checkout (else the nvidia-cutlass package)
 
 The built configuration is written to flash_attn/_build_config.json and read at
@@ -204,6 +209,8 @@ def _cuda_extension(torch, archs, hdims, dtypes, variants):
         defines.append("-DFLASH_ATTN_HAS_BWD")
     if "90" in archs:
         defines.append("-DFLASH_ATTN_HAS_SM90A")  # the wgmma kernels exist (flash_api.cpp's routing)
+        if _env_flag("FLASH_ATTN_SM90_MMA_SYNC_BWD"):
+            defines.append("-DFLASH_ATTN_SM90_MMA_SYNC_BWD")
 
     # sm90 code is built as sm_90a: the backward's warpgroup MMAs (wgmma) exist only there.
     gencode = []
@@ -271,6 +278,7 @@ def main():
         cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
         config.update(cuda=True, archs=archs, head_dims=hdims, dtypes=dtypes, variants=variants,
                       backward_head_dims=_backward_head_dims(ext_modules[0].sources),
+                      sm90_mma_sync_bwd="90" in archs and _env_flag("FLASH_ATTN_SM90_MMA_SYNC_BWD"),
                       torch_version=torch.__version__, cuda_version=torch.version.cuda)
         print(f"flash_attn: building CUDA kernels for sm{archs}, head dims {hdims}, "
               f"dtypes {dtypes}, variants {variants}, linear attention {'on' if linear else 'off'}, "

@@ -37,8 +37,9 @@
 #              benchmark_linear.py --ops chunk_gla --mode fwdbwd --no-fla with FLASH_ATTN_LINEAR_GLA_FUSED_BWD=0
 #              and =1 (JSON into $OUT/glabwd_0, _1)
 #   bwdsm90    the wgmma dK/dV kernel: backward / dropout / compile GPU tests (junit $OUT/bwdsm90.xml), then
-#              benchmark_attn.py --mode bwd --headdims 64,128 --deterministic (both paths timed) with
-#              FLASH_ATTN_BWD_SM90=0 and =1 (JSON into $OUT/bwdsm90_0, _1)
+#              benchmark_attn.py --mode bwd --headdims 64,128,256 --deterministic (both paths timed) with
+#              FLASH_ATTN_BWD_SM90=0 and =1 (JSON into $OUT/bwdsm90_0, _1); the =0 half needs a build
+#              with FLASH_ATTN_SM90_MMA_SYNC_BWD=1 (else both halves run the wgmma kernels)
 #   tunedq     benchmarks/tune/run_tune.sh on the hd64 backward with the dQ warp grid 2 x 4 and 4 x 2
 #              ($OUT/tune_dq_grid.txt; needs no build)
 #   demo       python -m flash_attn
@@ -354,19 +355,21 @@ for stage in "${STAGES[@]}"; do
         done
         ;;
     bwdsm90)
-        # the wgmma dK/dV kernel (sm90a): the backward / dropout / compile GPU tests (-k "bwd or dropout
-        # or compile", junit $OUT/bwdsm90.xml), then benchmark_attn.py --mode bwd at head dims 64 and 128,
-        # default and deterministic, with FLASH_ATTN_BWD_SM90=0 (mma.sync) and =1 (JSON into bwdsm90_<on>)
+        # the wgmma backward kernels (sm90a): the backward / dropout / compile GPU tests (junit
+        # $OUT/bwdsm90.xml), then benchmark_attn.py --mode bwd at head dims 64, 128 and 256, default and
+        # deterministic, with FLASH_ATTN_BWD_SM90=0 (mma.sync; needs a FLASH_ATTN_SM90_MMA_SYNC_BWD=1
+        # build) and =1 (JSON into bwdsm90_<on>)
         need_build bwdsm90 || continue
         rm -f "$OUT/bwdsm90.xml"
-        FLASH_ATTN_REQUIRE_CUDA=1 run_stage bwdsm90 "$PY" -m pytest "$REPO/tests" -m cuda -k "bwd or dropout or compile" \
+        FLASH_ATTN_REQUIRE_CUDA=1 run_stage bwdsm90 "$PY" -m pytest "$REPO/tests/test_flash_attn_bwd_gpu.py" \
+            "$REPO/tests/test_dropout_gpu.py" "$REPO/tests/test_compile_gpu.py" -m cuda \
             -p no:cacheprovider -q -rfEs --tb=short --maxfail="${PYTEST_MAXFAIL:-300}" \
-            --ignore="$REPO/tests/test_hf_transformers_gpu.py" --junitxml="$OUT/bwdsm90.xml" "${XDIST[@]}"
+            --junitxml="$OUT/bwdsm90.xml" "${XDIST[@]}"
         SUMMARY[-1]="${SUMMARY[-1]} $(junit_counts "$OUT/bwdsm90.xml")"
         for on in 0 1; do
             mkdir -p "$OUT/bwdsm90_$on"
             FLASH_ATTN_BWD_SM90=$on run_stage "bwdsm90-ab-$on" "$PY" "$REPO/benchmarks/benchmark_attn.py" \
-                --mode bwd --headdims 64,128 --deterministic --no-memory --no-plot --out-dir "$OUT/bwdsm90_$on"
+                --mode bwd --headdims 64,128,256 --deterministic --no-memory --no-plot --out-dir "$OUT/bwdsm90_$on"
         done
         ;;
     tunedq)

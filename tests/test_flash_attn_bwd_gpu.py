@@ -74,13 +74,18 @@ CASES = [
 ]
 
 
-def _expected_dk_dv_kernel(kernel_dim):
-    """90 where the wgmma dK/dV kernel must run (an sm90 device, a build with sm90 code, head
-    dim 64 or 128, FLASH_ATTN_BWD_SM90 not "0"), else 80 (the mma.sync kernel)."""
+def _runs_sm90_code():
     archs = [str(a) for a in build_info.build_config().get("archs", [])]
-    sm90 = torch.cuda.get_device_capability() == (9, 0) and "90" in archs
-    enabled = os.environ.get("FLASH_ATTN_BWD_SM90") != "0"
-    return 90 if sm90 and enabled and kernel_dim in (64, 128) else 80
+    return torch.cuda.get_device_capability() == (9, 0) and "90" in archs
+
+
+def _expected_dk_dv_kernel(kernel_dim):
+    """90 where the wgmma dK/dV kernel must run (an sm90 device, a build with sm90 code, and
+    FLASH_ATTN_BWD_SM90 not "0" where the build kept the mma.sync kernels in sm90 code), else
+    80 (the mma.sync kernel)."""
+    kept = build_info.build_config().get("sm90_mma_sync_bwd", False)
+    enabled = not kept or os.environ.get("FLASH_ATTN_BWD_SM90") != "0"
+    return 90 if _runs_sm90_code() and enabled and kernel_dim in (64, 128, 256) else 80
 
 
 # deterministic=False: dQ accumulated with atomics in the dK/dV kernel (the default);
@@ -91,12 +96,12 @@ def test_bwd_matches_reference(dtype_name, d, mask, alibi, softcap, ratio, seqle
     _check_case(dtype_name, d, mask, alibi, softcap, ratio, seqlens, deterministic)
 
 
-# On sm90 the cases above run the wgmma dK/dV kernel at head dims 64 and 128; these run the
-# mma.sync kernel there too (it is what sm80 runs, and the fallback everywhere else).
+# On sm90 the cases above run the wgmma kernels; these run the mma.sync kernels there too (what
+# sm80 runs), in a build that kept them in sm90 code (FLASH_ATTN_SM90_MMA_SYNC_BWD=1).
 MMA_SYNC_CASES = [
     pytest.param(dt, d, mask, alibi, softcap, 1, sl, id=f"{dt}-d{d}-{mask}-a{int(alibi)}-c{int(softcap)}-{sl[0]}x{sl[1]}")
     for dt, d, mask, (alibi, softcap), sl in itertools.product(
-        DTYPES, (64, 128), ("full", "causal", "window"), ((False, False), (True, True)),
+        DTYPES, (64, 128, 256), ("full", "causal", "window"), ((False, False), (True, True)),
         ((113, 203), (1023, 1024)))
 ]
 
@@ -105,6 +110,9 @@ MMA_SYNC_CASES = [
 @pytest.mark.parametrize("dtype_name,d,mask,alibi,softcap,ratio,seqlens", MMA_SYNC_CASES)
 def test_bwd_mma_sync_kernel_matches_reference(dtype_name, d, mask, alibi, softcap, ratio, seqlens,
                                                deterministic, monkeypatch):
+    if _runs_sm90_code() and not build_info.build_config().get("sm90_mma_sync_bwd", False):
+        pytest.skip("this build's sm90 code has only the wgmma backward kernels at these head dims "
+                    "(FLASH_ATTN_SM90_MMA_SYNC_BWD=1 keeps the mma.sync ones)")
     monkeypatch.setenv("FLASH_ATTN_BWD_SM90", "0")
     _check_case(dtype_name, d, mask, alibi, softcap, ratio, seqlens, deterministic)
 

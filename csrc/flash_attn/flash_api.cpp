@@ -650,12 +650,15 @@ at::Tensor unpad_grad(const at::Tensor &g, int d, const std::optional<at::Tensor
 }
 
 // Whether the backward's wgmma kernels (flash_bwd_kernel_sm90.h) run for q's device: an sm90
-// device, a build with sm90a code, FLASH_ATTN_BWD_SM90 not "0". The launcher
-// (flash_bwd_launch_template.h, sm90_bwd_runs) decides the same from the kernels themselves.
+// device, a build with sm90a code, and FLASH_ATTN_BWD_SM90 not "0" where the build kept the
+// mma.sync kernels in sm90 code. The launcher (flash_bwd_launch_template.h, sm90_bwd_runs)
+// decides the same from the kernels themselves.
 bool wgmma_bwd_runs(const at::Tensor &q) {
 #ifdef FLASH_ATTN_HAS_SM90A
+#ifdef FLASH_ATTN_SM90_MMA_SYNC_BWD
   const char *env = std::getenv("FLASH_ATTN_BWD_SM90");
   if (env != nullptr && std::strcmp(env, "0") == 0) { return false; }
+#endif
   const int device = q.get_device();
   return flash::cached_device_attribute<cudaDevAttrComputeCapabilityMajor>(device) == 9 &&
          flash::cached_device_attribute<cudaDevAttrComputeCapabilityMinor>(device) == 0;

@@ -528,11 +528,25 @@ __forceinline__ __device__ void compute_dq_tile(const Flash_bwd_params &p, int m
   store_acc_tile<Ktraits>(tiled_mma, acc_dq, sQ, gdQ, m1 - m0);
 }
 
+// Whether this is sm90a code that leaves out the mma.sync kernels the wgmma ones replace
+// (flash_bwd_kernel_sm90.h: dK/dV and dQ at every head dim with a backward kernel). The host never
+// launches them there; setup.py's FLASH_ATTN_SM90_MMA_SYNC_BWD=1 keeps them (for the
+// FLASH_ATTN_BWD_SM90=0 switch). Leaving them out saves ~25% of a full sm90 build.
+#if defined(__CUDA_ARCH__) && defined(CUTE_ARCH_MMA_SM90A_ENABLED) && !defined(FLASH_ATTN_SM90_MMA_SYNC_BWD)
+constexpr bool kWgmmaReplacesMmaSyncBwd = true;
+#else
+constexpr bool kWgmmaReplacesMmaSyncBwd = false;
+#endif
+
 // Grids: (key blocks, batch, query heads) and (query blocks, batch, query heads).
 template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Accum_dq>
 __global__ void __launch_bounds__(Ktraits::kNThreads, 1)
     flash_bwd_dk_dv_kernel(__grid_constant__ const Flash_bwd_params p) {
-  compute_dk_dv_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout, Accum_dq>(p, blockIdx.x, blockIdx.y, blockIdx.z);
+  if constexpr (kWgmmaReplacesMmaSyncBwd) {
+    __trap();
+  } else {
+    compute_dk_dv_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout, Accum_dq>(p, blockIdx.x, blockIdx.y, blockIdx.z);
+  }
 }
 
 // The dK/dV kernel with a tile per architecture: Ktraits90 where the code was compiled for
@@ -545,7 +559,12 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, 1)
   static_assert(Ktraits::kNThreads == Ktraits90::kNThreads && Ktraits::kBlockRows == Ktraits90::kBlockRows,
                 "the host's grid and block must fit both tiles");
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  compute_dk_dv_tile<Ktraits90, Has_alibi, Is_softcap, Is_dropout, Accum_dq>(p, blockIdx.x, blockIdx.y, blockIdx.z);
+  if constexpr (kWgmmaReplacesMmaSyncBwd) {
+    __trap();
+  } else {
+    compute_dk_dv_tile<Ktraits90, Has_alibi, Is_softcap, Is_dropout, Accum_dq>(p, blockIdx.x, blockIdx.y,
+                                                                               blockIdx.z);
+  }
 #else
   compute_dk_dv_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout, Accum_dq>(p, blockIdx.x, blockIdx.y, blockIdx.z);
 #endif
@@ -554,7 +573,11 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, 1)
 template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout>
 __global__ void __launch_bounds__(Ktraits::kNThreads, 1)
     flash_bwd_dq_kernel(__grid_constant__ const Flash_bwd_params p) {
-  compute_dq_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout>(p, blockIdx.x, blockIdx.y, blockIdx.z);
+  if constexpr (kWgmmaReplacesMmaSyncBwd) {
+    __trap();
+  } else {
+    compute_dq_tile<Ktraits, Has_alibi, Is_softcap, Is_dropout>(p, blockIdx.x, blockIdx.y, blockIdx.z);
+  }
 }
 
 }  // namespace flash

@@ -1,8 +1,8 @@
-// The backward kernels on sm90a with warpgroup MMAs (wgmma): dK/dV at head dims 64 and 128, the
-// deterministic path's dQ at 64, 128 and 256.
+// The backward kernels on sm90a with warpgroup MMAs (wgmma): dK/dV and the deterministic path's
+// dQ at head dims 64, 128 and 256.
 //
-// Same algorithm as compute_dk_dv_tile (flash_bwd_kernel.h): one CTA per (key block of 128,
-// sequence, query head) keeps K and V in shared memory and walks the query blocks that see
+// Same algorithm as compute_dk_dv_tile (flash_bwd_kernel.h): one CTA per (key block of 128 (64 at
+// d = 256, see BwdSm90Traits), sequence, query head) keeps K and V in shared memory and walks the query blocks that see
 // them, last first. Two warpgroups; warpgroup w owns keys [64 w, 64 w + 64) of the block.
 // Per query block of kBlockM rows:
 //   S^T  = K Q^T,  dP^T = V dO^T      SS wgmma (operands in shared memory), (keys, queries)
@@ -37,16 +37,21 @@ using namespace cute;
 
 // kBlockM: queries per step (64 at d = 128, 128 at d = 64: then S^T and dP^T hold 64 fp32 per
 // thread each, dK and dV 32; at d = 128 the other way round, 32 and 64).
-template <int kHeadDim_, typename Element_, int kBlockM_ = kHeadDim_ <= 64 ? 128 : 64>
+// d = 256 (kSplitD): 64 x 256 fp32 of dK plus as much of dV would be 256 registers per thread of
+// one warpgroup, so the CTA keeps 64 keys and the warpgroups split the products the other way:
+// S^T, dP^T by query halves (64 keys x 32 queries each), P^T and dS^T through shared memory, dV
+// and dK by halves of d (64 keys x 128 each, SS wgmma): 16 + 16 + 64 + 64 fp32 per thread.
+template <int kHeadDim_, typename Element_, int kBlockM_ = kHeadDim_ == 64 ? 128 : 64>
 struct BwdSm90Traits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockN = 128;  // keys per CTA, 64 per warpgroup
+  static constexpr bool kSplitD = kHeadDim_ == 256;
+  static constexpr int kBlockN = kSplitD ? 64 : 128;  // keys per CTA (64 per warpgroup unless kSplitD)
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kNWarps = 8;
   static constexpr int kNThreads = 256;
   static constexpr int kStages = 2;
-  static_assert(kHeadDim == 64 || kHeadDim == 128);
+  static_assert(kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256);
   static_assert(kBlockM == 64 || kBlockM == 128);
   // Global <-> shared copies and the epilogue: the mma.sync traits' atoms for 256 threads.
   using CopyBase = MmaCopyTraits<kHeadDim, Element, kNWarps>;
@@ -66,16 +71,23 @@ struct BwdSm90Traits {
   using SmemLayoutdS = decltype(composition(
       SmemLayoutdSt{}, make_layout(Shape<Int<kBlockM>, Int<kBlockN>>{}, Stride<Int<kBlockN>, _1>{})));  // (M, N)
 
-  // S^T, dP^T: (N, M) over K = D; each warpgroup 64 keys.
+  // How the warpgroups split the (N, M) score tiles and the (N, D) gradient tiles.
+  using WgLayout = std::conditional_t<kSplitD, Layout<Shape<_1, _2, _1>>, Layout<Shape<_2, _1, _1>>>;
+  // S^T, dP^T: (N, M) over K = D; each warpgroup 64 keys (kSplitD: 32 queries).
   using TiledMmaSdP = decltype(make_tiled_mma(
-      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kBlockM>, Int<kHeadDim>>, GMMA::Major::K,
-                           GMMA::Major::K>(),
-      Layout<Shape<_2, _1, _1>>{}));
-  // dV, dK: (N, D) over K = M; A from registers, B = dO^T / Q^T (MN-major).
+      GMMA::ss_op_selector<Element, Element, float, Shape<_64, Int<kSplitD ? kBlockM / 2 : kBlockM>, Int<kHeadDim>>,
+                           GMMA::Major::K, GMMA::Major::K>(),
+      WgLayout{}));
+  // dV, dK: (N, D) over K = M; B = dO^T / Q^T (MN-major); A = P^T / dS^T from registers, or
+  // (kSplitD) from shared memory (K-major).
+  using AtomDkvShape = Shape<_64, Int<kSplitD ? kHeadDim / 2 : kHeadDim>, Int<kBlockM>>;
   using TiledMmaDkv = decltype(make_tiled_mma(
-      GMMA::rs_op_selector<Element, Element, float, Shape<_64, Int<kHeadDim>, Int<kBlockM>>, GMMA::Major::K,
-                           GMMA::Major::MN>(),
-      Layout<Shape<_2, _1, _1>>{}));
+      std::conditional_t<kSplitD,
+                         decltype(GMMA::ss_op_selector<Element, Element, float, AtomDkvShape, GMMA::Major::K,
+                                                       GMMA::Major::MN>()),
+                         decltype(GMMA::rs_op_selector<Element, Element, float, AtomDkvShape, GMMA::Major::K,
+                                                       GMMA::Major::MN>())>{},
+      WgLayout{}));
   // dQ: (M, D) over K = N; the warpgroups split M when it is 128, else D.
   static constexpr int kDqWgM = kBlockM == 128 ? 2 : 1;
   static constexpr int kDqWgN = 2 / kDqWgM;
@@ -84,8 +96,9 @@ struct BwdSm90Traits {
                            GMMA::Major::MN, GMMA::Major::MN>(),
       Layout<Shape<Int<kDqWgM>, Int<kDqWgN>, _1>>{}));
 
-  // Shared memory: [K][V][Q stages][dO stages][dS^T][lse stages][D stages]. Every swizzled
-  // tile starts at a multiple of 1024 bytes (the 128-byte swizzle repeats every 8 rows).
+  // Shared memory: [K][V][Q stages][dO stages][dS^T][P^T (kSplitD)][lse stages][D stages].
+  // Every swizzled tile starts at a multiple of 1024 bytes (the 128-byte swizzle repeats every
+  // 8 rows).
   static constexpr int kKBytes = int(cosize_v<SmemLayoutK>) * int(sizeof(Element));
   static constexpr int kQBytes = int(cosize_v<SmemLayoutQ>) * int(sizeof(Element));  // all stages
   static constexpr int kdSBytes = int(cosize_v<SmemLayoutdSt>) * int(sizeof(Element));
@@ -94,7 +107,8 @@ struct BwdSm90Traits {
   static constexpr int kOffQ = 2 * kKBytes;
   static constexpr int kOffdO = kOffQ + kQBytes;
   static constexpr int kOffdS = kOffdO + kQBytes;
-  static constexpr int kOffStats = kOffdS + kdSBytes;
+  static constexpr int kOffPt = kOffdS + kdSBytes;
+  static constexpr int kOffStats = kOffPt + (kSplitD ? kdSBytes : 0);
   static constexpr int kSmemBytes = kOffStats + 2 * kStages * kBlockM * int(sizeof(float));
 };
 
@@ -179,6 +193,7 @@ __forceinline__ __device__ void compute_dk_dv_tile_sm90(const Flash_bwd_params &
   Tensor sdOt = smem_tile(Ktraits::kOffdO, typename Ktraits::SmemLayoutQt{});
   Tensor sdSt = smem_tile(Ktraits::kOffdS, typename Ktraits::SmemLayoutdSt{});  // (N, M)
   Tensor sdS = smem_tile(Ktraits::kOffdS, typename Ktraits::SmemLayoutdS{});    // (M, N)
+  Tensor sPt = smem_tile(Ktraits::kOffPt, typename Ktraits::SmemLayoutdSt{});   // (N, M), kSplitD only
   // lse (times log2(e), for exp2) and D of the streamed queries: [stages][M] each.
   float *s_lse = reinterpret_cast<float *>(smem + Ktraits::kOffStats);
   float *s_d = s_lse + kStages * kM;
@@ -208,8 +223,11 @@ __forceinline__ __device__ void compute_dk_dv_tile_sm90(const Flash_bwd_params &
   auto thr_dkv = mma_dkv.get_thread_slice(tidx);
   Tensor tdVrdOt = thr_dkv.partition_fragment_B(sdOt);  // (MMA, MMA_D, MMA_M, stages)
   Tensor tdKrQt = thr_dkv.partition_fragment_B(sQt);
-  // The A-register layout of P^T / dS^T: same element order as the S^T accumulator.
+  // The A operand of dV / dK: with RS wgmmas, registers laid out as this fragment (same
+  // element order as the S^T accumulator); with kSplitD, descriptors of sPt / sdSt.
   using ALayout = decltype(thr_dkv.partition_fragment_A(sdSt).layout());
+  Tensor tdVsP = thr_dkv.partition_fragment_A(sPt);
+  Tensor tdKsdS = thr_dkv.partition_fragment_A(sdSt);
   Tensor acc_dk = partition_fragment_C(mma_dkv, Shape<Int<kN>, Int<kHeadDim>>{});
   Tensor acc_dv = partition_fragment_C(mma_dkv, Shape<Int<kN>, Int<kHeadDim>>{});
   clear(acc_dk);
@@ -287,14 +305,26 @@ __forceinline__ __device__ void compute_dk_dv_tile_sm90(const Flash_bwd_params &
     }
     Tensor rP = convert_type<Element>(acc_st);
     Tensor rdS = convert_type<Element>(acc_dpt);
-    Tensor tdVrP = make_tensor(rP.data(), ALayout{});
-    Tensor tdKrdS = make_tensor(rdS.data(), ALayout{});
-    wgmma_issue<false>(mma_dkv, tdVrP, tdVrdOt(_, _, _, stage), acc_dv);
-    wgmma_issue<false>(mma_dkv, tdKrdS, tdKrQt(_, _, _, stage), acc_dk);
+    auto copy_c = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_sdp);
+    auto thr_c = copy_c.get_thread_slice(tidx);
+    if constexpr (Ktraits::kSplitD) {
+      // Each warpgroup holds P^T / dS^T of half the queries and needs all of them for its
+      // half of d: through shared memory.
+      static_assert(!Accum_dq, "d = 256 runs the deterministic pair");
+      copy(copy_c, thr_c.retile_S(rP), thr_c.partition_D(sPt));
+      copy(copy_c, thr_c.retile_S(rdS), thr_c.partition_D(sdSt));
+      cutlass::arch::fence_view_async_shared();
+      __syncthreads();
+      wgmma_issue<false>(mma_dkv, tdVsP, tdVrdOt(_, _, _, stage), acc_dv);
+      wgmma_issue<false>(mma_dkv, tdKsdS, tdKrQt(_, _, _, stage), acc_dk);
+    } else {
+      Tensor tdVrP = make_tensor(rP.data(), ALayout{});
+      Tensor tdKrdS = make_tensor(rdS.data(), ALayout{});
+      wgmma_issue<false>(mma_dkv, tdVrP, tdVrdOt(_, _, _, stage), acc_dv);
+      wgmma_issue<false>(mma_dkv, tdKrdS, tdKrQt(_, _, _, stage), acc_dk);
+    }
     if constexpr (Accum_dq) {
       // dS^T to shared memory, for dQ = dS K over all 128 keys of both warpgroups.
-      auto copy_c = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_sdp);
-      auto thr_c = copy_c.get_thread_slice(tidx);
       copy(copy_c, thr_c.retile_S(rdS), thr_c.partition_D(sdSt));
       cutlass::arch::fence_view_async_shared();
       __syncthreads();
@@ -537,7 +567,7 @@ __global__ void __launch_bounds__(Ktraits::kNThreads, 1)
 #endif
 }
 
-// Grid: (key blocks of 128, batch, query heads), 256 threads. The body exists only in sm90a
+// Grid: (key blocks of kBlockN, batch, query heads), 256 threads. The body exists only in sm90a
 // code (wgmma); run_flash_bwd launches it only where the running binary is that code.
 template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Accum_dq>
 __global__ void __launch_bounds__(Ktraits::kNThreads, 1)

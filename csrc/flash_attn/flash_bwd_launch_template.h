@@ -41,14 +41,17 @@ cudaError_t dk_dv_kernel_for_device(void (**kernel)(const Flash_bwd_params), int
   }
 }
 
-// Whether the wgmma dK/dV kernel (flash_bwd_kernel_sm90.h) runs for this call: head dim 64 or
-// 128, the device executes the kernel's sm90 code (PTX version 90: setup.py builds sm90 as
-// sm_90a, the only code with its body), and FLASH_ATTN_BWD_SM90 is not "0" (which keeps the
-// mma.sync kernel, for A/B timings and for testing that kernel on sm90).
+// Whether a wgmma backward kernel (flash_bwd_kernel_sm90.h) runs for this call: the device
+// executes the kernel's sm90 code (PTX version 90: setup.py builds sm90 as sm_90a, the only code
+// with its body), and, in a build with FLASH_ATTN_SM90_MMA_SYNC_BWD (the mma.sync kernels kept in
+// sm90 code), FLASH_ATTN_BWD_SM90 is not "0" (which runs those instead, for A/B timings and for
+// testing them on sm90).
 template <typename Kernel>
 bool sm90_bwd_runs(Kernel kernel) {
+#ifdef FLASH_ATTN_SM90_MMA_SYNC_BWD
   const char *env = std::getenv("FLASH_ATTN_BWD_SM90");
   if (env != nullptr && std::strcmp(env, "0") == 0) { return false; }
+#endif
   cudaFuncAttributes attr{};
   if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -60,7 +63,8 @@ bool sm90_bwd_runs(Kernel kernel) {
 // The wgmma dK/dV kernel (with atomic dQ when Accum_dq); false if it does not run here.
 template <typename Element, int kHeadDim, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Accum_dq>
 bool launch_dk_dv_sm90(Flash_bwd_params &params, cudaStream_t stream, cudaError_t &err) {
-  if constexpr ((kHeadDim != 64 && kHeadDim != 128) || (Accum_dq && !bwd_atomic_dq_sm90(kHeadDim))) {
+  if constexpr ((kHeadDim != 64 && kHeadDim != 128 && kHeadDim != 256) ||
+                (Accum_dq && !bwd_atomic_dq_sm90(kHeadDim))) {
     return false;
   } else {
     using Traits = BwdSm90Traits<kHeadDim, Element>;
