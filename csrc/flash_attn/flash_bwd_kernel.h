@@ -155,6 +155,97 @@ __forceinline__ __device__ void key_blocks_seen_by_queries(const Flash_bwd_param
   }
 }
 
+// The global tensors of one backward CTA at (sequence bidb, query head bidh): the query-side
+// rows (Q, dO, dQ) as (seqlen_q, d); the key-side rows as (seqlen_k, d), K and V of the KV head,
+// dK and dV of the query head (the host reduces them over GQA groups); lse, D and the fp32 dQ
+// accumulator of this (sequence, head).
+template <typename Element, int kHeadDim>
+struct BwdRows {
+  const Flash_bwd_params &p;
+  const SeqInfo &seq;
+  int bidb, bidh;
+
+  __device__ auto query_side(void *ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride) const {
+    return make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(ptr) + seq.q_offset(batch_stride, row_stride, bidb) +
+                                     bidh * head_stride),
+                       make_shape(seq.seqlen_q, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
+  }
+  __device__ auto key_side(void *ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride,
+                           int head) const {
+    return make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(ptr) + seq.k_offset(batch_stride, row_stride, bidb) +
+                                     head * head_stride),
+                       make_shape(seq.seqlen_k, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
+  }
+  __device__ auto q() const { return query_side(p.q_ptr, p.q_batch_stride, p.q_row_stride, p.q_head_stride); }
+  __device__ auto dout() const { return query_side(p.do_ptr, p.do_batch_stride, p.do_row_stride, p.do_head_stride); }
+  __device__ auto dq() const { return query_side(p.dq_ptr, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride); }
+  __device__ auto k() const {
+    return key_side(p.k_ptr, p.k_batch_stride, p.k_row_stride, p.k_head_stride, bidh / p.h_h_k_ratio);
+  }
+  __device__ auto v() const {
+    return key_side(p.v_ptr, p.v_batch_stride, p.v_row_stride, p.v_head_stride, bidh / p.h_h_k_ratio);
+  }
+  __device__ auto dk() const { return key_side(p.dk_ptr, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, bidh); }
+  __device__ auto dv() const { return key_side(p.dv_ptr, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, bidh); }
+  __device__ const float *lse() const { return p.softmax_lse_ptr + seq.lse_offset(p, bidb, bidh); }
+  __device__ const float *dsum() const { return p.softmax_d_ptr + seq.lse_offset(p, bidb, bidh); }
+  __device__ float *dq_accum() const {
+    return p.dq_accum_ptr + seq.q_offset(p.dq_accum_batch_stride, p.dq_accum_row_stride, bidb) +
+           bidh * p.dq_accum_head_stride;
+  }
+};
+
+// lse * log2(e) (for exp2) and D of the query rows [m0, m0 + kCount) into s_lse / s_d, by the
+// kThreads threads of the CTA; rows at or past seqlen_q get lse = +inf (so P = 0) and D = 0.
+template <int kCount, int kThreads>
+__forceinline__ __device__ void load_row_stats(float *s_lse, float *s_d, const float *lse, const float *dsum, int m0,
+                                               int seqlen_q) {
+  for (int i = threadIdx.x; i < kCount; i += kThreads) {
+    const bool real = m0 + i < seqlen_q;
+    s_lse[i] = real ? lse[m0 + i] * float(M_LOG2E) : INFINITY;
+    s_d[i] = real ? dsum[m0 + i] : 0.f;
+  }
+}
+
+// The score modifiers of one (keys, queries) step in the key-stationary view: the window /
+// key-tail mask where the tile needs it (block_needs_mask), ALiBi everywhere.
+template <bool Has_alibi, typename ScoreModT, typename TensorS, typename TensorC>
+__forceinline__ __device__ void mask_tile_transposed(const ScoreModT &sm, TensorS &st, TensorC const &coord, int n0,
+                                                     int m0, bool needs_mask) {
+  if (needs_mask) {
+    mask_scores_transposed<Has_alibi, true>(sm, st, coord, n0, m0);
+  } else if constexpr (Has_alibi) {
+    mask_scores_transposed<true, false>(sm, st, coord, n0, m0);
+  }
+}
+
+// P^T = exp(S^T - lse), dS^T = P^T (dP^T - D) [* (1 - t^2) with softcap], per query column, in
+// place of the S^T / dP^T accumulators; coord gives each element's (key, query) within the tile,
+// st_lse / st_d the column statistics. With dropout (mask Z, 1 / p_keep where kept, 0 where
+// dropped): dV takes (Z P)^T and dS^T = P^T (Z dP^T - D).
+template <bool Is_softcap, bool Is_dropout, typename AccS, typename AccDP, typename TensorT, typename TensorC,
+          typename DropoutT>
+__forceinline__ __device__ void probs_and_dscores_transposed(AccS &acc_st, AccDP &acc_dpt, TensorT const &t_st,
+                                                             TensorC const &coord, const float *st_lse,
+                                                             const float *st_d, const Flash_bwd_params &p,
+                                                             const DropoutT &dropout, int m0, int n0) {
+  CUTE_UNROLL
+  for (int i = 0; i < size(acc_st); ++i) {
+    const int col = get<1>(coord(i));
+    const float pr = exp2f(acc_st(i) * p.scale_softmax_log2 - st_lse[col]);
+    float dpz = acc_dpt(i), pz = pr;
+    if constexpr (Is_dropout) {
+      const float z = dropout.keep(m0 + col, n0 + get<0>(coord(i))) ? p.rp_keep : 0.f;
+      dpz *= z;
+      pz *= z;
+    }
+    float ds = pr * (dpz - st_d[col]);
+    if constexpr (Is_softcap) { ds *= 1.f - t_st(i) * t_st(i); }
+    acc_st(i) = pz;
+    acc_dpt(i) = ds;
+  }
+}
+
 // Stores a (rows, cols) accumulator of `mma`, converted to Element, into a shared tile.
 template <typename Ktraits, typename TiledMma, typename Acc, typename STile>
 __forceinline__ __device__ void acc_to_smem(TiledMma const &mma, Acc const &acc, STile &s_tile) {
@@ -181,37 +272,18 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
   int m_block_min, m_block_max;
   query_blocks_seeing_keys(p, seq, n0, n1, kCols, m_block_min, m_block_max);
 
-  const int bidh_kv = bidh / p.h_h_k_ratio;
-  const int64_t q_off = seq.q_offset(p.q_batch_stride, p.q_row_stride, bidb) + bidh * p.q_head_stride;
-  const int64_t do_off = seq.q_offset(p.do_batch_stride, p.do_row_stride, bidb) + bidh * p.do_head_stride;
-  Tensor mQ = make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(p.q_ptr) + q_off),
-                          make_shape(seq.seqlen_q, Int<kHeadDim>{}), make_stride(p.q_row_stride, _1{}));
-  Tensor mdO = make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(p.do_ptr) + do_off),
-                           make_shape(seq.seqlen_q, Int<kHeadDim>{}), make_stride(p.do_row_stride, _1{}));
-  auto kv_tensor = [&](void *ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride, int head) {
-    return make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(ptr) + seq.k_offset(batch_stride, row_stride, bidb) +
-                                     head * head_stride),
-                       make_shape(seq.seqlen_k, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
-  };
-  Tensor mK = kv_tensor(p.k_ptr, p.k_batch_stride, p.k_row_stride, p.k_head_stride, bidh_kv);
-  Tensor mV = kv_tensor(p.v_ptr, p.v_batch_stride, p.v_row_stride, p.v_head_stride, bidh_kv);
-  Tensor mdK = kv_tensor(p.dk_ptr, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, bidh);
-  Tensor mdV = kv_tensor(p.dv_ptr, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, bidh);
-  const int64_t stat_off = seq.lse_offset(p, bidb, bidh);
-  const float *lse = p.softmax_lse_ptr + stat_off;
-  const float *dsum = p.softmax_d_ptr + stat_off;
+  const BwdRows<Element, kHeadDim> rows{p, seq, bidb, bidh};
+  const float *lse = rows.lse();
+  const float *dsum = rows.dsum();
   float *dq_accum = nullptr;
-  if constexpr (Accum_dq) {
-    dq_accum = p.dq_accum_ptr + seq.q_offset(p.dq_accum_batch_stride, p.dq_accum_row_stride, bidb) +
-               bidh * p.dq_accum_head_stride;
-  }
+  if constexpr (Accum_dq) { dq_accum = rows.dq_accum(); }
 
-  Tensor gK = local_tile(mK, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(n_block, 0));   // (R, D)
-  Tensor gV = local_tile(mV, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(n_block, 0));
-  Tensor gdK = local_tile(mdK, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(n_block, 0));
-  Tensor gdV = local_tile(mdV, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(n_block, 0));
-  Tensor gQ = local_tile(mQ, Shape<Int<kCols>, Int<kHeadDim>>{}, make_coord(_, 0));   // (C, D, mblocks)
-  Tensor gdO = local_tile(mdO, Shape<Int<kCols>, Int<kHeadDim>>{}, make_coord(_, 0));
+  Tensor gK = local_tile(rows.k(), Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(n_block, 0));   // (R, D)
+  Tensor gV = local_tile(rows.v(), Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(n_block, 0));
+  Tensor gdK = local_tile(rows.dk(), Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(n_block, 0));
+  Tensor gdV = local_tile(rows.dv(), Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(n_block, 0));
+  Tensor gQ = local_tile(rows.q(), Shape<Int<kCols>, Int<kHeadDim>>{}, make_coord(_, 0));   // (C, D, mblocks)
+  Tensor gdO = local_tile(rows.dout(), Shape<Int<kCols>, Int<kHeadDim>>{}, make_coord(_, 0));
 
   extern __shared__ char smem[];
   using SmemRows = typename Ktraits::SmemLayoutRows;
@@ -290,11 +362,7 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
     copy_rows_guarded(gmem_copy, tQgQ(_, _, _, m_block), tQsQ(_, _, _, stage), tCc, seq.seqlen_q - m0);
     copy_rows_guarded(gmem_copy, tdOgdO(_, _, _, m_block), tdOsdO(_, _, _, stage), tCc, seq.seqlen_q - m0);
     cute::cp_async_fence();
-    for (int i = tidx; i < kCols; i += Ktraits::kNThreads) {
-      const bool real = m0 + i < seq.seqlen_q;
-      s_lse[stage * kCols + i] = real ? lse[m0 + i] * float(M_LOG2E) : INFINITY;
-      s_d[stage * kCols + i] = real ? dsum[m0 + i] : 0.f;
-    }
+    load_row_stats<kCols, Ktraits::kNThreads>(s_lse + stage * kCols, s_d + stage * kCols, lse, dsum, m0, seq.seqlen_q);
   };
 
   // With dropout, ALiBi is optional at run time (the one dropout variant).
@@ -320,33 +388,13 @@ __forceinline__ __device__ void compute_dk_dv_tile(const Flash_bwd_params &p, in
     if constexpr (Is_softcap) { copy(acc_st, t_st); }
     // Keys past seqlen_k or pairs outside the window exist only in a few tiles (the last key
     // block, the diagonal band); everywhere else only ALiBi (if any) is added.
-    if (score_mod.block_needs_mask(m0, m0 + kCols, n0, kRows)) {
-      mask_scores_transposed<Has_alibi, true>(score_mod, acc_st, tScS, n0, m0);
-    } else if constexpr (Has_alibi) {
-      mask_scores_transposed<true, false>(score_mod, acc_st, tScS, n0, m0);
-    }
+    mask_tile_transposed<Has_alibi>(score_mod, acc_st, tScS, n0, m0,
+                                    score_mod.block_needs_mask(m0, m0 + kCols, n0, kRows));
 
     Tensor acc_dpt = partition_fragment_C(mma_sdp, Shape<Int<kRows>, Int<kCols>>{});
     clear(acc_dpt);
     gemm_smem_smem(mma_sdp, acc_dpt, tSrV, tSrdO, tSsV, tSsdO(_, _, _, stage), sdp_copy_A, sdp_copy_B);
-    // P^T = exp(S^T - lse), dS^T = P^T (dP^T - D) [* (1 - t^2) with softcap], per query
-    // column. With dropout (mask Z, 1 / p_keep where kept, 0 where dropped): dV takes
-    // (Z P)^T and dS^T = P^T (Z dP^T - D).
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_st); ++i) {
-      const int col = get<1>(tScS(i));
-      const float pr = exp2f(acc_st(i) * p.scale_softmax_log2 - st_lse[col]);
-      float dpz = acc_dpt(i), pz = pr;
-      if constexpr (Is_dropout) {
-        const float z = dropout.keep(m0 + col, n0 + get<0>(tScS(i))) ? p.rp_keep : 0.f;
-        dpz *= z;
-        pz *= z;
-      }
-      float ds = pr * (dpz - st_d[col]);
-      if constexpr (Is_softcap) { ds *= 1.f - t_st(i) * t_st(i); }
-      acc_st(i) = pz;
-      acc_dpt(i) = ds;
-    }
+    probs_and_dscores_transposed<Is_softcap, Is_dropout>(acc_st, acc_dpt, t_st, tScS, st_lse, st_d, p, dropout, m0, n0);
     acc_to_smem<Ktraits>(mma_sdp, acc_st, sP);
     acc_to_smem<Ktraits>(mma_sdp, acc_dpt, sdS);
     __syncthreads();  // P^T and dS^T are complete in shared memory
@@ -388,31 +436,15 @@ __forceinline__ __device__ void compute_dq_tile(const Flash_bwd_params &p, int m
   int n_block_min, n_block_max;
   key_blocks_seen_by_queries(p, seq, m0, m1, kCols, n_block_min, n_block_max);
 
-  const int bidh_kv = bidh / p.h_h_k_ratio;
-  auto q_tensor = [&](void *ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
-    return make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(ptr) + seq.q_offset(batch_stride, row_stride, bidb) +
-                                     bidh * head_stride),
-                       make_shape(seq.seqlen_q, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
-  };
-  auto kv_tensor = [&](void *ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
-    return make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(ptr) + seq.k_offset(batch_stride, row_stride, bidb) +
-                                     bidh_kv * head_stride),
-                       make_shape(seq.seqlen_k, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
-  };
-  Tensor mQ = q_tensor(p.q_ptr, p.q_batch_stride, p.q_row_stride, p.q_head_stride);
-  Tensor mdO = q_tensor(p.do_ptr, p.do_batch_stride, p.do_row_stride, p.do_head_stride);
-  Tensor mdQ = q_tensor(p.dq_ptr, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
-  Tensor mK = kv_tensor(p.k_ptr, p.k_batch_stride, p.k_row_stride, p.k_head_stride);
-  Tensor mV = kv_tensor(p.v_ptr, p.v_batch_stride, p.v_row_stride, p.v_head_stride);
-  const int64_t stat_off = seq.lse_offset(p, bidb, bidh);
-  const float *lse = p.softmax_lse_ptr + stat_off;
-  const float *dsum = p.softmax_d_ptr + stat_off;
+  const BwdRows<Element, kHeadDim> rows{p, seq, bidb, bidh};
+  const float *lse = rows.lse();
+  const float *dsum = rows.dsum();
 
-  Tensor gQ = local_tile(mQ, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(m_block, 0));   // (R, D)
-  Tensor gdO = local_tile(mdO, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(m_block, 0));
-  Tensor gdQ = local_tile(mdQ, Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(m_block, 0));
-  Tensor gK = local_tile(mK, Shape<Int<kCols>, Int<kHeadDim>>{}, make_coord(_, 0));  // (C, D, nblocks)
-  Tensor gV = local_tile(mV, Shape<Int<kCols>, Int<kHeadDim>>{}, make_coord(_, 0));
+  Tensor gQ = local_tile(rows.q(), Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(m_block, 0));   // (R, D)
+  Tensor gdO = local_tile(rows.dout(), Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(m_block, 0));
+  Tensor gdQ = local_tile(rows.dq(), Shape<Int<kRows>, Int<kHeadDim>>{}, make_coord(m_block, 0));
+  Tensor gK = local_tile(rows.k(), Shape<Int<kCols>, Int<kHeadDim>>{}, make_coord(_, 0));  // (C, D, nblocks)
+  Tensor gV = local_tile(rows.v(), Shape<Int<kCols>, Int<kHeadDim>>{}, make_coord(_, 0));
 
   extern __shared__ char smem[];
   using SmemRows = typename Ktraits::SmemLayoutRows;

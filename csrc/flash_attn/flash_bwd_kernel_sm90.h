@@ -148,37 +148,18 @@ __forceinline__ __device__ void compute_dk_dv_tile_sm90(const Flash_bwd_params &
   int m_block_min, m_block_max;
   query_blocks_seeing_keys(p, seq, n0, n1, kM, m_block_min, m_block_max);
 
-  const int bidh_kv = bidh / p.h_h_k_ratio;
-  const int64_t q_off = seq.q_offset(p.q_batch_stride, p.q_row_stride, bidb) + bidh * p.q_head_stride;
-  const int64_t do_off = seq.q_offset(p.do_batch_stride, p.do_row_stride, bidb) + bidh * p.do_head_stride;
-  Tensor mQ = make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(p.q_ptr) + q_off),
-                          make_shape(seq.seqlen_q, Int<kHeadDim>{}), make_stride(p.q_row_stride, _1{}));
-  Tensor mdO = make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(p.do_ptr) + do_off),
-                           make_shape(seq.seqlen_q, Int<kHeadDim>{}), make_stride(p.do_row_stride, _1{}));
-  auto kv_tensor = [&](void *ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride, int head) {
-    return make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(ptr) + seq.k_offset(batch_stride, row_stride, bidb) +
-                                     head * head_stride),
-                       make_shape(seq.seqlen_k, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
-  };
-  Tensor mK = kv_tensor(p.k_ptr, p.k_batch_stride, p.k_row_stride, p.k_head_stride, bidh_kv);
-  Tensor mV = kv_tensor(p.v_ptr, p.v_batch_stride, p.v_row_stride, p.v_head_stride, bidh_kv);
-  Tensor mdK = kv_tensor(p.dk_ptr, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, bidh);
-  Tensor mdV = kv_tensor(p.dv_ptr, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, bidh);
-  const int64_t stat_off = seq.lse_offset(p, bidb, bidh);
-  const float *lse = p.softmax_lse_ptr + stat_off;
-  const float *dsum = p.softmax_d_ptr + stat_off;
+  const BwdRows<Element, kHeadDim> rows{p, seq, bidb, bidh};
+  const float *lse = rows.lse();
+  const float *dsum = rows.dsum();
   float *dq_accum = nullptr;
-  if constexpr (Accum_dq) {
-    dq_accum = p.dq_accum_ptr + seq.q_offset(p.dq_accum_batch_stride, p.dq_accum_row_stride, bidb) +
-               bidh * p.dq_accum_head_stride;
-  }
+  if constexpr (Accum_dq) { dq_accum = rows.dq_accum(); }
 
-  Tensor gK = local_tile(mK, Shape<Int<kN>, Int<kHeadDim>>{}, make_coord(n_block, 0));  // (N, D)
-  Tensor gV = local_tile(mV, Shape<Int<kN>, Int<kHeadDim>>{}, make_coord(n_block, 0));
-  Tensor gdK = local_tile(mdK, Shape<Int<kN>, Int<kHeadDim>>{}, make_coord(n_block, 0));
-  Tensor gdV = local_tile(mdV, Shape<Int<kN>, Int<kHeadDim>>{}, make_coord(n_block, 0));
-  Tensor gQ = local_tile(mQ, Shape<Int<kM>, Int<kHeadDim>>{}, make_coord(_, 0));  // (M, D, mblocks)
-  Tensor gdO = local_tile(mdO, Shape<Int<kM>, Int<kHeadDim>>{}, make_coord(_, 0));
+  Tensor gK = local_tile(rows.k(), Shape<Int<kN>, Int<kHeadDim>>{}, make_coord(n_block, 0));  // (N, D)
+  Tensor gV = local_tile(rows.v(), Shape<Int<kN>, Int<kHeadDim>>{}, make_coord(n_block, 0));
+  Tensor gdK = local_tile(rows.dk(), Shape<Int<kN>, Int<kHeadDim>>{}, make_coord(n_block, 0));
+  Tensor gdV = local_tile(rows.dv(), Shape<Int<kN>, Int<kHeadDim>>{}, make_coord(n_block, 0));
+  Tensor gQ = local_tile(rows.q(), Shape<Int<kM>, Int<kHeadDim>>{}, make_coord(_, 0));  // (M, D, mblocks)
+  Tensor gdO = local_tile(rows.dout(), Shape<Int<kM>, Int<kHeadDim>>{}, make_coord(_, 0));
 
   extern __shared__ char smem[];
   auto smem_tile = [&](int offset, auto layout) {
@@ -250,11 +231,7 @@ __forceinline__ __device__ void compute_dk_dv_tile_sm90(const Flash_bwd_params &
     copy_rows_guarded(gmem_copy, tQgQ(_, _, _, m_block), tQsQ(_, _, _, stage), tMc, seq.seqlen_q - m0);
     copy_rows_guarded(gmem_copy, tdOgdO(_, _, _, m_block), tdOsdO(_, _, _, stage), tMc, seq.seqlen_q - m0);
     cute::cp_async_fence();
-    for (int i = tidx; i < kM; i += Ktraits::kNThreads) {
-      const bool real = m0 + i < seq.seqlen_q;
-      s_lse[stage * kM + i] = real ? lse[m0 + i] * float(M_LOG2E) : INFINITY;
-      s_d[stage * kM + i] = real ? dsum[m0 + i] : 0.f;
-    }
+    load_row_stats<kM, Ktraits::kNThreads>(s_lse + stage * kM, s_d + stage * kM, lse, dsum, m0, seq.seqlen_q);
   };
 
   const ScoreMod<Has_alibi, Is_softcap, Is_dropout> score_mod(p, seq.seqlen_q, seq.seqlen_k, bidb, bidh);
@@ -279,30 +256,9 @@ __forceinline__ __device__ void compute_dk_dv_tile_sm90(const Flash_bwd_params &
     score_mod.transform(acc_st);
     Tensor t_st = make_fragment_like(acc_st);  // tanh values, for the softcap derivative
     if constexpr (Is_softcap) { copy(acc_st, t_st); }
-    if (score_mod.block_needs_mask(m0, m0 + kM, n0, kN)) {
-      mask_scores_transposed<Has_alibi, true>(score_mod, acc_st, tScS, n0, m0);
-    } else if constexpr (Has_alibi) {
-      mask_scores_transposed<true, false>(score_mod, acc_st, tScS, n0, m0);
-    }
+    mask_tile_transposed<Has_alibi>(score_mod, acc_st, tScS, n0, m0, score_mod.block_needs_mask(m0, m0 + kM, n0, kN));
     warpgroup_wait<0>();
-    // P^T = exp(S^T - lse), dS^T = P^T (dP^T - D) [* (1 - t^2) with softcap], per query
-    // column. With dropout (mask Z, 1 / p_keep where kept, 0 where dropped): dV takes
-    // (Z P)^T and dS^T = P^T (Z dP^T - D).
-    CUTE_UNROLL
-    for (int i = 0; i < size(acc_st); ++i) {
-      const int col = get<1>(tScS(i));
-      const float pr = exp2f(acc_st(i) * p.scale_softmax_log2 - st_lse[col]);
-      float dpz = acc_dpt(i), pz = pr;
-      if constexpr (Is_dropout) {
-        const float z = dropout.keep(m0 + col, n0 + get<0>(tScS(i))) ? p.rp_keep : 0.f;
-        dpz *= z;
-        pz *= z;
-      }
-      float ds = pr * (dpz - st_d[col]);
-      if constexpr (Is_softcap) { ds *= 1.f - t_st(i) * t_st(i); }
-      acc_st(i) = pz;
-      acc_dpt(i) = ds;
-    }
+    probs_and_dscores_transposed<Is_softcap, Is_dropout>(acc_st, acc_dpt, t_st, tScS, st_lse, st_d, p, dropout, m0, n0);
     Tensor rP = convert_type<Element>(acc_st);
     Tensor rdS = convert_type<Element>(acc_dpt);
     auto copy_c = make_tiled_copy_C(Copy_Atom<AutoVectorizingCopyWithAssumedAlignment<32>, Element>{}, mma_sdp);
@@ -424,28 +380,12 @@ __forceinline__ __device__ void compute_dq_tile_sm90(const Flash_bwd_params &p, 
   int n_block_min, n_block_max;
   key_blocks_seen_by_queries(p, seq, m0, m1, kN, n_block_min, n_block_max);
 
-  const int bidh_kv = bidh / p.h_h_k_ratio;
-  auto q_tensor = [&](void *ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
-    return make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(ptr) + seq.q_offset(batch_stride, row_stride, bidb) +
-                                     bidh * head_stride),
-                       make_shape(seq.seqlen_q, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
-  };
-  auto kv_tensor = [&](void *ptr, int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
-    return make_tensor(make_gmem_ptr(reinterpret_cast<Element *>(ptr) + seq.k_offset(batch_stride, row_stride, bidb) +
-                                     bidh_kv * head_stride),
-                       make_shape(seq.seqlen_k, Int<kHeadDim>{}), make_stride(row_stride, _1{}));
-  };
-  Tensor gQ = local_tile(q_tensor(p.q_ptr, p.q_batch_stride, p.q_row_stride, p.q_head_stride),
-                         Shape<Int<kM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (M, D)
-  Tensor gdO = local_tile(q_tensor(p.do_ptr, p.do_batch_stride, p.do_row_stride, p.do_head_stride),
-                          Shape<Int<kM>, Int<kHeadDim>>{}, make_coord(m_block, 0));
-  Tensor gdQ = local_tile(q_tensor(p.dq_ptr, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride),
-                          Shape<Int<kM>, Int<kHeadDim>>{}, make_coord(m_block, 0));
-  Tensor gK = local_tile(kv_tensor(p.k_ptr, p.k_batch_stride, p.k_row_stride, p.k_head_stride),
-                         Shape<Int<kN>, Int<kHeadDim>>{}, make_coord(_, 0));  // (N, D, nblocks)
-  Tensor gV = local_tile(kv_tensor(p.v_ptr, p.v_batch_stride, p.v_row_stride, p.v_head_stride),
-                         Shape<Int<kN>, Int<kHeadDim>>{}, make_coord(_, 0));
-  const int64_t stat_off = seq.lse_offset(p, bidb, bidh);
+  const BwdRows<Element, kHeadDim> rows{p, seq, bidb, bidh};
+  Tensor gQ = local_tile(rows.q(), Shape<Int<kM>, Int<kHeadDim>>{}, make_coord(m_block, 0));  // (M, D)
+  Tensor gdO = local_tile(rows.dout(), Shape<Int<kM>, Int<kHeadDim>>{}, make_coord(m_block, 0));
+  Tensor gdQ = local_tile(rows.dq(), Shape<Int<kM>, Int<kHeadDim>>{}, make_coord(m_block, 0));
+  Tensor gK = local_tile(rows.k(), Shape<Int<kN>, Int<kHeadDim>>{}, make_coord(_, 0));  // (N, D, nblocks)
+  Tensor gV = local_tile(rows.v(), Shape<Int<kN>, Int<kHeadDim>>{}, make_coord(_, 0));
 
   extern __shared__ char smem[];
   auto smem_tile = [&](int offset, auto layout) {
@@ -490,11 +430,7 @@ __forceinline__ __device__ void compute_dq_tile_sm90(const Flash_bwd_params &p, 
 
   copy_rows_guarded(gmem_copy, tQgQ, tQsQ, tMc, m1 - m0);
   copy_rows_guarded(gmem_copy, tdOgdO, tdOsdO, tMc, m1 - m0);
-  for (int i = tidx; i < kM; i += Ktraits::kNThreads) {
-    const bool real = m0 + i < m1;  // padded rows: P = 0, D = 0
-    s_lse[i] = real ? p.softmax_lse_ptr[stat_off + m0 + i] * float(M_LOG2E) : INFINITY;
-    s_d[i] = real ? p.softmax_d_ptr[stat_off + m0 + i] : 0.f;
-  }
+  load_row_stats<kM, Ktraits::kNThreads>(s_lse, s_d, rows.lse(), rows.dsum(), m0, seq.seqlen_q);
   auto load_key_block = [&](int n_block, int stage) {
     const int n0 = n_block * kN;
     copy_rows_guarded(gmem_copy, tKgK(_, _, _, n_block), tKsK(_, _, _, stage), tNc, seq.seqlen_k - n0);
