@@ -45,9 +45,9 @@ elif [ ${#FILES[@]} -eq 0 ]; then
     # modifiers (hd64, fp16), the largest tile with softcap (hd256, bf16), the forward with
     # dropout (hd128, bf16), the paged-KV forward (hd256 bf16 unsplit: the one-stage
     # pipeline; hd64 fp16 split: the one-warp decode tile, 32 rows per thread), the backward
-    # with both score modifiers (hd128, bf16), and the backward's 64-row tile with its 4-warp
-    # dQ kernel (hd256, fp16; its dK/dV kernel has one stage in the sm80 code and two in the
-    # sm90 code: flash_bwd_dk_dv_kernel_by_arch).
+    # with both score modifiers (hd128, bf16; sm90a: the wgmma pair), the backward with dropout
+    # (hd64, bf16; sm90a: the wgmma dK/dV kernel with atomic dQ), and the backward's 64-row tile
+    # with its 4-warp dQ kernel (hd256, fp16; sm90a: the split-d wgmma dK/dV kernel).
     FILES=("$INST/flash_fwd_hdim128_bf16_plain_sm80.cu"
            "$INST/flash_fwd_hdim64_fp16_alibi_softcap_sm80.cu"
            "$INST/flash_fwd_hdim256_bf16_softcap_sm80.cu"
@@ -55,6 +55,7 @@ elif [ ${#FILES[@]} -eq 0 ]; then
            "$INST/flash_fwd_hdim256_bf16_paged_sm80.cu"
            "$INST/flash_fwd_hdim64_fp16_paged_splitkv_sm80.cu"
            "$INST/flash_bwd_hdim128_bf16_alibi_softcap_sm80.cu"
+           "$INST/flash_bwd_hdim64_bf16_dropout_sm80.cu"
            "$INST/flash_bwd_hdim256_fp16_plain_sm80.cu")
     # linear attention (csrc/linear_attn, seconds per file): chunk states, chunk outputs
     # (R 128 bf16, R 256 fp16), the gate gradient, the token-by-token recurrence, masked
