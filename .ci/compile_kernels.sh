@@ -137,7 +137,10 @@ FLAGS=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
        "${FLAGS[@]}" -Xcompiler -fPIC
        -I"$REPO/csrc/flash_attn" -I"$REPO/csrc/common" -I"$CUTLASS_INC")
 for a in $ARCHS; do
-    [ "$a" = 90 ] && a=90a  # as setup.py: sm90 code is sm_90a (wgmma)
+    if [ "$a" = 90 ]; then  # as setup.py: sm90 code is sm_90a (wgmma), and the host may launch it
+        a=90a
+        FLAGS+=(-DFLASH_ATTN_HAS_SM90A)
+    fi
     FLAGS+=(-gencode "arch=compute_$a,code=sm_$a")
 done
 [ "$PTXAS_V" = 1 ] && FLAGS+=(-Xptxas -v)

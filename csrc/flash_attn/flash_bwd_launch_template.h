@@ -46,8 +46,14 @@ cudaError_t dk_dv_kernel_for_device(void (**kernel)(const Flash_bwd_params), int
 // with its body), and, in a build with FLASH_ATTN_SM90_MMA_SYNC_BWD (the mma.sync kernels kept in
 // sm90 code), FLASH_ATTN_BWD_SM90 is not "0" (which runs those instead, for A/B timings and for
 // testing them on sm90).
+// Builds other than setup.py's (benchmarks/tune's harnesses: plain sm_90 code, mma.sync tiles)
+// lack FLASH_ATTN_HAS_SM90A and so never take the wgmma kernels, whose bodies are sm_90a only.
 template <typename Kernel>
 bool sm90_bwd_runs(Kernel kernel) {
+#ifndef FLASH_ATTN_HAS_SM90A
+  (void)kernel;
+  return false;
+#else
 #ifdef FLASH_ATTN_SM90_MMA_SYNC_BWD
   const char *env = std::getenv("FLASH_ATTN_BWD_SM90");
   if (env != nullptr && std::strcmp(env, "0") == 0) { return false; }
@@ -58,6 +64,7 @@ bool sm90_bwd_runs(Kernel kernel) {
     return false;
   }
   return attr.ptxVersion == 90;
+#endif
 }
 
 // The wgmma dK/dV kernel (with atomic dQ when Accum_dq); false if it does not run here.
