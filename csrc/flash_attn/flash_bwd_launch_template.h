@@ -107,8 +107,9 @@ bool launch_dq_sm90(Flash_bwd_params &params, cudaStream_t stream, cudaError_t &
 
 // D = rowsum(dO * O) first; then either the dK/dV kernel with atomic dQ accumulation
 // (params.dq_accum_ptr set, head dims with bwd_atomic_dq: the host converts the accumulator
-// to dq afterwards) or the deterministic pair, dK/dV then dQ. Ktraits90: the dK/dV tile
-// where the code runs as sm90 (bwd_tile_sm90); the dQ kernel and the grids follow Ktraits.
+// to dq afterwards) or the deterministic pair, dK/dV then dQ. Each is the wgmma kernel where it
+// runs (sm90_bwd_runs), else the mma.sync one: Ktraits90 is then the dK/dV tile where the code
+// runs as sm90 (bwd_tile_sm90); the mma.sync dQ kernel and grids follow Ktraits.
 template <typename Ktraits, bool Has_alibi, bool Is_softcap, bool Is_dropout = false, typename Ktraits90 = Ktraits>
 cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
   if (params.b == 0 || params.h == 0 || params.seqlen_q == 0) { return cudaSuccess; }
@@ -141,26 +142,26 @@ cudaError_t run_flash_bwd(Flash_bwd_params &params, cudaStream_t stream) {
       return cudaGetLastError();
     }
   }
-  // The dQ kernel's traits: Ktraits itself unless its tile has fewer than 16 query rows
-  // per warp (d = 256), which runs the dQ kernel with fewer warps and a shorter key step
-  // (bwd_dq_tile in tile_size.h).
-  using DqTraits = BwdKernelTraits<kHeadDim, Element, bwd_dq_tile(Ktraits::kTile)>;
-  static_assert(DqTraits::kBlockRows == Ktraits::kBlockRows);
-  err = dk_dv_kernel_for_device<Ktraits, Ktraits90, Has_alibi, Is_softcap, Is_dropout, false>(&dk_dv_kernel,
-                                                                                               &smem_bytes_dk_dv);
-  if (err != cudaSuccess) { return err; }
-  auto dq_kernel = &flash_bwd_dq_kernel<DqTraits, Has_alibi, Is_softcap, Is_dropout>;
-  constexpr int smem_bytes = DqTraits::kSmemBytes;
-  if ((err = allow_smem(dk_dv_kernel, smem_bytes_dk_dv)) != cudaSuccess) { return err; }
-  if ((err = allow_smem(dq_kernel, smem_bytes)) != cudaSuccess) { return err; }
+  // The pair: dK/dV without dQ, then dQ; each the wgmma kernel where it runs, else mma.sync.
   if (!launch_dk_dv_sm90<Element, kHeadDim, Has_alibi, Is_softcap, Is_dropout, false>(params, stream, err)) {
-    if (num_n_blocks > 0) {
+    err = dk_dv_kernel_for_device<Ktraits, Ktraits90, Has_alibi, Is_softcap, Is_dropout, false>(&dk_dv_kernel,
+                                                                                                 &smem_bytes_dk_dv);
+    if (err == cudaSuccess) { err = allow_smem(dk_dv_kernel, smem_bytes_dk_dv); }
+    if (err == cudaSuccess && num_n_blocks > 0) {
       dk_dv_kernel<<<dim3(num_n_blocks, params.b, params.h), Ktraits::kNThreads, smem_bytes_dk_dv, stream>>>(params);
       err = cudaGetLastError();
     }
   }
   if (err != cudaSuccess) { return err; }
   if (launch_dq_sm90<Element, kHeadDim, Has_alibi, Is_softcap, Is_dropout>(params, stream, err)) { return err; }
+  // The dQ kernel's traits: Ktraits itself unless its tile has fewer than 16 query rows
+  // per warp (d = 256), which runs the dQ kernel with fewer warps and a shorter key step
+  // (bwd_dq_tile in tile_size.h).
+  using DqTraits = BwdKernelTraits<kHeadDim, Element, bwd_dq_tile(Ktraits::kTile)>;
+  static_assert(DqTraits::kBlockRows == Ktraits::kBlockRows);
+  auto dq_kernel = &flash_bwd_dq_kernel<DqTraits, Has_alibi, Is_softcap, Is_dropout>;
+  constexpr int smem_bytes = DqTraits::kSmemBytes;
+  if ((err = allow_smem(dq_kernel, smem_bytes)) != cudaSuccess) { return err; }
   if (num_m_blocks > 0) {
     dq_kernel<<<dim3(num_m_blocks, params.b, params.h), DqTraits::kNThreads, smem_bytes, stream>>>(params);
   }
