@@ -18,9 +18,9 @@ Environment flags (all optional):
                                    ignores num_splits and runs unsplit)
   FLASH_ATTN_DISABLE_BACKWARD=1    trim: forward kernels only
   FLASH_ATTN_DISABLE_LINEAR=1      skip the linear-attention extension (flash_attn_linear_cuda)
-  FLASH_ATTN_SM90_MMA_SYNC_BWD=1   also build the mma.sync backward kernels as sm90 code where the
-                                   wgmma ones replace them (head dims 64 and 128, and the dQ
-                                   kernel): FLASH_ATTN_BWD_SM90=0 then runs them on sm90, for A/B
+  FLASH_ATTN_SM90_MMA_SYNC_BWD=1   also build the mma.sync backward kernels as sm90 code, where the
+                                   wgmma ones replace them (every backward head dim):
+                                   FLASH_ATTN_BWD_SM90=0 then runs them on sm90, for A/B
                                    timings and tests of the sm80 kernels on an H100 (default off:
                                    they cost ~25% of a full sm90 build)
   CUTLASS_HOME                     CUTLASS checkout (else the nvidia-cutlass package)

@@ -9,8 +9,6 @@
 #include "arg_error.h"
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <cmath>
 #include <mutex>
 #include <optional>
@@ -655,10 +653,7 @@ at::Tensor unpad_grad(const at::Tensor &g, int d, const std::optional<at::Tensor
 // decides the same from the kernels themselves.
 bool wgmma_bwd_runs(const at::Tensor &q) {
 #ifdef FLASH_ATTN_HAS_SM90A
-#ifdef FLASH_ATTN_SM90_MMA_SYNC_BWD
-  const char *env = std::getenv("FLASH_ATTN_BWD_SM90");
-  if (env != nullptr && std::strcmp(env, "0") == 0) { return false; }
-#endif
+  if (flash::wgmma_bwd_switched_off()) { return false; }
   const int device = q.get_device();
   return flash::cached_device_attribute<cudaDevAttrComputeCapabilityMajor>(device) == 9 &&
          flash::cached_device_attribute<cudaDevAttrComputeCapabilityMinor>(device) == 0;

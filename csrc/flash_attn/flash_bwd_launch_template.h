@@ -1,8 +1,6 @@
 // Host launcher of the backward kernels for one (dtype, head dim, variant).
 #pragma once
 
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 #include <cuda_runtime_api.h>
@@ -54,10 +52,7 @@ bool sm90_bwd_runs(Kernel kernel) {
   (void)kernel;
   return false;
 #else
-#ifdef FLASH_ATTN_SM90_MMA_SYNC_BWD
-  const char *env = std::getenv("FLASH_ATTN_BWD_SM90");
-  if (env != nullptr && std::strcmp(env, "0") == 0) { return false; }
-#endif
+  if (wgmma_bwd_switched_off()) { return false; }
   cudaFuncAttributes attr{};
   if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
     (void)cudaGetLastError();
@@ -70,8 +65,7 @@ bool sm90_bwd_runs(Kernel kernel) {
 // The wgmma dK/dV kernel (with atomic dQ when Accum_dq); false if it does not run here.
 template <typename Element, int kHeadDim, bool Has_alibi, bool Is_softcap, bool Is_dropout, bool Accum_dq>
 bool launch_dk_dv_sm90(Flash_bwd_params &params, cudaStream_t stream, cudaError_t &err) {
-  if constexpr ((kHeadDim != 64 && kHeadDim != 128 && kHeadDim != 256) ||
-                (Accum_dq && !bwd_atomic_dq_sm90(kHeadDim))) {
+  if constexpr (Accum_dq && !bwd_atomic_dq_sm90(kHeadDim)) {
     return false;
   } else {
     using Traits = BwdSm90Traits<kHeadDim, Element>;
@@ -91,18 +85,14 @@ bool launch_dk_dv_sm90(Flash_bwd_params &params, cudaStream_t stream, cudaError_
 // The deterministic path's wgmma dQ kernel; false if it does not run here.
 template <typename Element, int kHeadDim, bool Has_alibi, bool Is_softcap, bool Is_dropout>
 bool launch_dq_sm90(Flash_bwd_params &params, cudaStream_t stream, cudaError_t &err) {
-  if constexpr (kHeadDim != 64 && kHeadDim != 128 && kHeadDim != 256) {
-    return false;
-  } else {
-    using Traits = BwdSm90DqTraits<kHeadDim, Element>;
-    auto kernel = &flash_bwd_dq_kernel_sm90<Traits, Has_alibi, Is_softcap, Is_dropout>;
-    if (!sm90_bwd_runs(kernel)) { return false; }
-    if ((err = allow_smem(kernel, Traits::kSmemBytes)) != cudaSuccess) { return true; }
-    const int num_m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
-    kernel<<<dim3(num_m_blocks, params.b, params.h), Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
-    err = cudaGetLastError();
-    return true;
-  }
+  using Traits = BwdSm90DqTraits<kHeadDim, Element>;
+  auto kernel = &flash_bwd_dq_kernel_sm90<Traits, Has_alibi, Is_softcap, Is_dropout>;
+  if (!sm90_bwd_runs(kernel)) { return false; }
+  if ((err = allow_smem(kernel, Traits::kSmemBytes)) != cudaSuccess) { return true; }
+  const int num_m_blocks = (params.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM;
+  kernel<<<dim3(num_m_blocks, params.b, params.h), Traits::kNThreads, Traits::kSmemBytes, stream>>>(params);
+  err = cudaGetLastError();
+  return true;
 }
 
 // D = rowsum(dO * O) first; then either the dK/dV kernel with atomic dQ accumulation
