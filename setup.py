@@ -250,12 +250,15 @@ def _linear_extension(flash_ext):
     src = ROOT / "csrc" / "linear_attn"
     sources = ["csrc/linear_attn/linear_api.cpp"] + [
         str(f.relative_to(ROOT)) for f in sorted(src.glob("*.cu")) + sorted((src / "instantiations").glob("*.cu"))]
-    nvcc = [f for f in flash_ext.extra_compile_args["nvcc"] if not f.startswith("-DFLASH_ATTN_HAS_")]
+    # (FLASH_ATTN_HAS_SM90A stays: chunk_fused_fwd's wgmma kernel runs only in builds with sm_90a code)
+    nvcc = [f for f in flash_ext.extra_compile_args["nvcc"]
+            if not f.startswith("-DFLASH_ATTN_HAS_") or f == "-DFLASH_ATTN_HAS_SM90A"]
+    cxx = ["-O3", "-std=c++20"] + (["-DFLASH_ATTN_HAS_SM90A"] if "-DFLASH_ATTN_HAS_SM90A" in nvcc else [])
     return CUDAExtension(
         name="flash_attn_linear_cuda",
         sources=sources,
-        include_dirs=[str(src), str(ROOT / "csrc" / "common")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": nvcc},
+        include_dirs=[str(src), str(ROOT / "csrc" / "common"), _cutlass_include()],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc},
     )
 
 

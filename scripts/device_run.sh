@@ -32,6 +32,11 @@
 #              or chunk_fused_fwd_kernel or gla", junit $OUT/savestates.xml), then benchmark_linear.py --ops
 #              chunk_simple_gla,chunk_retention --mode fwdbwd --no-fla with FLASH_ATTN_LINEAR_SAVE_STATES=auto
 #              and =1 (JSON into $OUT/savestates_auto, _1)
+#   linsm90    chunk_fused_fwd's wgmma kernel (chunk_fused_sm90.cuh): the simple-GLA GPU tests (-k "fused or
+#              segment or simple_gla or retention or kept_states", junit $OUT/linsm90.xml), then
+#              benchmark_linear.py --ops chunk_simple_gla,chunk_retention --mode fwd,fwdbwd --no-fla --no-softmax
+#              $LINSM90_ARGS (e.g. "--grid fla-gla") with FLASH_ATTN_LINEAR_SM90=0 and =1 (JSON into
+#              $OUT/linsm90_0, _1)
 #   linprofile benchmarks/tune/profile_linear.py $PROFILE_ARGS ($OUT/profile_linear_<commit>.txt)
 #   glabwd     chunk_gla's one-kernel backward reverse pass: GPU tests (-k gla, junit $OUT/glabwd.xml), then
 #              benchmark_linear.py --ops chunk_gla --mode fwdbwd --no-fla with FLASH_ATTN_LINEAR_GLA_FUSED_BWD=0
@@ -296,6 +301,21 @@ for stage in "${STAGES[@]}"; do
             FLASH_ATTN_LINEAR_SEGMENTED_STATES=$on run_stage "linseg-ab-$name" "$PY" \
                 "$REPO/benchmarks/benchmark_linear.py" --mode fwd,fwdbwd --no-fla --no-softmax \
                 --out-dir "$OUT/segstates_$name"
+        done
+        ;;
+    linsm90)
+        need_build linsm90 || continue
+        rm -f "$OUT/linsm90.xml"
+        FLASH_ATTN_REQUIRE_CUDA=1 run_stage linsm90 "$PY" -m pytest "$REPO/tests/test_linear_attn_gpu.py" -m cuda \
+            -k "fused or segment or simple_gla or retention or kept_states" -p no:cacheprovider -q -rfEs \
+            --tb=short --junitxml="$OUT/linsm90.xml" "${XDIST[@]}"
+        SUMMARY[-1]="${SUMMARY[-1]} $(junit_counts "$OUT/linsm90.xml")"
+        for on in 0 1; do
+            mkdir -p "$OUT/linsm90_$on"
+            # shellcheck disable=SC2086  # LINSM90_ARGS is a list of arguments
+            FLASH_ATTN_LINEAR_SM90=$on run_stage "linsm90-ab-$on" "$PY" "$REPO/benchmarks/benchmark_linear.py" \
+                --ops chunk_simple_gla,chunk_retention --mode fwd,fwdbwd --no-fla --no-softmax ${LINSM90_ARGS:-} \
+                --out-dir "$OUT/linsm90_$on"
         done
         ;;
     glafused)

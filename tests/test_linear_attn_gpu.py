@@ -20,12 +20,14 @@ Environment: FLASH_ATTN_TEST_QUICK=1 (subset), FLASH_ATTN_REQUIRE_CUDA=1 (fail, 
 when the GPU or the extension is missing).
 """
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import flash_attn.linear_attn as la
+from flash_attn import build_info
 from flash_attn.linear_attn import _kernels
 from flash_attn.reference_linear import (lightning_log_decay, linear_attn_chunk_ref, linear_attn_recurrent_ref,
                                          linear_attn_ref, retention_log_decay)
@@ -501,12 +503,38 @@ def _fused_cases():
             for c in cases]
 
 
+def _expected_fused_kernel():
+    """90 where chunk_fused_fwd must run its wgmma kernel (chunk_fused_sm90.cuh: an sm90 device, a
+    build with sm90 code, FLASH_ATTN_LINEAR_SM90 not "0"), else 80 (the mma.sync kernel)."""
+    archs = [str(a) for a in build_info.build_config().get("archs", [])]
+    sm90 = torch.cuda.get_device_capability() == (9, 0) and "90" in archs
+    return 90 if sm90 and os.environ.get("FLASH_ATTN_LINEAR_SM90") != "0" else 80
+
+
 @pytest.mark.parametrize("dt,T,K,V,gate,scale,states,lens,seg_chunks", _fused_cases())
 def test_chunk_fused_fwd_kernel(dt, T, K, V, gate, scale, states, lens, seg_chunks):
     """The kernel against the two-pass forward (chunk_state + chunk_output, same inputs) and the
     fp32 recurrence: o and the final state; with states, also the chunk states it keeps for the
     backward (h_out, NaN-poisoned) against chunk_state's. With segments, the workspace starts as
-    NaN."""
+    NaN. On sm90 this is the wgmma kernel (asserted)."""
+    check_chunk_fused(dt, T, K, V, gate, scale, states, lens, seg_chunks)
+
+
+# The mma.sync kernel where the cases above run the wgmma one (sm90: FLASH_ATTN_LINEAR_SM90=0), and
+# the wgmma one again with the switch spelled out: every K, gate kind, segments, varlen, both dtypes.
+@pytest.mark.parametrize("switch", ["0", "1"])
+@pytest.mark.parametrize("dt,T,K,V,gate,scale,states,lens,seg_chunks", [
+    ("bf16", 500, 128, 128, "g", 1.0, True, None, 0), ("fp16", 2048, 128, 256, "gamma", 0.1, True, None, 0),
+    ("bf16", 113, 64, 64, None, 1.0, False, None, 0), ("fp16", 500, 256, 256, "g", 0.5, True, None, 0),
+    ("bf16", 1000, 256, 64, "g", 1.0, True, None, 3), ("bf16", None, 128, 128, "g", 0.3, True, EMPTY_LENS, 2),
+    ("fp16", None, 64, 128, "gamma", 1.0, True, EMPTY_LENS, 0),
+])
+def test_chunk_fused_fwd_kernel_switch(monkeypatch, switch, dt, T, K, V, gate, scale, states, lens, seg_chunks):
+    monkeypatch.setenv("FLASH_ATTN_LINEAR_SM90", switch)
+    check_chunk_fused(dt, T, K, V, gate, scale, states, lens, seg_chunks)
+
+
+def check_chunk_fused(dt, T, K, V, gate, scale, states, lens, seg_chunks):
     dtype = DTYPES[dt]
     B, T, H = (2, T, 3) if lens is None else (1, sum(lens), 2)
     N = B if lens is None else len(lens)
@@ -525,6 +553,7 @@ def test_chunk_fused_fwd_kernel(dt, T, K, V, gate, scale, states, lens, seg_chun
         ext().chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, s.cu, scale, seg_chunks, seg_state, seg_decay, *kept)
     else:
         ext().chunk_fused_fwd(q, k, v, g, gamma, h0, o, final, s.cu, scale, 0, None, None, *kept)
+    assert ext().last_chunk_fused_kernel() == _expected_fused_kernel()
     # the two passes (chunk_state, chunk_output) called directly, whatever the switch says
     final2 = torch.empty(N, H, K, V, device="cuda", dtype=torch.float32) if states else None
     h = _kernels._states(ext(), k, v, g, gamma, h0, s, final2)

@@ -47,6 +47,11 @@
 // only the fp32 sums of the states regroup (rounding differences, not a different result).
 #pragma once
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "chunk_fused_sm90.cuh"
 #include "chunk_info.cuh"
 #include "mma.cuh"
 
@@ -54,9 +59,7 @@ namespace linear_attn {
 
 constexpr int kFusedThreads = 128;
 
-// Stages of (q, k, v, gates): two, except the output pass at K = 256 (one: two CTAs per sm90 SM).
-template <int K, bool kStateOnly = false>
-constexpr int chunk_fused_stages() { return K == 256 && !kStateOnly ? 1 : 2; }
+// Stages of (q, k, v, gates): chunk_fused_stages (chunk_fused_sm90.cuh), the same for both kernels.
 
 // Pass 1 (kStateOnly) has no q tiles and no S_c operand: 48.5 KB at K 128, BV 64.
 template <int K, int BV, bool kStateOnly = false>
@@ -315,18 +318,52 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
   }
 }
 
-// One launch of the kernel (grid: sequences x segments, heads, V tiles).
-template <typename Tag, int K, int BV, bool kStateOnly>
-cudaError_t launch_chunk_fused(const ChunkFusedParams& p, cudaStream_t stream) {
-  constexpr int smem = chunk_fused_smem_bytes<K, BV, kStateOnly>();
-  auto kernel = chunk_fused_fwd_kernel<Tag, K, BV, kStateOnly>;
+// Whether the wgmma kernel (chunk_fused_sm90.cuh) runs for this call: the build has sm_90a code
+// (setup.py's FLASH_ATTN_HAS_SM90A), the device executes the kernel's sm90 code (PTX version 90, the
+// only code with its body), and FLASH_ATTN_LINEAR_SM90 is not "0" (which runs the mma.sync kernel
+// instead: A/B timings, and its tests on sm90).
+template <typename Kernel>
+bool chunk_fused_sm90_runs(Kernel kernel) {
+#ifndef FLASH_ATTN_HAS_SM90A
+  (void)kernel;
+  return false;
+#else
+  const char* env = std::getenv("FLASH_ATTN_LINEAR_SM90");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return attr.ptxVersion == 90;
+#endif
+}
+
+template <typename Kernel>
+cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem, const ChunkFusedParams& p,
+                             cudaStream_t stream) {
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid(p.seq.num_seqs * p.max_segs, p.seq.heads, p.v_dim / BV);
-  kernel<<<grid, kFusedThreads, smem, stream>>>(p);
+  kernel<<<grid, threads, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+// One launch of the kernel (grid: sequences x segments, heads, V tiles): the wgmma one where it
+// runs, else the mma.sync one. last_chunk_fused_kernel records which (90 / 80).
+template <typename Tag, int K, int BV, bool kStateOnly>
+cudaError_t launch_chunk_fused(const ChunkFusedParams& p, cudaStream_t stream) {
+  const dim3 grid(p.seq.num_seqs * p.max_segs, p.seq.heads, p.v_dim / BV);
+  auto sm90_kernel = sm90::chunk_fused_fwd_sm90_kernel<Tag, K, BV, kStateOnly>;
+  if (chunk_fused_sm90_runs(sm90_kernel)) {
+    last_chunk_fused_kernel.store(90);
+    using Tr = sm90::FusedSm90Traits<Tag, K, BV, kStateOnly>;
+    return launch_with_smem(sm90_kernel, grid, Tr::kThreads, Tr::kSmemBytes, p, stream);
+  }
+  last_chunk_fused_kernel.store(80);
+  return launch_with_smem(chunk_fused_fwd_kernel<Tag, K, BV, kStateOnly>, grid, kFusedThreads,
+                          chunk_fused_smem_bytes<K, BV, kStateOnly>(), p, stream);
 }
 
 template <typename Tag, int K, int BV>

@@ -800,6 +800,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("chunk_offsets") = py::none());
   m.def("chunk_fused_tile_v", &chunk_fused_tile_v, "The V tile (BV) chunk_fused_fwd uses for a K",
         py::arg("k_dim"));
+  m.def(
+      "last_chunk_fused_kernel", [] { return la::last_chunk_fused_kernel.load(); },
+      "Which kernel the last chunk_fused_fwd launch ran: 90 wgmma (sm90a), 80 mma.sync, 0 none yet");
   m.def("gate_grad", &gate_grad, "Scalar log-gate gradient, chunk by chunk", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("dout"), py::arg("g"), py::arg("gamma"), py::arg("rq"), py::arg("rk"), py::arg("pair"),
         py::arg("dg"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("scale"));

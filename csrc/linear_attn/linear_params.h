@@ -21,6 +21,7 @@
 // Every exponent is <= 0 for gates <= 0, so nothing overflows however negative the gates are.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include <cuda_runtime_api.h>
@@ -253,6 +254,10 @@ cudaError_t run_chunk_output(const ChunkOutputParams& p, cudaStream_t stream);
 
 template <typename Dtype, int K, int BV>
 cudaError_t run_chunk_fused_fwd(const ChunkFusedParams& p, cudaStream_t stream);
+
+// Which kernel the last chunk_fused_fwd launch ran: 90 the wgmma one (chunk_fused_sm90.cuh), 80 the
+// mma.sync one, 0 none yet (the binding last_chunk_fused_kernel; tests check the route with it).
+inline std::atomic<int> last_chunk_fused_kernel{0};
 
 template <typename Dtype>
 cudaError_t run_gate_grad(const GateGradParams& p, cudaStream_t stream);

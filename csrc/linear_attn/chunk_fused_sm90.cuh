@@ -1,0 +1,467 @@
+// chunk_fused_fwd on sm90a: the same one-pass simple-GLA forward as chunk_fused.cuh (same grid,
+// segments, shared-memory stages, h_out, the same roundings of S_c, P and w v to the input dtype),
+// with its products as warpgroup MMAs (wgmma) instead of mma.sync. One CTA = one warpgroup of 128
+// threads. Per chunk (b = chunk-local cumulative log-gate, L its last row):
+//
+//   scores  A   = q k^T                      64 x 64 x K      SS (q, k K-major)
+//   inter   O   = q S_c                      64 x BV x K      SS (S_c written by the CTA, read MN-major)
+//   state   S  <- exp(b_L) S + k^T (w v)     K x BV x 64      SS (k^T and w v read MN-major)
+//   intra   O  <- scale exp(b_r) O + P v     64 x BV x 64     RS: P = scale * D * A, the scores'
+//                                                            accumulators rounded in place to the
+//                                                            A-register layout, v read MN-major
+//
+// with w_j = exp(b_L - b_j) and D_rj = exp(b_r - b_j) for j <= r (0 above). The fp32 state lives
+// in the wgmma accumulators of the K x BV product: K / 64 tiles of 64 x BV, K * BV / 128 registers
+// per thread (64 at K 128, BV 64 and at K 256, BV 32), next to 64 x BV of O and 64 x 64 of A.
+// w v is the only operand the CTA builds besides S_c: v's tile scaled row by row into a second
+// tile, where the mma.sync kernel scales its B fragments in registers (the same bf16 products).
+//
+// Shared memory: every 16-bit tile in the 128-byte (64-byte at 32 columns) swizzled layout wgmma
+// reads, each row's 16-byte groups permuted; tiles start at multiples of 1024 bytes. The chunk's
+// tiles arrive by cp.async (generic proxy), so a proxy fence precedes the barrier that hands them,
+// and the CTA's own S_c and w v stores, to the wgmmas (async proxy).
+//   [q stages][k stages][v stages][w v][S_c][gate stages][b]
+//   K 64,  BV 64, 2 stages:  2 * (8 + 8 + 8 KB) + 8 + 8 KB + 768 B  = 64.75 KB
+//   K 128, BV 64, 2 stages:  2 * (16 + 16 + 8 KB) + 8 + 16 KB + 768 B = 104.75 KB (two CTAs per SM)
+//   K 256, BV 32, 1 stage:   32 + 32 + 4 + 4 + 16 KB + 512 B        = 88.5 KB (two CTAs per SM)
+// Pass 1 of the segments (kStateOnly) has no q tiles, no S_c and no output.
+//
+// Per chunk i:
+//   1. wait for chunk i's tiles; warp 0 scans the gates into b; S_c (rounded) into its tile;
+//      fence + barrier
+//   2. issue A = q k^T and O = q S_c; meanwhile w v into its tile (exp per row); fence + barrier
+//   3. S *= exp(b_L), issue S += k^T (w v)
+//   4. wait for A: P in registers; wait for O: rows scaled; issue O += P v; wait for all; store O
+//   5. barrier (the stage, S_c, w v and b are free for chunk i + 1)
+#pragma once
+
+#include <type_traits>
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/numeric_types.h>
+
+#include "chunk_info.cuh"
+#include "mma.cuh"
+
+namespace linear_attn {
+
+// Stages of (q, k, v, gates): two, except the output pass at K = 256 (one: two CTAs per SM).
+template <int K, bool kStateOnly = false>
+constexpr int chunk_fused_stages() { return K == 256 && !kStateOnly ? 1 : 2; }
+
+namespace sm90 {
+
+using namespace cute;
+
+template <typename Tag> struct CuteType;
+template <> struct CuteType<Bf16> { using type = cutlass::bfloat16_t; };
+template <> struct CuteType<Fp16> { using type = cutlass::half_t; };
+
+// The swizzle atom of a tile whose rows are COLS 16-bit elements (GMMA's K-major canonical atoms:
+// 8 rows of 64 elements, 128-byte swizzle; or of 32 elements, 64-byte swizzle).
+template <typename TC, int COLS>
+using RowAtom = std::conditional_t<COLS % 64 == 0, GMMA::Layout_K_SW128_Atom<TC>, GMMA::Layout_K_SW64_Atom<TC>>;
+
+// (R, C, S) stages of an R x C tile (C contiguous, swizzled) and its transposed view (C, R, S):
+// the same bytes read with the other mode first (how wgmma takes an MN-major operand).
+template <typename TC, int R, int C, int S>
+struct StagedTile {
+  using Layout = decltype(tile_to_shape(RowAtom<TC, C>{}, Shape<Int<R>, Int<C>, Int<S>>{}));
+  using LayoutT = decltype(composition(Layout{}, make_layout(Shape<Int<C>, Int<R>, Int<S>>{},
+                                                             Stride<Int<R>, _1, Int<R * C>>{})));
+  static constexpr int kBytes = R * C * S * 2;
+  static_assert(kBytes % 1024 == 0, "tiles start at multiples of 1024 bytes");
+};
+
+template <typename Tag, int K, int BV, bool kStateOnly>
+struct FusedSm90Traits {
+  using TC = typename CuteType<Tag>::type;
+  static constexpr int kThreads = 128;  // one warpgroup
+  static constexpr int kStages = chunk_fused_stages<K, kStateOnly>();
+  static constexpr int kQStages = kStateOnly ? 0 : kStages;
+  using Q = StagedTile<TC, kChunk, K, kStages>;  // q, k: (chunk row, key) per stage
+  using V = StagedTile<TC, kChunk, BV, kStages>;  // v: (chunk row, column)
+  using Vw = StagedTile<TC, kChunk, BV, 1>;       // w v
+  using St = StagedTile<TC, K, BV, 1>;            // S_c: (key, column)
+
+  // A = q k^T: (chunk row, chunk row) over the keys
+  using MmaScores = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<TC, TC, float, Shape<_64, _64, Int<K>>, GMMA::Major::K, GMMA::Major::K>()));
+  // O = q S_c: (chunk row, column) over the keys; S_c read as (column, key)
+  using MmaInter = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<TC, TC, float, Shape<_64, Int<BV>, Int<K>>, GMMA::Major::K, GMMA::Major::MN>()));
+  // O += P v: (chunk row, column) over the chunk rows; P from registers, v read as (column, row)
+  using MmaIntra = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<TC, TC, float, Shape<_64, Int<BV>, _64>, GMMA::Major::K, GMMA::Major::MN>()));
+  // S += k^T (w v): (key, column) over the chunk rows; k read as (key, row), w v as (column, row)
+  using MmaState = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<TC, TC, float, Shape<_64, Int<BV>, _64>, GMMA::Major::MN, GMMA::Major::MN>()));
+
+  static constexpr int kOffQ = 0;
+  static constexpr int kOffK = kOffQ + (kStateOnly ? 0 : Q::kBytes);
+  static constexpr int kOffV = kOffK + Q::kBytes;
+  static constexpr int kOffVw = kOffV + V::kBytes;
+  static constexpr int kOffS = kOffVw + Vw::kBytes;
+  static constexpr int kOffGate = kOffS + (kStateOnly ? 0 : St::kBytes);
+  static constexpr int kOffB = kOffGate + kStages * kChunk * 4;
+  static constexpr int kSmemBytes = kOffB + kChunk * 4;
+};
+
+static_assert(FusedSm90Traits<Bf16, 128, 64, false>::kSmemBytes == 107264, "K 128, BV 64: 104.75 KB");
+static_assert(FusedSm90Traits<Bf16, 256, 32, false>::kSmemBytes == 90624, "K 256, BV 32: 88.5 KB");
+static_assert(2 * (FusedSm90Traits<Bf16, 128, 64, false>::kSmemBytes + 1024) <= 228 * 1024,
+              "K 128, BV 64: two CTAs (1 KB reserved each) per SM");
+
+// acc (+)= A B over the K mode, issued and committed (not waited for); Zero_init: the first K
+// slice overwrites acc.
+template <bool Zero_init, typename TiledMma, typename FragA, typename FragB, typename Acc>
+__forceinline__ __device__ void wgmma_issue(TiledMma& mma, FragA const& a, FragB const& b, Acc& acc) {
+  constexpr bool kAInRegs = std::is_same_v<typename FragA::value_type, typename TiledMma::ValTypeA>;
+  if constexpr (kAInRegs) warpgroup_fence_operand(const_cast<FragA&>(a));
+  warpgroup_fence_operand(acc);
+  warpgroup_arrive();
+  if constexpr (Zero_init) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int k = 0; k < size<2>(a); ++k) {
+    cute::gemm(mma, a(_, _, k), b(_, _, k), acc);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_fence_operand(acc);
+  if constexpr (kAInRegs) warpgroup_fence_operand(const_cast<FragA&>(a));
+}
+
+// Element offset of (r, c) in an R x C tile of RowAtom<C> tiles (tile_to_shape: the atoms' column
+// blocks of 64 (or 32) elements one after the other, rows within each), the swizzle included:
+// 16-byte group c / 8 of row r sits at group (c / 8) ^ (r % 8) (128-byte rows) or
+// ((c / 8) % 4) ^ ((r / 2) % 4) (64-byte rows). Checked against CuTe's layouts for every (r, c) of
+// the tiles here. Written out so that the compiler sees what is affine in r and c.
+template <int R, int C>
+__device__ __forceinline__ int tile_offset(int r, int c) {
+  if constexpr (C % 64 == 0) {
+    return (c >> 6) * (R * 64) + r * 64 + ((((c >> 3) & 7) ^ (r & 7)) << 3) + (c & 7);
+  } else {
+    static_assert(C == 32, "tiles of 32 or a multiple of 64 columns");
+    return r * 32 + ((((c >> 3) & 3) ^ ((r >> 1) & 3)) << 3) + (c & 7);
+  }
+}
+
+// How 128 threads walk the 16-byte groups of a 64 x C tile: in column blocks of up to 128 columns,
+// thread t takes group t % G of rows t / G, t / G + kRowStep, ... A row step that is a multiple of 8
+// leaves the swizzle unchanged, so every group of a thread is its first one's offset plus a constant.
+template <int C>
+struct GroupWalk {
+  static constexpr int kBlockCols = C > 128 ? 128 : C;
+  static constexpr int kBlocks = C / kBlockCols;
+  static constexpr int G = kBlockCols / 8;          // groups per row of a block
+  static constexpr int kRowStep = 128 / G;          // 8, 16 or 32
+  static constexpr int kRows = kChunk / kRowStep;   // rows per thread and block
+  static constexpr int kRowStride = C % 64 == 0 ? 64 : 32;  // elements between rows of one atom column
+  static_assert(kRowStep % 8 == 0, "the swizzle repeats every 8 rows");
+};
+
+// Rows [0, kChunk) x columns [0, C) of a global matrix (row r at gbase + r * ld) into a tile;
+// rows >= valid_rows zero-filled (nothing read).
+template <int C, typename T>
+__device__ __forceinline__ void load_rows_async(T* tile, const T* gbase, int64_t ld, int valid_rows, int t) {
+  using W = GroupWalk<C>;
+  const int r0 = t / W::G, c0 = (t % W::G) * 8;
+#pragma unroll
+  for (int b = 0; b < W::kBlocks; ++b) {
+    const int c = b * W::kBlockCols + c0;
+    T* s = tile + tile_offset<kChunk, C>(r0, c);
+    const T* g = gbase + r0 * ld + c;
+#pragma unroll
+    for (int i = 0; i < W::kRows; ++i) {
+      const bool valid = r0 + i * W::kRowStep < valid_rows;
+      cp_async16(s + i * W::kRowStep * W::kRowStride, valid ? g + i * W::kRowStep * ld : gbase, valid);
+    }
+  }
+}
+
+// threadIdx.x read where it is used: values derived from it inside the chunk loop (tile offsets,
+// accumulator coordinates) are then recomputed per chunk instead of hoisted out of the loop, where
+// they would hold dozens of registers next to the accumulators.
+__device__ __forceinline__ int tid_here() {
+  int t;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+  return t;
+}
+
+// f(i, row, col) for each pair (i, i + 1) of a wgmma accumulator over an (64 M) x N product of one
+// warpgroup (thread t): element i = e + 2 h + 4 n + 4 (N / 8) m holds (64 m + 16 warp + lane / 4
+// + 8 h, 8 n + 2 (lane % 4) + e) (CuTe's SM90 64 x N accumulator layout; checked on the host).
+template <int M, int N, typename F>
+__device__ __forceinline__ void for_acc_pairs(int t, F&& f) {
+  const int row = 16 * (t >> 5) + ((t & 31) >> 2), col = 2 * (t & 3);
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+#pragma unroll
+    for (int n = 0; n < N / 8; ++n) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) f(2 * h + 4 * n + 4 * (N / 8) * m, 64 * m + row + 8 * h, 8 * n + col);
+    }
+  }
+}
+
+template <typename Tag, int K, int BV, bool kStateOnly>
+__device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams& p) {
+  using Tr = FusedSm90Traits<Tag, K, BV, kStateOnly>;
+  using E = Elem<Tag>;
+  using T = typename E::T;
+  using TC = typename Tr::TC;
+  constexpr int kThreads = Tr::kThreads;
+  constexpr int kStages = Tr::kStages;
+  constexpr int MT = K / 64;  // 64-row tiles of the state
+  static_assert(K == 64 || K == 128 || K == 256, "K is 64, 128 or 256");
+  static_assert(BV == 32 || BV == 64, "V tiles of 32 or 64 columns");
+  static_assert(K * BV / 8 % kThreads == 0, "h_out's 16-byte groups split evenly over the threads");
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  T* sq = reinterpret_cast<T*>(smem_raw + Tr::kOffQ);   // [stage] (chunk row, key)
+  T* sk = reinterpret_cast<T*>(smem_raw + Tr::kOffK);   // [stage] (chunk row, key)
+  T* sv = reinterpret_cast<T*>(smem_raw + Tr::kOffV);   // [stage] (chunk row, column)
+  T* svw = reinterpret_cast<T*>(smem_raw + Tr::kOffVw);  // (chunk row, column)
+  T* ss = reinterpret_cast<T*>(smem_raw + Tr::kOffS);   // S_c: (key, column)
+  float* graw = reinterpret_cast<float*>(smem_raw + Tr::kOffGate);  // [stage][kChunk] raw gates
+  float* sb = reinterpret_cast<float*>(smem_raw + Tr::kOffB);       // chunk-local cumulative log-gate
+  // the same tiles as CuTe tensors, for the wgmma descriptors
+  auto tile = [&](int offset, auto layout) {
+    return make_tensor(make_smem_ptr(reinterpret_cast<TC*>(smem_raw + offset)), layout);
+  };
+  Tensor sQ = tile(Tr::kOffQ, typename Tr::Q::Layout{});     // (row, key, stage)
+  Tensor sK = tile(Tr::kOffK, typename Tr::Q::Layout{});     // (row, key, stage)
+  Tensor sKt = tile(Tr::kOffK, typename Tr::Q::LayoutT{});   // (key, row, stage)
+  Tensor sVt = tile(Tr::kOffV, typename Tr::V::LayoutT{});   // (column, row, stage)
+  Tensor sVwt = tile(Tr::kOffVw, typename Tr::Vw::LayoutT{})(_, _, 0);  // (column, row)
+  Tensor sSt = tile(Tr::kOffS, typename Tr::St::LayoutT{})(_, _, 0);    // (column, key)
+
+  const int tid = threadIdx.x;
+  const SegmentWalk walk = segment_walk(p.seq, p.max_segs, p.seg_chunks);
+  const int seq = walk.seq, seg = walk.seg;
+  const int head = blockIdx.y, H = p.seq.heads;
+  const int n0 = blockIdx.z * BV;
+  const SeqRange sr = walk.sr;
+  const int nsegs = walk.segs.count, c_begin = walk.segs.begin, c_end = walk.segs.end;
+  if (seg >= nsegs || (kStateOnly && seg == nsegs - 1)) return;  // pass 1 never needs the last segment's L
+
+  const int64_t ldk = static_cast<int64_t>(H) * K, ldv = static_cast<int64_t>(H) * p.v_dim;
+  const T* qg = static_cast<const T*>(p.q) + static_cast<int64_t>(head) * K;
+  const T* kg = static_cast<const T*>(p.k) + static_cast<int64_t>(head) * K;
+  const T* vg = static_cast<const T*>(p.v) + static_cast<int64_t>(head) * p.v_dim + n0;
+  T* og = static_cast<T*>(p.out) + static_cast<int64_t>(head) * p.v_dim + n0;
+  const int64_t state_base = (static_cast<int64_t>(seq) * H + head) * K * p.v_dim;
+  auto seg_row = [&](int s) { return (static_cast<int64_t>(seq) * p.max_segs + s) * H + head; };
+
+  // The state: MT accumulator tiles of 64 x BV (for_acc_pairs<MT, BV> gives their coordinates).
+  typename Tr::MmaState mma_h;
+  auto thr_h = mma_h.get_thread_slice(tid);
+  Tensor acc_h = partition_fragment_C(mma_h, Shape<Int<K>, Int<BV>>{});
+  static_assert(decltype(size(acc_h))::value == K * BV / kThreads, "one warpgroup holds the state");
+  Tensor tHrK = thr_h.partition_fragment_A(sKt);   // descriptors (MMA, MT, 4, stage)
+  Tensor tHrVw = thr_h.partition_fragment_B(sVwt);  // (MMA, 1, 4)
+  auto at = [&](int64_t base, int r, int c) { return base + static_cast<int64_t>(r) * p.v_dim + n0 + c; };
+
+  for_acc_pairs<MT, BV>(tid, [&](int i, int r, int c) {
+    float2 v = make_float2(0.f, 0.f);
+    if (!kStateOnly && p.init != nullptr) v = *reinterpret_cast<const float2*>(p.init + at(state_base, r, c));
+    acc_h(i) = v.x;
+    acc_h(i + 1) = v.y;
+  });
+  if constexpr (!kStateOnly) {
+    for (int s = 0; s < seg; ++s) {  // the state entering segment seg (chunk_fused.cuh)
+      const float decay = __expf(p.seg_decay[seg_row(s)]);
+      const int64_t base = seg_row(s) * K * p.v_dim;
+      for_acc_pairs<MT, BV>(tid, [&](int i, int r, int c) {
+        const float2 l = *reinterpret_cast<const float2*>(p.seg_state + at(base, r, c));
+        acc_h(i) = fmaf(decay, acc_h(i), l.x);
+        acc_h(i + 1) = fmaf(decay, acc_h(i + 1), l.y);
+      });
+    }
+  }
+  float seg_log_decay = 0.f;
+
+  auto chunk_start = [&](int i) { return sr.bos + static_cast<int64_t>(i) * kChunk; };
+  auto chunk_rows = [&](int i) {
+    return static_cast<int>(min(static_cast<int64_t>(kChunk), sr.eos - chunk_start(i)));
+  };
+  auto issue = [&](int i) {
+    const int t = tid_here();
+    const int stage = (i - c_begin) % kStages;
+    const int64_t start = chunk_start(i);
+    const int rows = chunk_rows(i);
+    if constexpr (!kStateOnly) load_rows_async<K>(sq + stage * kChunk * K, qg + start * ldk, ldk, rows, t);
+    load_rows_async<K>(sk + stage * kChunk * K, kg + start * ldk, ldk, rows, t);
+    load_rows_async<BV>(sv + stage * kChunk * BV, vg + start * ldv, ldv, rows, t);
+    if (t < 32) chunk_gate_load_async(p.gate, start, rows, head, H, graw + stage * kChunk, t);
+  };
+
+  // S *= exp(b_L) before any wgmma of the chunk is in flight (ptxas serializes the wgmmas when
+  // accumulator registers are touched while others run), then S += k^T (w v) (step 3)
+  auto decay_state = [&](float decay) {
+    CUTE_UNROLL
+    for (int i = 0; i < size(acc_h); ++i) acc_h(i) *= decay;
+    warpgroup_fence_operand(acc_h);  // (keeps the compiler from sinking the products past the next issue)
+  };
+  auto update_state = [&](int stage) { wgmma_issue<false>(mma_h, tHrK(_, _, _, stage), tHrVw, acc_h); };
+  // w v (step 2): v's rows scaled by w_r = exp(b_L - b_r), 16-byte groups, GroupWalk's order
+  auto write_wv = [&](int stage, float bl) {
+    using W = GroupWalk<BV>;
+    const int t = tid_here();
+    const int r0 = t / W::G, off0 = tile_offset<kChunk, BV>(r0, (t % W::G) * 8);
+    const T* src = sv + stage * kChunk * BV + off0;
+#pragma unroll
+    for (int it = 0; it < W::kRows; ++it) {
+      const int off = it * W::kRowStep * W::kRowStride;
+      const float w = __expf(bl - sb[r0 + it * W::kRowStep]);
+      uint4 u = *reinterpret_cast<const uint4*>(src + off);
+      uint32_t* e = reinterpret_cast<uint32_t*>(&u);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const float2 f = E::unpack(e[q]);
+        e[q] = E::pack(f.x * w, f.y * w);
+      }
+      *reinterpret_cast<uint4*>(svw + off0 + off) = u;
+    }
+  };
+
+  if (c_begin < c_end) issue(c_begin);
+  cp_async_commit();
+  for (int i = c_begin; i < c_end; ++i) {
+    const int stage = (i - c_begin) % kStages;
+    if (kStages > 1 && i + 1 < c_end) issue(i + 1);
+    cp_async_commit();  // (one stage: an empty group, so that the wait below counts the same)
+    const int64_t row0 = chunk_start(i);
+    const int rows = chunk_rows(i);
+    cp_async_wait<1>();
+    {
+      const int t = tid_here();
+      if (t < 32) chunk_gate_scan(p.gate, graw + stage * kChunk, rows, head, sb, t);
+    }
+
+    if constexpr (kStateOnly) {
+      cutlass::arch::fence_view_async_shared();
+      __syncthreads();  // the stage's tiles and b
+      const float bl = sb[kChunk - 1];
+      seg_log_decay += bl;
+      decay_state(__expf(bl));
+      write_wv(stage, bl);
+      cutlass::arch::fence_view_async_shared();
+      __syncthreads();  // w v
+      update_state(stage);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_h);
+    } else {
+      // ---- 1. S_c, rounded, as the B operand of q S_c
+      for_acc_pairs<MT, BV>(tid_here(), [&](int j, int r, int c) {
+        *reinterpret_cast<uint32_t*>(ss + tile_offset<K, BV>(r, c)) = E::pack(acc_h(j), acc_h(j + 1));
+      });
+      cutlass::arch::fence_view_async_shared();
+      __syncthreads();  // the stage's tiles, b and S_c
+      const float bl = sb[kChunk - 1];
+      decay_state(__expf(bl));
+      // ---- 2. A = q k^T and O = q S_c; h_out and w v meanwhile
+      typename Tr::MmaScores mma_a;
+      typename Tr::MmaInter mma_o;
+      typename Tr::MmaIntra mma_pv;
+      auto thr_a = mma_a.get_thread_slice(tid);
+      auto thr_o = mma_o.get_thread_slice(tid);
+      auto thr_pv = mma_pv.get_thread_slice(tid);
+      Tensor acc_a = partition_fragment_C(mma_a, Shape<_64, _64>{});
+      Tensor acc_o = partition_fragment_C(mma_o, Shape<_64, Int<BV>>{});
+      wgmma_issue<true>(mma_a, thr_a.partition_fragment_A(sQ)(_, _, _, stage),
+                        thr_a.partition_fragment_B(sK)(_, _, _, stage), acc_a);
+      wgmma_issue<true>(mma_o, thr_o.partition_fragment_A(sQ)(_, _, _, stage), thr_o.partition_fragment_B(sSt),
+                        acc_o);
+      if (p.h_out != nullptr) {
+        // S_c as chunk_state stores it (the state entering chunk i), for the backward
+        T* hrow = static_cast<T*>(p.h_out) + (static_cast<int64_t>(sr.first_slot + i) * H + head) * K * p.v_dim + n0;
+        const int t = tid_here();
+#pragma unroll 1
+        for (int j = 0; j < K * BV / 8 / kThreads; ++j) {
+          const int idx = t + j * kThreads, r = idx / (BV / 8), c = (idx % (BV / 8)) * 8;
+          *reinterpret_cast<uint4*>(hrow + static_cast<int64_t>(r) * p.v_dim + c) =
+              *reinterpret_cast<const uint4*>(ss + tile_offset<K, BV>(r, c));
+        }
+      }
+      write_wv(stage, bl);
+      cutlass::arch::fence_view_async_shared();
+      __syncthreads();  // w v
+      // ---- 3. the state leaving the chunk
+      update_state(stage);
+      // ---- 4. P = scale * D * A in the A-register layout of P v (the accumulator's element order)
+      using PLayout = decltype(thr_pv.partition_fragment_A(
+          make_tensor(make_smem_ptr(static_cast<TC*>(nullptr)), Layout<Shape<_64, _64>>{})).layout());
+      Tensor tPa = make_tensor<TC>(PLayout{});
+      static_assert(decltype(size(PLayout{}))::value == decltype(size(acc_a))::value, "P has the scores' elements");
+      uint32_t* pa = reinterpret_cast<uint32_t*>(raw_pointer_cast(tPa.data()));
+      warpgroup_wait<2>();  // A (O and the state may still run)
+      warpgroup_fence_operand(acc_a);
+      {
+        const int t = tid_here();
+        const int warp_last_row = 16 * (t >> 5) + 15;
+        for_acc_pairs<1, 64>(t, [&](int j, int r, int c) {
+          float p0 = 0.f, p1 = 0.f;
+          if ((c & ~7) <= warp_last_row) {  // (whole 8-column blocks above the warp's rows are 0)
+            const float br = sb[r];
+            if (c <= r) p0 = acc_a(j) * p.scale * __expf(br - sb[c]);
+            if (c + 1 <= r) p1 = acc_a(j + 1) * p.scale * __expf(br - sb[c + 1]);
+          }
+          pa[j / 2] = E::pack(p0, p1);
+        });
+      }
+      warpgroup_wait<1>();  // q S_c
+      warpgroup_fence_operand(acc_o);
+      {
+        const int t = tid_here();
+        const int r0 = 16 * (t >> 5) + ((t & 31) >> 2);
+        const float rs[2] = {p.scale * __expf(sb[r0]), p.scale * __expf(sb[r0 + 8])};
+        for_acc_pairs<1, BV>(t, [&](int j, int r, int c) {
+          acc_o(j) *= rs[r != r0];
+          acc_o(j + 1) *= rs[r != r0];
+        });
+      }
+      wgmma_issue<false>(mma_pv, tPa, thr_pv.partition_fragment_B(sVt)(_, _, _, stage), acc_o);
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc_o);
+      warpgroup_fence_operand(acc_h);
+      T* orow = og + row0 * ldv;
+      for_acc_pairs<1, BV>(tid_here(), [&](int j, int r, int c) {
+        if (r < rows) *reinterpret_cast<uint32_t*>(orow + r * ldv + c) = E::pack(acc_o(j), acc_o(j + 1));
+      });
+    }
+    __syncthreads();  // the stage, S_c, w v and b are free
+    if (kStages == 1 && i + 1 < c_end) {
+      issue(i + 1);
+      cp_async_commit();
+    }
+  }
+  cp_async_wait<0>();
+
+  if constexpr (kStateOnly) {
+    const int64_t base = seg_row(seg) * K * p.v_dim;
+    for_acc_pairs<MT, BV>(tid, [&](int i, int r, int c) {
+      *reinterpret_cast<float2*>(p.seg_state + at(base, r, c)) = make_float2(acc_h(i), acc_h(i + 1));
+    });
+    if (blockIdx.z == 0 && tid == 0) p.seg_decay[seg_row(seg)] = seg_log_decay;
+  } else if (p.final_state != nullptr && seg == nsegs - 1) {
+    for_acc_pairs<MT, BV>(tid, [&](int i, int r, int c) {
+      *reinterpret_cast<float2*>(p.final_state + at(state_base, r, c)) = make_float2(acc_h(i), acc_h(i + 1));
+    });
+  }
+}
+
+// The body exists only in sm90a code; launch_chunk_fused runs it only where the device executes
+// that code (chunk_fused_sm90_runs).
+template <typename Tag, int K, int BV, bool kStateOnly>
+__global__ void __launch_bounds__(128) chunk_fused_fwd_sm90_kernel(const __grid_constant__ ChunkFusedParams p) {
+#if defined(__CUDA_ARCH__) && defined(CUTE_ARCH_MMA_SM90A_ENABLED)
+  chunk_fused_fwd_sm90_body<Tag, K, BV, kStateOnly>(p);
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#endif
+}
+
+}  // namespace sm90
+}  // namespace linear_attn
