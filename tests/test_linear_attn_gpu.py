@@ -521,16 +521,20 @@ def test_chunk_fused_fwd_kernel(dt, T, K, V, gate, scale, states, lens, seg_chun
 
 
 # The mma.sync kernel where the cases above run the wgmma one (sm90: FLASH_ATTN_LINEAR_SM90=0), and
-# the wgmma one again with the switch spelled out: every K, gate kind, segments, varlen, both dtypes.
-@pytest.mark.parametrize("switch", ["0", "1"])
+# the wgmma one with one V tile per CTA everywhere (FLASH_ATTN_LINEAR_SM90_PAIR=0) and with two
+# wherever V holds two (=1, K 128 and 256): every K, gate kind, segments, varlen, both dtypes, V of
+# an odd number of tiles at K = 128 (no pairs there).
+@pytest.mark.parametrize("switch", ["mma_sync", "wgmma_single", "wgmma_pairs"])
 @pytest.mark.parametrize("dt,T,K,V,gate,scale,states,lens,seg_chunks", [
     ("bf16", 500, 128, 128, "g", 1.0, True, None, 0), ("fp16", 2048, 128, 256, "gamma", 0.1, True, None, 0),
     ("bf16", 113, 64, 64, None, 1.0, False, None, 0), ("fp16", 500, 256, 256, "g", 0.5, True, None, 0),
     ("bf16", 1000, 256, 64, "g", 1.0, True, None, 3), ("bf16", None, 128, 128, "g", 0.3, True, EMPTY_LENS, 2),
-    ("fp16", None, 64, 128, "gamma", 1.0, True, EMPTY_LENS, 0),
+    ("fp16", None, 64, 128, "gamma", 1.0, True, EMPTY_LENS, 0), ("bf16", 300, 256, 192, "g", 1.0, True, None, 0),
+    ("bf16", 700, 128, 192, None, 1.0, True, None, 2), ("fp16", None, 256, 128, "g", 1.0, True, EMPTY_LENS, 1),
 ])
 def test_chunk_fused_fwd_kernel_switch(monkeypatch, switch, dt, T, K, V, gate, scale, states, lens, seg_chunks):
-    monkeypatch.setenv("FLASH_ATTN_LINEAR_SM90", switch)
+    monkeypatch.setenv("FLASH_ATTN_LINEAR_SM90", "0" if switch == "mma_sync" else "1")
+    monkeypatch.setenv("FLASH_ATTN_LINEAR_SM90_PAIR", "1" if switch == "wgmma_pairs" else "0")
     check_chunk_fused(dt, T, K, V, gate, scale, states, lens, seg_chunks)
 
 

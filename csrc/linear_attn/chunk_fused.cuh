@@ -350,15 +350,35 @@ cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem, co
   return cudaGetLastError();
 }
 
-// One launch of the kernel (grid: sequences x segments, heads, V tiles): the wgmma one where it
-// runs, else the mma.sync one. last_chunk_fused_kernel records which (90 / 80).
+// Whether the wgmma kernel takes two V tiles per CTA (two warpgroups sharing q and k,
+// chunk_fused_sm90.cuh) at this K: by default at K = 256 (two stages instead of one);
+// FLASH_ATTN_LINEAR_SM90_PAIR=0 never, =1 also at K = 128 (A/B timings). V must hold two tiles.
+template <int K, int BV>
+bool chunk_fused_sm90_pairs(const ChunkFusedParams& p) {
+  if (K == 64 || p.v_dim % (2 * BV) != 0) return false;
+  const char* env = std::getenv("FLASH_ATTN_LINEAR_SM90_PAIR");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (env != nullptr && std::strcmp(env, "1") == 0) return true;
+  return K == 256;
+}
+
+// One launch of the kernel (grid: sequences x segments, heads, V tiles or pairs of them): the wgmma
+// one where it runs, else the mma.sync one. last_chunk_fused_kernel records which (90 / 80).
 template <typename Tag, int K, int BV, bool kStateOnly>
 cudaError_t launch_chunk_fused(const ChunkFusedParams& p, cudaStream_t stream) {
   const dim3 grid(p.seq.num_seqs * p.max_segs, p.seq.heads, p.v_dim / BV);
-  auto sm90_kernel = sm90::chunk_fused_fwd_sm90_kernel<Tag, K, BV, kStateOnly>;
+  auto sm90_kernel = sm90::chunk_fused_fwd_sm90_kernel<Tag, K, BV, kStateOnly, 1>;
   if (chunk_fused_sm90_runs(sm90_kernel)) {
     last_chunk_fused_kernel.store(90);
-    using Tr = sm90::FusedSm90Traits<Tag, K, BV, kStateOnly>;
+    if constexpr (K != 64) {
+      if (chunk_fused_sm90_pairs<K, BV>(p)) {
+        using Tr2 = sm90::FusedSm90Traits<Tag, K, BV, kStateOnly, 2>;
+        const dim3 grid2(grid.x, grid.y, grid.z / 2);
+        return launch_with_smem(sm90::chunk_fused_fwd_sm90_kernel<Tag, K, BV, kStateOnly, 2>, grid2, Tr2::kThreads,
+                                Tr2::kSmemBytes, p, stream);
+      }
+    }
+    using Tr = sm90::FusedSm90Traits<Tag, K, BV, kStateOnly, 1>;
     return launch_with_smem(sm90_kernel, grid, Tr::kThreads, Tr::kSmemBytes, p, stream);
   }
   last_chunk_fused_kernel.store(80);

@@ -74,16 +74,22 @@ struct StagedTile {
   static_assert(kBytes % 1024 == 0, "tiles start at multiples of 1024 bytes");
 };
 
-template <typename Tag, int K, int BV, bool kStateOnly>
+// kWG warpgroups per CTA, each with its own V tile of BV columns (its state, S_c, v and w v tiles)
+// and sharing the q, k and gate tiles: two at K = 256, whose q and k then fill shared memory once
+// for two V tiles and leave room for two stages (one CTA of two warpgroups per SM instead of two
+// CTAs of one stage each).
+template <int K, bool kStateOnly, int kWG>
+constexpr int chunk_fused_sm90_stages() { return kWG == 2 ? 2 : chunk_fused_stages<K, kStateOnly>(); }
+
+template <typename Tag, int K, int BV, bool kStateOnly, int kWG>
 struct FusedSm90Traits {
   using TC = typename CuteType<Tag>::type;
-  static constexpr int kThreads = 128;  // one warpgroup
-  static constexpr int kStages = chunk_fused_stages<K, kStateOnly>();
-  static constexpr int kQStages = kStateOnly ? 0 : kStages;
-  using Q = StagedTile<TC, kChunk, K, kStages>;  // q, k: (chunk row, key) per stage
-  using V = StagedTile<TC, kChunk, BV, kStages>;  // v: (chunk row, column)
-  using Vw = StagedTile<TC, kChunk, BV, 1>;       // w v
-  using St = StagedTile<TC, K, BV, 1>;            // S_c: (key, column)
+  static constexpr int kThreads = 128 * kWG;
+  static constexpr int kStages = chunk_fused_sm90_stages<K, kStateOnly, kWG>();
+  using Q = StagedTile<TC, kChunk, K, kStages>;        // q, k: (chunk row, key) per stage
+  using V = StagedTile<TC, kChunk, BV, kStages * kWG>;  // v: (chunk row, column) per stage and warpgroup
+  using Vw = StagedTile<TC, kChunk, BV, kWG>;           // w v per warpgroup
+  using St = StagedTile<TC, K, BV, kWG>;                // S_c: (key, column) per warpgroup
 
   // A = q k^T: (chunk row, chunk row) over the keys
   using MmaScores = decltype(make_tiled_mma(
@@ -108,9 +114,10 @@ struct FusedSm90Traits {
   static constexpr int kSmemBytes = kOffB + kChunk * 4;
 };
 
-static_assert(FusedSm90Traits<Bf16, 128, 64, false>::kSmemBytes == 107264, "K 128, BV 64: 104.75 KB");
-static_assert(FusedSm90Traits<Bf16, 256, 32, false>::kSmemBytes == 90624, "K 256, BV 32: 88.5 KB");
-static_assert(2 * (FusedSm90Traits<Bf16, 128, 64, false>::kSmemBytes + 1024) <= 228 * 1024,
+static_assert(FusedSm90Traits<Bf16, 128, 64, false, 1>::kSmemBytes == 107264, "K 128, BV 64: 104.75 KB");
+static_assert(FusedSm90Traits<Bf16, 256, 32, false, 1>::kSmemBytes == 90624, "K 256, BV 32: 88.5 KB");
+static_assert(FusedSm90Traits<Bf16, 256, 32, false, 2>::kSmemBytes == 189184, "K 256, 2 x BV 32: 184.75 KB");
+static_assert(2 * (FusedSm90Traits<Bf16, 128, 64, false, 1>::kSmemBytes + 1024) <= 228 * 1024,
               "K 128, BV 64: two CTAs (1 KB reserved each) per SM");
 
 // acc (+)= A B over the K mode, issued and committed (not waited for); Zero_init: the first K
@@ -147,15 +154,15 @@ __device__ __forceinline__ int tile_offset(int r, int c) {
   }
 }
 
-// How 128 threads walk the 16-byte groups of a 64 x C tile: in column blocks of up to 128 columns,
+// How NT threads walk the 16-byte groups of a 64 x C tile: in column blocks of up to 128 columns,
 // thread t takes group t % G of rows t / G, t / G + kRowStep, ... A row step that is a multiple of 8
 // leaves the swizzle unchanged, so every group of a thread is its first one's offset plus a constant.
-template <int C>
+template <int C, int NT>
 struct GroupWalk {
   static constexpr int kBlockCols = C > 128 ? 128 : C;
   static constexpr int kBlocks = C / kBlockCols;
   static constexpr int G = kBlockCols / 8;          // groups per row of a block
-  static constexpr int kRowStep = 128 / G;          // 8, 16 or 32
+  static constexpr int kRowStep = NT / G;           // 8, 16, 32 or 64
   static constexpr int kRows = kChunk / kRowStep;   // rows per thread and block
   static constexpr int kRowStride = C % 64 == 0 ? 64 : 32;  // elements between rows of one atom column
   static_assert(kRowStep % 8 == 0, "the swizzle repeats every 8 rows");
@@ -163,9 +170,9 @@ struct GroupWalk {
 
 // Rows [0, kChunk) x columns [0, C) of a global matrix (row r at gbase + r * ld) into a tile;
 // rows >= valid_rows zero-filled (nothing read).
-template <int C, typename T>
+template <int C, int NT, typename T>
 __device__ __forceinline__ void load_rows_async(T* tile, const T* gbase, int64_t ld, int valid_rows, int t) {
-  using W = GroupWalk<C>;
+  using W = GroupWalk<C, NT>;
   const int r0 = t / W::G, c0 = (t % W::G) * 8;
 #pragma unroll
   for (int b = 0; b < W::kBlocks; ++b) {
@@ -190,7 +197,7 @@ __device__ __forceinline__ int tid_here() {
 }
 
 // f(i, row, col) for each pair (i, i + 1) of a wgmma accumulator over an (64 M) x N product of one
-// warpgroup (thread t): element i = e + 2 h + 4 n + 4 (N / 8) m holds (64 m + 16 warp + lane / 4
+// warpgroup (thread t of the warpgroup, 0 .. 127): element i = e + 2 h + 4 n + 4 (N / 8) m holds (64 m + 16 warp + lane / 4
 // + 8 h, 8 n + 2 (lane % 4) + e) (CuTe's SM90 64 x N accumulator layout; checked on the host).
 template <int M, int N, typename F>
 __device__ __forceinline__ void for_acc_pairs(int t, F&& f) {
@@ -205,9 +212,9 @@ __device__ __forceinline__ void for_acc_pairs(int t, F&& f) {
   }
 }
 
-template <typename Tag, int K, int BV, bool kStateOnly>
+template <typename Tag, int K, int BV, bool kStateOnly, int kWG>
 __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams& p) {
-  using Tr = FusedSm90Traits<Tag, K, BV, kStateOnly>;
+  using Tr = FusedSm90Traits<Tag, K, BV, kStateOnly, kWG>;
   using E = Elem<Tag>;
   using T = typename E::T;
   using TC = typename Tr::TC;
@@ -216,14 +223,16 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
   constexpr int MT = K / 64;  // 64-row tiles of the state
   static_assert(K == 64 || K == 128 || K == 256, "K is 64, 128 or 256");
   static_assert(BV == 32 || BV == 64, "V tiles of 32 or 64 columns");
-  static_assert(K * BV / 8 % kThreads == 0, "h_out's 16-byte groups split evenly over the threads");
+  static_assert(K * BV / 8 % 128 == 0, "h_out's 16-byte groups split evenly over a warpgroup");
+  // warpgroup wg of the CTA; per-warpgroup thread indices are tid_here() & 127 (wtid outside the loop)
+  const int wg = kWG == 1 ? 0 : threadIdx.x >> 7;
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   T* sq = reinterpret_cast<T*>(smem_raw + Tr::kOffQ);   // [stage] (chunk row, key)
   T* sk = reinterpret_cast<T*>(smem_raw + Tr::kOffK);   // [stage] (chunk row, key)
-  T* sv = reinterpret_cast<T*>(smem_raw + Tr::kOffV);   // [stage] (chunk row, column)
-  T* svw = reinterpret_cast<T*>(smem_raw + Tr::kOffVw);  // (chunk row, column)
-  T* ss = reinterpret_cast<T*>(smem_raw + Tr::kOffS);   // S_c: (key, column)
+  T* sv = reinterpret_cast<T*>(smem_raw + Tr::kOffV) + wg * kChunk * BV;    // [stage][warpgroup] (chunk row, column)
+  T* svw = reinterpret_cast<T*>(smem_raw + Tr::kOffVw) + wg * kChunk * BV;  // this warpgroup's (chunk row, column)
+  T* ss = reinterpret_cast<T*>(smem_raw + Tr::kOffS) + wg * K * BV;         // S_c: (key, column)
   float* graw = reinterpret_cast<float*>(smem_raw + Tr::kOffGate);  // [stage][kChunk] raw gates
   float* sb = reinterpret_cast<float*>(smem_raw + Tr::kOffB);       // chunk-local cumulative log-gate
   // the same tiles as CuTe tensors, for the wgmma descriptors
@@ -233,15 +242,15 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
   Tensor sQ = tile(Tr::kOffQ, typename Tr::Q::Layout{});     // (row, key, stage)
   Tensor sK = tile(Tr::kOffK, typename Tr::Q::Layout{});     // (row, key, stage)
   Tensor sKt = tile(Tr::kOffK, typename Tr::Q::LayoutT{});   // (key, row, stage)
-  Tensor sVt = tile(Tr::kOffV, typename Tr::V::LayoutT{});   // (column, row, stage)
-  Tensor sVwt = tile(Tr::kOffVw, typename Tr::Vw::LayoutT{})(_, _, 0);  // (column, row)
-  Tensor sSt = tile(Tr::kOffS, typename Tr::St::LayoutT{})(_, _, 0);    // (column, key)
+  Tensor sVt = tile(Tr::kOffV, typename Tr::V::LayoutT{});   // (column, row, stage * kWG + warpgroup)
+  Tensor sVwt = tile(Tr::kOffVw, typename Tr::Vw::LayoutT{})(_, _, wg);  // (column, row)
+  Tensor sSt = tile(Tr::kOffS, typename Tr::St::LayoutT{})(_, _, wg);    // (column, key)
 
-  const int tid = threadIdx.x;
+  const int tid = threadIdx.x, wtid = tid & 127;
   const SegmentWalk walk = segment_walk(p.seq, p.max_segs, p.seg_chunks);
   const int seq = walk.seq, seg = walk.seg;
   const int head = blockIdx.y, H = p.seq.heads;
-  const int n0 = blockIdx.z * BV;
+  const int n0 = (blockIdx.z * kWG + wg) * BV;
   const SeqRange sr = walk.sr;
   const int nsegs = walk.segs.count, c_begin = walk.segs.begin, c_end = walk.segs.end;
   if (seg >= nsegs || (kStateOnly && seg == nsegs - 1)) return;  // pass 1 never needs the last segment's L
@@ -256,14 +265,14 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
 
   // The state: MT accumulator tiles of 64 x BV (for_acc_pairs<MT, BV> gives their coordinates).
   typename Tr::MmaState mma_h;
-  auto thr_h = mma_h.get_thread_slice(tid);
+  auto thr_h = mma_h.get_thread_slice(wtid);
   Tensor acc_h = partition_fragment_C(mma_h, Shape<Int<K>, Int<BV>>{});
-  static_assert(decltype(size(acc_h))::value == K * BV / kThreads, "one warpgroup holds the state");
+  static_assert(decltype(size(acc_h))::value == K * BV / 128, "one warpgroup holds the state");
   Tensor tHrK = thr_h.partition_fragment_A(sKt);   // descriptors (MMA, MT, 4, stage)
   Tensor tHrVw = thr_h.partition_fragment_B(sVwt);  // (MMA, 1, 4)
   auto at = [&](int64_t base, int r, int c) { return base + static_cast<int64_t>(r) * p.v_dim + n0 + c; };
 
-  for_acc_pairs<MT, BV>(tid, [&](int i, int r, int c) {
+  for_acc_pairs<MT, BV>(wtid, [&](int i, int r, int c) {
     float2 v = make_float2(0.f, 0.f);
     if (!kStateOnly && p.init != nullptr) v = *reinterpret_cast<const float2*>(p.init + at(state_base, r, c));
     acc_h(i) = v.x;
@@ -273,7 +282,7 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
     for (int s = 0; s < seg; ++s) {  // the state entering segment seg (chunk_fused.cuh)
       const float decay = __expf(p.seg_decay[seg_row(s)]);
       const int64_t base = seg_row(s) * K * p.v_dim;
-      for_acc_pairs<MT, BV>(tid, [&](int i, int r, int c) {
+      for_acc_pairs<MT, BV>(wtid, [&](int i, int r, int c) {
         const float2 l = *reinterpret_cast<const float2*>(p.seg_state + at(base, r, c));
         acc_h(i) = fmaf(decay, acc_h(i), l.x);
         acc_h(i + 1) = fmaf(decay, acc_h(i + 1), l.y);
@@ -291,9 +300,9 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
     const int stage = (i - c_begin) % kStages;
     const int64_t start = chunk_start(i);
     const int rows = chunk_rows(i);
-    if constexpr (!kStateOnly) load_rows_async<K>(sq + stage * kChunk * K, qg + start * ldk, ldk, rows, t);
-    load_rows_async<K>(sk + stage * kChunk * K, kg + start * ldk, ldk, rows, t);
-    load_rows_async<BV>(sv + stage * kChunk * BV, vg + start * ldv, ldv, rows, t);
+    if constexpr (!kStateOnly) load_rows_async<K, kThreads>(sq + stage * kChunk * K, qg + start * ldk, ldk, rows, t);
+    load_rows_async<K, kThreads>(sk + stage * kChunk * K, kg + start * ldk, ldk, rows, t);
+    load_rows_async<BV, 128>(sv + stage * kWG * kChunk * BV, vg + start * ldv, ldv, rows, t & 127);
     if (t < 32) chunk_gate_load_async(p.gate, start, rows, head, H, graw + stage * kChunk, t);
   };
 
@@ -305,12 +314,13 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
     warpgroup_fence_operand(acc_h);  // (keeps the compiler from sinking the products past the next issue)
   };
   auto update_state = [&](int stage) { wgmma_issue<false>(mma_h, tHrK(_, _, _, stage), tHrVw, acc_h); };
+  auto v_tile = [&](int stage) { return stage * kWG + wg; };  // this warpgroup's v tile in sv / sVt
   // w v (step 2): v's rows scaled by w_r = exp(b_L - b_r), 16-byte groups, GroupWalk's order
   auto write_wv = [&](int stage, float bl) {
-    using W = GroupWalk<BV>;
-    const int t = tid_here();
+    using W = GroupWalk<BV, 128>;
+    const int t = tid_here() & 127;
     const int r0 = t / W::G, off0 = tile_offset<kChunk, BV>(r0, (t % W::G) * 8);
-    const T* src = sv + stage * kChunk * BV + off0;
+    const T* src = sv + stage * kWG * kChunk * BV + off0;
 #pragma unroll
     for (int it = 0; it < W::kRows; ++it) {
       const int off = it * W::kRowStep * W::kRowStride;
@@ -354,7 +364,7 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
       warpgroup_fence_operand(acc_h);
     } else {
       // ---- 1. S_c, rounded, as the B operand of q S_c
-      for_acc_pairs<MT, BV>(tid_here(), [&](int j, int r, int c) {
+      for_acc_pairs<MT, BV>(tid_here() & 127, [&](int j, int r, int c) {
         *reinterpret_cast<uint32_t*>(ss + tile_offset<K, BV>(r, c)) = E::pack(acc_h(j), acc_h(j + 1));
       });
       cutlass::arch::fence_view_async_shared();
@@ -365,9 +375,9 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
       typename Tr::MmaScores mma_a;
       typename Tr::MmaInter mma_o;
       typename Tr::MmaIntra mma_pv;
-      auto thr_a = mma_a.get_thread_slice(tid);
-      auto thr_o = mma_o.get_thread_slice(tid);
-      auto thr_pv = mma_pv.get_thread_slice(tid);
+      auto thr_a = mma_a.get_thread_slice(wtid);
+      auto thr_o = mma_o.get_thread_slice(wtid);
+      auto thr_pv = mma_pv.get_thread_slice(wtid);
       Tensor acc_a = partition_fragment_C(mma_a, Shape<_64, _64>{});
       Tensor acc_o = partition_fragment_C(mma_o, Shape<_64, Int<BV>>{});
       wgmma_issue<true>(mma_a, thr_a.partition_fragment_A(sQ)(_, _, _, stage),
@@ -377,10 +387,10 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
       if (p.h_out != nullptr) {
         // S_c as chunk_state stores it (the state entering chunk i), for the backward
         T* hrow = static_cast<T*>(p.h_out) + (static_cast<int64_t>(sr.first_slot + i) * H + head) * K * p.v_dim + n0;
-        const int t = tid_here();
+        const int t = tid_here() & 127;
 #pragma unroll 1
-        for (int j = 0; j < K * BV / 8 / kThreads; ++j) {
-          const int idx = t + j * kThreads, r = idx / (BV / 8), c = (idx % (BV / 8)) * 8;
+        for (int j = 0; j < K * BV / 8 / 128; ++j) {
+          const int idx = t + j * 128, r = idx / (BV / 8), c = (idx % (BV / 8)) * 8;
           *reinterpret_cast<uint4*>(hrow + static_cast<int64_t>(r) * p.v_dim + c) =
               *reinterpret_cast<const uint4*>(ss + tile_offset<K, BV>(r, c));
         }
@@ -399,7 +409,7 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
       warpgroup_wait<2>();  // A (O and the state may still run)
       warpgroup_fence_operand(acc_a);
       {
-        const int t = tid_here();
+        const int t = tid_here() & 127;
         const int warp_last_row = 16 * (t >> 5) + 15;
         for_acc_pairs<1, 64>(t, [&](int j, int r, int c) {
           float p0 = 0.f, p1 = 0.f;
@@ -414,7 +424,7 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
       warpgroup_wait<1>();  // q S_c
       warpgroup_fence_operand(acc_o);
       {
-        const int t = tid_here();
+        const int t = tid_here() & 127;
         const int r0 = 16 * (t >> 5) + ((t & 31) >> 2);
         const float rs[2] = {p.scale * __expf(sb[r0]), p.scale * __expf(sb[r0 + 8])};
         for_acc_pairs<1, BV>(t, [&](int j, int r, int c) {
@@ -422,12 +432,12 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
           acc_o(j + 1) *= rs[r != r0];
         });
       }
-      wgmma_issue<false>(mma_pv, tPa, thr_pv.partition_fragment_B(sVt)(_, _, _, stage), acc_o);
+      wgmma_issue<false>(mma_pv, tPa, thr_pv.partition_fragment_B(sVt)(_, _, _, v_tile(stage)), acc_o);
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc_o);
       warpgroup_fence_operand(acc_h);
       T* orow = og + row0 * ldv;
-      for_acc_pairs<1, BV>(tid_here(), [&](int j, int r, int c) {
+      for_acc_pairs<1, BV>(tid_here() & 127, [&](int j, int r, int c) {
         if (r < rows) *reinterpret_cast<uint32_t*>(orow + r * ldv + c) = E::pack(acc_o(j), acc_o(j + 1));
       });
     }
@@ -441,12 +451,12 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
 
   if constexpr (kStateOnly) {
     const int64_t base = seg_row(seg) * K * p.v_dim;
-    for_acc_pairs<MT, BV>(tid, [&](int i, int r, int c) {
+    for_acc_pairs<MT, BV>(wtid, [&](int i, int r, int c) {
       *reinterpret_cast<float2*>(p.seg_state + at(base, r, c)) = make_float2(acc_h(i), acc_h(i + 1));
     });
     if (blockIdx.z == 0 && tid == 0) p.seg_decay[seg_row(seg)] = seg_log_decay;
   } else if (p.final_state != nullptr && seg == nsegs - 1) {
-    for_acc_pairs<MT, BV>(tid, [&](int i, int r, int c) {
+    for_acc_pairs<MT, BV>(wtid, [&](int i, int r, int c) {
       *reinterpret_cast<float2*>(p.final_state + at(state_base, r, c)) = make_float2(acc_h(i), acc_h(i + 1));
     });
   }
@@ -454,10 +464,10 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
 
 // The body exists only in sm90a code; launch_chunk_fused runs it only where the device executes
 // that code (chunk_fused_sm90_runs).
-template <typename Tag, int K, int BV, bool kStateOnly>
-__global__ void __launch_bounds__(128) chunk_fused_fwd_sm90_kernel(const __grid_constant__ ChunkFusedParams p) {
+template <typename Tag, int K, int BV, bool kStateOnly, int kWG>
+__global__ void __launch_bounds__(128 * kWG) chunk_fused_fwd_sm90_kernel(const __grid_constant__ ChunkFusedParams p) {
 #if defined(__CUDA_ARCH__) && defined(CUTE_ARCH_MMA_SM90A_ENABLED)
-  chunk_fused_fwd_sm90_body<Tag, K, BV, kStateOnly>(p);
+  chunk_fused_fwd_sm90_body<Tag, K, BV, kStateOnly, kWG>(p);
 #elif defined(__CUDA_ARCH__)
   __trap();
 #endif
