@@ -111,27 +111,32 @@ struct FusedSm90Traits {
   static constexpr int kOffS = kOffVw + Vw::kBytes;
   static constexpr int kOffGate = kOffS + (kStateOnly ? 0 : St::kBytes);
   static constexpr int kOffB = kOffGate + kStages * kChunk * 4;
-  static constexpr int kSmemBytes = kOffB + kChunk * 4;
+  // two warpgroups: each computes the scores over half of the keys and hands its fp32 partial
+  // (64 x 64) to the other through here
+  static constexpr bool kSplitScores = kWG == 2 && !kStateOnly;
+  static constexpr int kOffX = kOffB + kChunk * 4;
+  static constexpr int kSmemBytes = kOffX + (kSplitScores ? kWG * kChunk * kChunk * 4 : 0);
 };
 
 static_assert(FusedSm90Traits<Bf16, 128, 64, false, 1>::kSmemBytes == 107264, "K 128, BV 64: 104.75 KB");
 static_assert(FusedSm90Traits<Bf16, 256, 32, false, 1>::kSmemBytes == 90624, "K 256, BV 32: 88.5 KB");
-static_assert(FusedSm90Traits<Bf16, 256, 32, false, 2>::kSmemBytes == 189184, "K 256, 2 x BV 32: 184.75 KB");
+static_assert(FusedSm90Traits<Bf16, 256, 32, false, 2>::kSmemBytes == 221952, "K 256, 2 x BV 32: 216.75 KB");
 static_assert(2 * (FusedSm90Traits<Bf16, 128, 64, false, 1>::kSmemBytes + 1024) <= 228 * 1024,
               "K 128, BV 64: two CTAs (1 KB reserved each) per SM");
 
-// acc (+)= A B over the K mode, issued and committed (not waited for); Zero_init: the first K
-// slice overwrites acc.
-template <bool Zero_init, typename TiledMma, typename FragA, typename FragB, typename Acc>
-__forceinline__ __device__ void wgmma_issue(TiledMma& mma, FragA const& a, FragB const& b, Acc& acc) {
+// acc (+)= A B over the K slices [k0, k0 + kSlices) (all of them by default), issued and committed
+// (not waited for); Zero_init: the first slice overwrites acc.
+template <bool Zero_init, int kSlices = -1, typename TiledMma, typename FragA, typename FragB, typename Acc>
+__forceinline__ __device__ void wgmma_issue(TiledMma& mma, FragA const& a, FragB const& b, Acc& acc, int k0 = 0) {
   constexpr bool kAInRegs = std::is_same_v<typename FragA::value_type, typename TiledMma::ValTypeA>;
   if constexpr (kAInRegs) warpgroup_fence_operand(const_cast<FragA&>(a));
   warpgroup_fence_operand(acc);
   warpgroup_arrive();
   if constexpr (Zero_init) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  constexpr int kCount = kSlices < 0 ? decltype(size<2>(a))::value : kSlices;
   CUTE_UNROLL
-  for (int k = 0; k < size<2>(a); ++k) {
-    cute::gemm(mma, a(_, _, k), b(_, _, k), acc);
+  for (int k = 0; k < kCount; ++k) {
+    cute::gemm(mma, a(_, _, k0 + k), b(_, _, k0 + k), acc);
     mma.accumulate_ = GMMA::ScaleOut::One;
   }
   warpgroup_commit_batch();
@@ -380,8 +385,13 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
       auto thr_pv = mma_pv.get_thread_slice(wtid);
       Tensor acc_a = partition_fragment_C(mma_a, Shape<_64, _64>{});
       Tensor acc_o = partition_fragment_C(mma_o, Shape<_64, Int<BV>>{});
-      wgmma_issue<true>(mma_a, thr_a.partition_fragment_A(sQ)(_, _, _, stage),
-                        thr_a.partition_fragment_B(sK)(_, _, _, stage), acc_a);
+      if constexpr (Tr::kSplitScores) {  // keys [wg K / 2, (wg + 1) K / 2): half the K slices
+        wgmma_issue<true, K / 32>(mma_a, thr_a.partition_fragment_A(sQ)(_, _, _, stage),
+                                  thr_a.partition_fragment_B(sK)(_, _, _, stage), acc_a, wg * (K / 32));
+      } else {
+        wgmma_issue<true>(mma_a, thr_a.partition_fragment_A(sQ)(_, _, _, stage),
+                          thr_a.partition_fragment_B(sK)(_, _, _, stage), acc_a);
+      }
       wgmma_issue<true>(mma_o, thr_o.partition_fragment_A(sQ)(_, _, _, stage), thr_o.partition_fragment_B(sSt),
                         acc_o);
       if (p.h_out != nullptr) {
@@ -408,6 +418,18 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
       uint32_t* pa = reinterpret_cast<uint32_t*>(raw_pointer_cast(tPa.data()));
       warpgroup_wait<2>();  // A (O and the state may still run)
       warpgroup_fence_operand(acc_a);
+      if constexpr (Tr::kSplitScores) {
+        // this warpgroup's partial scores out, the other's in: [warpgroup][element][thread], so
+        // that a warp's 32 threads touch 32 consecutive floats
+        float* xs = reinterpret_cast<float*>(smem_raw + Tr::kOffX);
+        constexpr int kElems = kChunk * kChunk / 128;
+        const int t = tid_here() & 127;
+        CUTE_UNROLL
+        for (int e = 0; e < kElems; ++e) xs[(wg * kElems + e) * 128 + t] = acc_a(e);
+        __syncthreads();  // both partials
+        CUTE_UNROLL
+        for (int e = 0; e < kElems; ++e) acc_a(e) += xs[((1 - wg) * kElems + e) * 128 + t];
+      }
       {
         const int t = tid_here() & 127;
         const int warp_last_row = 16 * (t >> 5) + 15;
