@@ -194,6 +194,12 @@ def linear_cases(quick):
         # _kernels.gla_fused_plan), rows past the sequences' ends unwritten
         ("chunk_gla one pass varlen empty seqs K100 V72", dict(op="chunk_gla", lens=[0, 65, 1, 130, 0], H=28, K=100,
                                                                V=72)),
+        # sm90: the wgmma one-pass forward with two V tiles per CTA (K = 256: 3 pairs of 32 columns;
+        # K = 128 with the pairs forced), whose warpgroups exchange partial scores in shared memory
+        ("chunk_simple_gla pairs varlen K256 V192", dict(op="chunk_simple_gla", lens=[0, 200, 1, 130], H=2, K=256,
+                                                         V=192)),
+        ("chunk_simple_gla pairs forced K128", dict(op="chunk_simple_gla", B=1, T=300, H=1, K=128, V=128,
+                                                    env={"FLASH_ATTN_LINEAR_SM90_PAIR": "1"})),
     ]
     if not quick:
         out += [
