@@ -11,6 +11,24 @@
 
 namespace flash {
 
+// Whether the device executes `kernel`'s sm90 code (PTX version 90). setup.py builds sm90 code as
+// sm_90a and then defines FLASH_ATTN_HAS_SM90A: the warpgroup-MMA kernels have bodies only there.
+// Other builds (benchmarks/tune's plain sm_90 harnesses) never take them.
+template <typename Kernel>
+inline bool runs_sm90a_code(Kernel kernel) {
+#ifndef FLASH_ATTN_HAS_SM90A
+  (void)kernel;
+  return false;
+#else
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return attr.ptxVersion == 90;
+#endif
+}
+
 // The attribute kAttr of device `device`, or -1 when the driver cannot say.
 template <cudaDeviceAttr kAttr>
 inline int cached_device_attribute(int device) {

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include "device_info.h"
 #include "flash.h"
 #include "flash_bwd_kernel.h"
 #include "flash_bwd_kernel_sm90.h"
@@ -45,21 +46,10 @@ cudaError_t dk_dv_kernel_for_device(void (**kernel)(const Flash_bwd_params), int
 // sm90 code), FLASH_ATTN_BWD_SM90 is not "0" (which runs those instead, for A/B timings and for
 // testing them on sm90).
 // Builds other than setup.py's (benchmarks/tune's harnesses: plain sm_90 code, mma.sync tiles)
-// lack FLASH_ATTN_HAS_SM90A and so never take the wgmma kernels, whose bodies are sm_90a only.
+// lack FLASH_ATTN_HAS_SM90A and so never take the wgmma kernels (runs_sm90a_code).
 template <typename Kernel>
 bool sm90_bwd_runs(Kernel kernel) {
-#ifndef FLASH_ATTN_HAS_SM90A
-  (void)kernel;
-  return false;
-#else
-  if (wgmma_bwd_switched_off()) { return false; }
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return attr.ptxVersion == 90;
-#endif
+  return !wgmma_bwd_switched_off() && runs_sm90a_code(kernel);
 }
 
 // The wgmma dK/dV kernel (with atomic dQ when Accum_dq); false if it does not run here.

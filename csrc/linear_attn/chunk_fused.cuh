@@ -53,6 +53,7 @@
 
 #include "chunk_fused_sm90.cuh"
 #include "chunk_info.cuh"
+#include "device_info.h"
 #include "mma.cuh"
 
 namespace linear_attn {
@@ -98,28 +99,14 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
-  const SegmentWalk walk = segment_walk(p.seq, p.max_segs, p.seg_chunks);
-  const int seq = walk.seq, seg = walk.seg;
-  const int head = blockIdx.y, H = p.seq.heads;
   const int n0 = blockIdx.z * BV;
-  const SeqRange sr = walk.sr;
-  // this CTA's chunks [c_begin, c_end): the whole sequence without segments
-  const SegmentRange segs = walk.segs;
-  const int nsegs = segs.count, c_begin = segs.begin, c_end = segs.end;
-  if (seg >= nsegs || (kStateOnly && seg == nsegs - 1)) return;  // pass 1 never needs the last segment's L
-
-  const int64_t ldk = static_cast<int64_t>(H) * K, ldv = static_cast<int64_t>(H) * p.v_dim;
-  const T* qg = static_cast<const T*>(p.q) + static_cast<int64_t>(head) * K;
-  const T* kg = static_cast<const T*>(p.k) + static_cast<int64_t>(head) * K;
-  const T* vg = static_cast<const T*>(p.v) + static_cast<int64_t>(head) * p.v_dim + n0;
-  T* og = static_cast<T*>(p.out) + static_cast<int64_t>(head) * p.v_dim + n0;
-  const int64_t state_base = (static_cast<int64_t>(seq) * H + head) * K * p.v_dim;
-  // segment s of this sequence in seg_state [N * max_segs, H, K, V] and seg_decay [N * max_segs, H]
-  auto seg_row = [&](int s) { return (static_cast<int64_t>(seq) * p.max_segs + s) * H + head; };
+  // this CTA's chunks [c_begin, c_end) of its sequence: the whole sequence without segments
+  const FusedCta<T, K> cta(p, n0);
+  if (cta.idle(kStateOnly)) return;
 
   // st[m][nt][0..1] = S (64 m + 16 warp + g, n0 + 8 nt + 2 t4 + {0, 1}); [2..3] the row + 8;
   // state_at: where st[m][nt][2 half ..] lives in an fp32 [.., K, V] state whose (K, V) matrix
-  // starts at `base` (state_base: this sequence and head in an [N, H, K, V] state)
+  // starts at `base` (cta.state_base: this sequence and head in an [N, H, K, V] state)
   auto state_at = [&](int m, int nt, int half, int64_t base) {
     return base + static_cast<int64_t>(64 * m + 16 * warp + g + 8 * half) * p.v_dim + n0 + 8 * nt + 2 * t4;
   };
@@ -137,15 +124,17 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
   float st[MT][NT8][4];
   each_pair([&](int m, int nt, int half) {
     float2 v = make_float2(0.f, 0.f);
-    if (!kStateOnly && p.init != nullptr) v = *reinterpret_cast<const float2*>(p.init + state_at(m, nt, half, state_base));
+    if (!kStateOnly && p.init != nullptr) {
+      v = *reinterpret_cast<const float2*>(p.init + state_at(m, nt, half, cta.state_base));
+    }
     st[m][nt][2 * half] = v.x;
     st[m][nt][2 * half + 1] = v.y;
   });
   if constexpr (!kStateOnly) {
-    // the state entering segment seg: the earlier segments' pass-1 results folded in order
-    for (int s = 0; s < seg; ++s) {
-      const float decay = __expf(p.seg_decay[seg_row(s)]);
-      const int64_t base = seg_row(s) * K * p.v_dim;
+    // the state entering this segment: the earlier segments' pass-1 results folded in order
+    for (int s = 0; s < cta.walk.seg; ++s) {
+      const float decay = __expf(p.seg_decay[cta.seg_row(s)]);
+      const int64_t base = cta.seg_row(s) * K * p.v_dim;
       each_pair([&](int m, int nt, int half) {
         const float2 l = *reinterpret_cast<const float2*>(p.seg_state + state_at(m, nt, half, base));
         st[m][nt][2 * half] = fmaf(decay, st[m][nt][2 * half], l.x);
@@ -155,30 +144,28 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
   }
   float seg_log_decay = 0.f;  // pass 1: the sum of the segment's gates (the b_L of its chunks)
 
-  auto chunk_start = [&](int i) { return sr.bos + static_cast<int64_t>(i) * kChunk; };
-  auto chunk_rows = [&](int i) {
-    return static_cast<int>(min(static_cast<int64_t>(kChunk), sr.eos - chunk_start(i)));
-  };
   auto issue = [&](int i) {
-    const int stage = (i - c_begin) % kStages;  // as the loop below counts stages
-    const int64_t start = chunk_start(i);
-    const int rows = chunk_rows(i);
-    if constexpr (!kStateOnly) load_tile<kChunk, K, kThreads>(sq + stage * kChunk * K, qg + start * ldk, ldk, rows, tid);
-    load_tile<kChunk, K, kThreads>(sk + stage * kChunk * K, kg + start * ldk, ldk, rows, tid);
-    load_tile<kChunk, BV, kThreads>(sv + stage * kChunk * BV, vg + start * ldv, ldv, rows, tid);
-    if (warp == 0) chunk_gate_load_async(p.gate, start, rows, head, H, graw + stage * kChunk, lane);
+    const int stage = (i - cta.c_begin) % kStages;  // as the loop below counts stages
+    const int64_t start = cta.chunk_start(i);
+    const int rows = cta.chunk_rows(i);
+    if constexpr (!kStateOnly) {
+      load_tile<kChunk, K, kThreads>(sq + stage * kChunk * K, cta.qg + start * cta.ldk, cta.ldk, rows, tid);
+    }
+    load_tile<kChunk, K, kThreads>(sk + stage * kChunk * K, cta.kg + start * cta.ldk, cta.ldk, rows, tid);
+    load_tile<kChunk, BV, kThreads>(sv + stage * kChunk * BV, cta.vg + start * cta.ldv, cta.ldv, rows, tid);
+    if (warp == 0) chunk_gate_load_async(p.gate, start, rows, cta.head, cta.heads, graw + stage * kChunk, lane);
   };
 
-  if (c_begin < c_end) issue(c_begin);
+  if (cta.c_begin < cta.c_end) issue(cta.c_begin);
   cp_async_commit();
-  for (int i = c_begin; i < c_end; ++i) {
-    const int stage = (i - c_begin) % kStages;
-    if (kStages > 1 && i + 1 < c_end) issue(i + 1);
+  for (int i = cta.c_begin; i < cta.c_end; ++i) {
+    const int stage = (i - cta.c_begin) % kStages;
+    if (kStages > 1 && i + 1 < cta.c_end) issue(i + 1);
     cp_async_commit();  // (one stage: an empty group, so that the wait below counts the same)
-    const int64_t row0 = chunk_start(i);
-    const int rows = chunk_rows(i);
+    const int64_t row0 = cta.chunk_start(i);
+    const int rows = cta.chunk_rows(i);
     cp_async_wait<1>();  // chunk i's group has landed (this thread's copies); the newest may not have
-    if (warp == 0) chunk_gate_scan(p.gate, graw + stage * kChunk, rows, head, sb, lane);
+    if (warp == 0) chunk_gate_scan(p.gate, graw + stage * kChunk, rows, cta.head, sb, lane);
     // ---- 1. S_c as an MMA operand, in the input dtype
     if constexpr (!kStateOnly) {
       each_pair([&](int m, int nt, int half) {
@@ -191,7 +178,7 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
       // S_c as chunk_state stores it (the state entering chunk i, in the input dtype), for the
       // backward: ss (swizzled 16-byte groups) -> h_out[slot i], this V tile, 16-byte stores; one
       // group in flight per thread (unrolled, the loads ran ahead and cost registers: spills)
-      T* hrow = static_cast<T*>(p.h_out) + (static_cast<int64_t>(sr.first_slot + i) * H + head) * K * p.v_dim + n0;
+      T* hrow = static_cast<T*>(p.h_out) + cta.slot_row(i) * K * p.v_dim + n0;
 #pragma unroll 1
       for (int j = 0; j < K * BV / 8 / kThreads; ++j) {
         const int idx = tid + j * kThreads, r = idx / (BV / 8), c = (idx % (BV / 8)) * 8;
@@ -241,14 +228,14 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
       for (int blk = 0; blk < 4; ++blk) {
         if (blk <= warp) mma_b<E, BV, BLayout::kKN>(o, pa[blk], vs, blk * 16, lane);
       }
-      T* orow = og + row0 * ldv;
+      T* orow = cta.og + row0 * cta.ldv;
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int r = warp * 16 + g + 8 * half;
         if (r < rows) {
 #pragma unroll
           for (int nt = 0; nt < NT8; ++nt) {
-            *reinterpret_cast<uint32_t*>(orow + r * ldv + nt * 8 + 2 * t4) =
+            *reinterpret_cast<uint32_t*>(orow + r * cta.ldv + nt * 8 + 2 * t4) =
                 E::pack(o[nt][2 * half], o[nt][2 * half + 1]);
           }
         }
@@ -296,7 +283,7 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
       }
     }
     __syncthreads();  // everyone is done with ss, sb and this stage before they are rewritten
-    if (kStages == 1 && i + 1 < c_end) {  // one stage: chunk i + 1's loads now that it is free
+    if (kStages == 1 && i + 1 < cta.c_end) {  // one stage: chunk i + 1's loads now that it is free
       issue(i + 1);
       cp_async_commit();
     }
@@ -304,15 +291,16 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
   cp_async_wait<0>();
 
   if constexpr (kStateOnly) {
-    const int64_t base = seg_row(seg) * K * p.v_dim;
+    const int64_t base = cta.seg_row(cta.walk.seg) * K * p.v_dim;
     each_pair([&](int m, int nt, int half) {
       *reinterpret_cast<float2*>(p.seg_state + state_at(m, nt, half, base)) =
           make_float2(st[m][nt][2 * half], st[m][nt][2 * half + 1]);
     });
-    if (blockIdx.z == 0 && tid == 0) p.seg_decay[seg_row(seg)] = seg_log_decay;  // the same in every V tile
-  } else if (p.final_state != nullptr && seg == nsegs - 1) {
+    // (the same in every V tile)
+    if (blockIdx.z == 0 && tid == 0) p.seg_decay[cta.seg_row(cta.walk.seg)] = seg_log_decay;
+  } else if (p.final_state != nullptr && cta.walk.seg == cta.nsegs - 1) {
     each_pair([&](int m, int nt, int half) {
-      *reinterpret_cast<float2*>(p.final_state + state_at(m, nt, half, state_base)) =
+      *reinterpret_cast<float2*>(p.final_state + state_at(m, nt, half, cta.state_base)) =
           make_float2(st[m][nt][2 * half], st[m][nt][2 * half + 1]);
     });
   }
@@ -324,19 +312,9 @@ __global__ void __launch_bounds__(kFusedThreads) chunk_fused_fwd_kernel(const Ch
 // instead: A/B timings, and its tests on sm90).
 template <typename Kernel>
 bool chunk_fused_sm90_runs(Kernel kernel) {
-#ifndef FLASH_ATTN_HAS_SM90A
-  (void)kernel;
-  return false;
-#else
   const char* env = std::getenv("FLASH_ATTN_LINEAR_SM90");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  return attr.ptxVersion == 90;
-#endif
+  return flash::runs_sm90a_code(kernel);
 }
 
 template <typename Kernel>

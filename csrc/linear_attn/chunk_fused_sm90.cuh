@@ -202,8 +202,9 @@ __device__ __forceinline__ int tid_here() {
 }
 
 // f(i, row, col) for each pair (i, i + 1) of a wgmma accumulator over an (64 M) x N product of one
-// warpgroup (thread t of the warpgroup, 0 .. 127): element i = e + 2 h + 4 n + 4 (N / 8) m holds (64 m + 16 warp + lane / 4
-// + 8 h, 8 n + 2 (lane % 4) + e) (CuTe's SM90 64 x N accumulator layout; checked on the host).
+// warpgroup (thread t of the warpgroup, 0 .. 127): element i = e + 2 h + 4 n + 4 (N / 8) m holds
+// (64 m + 16 warp + lane / 4 + 8 h, 8 n + 2 (lane % 4) + e) (CuTe's SM90 64 x N accumulator
+// layout; checked on the host).
 template <int M, int N, typename F>
 __device__ __forceinline__ void for_acc_pairs(int t, F&& f) {
   const int row = 16 * (t >> 5) + ((t & 31) >> 2), col = 2 * (t & 3);
@@ -252,21 +253,9 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
   Tensor sSt = tile(Tr::kOffS, typename Tr::St::LayoutT{})(_, _, wg);    // (column, key)
 
   const int tid = threadIdx.x, wtid = tid & 127;
-  const SegmentWalk walk = segment_walk(p.seq, p.max_segs, p.seg_chunks);
-  const int seq = walk.seq, seg = walk.seg;
-  const int head = blockIdx.y, H = p.seq.heads;
   const int n0 = (blockIdx.z * kWG + wg) * BV;
-  const SeqRange sr = walk.sr;
-  const int nsegs = walk.segs.count, c_begin = walk.segs.begin, c_end = walk.segs.end;
-  if (seg >= nsegs || (kStateOnly && seg == nsegs - 1)) return;  // pass 1 never needs the last segment's L
-
-  const int64_t ldk = static_cast<int64_t>(H) * K, ldv = static_cast<int64_t>(H) * p.v_dim;
-  const T* qg = static_cast<const T*>(p.q) + static_cast<int64_t>(head) * K;
-  const T* kg = static_cast<const T*>(p.k) + static_cast<int64_t>(head) * K;
-  const T* vg = static_cast<const T*>(p.v) + static_cast<int64_t>(head) * p.v_dim + n0;
-  T* og = static_cast<T*>(p.out) + static_cast<int64_t>(head) * p.v_dim + n0;
-  const int64_t state_base = (static_cast<int64_t>(seq) * H + head) * K * p.v_dim;
-  auto seg_row = [&](int s) { return (static_cast<int64_t>(seq) * p.max_segs + s) * H + head; };
+  const FusedCta<T, K> cta(p, n0);
+  if (cta.idle(kStateOnly)) return;
 
   // The state: MT accumulator tiles of 64 x BV (for_acc_pairs<MT, BV> gives their coordinates).
   typename Tr::MmaState mma_h;
@@ -279,14 +268,14 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
 
   for_acc_pairs<MT, BV>(wtid, [&](int i, int r, int c) {
     float2 v = make_float2(0.f, 0.f);
-    if (!kStateOnly && p.init != nullptr) v = *reinterpret_cast<const float2*>(p.init + at(state_base, r, c));
+    if (!kStateOnly && p.init != nullptr) v = *reinterpret_cast<const float2*>(p.init + at(cta.state_base, r, c));
     acc_h(i) = v.x;
     acc_h(i + 1) = v.y;
   });
   if constexpr (!kStateOnly) {
-    for (int s = 0; s < seg; ++s) {  // the state entering segment seg (chunk_fused.cuh)
-      const float decay = __expf(p.seg_decay[seg_row(s)]);
-      const int64_t base = seg_row(s) * K * p.v_dim;
+    for (int s = 0; s < cta.walk.seg; ++s) {  // the state entering this segment (chunk_fused.cuh)
+      const float decay = __expf(p.seg_decay[cta.seg_row(s)]);
+      const int64_t base = cta.seg_row(s) * K * p.v_dim;
       for_acc_pairs<MT, BV>(wtid, [&](int i, int r, int c) {
         const float2 l = *reinterpret_cast<const float2*>(p.seg_state + at(base, r, c));
         acc_h(i) = fmaf(decay, acc_h(i), l.x);
@@ -296,19 +285,17 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
   }
   float seg_log_decay = 0.f;
 
-  auto chunk_start = [&](int i) { return sr.bos + static_cast<int64_t>(i) * kChunk; };
-  auto chunk_rows = [&](int i) {
-    return static_cast<int>(min(static_cast<int64_t>(kChunk), sr.eos - chunk_start(i)));
-  };
   auto issue = [&](int i) {
     const int t = tid_here();
-    const int stage = (i - c_begin) % kStages;
-    const int64_t start = chunk_start(i);
-    const int rows = chunk_rows(i);
-    if constexpr (!kStateOnly) load_rows_async<K, kThreads>(sq + stage * kChunk * K, qg + start * ldk, ldk, rows, t);
-    load_rows_async<K, kThreads>(sk + stage * kChunk * K, kg + start * ldk, ldk, rows, t);
-    load_rows_async<BV, 128>(sv + stage * kWG * kChunk * BV, vg + start * ldv, ldv, rows, t & 127);
-    if (t < 32) chunk_gate_load_async(p.gate, start, rows, head, H, graw + stage * kChunk, t);
+    const int stage = (i - cta.c_begin) % kStages;
+    const int64_t start = cta.chunk_start(i);
+    const int rows = cta.chunk_rows(i);
+    if constexpr (!kStateOnly) {
+      load_rows_async<K, kThreads>(sq + stage * kChunk * K, cta.qg + start * cta.ldk, cta.ldk, rows, t);
+    }
+    load_rows_async<K, kThreads>(sk + stage * kChunk * K, cta.kg + start * cta.ldk, cta.ldk, rows, t);
+    load_rows_async<BV, 128>(sv + stage * kWG * kChunk * BV, cta.vg + start * cta.ldv, cta.ldv, rows, t & 127);
+    if (t < 32) chunk_gate_load_async(p.gate, start, rows, cta.head, cta.heads, graw + stage * kChunk, t);
   };
 
   // S *= exp(b_L) before any wgmma of the chunk is in flight (ptxas serializes the wgmmas when
@@ -341,18 +328,18 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
     }
   };
 
-  if (c_begin < c_end) issue(c_begin);
+  if (cta.c_begin < cta.c_end) issue(cta.c_begin);
   cp_async_commit();
-  for (int i = c_begin; i < c_end; ++i) {
-    const int stage = (i - c_begin) % kStages;
-    if (kStages > 1 && i + 1 < c_end) issue(i + 1);
+  for (int i = cta.c_begin; i < cta.c_end; ++i) {
+    const int stage = (i - cta.c_begin) % kStages;
+    if (kStages > 1 && i + 1 < cta.c_end) issue(i + 1);
     cp_async_commit();  // (one stage: an empty group, so that the wait below counts the same)
-    const int64_t row0 = chunk_start(i);
-    const int rows = chunk_rows(i);
+    const int64_t row0 = cta.chunk_start(i);
+    const int rows = cta.chunk_rows(i);
     cp_async_wait<1>();
     {
       const int t = tid_here();
-      if (t < 32) chunk_gate_scan(p.gate, graw + stage * kChunk, rows, head, sb, t);
+      if (t < 32) chunk_gate_scan(p.gate, graw + stage * kChunk, rows, cta.head, sb, t);
     }
 
     if constexpr (kStateOnly) {
@@ -396,7 +383,7 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
                         acc_o);
       if (p.h_out != nullptr) {
         // S_c as chunk_state stores it (the state entering chunk i), for the backward
-        T* hrow = static_cast<T*>(p.h_out) + (static_cast<int64_t>(sr.first_slot + i) * H + head) * K * p.v_dim + n0;
+        T* hrow = static_cast<T*>(p.h_out) + cta.slot_row(i) * K * p.v_dim + n0;
         const int t = tid_here() & 127;
 #pragma unroll 1
         for (int j = 0; j < K * BV / 8 / 128; ++j) {
@@ -458,13 +445,13 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
       warpgroup_wait<0>();
       warpgroup_fence_operand(acc_o);
       warpgroup_fence_operand(acc_h);
-      T* orow = og + row0 * ldv;
+      T* orow = cta.og + row0 * cta.ldv;
       for_acc_pairs<1, BV>(tid_here() & 127, [&](int j, int r, int c) {
-        if (r < rows) *reinterpret_cast<uint32_t*>(orow + r * ldv + c) = E::pack(acc_o(j), acc_o(j + 1));
+        if (r < rows) *reinterpret_cast<uint32_t*>(orow + r * cta.ldv + c) = E::pack(acc_o(j), acc_o(j + 1));
       });
     }
     __syncthreads();  // the stage, S_c, w v and b are free
-    if (kStages == 1 && i + 1 < c_end) {
+    if (kStages == 1 && i + 1 < cta.c_end) {
       issue(i + 1);
       cp_async_commit();
     }
@@ -472,14 +459,14 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
   cp_async_wait<0>();
 
   if constexpr (kStateOnly) {
-    const int64_t base = seg_row(seg) * K * p.v_dim;
+    const int64_t base = cta.seg_row(cta.walk.seg) * K * p.v_dim;
     for_acc_pairs<MT, BV>(wtid, [&](int i, int r, int c) {
       *reinterpret_cast<float2*>(p.seg_state + at(base, r, c)) = make_float2(acc_h(i), acc_h(i + 1));
     });
-    if (blockIdx.z == 0 && tid == 0) p.seg_decay[seg_row(seg)] = seg_log_decay;
-  } else if (p.final_state != nullptr && seg == nsegs - 1) {
+    if (blockIdx.z == 0 && tid == 0) p.seg_decay[cta.seg_row(cta.walk.seg)] = seg_log_decay;
+  } else if (p.final_state != nullptr && cta.walk.seg == cta.nsegs - 1) {
     for_acc_pairs<MT, BV>(wtid, [&](int i, int r, int c) {
-      *reinterpret_cast<float2*>(p.final_state + at(state_base, r, c)) = make_float2(acc_h(i), acc_h(i + 1));
+      *reinterpret_cast<float2*>(p.final_state + at(cta.state_base, r, c)) = make_float2(acc_h(i), acc_h(i + 1));
     });
   }
 }

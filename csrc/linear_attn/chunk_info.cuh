@@ -74,6 +74,50 @@ __device__ __forceinline__ SegmentWalk segment_walk(const SeqParams& s, int max_
   return w;
 }
 
+// A CTA of the one-pass forward (chunk_fused.cuh, chunk_fused_sm90.cuh; grid x: sequences x
+// max_segs, y: heads): what it walks (its segment of its sequence) and where its rows live (q, k
+// of its head; v and out from column n0; its fp32 states).
+template <typename T, int K>
+struct FusedCta {
+  SegmentWalk walk;
+  int head = 0, heads = 0, max_segs = 1;
+  int nsegs = 1, c_begin = 0, c_end = 0;  // the sequence's segment count; this segment's chunks
+  int64_t ldk = 0, ldv = 0;               // row strides of q, k and of v, out
+  const T* qg = nullptr;
+  const T* kg = nullptr;
+  const T* vg = nullptr;
+  T* og = nullptr;
+  int64_t state_base = 0;                 // this sequence and head in an [N, H, K, V] state
+
+  __device__ __forceinline__ FusedCta(const ChunkFusedParams& p, int n0)
+      : walk(segment_walk(p.seq, p.max_segs, p.seg_chunks)), head(blockIdx.y), heads(p.seq.heads),
+        max_segs(p.max_segs), nsegs(walk.segs.count), c_begin(walk.segs.begin), c_end(walk.segs.end) {
+    ldk = static_cast<int64_t>(heads) * K;
+    ldv = static_cast<int64_t>(heads) * p.v_dim;
+    qg = static_cast<const T*>(p.q) + static_cast<int64_t>(head) * K;
+    kg = static_cast<const T*>(p.k) + static_cast<int64_t>(head) * K;
+    vg = static_cast<const T*>(p.v) + static_cast<int64_t>(head) * p.v_dim + n0;
+    og = static_cast<T*>(p.out) + static_cast<int64_t>(head) * p.v_dim + n0;
+    state_base = (static_cast<int64_t>(walk.seq) * heads + head) * K * p.v_dim;
+  }
+  // nothing to do: a segment past the sequence's last, or pass 1's last segment (never needed)
+  __device__ __forceinline__ bool idle(bool state_only) const {
+    return walk.seg >= nsegs || (state_only && walk.seg == nsegs - 1);
+  }
+  // segment s of this sequence in seg_state [N * max_segs, H, K, V] and seg_decay [N * max_segs, H]
+  __device__ __forceinline__ int64_t seg_row(int s) const {
+    return (static_cast<int64_t>(walk.seq) * max_segs + s) * heads + head;
+  }
+  // chunk i's state slot and this head, the row of [slots, H, K, V] (h_out) that holds its state
+  __device__ __forceinline__ int64_t slot_row(int i) const {
+    return static_cast<int64_t>(walk.sr.first_slot + i) * heads + head;
+  }
+  __device__ __forceinline__ int64_t chunk_start(int i) const { return walk.sr.bos + static_cast<int64_t>(i) * kChunk; }
+  __device__ __forceinline__ int chunk_rows(int i) const {
+    return static_cast<int>(min(static_cast<int64_t>(kChunk), walk.sr.eos - chunk_start(i)));
+  }
+};
+
 // The chunk in state slot `slot` (the CTA's blockIdx.x): its sequence, its index in it and
 // its rows. valid is false for a slot no chunk occupies (varlen grids are sized by a bound).
 struct ChunkCoord {
