@@ -86,7 +86,8 @@ def _host_compiler():
     if gxx is None or not (cuda_inc / "vector_types.h").exists() or cutlass is None:
         return None, "needs g++, the CUDA headers and nvidia-cutlass"
     return [gxx, "-std=c++20", "-O1", "-w", "-fpermissive", f"-I{cuda_inc}", f"-I{cuda_inc / 'cccl'}",
-            f"-I{cutlass}", f"-I{ROOT / 'csrc' / 'flash_attn'}"], None
+            f"-I{cutlass}", f"-I{ROOT / 'csrc' / 'flash_attn'}", f"-I{ROOT / 'csrc' / 'linear_attn'}",
+            f"-I{ROOT / 'csrc' / 'common'}"], None
 
 
 def build_host_program(tmp_path_factory, name):
