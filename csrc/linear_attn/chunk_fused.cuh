@@ -47,7 +47,6 @@
 // only the fp32 sums of the states regroup (rounding differences, not a different result).
 #pragma once
 
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
