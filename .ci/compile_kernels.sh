@@ -61,9 +61,11 @@ elif [ ${#FILES[@]} -eq 0 ]; then
     # (R 128 bf16, R 256 fp16), the gate gradient, the token-by-token recurrence, masked
     # linear attention (its pass at R 128, bf16, and its mask gradient), and GLA's per-key
     # chunk states, output / dv (bf16) and dq / dk / dg (fp16), and the one-pass forward (bf16),
-    # GLA's at K = V = 128 too (its 256-thread kernel, at the register limit) and its reverse pass (fp16)
+    # GLA's at K = V = 128 too (its 256-thread kernel, at the register limit) and its reverse pass (fp16),
+    # and the simple-GLA backward's fused dv / dk / dq (sm90a wgmma, K = V = 128)
     FILES+=("$REPO/csrc/linear_attn/instantiations/chunk_state_bf16.cu"
             "$REPO/csrc/linear_attn/instantiations/chunk_fused_bf16.cu"
+            "$REPO/csrc/linear_attn/instantiations/chunk_bwd_sm90_bf16_d128.cu"
             "$REPO/csrc/linear_attn/instantiations/chunk_output_bf16_r128.cu"
             "$REPO/csrc/linear_attn/instantiations/chunk_output_fp16_r256.cu"
             "$REPO/csrc/linear_attn/gate_grad.cu"

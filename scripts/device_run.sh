@@ -37,6 +37,10 @@
 #              benchmark_linear.py --ops chunk_simple_gla,chunk_retention --mode fwd,fwdbwd --no-fla --no-softmax
 #              $LINSM90_ARGS (e.g. "--grid fla-gla") with FLASH_ATTN_LINEAR_SM90=0 and =1 (JSON into
 #              $OUT/linsm90_0, _1)
+#   linbwd     the simple-GLA backward's fused dv / dk / dq (chunk_bwd_sm90.cuh): GPU tests (-k "bwd_fused or
+#              fused_backward_switch or chunk_simple_gla_backward or kept_states", junit $OUT/linbwd.xml), then
+#              benchmark_linear.py --ops chunk_simple_gla,chunk_retention --mode fwdbwd --no-fla --no-softmax
+#              $LINBWD_ARGS with FLASH_ATTN_LINEAR_FUSED_BWD_SM90=0, one and split (JSON into $OUT/linbwd_<mode>)
 #   linprofile benchmarks/tune/profile_linear.py $PROFILE_ARGS ($OUT/profile_linear_<commit>.txt)
 #   glabwd     chunk_gla's one-kernel backward reverse pass: GPU tests (-k gla, junit $OUT/glabwd.xml), then
 #              benchmark_linear.py --ops chunk_gla --mode fwdbwd --no-fla with FLASH_ATTN_LINEAR_GLA_FUSED_BWD=0
@@ -316,6 +320,24 @@ for stage in "${STAGES[@]}"; do
             FLASH_ATTN_LINEAR_SM90=$on run_stage "linsm90-ab-$on" "$PY" "$REPO/benchmarks/benchmark_linear.py" \
                 --ops chunk_simple_gla,chunk_retention --mode fwd,fwdbwd --no-fla --no-softmax ${LINSM90_ARGS:-} \
                 --out-dir "$OUT/linsm90_$on"
+        done
+        ;;
+    linbwd)
+        # the simple-GLA backward's fused dv / dk / dq (chunk_bwd_sm90.cuh): its GPU tests, then forward +
+        # backward with FLASH_ATTN_LINEAR_FUSED_BWD_SM90=0 (three chunk_output passes), one and split
+        need_build linbwd || continue
+        rm -f "$OUT/linbwd.xml"
+        FLASH_ATTN_REQUIRE_CUDA=1 run_stage linbwd "$PY" -m pytest "$REPO/tests/test_linear_attn_gpu.py" -m cuda \
+            -k "bwd_fused or fused_backward_switch or chunk_simple_gla_backward or kept_states" -p no:cacheprovider \
+            -q -rfEs --tb=short --junitxml="$OUT/linbwd.xml" "${XDIST[@]}"
+        SUMMARY[-1]="${SUMMARY[-1]} $(junit_counts "$OUT/linbwd.xml")"
+        for mode in 0 one split; do
+            mkdir -p "$OUT/linbwd_$mode"
+            # shellcheck disable=SC2086  # LINBWD_ARGS is a list of arguments
+            FLASH_ATTN_LINEAR_FUSED_BWD_SM90=$mode run_stage "linbwd-ab-$mode" "$PY" \
+                "$REPO/benchmarks/benchmark_linear.py" --ops chunk_simple_gla,chunk_retention --mode fwdbwd --no-fla \
+                --no-softmax ${LINBWD_ARGS:-} --out-dir "$OUT/linbwd_$mode"
+            rm -f "$OUT/linbwd_$mode"/*.png
         done
         ;;
     glafused)

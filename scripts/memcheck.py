@@ -200,6 +200,13 @@ def linear_cases(quick):
                                                          V=192)),
         ("chunk_simple_gla pairs forced K128", dict(op="chunk_simple_gla", B=1, T=300, H=1, K=128, V=128,
                                                     env={"FLASH_ATTN_LINEAR_SM90_PAIR": "1"})),
+        # sm90: the backward's dv, dk, dq in one wgmma kernel (chunk_bwd_sm90.cuh), all three per CTA and
+        # split (dv + dk, then dq), varlen with empty sequences and a 17-row chunk
+        ("chunk_simple_gla fused backward one varlen K64", dict(op="chunk_simple_gla", lens=[0, 65, 1, 130, 0], H=2,
+                                                                K=64, V=64,
+                                                                env={"FLASH_ATTN_LINEAR_FUSED_BWD_SM90": "one"})),
+        ("chunk_simple_gla fused backward split 1x17 K100", dict(op="chunk_simple_gla", B=1, T=17, H=2, K=100, V=100,
+                                                                 env={"FLASH_ATTN_LINEAR_FUSED_BWD_SM90": "split"})),
     ]
     if not quick:
         out += [

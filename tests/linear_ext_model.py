@@ -255,6 +255,24 @@ class LinearExtModel:
                     prod = (inter * ds[start:stop]).reshape(L, H, N // 64, 64).sum(-1)  # [L, H, tiles]
                     rd[:, start:stop] = prod.permute(2, 0, 1).to(rowdot.dtype)
 
+    def chunk_bwd_fused(self, q, k, v, dout, h, dh, dq, dk, dv, rq, rk, g, gamma, cu_seqlens, chunk_offsets, scale,
+                        jobs):
+        """The simple-GLA backward's products in one launch (chunk_bwd_sm90.cuh): the chunk_output
+        sums the three-pass route computes, for the jobs' bits (1 dv, 2 dk, 4 dq); rq and rk (or
+        neither) get the dq and dk row dots. False, nothing written, where the kernel has no
+        instantiation (K != V, or not 64 / 128)."""
+        K, V = q.shape[3], v.shape[3]
+        if K != V or K not in (64, 128):
+            return False
+        args = (g, gamma, cu_seqlens, chunk_offsets)
+        if jobs & 1:
+            self.chunk_output(k, q, dout, dh, dv, None, None, *args, 1.0, scale, False, True)
+        if jobs & 2:
+            self.chunk_output(v, dout, q, dh, dk, None if rk is None else k, rk, *args, 1.0, scale, True, True)
+        if jobs & 4:
+            self.chunk_output(dout, v, k, h, dq, None if rq is None else q, rq, *args, scale, scale, True, False)
+        return True
+
     def chunk_fused_tile_v(self, k_dim):
         """The V tile of chunk_fused_fwd (tile_size.h: chunk_fused_tile_v)."""
         return 64 if k_dim <= 128 else 32

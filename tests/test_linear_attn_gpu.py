@@ -625,6 +625,116 @@ def test_simple_gla_kept_states_gradients(fused_switch, monkeypatch, op, kwargs,
         check("gradient", a, b, GRAD_TOL)
 
 
+# --------------------------------------------------------------------------- fused backward (chunk_bwd_fused)
+# csrc/linear_attn/chunk_bwd_sm90.cuh: dv, dk and dq of the simple-GLA backward in one pass over the
+# chunks on sm90a (K = V in {64, 128}), against the float64 model of the three chunk_output passes.
+
+def _fused_backward_runs():
+    """Whether chunk_bwd_fused has a kernel here: an sm90 device and a build with sm90 code."""
+    archs = [str(a) for a in build_info.build_config().get("archs", [])]
+    return torch.cuda.get_device_capability() == (9, 0) and "90" in archs
+
+
+BWD_FUSED_CASES = [
+    pytest.param(dt, d, T, gate, lens, jobs, dots,
+                 id=f"{dt}-D{d}-{'varlen' if lens else f'T{T}'}-{gate}-jobs{jobs}-{'dots' if dots else 'nodots'}")
+    for dt, d, T, gate, lens, jobs, dots in [
+        (dt, d, 300, "g", None, jobs, True) for dt in DTYPES for d in (64, 128) for jobs in (7, 3, 4)
+    ] + [("bf16", 128, t, gate, None, jobs, dots) for t in (1, 17, 64, 113) for gate, jobs, dots in
+         (("g", 7, True), ("gamma", 3, False), (None, 4, True))]
+      + [("bf16", 128, None, "g", EMPTY_LENS, jobs, True) for jobs in (7, 3, 4)]
+      + [("fp16", 64, None, "gamma", (1, 0, 129, 17), 7, False), ("bf16", 64, 1000, None, None, 7, True)]
+]
+
+
+@pytest.mark.parametrize("dt,D,T,gate,lens,jobs,dots", BWD_FUSED_CASES)
+def test_chunk_bwd_fused_kernel(dt, D, T, gate, lens, jobs, dots):
+    """chunk_bwd_fused with random states h, dH against the model: the jobs' outputs (and row dots)
+    NaN-initialized, every row written; the other products' outputs stay untouched."""
+    if not _fused_backward_runs():
+        pytest.skip("chunk_bwd_fused runs on sm90 devices with an sm90 build only")
+    dtype = DTYPES[dt]
+    B, T, H = (2, T, 3) if lens is None else (1, sum(lens), 2)
+    s = seqs(B, T, lens)
+    q, k = rand(B, T, H, D, dtype=dtype, seed=2), rand(B, T, H, D, dtype=dtype, seed=3)
+    v, do = rand(B, T, H, D, dtype=dtype, seed=4), rand(B, T, H, D, dtype=dtype, seed=5)
+    g = gates(B, T, H, n=0.5) if gate == "g" else None
+    gamma = -torch.rand(H, device="cuda") if gate == "gamma" else None
+    h = rand(s.slots, H, D, D, dtype=dtype, seed=6, scale=0.2)
+    dh = rand(s.slots, H, D, D, dtype=dtype, seed=7, scale=0.2)
+    nan = lambda *shape, dtype=dtype: torch.full(shape, float("nan"), device="cuda", dtype=dtype)  # noqa: E731
+    dq, dk, dv = nan(B, T, H, D), nan(B, T, H, D), nan(B, T, H, D)
+    rq, rk = (nan(D // 64, B, T, H, dtype=torch.float32) for _ in range(2)) if dots else (None, None)
+    scale = 0.3
+    assert ext().chunk_bwd_fused(q, k, v, do, h, dh, dq, dk, dv, rq, rk, g, gamma, s.cu, s.offsets, scale, jobs)
+    refs = [torch.zeros(B, T, H, D, dtype=torch.float64) for _ in range(3)]
+    rrefs = [torch.zeros(D // 64, B, T, H, dtype=torch.float64) for _ in range(2)] if dots else (None, None)
+    assert MODEL.chunk_bwd_fused(q, k, v, do, h, dh, *refs, *rrefs, g, gamma, s.cu, s.offsets, scale, jobs)
+    for bit, name, got, ref, rgot, rref in ((1, "dv", dv, refs[2], None, None), (2, "dk", dk, refs[1], rk, rrefs[1]),
+                                            (4, "dq", dq, refs[0], rq, rrefs[0])):
+        if jobs & bit:
+            check(name, got, ref, OUT_TOL)
+            if rgot is not None:
+                check(f"{name} row dots", rgot, rref, OUT_TOL)
+        else:
+            assert torch.isnan(got).all(), f"{name} was written by jobs {jobs}"
+            assert rgot is None or torch.isnan(rgot).all(), f"{name}'s row dots were written by jobs {jobs}"
+
+
+def test_chunk_bwd_fused_arguments():
+    """Bad jobs, mismatched states and half of (rq, rk) raise; K != V or K = 256 return False."""
+    q = rand(1, 64, 2, 128)
+    h = rand(1, 2, 128, 128)
+    out = [torch.empty_like(q) for _ in range(3)]
+    args = lambda jobs, hh=h: (q, q, q, q, h, hh, *out, None, None, None, None, None, None, 1.0, jobs)  # noqa: E731
+    with pytest.raises(RuntimeError, match="jobs"):
+        ext().chunk_bwd_fused(*args(5))
+    with pytest.raises(RuntimeError, match="dh"):
+        ext().chunk_bwd_fused(*args(7, hh=rand(1, 2, 128, 64)))
+    r = torch.empty(2, 1, 64, 2, device="cuda")
+    with pytest.raises(RuntimeError, match="rq and rk"):
+        ext().chunk_bwd_fused(q, q, q, q, h, h, *out, r, None, None, None, None, None, 1.0, 7)
+    q2, v2 = rand(1, 64, 2, 256), rand(1, 64, 2, 64)
+    h2 = rand(1, 2, 256, 64)
+    outs2 = (torch.empty_like(q2), torch.empty_like(q2), torch.empty_like(v2))
+    assert not ext().chunk_bwd_fused(q2, q2, v2, v2, h2, h2, *outs2, None, None, None, None, None, None, 1.0, 7)
+
+
+@pytest.mark.parametrize("mode", ["0", "one", "split"])
+@pytest.mark.parametrize("op,kwargs,K,V,T,lens", [
+    (la.chunk_simple_gla, dict(g="g"), 128, 128, 500, None),
+    (la.chunk_simple_gla, dict(g="g"), 100, 100, 65, None),   # padded to 128
+    (la.chunk_retention, dict(), 64, 64, 1, None),
+    (la.chunk_simple_gla, dict(g="g"), 64, 64, None, EMPTY_LENS),
+    (la.chunk_retention, dict(), 128, 256, 300, None),       # K != V: the three passes
+], ids=["simple_gla", "padded", "retention-T1", "varlen", "retention-K128-V256"])
+def test_fused_backward_switch(monkeypatch, mode, op, kwargs, K, V, T, lens):
+    """FLASH_ATTN_LINEAR_FUSED_BWD_SM90 (0, one, split): the gradients against the fp32 recurrence,
+    and the route taken (_kernels.last_backward_products)."""
+    monkeypatch.setenv(_kernels.FUSED_BWD_SM90_ENV, mode)
+    B, T = (2, T) if lens is None else (1, sum(lens))
+    N = B if lens is None else len(lens)
+    q, k, v, g, _, h0 = make_inputs(B, T, 2, K, V, "g", 1.0, torch.bfloat16, N=N)
+    cu = None if lens is None else offsets(lens)
+    w = rand(B, T, 2, V, seed=11).float()
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+    refs = [x.float().clone().requires_grad_(True) for x in (q, k, v, g, h0)]
+    gated = "g" in kwargs
+    o, ht = op(*leaves[:3], initial_state=leaves[4], output_final_state=True, cu_seqlens=cu,
+               **(dict(g=leaves[3]) if gated else {}))
+    ((o.float() * w).sum() + ht.sum()).backward()
+    ref_kw = dict(g=refs[3]) if gated else dict(g_gamma=retention_log_decay(2).cuda())
+    o_r, ht_r = linear_attn_recurrent_ref(*refs[:3], initial_state=refs[4], output_final_state=True, cu_seqlens=cu,
+                                          **ref_kw)
+    ((o_r * w).sum() + ht_r.sum()).backward()
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), leaves, refs):
+        if name != "dg" or gated:
+            check(name, a.grad, b.grad, GRAD_TOL)
+    kd, vd = _kernels.kernel_head_dim(K), _kernels.kernel_head_dim(V)
+    fused = mode != "0" and kd == vd and kd in (64, 128) and _fused_backward_runs()
+    assert _kernels.last_backward_products == (f"fused_{mode}" if fused else "chunk_output")
+
+
 class _Spy:
     """The extension with the names of the launchers the route takes from it recorded."""
 

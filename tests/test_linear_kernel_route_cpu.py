@@ -190,6 +190,31 @@ def test_backward_matches_reference(model, case, with_final):
     assert "gate_grad" in model.calls if case[1] is not None else "gate_grad" not in model.calls
 
 
+@pytest.mark.parametrize("mode", ["0", "one", "split", None], ids=["off", "one", "split", "default"])
+@pytest.mark.parametrize("case", [GRAD_CASES[2], GRAD_CASES[4], GRAD_CASES[6], GRAD_CASES[1]],
+                         ids=["K64", "K64-V128", "varlen", "K128-V128-padded"])
+def test_fused_backward_switch(model, monkeypatch, case, mode):
+    """FLASH_ATTN_LINEAR_FUSED_BWD_SM90: dv, dk, dq by chunk_bwd_fused (one launch of all three, or
+    dv + dk then dq; "split" by default) where K == V in {64, 128} after padding, else (and with "0")
+    the three chunk_output passes; the gradients are the reference's either way."""
+    if mode is not None:
+        monkeypatch.setenv(_kernels.FUSED_BWD_SM90_ENV, mode)
+    else:
+        monkeypatch.delenv(_kernels.FUSED_BWD_SM90_ENV, raising=False)
+    calls = []
+    real = model.chunk_bwd_fused
+    monkeypatch.setattr(model, "chunk_bwd_fused", lambda *a: calls.append(a[-1]) or real(*a), raising=False)
+    check_route_against_reference(case, True)
+    K, V = _kernels.kernel_head_dim(case[3]), _kernels.kernel_head_dim(case[4])
+    square = K == V and K in (64, 128)
+    want = {"0": [], "one": [7], "split": [3, 4], None: [3, 4]}[mode]
+    assert calls == (want if square else want[:1])  # (the extension says no at the first launch)
+    if square and mode != "0":
+        assert _kernels.last_backward_products == f"fused_{mode or 'split'}"
+    else:
+        assert _kernels.last_backward_products == "chunk_output"
+
+
 def check_route_against_reference(case, with_final, n=1.0):
     """chunk_simple_gla on the route against the float64 recurrence for a case row: o, the final
     state and the gradients of q, k, v, g / gamma and h0 under a random linear loss."""

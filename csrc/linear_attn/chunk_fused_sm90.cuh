@@ -43,6 +43,7 @@
 
 #include "chunk_info.cuh"
 #include "mma.cuh"
+#include "sm90_mma.cuh"
 #include "sm90_tiles.h"
 
 namespace linear_attn {
@@ -104,54 +105,6 @@ static_assert(FusedSm90Traits<Bf16, 256, 32, false, 1>::kSmemBytes == 90624, "K 
 static_assert(FusedSm90Traits<Bf16, 256, 32, false, 2>::kSmemBytes == 221952, "K 256, 2 x BV 32: 216.75 KB");
 static_assert(2 * (FusedSm90Traits<Bf16, 128, 64, false, 1>::kSmemBytes + 1024) <= 228 * 1024,
               "K 128, BV 64: two CTAs (1 KB reserved each) per SM");
-
-// acc (+)= A B over the K slices [k0, k0 + kSlices) (all of them by default), issued and committed
-// (not waited for); Zero_init: the first slice overwrites acc.
-template <bool Zero_init, int kSlices = -1, typename TiledMma, typename FragA, typename FragB, typename Acc>
-__forceinline__ __device__ void wgmma_issue(TiledMma& mma, FragA const& a, FragB const& b, Acc& acc, int k0 = 0) {
-  constexpr bool kAInRegs = std::is_same_v<typename FragA::value_type, typename TiledMma::ValTypeA>;
-  if constexpr (kAInRegs) warpgroup_fence_operand(const_cast<FragA&>(a));
-  warpgroup_fence_operand(acc);
-  warpgroup_arrive();
-  if constexpr (Zero_init) mma.accumulate_ = GMMA::ScaleOut::Zero;
-  constexpr int kCount = kSlices < 0 ? decltype(size<2>(a))::value : kSlices;
-  CUTE_UNROLL
-  for (int k = 0; k < kCount; ++k) {
-    cute::gemm(mma, a(_, _, k0 + k), b(_, _, k0 + k), acc);
-    mma.accumulate_ = GMMA::ScaleOut::One;
-  }
-  warpgroup_commit_batch();
-  warpgroup_fence_operand(acc);
-  if constexpr (kAInRegs) warpgroup_fence_operand(const_cast<FragA&>(a));
-}
-
-// Rows [0, kChunk) x columns [0, C) of a global matrix (row r at gbase + r * ld) into a tile;
-// rows >= valid_rows zero-filled (nothing read).
-template <int C, int NT, typename T>
-__device__ __forceinline__ void load_rows_async(T* tile, const T* gbase, int64_t ld, int valid_rows, int t) {
-  using W = GroupWalk<C, NT>;
-  const int r0 = t / W::G, c0 = (t % W::G) * 8;
-#pragma unroll
-  for (int b = 0; b < W::kBlocks; ++b) {
-    const int c = b * W::kBlockCols + c0;
-    T* s = tile + tile_offset<kChunk, C>(r0, c);
-    const T* g = gbase + r0 * ld + c;
-#pragma unroll
-    for (int i = 0; i < W::kRows; ++i) {
-      const bool valid = r0 + i * W::kRowStep < valid_rows;
-      cp_async16(s + i * W::kRowStep * W::kRowStride, valid ? g + i * W::kRowStep * ld : gbase, valid);
-    }
-  }
-}
-
-// threadIdx.x read where it is used: values derived from it inside the chunk loop (tile offsets,
-// accumulator coordinates) are then recomputed per chunk instead of hoisted out of the loop, where
-// they would hold dozens of registers next to the accumulators.
-__device__ __forceinline__ int tid_here() {
-  int t;
-  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
-  return t;
-}
 
 template <typename Tag, int K, int BV, bool kStateOnly, int kWG>
 __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams& p) {

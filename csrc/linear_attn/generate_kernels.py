@@ -49,6 +49,17 @@ def chunk_fused(tag):
     return '#include "../chunk_fused.cuh"\n', lines
 
 
+BWD_SM90_DIMS = (64, 128)         # K = V of chunk_bwd_sm90 (the simple-GLA backward's dv, dk, dq)
+BWD_SM90_JOBS = (7, 3, 4)         # ChunkBwdJob sets: all three in one CTA; dv + dk; dq
+
+
+def chunk_bwd_sm90(tag, d):
+    lines = [f"template cudaError_t run_chunk_bwd_sm90<{tag}, {d}, {d}, {jobs}>(const ChunkBwdParams&, "
+             f"cudaStream_t, bool*);"
+             for jobs in BWD_SM90_JOBS]
+    return '#include "../chunk_bwd_sm90.cuh"\n', lines
+
+
 def gla_fused(tag, k, bv):
     lines = [f"template cudaError_t run_gla_fused_fwd<{tag}, {k}, {bv}>(const GlaFusedParams&, cudaStream_t);"]
     return '#include "../gla_fused.cuh"\n', lines
@@ -85,6 +96,8 @@ def files():
         for r in HEAD_DIMS:
             yield f"chunk_output_{name}_r{r}.cu", chunk_output(tag, r)
         yield f"chunk_fused_{name}.cu", chunk_fused(tag)
+        for d in BWD_SM90_DIMS:
+            yield f"chunk_bwd_sm90_{name}_d{d}.cu", chunk_bwd_sm90(tag, d)
         for k, tiles in GLA_FUSED_TILES_V.items():  # one per (K, BV): each is a long compile
             for bv in tiles:
                 suffix = "" if bv == tiles[0] else f"_bv{bv}"

@@ -534,6 +534,63 @@ void gate_grad(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
                dispatch_dtype(q.scalar_type(), [&](auto tag) { return la::run_gate_grad<decltype(tag)>(p, stream); }));
 }
 
+// dv, dk, dq of the simple-GLA backward in one sm90a pass (chunk_bwd_sm90.cuh) from the states h and
+// dH [S, H, K, V]: q, k, dq, dk [B, T, H, K]; v, dout, dv [B, T, H, V]; rq, rk fp32 [K / 64, B, T, H]
+// (the gate gradient's row dots, as chunk_output writes them) or neither. jobs: the products (1 dv,
+// 2 dk, 4 dq; sets 7, 3 and 4 are built). Returns false, with nothing launched, where the build or
+// the device lacks the sm90a kernel or K, V are not 64 or 128 (K == V): the caller then runs the
+// chunk_output passes.
+bool chunk_bwd_fused(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, const Tensor& h,
+                     const Tensor& dh, Tensor& dq, Tensor& dk, Tensor& dv, const OptTensor& rq, const OptTensor& rk,
+                     const OptTensor& g, const OptTensor& gamma, const OptTensor& cu_seqlens,
+                     const OptTensor& chunk_offsets, double scale, int64_t jobs) {
+  check_operands({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&dout, "dout"}, {&h, "h"}, {&dh, "dh"}, {&dq, "dq"},
+                  {&dk, "dk"}, {&dv, "dv"}}, q, q.scalar_type());
+  const auto [B, T, H, K, V] = check_tokens({&q, "q"}, "[B, T, H, K]", {&k, "k"}, {&v, "v"}, {&dout, "dout"});
+  check_shape(dq, "dq", q.sizes());
+  check_shape(dk, "dk", q.sizes());
+  check_shape(dv, "dv", v.sizes());
+  check_shape(h, "h", {h.size(0), H, K, V});
+  check_shape(dh, "dh", {h.size(0), H, K, V});
+  CHECK_ARG(jobs == 7 || jobs == 3 || jobs == 4, "jobs must be 7 (dv, dk, dq), 3 (dv, dk) or 4 (dq), got ", jobs);
+  CHECK_ARG(rq.has_value() == rk.has_value(), "rq and rk go together");
+  check_opt(rq, "rq", q, at::kFloat, {K / 64, B, T, H});
+  check_opt(rk, "rk", q, at::kFloat, {K / 64, B, T, H});
+  CHECK_ARG(H < 65536, "H must be below 65536 (grid y), got ", H);
+  if (K != V || (K != 64 && K != 128)) return false;
+  c10::cuda::CUDAGuard guard(q.device());
+  la::ChunkBwdParams p;
+  p.seq = seq_params(q, cu_seqlens, chunk_offsets, h.size(0));
+  p.gate = gate_params(g, gamma, q);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.dout = dout.data_ptr();
+  p.h = h.data_ptr();
+  p.dh = dh.data_ptr();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.rq = float_data_or_null(rq);
+  p.rk = float_data_or_null(rk);
+  p.k_dim = static_cast<int>(K);
+  p.v_dim = static_cast<int>(V);
+  p.scale = static_cast<float>(scale);
+  const auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  bool ran = false;
+  check_launch("chunk_bwd_fused", dispatch_dtype(q.scalar_type(), [&](auto tag) {
+    using Tag = decltype(tag);
+    auto run = [&](auto d) {
+      constexpr int kD = decltype(d)::value;
+      if (jobs == 7) return la::run_chunk_bwd_sm90<Tag, kD, kD, 7>(p, stream, &ran);
+      if (jobs == 3) return la::run_chunk_bwd_sm90<Tag, kD, kD, 3>(p, stream, &ran);
+      return la::run_chunk_bwd_sm90<Tag, kD, kD, 4>(p, stream, &ran);
+    };
+    return K == 64 ? run(std::integral_constant<int, 64>{}) : run(std::integral_constant<int, 128>{});
+  }));
+  return ran;
+}
+
 // What recurrent and recurrent_grad share: the sequences, the per-key / per-value gates gk
 // [B, T, H, K] and gv [B, T, H, V] fp32, q, k, v, the initial state fp32 [N_seq, H, K, V], the
 // sizes, scale and direction (the caller has checked q, k, v and holds the device guard).
@@ -788,6 +845,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("pair_states") = py::none(), py::arg("pair_dot") = py::none(), py::arg("tile_n") = 0,
         py::arg("gk_cum") = py::none(), py::arg("seg_chunks") = 0, py::arg("seg_state") = py::none(),
         py::arg("seg_decay") = py::none());
+  m.def("chunk_bwd_fused", &chunk_bwd_fused,
+        "The simple-GLA backward's dv, dk, dq in one sm90a pass; false (nothing run) where it has no kernel",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("dout"), py::arg("h"), py::arg("dh"), py::arg("dq"),
+        py::arg("dk"), py::arg("dv"), py::arg("rq"), py::arg("rk"), py::arg("g"), py::arg("gamma"),
+        py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("scale"), py::arg("jobs"));
   m.def("chunk_output", &chunk_output, "Per-chunk output: inter-chunk state product plus masked intra-chunk part",
         py::arg("x"), py::arg("y"), py::arg("z"), py::arg("m"), py::arg("out"), py::arg("dot"), py::arg("rowdot"),
         py::arg("g"), py::arg("gamma"), py::arg("cu_seqlens"), py::arg("chunk_offsets"), py::arg("inter_scale"),

@@ -123,6 +123,29 @@ struct ChunkFusedParams {
                                   // each chunk as chunk_state writes it (for the backward), or null
 };
 
+// chunk_bwd_fused (chunk_bwd_sm90.cuh): the simple-GLA backward's dv, dk, dq in one pass over the
+// chunks (every chunk in parallel, one CTA per chunk and head), given the states h and dH.
+enum ChunkBwdJob : int { kJobDv = 1, kJobDk = 2, kJobDq = 4 };  // the products of a launch (bits)
+
+struct ChunkBwdParams {
+  SeqParams seq;                  // num_slots: the states' slots
+  GateParams gate;
+  const void* q = nullptr;        // [tokens, heads, k_dim]
+  const void* k = nullptr;        // [tokens, heads, k_dim]
+  const void* v = nullptr;        // [tokens, heads, v_dim]
+  const void* dout = nullptr;     // [tokens, heads, v_dim]
+  const void* h = nullptr;        // [num_slots, heads, k_dim, v_dim] the state entering each chunk
+  const void* dh = nullptr;       // [num_slots, heads, k_dim, v_dim] the gradient leaving it
+  void* dq = nullptr;             // [tokens, heads, k_dim]
+  void* dk = nullptr;             // [tokens, heads, k_dim]
+  void* dv = nullptr;             // [tokens, heads, v_dim]
+  float* rq = nullptr;            // [k_dim / 64, tokens, heads] q . dq_inter partials (as chunk_output's), or null
+  float* rk = nullptr;            // [k_dim / 64, tokens, heads] k . dk_inter partials, or null
+  int k_dim = 0;                  // 64 or 128 (a template parameter)
+  int v_dim = 0;                  // 64 or 128 (a template parameter)
+  float scale = 1.f;
+};
+
 // gate_grad: the scalar log-gates' gradient, every chunk in parallel (gate_grad.cu).
 struct GateGradParams {
   SeqParams seq;
@@ -258,6 +281,11 @@ cudaError_t run_chunk_fused_fwd(const ChunkFusedParams& p, cudaStream_t stream);
 // Which kernel the last chunk_fused_fwd launch ran: 90 the wgmma one (chunk_fused_sm90.cuh), 80 the
 // mma.sync one, 0 none yet (the binding last_chunk_fused_kernel; tests check the route with it).
 inline std::atomic<int> last_chunk_fused_kernel{0};
+
+// kJobs: ChunkBwdJob bits; *ran: false where the device does not execute the kernel's sm90a code
+// (nothing launched)
+template <typename Dtype, int K, int V, int kJobs>
+cudaError_t run_chunk_bwd_sm90(const ChunkBwdParams& p, cudaStream_t stream, bool* ran);
 
 template <typename Dtype>
 cudaError_t run_gate_grad(const GateGradParams& p, cudaStream_t stream);

@@ -326,6 +326,39 @@ def recurrent_forward(ext, q, k, v, g, gamma, scale, h0, output_final_state, seq
     return o, final
 
 
+FUSED_BWD_SM90_ENV = "FLASH_ATTN_LINEAR_FUSED_BWD_SM90"
+FUSED_BWD_SM90_JOBS = {"one": (7,), "split": (3, 4)}  # chunk_bwd_fused's job sets per launch
+FUSED_BWD_SM90_DEFAULT = "split"
+# Which products the last chunk_backward ran: "fused_one" / "fused_split" (chunk_bwd_sm90.cuh) or
+# "chunk_output" (three passes); None before the first. Tests assert the route with it.
+last_backward_products = None
+
+
+def fused_backward_mode():
+    """FLASH_ATTN_LINEAR_FUSED_BWD_SM90: how the simple-GLA backward computes dv, dk and dq on a
+    device that runs sm90a code, at K = V in {64, 128}: "split" (the default) launches the wgmma
+    kernel twice, dv + dk (two CTAs per SM) and dq; "one" once with all three (one CTA per SM at
+    K = V = 128); "0" (or off) runs the three chunk_output passes."""
+    raw = os.environ.get(FUSED_BWD_SM90_ENV, FUSED_BWD_SM90_DEFAULT).strip().lower()
+    if raw in FUSED_BWD_SM90_JOBS:
+        return raw
+    return "off" if not _env_switch(FUSED_BWD_SM90_ENV, "1") else FUSED_BWD_SM90_DEFAULT
+
+
+def _fused_backward(ext, q, k, v, do, h, dH, dq, dk, dv, rq, rk, g, gamma, cu, off, scale):
+    """dv, dk, dq (and rq, rk) by chunk_bwd_fused where fused_backward_mode allows it and the
+    extension has a kernel for this device and shape; False (nothing written) otherwise."""
+    mode = fused_backward_mode()
+    if mode == "off" or not hasattr(ext, "chunk_bwd_fused"):
+        return False
+    for i, jobs in enumerate(FUSED_BWD_SM90_JOBS[mode]):
+        ran = ext.chunk_bwd_fused(q, k, v, do, h, dH, dq, dk, dv, rq, rk, g, gamma, cu, off, scale, jobs)
+        if not ran:
+            assert i == 0, "chunk_bwd_fused ran one of its launches but not the other"
+            return False
+    return True
+
+
 def chunk_backward(ext, q, k, v, g, gamma, scale, h0, do, dht, seqs, need_dg, h=None):
     """Padded, contiguous inputs (h: the forward's chunk states, or None to recompute them) ->
     (dq, dk, dv, dg fp32 [B, T, H] or None, dh0 fp32)."""
@@ -342,9 +375,14 @@ def chunk_backward(ext, q, k, v, g, gamma, scale, h0, do, dht, seqs, need_dg, h=
     rq = q.new_empty(K // 64, B, T, H, dtype=torch.float32) if need_dg else None
     rk = q.new_empty(K // 64, B, T, H, dtype=torch.float32) if need_dg else None
     cu, off = seqs.cu, seqs.offsets
-    ext.chunk_output(k, q, do, dH, dv, None, None, g, gamma, cu, off, 1.0, scale, False, True)
-    ext.chunk_output(do, v, k, h, dq, q if need_dg else None, rq, g, gamma, cu, off, scale, scale, True, False)
-    ext.chunk_output(v, do, q, dH, dk, k if need_dg else None, rk, g, gamma, cu, off, 1.0, scale, True, True)
+    global last_backward_products
+    if _fused_backward(ext, q, k, v, do, h, dH, dq, dk, dv, rq, rk, g, gamma, cu, off, scale):
+        last_backward_products = "fused_" + fused_backward_mode()
+    else:
+        last_backward_products = "chunk_output"
+        ext.chunk_output(k, q, do, dH, dv, None, None, g, gamma, cu, off, 1.0, scale, False, True)
+        ext.chunk_output(do, v, k, h, dq, q if need_dg else None, rq, g, gamma, cu, off, scale, scale, True, False)
+        ext.chunk_output(v, do, q, dH, dk, k if need_dg else None, rk, g, gamma, cu, off, 1.0, scale, True, True)
     dg = None
     if need_dg:
         dg = q.new_empty(B, T, H, dtype=torch.float32)
