@@ -687,12 +687,12 @@ def test_chunk_bwd_fused_arguments():
     h = rand(1, 2, 128, 128)
     out = [torch.empty_like(q) for _ in range(3)]
     args = lambda jobs, hh=h: (q, q, q, q, h, hh, *out, None, None, None, None, None, None, 1.0, jobs)  # noqa: E731
-    with pytest.raises(RuntimeError, match="jobs"):
+    with pytest.raises(ValueError, match="jobs"):
         ext().chunk_bwd_fused(*args(5))
-    with pytest.raises(RuntimeError, match="dh"):
+    with pytest.raises(ValueError, match="dh"):
         ext().chunk_bwd_fused(*args(7, hh=rand(1, 2, 128, 64)))
     r = torch.empty(2, 1, 64, 2, device="cuda")
-    with pytest.raises(RuntimeError, match="rq and rk"):
+    with pytest.raises(ValueError, match="rq and rk"):
         ext().chunk_bwd_fused(q, q, q, q, h, h, *out, r, None, None, None, None, None, 1.0, 7)
     q2, v2 = rand(1, 64, 2, 256), rand(1, 64, 2, 64)
     h2 = rand(1, 2, 256, 64)

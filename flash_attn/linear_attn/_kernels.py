@@ -328,7 +328,7 @@ def recurrent_forward(ext, q, k, v, g, gamma, scale, h0, output_final_state, seq
 
 FUSED_BWD_SM90_ENV = "FLASH_ATTN_LINEAR_FUSED_BWD_SM90"
 FUSED_BWD_SM90_JOBS = {"one": (7,), "split": (3, 4)}  # chunk_bwd_fused's job sets per launch
-FUSED_BWD_SM90_DEFAULT = "split"
+FUSED_BWD_SM90_DEFAULT = "one"
 # Which products the last chunk_backward ran: "fused_one" / "fused_split" (chunk_bwd_sm90.cuh) or
 # "chunk_output" (three passes); None before the first. Tests assert the route with it.
 last_backward_products = None
