@@ -260,9 +260,9 @@ class LinearExtModel:
         """The simple-GLA backward's products in one launch (chunk_bwd_sm90.cuh): the chunk_output
         sums the three-pass route computes, for the jobs' bits (1 dv, 2 dk, 4 dq); rq and rk (or
         neither) get the dq and dk row dots. False, nothing written, where the kernel has no
-        instantiation (K != V, or not 64 / 128)."""
+        instantiation (K != V, or not 64 / 128 / 256)."""
         K, V = q.shape[3], v.shape[3]
-        if K != V or K not in (64, 128):
+        if K != V or K not in (64, 128, 256):
             return False
         args = (g, gamma, cu_seqlens, chunk_offsets)
         if jobs & 1:

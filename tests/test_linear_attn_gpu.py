@@ -627,7 +627,7 @@ def test_simple_gla_kept_states_gradients(fused_switch, monkeypatch, op, kwargs,
 
 # --------------------------------------------------------------------------- fused backward (chunk_bwd_fused)
 # csrc/linear_attn/chunk_bwd_sm90.cuh: dv, dk and dq of the simple-GLA backward in one pass over the
-# chunks on sm90a (K = V in {64, 128}), against the float64 model of the three chunk_output passes.
+# chunks on sm90a (K = V in {64, 128, 256}), against the float64 model of the three chunk_output passes.
 
 def _fused_backward_runs():
     """Whether chunk_bwd_fused has a kernel here: an sm90 device and a build with sm90 code."""
@@ -639,11 +639,13 @@ BWD_FUSED_CASES = [
     pytest.param(dt, d, T, gate, lens, jobs, dots,
                  id=f"{dt}-D{d}-{'varlen' if lens else f'T{T}'}-{gate}-jobs{jobs}-{'dots' if dots else 'nodots'}")
     for dt, d, T, gate, lens, jobs, dots in [
-        (dt, d, 300, "g", None, jobs, True) for dt in DTYPES for d in (64, 128) for jobs in (7, 3, 4)
+        (dt, d, 300, "g", None, jobs, True) for dt in DTYPES for d in (64, 128, 256) for jobs in (7, 3, 4)
     ] + [("bf16", 128, t, gate, None, jobs, dots) for t in (1, 17, 64, 113) for gate, jobs, dots in
          (("g", 7, True), ("gamma", 3, False), (None, 4, True))]
       + [("bf16", 128, None, "g", EMPTY_LENS, jobs, True) for jobs in (7, 3, 4)]
       + [("fp16", 64, None, "gamma", (1, 0, 129, 17), 7, False), ("bf16", 64, 1000, None, None, 7, True)]
+      + [("bf16", 256, t, "g", None, 7, True) for t in (1, 17, 113)]
+      + [("bf16", 256, None, gate, EMPTY_LENS, jobs, True) for gate, jobs in (("g", 7), ("gamma", 3), (None, 4))]
 ]
 
 
@@ -682,7 +684,7 @@ def test_chunk_bwd_fused_kernel(dt, D, T, gate, lens, jobs, dots):
 
 
 def test_chunk_bwd_fused_arguments():
-    """Bad jobs, mismatched states and half of (rq, rk) raise; K != V or K = 256 return False."""
+    """Bad jobs, mismatched states and half of (rq, rk) raise; K != V returns False."""
     q = rand(1, 64, 2, 128)
     h = rand(1, 2, 128, 128)
     out = [torch.empty_like(q) for _ in range(3)]
@@ -707,7 +709,9 @@ def test_chunk_bwd_fused_arguments():
     (la.chunk_retention, dict(), 64, 64, 1, None),
     (la.chunk_simple_gla, dict(g="g"), 64, 64, None, EMPTY_LENS),
     (la.chunk_retention, dict(), 128, 256, 300, None),       # K != V: the three passes
-], ids=["simple_gla", "padded", "retention-T1", "varlen", "retention-K128-V256"])
+    (la.chunk_retention, dict(), 256, 256, 300, None),       # N tiles of 64
+    (la.chunk_simple_gla, dict(g="g"), 200, 200, None, EMPTY_LENS),  # padded to 256
+], ids=["simple_gla", "padded", "retention-T1", "varlen", "retention-K128-V256", "retention-K256", "varlen-K200"])
 def test_fused_backward_switch(monkeypatch, mode, op, kwargs, K, V, T, lens):
     """FLASH_ATTN_LINEAR_FUSED_BWD_SM90 (0, one, split): the gradients against the fp32 recurrence,
     and the route taken (_kernels.last_backward_products)."""
@@ -731,7 +735,7 @@ def test_fused_backward_switch(monkeypatch, mode, op, kwargs, K, V, T, lens):
         if name != "dg" or gated:
             check(name, a.grad, b.grad, GRAD_TOL)
     kd, vd = _kernels.kernel_head_dim(K), _kernels.kernel_head_dim(V)
-    fused = mode != "0" and kd == vd and kd in (64, 128) and _fused_backward_runs()
+    fused = mode != "0" and kd == vd and _fused_backward_runs()
     assert _kernels.last_backward_products == (f"fused_{mode}" if fused else "chunk_output")
 
 

@@ -195,7 +195,7 @@ def test_backward_matches_reference(model, case, with_final):
                          ids=["K64", "K64-V128", "varlen", "K128-V128-padded"])
 def test_fused_backward_switch(model, monkeypatch, case, mode):
     """FLASH_ATTN_LINEAR_FUSED_BWD_SM90: dv, dk, dq by chunk_bwd_fused (one launch of all three, or
-    dv + dk then dq) where K == V in {64, 128} after padding, else (and with "0")
+    dv + dk then dq) where K == V in {64, 128, 256} after padding, else (and with "0")
     the three chunk_output passes; the gradients are the reference's either way."""
     if mode is not None:
         monkeypatch.setenv(_kernels.FUSED_BWD_SM90_ENV, mode)
@@ -206,7 +206,7 @@ def test_fused_backward_switch(model, monkeypatch, case, mode):
     monkeypatch.setattr(model, "chunk_bwd_fused", lambda *a: calls.append(a[-1]) or real(*a), raising=False)
     check_route_against_reference(case, True)
     K, V = _kernels.kernel_head_dim(case[3]), _kernels.kernel_head_dim(case[4])
-    square = K == V and K in (64, 128)
+    square = K == V and K in (64, 128, 256)
     want = [] if mode == "0" else list(_kernels.FUSED_BWD_SM90_JOBS[mode or _kernels.FUSED_BWD_SM90_DEFAULT])
     assert calls == (want if square else want[:1])  # (the extension says no at the first launch)
     if square and mode != "0":

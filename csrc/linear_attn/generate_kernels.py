@@ -49,7 +49,7 @@ def chunk_fused(tag):
     return '#include "../chunk_fused.cuh"\n', lines
 
 
-BWD_SM90_DIMS = (64, 128)         # K = V of chunk_bwd_sm90 (the simple-GLA backward's dv, dk, dq)
+BWD_SM90_DIMS = (64, 128, 256)    # K = V of chunk_bwd_sm90 (the simple-GLA backward's dv, dk, dq)
 BWD_SM90_JOBS = (7, 3, 4)         # ChunkBwdJob sets: all three in one CTA; dv + dk; dq
 
 

@@ -538,8 +538,8 @@ void gate_grad(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
 // dH [S, H, K, V]: q, k, dq, dk [B, T, H, K]; v, dout, dv [B, T, H, V]; rq, rk fp32 [K / 64, B, T, H]
 // (the gate gradient's row dots, as chunk_output writes them) or neither. jobs: the products (1 dv,
 // 2 dk, 4 dq; sets 7, 3 and 4 are built). Returns false, with nothing launched, where the build or
-// the device lacks the sm90a kernel or K, V are not 64 or 128 (K == V): the caller then runs the
-// chunk_output passes.
+// the device lacks the sm90a kernel or K, V are not 64, 128 or 256 (K == V): the caller then runs
+// the chunk_output passes.
 bool chunk_bwd_fused(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, const Tensor& h,
                      const Tensor& dh, Tensor& dq, Tensor& dk, Tensor& dv, const OptTensor& rq, const OptTensor& rk,
                      const OptTensor& g, const OptTensor& gamma, const OptTensor& cu_seqlens,
@@ -557,7 +557,7 @@ bool chunk_bwd_fused(const Tensor& q, const Tensor& k, const Tensor& v, const Te
   check_opt(rq, "rq", q, at::kFloat, {K / 64, B, T, H});
   check_opt(rk, "rk", q, at::kFloat, {K / 64, B, T, H});
   CHECK_ARG(H < 65536, "H must be below 65536 (grid y), got ", H);
-  if (K != V || (K != 64 && K != 128)) return false;
+  if (K != V || (K != 64 && K != 128 && K != 256)) return false;
   c10::cuda::CUDAGuard guard(q.device());
   la::ChunkBwdParams p;
   p.seq = seq_params(q, cu_seqlens, chunk_offsets, h.size(0));
@@ -586,7 +586,8 @@ bool chunk_bwd_fused(const Tensor& q, const Tensor& k, const Tensor& v, const Te
       if (jobs == 3) return la::run_chunk_bwd_sm90<Tag, kD, kD, 3>(p, stream, &ran);
       return la::run_chunk_bwd_sm90<Tag, kD, kD, 4>(p, stream, &ran);
     };
-    return K == 64 ? run(std::integral_constant<int, 64>{}) : run(std::integral_constant<int, 128>{});
+    if (K == 64) return run(std::integral_constant<int, 64>{});
+    return K == 128 ? run(std::integral_constant<int, 128>{}) : run(std::integral_constant<int, 256>{});
   }));
   return ran;
 }

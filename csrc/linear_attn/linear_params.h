@@ -141,8 +141,8 @@ struct ChunkBwdParams {
   void* dv = nullptr;             // [tokens, heads, v_dim]
   float* rq = nullptr;            // [k_dim / 64, tokens, heads] q . dq_inter partials (as chunk_output's), or null
   float* rk = nullptr;            // [k_dim / 64, tokens, heads] k . dk_inter partials, or null
-  int k_dim = 0;                  // 64 or 128 (a template parameter)
-  int v_dim = 0;                  // 64 or 128 (a template parameter)
+  int k_dim = 0;                  // 64, 128 or 256 (a template parameter; k_dim == v_dim)
+  int v_dim = 0;
   float scale = 1.f;
 };
 

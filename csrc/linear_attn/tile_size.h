@@ -29,6 +29,14 @@ constexpr int chunk_fused_tile_v(int k_dim) { return k_dim <= 128 ? 64 : 32; }
 static_assert(chunk_fused_tile_v(64) == 64 && chunk_fused_tile_v(128) == 64 && chunk_fused_tile_v(256) == 32,
               "chunk_fused_fwd tiles");
 
+// chunk_bwd_fused (chunk_bwd_sm90.cuh, K = V): the output columns of a CTA. All of them up to 128:
+// the CTA then reads the chunk's tiles and both states once for all three products. At 256 the
+// whole states (128 KB each) do not fit next to q, k, v and do, so 64: each CTA reads the slices
+// of dH and h its columns need (3 x 32 KB) and recomputes the scores.
+constexpr int chunk_bwd_fused_tile_n(int k_dim) { return k_dim <= 128 ? k_dim : 64; }
+
+static_assert(chunk_bwd_fused_tile_n(128) == 128 && chunk_bwd_fused_tile_n(256) == 64, "chunk_bwd_fused tiles");
+
 // gla_fused_fwd: the V tile. Every V tile's CTA recomputes the chunk's scores A, GLA's expensive
 // part (exp per key, elementwise diagonal blocks), so at K = 128 with V a multiple of 128 one CTA
 // of 256 threads takes 128 columns (gla_fused.cuh: gla_fused_fwd_wide_kernel, A once per 128 V

@@ -336,9 +336,11 @@ last_backward_products = None
 
 def fused_backward_mode():
     """FLASH_ATTN_LINEAR_FUSED_BWD_SM90: how the simple-GLA backward computes dv, dk and dq on a
-    device that runs sm90a code, at K = V in {64, 128}: "split" (the default) launches the wgmma
-    kernel twice, dv + dk (two CTAs per SM) and dq; "one" once with all three (one CTA per SM at
-    K = V = 128); "0" (or off) runs the three chunk_output passes."""
+    device that runs sm90a code, at K = V in {64, 128, 256} (after padding): "one" (the default)
+    launches the wgmma kernel once with all three products per CTA; "split" twice, dv + dk (two CTAs
+    per SM at K = V = 128) and dq; "0" (or off) runs the three chunk_output passes. On the H100,
+    fwd + bwd of chunk_retention at 16 x 4096, H 16, K = V = 128: 1.537 ms (0), 1.392 (split),
+    1.281 (one); benchmarks/results/linear_bwd_sm90_ab/."""
     raw = os.environ.get(FUSED_BWD_SM90_ENV, FUSED_BWD_SM90_DEFAULT).strip().lower()
     if raw in FUSED_BWD_SM90_JOBS:
         return raw
