@@ -207,6 +207,9 @@ def linear_cases(quick):
                                                                 env={"FLASH_ATTN_LINEAR_FUSED_BWD_SM90": "one"})),
         ("chunk_simple_gla fused backward split 1x17 K100", dict(op="chunk_simple_gla", B=1, T=17, H=2, K=100, V=100,
                                                                  env={"FLASH_ATTN_LINEAR_FUSED_BWD_SM90": "split"})),
+        # K = V = 256: four N tiles of 64 per chunk, each with its slices of dH and h
+        ("chunk_simple_gla fused backward varlen K256", dict(op="chunk_simple_gla", lens=[0, 65, 1, 17], H=1, K=256,
+                                                             V=256)),
     ]
     if not quick:
         out += [
