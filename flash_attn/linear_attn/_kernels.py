@@ -339,7 +339,7 @@ def fused_backward_mode():
     device that runs sm90a code, at K = V in {64, 128, 256} (after padding): "one" (the default)
     launches the wgmma kernel once with all three products per CTA; "split" twice, dv + dk (two CTAs
     per SM at K = V = 128) and dq; "0" (or off) runs the three chunk_output passes. On the H100,
-    fwd + bwd of chunk_retention at 16 x 4096, H 16, K = V = 128: 1.537 ms (0), 1.392 (split),
+    fwd + bwd of chunk_retention at 16 x 4096, H 8, K = V = 128: 1.537 ms (0), 1.392 (split),
     1.281 (one); benchmarks/results/linear_bwd_sm90_ab/."""
     raw = os.environ.get(FUSED_BWD_SM90_ENV, FUSED_BWD_SM90_DEFAULT).strip().lower()
     if raw in FUSED_BWD_SM90_JOBS:
