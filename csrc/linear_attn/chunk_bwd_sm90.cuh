@@ -148,11 +148,8 @@ __device__ __forceinline__ void chunk_bwd_job(const ChunkBwdParams& p, unsigned 
   wgmma_issue<true>(mma_i, thr_i.partition_fragment_A(sX), thr_i.partition_fragment_B(sM), acc_o);
 
   // P = scale * D * S in the A-register layout of O += P z (the accumulator's element order)
-  using PLayout = decltype(thr_p.partition_fragment_A(
-      make_tensor(make_smem_ptr(static_cast<TC*>(nullptr)), Layout<Shape<_64, _64>>{})).layout());
-  Tensor tPa = make_tensor<TC>(PLayout{});
-  static_assert(decltype(size(PLayout{}))::value == decltype(size(acc_s))::value, "P has the scores' elements");
-  uint32_t* pa = reinterpret_cast<uint32_t*>(raw_pointer_cast(tPa.data()));
+  Tensor tPa = p_fragment<TC>(thr_p);
+  uint32_t* pa = p_words(tPa);
   warpgroup_wait<1>();  // S (O may still run)
   warpgroup_fence_operand(acc_s);
   for_acc_pairs<1, 64>(wtid, [&](int j, int r, int c) {

@@ -286,11 +286,8 @@ __device__ __forceinline__ void chunk_fused_fwd_sm90_body(const ChunkFusedParams
       // ---- 3. the state leaving the chunk
       update_state(stage);
       // ---- 4. P = scale * D * A in the A-register layout of P v (the accumulator's element order)
-      using PLayout = decltype(thr_pv.partition_fragment_A(
-          make_tensor(make_smem_ptr(static_cast<TC*>(nullptr)), Layout<Shape<_64, _64>>{})).layout());
-      Tensor tPa = make_tensor<TC>(PLayout{});
-      static_assert(decltype(size(PLayout{}))::value == decltype(size(acc_a))::value, "P has the scores' elements");
-      uint32_t* pa = reinterpret_cast<uint32_t*>(raw_pointer_cast(tPa.data()));
+      Tensor tPa = p_fragment<TC>(thr_pv);
+      uint32_t* pa = p_words(tPa);
       warpgroup_wait<2>();  // A (O and the state may still run)
       warpgroup_fence_operand(acc_a);
       if constexpr (Tr::kSplitScores) {

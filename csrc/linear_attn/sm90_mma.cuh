@@ -58,6 +58,22 @@ __device__ __forceinline__ void load_rows_async(T* tile, const T* gbase, int64_t
   }
 }
 
+// The register fragment of P, the A operand of an RS wgmma P z over a 64-row chunk (thr: that MMA's
+// thread slice): 64 x 64 elements of TC in the element order of a 64 x 64 fp32 accumulator, so
+// that the masked scores round into it element by element (as 32-bit pairs: p_words).
+template <typename TC, typename ThrMma>
+__device__ __forceinline__ auto p_fragment(ThrMma const& thr) {
+  using PLayout = decltype(thr.partition_fragment_A(
+      make_tensor(make_smem_ptr(static_cast<TC*>(nullptr)), Layout<Shape<_64, _64>>{})).layout());
+  static_assert(decltype(size(PLayout{}))::value == kChunk * kChunk / 128, "one accumulator's elements");
+  return make_tensor<TC>(PLayout{});
+}
+
+template <typename Frag>
+__device__ __forceinline__ uint32_t* p_words(Frag& frag) {
+  return reinterpret_cast<uint32_t*>(raw_pointer_cast(frag.data()));
+}
+
 // threadIdx.x read where it is used: values derived from it inside the chunk loop (tile offsets,
 // accumulator coordinates) are then recomputed per chunk instead of hoisted out of the loop, where
 // they would hold dozens of registers next to the accumulators.
