@@ -349,16 +349,16 @@ def fused_backward_mode():
 
 def _fused_backward(ext, q, k, v, do, h, dH, dq, dk, dv, rq, rk, g, gamma, cu, off, scale):
     """dv, dk, dq (and rq, rk) by chunk_bwd_fused where fused_backward_mode allows it and the
-    extension has a kernel for this device and shape; False (nothing written) otherwise."""
+    extension has a kernel for this device and shape: the mode that ran, or None (nothing written)."""
     mode = fused_backward_mode()
     if mode == "off" or not hasattr(ext, "chunk_bwd_fused"):
-        return False
+        return None
     for i, jobs in enumerate(FUSED_BWD_SM90_JOBS[mode]):
         ran = ext.chunk_bwd_fused(q, k, v, do, h, dH, dq, dk, dv, rq, rk, g, gamma, cu, off, scale, jobs)
         if not ran:
             assert i == 0, "chunk_bwd_fused ran one of its launches but not the other"
-            return False
-    return True
+            return None
+    return mode
 
 
 def chunk_backward(ext, q, k, v, g, gamma, scale, h0, do, dht, seqs, need_dg, h=None):
@@ -378,8 +378,9 @@ def chunk_backward(ext, q, k, v, g, gamma, scale, h0, do, dht, seqs, need_dg, h=
     rk = q.new_empty(K // 64, B, T, H, dtype=torch.float32) if need_dg else None
     cu, off = seqs.cu, seqs.offsets
     global last_backward_products
-    if _fused_backward(ext, q, k, v, do, h, dH, dq, dk, dv, rq, rk, g, gamma, cu, off, scale):
-        last_backward_products = "fused_" + fused_backward_mode()
+    fused = _fused_backward(ext, q, k, v, do, h, dH, dq, dk, dv, rq, rk, g, gamma, cu, off, scale)
+    if fused is not None:
+        last_backward_products = "fused_" + fused
     else:
         last_backward_products = "chunk_output"
         ext.chunk_output(k, q, do, dH, dv, None, None, g, gamma, cu, off, 1.0, scale, False, True)
