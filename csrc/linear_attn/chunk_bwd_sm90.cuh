@@ -132,7 +132,7 @@ __device__ __forceinline__ void chunk_bwd_job(const ChunkBwdParams& p, unsigned 
   Tensor sX = tile(J::kOffX, typename J::XY::Layout{});   // (chunk row, r)
   Tensor sY = tile(J::kOffY, typename J::XY::Layout{});   // (chunk row, r)
   Tensor sM = tile(J::kOffM, typename J::MLayout{});      // (n, r)
-  // (n, chunk row): column block blockIdx.z of z's tile (its 64 x BN blocks lie one after the other)
+  // (n, chunk row): column block nt of z's tile (its 64 x BN blocks lie one after the other)
   Tensor sZt = tile(J::kOffZ + nt * kChunk * BN * 2, typename J::Z::LayoutT{});
 
   const int wtid = threadIdx.x & 127;
