@@ -1,0 +1,177 @@
+// recurrent_lines: the token-by-token recurrence (decoding, fused_recurrent_*), laid out so that
+// the fp32 state moves in whole 128-byte lines: a decoding step is little else than its read and
+// write.
+//
+//   S_t = diag(exp(gk_t)) S_{t-1} diag(exp(gv_t)) * exp(g_t) + k_t^T v_t,   o_t = scale * q_t S_t
+//
+// with g_t the scalar gate (g or gamma; none = 0), gk_t / gv_t the GLA per-key / per-value gates
+// (each optional). One CTA per (sequence, head, 32 value columns). Lane l of warp w keeps
+// S[k0 .. k0 + R - 1, 4 c .. 4 c + 3] in registers, c = l % 8, k0 = (4 w + l / 8) R: a warp's load
+// of its j-th row reads four whole lines (rows k0 + j of its four row groups, 8 lanes x 16 bytes
+// each). q_t S_t: each thread sums its R rows, a warp its four row groups with shuffles, and the
+// K / (4 R) warps meet in shared memory (double-buffered: one barrier per step).
+//
+// kPrefetch loads the next step's inputs during the current one (long sequences; decoding has no
+// next step and gives the registers to more CTAs per SM instead).
+#pragma once
+
+#include "chunk_info.cuh"
+#include "mma.cuh"
+
+namespace linear_attn {
+
+constexpr int kLinesCols = 32;  // value columns per CTA: one 128-byte line of each fp32 state row
+
+template <int K, int R>
+constexpr int lines_threads() { return K * kLinesCols / (4 * R); }
+
+// R 16-bit values in 32-bit words, loaded 8 or 16 bytes at a time.
+template <int R>
+__device__ __forceinline__ void load_halves(uint32_t (&w)[R / 2], const void* src) {
+  if constexpr (R % 8 == 0) {
+#pragma unroll
+    for (int j = 0; j < R / 8; ++j) {
+      const uint4 x = reinterpret_cast<const uint4*>(src)[j];
+      w[4 * j] = x.x, w[4 * j + 1] = x.y, w[4 * j + 2] = x.z, w[4 * j + 3] = x.w;
+    }
+  } else {
+    static_assert(R == 4, "R is 4 or a multiple of 8");
+    const uint2 x = *reinterpret_cast<const uint2*>(src);
+    w[0] = x.x, w[1] = x.y;
+  }
+}
+
+template <int R>
+struct LinesRow {
+  uint32_t q[R / 2], k[R / 2];  // this thread's R keys
+  uint2 v;                      // its 4 value columns
+  float g;
+  float4 gv;                    // per-value log-gates of its columns (0 without gv)
+  float4 gk[R / 4];             // per-key log-gates of its rows (unused without gk)
+};
+
+template <typename Tag, int K, int R, bool kPrefetch, int kMinBlocks, bool kStream>
+__global__ void __launch_bounds__(lines_threads<K, R>(), kMinBlocks) recurrent_lines_kernel(const RecurrentParams p) {
+  using E = Elem<Tag>;
+  using T = typename E::T;
+  constexpr int kWarps = lines_threads<K, R>() / 32;
+  using Row = LinesRow<R>;
+  static_assert(K == 64 || K == 128 || K == 256, "K is 64, 128 or 256");
+  static_assert(kWarps * 4 * R == K && kWarps <= 32, "the warps' row groups cover K");
+
+  // per step and warp: its rows' part of q_t S_t, 4 columns per lane of row group 0; two buffers,
+  // so that step i + 1 writes one while warp 0 may still read step i's
+  __shared__ float4 partial[2][kWarps][8];
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int cgroup = lane % 8, rgroup = lane / 8;
+  const int seq = blockIdx.x, head = blockIdx.y, H = p.seq.heads;
+  const int n = blockIdx.z * kLinesCols + 4 * cgroup;  // first of this thread's 4 columns
+  const int k0 = (warp * 4 + rgroup) * R;
+  const SeqRange sr = sequence_range(p.seq, seq);
+  const int64_t len = sr.eos - sr.bos;
+  const int64_t state_base = (static_cast<int64_t>(seq) * H + head) * K * p.v_dim;
+  auto state_at = [&](int r) { return state_base + static_cast<int64_t>(k0 + r) * p.v_dim + n; };
+
+  auto load = [&](int64_t i, Row& row) {
+    const int64_t t = p.reverse ? sr.eos - 1 - i : sr.bos + i;
+    const int64_t th = t * H + head;
+    load_halves<R>(row.q, static_cast<const T*>(p.q) + th * K + k0);
+    load_halves<R>(row.k, static_cast<const T*>(p.k) + th * K + k0);
+    row.v = *reinterpret_cast<const uint2*>(static_cast<const T*>(p.v) + th * p.v_dim + n);
+    row.g = p.gate.g != nullptr ? p.gate.g[th] : (p.gate.gamma != nullptr ? p.gate.gamma[head] : 0.f);
+    row.gv = p.gv != nullptr ? *reinterpret_cast<const float4*>(p.gv + th * p.v_dim + n)
+                             : make_float4(0.f, 0.f, 0.f, 0.f);
+    if (p.gk != nullptr) {
+#pragma unroll
+      for (int j = 0; j < R / 4; ++j) row.gk[j] = reinterpret_cast<const float4*>(p.gk + th * K + k0)[j];
+    }
+  };
+
+  Row cur, nxt;
+  if (len > 0) load(0, cur);  // in flight with the state's loads
+  float s[R][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const float4* src = reinterpret_cast<const float4*>(p.init + state_at(r));
+    const float4 x = p.init == nullptr ? make_float4(0.f, 0.f, 0.f, 0.f) : (kStream ? __ldcs(src) : *src);
+    s[r][0] = x.x, s[r][1] = x.y, s[r][2] = x.z, s[r][3] = x.w;
+  }
+
+  for (int64_t i = 0; i < len; ++i) {
+    if constexpr (kPrefetch) {
+      if (i + 1 < len) load(i + 1, nxt);
+    } else {
+      if (i > 0) load(i, cur);
+    }
+    const float2 v01 = E::unpack(cur.v.x), v23 = E::unpack(cur.v.y);
+    const float v[4] = {v01.x, v01.y, v23.x, v23.y};
+    const float gv[4] = {cur.gv.x, cur.gv.y, cur.gv.z, cur.gv.w};
+    float dcol[4];  // exp(g_t + gv_t) of each column
+#pragma unroll
+    for (int c = 0; c < 4; ++c) dcol[c] = __expf(cur.g + gv[c]);
+    const float* gk = reinterpret_cast<const float*>(cur.gk);
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int e = 0; e < R / 2; ++e) {
+      const float2 qf = E::unpack(cur.q[e]), kf = E::unpack(cur.k[e]);
+      const float qr[2] = {qf.x, qf.y}, kr[2] = {kf.x, kf.y};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = 2 * e + h;
+        const float drow = p.gk != nullptr ? __expf(gk[r]) : 1.f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          s[r][c] = s[r][c] * (drow * dcol[c]) + kr[h] * v[c];
+          acc[c] += qr[h] * s[r][c];
+        }
+      }
+    }
+    // the warp's four row groups (lanes 8 and 16 apart)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], 8);
+      acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], 16);
+    }
+    const int buf = static_cast<int>(i & 1);
+    if (rgroup == 0) partial[buf][warp][cgroup] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    __syncthreads();
+    if (warp == 0 && rgroup == 0) {
+      float4 o = partial[buf][0][cgroup];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) {
+        const float4 x = partial[buf][w][cgroup];
+        o.x += x.x, o.y += x.y, o.z += x.z, o.w += x.w;
+      }
+      const int64_t t = p.reverse ? sr.eos - 1 - i : sr.bos + i;
+      uint2 packed;
+      packed.x = E::pack(p.scale * o.x, p.scale * o.y);
+      packed.y = E::pack(p.scale * o.z, p.scale * o.w);
+      *reinterpret_cast<uint2*>(static_cast<T*>(p.out) + (t * H + head) * p.v_dim + n) = packed;
+    }
+    if constexpr (kPrefetch) cur = nxt;
+  }
+
+  if (p.final_state != nullptr) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float4* dst = reinterpret_cast<float4*>(p.final_state + state_at(r));
+      const float4 x = make_float4(s[r][0], s[r][1], s[r][2], s[r][3]);
+      if constexpr (kStream) {
+        __stcs(dst, x);
+      } else {
+        *dst = x;
+      }
+    }
+  }
+}
+
+template <typename Tag, int K, int R, bool kPrefetch, int kMinBlocks = 0, bool kStream = false>
+cudaError_t launch_recurrent_lines(const RecurrentParams& p, cudaStream_t stream) {
+  const dim3 grid(p.seq.num_seqs, p.seq.heads, p.v_dim / kLinesCols);
+  recurrent_lines_kernel<Tag, K, R, kPrefetch, kMinBlocks, kStream>
+      <<<grid, lines_threads<K, R>(), 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace linear_attn
