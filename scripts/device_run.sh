@@ -42,6 +42,8 @@
 #              benchmark_linear.py --ops chunk_simple_gla,chunk_retention --mode fwdbwd --no-fla --no-softmax
 #              $LINBWD_ARGS with FLASH_ATTN_LINEAR_FUSED_BWD_SM90=0, one and split (JSON into $OUT/linbwd_<mode>)
 #   linprofile benchmarks/tune/profile_linear.py $PROFILE_ARGS ($OUT/profile_linear_<commit>.txt)
+#   recurrent  the token-by-token recurrence (recurrent.cuh): GPU tests (-k recurrent, junit $OUT/recurrent.xml),
+#              then benchmarks/tune/tune_recurrent.cu ($OUT/tune_recurrent_<commit>.txt)
 #   glabwd     chunk_gla's one-kernel backward reverse pass: GPU tests (-k gla, junit $OUT/glabwd.xml), then
 #              benchmark_linear.py --ops chunk_gla --mode fwdbwd --no-fla with FLASH_ATTN_LINEAR_GLA_FUSED_BWD=0
 #              and =1 (JSON into $OUT/glabwd_0, _1)
@@ -414,6 +416,21 @@ for stage in "${STAGES[@]}"; do
                 --mode bwd --headdims 64,128,256 --deterministic --no-memory --no-plot --out-dir "$OUT/bwdsm90_$on"
         done
         ;;
+    recurrent)
+        # the token-by-token recurrence (recurrent.cuh): its GPU tests (-k recurrent: the kernel against
+        # the float64 model on both row layouts, the fused_recurrent_* ops), then tune_recurrent.cu
+        # (decoding steps and short / long sequences, GB/s of the state against a copy; needs the
+        # CUTLASS headers of the build stage's /tmp/site, no extension)
+        need_build recurrent || continue
+        rm -f "$OUT/recurrent.xml"
+        FLASH_ATTN_REQUIRE_CUDA=1 run_stage recurrent "$PY" -m pytest "$REPO/tests/test_linear_attn_gpu.py" -m cuda \
+            -k recurrent -p no:cacheprovider -q -rfEs --tb=short --junitxml="$OUT/recurrent.xml" "${XDIST[@]}"
+        SUMMARY[-1]="${SUMMARY[-1]} $(junit_counts "$OUT/recurrent.xml")"
+        run_stage recurrent-tune bash -c "cd '$REPO' && nvcc -O3 -std=c++20 --use_fast_math \
+            --expt-relaxed-constexpr -arch=sm_90a -Icsrc/linear_attn -Icsrc/common \
+            -I/tmp/site/cutlass_library/source/include benchmarks/tune/tune_recurrent.cu -o /tmp/tune_recurrent \
+            && /tmp/tune_recurrent | tee '$OUT/tune_recurrent_$COMMIT.txt'"
+        ;;
     tunedq)
         # the backward's dQ warp grid at d = 64: the library's (2 x 4) against 4 x 2
         run_stage tunedq bash -c "cd '$REPO' && benchmarks/tune/run_tune.sh 'bwd:64:128:128:8:2 bwd:64:128:128:8:2:4' \
@@ -425,7 +442,7 @@ for stage in "${STAGES[@]}"; do
         ;;
     *)
         log "unknown stage '$stage' (stages: build test quicktest hf bench quickbench memcheck bwdmemcheck racecheck" \
-            "linmemcheck linracecheck linbench linseg glafused savestates tunedq demo)"
+            "linmemcheck linracecheck linbench linseg glafused savestates recurrent tunedq demo)"
         SUMMARY+=("$(printf '%-11s %-6s %5s   %s' "$stage" FAIL - "unknown stage")")
         FAILED=$((FAILED + 1))
         ;;

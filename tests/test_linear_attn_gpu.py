@@ -243,10 +243,16 @@ RECURRENT_CASES = [("bf16", 64, 64, "g", False), ("bf16", 128, 128, "gamma", Tru
 
 @pytest.mark.parametrize("dt,K,V,gate,reverse", RECURRENT_CASES,
                          ids=[f"{d}-K{k}-V{v}-{g}-{'rev' if r else 'fwd'}" for d, k, v, g, r in RECURRENT_CASES])
-@pytest.mark.parametrize("lens", [None, (0, 70, 1, 0)], ids=["batched", "varlen"])
+@pytest.mark.parametrize("lens", [None, (0, 70, 1, 0), "wide"], ids=["batched", "varlen", "wide"])
 def test_recurrent_kernel(dt, K, V, gate, reverse, lens):
+    """recurrent.cuh keeps 4 state rows per thread on grids of fewer than 4 CTAs per SM (few long
+    sequences: batched, varlen), 8 on larger ones: "wide" is 136 sequences x 2 heads x V / 32 >= 544
+    CTAs, at least 4 per SM on an H100 / H200 (132 SMs), of 2 steps each."""
     dtype = DTYPES[dt]
-    B, T, H = (2, 90, 2) if lens is None else (1, sum(lens), 2)
+    if lens == "wide":
+        B, T, H, lens = 136, 2, 2, None
+    else:
+        B, T, H = (2, 90, 2) if lens is None else (1, sum(lens), 2)
     q, k, v = rand(B, T, H, K, dtype=dtype, seed=2), rand(B, T, H, K, dtype=dtype, seed=3), \
         rand(B, T, H, V, dtype=dtype, seed=4)
     g = gates(B, T, H) if gate == "g" else None

@@ -1,8 +1,8 @@
-// Times the token-by-token recurrence's two layouts (recurrent.cuh: a column per thread;
-// recurrent_lines.cuh: 16-byte pieces of whole lines, variants of rows per thread R, prefetch,
-// minimum CTAs per SM and streaming cache hints) on one
-// decoding step and a few short sequences, checks that they agree, and prints the state's GB/s
-// next to a device-to-device copy of the same bytes.
+// Times the token-by-token recurrence (recurrent.cuh) with 8 and 4 state rows per thread and
+// run_recurrent's pick on one decoding step and a few short and long sequences, checks that they
+// agree, and prints the state's GB/s next to a device-to-device copy of the same bytes.
+// (tune_recurrent_6d1eb18_h100.txt: the same at 6d1eb18, against the column-per-thread kernel
+// recurrent.cuh had before and variants with prefetch, minimum CTAs per SM and cache hints.)
 //
 //   nvcc -O3 -std=c++20 --use_fast_math -arch=sm_90a -Icsrc/linear_attn -Icsrc/common \
 //        -I$CUTLASS_INC benchmarks/tune/tune_recurrent.cu -o /tmp/tune_recurrent && /tmp/tune_recurrent
@@ -11,7 +11,6 @@
 #include <cstdlib>
 
 #include "recurrent.cuh"
-#include "recurrent_lines.cuh"
 #include "../../benchmarks/tune/tune_common.cuh"
 
 namespace la = linear_attn;
@@ -72,21 +71,15 @@ static void run_case(const Case& c) {
     CUDA_OK(cudaDeviceSynchronize());
     const float diff = p.final_state == fin ? max_diff(fin, fin_ref, state) : 0.f;
     const float ms = median_ms(launch, kWarmup, kIters);
-    std::printf("  %-24s %8.4f ms %7.0f GB/s   max |final - columns| %.2e\n", name, ms, gb / (ms * 1e-3), diff);
+    std::printf("  %-24s %8.4f ms %7.0f GB/s   max |final - R 8| %.2e\n", name, ms, gb / (ms * 1e-3), diff);
   };
   std::printf("B %d T %d H %d K %d V %d %s (state %.0f MB read + written)\n", c.B, c.T, c.H, K, c.V,
               c.gk ? "gk" : "g", gb * 500);
   p.final_state = fin_ref;
-  report("columns (recurrent.cuh)", [&] { return la::run_recurrent<la::Bf16, K, false>(p, 0); });
+  report("R 8", [&] { return la::launch_recurrent<la::Bf16, K, 8>(p, 0); });
   p.final_state = fin;
-  report("lines R8", [&] { return la::launch_recurrent_lines<la::Bf16, K, 8, false>(p, 0); });
-  report("lines R8 min8", [&] { return la::launch_recurrent_lines<la::Bf16, K, 8, false, 8>(p, 0); });
-  report("lines R8 stream", [&] { return la::launch_recurrent_lines<la::Bf16, K, 8, false, 0, true>(p, 0); });
-  report("lines R8 min8 stream", [&] { return la::launch_recurrent_lines<la::Bf16, K, 8, false, 8, true>(p, 0); });
-  report("lines R8 prefetch", [&] { return la::launch_recurrent_lines<la::Bf16, K, 8, true>(p, 0); });
-  report("lines R4", [&] { return la::launch_recurrent_lines<la::Bf16, K, 4, false>(p, 0); });
-  report("lines R4 prefetch", [&] { return la::launch_recurrent_lines<la::Bf16, K, 4, true>(p, 0); });
-  report("lines R4 min12 stream", [&] { return la::launch_recurrent_lines<la::Bf16, K, 4, false, 12, true>(p, 0); });
+  report("R 4", [&] { return la::launch_recurrent<la::Bf16, K, 4>(p, 0); });
+  report("run_recurrent's pick", [&] { return la::run_recurrent<la::Bf16, K, false>(p, 0); });
   const float copy = median_ms([&] { return cudaMemcpyAsync(fin, init, state * 4, cudaMemcpyDeviceToDevice); },
                                kWarmup, kIters);
   std::printf("  %-24s %8.4f ms %7.0f GB/s\n", "copy of the state", copy, gb / (copy * 1e-3));

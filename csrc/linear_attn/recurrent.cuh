@@ -1,12 +1,17 @@
 // recurrent: the recurrence token by token (decoding, fused_recurrent_*).
 //
 //   S_t = diag(exp(gk_t)) S_{t-1} diag(exp(gv_t)) * exp(g_t) + k_t^T v_t,   o_t = scale * q_t S_t
-// with g_t the scalar gate (g or gamma; none = 0), gk_t / gv_t the GLA per-key / per-value
-// gates (each optional). One CTA per (sequence, head, 32 value columns), K threads: thread
-// (column c, slice s) keeps the fp32 state S[32 s .. 32 s + 31, c] in registers; q_t S_t is
-// reduced over the K / 32 slices of a column with warp shuffles. The next row's inputs are
-// loaded while the current one is computed. run_recurrent<.., kGrad = true> runs the gradients
-// of the GLA form instead (recurrent_grad.cuh).
+//
+// with g_t the scalar gate (g or gamma; none = 0), gk_t / gv_t the GLA per-key / per-value gates
+// (each optional). A decoding step is little else than the fp32 state's read and write, so the
+// state moves in whole 128-byte lines. One CTA per (sequence, head, 32 value columns); lane l of
+// warp w keeps S[k0 .. k0 + R - 1, n0 + 4 c .. n0 + 4 c + 3] in registers, c = l % 8,
+// k0 = (4 w + l / 8) R: a warp's load of its j-th row reads four whole lines (row k0 + j of its
+// four row groups, 8 lanes x 16 bytes each). q_t S_t: each thread sums its R rows, a warp its four
+// row groups with shuffles, the K / (4 R) warps meet in shared memory (double-buffered: one
+// barrier per step). A step's inputs are loaded at the step (prefetching them during the step
+// before measured no faster: benchmarks/tune/tune_recurrent_6d1eb18_h100.txt).
+// run_recurrent<.., kGrad = true> runs the gradients of the GLA form instead (recurrent_grad.cuh).
 #pragma once
 
 #include "chunk_info.cuh"
@@ -15,96 +20,150 @@
 
 namespace linear_attn {
 
-template <typename Tag, int K>
+constexpr int kRecurrentCols = 32;  // value columns per CTA: one 128-byte line of each fp32 state row
+
+template <int K, int R>
+constexpr int recurrent_threads() { return K * kRecurrentCols / (4 * R); }
+
+// R 16-bit values in 32-bit words, loaded 8 or 16 bytes at a time.
+template <int R>
+__device__ __forceinline__ void load_halves(uint32_t (&w)[R / 2], const void* src) {
+  if constexpr (R % 8 == 0) {
+#pragma unroll
+    for (int j = 0; j < R / 8; ++j) {
+      const uint4 x = reinterpret_cast<const uint4*>(src)[j];
+      w[4 * j] = x.x, w[4 * j + 1] = x.y, w[4 * j + 2] = x.z, w[4 * j + 3] = x.w;
+    }
+  } else {
+    static_assert(R == 4, "R is 4 or a multiple of 8");
+    const uint2 x = *reinterpret_cast<const uint2*>(src);
+    w[0] = x.x, w[1] = x.y;
+  }
+}
+
+template <int R>
 struct RecurrentRow {
-  using T = typename Elem<Tag>::T;
-  uint4 q[4], k[4];  // 32 elements each: this thread's key slice
-  T v;
-  float g, gv;
-  float4 gk[8];
+  uint32_t q[R / 2], k[R / 2];  // this thread's R keys
+  uint2 v;                      // its 4 value columns
+  float g;
+  float4 gv;                    // per-value log-gates of its columns (0 without gv)
+  float4 gk[R / 4];             // per-key log-gates of its rows (unused without gk)
 };
 
-template <typename Tag, int K>
-__global__ void __launch_bounds__(K) recurrent_kernel(const RecurrentParams p) {
+template <typename Tag, int K, int R>
+__global__ void __launch_bounds__(recurrent_threads<K, R>()) recurrent_kernel(const RecurrentParams p) {
   using E = Elem<Tag>;
   using T = typename E::T;
-  using Row = RecurrentRow<Tag, K>;
-  constexpr int TPC = K / 32;  // threads per value column
+  constexpr int kWarps = recurrent_threads<K, R>() / 32;
+  using Row = RecurrentRow<R>;
   static_assert(K == 64 || K == 128 || K == 256, "K is 64, 128 or 256");
+  static_assert(kWarps * 4 * R == K && kWarps <= 32, "the warps' row groups cover K");
 
-  const int tid = threadIdx.x;
-  const int col = tid / TPC, slice = tid % TPC;
+  // per step and warp: its rows' part of q_t S_t, 4 columns per lane of row group 0; two buffers,
+  // so that step i + 1 writes one while warp 0 may still read step i's
+  __shared__ float4 partial[2][kWarps][8];
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int cgroup = lane % 8, rgroup = lane / 8;
   const int seq = blockIdx.x, head = blockIdx.y, H = p.seq.heads;
-  const int n = blockIdx.z * 32 + col;
+  const int n = blockIdx.z * kRecurrentCols + 4 * cgroup;  // first of this thread's 4 columns
+  const int k0 = (warp * 4 + rgroup) * R;
   const SeqRange sr = sequence_range(p.seq, seq);
   const int64_t len = sr.eos - sr.bos;
-  const int k0 = slice * 32;
-
-  float s[32];
   const int64_t state_base = (static_cast<int64_t>(seq) * H + head) * K * p.v_dim;
-#pragma unroll
-  for (int r = 0; r < 32; ++r) {
-    s[r] = p.init == nullptr ? 0.f : p.init[state_base + static_cast<int64_t>(k0 + r) * p.v_dim + n];
-  }
+  auto state_at = [&](int r) { return state_base + static_cast<int64_t>(k0 + r) * p.v_dim + n; };
 
   auto load = [&](int64_t i, Row& row) {
     const int64_t t = p.reverse ? sr.eos - 1 - i : sr.bos + i;
     const int64_t th = t * H + head;
-    const uint4* qg = reinterpret_cast<const uint4*>(static_cast<const T*>(p.q) + th * K + k0);
-    const uint4* kg = reinterpret_cast<const uint4*>(static_cast<const T*>(p.k) + th * K + k0);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      row.q[j] = qg[j];
-      row.k[j] = kg[j];
-    }
-    row.v = static_cast<const T*>(p.v)[th * p.v_dim + n];
+    load_halves<R>(row.q, static_cast<const T*>(p.q) + th * K + k0);
+    load_halves<R>(row.k, static_cast<const T*>(p.k) + th * K + k0);
+    row.v = *reinterpret_cast<const uint2*>(static_cast<const T*>(p.v) + th * p.v_dim + n);
     row.g = p.gate.g != nullptr ? p.gate.g[th] : (p.gate.gamma != nullptr ? p.gate.gamma[head] : 0.f);
-    row.gv = p.gv != nullptr ? p.gv[th * p.v_dim + n] : 0.f;
+    row.gv = p.gv != nullptr ? *reinterpret_cast<const float4*>(p.gv + th * p.v_dim + n)
+                             : make_float4(0.f, 0.f, 0.f, 0.f);
     if (p.gk != nullptr) {
-      const float4* gkg = reinterpret_cast<const float4*>(p.gk + th * K + k0);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) row.gk[j] = gkg[j];
+      for (int j = 0; j < R / 4; ++j) row.gk[j] = reinterpret_cast<const float4*>(p.gk + th * K + k0)[j];
     }
   };
 
-  Row cur, nxt;
-  if (len > 0) load(0, cur);
+  Row cur;
+  if (len > 0) load(0, cur);  // in flight with the state's loads
+  float s[R][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const float4* src = reinterpret_cast<const float4*>(p.init + state_at(r));
+    const float4 x = p.init == nullptr ? make_float4(0.f, 0.f, 0.f, 0.f) : __ldcs(src);  // read once: evict first
+    s[r][0] = x.x, s[r][1] = x.y, s[r][2] = x.z, s[r][3] = x.w;
+  }
+
   for (int64_t i = 0; i < len; ++i) {
-    if (i + 1 < len) load(i + 1, nxt);
-    const int64_t t = p.reverse ? sr.eos - 1 - i : sr.bos + i;
-    const float decay = __expf(cur.g + cur.gv);
-    const float v = E::to_float(cur.v);
-    float acc = 0.f;
+    if (i > 0) load(i, cur);
+    const float2 v01 = E::unpack(cur.v.x), v23 = E::unpack(cur.v.y);
+    const float v[4] = {v01.x, v01.y, v23.x, v23.y};
+    const float gv[4] = {cur.gv.x, cur.gv.y, cur.gv.z, cur.gv.w};
+    float dcol[4];  // exp(g_t + gv_t) of each column
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint32_t* qw = reinterpret_cast<const uint32_t*>(&cur.q[j]);
-      const uint32_t* kw = reinterpret_cast<const uint32_t*>(&cur.k[j]);
+    for (int c = 0; c < 4; ++c) dcol[c] = __expf(cur.g + gv[c]);
+    const float* gk = reinterpret_cast<const float*>(cur.gk);
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float2 qf = E::unpack(qw[e]);
-        const float2 kf = E::unpack(kw[e]);
-        const int r = j * 8 + e * 2;
-        float d0 = decay, d1 = decay;
-        if (p.gk != nullptr) {
-          const float* gkr = reinterpret_cast<const float*>(cur.gk);
-          d0 *= __expf(gkr[r]);
-          d1 *= __expf(gkr[r + 1]);
+    for (int e = 0; e < R / 2; ++e) {
+      const float2 qf = E::unpack(cur.q[e]), kf = E::unpack(cur.k[e]);
+      const float qr[2] = {qf.x, qf.y}, kr[2] = {kf.x, kf.y};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = 2 * e + h;
+        const float drow = p.gk != nullptr ? __expf(gk[r]) : 1.f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          s[r][c] = s[r][c] * (drow * dcol[c]) + kr[h] * v[c];
+          acc[c] += qr[h] * s[r][c];
         }
-        s[r] = s[r] * d0 + kf.x * v;
-        s[r + 1] = s[r + 1] * d1 + kf.y * v;
-        acc += qf.x * s[r] + qf.y * s[r + 1];
       }
     }
+    // the warp's four row groups (lanes 8 and 16 apart)
 #pragma unroll
-    for (int off = TPC / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    if (slice == 0) static_cast<T*>(p.out)[(t * H + head) * p.v_dim + n] = E::from_float(p.scale * acc);
-    cur = nxt;
+    for (int c = 0; c < 4; ++c) {
+      acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], 8);
+      acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], 16);
+    }
+    const int buf = static_cast<int>(i & 1);
+    if (rgroup == 0) partial[buf][warp][cgroup] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    __syncthreads();
+    if (warp == 0 && rgroup == 0) {
+      float4 o = partial[buf][0][cgroup];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) {
+        const float4 x = partial[buf][w][cgroup];
+        o.x += x.x, o.y += x.y, o.z += x.z, o.w += x.w;
+      }
+      const int64_t t = p.reverse ? sr.eos - 1 - i : sr.bos + i;
+      uint2 packed;
+      packed.x = E::pack(p.scale * o.x, p.scale * o.y);
+      packed.y = E::pack(p.scale * o.z, p.scale * o.w);
+      *reinterpret_cast<uint2*>(static_cast<T*>(p.out) + (t * H + head) * p.v_dim + n) = packed;
+    }
   }
 
   if (p.final_state != nullptr) {
 #pragma unroll
-    for (int r = 0; r < 32; ++r) p.final_state[state_base + static_cast<int64_t>(k0 + r) * p.v_dim + n] = s[r];
+    for (int r = 0; r < R; ++r) {
+      float4* dst = reinterpret_cast<float4*>(p.final_state + state_at(r));
+      __stcs(dst, make_float4(s[r][0], s[r][1], s[r][2], s[r][3]));  // streamed out, not re-read
+    }
   }
+}
+
+// Rows per thread: 8 (32 state values in registers, 80 registers at K = 128) where the grid fills the
+// GPU; 4 (twice the threads, shorter per-step work) where it has fewer than 4 CTAs per SM, i.e. a few
+// long sequences (B 1 x T 512: 0.26 against 0.31 ms; B 128 x T 1: 0.116 against 0.112 ms).
+template <typename Tag, int K, int R>
+cudaError_t launch_recurrent(const RecurrentParams& p, cudaStream_t stream) {
+  const dim3 grid(p.seq.num_seqs, p.seq.heads, p.v_dim / kRecurrentCols);
+  recurrent_kernel<Tag, K, R><<<grid, recurrent_threads<K, R>(), 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 template <typename Tag, int K, bool kGrad>
@@ -113,9 +172,14 @@ cudaError_t run_recurrent(const RecurrentParams& p, cudaStream_t stream) {
     return run_recurrent_grad<Tag, K>(p, stream);
   } else {
     if (p.seq.num_seqs == 0 || p.seq.heads == 0 || p.v_dim == 0) return cudaSuccess;
-    const dim3 grid(p.seq.num_seqs, p.seq.heads, p.v_dim / 32);
-    recurrent_kernel<Tag, K><<<grid, K, 0, stream>>>(p);
-    return cudaGetLastError();
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      return cudaGetLastError();
+    }
+    const int64_t ctas = static_cast<int64_t>(p.seq.num_seqs) * p.seq.heads * (p.v_dim / kRecurrentCols);
+    return ctas < 4 * static_cast<int64_t>(sms) ? launch_recurrent<Tag, K, 4>(p, stream)
+                                                 : launch_recurrent<Tag, K, 8>(p, stream);
   }
 }
 

@@ -31,7 +31,7 @@
 // emulation of this algorithm against the float64 recurrence, ~1e-6 relative (RMS) even with
 // value gates of -1000, where the plain form lost ~1%.
 //
-// One CTA per (sequence, head, 32 value columns) as in recurrent.cuh, thread (column c, slice s)
+// One CTA per (sequence, head, 32 value columns), thread (column c, slice s)
 // holding rows 32 s .. 32 s + 31 of column c of S (forward sweep) and then of D (reverse sweep):
 //   forward sweep: S'_t; o'_t * do_t parked in dgv; dq'_t over this CTA's 32 columns (column_sum)
 //     parked in dgk_part[z] (z = blockIdx.z); dq_t = dq'_t + scale k_t (do_t . v_t over the
