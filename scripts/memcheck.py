@@ -179,9 +179,11 @@ def linear_cases(quick):
         ("chunk_gla varlen empty seqs K100 V72", dict(op="chunk_gla", lens=[0, 65, 1, 130, 0], H=2, K=100, V=72)),
         ("fused_recurrent_gla gk+gv varlen reverse K100 V72", dict(op="fused_recurrent_gla_gv", lens=[40, 0, 33], H=2,
                                                                    K=100, V=72)),
-        # a decoding step on 136 x 2 heads x 4 column blocks (V 72 padded to 128) = 1088 CTAs, at least 4 per SM
-        # of an H100 / H200: recurrent.cuh's kernel with 8 state rows per thread (4 on the smaller grids)
+        # recurrent.cuh's larger-grid layouts (H100 / H200, 132 SMs; the varlen case above has the small-grid
+        # one): a decoding step on 136 x 2 heads (V 72 padded to 128) = 272 CTAs of whole 128-column rows;
+        # two steps on 1088 CTAs of 32 columns and 8 state rows per thread
         ("fused_recurrent_gla decode 136x1 K100 V72", dict(op="fused_recurrent_gla", B=136, T=1, H=2, K=100, V=72)),
+        ("fused_recurrent_gla 136x2 K100 V72", dict(op="fused_recurrent_gla", B=136, T=2, H=2, K=100, V=72)),
         # few CTAs, so the one-pass forward cuts the sequences into segments (_kernels.fused_plan)
         ("chunk_simple_gla segments varlen", dict(op="chunk_simple_gla", lens=[0, 700, 1, 333], H=1, K=128, V=128)),
         # the same with chunk_state in segments too (the two-pass forward and the backward's passes)

@@ -238,19 +238,21 @@ def test_gate_grad_kernel(dt, K, V, gate, lens):
 
 
 RECURRENT_CASES = [("bf16", 64, 64, "g", False), ("bf16", 128, 128, "gamma", True), ("fp16", 256, 96, "gkgv", False),
-                   ("bf16", 128, 256, None, False)]
+                   ("bf16", 128, 256, None, False), ("fp16", 64, 128, "gkgv", True)]
 
 
 @pytest.mark.parametrize("dt,K,V,gate,reverse", RECURRENT_CASES,
                          ids=[f"{d}-K{k}-V{v}-{g}-{'rev' if r else 'fwd'}" for d, k, v, g, r in RECURRENT_CASES])
-@pytest.mark.parametrize("lens", [None, (0, 70, 1, 0), "wide"], ids=["batched", "varlen", "wide"])
+@pytest.mark.parametrize("lens", [None, (0, 70, 1, 0), "wide", "decode"], ids=["batched", "varlen", "wide", "decode"])
 def test_recurrent_kernel(dt, K, V, gate, reverse, lens):
-    """recurrent.cuh keeps 4 state rows per thread on grids of fewer than 4 CTAs per SM (few long
-    sequences: batched, varlen), 8 on larger ones: "wide" is 136 sequences x 2 heads x V / 32 >= 544
-    CTAs, at least 4 per SM on an H100 / H200 (132 SMs), of 2 steps each."""
+    """recurrent.cuh's layouts (run_recurrent picks by the grid; H100 / H200: 132 SMs): 32 columns
+    and 4 state rows per thread below 4 CTAs per SM (few long sequences: batched, varlen); 8 rows
+    above ("wide": 136 sequences x 2 heads x V / 32 >= 544 CTAs, 2 steps each); whole 128-column rows
+    when decoding with V a multiple of 128 on at least 2 CTAs per SM ("decode": 136 x 2 x V / 128 >=
+    272 CTAs, one step each; V = 64 / 96 fall back to 32 columns)."""
     dtype = DTYPES[dt]
-    if lens == "wide":
-        B, T, H, lens = 136, 2, 2, None
+    if lens in ("wide", "decode"):
+        B, T, H, lens = 136, 2 if lens == "wide" else 1, 2, None
     else:
         B, T, H = (2, 90, 2) if lens is None else (1, sum(lens), 2)
     q, k, v = rand(B, T, H, K, dtype=dtype, seed=2), rand(B, T, H, K, dtype=dtype, seed=3), \

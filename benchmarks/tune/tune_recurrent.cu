@@ -1,8 +1,9 @@
-// Times the token-by-token recurrence (recurrent.cuh) with 8 and 4 state rows per thread and
-// run_recurrent's pick on one decoding step and a few short and long sequences, checks that they
-// agree, and prints the state's GB/s next to a device-to-device copy of the same bytes.
-// (tune_recurrent_6d1eb18_h100.txt: the same at 6d1eb18, against the column-per-thread kernel
-// recurrent.cuh had before and variants with prefetch, minimum CTAs per SM and cache hints.)
+// Times the token-by-token recurrence (recurrent.cuh) in its layouts (W columns per CTA, R rows
+// per thread) and run_recurrent's pick on one decoding step and a few short and long sequences,
+// checks that they agree, and prints the state's GB/s next to bounds: a device-to-device copy of
+// the same bytes and copies with the W = 32 layout's addresses and with contiguous blocks.
+// (tune_recurrent_6d1eb18_h100.txt: the column-per-thread kernel recurrent.cuh had before, and
+// variants with prefetch, minimum CTAs per SM and cache hints; _0c0878d: W = 32 only.)
 //
 //   nvcc -O3 -std=c++20 --use_fast_math -arch=sm_90a -Icsrc/linear_attn -Icsrc/common \
 //        -I$CUTLASS_INC benchmarks/tune/tune_recurrent.cu -o /tmp/tune_recurrent && /tmp/tune_recurrent
@@ -41,6 +42,34 @@ static float max_diff(const float* a, const float* b, size_t n) {
   return m;
 }
 
+// Bounds: the state's read and write alone (no inputs, no arithmetic), (a) with recurrent.cuh's
+// thread -> address map at W = 32, R rows per thread, (b) with each CTA of the same size moving one
+// contiguous block of the same bytes (a warp's load: 512 contiguous bytes).
+template <int K, int R>
+__global__ void __launch_bounds__(la::recurrent_threads<K, 32, R>()) copy_state_mapped(const float* src, float* dst,
+                                                                                  int heads, int v_dim) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int n = blockIdx.z * 32 + 4 * (lane % 8), k0 = (warp * 4 + lane / 8) * R;
+  const int64_t base = (static_cast<int64_t>(blockIdx.x) * heads + blockIdx.y) * K * v_dim;
+  float4 s[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) s[r] = __ldcs(reinterpret_cast<const float4*>(src + base + int64_t(k0 + r) * v_dim + n));
+#pragma unroll
+  for (int r = 0; r < R; ++r) __stcs(reinterpret_cast<float4*>(dst + base + int64_t(k0 + r) * v_dim + n), s[r]);
+}
+
+template <int K, int R>
+__global__ void __launch_bounds__(la::recurrent_threads<K, 32, R>()) copy_state_blocks(const float4* src, float4* dst) {
+  constexpr int kThreads = la::recurrent_threads<K, 32, R>();
+  const int64_t block = (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+  const int64_t base = block * kThreads * R;
+  float4 s[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) s[r] = __ldcs(src + base + r * kThreads + threadIdx.x);
+#pragma unroll
+  for (int r = 0; r < R; ++r) __stcs(dst + base + r * kThreads + threadIdx.x, s[r]);
+}
+
 template <int K>
 static void run_case(const Case& c) {
   using T = cutlass::bfloat16_t;
@@ -71,15 +100,30 @@ static void run_case(const Case& c) {
     CUDA_OK(cudaDeviceSynchronize());
     const float diff = p.final_state == fin ? max_diff(fin, fin_ref, state) : 0.f;
     const float ms = median_ms(launch, kWarmup, kIters);
-    std::printf("  %-24s %8.4f ms %7.0f GB/s   max |final - R 8| %.2e\n", name, ms, gb / (ms * 1e-3), diff);
+    std::printf("  %-24s %8.4f ms %7.0f GB/s   max |final - W 32 R 8| %.2e\n", name, ms, gb / (ms * 1e-3), diff);
   };
   std::printf("B %d T %d H %d K %d V %d %s (state %.0f MB read + written)\n", c.B, c.T, c.H, K, c.V,
               c.gk ? "gk" : "g", gb * 500);
   p.final_state = fin_ref;
-  report("R 8", [&] { return la::launch_recurrent<la::Bf16, K, 8>(p, 0); });
+  report("W 32 R 8", [&] { return la::launch_recurrent<la::Bf16, K, 32, 8>(p, 0); });
   p.final_state = fin;
-  report("R 4", [&] { return la::launch_recurrent<la::Bf16, K, 4>(p, 0); });
+  report("W 32 R 4", [&] { return la::launch_recurrent<la::Bf16, K, 32, 4>(p, 0); });
+  if (c.V % 128 == 0) report("W 128 R 16", [&] { return la::launch_recurrent<la::Bf16, K, 128, 16>(p, 0); });
   report("run_recurrent's pick", [&] { return la::run_recurrent<la::Bf16, K, false>(p, 0); });
+  const dim3 grid(c.B, c.H, c.V / 32);
+  auto bound = [&](const char* name, auto&& launch) {
+    const float ms = median_ms(launch, kWarmup, kIters);
+    std::printf("  %-24s %8.4f ms %7.0f GB/s\n", name, ms, gb / (ms * 1e-3));
+  };
+  bound("bound: mapped copy R 8", [&] {
+    copy_state_mapped<K, 8><<<grid, la::recurrent_threads<K, 32, 8>()>>>(init, fin, c.H, c.V);
+    return cudaGetLastError();
+  });
+  bound("bound: block copy R 8", [&] {
+    copy_state_blocks<K, 8><<<grid, la::recurrent_threads<K, 32, 8>()>>>(reinterpret_cast<const float4*>(init),
+                                                                     reinterpret_cast<float4*>(fin));
+    return cudaGetLastError();
+  });
   const float copy = median_ms([&] { return cudaMemcpyAsync(fin, init, state * 4, cudaMemcpyDeviceToDevice); },
                                kWarmup, kIters);
   std::printf("  %-24s %8.4f ms %7.0f GB/s\n", "copy of the state", copy, gb / (copy * 1e-3));

@@ -4,13 +4,14 @@
 //
 // with g_t the scalar gate (g or gamma; none = 0), gk_t / gv_t the GLA per-key / per-value gates
 // (each optional). A decoding step is little else than the fp32 state's read and write, so the
-// state moves in whole 128-byte lines. One CTA per (sequence, head, 32 value columns); lane l of
-// warp w keeps S[k0 .. k0 + R - 1, n0 + 4 c .. n0 + 4 c + 3] in registers, c = l % 8,
-// k0 = (4 w + l / 8) R: a warp's load of its j-th row reads four whole lines (row k0 + j of its
-// four row groups, 8 lanes x 16 bytes each). q_t S_t: each thread sums its R rows, a warp its four
-// row groups with shuffles, the K / (4 R) warps meet in shared memory (double-buffered: one
-// barrier per step). A step's inputs are loaded at the step (prefetching them during the step
-// before measured no faster: benchmarks/tune/tune_recurrent_6d1eb18_h100.txt).
+// state moves in whole lines. One CTA per (sequence, head, W value columns), W = 32 (a 128-byte
+// line of each state row) or 128 (a 512-byte row); L = W / 4 lanes cover a row. Lane l of warp w
+// keeps S[k0 .. k0 + R - 1, n0 + 4 c .. n0 + 4 c + 3] in registers, c = l % L,
+// k0 = (32 / L * w + l / L) R: a warp's load of its j-th rows reads 32 / L whole lines (four at
+// W = 32, one row at W = 128). q_t S_t: each thread sums its R rows, a warp its row groups with
+// shuffles, the warps meet in shared memory (double-buffered: one barrier per step). A step's
+// inputs are loaded at the step (prefetching them during the step before measured no faster:
+// benchmarks/tune/tune_recurrent_6d1eb18_h100.txt).
 // run_recurrent<.., kGrad = true> runs the gradients of the GLA form instead (recurrent_grad.cuh).
 #pragma once
 
@@ -20,10 +21,10 @@
 
 namespace linear_attn {
 
-constexpr int kRecurrentCols = 32;  // value columns per CTA: one 128-byte line of each fp32 state row
-
-template <int K, int R>
-constexpr int recurrent_threads() { return K * kRecurrentCols / (4 * R); }
+// A CTA covers W value columns (32: one 128-byte line of each fp32 state row; 128: a 512-byte row)
+// and K rows, R rows x 4 columns per thread.
+template <int K, int W, int R>
+constexpr int recurrent_threads() { return K * W / (4 * R); }
 
 // R 16-bit values in 32-bit words, loaded 8 or 16 bytes at a time.
 template <int R>
@@ -50,24 +51,27 @@ struct RecurrentRow {
   float4 gk[R / 4];             // per-key log-gates of its rows (unused without gk)
 };
 
-template <typename Tag, int K, int R>
-__global__ void __launch_bounds__(recurrent_threads<K, R>()) recurrent_kernel(const RecurrentParams p) {
+template <typename Tag, int K, int W, int R>
+__global__ void __launch_bounds__(recurrent_threads<K, W, R>()) recurrent_kernel(const RecurrentParams p) {
   using E = Elem<Tag>;
   using T = typename E::T;
-  constexpr int kWarps = recurrent_threads<K, R>() / 32;
+  constexpr int kLanesPerRow = W / 4;            // 4 columns per lane
+  constexpr int kRowGroups = 32 / kLanesPerRow;  // rows one warp load covers
+  constexpr int kWarps = recurrent_threads<K, W, R>() / 32;
   using Row = RecurrentRow<R>;
   static_assert(K == 64 || K == 128 || K == 256, "K is 64, 128 or 256");
-  static_assert(kWarps * 4 * R == K && kWarps <= 32, "the warps' row groups cover K");
+  static_assert(W == 32 || W == 128, "W is 32 or 128 columns");
+  static_assert(kWarps * kRowGroups * R == K && kWarps <= 32, "the warps' row groups cover K");
 
   // per step and warp: its rows' part of q_t S_t, 4 columns per lane of row group 0; two buffers,
   // so that step i + 1 writes one while warp 0 may still read step i's
-  __shared__ float4 partial[2][kWarps][8];
+  __shared__ float4 partial[2][kWarps][kLanesPerRow];
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int cgroup = lane % 8, rgroup = lane / 8;
+  const int cgroup = lane % kLanesPerRow, rgroup = lane / kLanesPerRow;
   const int seq = blockIdx.x, head = blockIdx.y, H = p.seq.heads;
-  const int n = blockIdx.z * kRecurrentCols + 4 * cgroup;  // first of this thread's 4 columns
-  const int k0 = (warp * 4 + rgroup) * R;
+  const int n = blockIdx.z * W + 4 * cgroup;  // first of this thread's 4 columns
+  const int k0 = (warp * kRowGroups + rgroup) * R;
   const SeqRange sr = sequence_range(p.seq, seq);
   const int64_t len = sr.eos - sr.bos;
   const int64_t state_base = (static_cast<int64_t>(seq) * H + head) * K * p.v_dim;
@@ -123,11 +127,11 @@ __global__ void __launch_bounds__(recurrent_threads<K, R>()) recurrent_kernel(co
         }
       }
     }
-    // the warp's four row groups (lanes 8 and 16 apart)
+    // the warp's row groups (lanes kLanesPerRow apart; none at W = 128)
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], 8);
-      acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], 16);
+#pragma unroll
+      for (int off = kLanesPerRow; off < 32; off <<= 1) acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], off);
     }
     const int buf = static_cast<int>(i & 1);
     if (rgroup == 0) partial[buf][warp][cgroup] = make_float4(acc[0], acc[1], acc[2], acc[3]);
@@ -156,16 +160,20 @@ __global__ void __launch_bounds__(recurrent_threads<K, R>()) recurrent_kernel(co
   }
 }
 
-// Rows per thread: 8 (32 state values in registers, 80 registers at K = 128) where the grid fills the
-// GPU; 4 (twice the threads, shorter per-step work) where it has fewer than 4 CTAs per SM, i.e. a few
-// long sequences (B 1 x T 512: 0.26 against 0.31 ms; B 128 x T 1: 0.116 against 0.112 ms).
-template <typename Tag, int K, int R>
+template <typename Tag, int K, int W, int R>
 cudaError_t launch_recurrent(const RecurrentParams& p, cudaStream_t stream) {
-  const dim3 grid(p.seq.num_seqs, p.seq.heads, p.v_dim / kRecurrentCols);
-  recurrent_kernel<Tag, K, R><<<grid, recurrent_threads<K, R>(), 0, stream>>>(p);
+  const dim3 grid(p.seq.num_seqs, p.seq.heads, p.v_dim / W);
+  recurrent_kernel<Tag, K, W, R><<<grid, recurrent_threads<K, W, R>(), 0, stream>>>(p);
   return cudaGetLastError();
 }
 
+// The layout (benchmarks/tune/tune_recurrent_*_h100.txt, H100):
+// - decoding (at most one token per sequence on average), V a multiple of 128 and at least 2 CTAs
+//   per SM: whole 512-byte rows, 16 rows per thread (B 128 x H 16, K = V = 128: 0.103 against
+//   0.111 ms; K = V = 256: 0.197 against 0.218; smaller grids lose: B 8, 0.0101 against 0.0092);
+// - else 32 columns, 8 rows per thread (32 state values, 80 registers at K = 128) where the grid has
+//   at least 4 CTAs per SM; 4 rows (twice the threads, shorter per-step work) below that, i.e. a
+//   few long sequences (B 1 x T 512: 0.26 against 0.31 ms).
 template <typename Tag, int K, bool kGrad>
 cudaError_t run_recurrent(const RecurrentParams& p, cudaStream_t stream) {
   if constexpr (kGrad) {
@@ -177,9 +185,12 @@ cudaError_t run_recurrent(const RecurrentParams& p, cudaStream_t stream) {
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
       return cudaGetLastError();
     }
-    const int64_t ctas = static_cast<int64_t>(p.seq.num_seqs) * p.seq.heads * (p.v_dim / kRecurrentCols);
-    return ctas < 4 * static_cast<int64_t>(sms) ? launch_recurrent<Tag, K, 4>(p, stream)
-                                                 : launch_recurrent<Tag, K, 8>(p, stream);
+    const int64_t heads = static_cast<int64_t>(p.seq.num_seqs) * p.seq.heads;
+    if (p.v_dim % 128 == 0 && p.seq.tokens <= p.seq.num_seqs && heads * (p.v_dim / 128) >= 2 * sms) {
+      return launch_recurrent<Tag, K, 128, 16>(p, stream);
+    }
+    return heads * (p.v_dim / 32) < 4 * static_cast<int64_t>(sms) ? launch_recurrent<Tag, K, 32, 4>(p, stream)
+                                                                   : launch_recurrent<Tag, K, 32, 8>(p, stream);
   }
 }
 
