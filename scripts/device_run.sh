@@ -42,6 +42,8 @@
 #              benchmark_linear.py --ops chunk_simple_gla,chunk_retention --mode fwdbwd --no-fla --no-softmax
 #              $LINBWD_ARGS with FLASH_ATTN_LINEAR_FUSED_BWD_SM90=0, one and split (JSON into $OUT/linbwd_<mode>)
 #   linprofile benchmarks/tune/profile_linear.py $PROFILE_ARGS ($OUT/profile_linear_<commit>.txt)
+#   linsweep   benchmarks/tune/sweep_segments.py: the one-pass forwards' segment plan, settings x shapes
+#              ($OUT/sweep_segments_<commit>.json, .txt)
 #   recurrent  the token-by-token recurrence (recurrent.cuh): GPU tests (-k recurrent, junit $OUT/recurrent.xml),
 #              then benchmarks/tune/tune_recurrent.cu ($OUT/tune_recurrent_<commit>.txt)
 #   glabwd     chunk_gla's one-kernel backward reverse pass: GPU tests (-k gla, junit $OUT/glabwd.xml), then
@@ -431,6 +433,12 @@ for stage in "${STAGES[@]}"; do
             -I/tmp/site/cutlass_library/source/include benchmarks/tune/tune_recurrent.cu -o /tmp/tune_recurrent \
             && /tmp/tune_recurrent | tee '$OUT/tune_recurrent_$COMMIT.txt'"
         ;;
+    linsweep)
+        # the one-pass forwards' segment plan: benchmarks/tune/sweep_segments.py (settings x shapes)
+        need_build linsweep || continue
+        run_stage linsweep bash -c "cd '$RUN_DIR' && '$PY' '$REPO/benchmarks/tune/sweep_segments.py' \
+            --out '$OUT/sweep_segments_$COMMIT.json' | tee '$OUT/sweep_segments_$COMMIT.txt'"
+        ;;
     tunedq)
         # the backward's dQ warp grid at d = 64: the library's (2 x 4) against 4 x 2
         run_stage tunedq bash -c "cd '$REPO' && benchmarks/tune/run_tune.sh 'bwd:64:128:128:8:2 bwd:64:128:128:8:2:4' \
@@ -442,7 +450,7 @@ for stage in "${STAGES[@]}"; do
         ;;
     *)
         log "unknown stage '$stage' (stages: build test quicktest hf bench quickbench memcheck bwdmemcheck racecheck" \
-            "linmemcheck linracecheck linbench linseg glafused savestates recurrent tunedq demo)"
+            "linmemcheck linracecheck linbench linseg glafused savestates recurrent linsweep tunedq demo)"
         SUMMARY+=("$(printf '%-11s %-6s %5s   %s' "$stage" FAIL - "unknown stage")")
         FAILED=$((FAILED + 1))
         ;;
