@@ -92,6 +92,7 @@ static void run_case(const Case& c) {
   (c.gk ? p.gk : p.gate.g) = gate;
   p.q = q, p.k = k, p.v = v, p.out = out, p.init = init;
   p.k_dim = K, p.v_dim = c.V, p.scale = 0.1f;
+  CUDA_OK(cudaDeviceGetAttribute(&p.num_sms, cudaDevAttrMultiProcessorCount, 0));
 
   const double gb = 2.0 * state * 4 / 1e9;
   auto report = [&](const char* name, auto&& launch) {

@@ -614,6 +614,7 @@ la::RecurrentParams recurrent_params(const Tensor& q, const Tensor& k, const Ten
   p.v_dim = static_cast<int>(V);
   p.scale = static_cast<float>(scale);
   p.reverse = reverse;
+  p.num_sms = num_sms(q.get_device());
   return p;
 }
 

@@ -256,6 +256,7 @@ struct RecurrentParams {
   int v_dim = 0;                 // multiple of 32
   float scale = 1.f;
   bool reverse = false;          // run each sequence from its last row to its first
+  int num_sms = 0;               // the device's SMs: run_recurrent's layout choice (a grid-size hint)
   // gradients (run_recurrent<.., true>, recurrent_grad.cuh): GLA gates gk / gv only (no gate),
   // fp32 parts per 32-column group z = 0 .. v_dim / 32 - 1 that the caller sums over z
   const void* dout = nullptr;    // [tokens, heads, v_dim]

@@ -180,17 +180,13 @@ cudaError_t run_recurrent(const RecurrentParams& p, cudaStream_t stream) {
     return run_recurrent_grad<Tag, K>(p, stream);
   } else {
     if (p.seq.num_seqs == 0 || p.seq.heads == 0 || p.v_dim == 0) return cudaSuccess;
-    int device = 0, sms = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-      return cudaGetLastError();
-    }
+    const int64_t sms = p.num_sms;
     const int64_t heads = static_cast<int64_t>(p.seq.num_seqs) * p.seq.heads;
     if (p.v_dim % 128 == 0 && p.seq.tokens <= p.seq.num_seqs && heads * (p.v_dim / 128) >= 2 * sms) {
       return launch_recurrent<Tag, K, 128, 16>(p, stream);
     }
-    return heads * (p.v_dim / 32) < 4 * static_cast<int64_t>(sms) ? launch_recurrent<Tag, K, 32, 4>(p, stream)
-                                                                   : launch_recurrent<Tag, K, 32, 8>(p, stream);
+    return heads * (p.v_dim / 32) < 4 * sms ? launch_recurrent<Tag, K, 32, 4>(p, stream)
+                                            : launch_recurrent<Tag, K, 32, 8>(p, stream);
   }
 }
 
