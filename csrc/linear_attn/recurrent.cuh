@@ -97,8 +97,8 @@ __global__ void __launch_bounds__(recurrent_threads<K, W, R>()) recurrent_kernel
   float s[R][4];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    const float4* src = reinterpret_cast<const float4*>(p.init + state_at(r));
-    const float4 x = p.init == nullptr ? make_float4(0.f, 0.f, 0.f, 0.f) : __ldcs(src);  // read once: evict first
+    const float4 x = p.init == nullptr ? make_float4(0.f, 0.f, 0.f, 0.f)  // read once: evict first
+                                       : __ldcs(reinterpret_cast<const float4*>(p.init + state_at(r)));
     s[r][0] = x.x, s[r][1] = x.y, s[r][2] = x.z, s[r][3] = x.w;
   }
 
